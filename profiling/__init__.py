@@ -1,0 +1,1 @@
+"""Per-stage measurement (time, memory, SM activity) and the benchmark report."""

@@ -1,0 +1,408 @@
+"""Configuration of the Wan2.2 components and the three task presets.
+
+Every value comes from the reference spec (`spec/WAN22_DIT_T5_SAMPLER.md` section 1 and
+`spec/WAN_VAE.md` sections 1 and 6). Each preset has a `tiny()` twin with the same structure
+(channel counts that other components depend on are kept) and sizes that run in seconds on a CPU.
+
+Shapes: F pixel frames, T latent frames (F = 4(T-1)+1), H/W pixel size, h/w latent size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+# The shared negative prompt of the official configs (used when the negative prompt is empty).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+WAN21_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN21_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+WAN22_LATENT_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_LATENT_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+
+MODEL_TYPES = ("t2v", "i2v", "ti2v")
+
+
+# --------------------------------------------------------------------------------------------
+# DiT
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class DiTConfig:
+    """One Wan2.2 diffusion transformer (`WanModel`). Field names follow the official config."""
+
+    model_type: str
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    in_dim: int
+    dim: int
+    ffn_dim: int
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int
+    num_heads: int
+    num_layers: int
+    window_size: tuple[int, int] = (-1, -1)
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}; got {self.model_type!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head dim must be even and >= 6 for 3-D RoPE; got {self.head_dim}")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim must be even; got {self.freq_dim}")
+        if tuple(self.window_size) != (-1, -1):
+            raise ValueError("only global attention (window_size (-1, -1)) exists in Wan2.2")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Real channels of the head dim given to the (t, h, w) RoPE axes: (44, 42, 42) for 128."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    def token_grid(self, latent_thw: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(f, h, w) token grid for a latent of (T, h, w)."""
+        t, h, w = latent_thw
+        pt, ph, pw = self.patch_size
+        if t % pt or h % ph or w % pw:
+            raise ValueError(f"latent (T, h, w) = {latent_thw} is not divisible by patch {self.patch_size}")
+        return t // pt, h // ph, w // pw
+
+    def num_tokens(self, latent_thw: tuple[int, int, int]) -> int:
+        f, h, w = self.token_grid(latent_thw)
+        return f * h * w
+
+    def num_params(self) -> int:
+        """Parameter count from the module definitions (spec section 3.10)."""
+        d, fd = self.dim, self.ffn_dim
+        p = math.prod(self.patch_size)
+        count = d * self.in_dim * p + d  # patch embedding
+        count += self.text_dim * d + d + d * d + d  # text embedding
+        count += self.freq_dim * d + d + d * d + d  # time embedding
+        count += d * 6 * d + 6 * d  # time projection
+        block = 6 * d  # modulation
+        block += 4 * (d * d + d) + 2 * d  # self attention + qk norms
+        block += 2 * d  # norm3
+        block += 4 * (d * d + d) + 2 * d  # cross attention + qk norms
+        block += d * fd + fd + fd * d + d  # ffn
+        count += self.num_layers * block
+        count += 2 * d + d * self.out_dim * p + self.out_dim * p  # head
+        return count
+
+    def flops_forward(self, num_tokens: int, *, batch: int = 1, per_token_time: bool = False) -> float:
+        """Analytic FLOPs (multiply-add = 2) of one forward with `num_tokens` video tokens per sample.
+
+        Spec section 8: the text side always has `text_len` rows (no text masking). With
+        `per_token_time` the time MLP is counted per token, as the official code runs it.
+        """
+        L, D, Fd, S = num_tokens, self.dim, self.ffn_dim, self.text_len
+        block = 12 * L * D * D + 4 * S * D * D + 4 * L * L * D + 4 * L * S * D + 4 * L * D * Fd
+        p = math.prod(self.patch_size)
+        patch = 2 * L * (p * self.in_dim) * D
+        text = 2 * S * (self.text_dim * D + D * D)
+        time_rows = L if per_token_time else 1
+        time = 2 * time_rows * (self.freq_dim * D + 7 * D * D)
+        head = 2 * L * D * (p * self.out_dim)
+        return float(batch * (self.num_layers * block + patch + text + time + head))
+
+    def tiny(self) -> DiTConfig:
+        """Same task and channels, 2 layers of width 64 (4 heads of 16)."""
+        return replace(self, dim=64, ffn_dim=128, freq_dim=32, text_dim=UMT5_XXL.tiny().dim,
+                       num_heads=4, num_layers=2)
+
+
+# --------------------------------------------------------------------------------------------
+# UMT5 text encoder
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class UMT5Config:
+    """UMT5-XXL encoder (spec section 4.1)."""
+
+    vocab_size: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    max_distance: int = 128
+    shared_pos: bool = False
+    eps: float = 1e-6
+    text_len: int = 512
+
+    def __post_init__(self) -> None:
+        if self.dim_attn % self.num_heads:
+            raise ValueError(f"dim_attn ({self.dim_attn}) must be divisible by num_heads ({self.num_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim_attn // self.num_heads
+
+    def flops_forward(self, num_tokens: int, *, batch: int = 1) -> float:
+        """Matmul FLOPs of one encoder pass over `num_tokens` positions."""
+        L, D, A, Fd = num_tokens, self.dim, self.dim_attn, self.dim_ffn
+        layer = 2 * L * D * A * 4 + 4 * L * L * A + 2 * L * D * Fd * 3
+        return float(batch * self.num_layers * layer)
+
+    def tiny(self) -> UMT5Config:
+        return replace(self, vocab_size=1024, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2)
+
+
+UMT5_XXL = UMT5Config()
+
+
+# --------------------------------------------------------------------------------------------
+# VAE
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class VAEConfig:
+    """Wan2.1 (z 16, stride 4x8x8) or Wan2.2 (z 48, stride 4x16x16, 2x2 patchify) video VAE."""
+
+    variant: str  # "wan2.1" | "wan2.2"
+    dim: int
+    dec_dim: int
+    z_dim: int
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    patch_size: int = 1
+    latents_mean: tuple[float, ...] = field(default=(), repr=False)
+    latents_std: tuple[float, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("wan2.1", "wan2.2"):
+            raise ValueError(f"VAE variant must be 'wan2.1' or 'wan2.2'; got {self.variant!r}")
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(f"latents_mean/std need {self.z_dim} values each")
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temperal_downsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1) * self.patch_size
+
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        return self.temporal_stride, self.spatial_stride, self.spatial_stride
+
+    def latent_frames(self, num_frames: int) -> int:
+        return 1 + (num_frames - 1) // self.temporal_stride
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        return 1 + self.temporal_stride * (latent_frames - 1)
+
+    def tiny(self) -> VAEConfig:
+        if self.variant == "wan2.1":
+            return replace(self, dim=8, dec_dim=8)
+        return replace(self, dim=8, dec_dim=12)
+
+
+WAN21_VAE = VAEConfig(variant="wan2.1", dim=96, dec_dim=96, z_dim=16, patch_size=1,
+                      latents_mean=WAN21_LATENT_MEAN, latents_std=WAN21_LATENT_STD)
+WAN22_VAE = VAEConfig(variant="wan2.2", dim=160, dec_dim=256, z_dim=48, patch_size=2,
+                      latents_mean=WAN22_LATENT_MEAN, latents_std=WAN22_LATENT_STD)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler
+# --------------------------------------------------------------------------------------------
+SOLVERS = ("unipc", "dpm++", "euler")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerConfig:
+    """Defaults of the denoising loop (spec sections 1, 5, 6).
+
+    `guide_scale` is (low-noise, high-noise) as in the official configs; for a single-model
+    task both entries are equal. `boundary` is None for single-model tasks.
+    """
+
+    solver: str = "unipc"
+    steps: int
+    shift: float
+    guide_scale: tuple[float, float]
+    boundary: float | None = None
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}; got {self.solver!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1; got {self.steps}")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0; got {self.shift}")
+        if self.boundary is not None and not 0.0 < self.boundary < 1.0:
+            raise ValueError(f"boundary must lie in (0, 1); got {self.boundary}")
+        if any(math.isnan(g) for g in self.guide_scale):
+            raise ValueError(f"guide_scale must be numbers; got {self.guide_scale}")
+
+    @property
+    def boundary_timestep(self) -> float | None:
+        return None if self.boundary is None else self.boundary * self.num_train_timesteps
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class WanConfig:
+    """One Wan2.2 task: its DiT(s), text encoder, VAE and sampling defaults."""
+
+    name: str
+    dit: DiTConfig
+    t5: UMT5Config
+    vae: VAEConfig
+    sampler: SamplerConfig
+    num_experts: int
+    frame_num: int
+    fps: int
+    sizes: tuple[tuple[int, int], ...]  # (width, height)
+    default_size: tuple[int, int]  # (width, height)
+    expert_names: tuple[str, ...] = ("high_noise_model", "low_noise_model")
+
+    def __post_init__(self) -> None:
+        if self.dit.in_dim not in (self.vae.z_dim, 2 * self.vae.z_dim + 4):
+            raise ValueError(f"DiT in_dim {self.dit.in_dim} does not fit VAE z_dim {self.vae.z_dim}")
+        if self.dit.text_dim != self.t5.dim:
+            raise ValueError(f"DiT text_dim {self.dit.text_dim} != text encoder dim {self.t5.dim}")
+        if self.num_experts not in (1, 2) or (self.num_experts == 2) != (self.sampler.boundary is not None):
+            raise ValueError("two-expert tasks need a boundary; single-model tasks must not have one")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts == 2
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be multiples of this (VAE stride times the DiT patch)."""
+        return self.vae.spatial_stride * self.dit.patch_size[1]
+
+    def validate_video(self, width: int, height: int, num_frames: int) -> None:
+        m, ts = self.size_multiple, self.vae.temporal_stride
+        if width <= 0 or height <= 0 or width % m or height % m:
+            raise ValueError(f"{self.name}: width and height must be positive multiples of {m}; "
+                             f"got {width}x{height} (e.g. {self.default_size[0]}x{self.default_size[1]})")
+        if num_frames < 1 or (num_frames - 1) % ts:
+            raise ValueError(f"{self.name}: num_frames must be {ts}k+1 (e.g. {self.frame_num}); got {num_frames}")
+
+    def latent_shape(self, width: int, height: int, num_frames: int) -> tuple[int, int, int, int]:
+        """(C, T, h, w) of the noise latent for a (width, height, frames) video."""
+        self.validate_video(width, height, num_frames)
+        s = self.vae.spatial_stride
+        return self.dit.out_dim, self.vae.latent_frames(num_frames), height // s, width // s
+
+    def num_tokens(self, width: int, height: int, num_frames: int) -> int:
+        _, t, h, w = self.latent_shape(width, height, num_frames)
+        return self.dit.num_tokens((t, h, w))
+
+    def flops_forward(self, width: int, height: int, num_frames: int, *, batch: int = 1) -> float:
+        return self.dit.flops_forward(self.num_tokens(width, height, num_frames), batch=batch)
+
+    def flops_per_step(self, width: int, height: int, num_frames: int, *, use_cfg: bool = True) -> float:
+        return self.flops_forward(width, height, num_frames, batch=2 if use_cfg else 1)
+
+    def tiny(self) -> WanConfig:
+        """A CPU-sized twin: tiny DiT/UMT5/VAE, 17 frames at a small size, 4 steps."""
+        vae = self.vae.tiny()
+        m = self.size_multiple
+        return replace(
+            self,
+            name=self.name + "-tiny",
+            dit=self.dit.tiny(),
+            t5=self.t5.tiny(),
+            vae=vae,
+            sampler=replace(self.sampler, steps=4),
+            frame_num=17,
+            sizes=((4 * m, 3 * m), (3 * m, 4 * m)),
+            default_size=(4 * m, 3 * m),
+        )
+
+
+T2V_A14B = WanConfig(
+    name="t2v-A14B",
+    dit=DiTConfig(model_type="t2v", in_dim=16, dim=5120, ffn_dim=13824, out_dim=16, num_heads=40, num_layers=40),
+    t5=UMT5_XXL,
+    vae=WAN21_VAE,
+    sampler=SamplerConfig(steps=40, shift=12.0, guide_scale=(3.0, 4.0), boundary=0.875),
+    num_experts=2,
+    frame_num=81,
+    fps=16,
+    sizes=((1280, 720), (720, 1280), (832, 480), (480, 832)),
+    default_size=(1280, 720),
+)
+I2V_A14B = WanConfig(
+    name="i2v-A14B",
+    dit=DiTConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, out_dim=16, num_heads=40, num_layers=40),
+    t5=UMT5_XXL,
+    vae=WAN21_VAE,
+    sampler=SamplerConfig(steps=40, shift=5.0, guide_scale=(3.5, 3.5), boundary=0.900),
+    num_experts=2,
+    frame_num=81,
+    fps=16,
+    sizes=((1280, 720), (720, 1280), (832, 480), (480, 832)),
+    default_size=(1280, 720),
+)
+TI2V_5B = WanConfig(
+    name="ti2v-5B",
+    dit=DiTConfig(model_type="ti2v", in_dim=48, dim=3072, ffn_dim=14336, out_dim=48, num_heads=24, num_layers=30),
+    t5=UMT5_XXL,
+    vae=WAN22_VAE,
+    sampler=SamplerConfig(steps=50, shift=5.0, guide_scale=(5.0, 5.0), boundary=None),
+    num_experts=1,
+    frame_num=121,
+    fps=24,
+    sizes=((1280, 704), (704, 1280)),
+    default_size=(1280, 704),
+    expert_names=("model",),
+)
+
+WAN22_T2V_A14B = T2V_A14B
+WAN22_I2V_A14B = I2V_A14B
+WAN22_TI2V_5B = TI2V_5B
+
+PRESETS: dict[str, WanConfig] = {c.name: c for c in (T2V_A14B, I2V_A14B, TI2V_5B)}
+TASK_BY_MODEL_TYPE: dict[str, WanConfig] = {c.dit.model_type: c for c in (T2V_A14B, I2V_A14B, TI2V_5B)}
+
+
+def preset(name: str, *, tiny: bool = False) -> WanConfig:
+    """Look a task preset up by name ('t2v-A14B', 'i2v-A14B', 'ti2v-5B') or model type."""
+    cfg = PRESETS.get(name) or TASK_BY_MODEL_TYPE.get(name)
+    if cfg is None:
+        raise ValueError(f"unknown Wan2.2 task {name!r}; expected one of {sorted(PRESETS)}")
+    return cfg.tiny() if tiny else cfg
