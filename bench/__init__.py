@@ -1,0 +1,1 @@
+"""Runnable benchmarks: each prints one table and writes bench/results/<name>.json."""
