@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast test-e2e comfyui bench clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ test: $(BIN)/.installed
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not e2e and not browser"
+
+# ComfyUI 0.3.75 for the end-to-end tests, cached under .cache/comfyui (the e2e tests do this themselves).
+comfyui: $(BIN)/.installed
+	$(BIN)/python tests/e2e/provision.py
+
+test-e2e: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m e2e tests/e2e
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run_all

@@ -43,7 +43,6 @@ def cpu_model() -> str:
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hostname_hash": hex(abs(hash(platform.node())) % (1 << 32)),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_model(),
@@ -132,3 +131,14 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def load_average() -> float | None:
+    """1-minute load average of the machine (None where the OS does not report it).
+
+    Recorded next to CPU timings: other processes competing for the cores inflate them.
+    """
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None

@@ -1,0 +1,247 @@
+"""`wanbench` command line: tiny models, workflow runs (in-process or on a ComfyUI server), suites,
+reports and the demo.
+
+    wanbench make-tiny-models DIR
+    wanbench run WORKFLOW.api.json [--server URL] [--out DIR] [--models DIR] [--set Node.input=VALUE ...]
+    wanbench suite SUITE.json [--server URL] --out DIR [--models DIR]
+    wanbench report RUN.json ... -o report.md
+    wanbench check-report RUN.json
+    wanbench demo [--out DIR]
+
+Human output goes to stdout; diagnostics go through logging (stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("wanbench")
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+WORKFLOWS_DIR = PACKAGE_DIR / "workflows"
+DEMO_WORKFLOW = "tiny_ti2v_5B_t2v.api.json"
+DEFAULT_OUT = Path("wanbench_out")
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _find_workflow(name: str) -> Path:
+    """A workflow path as given, or a shipped workflow / suite by file name."""
+    for candidate in (Path(name), WORKFLOWS_DIR / name, WORKFLOWS_DIR / "suites" / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"workflow {name!r} not found (as a path or among the shipped files in {WORKFLOWS_DIR})")
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects Node.input=VALUE (e.g. WanBenchSampler.steps=4); got {item!r}")
+        try:
+            overrides[key] = json.loads(raw)
+        except ValueError:
+            overrides[key] = raw
+    return overrides
+
+
+# ------------------------------------------------------------------------------------------------
+# One workflow
+# ------------------------------------------------------------------------------------------------
+def run_one(workflow: Path, *, out_dir: Path, models: Path | None, server: str | None,
+            overrides: dict[str, Any]) -> dict[str, list[str]]:
+    """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written."""
+    from .runner import apply_overrides, load_api_workflow, output_files, run_on_server, run_workflow
+
+    prompt = apply_overrides(load_api_workflow(workflow), overrides)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if server:
+        def progress(node: Any, value: Any, maximum: Any) -> None:
+            _say(f"  node {node}: {value}/{maximum}")
+
+        files = run_on_server(prompt, server, out_dir, on_progress=progress).files
+    else:
+        from .nodes.comfy_bridge import Bridge
+
+        bridge = Bridge.for_models_root(models if models is not None else out_dir / "models", out_dir)
+        files = output_files(run_workflow(prompt, bridge))
+    _say(f"{workflow.name}: done in {time.perf_counter() - started:.1f} s")
+    for kind in ("videos", "reports", "other"):
+        for path in files.get(kind, []):
+            _say(f"  {kind[:-1]}: {path}")
+    return files
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    run_one(_find_workflow(args.workflow), out_dir=Path(args.out), models=_models(args), server=args.server,
+            overrides=_parse_set(args.set))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> Path | None:
+    return None if getattr(args, "models", None) is None else Path(args.models)
+
+
+# ------------------------------------------------------------------------------------------------
+# Suites
+# ------------------------------------------------------------------------------------------------
+def load_suite(path: Path) -> dict[str, Any]:
+    suite = json.loads(path.read_text(encoding="utf-8"))
+    cases = suite.get("cases") if isinstance(suite, dict) else None
+    if not isinstance(cases, list) or not cases:
+        raise ValueError(f"{path}: a suite is {{'name', 'cases': [{{'name', 'workflow', 'overrides'}}]}}")
+    for case in cases:
+        missing = {"name", "workflow"} - set(case)
+        if missing:
+            raise ValueError(f"{path}: case {case.get('name', '?')!r} lacks {sorted(missing)}")
+    return suite
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    from .profiling import merge_reports
+
+    path = _find_workflow(args.suite)
+    suite = load_suite(path)
+    out_dir = Path(args.out)
+    reports: list[str] = []
+    failed: list[tuple[str, str]] = []
+    for case in suite["cases"]:
+        _say(f"== case {case['name']}")
+        try:
+            files = run_one((path.parent / case["workflow"]).resolve(), out_dir=out_dir / case["name"],
+                            models=_models(args) or out_dir / "models", server=args.server,
+                            overrides=dict(case.get("overrides", {})))
+            if not files["reports"]:
+                raise RuntimeError("the case wrote no report JSON (is Wan Benchmark Report in the workflow?)")
+            reports += files["reports"]
+        except Exception as err:  # noqa: BLE001 - a failed case is reported and the suite goes on
+            log.error("case %s failed: %s: %s", case["name"], type(err).__name__, err)
+            failed.append((case["name"], f"{type(err).__name__}: {err}"))
+    if reports:
+        combined = out_dir / f"{suite.get('name', 'suite')}_report.md"
+        combined.write_text(merge_reports(reports), encoding="utf-8")
+        _say(f"combined report: {combined}")
+    for name, why in failed:
+        _say(f"FAILED {name}: {why}")
+    _say(f"{len(suite['cases']) - len(failed)}/{len(suite['cases'])} cases passed")
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports, tiny models, demo
+# ------------------------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from .profiling import merge_reports
+
+    text = merge_reports([Path(p) for p in args.runs])
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        _say(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_check_report(args: argparse.Namespace) -> int:
+    from .profiling import check_report
+
+    worst = 0
+    for path in args.runs:
+        problems = check_report(Path(path))
+        for problem in problems:
+            _say(f"{path}: {problem}")
+        _say(f"{path}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        worst = max(worst, 1 if problems else 0)
+    return worst
+
+
+def cmd_make_tiny_models(args: argparse.Namespace) -> int:
+    from .tiny_models import make_tiny_models
+
+    made = make_tiny_models(Path(args.dir), seed=args.seed)
+    for path in made.all_files():
+        _say(str(path))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .tiny_models import make_tiny_models
+
+    out_dir = Path(args.out)
+    started = time.perf_counter()
+    models = make_tiny_models(out_dir / "models", seed=0, overwrite=False)
+    _say(f"tiny models in {models.root}")
+    files = run_one(WORKFLOWS_DIR / DEMO_WORKFLOW, out_dir=out_dir, models=models.root, server=None, overrides={})
+    _say(f"demo finished in {time.perf_counter() - started:.1f} s; outputs are in {out_dir.resolve()}")
+    for report in files["reports"]:
+        md = Path(report).with_suffix(".md")
+        _say(f"open {md} for the benchmark report (chart: {Path(report).with_suffix('.png')})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanbench", description="Wan2.2 runs and benchmark reports.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every node")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-models", help="write tiny random-weight checkpoints in ComfyUI's file layouts")
+    p.add_argument("dir", help="models folder to fill (diffusion_models/, text_encoders/, vae/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_models)
+
+    p = sub.add_parser("run", help="run an API-format workflow (in-process, or on a server with --server)")
+    p.add_argument("workflow")
+    p.add_argument("--server", help="ComfyUI URL, e.g. http://127.0.0.1:8188")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="where outputs go (and are fetched to)")
+    p.add_argument("--models", help="models folder for in-process runs (default OUT/models)")
+    p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                   help="override an input, by node type or id (repeatable)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("suite", help="run every case of a benchmark suite, then one combined report")
+    p.add_argument("suite")
+    p.add_argument("--server")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--models")
+    p.set_defaults(func=cmd_suite)
+
+    p = sub.add_parser("report", help="merge run JSON files into one Markdown report")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("-o", "--output")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("check-report", help="check report JSON files for inconsistencies")
+    p.add_argument("runs", nargs="+")
+    p.set_defaults(func=cmd_check_report)
+
+    p = sub.add_parser("demo", help="tiny models + the tiny TI2V workflow on CPU; writes ./wanbench_out/")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError) as err:
+        log.error("%s: %s", type(err).__name__, err, exc_info=args.verbose)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Loader nodes: Wan Model Loader (DiT experts), Wan Text Encoder Loader, Wan VAE Loader.
+
+Each makes one wan_core load call; files come from ComfyUI's model folders (plain paths outside
+ComfyUI). With a profiler wired, the load is recorded as an `init` stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import comfy_bridge as bridge
+from . import types as T
+from .profiler_handle import maybe_profile, single_stage
+
+NONE_FILE = "none"
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEVICES = ("auto", "cuda", "cpu")
+ATTENTION_BACKENDS = ("sdpa", "auto", "flash_attn", "sage")
+
+STAGE_DIT = ("Model_Initialization", "init")
+STAGE_TEXT = ("Text_Encoder_Initialization", "init")
+STAGE_VAE = ("VAE_Initialization", "init")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; 'cuda' without a GPU is an error."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was chosen but no CUDA GPU is available; choose 'auto' or 'cpu'")
+    return device
+
+
+def _file_choices(folder: str, *, optional: bool = False) -> list[str]:
+    names = bridge.list_models(folder)
+    return [NONE_FILE, *names] if optional else names
+
+
+class WanModelLoader:
+    """Loads the DiT: one file (TI2V-5B) or the high-noise and low-noise experts (A14B)."""
+
+    CATEGORY = T.CATEGORY
+    RETURN_TYPES = (T.MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads Wan2.2 DiT weights (ComfyUI, official or diffusers layouts; fp16/bf16/fp8-scaled)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model_high": (_file_choices(bridge.FOLDER_DIT), {
+                    "tooltip": "DiT file from models/diffusion_models: the high-noise expert for A14B "
+                               "tasks, or the single TI2V-5B model."}),
+                "model_low": (_file_choices(bridge.FOLDER_DIT, optional=True), {
+                    "default": NONE_FILE,
+                    "tooltip": "Low-noise expert for A14B tasks (same task as model_high); 'none' for TI2V-5B."}),
+                "dtype": (list(DTYPES), {"default": "bfloat16",
+                                         "tooltip": "Compute dtype of the DiT weights (fp8 files are dequantised "
+                                                    "to it). float32 is the exact reference path."}),
+                "attention": (list(ATTENTION_BACKENDS), {
+                    "default": "sdpa",
+                    "tooltip": "Attention backend: sdpa (always available, the reference), flash_attn or sage "
+                               "when installed, auto picks the fastest available one."}),
+                "device": (list(DEVICES), {"default": "auto",
+                                           "tooltip": "Where the weights are loaded: auto = GPU if present."}),
+            },
+            "optional": dict(T.PROFILER_INPUT),
+            "hidden": dict(T.HIDDEN_IDS),
+        }
+
+    def load(self, model_high: str, model_low: str, dtype: str, attention: str, device: str,
+             profiler: Any = None, unique_id: str | None = None) -> tuple[T.WanModel]:
+        from ..wan_core.attention import get_backend
+        from ..wan_core.config import TASK_BY_MODEL_TYPE
+        from ..wan_core.weights import load_experts
+
+        if model_low == model_high:
+            raise ValueError(f"model_low must differ from model_high (got {model_low!r} twice); "
+                             f"choose the low_noise file, or 'none' for TI2V-5B")
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}; got {attention!r}")
+        if attention != "auto":
+            get_backend(attention)  # raises with the install hint when the package is missing
+        high = bridge.resolve_model(bridge.FOLDER_DIT, model_high)
+        low = None if model_low == NONE_FILE else bridge.resolve_model(bridge.FOLDER_DIT, model_low)
+        with maybe_profile(profiler, unique_id, [STAGE_DIT]), single_stage(*STAGE_DIT, component="dit"):
+            experts = load_experts(high, low, device=resolve_device(device), dtype=DTYPES[dtype])
+        model_type = experts[0].config.model_type
+        task = TASK_BY_MODEL_TYPE[model_type]
+        if task.is_moe and len(experts) != 2:
+            raise ValueError(f"{task.name} needs two experts; got only {model_high!r}. "
+                             f"Choose the low_noise file as model_low")
+        if not task.is_moe and len(experts) != 1:
+            raise ValueError(f"{task.name} is a single model; set model_low to 'none' (got {model_low!r})")
+        for expert in experts:
+            expert.attention_backend = attention
+        files = tuple(p for p in (high, low) if p is not None)
+        if profiler is not None:
+            profiler.set_context(task=task.name, dit_dtype=dtype, attention_backend=attention)
+        return (T.WanModel(experts=tuple(experts), task=task, files=files, attention=attention),)
+
+
+class WanTextEncoderLoader:
+    """Loads the UMT5-XXL encoder and its SentencePiece tokenizer (embedded in ComfyUI's files)."""
+
+    CATEGORY = T.CATEGORY
+    RETURN_TYPES = (T.TEXT_ENCODER,)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads the UMT5-XXL text encoder (the tokenizer comes from the file's spiece_model)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "text_encoder": (_file_choices(bridge.FOLDER_TEXT_ENCODERS), {
+                    "tooltip": "UMT5-XXL file from models/text_encoders (e.g. umt5_xxl_fp8_e4m3fn_scaled)."}),
+                "dtype": (list(DTYPES), {"default": "bfloat16",
+                                         "tooltip": "Compute dtype of the encoder (the official run uses bf16)."}),
+                "device": (list(DEVICES), {"default": "auto",
+                                           "tooltip": "Where the encoder runs; cpu keeps ~11 GB off the GPU."}),
+            },
+            "optional": dict(T.PROFILER_INPUT),
+            "hidden": dict(T.HIDDEN_IDS),
+        }
+
+    def load(self, text_encoder: str, dtype: str, device: str, profiler: Any = None,
+             unique_id: str | None = None) -> tuple[Any]:
+        from ..wan_core.t5 import load_text_encoder
+
+        path = bridge.resolve_model(bridge.FOLDER_TEXT_ENCODERS, text_encoder)
+        with maybe_profile(profiler, unique_id, [STAGE_TEXT]), single_stage(*STAGE_TEXT, component="t5"):
+            encoder = load_text_encoder(path, device=resolve_device(device), dtype=DTYPES[dtype])
+        if profiler is not None:
+            profiler.set_context(t5_dtype=dtype)
+        return (encoder,)
+
+
+class WanVAELoader:
+    """Loads the Wan2.1 (A14B) or Wan2.2 (TI2V-5B) video VAE; the variant is read from the file."""
+
+    CATEGORY = T.CATEGORY
+    RETURN_TYPES = (T.VAE,)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads a Wan video VAE (wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "vae": (_file_choices(bridge.FOLDER_VAE), {
+                    "tooltip": "VAE file from models/vae: wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B."}),
+                "dtype": (list(DTYPES), {"default": "float32",
+                                         "tooltip": "VAE dtype; the official pipelines run it in float32."}),
+                "device": (list(DEVICES), {"default": "auto", "tooltip": "Where the VAE runs."}),
+            },
+            "optional": dict(T.PROFILER_INPUT),
+            "hidden": dict(T.HIDDEN_IDS),
+        }
+
+    def load(self, vae: str, dtype: str, device: str, profiler: Any = None,
+             unique_id: str | None = None) -> tuple[Any]:
+        from ..wan_core.vae import load_vae
+
+        path = bridge.resolve_model(bridge.FOLDER_VAE, vae)
+        with maybe_profile(profiler, unique_id, [STAGE_VAE]), single_stage(*STAGE_VAE, component="vae"):
+            model = load_vae(path, device=resolve_device(device), dtype=DTYPES[dtype])
+        if profiler is not None:
+            profiler.set_context(vae_dtype=dtype)
+        return (model,)

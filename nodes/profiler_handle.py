@@ -1,0 +1,147 @@
+"""The object behind the `WANBENCH_PROFILER` socket: one profiling session per executed prompt.
+
+ComfyUI caches node outputs: when a prompt is queued again, a loader whose inputs did not change
+does not run, so its stage is not measured this time. Reporting it as 0 s would be false. The
+handle therefore remembers, per stage node (by its node id), which stages that node recorded the
+last time it actually ran. The report node (never cached) asks the handle to finish the run: every
+stage node of the current graph that did not run in this prompt has its stages recorded as
+*cached* (served from ComfyUI's cache, no time spent now), never as measured zeros.
+
+The handle outlives prompts (it is the cached output of the Wan Profiler node); a session is
+opened lazily by the first stage node that runs and closed by the report node.
+
+Shapes: none (no tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..wan_core import trace
+from . import comfy_bridge
+
+log = logging.getLogger(__name__)
+
+StageSpec = tuple[str, str]  # (stage name, stage kind)
+
+
+@dataclass
+class ProfilerSettings:
+    """What the Wan Profiler node was configured with."""
+
+    case_name: str
+    sample_interval_ms: int
+
+
+@dataclass
+class ProfilerHandle:
+    """Per-prompt sessions plus the memory of which node produced which stages."""
+
+    settings: ProfilerSettings
+    _session: Any = None
+    _ran_this_run: set[str] = field(default_factory=set)
+    _stages_by_node: dict[str, list[StageSpec]] = field(default_factory=dict)
+    _context: dict[str, Any] = field(default_factory=dict)
+    _last_seconds: dict[str, float] = field(default_factory=dict)
+    _prompt_id: str | None = None
+    _runs_finished: int = 0
+
+    # -- session lifetime ---------------------------------------------------------------------
+    def _open_session(self) -> Any:
+        prompt_id = comfy_bridge.current_prompt_id()
+        if self._session is not None and prompt_id is not None and prompt_id != self._prompt_id:
+            # The previous prompt failed or was interrupted before its report node ran.
+            log.warning("prompt %s did not reach Wan Benchmark Report; its measurements are discarded",
+                        self._prompt_id)
+            self._session.close(error=RuntimeError("the prompt ended before the report node ran"))
+            self._session = None
+            self._ran_this_run = set()
+        if self._session is None:
+            self._prompt_id = prompt_id
+            from ..profiling import ProfileSession
+
+            self._session = ProfileSession(case_name=self.settings.case_name,
+                                           sample_interval_s=self.settings.sample_interval_ms / 1000.0)
+            self._session.open()
+            if self._context:
+                self._session.set_context(**self._context)
+        return self._session
+
+    @property
+    def session_open(self) -> bool:
+        return self._session is not None
+
+    @property
+    def runs_finished(self) -> int:
+        return self._runs_finished
+
+    # -- what stage nodes call ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage_node(self, node_id: str, stages: Iterable[StageSpec]) -> Iterator[None]:
+        """Run one stage node's work with this session as the tracer.
+
+        `stages` are the (name, kind) pairs the node's work produces; they are remembered so that
+        the node can be reported as cached when ComfyUI skips it in a later prompt.
+        """
+        session = self._open_session()
+        with session.activate():
+            yield
+        self._ran_this_run.add(node_id)
+        self._stages_by_node[node_id] = list(stages)
+
+    def set_context(self, **facts: Any) -> None:
+        """Facts about the run (task, resolution, frames, steps, placement, ...) for the report."""
+        self._context.update(facts)
+        if self._session is not None:
+            self._session.set_context(**facts)
+
+    # -- what the report node calls -----------------------------------------------------------
+    def finish_run(self, graph_node_ids: Iterable[str] | None) -> Any:
+        """Close this prompt's session and return it.
+
+        Stage nodes that recorded into this handle before, are part of the current graph
+        (`graph_node_ids`; None means "all known nodes") and did not run in this prompt are
+        recorded as cached, stage by stage, carrying the duration measured the last time the
+        stage actually ran (fact `measured_s`, absent if it never ran while this handle watched).
+        """
+        session = self._open_session()
+        in_graph = set(self._stages_by_node) if graph_node_ids is None else set(graph_node_ids)
+        cached = [nid for nid in self._stages_by_node if nid in in_graph and nid not in self._ran_this_run]
+        for node_id in cached:
+            for name, kind in self._stages_by_node[node_id]:
+                previous = self._last_seconds.get(name)
+                facts = {} if previous is None else {"measured_s": previous}
+                session.record_cached(name, kind, **facts)
+        if cached:
+            trace_names = ", ".join(cached)
+            log.info("stages of nodes %s were served from ComfyUI's cache; reported as cached", trace_names)
+        record = session.close()
+        for stage in record.stages:
+            if not stage.cached:
+                self._last_seconds[stage.name] = stage.duration_s
+        self._session = None
+        self._ran_this_run = set()
+        self._runs_finished += 1
+        return session
+
+
+@contextlib.contextmanager
+def maybe_profile(profiler: ProfilerHandle | None, node_id: str | None,
+                  stages: Iterable[StageSpec]) -> Iterator[None]:
+    """`profiler.stage_node(...)` when a profiler is wired, else nothing."""
+    if profiler is None:
+        yield
+        return
+    if not isinstance(profiler, ProfilerHandle):
+        raise TypeError(f"profiler input must come from a Wan Profiler node; got {type(profiler).__name__}")
+    with profiler.stage_node(str(node_id), stages):
+        yield
+
+
+def single_stage(name: str, kind: str, **facts: Any) -> contextlib.AbstractContextManager[Any]:
+    """A named stage for node work that wan_core does not name itself (loading, encoding, decode)."""
+    return trace.stage(name, kind=kind, **facts)

@@ -1,0 +1,58 @@
+"""Wan Text Encode: prompt + negative prompt -> UMT5 embeddings (stage `T5_Encoding`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import types as T
+from .profiler_handle import maybe_profile
+
+STAGE_T5 = ("T5_Encoding", "encode")
+MAX_PROMPT_CHARS = 20000
+
+
+class WanTextEncode:
+    """Encodes the prompt and the negative prompt (empty negative = Wan's default negative prompt)."""
+
+    CATEGORY = T.CATEGORY
+    RETURN_TYPES = (T.TEXT_EMBEDS,)
+    RETURN_NAMES = ("text_embeds",)
+    FUNCTION = "encode"
+    DESCRIPTION = "UMT5 embeddings of the prompt and the negative prompt, for Wan Sampler."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "text_encoder": (T.TEXT_ENCODER, {"tooltip": "From Wan Text Encoder Loader."}),
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "What the video shows. Text beyond 512 tokens is cut."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "What to avoid. Empty = Wan's default negative "
+                                                          "prompt (as in the official pipelines)."}),
+            },
+            "optional": dict(T.PROFILER_INPUT),
+            "hidden": dict(T.HIDDEN_IDS),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt: str | None = None, negative_prompt: str | None = None) -> bool | str:
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if value is None:  # linked input: checked when the node runs
+                continue
+            if not isinstance(value, str):
+                return f"{name} must be text; got {type(value).__name__}"
+            if len(value) > MAX_PROMPT_CHARS:
+                return f"{name} is {len(value)} characters; at most {MAX_PROMPT_CHARS} (only 512 tokens are used)"
+        if prompt is not None and not prompt.strip():
+            return "prompt is empty; describe the video to generate"
+        return True
+
+    def encode(self, text_encoder: Any, prompt: str, negative_prompt: str, profiler: Any = None,
+               unique_id: str | None = None) -> tuple[T.TextEmbeds]:
+        if not prompt.strip():
+            raise ValueError("prompt is empty; describe the video to generate")
+        with maybe_profile(profiler, unique_id, [STAGE_T5]):  # encode_pair traces T5_Encoding itself
+            context, context_null = text_encoder.encode_pair(prompt, negative_prompt)
+        return (T.TextEmbeds(context=[context], context_null=[context_null], prompt=prompt,
+                             negative=negative_prompt),)

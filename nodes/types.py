@@ -1,0 +1,75 @@
+"""Socket type names and the small objects that travel between the pack's nodes.
+
+Own types (`WAN22_DIT`, `WAN22_TEXT_ENCODER`, ...) keep the pack's objects from being wired into
+core nodes that expect something else; `LATENT` and `IMAGE` are ComfyUI's own formats so core
+nodes can be mixed in:
+
+- `LATENT` is `{"samples": raw latents (B, z, T, h, w)}`; the pack adds `"wan_condition"`
+  (a `WanCondition`) when a start image conditions the video. Core nodes ignore the extra key.
+- `IMAGE` is (F, H, W, C) float in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..wan_core.config import WanConfig
+
+PROFILER = "WANBENCH_PROFILER"
+MODEL = "WAN22_DIT"
+TEXT_ENCODER = "WAN22_TEXT_ENCODER"
+TEXT_EMBEDS = "WAN22_TEXT_EMBEDS"
+VAE = "WAN22_VAE"
+LATENT = "LATENT"
+IMAGE = "IMAGE"
+STRING = "STRING"
+
+CATEGORY = "WanBench"
+
+# Optional `profiler` input shared by every stage node.
+PROFILER_INPUT: dict[str, Any] = {
+    "profiler": (PROFILER, {"tooltip": "Wan Profiler session that records this node's stage (optional)."}),
+}
+# Hidden inputs ComfyUI fills in (the in-process runner fills them too): the node's own id.
+HIDDEN_IDS: dict[str, str] = {"unique_id": "UNIQUE_ID"}
+
+
+@dataclass(frozen=True)
+class WanModel:
+    """The DiT expert(s) of one task, as loaded by Wan Model Loader.
+
+    `experts` is `[high_noise, low_noise]` for A14B tasks and `[model]` for TI2V-5B.
+    """
+
+    experts: tuple[Any, ...]
+    task: WanConfig
+    files: tuple[str, ...]
+    placement: str = "none"
+    attention: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class TextEmbeds:
+    """Prompt and negative prompt embeddings (each a list of (L_i, dim) tensors, one per batch item)."""
+
+    context: list[torch.Tensor]
+    context_null: list[torch.Tensor]
+    prompt: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class WanCondition:
+    """What a start image contributes to sampling, in raw VAE latent space.
+
+    `mode` is "ti2v" (latent frame 0 is pinned to `image_latent`, shape (B, z, 1, h, w)) or
+    "i2v" (`image_latent` is the encoded start-image clip, shape (B, z, T, h, w), given to the
+    DiT as extra channels with a first-frame mask).
+    """
+
+    mode: str
+    image_latent: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)

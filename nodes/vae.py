@@ -1,0 +1,74 @@
+"""Wan VAE Decode: raw `LATENT` -> `IMAGE` frames (stage `VAE_Decoding`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import comfy_bridge as bridge
+from . import types as T
+from .profiler_handle import maybe_profile
+
+STAGE_DECODE = ("VAE_Decoding", "decode")
+TILINGS = ("none", "auto")
+
+
+def video_to_images(video: torch.Tensor) -> torch.Tensor:
+    """Decoded video (1, 3, F, H, W) in [-1, 1] -> ComfyUI IMAGE (F, H, W, 3) in [0, 1].
+
+    Shapes: (1, 3, F, H, W) -> (F, H, W, 3).
+    """
+    if video.dim() != 5 or video.shape[0] != 1 or video.shape[1] != 3:
+        raise ValueError(f"decoded video must be (1, 3, F, H, W); got {tuple(video.shape)}")
+    return video[0].permute(1, 2, 3, 0).float().add(1.0).mul(0.5).clamp(0.0, 1.0).cpu().contiguous()
+
+
+class WanVAEDecode:
+    """Decodes a video latent with the Wan VAE (chunked over time, optionally tiled in space)."""
+
+    CATEGORY = T.CATEGORY
+    RETURN_TYPES = (T.IMAGE,)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "decode"
+    DESCRIPTION = "Decodes raw video latents into frames (IMAGE), so core image/video nodes can follow."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "vae": (T.VAE, {"tooltip": "The VAE of the task (Wan2.2 VAE for TI2V-5B, Wan2.1 for A14B)."}),
+                "latent": (T.LATENT, {"tooltip": "Raw video latent (B, z, T, h, w), e.g. from Wan Sampler."}),
+                "tiling": (list(TILINGS), {"default": "none",
+                                           "tooltip": "Spatial tiling of the decode: none = whole frames "
+                                                      "(exact); auto = overlapping tiles that bound memory."}),
+            },
+            "optional": dict(T.PROFILER_INPUT),
+            "hidden": dict(T.HIDDEN_IDS),
+        }
+
+    def decode(self, vae: Any, latent: dict[str, Any], tiling: str, profiler: Any = None,
+               unique_id: str | None = None) -> tuple[torch.Tensor]:
+        if tiling not in TILINGS:
+            raise ValueError(f"tiling must be one of {TILINGS}; got {tiling!r}")
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        z_dim = vae.config.z_dim
+        if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != z_dim:
+            got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+            raise ValueError(f"latent must be a video LATENT with samples (B, {z_dim}, T, h, w) for the "
+                             f"{vae.config.variant} VAE; got {got}")
+        frames = []
+        for item in samples:  # one video at a time
+            progress: list[Any] = []
+
+            def on_chunk(done: int, num_chunks: int) -> None:
+                if not progress:
+                    progress.append(bridge.make_progress(num_chunks, "Wan VAE Decode"))
+                progress[0](done)
+                bridge.check_interrupt()
+
+            # WanVAE.decode traces the VAE_Decoding stage itself.
+            with maybe_profile(profiler, unique_id, [STAGE_DECODE]):
+                video = vae.decode(item[None], tiling=None if tiling == "none" else tiling, callback=on_chunk)
+            frames.append(video_to_images(video))
+        return (torch.cat(frames, dim=0),)

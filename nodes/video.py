@@ -1,0 +1,102 @@
+"""Wan Save Video: IMAGE frames -> H.264 mp4 through PyAV, saved in the output folder with a preview."""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import comfy_bridge as bridge
+from . import types as T
+from .validation import check_int_range, check_prefix, first_problem
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"mp4 (h264)": ("mp4", "libx264"), "mp4 (mpeg4)": ("mp4", "mpeg4")}
+MAX_FPS = 120
+MAX_CRF = 51
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE (F, H, W, 3) float in [0, 1] -> uint8 frames, the 8-bit quantisation every saver does.
+
+    Shapes: (F, H, W, 3) -> (F, H, W, 3) uint8.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] != 3:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be an IMAGE (F, H, W, 3) in [0, 1]; got {got}")
+    return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def write_mp4(frames: torch.Tensor, path: Path, *, fps: int, codec: str = "libx264", crf: int = 19) -> Path:
+    """Encode uint8 RGB frames (F, H, W, 3) into an mp4 (yuv420p; H and W must be even)."""
+    import av
+
+    num_frames, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"mp4 (yuv420p) needs an even width and height; got {width}x{height}")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps, 1))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": str(crf)}
+        for frame in frames.numpy():
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    log.info("wrote %s (%d frames, %dx%d, %d fps)", path, num_frames, width, height, fps)
+    return path
+
+
+class WanSaveVideo:
+    """Saves frames as an mp4 in the output folder and previews it in the UI."""
+
+    CATEGORY = T.CATEGORY
+    RETURN_TYPES = (T.STRING,)
+    RETURN_NAMES = ("video_path",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Writes an mp4 (PyAV) into ComfyUI's output folder; wire video_path into Wan Benchmark Report."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "images": (T.IMAGE, {"tooltip": "Frames (F, H, W, C) in [0, 1], e.g. from Wan VAE Decode."}),
+                "fps": ("INT", {"default": 24, "min": 1, "max": MAX_FPS,
+                                "tooltip": "Frames per second: 24 for TI2V-5B, 16 for the A14B tasks."}),
+                "filename_prefix": ("STRING", {"default": "wanbench/video",
+                                               "tooltip": "File name prefix inside the output folder; "
+                                                          "a counter is appended."}),
+                "format": (list(FORMATS), {"default": "mp4 (h264)",
+                                           "tooltip": "Container and codec (PyAV/FFmpeg)."}),
+                "crf": ("INT", {"default": 19, "min": 0, "max": MAX_CRF,
+                                "tooltip": "H.264 quality: lower is better and larger (0 = lossless)."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, fps: int | None = None, filename_prefix: str | None = None,
+                        crf: int | None = None) -> bool | str:
+        return first_problem(check_int_range("fps", fps, 1, MAX_FPS), check_prefix("filename_prefix", filename_prefix),
+                             check_int_range("crf", crf, 0, MAX_CRF))
+
+    def save(self, images: torch.Tensor, fps: int, filename_prefix: str, format: str,
+             crf: int) -> dict[str, Any]:
+        problem = check_prefix("filename_prefix", filename_prefix)
+        if problem:
+            raise ValueError(problem)
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {list(FORMATS)}; got {format!r}")
+        ext, codec = FORMATS[format]
+        frames = images_to_uint8(images)
+        folder, stem, counter, subfolder = bridge.save_path(filename_prefix, int(frames.shape[2]),
+                                                            int(frames.shape[1]))
+        name = f"{stem}_{counter:05}_.{ext}"
+        path = write_mp4(frames, folder / name, fps=fps, codec=codec, crf=crf)
+        preview = {"filename": name, "subfolder": subfolder, "type": "output"}
+        return {"ui": {"images": [preview], "animated": (True,)}, "result": (str(path),)}

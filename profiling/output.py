@@ -1,0 +1,128 @@
+"""Report files: the versioned JSON document, merging runs, and `write_report` (.md + .json + .png).
+
+All files are written atomically (a temporary file in the same folder, then `os.replace`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .analysis import analyze_run, summarize_run
+from .chart import draw_timeline
+from .records import REPORT_SCHEMA_VERSION, RunRecord, run_from_dict, run_to_dict
+from .report import render_markdown
+from .session import ProfileSession
+
+
+def run_document(run: RunRecord) -> dict[str, Any]:
+    """One run in the report JSON: the raw records plus the derived figures and statements shown."""
+    summary = summarize_run(run)
+    analysis = analyze_run(run, summary)
+    data = run_to_dict(run)
+    data["summary"] = dataclasses.asdict(summary)
+    data["analysis"] = dataclasses.asdict(analysis)
+    return data
+
+
+def report_document(runs: Sequence[RunRecord]) -> dict[str, Any]:
+    return {"schema": REPORT_SCHEMA_VERSION, "runs": [run_document(r) for r in runs]}
+
+
+def load_runs(path: str | os.PathLike[str]) -> list[RunRecord]:
+    """Runs from a report JSON (`wanbench.report/1`) file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"report JSON not found: {p} (write it with write_report or `wanbench run`)")
+    return runs_from_document(json.loads(p.read_text(encoding="utf-8")), where=str(p))
+
+
+def runs_from_document(doc: dict[str, Any], *, where: str = "report") -> list[RunRecord]:
+    if doc.get("schema") != REPORT_SCHEMA_VERSION:
+        raise ValueError(f"{where}: schema is {doc.get('schema')!r}; expected {REPORT_SCHEMA_VERSION!r}")
+    return [run_from_dict(r) for r in doc["runs"]]
+
+
+def merge_reports(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """One Markdown report from several runs' JSON files, grouped by GPU."""
+    if not paths:
+        raise ValueError("merge_reports needs at least one report JSON path")
+    runs: list[RunRecord] = []
+    for path in paths:
+        runs.extend(load_runs(path))
+    return render_markdown(runs)
+
+
+class ReportFiles(dict[str, Path]):
+    """The paths `write_report` wrote: keys "md", "json", "png" / "png:<case>"; also as attributes."""
+
+    @property
+    def markdown(self) -> Path:
+        return self["md"]
+
+    @property
+    def json(self) -> Path:
+        return self["json"]
+
+    @property
+    def chart(self) -> Path | None:
+        """The chart of a single-run report (None when it was skipped)."""
+        return self.get("png")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _as_runs(source: ProfileSession | RunRecord | Sequence[RunRecord]) -> list[RunRecord]:
+    if isinstance(source, ProfileSession):
+        if source.record is None:
+            raise ValueError(f"profile session {source.case_name!r} is still open; close() it before writing")
+        return [source.record]
+    if isinstance(source, RunRecord):
+        return [source]
+    runs = list(source)
+    if not runs or not all(isinstance(r, RunRecord) for r in runs):
+        raise TypeError("write_report takes a closed ProfileSession, a RunRecord or a non-empty list of them")
+    return runs
+
+
+def write_report(source: ProfileSession | RunRecord | Sequence[RunRecord], out_dir: str | os.PathLike[str], *,
+                 basename: str = "wanbench_report", chart: bool = True) -> ReportFiles:
+    """Write `<basename>.md`, `<basename>.json` and the timeline PNG(s); returns their paths.
+
+    Keys: "md", "json", and "png" (one run) or "png:<case>" (several runs) for each chart drawn.
+    """
+    runs = _as_runs(source)
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = ReportFiles()
+    notes: dict[str, str] = {}
+    for run in runs:
+        case = run.context.case_name
+        if not chart:
+            notes[case] = "Chart skipped: charts were turned off for this report."
+            continue
+        name = f"{basename}.png" if len(runs) == 1 else f"{basename}_{_safe(case)}.png"
+        result = draw_timeline(run, folder / name)
+        if result.path is None:
+            notes[case] = f"Chart skipped: {result.skipped_reason}."
+            continue
+        written["png" if len(runs) == 1 else f"png:{case}"] = result.path
+        missing = "" if run.system.activity_metric else " GPU series are unavailable; it shows CPU % and RSS."
+        notes[case] = f"![timeline of {case}]({name}){missing}"
+    md_path, json_path = folder / f"{basename}.md", folder / f"{basename}.json"
+    _atomic_write_text(json_path, json.dumps(report_document(runs), indent=1, ensure_ascii=False) + "\n")
+    _atomic_write_text(md_path, render_markdown(runs, chart_notes=notes))
+    written["md"], written["json"] = md_path, json_path
+    return written
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

@@ -1,0 +1,297 @@
+"""The benchmark report in Markdown: a pure function of run records.
+
+Layout (the shape of the reports users already compare across GPUs, extended): title and
+legend; per hardware group (one GPU model) its system context and a summary table with one row
+per case; then per case the run facts, totals, the stage breakdown, inference statistics,
+memory telemetry, bottleneck analysis, ranked recommendations and the timeline chart.
+Every value that was not measured reads `n/a`.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+
+from .analysis import (GB, RunAnalysis, RunSummary, activity_label, analyze_run, peak_tflops_of, stage_load,
+                       stage_mfu_pct, stage_tflops, summarize_run)
+from .gpus import lookup_gpu
+from .records import ACTIVITY_BUSY, ACTIVITY_SM, RunRecord, StageRecord
+
+NA = "n/a"
+TITLE = "# Wan2.2 Benchmark Report"
+
+def legend(runs: Sequence[RunRecord]) -> str:
+    """The units and column definitions, naming only the activity metrics the runs used."""
+    metrics = {r.system.activity_metric for r in runs}
+    parts = ["Units: time in seconds, memory in GB (10^9 bytes)."]
+    if ACTIVITY_SM in metrics or metrics == {None}:
+        parts.append("**SM(%)** is SM activity from NVML GPU performance metrics (Hopper and newer).")
+    if ACTIVITY_BUSY in metrics:
+        parts.append("**Busy(%)** is NVML utilization, the share of time any kernel ran (GPUs without "
+                     "performance metrics; it does not count busy SMs).")
+    parts += ["**Load** = seconds x activity % (%-seconds).",
+              "**s/step** = mean of Step_i_Loading + Step_i_Inference.",
+              "**MFU** = achieved FLOP/s / dense bf16 peak of the measured GPU (steps only).",
+              "`n/a` = not measured."]
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# number formatting: None is n/a, never 0
+# --------------------------------------------------------------------------------------------
+def fmt_s(value: float | None) -> str:
+    if value is None:
+        return NA
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.4f}"
+    return f"{value:.2f}"
+
+
+def fmt_gb(value: int | float | None) -> str:
+    return NA if value is None else f"{value / GB:.2f}"
+
+
+def fmt_pct(value: float | None) -> str:
+    return NA if value is None else f"{value:.1f}"
+
+
+def fmt_load(value: float | None) -> str:
+    if value is None:
+        return NA
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def fmt_tflops(value: float | None) -> str:
+    if value is None:
+        return NA
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
+
+
+def with_unit(text: str, unit: str) -> str:
+    """"12.3 GB" for a number, plain "n/a" when unmeasured."""
+    return text if text == NA else f"{text} {unit}"
+
+
+def _yes_no(value: bool | None) -> str:
+    return NA if value is None else ("yes" if value else "no")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(":---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def activity_header(metric: str | None) -> str:
+    return "Busy(%)" if metric == ACTIVITY_BUSY else "SM(%)"
+
+
+def _group_metric(runs: Sequence[RunRecord]) -> str | None:
+    metrics = {r.system.activity_metric for r in runs}
+    if metrics == {ACTIVITY_BUSY}:
+        return ACTIVITY_BUSY
+    if ACTIVITY_BUSY in metrics and ACTIVITY_SM in metrics:
+        raise ValueError("runs of one hardware group mix SM activity and GPU busy; report them separately")
+    return ACTIVITY_SM if ACTIVITY_SM in metrics else None
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------------
+def group_runs(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Runs by hardware group (GPU name, or CPU), in first-seen order; cases sorted by name."""
+    groups: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(summarize_run(run).group, []).append(run)
+    return {k: sorted(v, key=lambda r: r.context.case_name) for k, v in groups.items()}
+
+
+def render_markdown(runs: Sequence[RunRecord], *, chart_notes: Mapping[str, str] | None = None) -> str:
+    """The whole report. `chart_notes` maps a case name to its chart line (image link or skip reason)."""
+    if not runs:
+        raise ValueError("render_markdown needs at least one run record")
+    groups = group_runs(runs)
+    lines = [TITLE, "", legend(runs), ""]
+    for letter, (group, members) in zip(string.ascii_uppercase, groups.items()):
+        lines += _group_summary(letter, group, members)
+    for group, members in groups.items():
+        lines += [f"# Detailed Breakdown ({_short(group)})", ""]
+        for run in members:
+            note = None if chart_notes is None else chart_notes.get(run.context.case_name)
+            lines += _case_section(run, group, note)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _short(group: str) -> str:
+    spec = lookup_gpu(group)
+    return spec.key if spec is not None else group
+
+
+def _system_lines(run: RunRecord) -> list[str]:
+    s = run.system
+    gpu = NA if s.gpu_name is None else f"{s.gpu_name} ({with_unit(fmt_gb(s.gpu_memory_bytes), 'GB')})"
+    if s.activity_metric == ACTIVITY_SM:
+        activity = "SM activity from NVML GPU performance metrics"
+    elif s.activity_metric == ACTIVITY_BUSY:
+        activity = "GPU busy from NVML utilization (no performance metrics on this GPU; it does not count busy SMs)"
+    else:
+        activity = f"unavailable ({s.activity_unavailable_reason or 'no NVML'})"
+    return [f"- **GPU**: {gpu}; driver {s.driver_version or NA}; CUDA {s.cuda_version or NA}; "
+            f"torch {s.torch_version or NA}",
+            f"- **CPU**: {s.cpu_name or NA}; host memory {with_unit(fmt_gb(s.host_memory_bytes), 'GB')}",
+            f"- **Activity metric**: {activity}"]
+
+
+def _group_summary(letter: str, group: str, runs: list[RunRecord]) -> list[str]:
+    metric = _group_metric(runs)
+    lines = [f"## Hardware Group {letter}: {group}", ""]
+    lines += _system_lines(runs[0]) + [""]
+    rows = []
+    for run in runs:
+        sm = summarize_run(run)
+        c = run.context
+        rows.append([c.case_name, c.resolution or NA, NA if c.frames is None else str(c.frames),
+                     _steps_cell(sm), _offload_cell(run), fmt_s(sm.total_s), fmt_s(sm.s_per_step),
+                     fmt_gb(sm.peak_allocated_bytes), fmt_pct(sm.step_activity_pct), fmt_load(sm.load),
+                     fmt_pct(sm.mfu_pct)])
+    lines += _table(["Case", "Res", "Frames", "Steps", "Offload", "Time(s)", "s/step", "Mem(GB)",
+                     activity_header(metric), "Load", "MFU(%)"], rows)
+    return lines + [""]
+
+
+def _steps_cell(sm: RunSummary) -> str:
+    cached = f" + {sm.num_steps_cached} cached" if sm.num_steps_cached else ""
+    if sm.num_steps_planned is None or sm.num_steps_planned == sm.num_steps_recorded + sm.num_steps_cached:
+        return f"{sm.num_steps_recorded}{cached}"
+    return f"{sm.num_steps_recorded}{cached} of {sm.num_steps_planned}"
+
+
+def _offload_cell(run: RunRecord) -> str:
+    placement = run.context.placement
+    if placement is None:
+        return NA
+    return f"{_yes_no(run.context.offload).capitalize()} ({placement})"
+
+
+def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[str]:
+    sm = summarize_run(run)
+    analysis = analyze_run(run, sm)
+    c = run.context
+    lines = [f"## Case: {c.case_name} ({_short(group)})", ""]
+    facts = [f"task {c.task or NA}", f"{c.resolution or NA}", f"{NA if c.frames is None else c.frames} frames",
+             f"{_steps_cell(sm)} steps", f"placement {c.placement or NA}", f"attention {c.attention_backend or NA}",
+             f"dtypes DiT {c.dit_dtype or NA} / T5 {c.t5_dtype or NA} / VAE {c.vae_dtype or NA}",
+             f"compile {_yes_no(c.compile)}", f"CFG {c.cfg_mode or ', '.join(sm.cfg_modes) or NA}"]
+    if c.solver:
+        facts.append(f"solver {c.solver}")
+    lines += [f"- **Run facts**: {'; '.join(facts)}",
+              f"- **Status**: {run.status}",
+              f"- **Total Duration**: {fmt_s(sm.total_s)} s",
+              f"- **Peak Memory**: {with_unit(fmt_gb(sm.peak_allocated_bytes), 'GB')} allocated, "
+              f"{with_unit(fmt_gb(sm.peak_reserved_bytes), 'GB')} reserved (CUDA allocator); "
+              f"{with_unit(fmt_gb(sm.device_used_max_bytes), 'GB')} used on the device (NVML); "
+              f"process RSS {with_unit(fmt_gb(sm.rss_max_bytes), 'GB')}",
+              f"- **Total Compute Load**: {fmt_load(sm.load)}"]
+    lines += [f"- Note: {n}" for n in run.notes]
+    lines += ["", "### Stage Breakdown", ""] + _stage_table(run, sm) + [""]
+    lines += _inference_stats(run, sm) + _memory_telemetry(sm) + _analysis_lines(analysis)
+    lines += ["### Timeline", "", chart_note or "Chart: written per run by `write_report` (not part of a merged report).",
+              "", "---", ""]
+    return lines
+
+
+def _stage_row(stage: StageRecord, peak: float | None, label: str) -> list[str]:
+    if stage.cached:
+        return [label, "cached", NA, NA, NA, NA, NA, NA, NA]
+    return [label, fmt_s(stage.duration_s), fmt_gb(stage.memory.allocated_peak), fmt_pct(stage.activity_mean_pct),
+            fmt_pct(stage.cpu_pct), fmt_gb(stage.rss_max_bytes), fmt_load(stage_load(stage)),
+            fmt_tflops(stage_tflops(stage)), fmt_pct(stage_mfu_pct(stage, peak))]
+
+
+def _stage_table(run: RunRecord, sm: RunSummary) -> list[str]:
+    peak = peak_tflops_of(run)
+    rows = []
+    for stage in run.stages:
+        label = stage.name if stage.depth == 0 else "&nbsp;&nbsp;" * stage.depth + "└ " + stage.name
+        if stage.kind == "step-inference" and stage.expert:
+            label += f" [{stage.expert}]"
+        rows.append(_stage_row(stage, peak, label))
+    rows.append(["(outside stages)", fmt_s(sm.outside_s)] + [NA] * 7)
+    rows.append(_stage_row(run.total, peak, run.total.name))
+    header = ["Stage", "Time (s)", "Peak Mem (GB)", "SM Act (%)" if run.system.activity_metric != ACTIVITY_BUSY
+              else "GPU Busy (%)", "CPU (%)", "Sys Mem (GB)", "Comp Load", "TFLOP/s", "MFU (%)"]
+    lines = _table(header, rows)
+    lines += ["", f"Top-level stages sum to {fmt_s(sm.stage_sum_s)} s; with {fmt_s(sm.outside_s)} s outside "
+              f"stages they make up the {fmt_s(sm.total_s)} s total (checked to within 1 %). Indented rows run "
+              "inside the row above and are not added again. Peak Mem is the CUDA allocator peak within the stage."]
+    return lines
+
+
+def _inference_stats(run: RunRecord, sm: RunSummary) -> list[str]:
+    label = activity_label(sm.activity_metric)
+    lines = ["### Inference Statistics", ""]
+    if sm.num_steps_recorded == 0:
+        return lines + ["No denoising steps were recorded in this run.", ""]
+    experts = "; ".join(f"{name}: steps {_ranges(steps)}" for name, steps in sm.experts.items()) or NA
+    lines += [
+        f"- **Steps recorded**: {_steps_cell(sm)} (experts: {experts}; CFG: {', '.join(sm.cfg_modes) or NA})",
+        f"- **First step (warm-up)**: {with_unit(fmt_s(sm.first_step_s), 's')}",
+        f"- **Steady state** (steps after the first): mean {with_unit(fmt_s(sm.steady_mean_s), 's')}, median "
+        f"{with_unit(fmt_s(sm.steady_median_s), 's')}, p90 {with_unit(fmt_s(sm.steady_p90_s), 's')}",
+        f"- **Avg Time per Step** (loading + inference): {with_unit(fmt_s(sm.s_per_step), 's')}",
+        f"- **Step loading**: {fmt_s(sm.loading_total_s)} s in total "
+        f"({with_unit(fmt_pct(sm.loading_share_pct), '%')} of step time)",
+        f"- **Avg {label}** (steps): {with_unit(fmt_pct(sm.step_activity_pct), '%')} "
+        f"(max {with_unit(fmt_pct(sm.step_activity_max_pct), '%')})",
+        f"- **Total Inference Load**: {fmt_load(sm.inference_load)}",
+        f"- **Throughput**: {with_unit(fmt_tflops(sm.steps_tflops), 'TFLOP/s')}; MFU "
+        f"{with_unit(fmt_pct(sm.mfu_pct), '%')} of a {with_unit(fmt_tflops(sm.peak_tflops), 'TFLOP/s')} peak; "
+        f"FLOP floor {with_unit(fmt_s(sm.steps_floor_s), 's')} for the steps (measured "
+        f"{fmt_s(sm.inference_total_s)} s), {with_unit(fmt_s(sm.total_floor_s), 's')} for the run",
+        "",
+    ]
+    return lines
+
+
+def _ranges(steps: list[int]) -> str:
+    parts: list[str] = []
+    start = prev = steps[0]
+    for s in steps[1:] + [None]:  # type: ignore[list-item]
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if s is not None:
+            start = prev = s
+    return ", ".join(parts)
+
+
+def _memory_telemetry(sm: RunSummary) -> list[str]:
+    capacity = sm.gpu_memory_bytes
+    headroom = None if capacity is None or sm.peak_reserved_bytes is None else capacity - sm.peak_reserved_bytes
+    def gb(value: int | None) -> str:
+        return with_unit(fmt_gb(value), "GB")
+
+    return ["### Memory Telemetry", "",
+            f"- **Resident at the first step** (weights + latents): {gb(sm.resident_at_first_step_bytes)}",
+            f"- **DiT activation peak** (step peak above its start): {gb(sm.step_activation_peak_bytes)}",
+            f"- **T5 peak**: {gb(sm.t5_peak_bytes)}",
+            f"- **VAE peak**: {gb(sm.vae_peak_bytes)}",
+            f"- **Device capacity**: {gb(capacity)}; free at the reserved peak: {gb(headroom)}",
+            ""]
+
+
+def _analysis_lines(analysis: RunAnalysis) -> list[str]:
+    lines = ["### Bottleneck Analysis", ""]
+    lines += [f"- {f.text}" for f in analysis.findings] + [""]
+    lines += ["### Recommendations (ranked by estimated gain)", ""]
+    if not analysis.recommendations:
+        lines += ["None: no measured figure points to a saving.", ""]
+    for i, rec in enumerate(analysis.recommendations, 1):
+        lines.append(f"{i}. {rec.text} (estimated gain {fmt_s(rec.gain_s)} s)")
+    return lines + [""]
+
+
+def summary_for(run: RunRecord) -> tuple[RunSummary, RunAnalysis]:
+    sm = summarize_run(run)
+    return sm, analyze_run(run, sm)

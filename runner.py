@@ -1,0 +1,401 @@
+"""Run an API-format workflow in this process through the pack's own node classes.
+
+What ComfyUI's executor does, for a graph made only of this pack's nodes: check every node type
+exists, validate inputs against `INPUT_TYPES` (types of links, combo choices, min/max) and
+`VALIDATE_INPUTS`, order nodes by their links, fill the hidden inputs (UNIQUE_ID, PROMPT), call
+each node's FUNCTION once and collect the `ui` outputs. There is no cache: every node runs.
+
+Shapes: none (graph plumbing only).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .nodes import NODE_CLASS_MAPPINGS
+from .nodes.comfy_bridge import Bridge
+from .nodes.context import use_bridge
+from .wan_core.errors import WanError
+
+log = logging.getLogger(__name__)
+
+
+class WorkflowError(WanError, ValueError):
+    """The workflow cannot run: unknown node type, bad link, invalid input value."""
+
+
+@dataclass
+class RunResult:
+    """Outputs of every node (by node id) and the `ui` dicts of the output nodes."""
+
+    outputs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    ui: dict[str, dict[str, Any]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+
+def load_api_workflow(path: str | Path) -> dict[str, Any]:
+    """Read an API-format workflow (`{node_id: {"class_type", "inputs"}}`); a UI-format file is an error."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise WorkflowError(f"{path} is a UI-format workflow; run its API twin (*.api.json) instead")
+    if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
+        data = data["prompt"]
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        raise WorkflowError(f"{path} is not an API-format workflow: expected {{id: {{class_type, inputs}}}}")
+    return data
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def _input_spec(cls: type, name: str) -> tuple[Any, dict[str, Any]] | None:
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        if name in spec.get(section, {}):
+            entry = spec[section][name]
+            return entry[0], (entry[1] if len(entry) > 1 else {})
+    return None
+
+
+def _check_value(node_id: str, class_type: str, name: str, kind: Any, opts: dict[str, Any], value: Any) -> None:
+    where = f"node {node_id} ({class_type}) input {name!r}"
+    if isinstance(kind, list):
+        if value not in kind:
+            shown = kind if len(kind) <= 8 else kind[:8] + ["..."]
+            raise WorkflowError(f"{where}: value {value!r} is not one of {shown}")
+        return
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and
+                                                                            not float(value).is_integer()):
+            raise WorkflowError(f"{where}: expected {kind}; got {value!r}")
+        if isinstance(value, float) and math.isnan(value):
+            raise WorkflowError(f"{where}: expected a number; got NaN")
+        if "min" in opts and value < opts["min"] or "max" in opts and value > opts["max"]:
+            raise WorkflowError(f"{where}: {value} is outside [{opts.get('min')}, {opts.get('max')}]")
+    elif kind == "BOOLEAN" and not isinstance(value, bool):
+        raise WorkflowError(f"{where}: expected a boolean; got {value!r}")
+    elif kind == "STRING" and not isinstance(value, str):
+        raise WorkflowError(f"{where}: expected text; got {value!r}")
+
+
+def validate_workflow(prompt: Mapping[str, Any]) -> list[str]:
+    """Check node types, links and required inputs; return the node ids in execution order."""
+    for node_id, node in prompt.items():
+        class_type = node.get("class_type")
+        if class_type not in NODE_CLASS_MAPPINGS:
+            raise WorkflowError(f"node {node_id}: node type {class_type!r} is not a ComfyUI-WanBench node; "
+                                f"the in-process runner only runs {sorted(NODE_CLASS_MAPPINGS)}. "
+                                f"Run this workflow on a ComfyUI server with --server URL")
+        cls = NODE_CLASS_MAPPINGS[class_type]
+        inputs = node.get("inputs", {})
+        for name in cls.INPUT_TYPES().get("required", {}):
+            if name not in inputs:
+                raise WorkflowError(f"node {node_id} ({class_type}): required input {name!r} is missing")
+        for name, value in inputs.items():
+            spec = _input_spec(cls, name)
+            if spec is None:
+                raise WorkflowError(f"node {node_id} ({class_type}): unknown input {name!r}")
+            if _is_link(value):
+                src_id, slot = value
+                if src_id not in prompt:
+                    raise WorkflowError(f"node {node_id} ({class_type}) input {name!r} links to missing node {src_id}")
+                src_cls = NODE_CLASS_MAPPINGS.get(prompt[src_id]["class_type"])
+                out_types = src_cls.RETURN_TYPES if src_cls else ()
+                if slot >= len(out_types) or (out_types[slot] != spec[0] and "*" not in (out_types[slot], spec[0])):
+                    got = out_types[slot] if slot < len(out_types) else f"no output {slot}"
+                    raise WorkflowError(f"node {node_id} ({class_type}) input {name!r} expects {spec[0]}; "
+                                        f"node {src_id} output {slot} is {got}")
+    return _topological_order(prompt)
+
+
+def _topological_order(prompt: Mapping[str, Any]) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(node_id: str, path: tuple[str, ...]) -> None:
+        if state.get(node_id) == 2:
+            return
+        if state.get(node_id) == 1:
+            raise WorkflowError(f"the workflow has a cycle through nodes {' -> '.join(path + (node_id,))}")
+        state[node_id] = 1
+        for value in prompt[node_id].get("inputs", {}).values():
+            if _is_link(value):
+                visit(value[0], path + (node_id,))
+        state[node_id] = 2
+        order.append(node_id)
+
+    for node_id in sorted(prompt, key=lambda k: (len(k), k)):
+        visit(node_id, ())
+    return order
+
+
+def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any],
+              result: RunResult) -> None:
+    class_type = node["class_type"]
+    cls = NODE_CLASS_MAPPINGS[class_type]
+    kwargs: dict[str, Any] = {}
+    constants: dict[str, Any] = {}
+    for name, value in node.get("inputs", {}).items():
+        if _is_link(value):
+            kwargs[name] = result.outputs[value[0]][value[1]]
+        else:
+            kind, opts = _input_spec(cls, name)  # type: ignore[misc]
+            _check_value(node_id, class_type, name, kind, opts, value)
+            kwargs[name] = constants[name] = value
+    validate = getattr(cls, "VALIDATE_INPUTS", None)
+    if validate is not None:
+        wanted = inspect.signature(validate).parameters
+        verdict = validate(**{k: v for k, v in constants.items() if k in wanted})
+        if verdict is not True:
+            raise WorkflowError(f"node {node_id} ({class_type}): {verdict}")
+    for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
+        kwargs[name] = {"UNIQUE_ID": node_id, "PROMPT": dict(prompt)}.get(kind)
+    out = getattr(cls(), cls.FUNCTION)(**kwargs)
+    if isinstance(out, dict):
+        result.ui[node_id] = out.get("ui", {})
+        out = out.get("result", ())
+    result.outputs[node_id] = tuple(out)
+
+
+def run_workflow(prompt: Mapping[str, Any], bridge: Bridge) -> RunResult:
+    """Validate and run `prompt` with `bridge`'s model folders and output folder."""
+    result = RunResult()
+    with use_bridge(bridge):
+        result.order = validate_workflow(prompt)
+        for node_id in result.order:
+            log.info("running node %s (%s)", node_id, prompt[node_id]["class_type"])
+            _run_node(node_id, prompt[node_id], prompt, result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Workflow files: overrides
+# ------------------------------------------------------------------------------------------------
+def apply_overrides(prompt: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `prompt` with `{"<ClassType or node id>.<input>": value}` applied.
+
+    A class type applies to every node of that type; it is an error when nothing matches, so a
+    typo never silently leaves the default in place.
+    """
+    out = json.loads(json.dumps(prompt))
+    for key, value in overrides.items():
+        target, _, name = key.rpartition(".")
+        if not target or not name:
+            raise WorkflowError(f"override {key!r} must look like 'WanBenchSampler.steps' or '8.steps'")
+        hits = [nid for nid, node in out.items() if nid == target or node["class_type"] == target]
+        if not hits:
+            raise WorkflowError(f"override {key!r}: no node with id or type {target!r} in the workflow")
+        for nid in hits:
+            inputs = out[nid].setdefault("inputs", {})
+            if name not in inputs:
+                raise WorkflowError(f"override {key!r}: node {nid} ({out[nid]['class_type']}) has no input {name!r}")
+            inputs[name] = value
+    return out
+
+
+def output_files(result: RunResult) -> dict[str, list[str]]:
+    """Files an in-process run wrote: {"videos": [...], "reports": [...json...]}."""
+    files: dict[str, list[str]] = {"videos": [], "reports": []}
+    for node_id in result.order:
+        ui = result.ui.get(node_id, {})
+        if "wanbench_report" in ui:
+            files["reports"] += [e["path"] for e in ui["wanbench_report"] if e["path"].endswith(".json")]
+        elif ui.get("animated"):
+            files["videos"].append(str(result.outputs[node_id][0]))
+    return files
+
+
+# ------------------------------------------------------------------------------------------------
+# A ComfyUI server: POST /prompt, follow /ws, read /history, fetch files with /view
+# ------------------------------------------------------------------------------------------------
+class ServerError(WanError, RuntimeError):
+    """The server refused the prompt or the prompt failed there."""
+
+
+class _WebSocket:
+    """A minimal RFC 6455 client over a plain TCP socket (text frames in, pongs and close out)."""
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        import base64
+        import os
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme != "ws":
+            raise ValueError(f"only ws:// URLs are supported (plain HTTP servers); got {url!r}")
+        self._sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout_s)
+        key = base64.b64encode(os.urandom(16)).decode()
+        path = parts.path + ("?" + parts.query if parts.query else "")
+        request = (f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port or 80}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        self._sock.sendall(request.encode())
+        self._buffer = b""
+        header = self._read_until(b"\r\n\r\n")
+        status = header.split(b"\r\n", 1)[0]
+        if b" 101 " not in status + b" ":
+            raise ServerError(f"websocket upgrade refused by {url}: {status.decode(errors='replace')}")
+
+    def _read_until(self, marker: bytes) -> bytes:
+        while marker not in self._buffer:
+            self._fill()
+        head, _, self._buffer = self._buffer.partition(marker)
+        return head
+
+    def _fill(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ServerError("the server closed the websocket")
+        self._buffer += chunk
+
+    def _read(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        import os
+        import struct
+
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([0x80 | opcode])
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 1 << 16:
+            head += bytes([0x80 | 126]) + struct.pack(">H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+        self._sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def receive_text(self) -> str | None:
+        """The next text message (binary messages such as previews are skipped); None when closed."""
+        import struct
+
+        message, kind = b"", None
+        while True:
+            b0, b1 = self._read(2)
+            opcode, n = b0 & 0x0F, b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read(8))[0]
+            mask = self._read(4) if b1 & 0x80 else None
+            payload = self._read(n)
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if opcode == 0x8:
+                return None
+            if opcode == 0x9:
+                self._send(0xA, payload)
+                continue
+            if opcode in (0x1, 0x2):
+                kind, message = opcode, payload
+            elif opcode == 0x0:
+                message += payload
+            if b0 & 0x80 and kind is not None:
+                if kind == 0x1:
+                    return message.decode("utf-8")
+                message, kind = b"", None
+
+    def close(self) -> None:
+        try:
+            self._send(0x8, b"")
+        finally:
+            self._sock.close()
+
+
+@dataclass
+class ServerRun:
+    """What a prompt produced on a server, with the files copied to `out_dir`."""
+
+    prompt_id: str
+    files: dict[str, list[str]]
+    messages: list[dict[str, Any]]
+
+
+def _http_json(method: str, url: str, body: Any = None, *, timeout_s: float = 60.0) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        payload = err.read()
+        try:
+            return err.code, json.loads(payload)
+        except ValueError:
+            return err.code, payload.decode(errors="replace")
+
+
+def _download(server: str, entry: Mapping[str, Any], out_dir: Path, *, timeout_s: float) -> Path:
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"filename": entry["filename"], "subfolder": entry.get("subfolder", ""),
+                                    "type": entry.get("type", "output")})
+    target = out_dir / entry.get("subfolder", "") / entry["filename"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(f"{server}/view?{query}", timeout=timeout_s) as response:
+        target.write_bytes(response.read())
+    return target
+
+
+def run_on_server(prompt: Mapping[str, Any], server: str, out_dir: Path, *, timeout_s: float = 3600.0,
+                  on_progress: Any = None) -> ServerRun:
+    """Submit `prompt`, follow its progress on the websocket, then fetch its videos and report files."""
+    import uuid
+
+    server = server.rstrip("/")
+    client_id = uuid.uuid4().hex
+    ws = _WebSocket(server.replace("http://", "ws://", 1) + f"/ws?clientId={client_id}", timeout_s=timeout_s)
+    messages: list[dict[str, Any]] = []
+    try:
+        status, answer = _http_json("POST", f"{server}/prompt", {"prompt": dict(prompt), "client_id": client_id})
+        if status != 200 or not isinstance(answer, dict) or answer.get("node_errors"):
+            raise ServerError(f"the server refused the workflow (HTTP {status}): {json.dumps(answer)[:2000]}")
+        prompt_id = answer["prompt_id"]
+        while True:
+            text = ws.receive_text()
+            if text is None:
+                raise ServerError("the server closed the websocket before the prompt finished")
+            message = json.loads(text)
+            data = message.get("data", {})
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            messages.append(message)
+            kind = message.get("type")
+            if kind == "progress" and on_progress is not None:
+                on_progress(data.get("node"), data.get("value"), data.get("max"))
+            elif kind == "execution_error":
+                raise ServerError(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                                  f"{data.get('exception_type')}: {data.get('exception_message')}")
+            elif kind == "execution_interrupted":
+                raise ServerError(f"the prompt was interrupted at node {data.get('node_id')}")
+            elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                break
+    finally:
+        ws.close()
+    status, history = _http_json("GET", f"{server}/history/{prompt_id}")
+    outputs = history.get(prompt_id, {}).get("outputs", {}) if isinstance(history, dict) else {}
+    files: dict[str, list[str]] = {"videos": [], "reports": [], "other": []}
+    for node_output in outputs.values():
+        for entry in node_output.get("wanbench_report", []):
+            path = _download(server, entry, out_dir, timeout_s=timeout_s)
+            files["reports" if path.suffix == ".json" else "other"].append(str(path))
+        for entry in node_output.get("images", []) + node_output.get("gifs", []):
+            path = _download(server, entry, out_dir, timeout_s=timeout_s)
+            files["videos" if path.suffix in (".mp4", ".webm", ".mov") else "other"].append(str(path))
+    return ServerRun(prompt_id=prompt_id, files=files, messages=messages)

@@ -1,0 +1,211 @@
+"""The pack inside a real ComfyUI server on 127.0.0.1: object_info, the tiny workflows through
+``POST /prompt`` and the websocket, refused prompts, interrupts, and interop with core nodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from wanbench.profiling import check_report
+from wanbench.runner import ServerError, run_on_server
+
+from .comfy_api import (geometry_node, history_outputs, http_json, load_api, nodes_of_type, only_node_of_type,
+                        tiny_api_workflows, view_bytes)
+from .server import ComfyServer
+
+pytestmark = pytest.mark.e2e
+
+CORE_NODES = ("KSampler", "VAEDecode", "VAELoader", "SaveImage", "PreviewImage", "EmptyImage", "CreateVideo",
+              "SaveVideo")
+INTERRUPT_STEPS = 400  # enough sampling steps that the prompt is still running when the interrupt lands
+
+
+def decode_video(path: Path) -> tuple[int, int, int]:
+    """(frames, width, height) of the first video stream, counted by decoding every frame."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame for frame in container.decode(stream)]
+    return len(frames), frames[0].width, frames[0].height
+
+
+def sampler_progress(messages: list[dict[str, Any]], sampler_id: str) -> list[tuple[int, int]]:
+    return [(m["data"]["value"], m["data"]["max"]) for m in messages
+            if m.get("type") == "progress" and str(m["data"].get("node")) == sampler_id]
+
+
+def test_server_reports_its_version(comfy_server: ComfyServer) -> None:
+    status, stats = http_json("GET", comfy_server.url + "/system_stats")
+    assert status == 200
+    assert stats["system"]["comfyui_version"] == comfy_server.install.version
+    assert stats["devices"][0]["type"] == "cpu"
+
+
+def test_object_info_lists_every_pack_node(comfy_server: ComfyServer) -> None:
+    status, info = http_json("GET", comfy_server.url + "/object_info")
+    assert status == 200
+    missing_core = [name for name in CORE_NODES if name not in info]
+    assert not missing_core, f"core nodes missing from /object_info: {missing_core}"
+    missing = sorted(set(NODE_CLASS_MAPPINGS) - set(info))
+    assert not missing, f"pack nodes missing from /object_info (import error in the pack?): {missing}"
+    for node_type, cls in NODE_CLASS_MAPPINGS.items():
+        served = info[node_type]
+        assert served["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_type]
+        declared = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            assert set(served["input"].get(section, {})) == set(declared.get(section, {})), (node_type, section)
+        assert tuple(served["output"]) == tuple(cls.RETURN_TYPES), node_type
+
+
+def test_core_graph_runs(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 40, "height": 24, "batch_size": 2, "color": 0xFF8000}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "core/empty"}},
+    }
+    run = run_on_server(graph, comfy_server.url, tmp_path, timeout_s=120)
+    pngs = [Path(p) for p in run.files["other"] if p.endswith(".png")]
+    assert len(pngs) == 2
+    pixels = np.asarray(Image.open(pngs[0]).convert("RGB"))
+    assert pixels.shape == (24, 40, 3)
+    assert tuple(pixels[0, 0]) == (0xFF, 0x80, 0x00)
+
+
+@pytest.mark.parametrize("workflow", tiny_api_workflows())
+def test_tiny_workflow_runs(comfy_server: ComfyServer, tmp_path: Path, workflow: str) -> None:
+    prompt = load_api(workflow)
+    sampler_id = only_node_of_type(prompt, "WanBenchSampler")
+    steps = prompt[sampler_id]["inputs"]["steps"]
+    geometry = prompt[geometry_node(prompt)]["inputs"]
+    run = run_on_server(prompt, comfy_server.url, tmp_path, timeout_s=600)
+
+    assert len(run.files["videos"]) == 1, run.files
+    frames, width, height = decode_video(Path(run.files["videos"][0]))
+    assert (frames, width, height) == (geometry["length"], geometry["width"], geometry["height"])
+
+    assert len(run.files["reports"]) == 1, run.files
+    problems = check_report(run.files["reports"][0])
+    assert problems == [], problems
+    (report_run,) = json.loads(Path(run.files["reports"][0]).read_text(encoding="utf-8"))["runs"]
+    case_name = prompt[only_node_of_type(prompt, "WanBenchProfiler")]["inputs"]["case_name"]
+    context = report_run["context"]
+    assert (context["case_name"], context["steps"], context["frames"]) == (case_name, steps, geometry["length"])
+    stage_names = {stage["name"] for stage in report_run["stages"]}
+    expected_steps = {f"Step_{i}_Inference" for i in range(1, steps + 1)}
+    assert expected_steps <= stage_names, sorted(stage_names)
+
+    progress = sampler_progress(run.messages, sampler_id)
+    assert sorted({value for value, _ in progress}) == list(range(1, steps + 1)), progress
+    assert {maximum for _, maximum in progress} == {steps}
+    kinds = [m["type"] for m in run.messages]
+    assert "execution_success" in kinds and "execution_error" not in kinds
+
+
+def _with_length(prompt: dict[str, Any], length: int) -> tuple[dict[str, Any], str]:
+    changed = copy.deepcopy(prompt)
+    node_id = geometry_node(changed)
+    changed[node_id]["inputs"]["length"] = length
+    return changed, node_id
+
+
+def test_invalid_frame_count_is_refused(comfy_server: ComfyServer) -> None:
+    prompt, node_id = _with_length(load_api("tiny_ti2v_5B_t2v.api.json"), 80)
+    status, answer = http_json("POST", comfy_server.url + "/prompt", {"prompt": prompt, "client_id": "e2e-invalid"})
+    assert status == 400, answer
+    assert node_id in answer["node_errors"], answer
+    errors = answer["node_errors"][node_id]["errors"]
+    about_length = [e for e in errors if "length" in e["details"] and "80" in e["details"]]
+    assert about_length, errors
+    assert answer["node_errors"][node_id]["class_type"] == prompt[node_id]["class_type"]
+
+
+def test_interrupt_during_sampling_then_next_prompt_runs(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    prompt = load_api("tiny_ti2v_5B_t2v.api.json")
+    sampler_id = only_node_of_type(prompt, "WanBenchSampler")
+    long_prompt = copy.deepcopy(prompt)
+    long_prompt[sampler_id]["inputs"].update(steps=INTERRUPT_STEPS, seed=1001)
+    seen: list[int] = []
+
+    def interrupt_on_first_step(node: Any, value: Any, maximum: Any) -> None:
+        if str(node) == sampler_id and not seen:
+            seen.append(value)
+            status, _ = http_json("POST", comfy_server.url + "/interrupt", {})
+            assert status == 200
+
+    with pytest.raises(ServerError, match="interrupted"):
+        run_on_server(long_prompt, comfy_server.url, tmp_path / "interrupted", timeout_s=600,
+                      on_progress=interrupt_on_first_step)
+    assert seen and seen[0] < INTERRUPT_STEPS
+
+    status, queue = http_json("GET", comfy_server.url + "/queue")
+    assert status == 200 and queue["queue_running"] == [] and queue["queue_pending"] == []
+
+    next_prompt = copy.deepcopy(prompt)
+    next_prompt[sampler_id]["inputs"]["seed"] = 1002
+    run = run_on_server(next_prompt, comfy_server.url, tmp_path / "next", timeout_s=600)
+    assert len(run.files["videos"]) == 1
+    steps = prompt[sampler_id]["inputs"]["steps"]
+    assert sorted({v for v, _ in sampler_progress(run.messages, sampler_id)}) == list(range(1, steps + 1))
+
+
+def test_pack_image_feeds_core_save_image(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    prompt = load_api("tiny_ti2v_5B_t2v.api.json")
+    decode_id = only_node_of_type(prompt, "WanBenchVAEDecode")
+    geometry = prompt[geometry_node(prompt)]["inputs"]
+    for node_id in nodes_of_type(prompt, "WanBenchSaveVideo") + nodes_of_type(prompt, "WanBenchReport"):
+        del prompt[node_id]
+    prompt[only_node_of_type(prompt, "WanBenchSampler")]["inputs"]["seed"] = 2001
+    prompt["900"] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": "interop/pack"}}
+    run = run_on_server(prompt, comfy_server.url, tmp_path, timeout_s=600)
+    outputs = history_outputs(comfy_server.url, run.prompt_id)
+    images = outputs["900"]["images"]
+    assert len(images) == geometry["length"]
+    first = Image.open(io.BytesIO(view_bytes(comfy_server.url, images[0])))
+    assert first.size == (geometry["width"], geometry["height"])
+
+
+def test_core_vae_decode_of_pack_latent_matches_pack_decode(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    """ComfyUI's own VAELoader reads the tiny Wan2.1 VAE file; its VAEDecode of the pack's LATENT
+    must give the pack's decode (both saved as 8-bit PNG frames by core SaveImage)."""
+    prompt = load_api("tiny_t2v_A14B.api.json")
+    sampler_id = only_node_of_type(prompt, "WanBenchSampler")
+    decode_id = only_node_of_type(prompt, "WanBenchVAEDecode")
+    vae_file = prompt[only_node_of_type(prompt, "WanBenchVAELoader")]["inputs"]["vae"]
+    for node_id in nodes_of_type(prompt, "WanBenchSaveVideo") + nodes_of_type(prompt, "WanBenchReport"):
+        del prompt[node_id]
+    prompt[sampler_id]["inputs"]["seed"] = 3001
+    prompt["900"] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": "interop/a"}}
+    prompt["901"] = {"class_type": "VAELoader", "inputs": {"vae_name": vae_file}}
+    prompt["902"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler_id, 0], "vae": ["901", 0]}}
+    prompt["903"] = {"class_type": "SaveImage", "inputs": {"images": ["902", 0], "filename_prefix": "interop/b"}}
+    run = run_on_server(prompt, comfy_server.url, tmp_path, timeout_s=600)
+    outputs = history_outputs(comfy_server.url, run.prompt_id)
+    ours, core = outputs["900"]["images"], outputs["903"]["images"]
+    assert len(ours) == len(core) > 1
+    for mine, theirs in zip(ours, core):
+        a = np.asarray(Image.open(io.BytesIO(view_bytes(comfy_server.url, mine))).convert("RGB"), dtype=np.int16)
+        b = np.asarray(Image.open(io.BytesIO(view_bytes(comfy_server.url, theirs))).convert("RGB"), dtype=np.int16)
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 2, f"frame {mine['filename']} differs by up to {np.abs(a - b).max()} levels"
+
+
+def test_cli_run_against_server(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    workflow = "tiny_ti2v_5B_i2v.api.json"
+    result = subprocess.run([sys.executable, "-m", "wanbench", "run", workflow, "--server", comfy_server.url,
+                             "--out", str(tmp_path), "--set", "WanBenchSampler.seed=4001"],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    videos = sorted(tmp_path.rglob("*.mp4"))
+    reports = sorted(p for p in tmp_path.rglob("*.json"))
+    assert len(videos) == 1 and len(reports) == 1, (videos, reports)
+    assert check_report(reports[0]) == []

@@ -1,0 +1,124 @@
+"""Attention backends: the sdpa reference against float64 math, the registry and its errors."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from wanbench.wan_core import attention as attn_mod
+from wanbench.wan_core.attention import BACKENDS, attention, available_backends, resolve_backend
+from wanbench.wan_core.config import preset
+from wanbench.wan_core.dit import WanDiT
+from wanbench.wan_core.errors import BackendUnavailableError
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        k_lens: torch.Tensor | None) -> torch.Tensor:
+    """Plain float64 softmax attention with key padding, (B, L, N, Dh) layout."""
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))  # (B, N, L, Dh)
+    scores = q64 @ k64.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if k_lens is not None:
+        keep = torch.arange(k.shape[1])[None, :] < k_lens[:, None]
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v64).transpose(1, 2)
+
+
+def qkv(batch: int = 2, lq: int = 10, lk: int = 12, heads: int = 3, dh: int = 16,
+        dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(11)
+    return tuple(torch.randn(batch, n, heads, dh, generator=g).to(device=device, dtype=dtype)
+                 for n in (lq, lk, lk))
+
+
+def test_sdpa_matches_float64_reference_with_key_padding() -> None:
+    q, k, v = qkv()
+    k_lens = torch.tensor([12, 5])
+    got = attention(q, k, v, k_lens=k_lens)
+    torch.testing.assert_close(got.double(), reference_attention(q, k, v, k_lens), rtol=1e-5, atol=1e-6)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    full = attention(q, k, v, k_lens=torch.tensor([12, 12]))
+    torch.testing.assert_close(full, attention(q, k, v), rtol=0, atol=0)
+
+
+def test_key_padding_ignores_padded_keys() -> None:
+    q, k, v = qkv()
+    k_lens = torch.tensor([7, 7])
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 7:] = 100.0
+    v2[:, 7:] = -100.0
+    torch.testing.assert_close(attention(q, k2, v2, k_lens=k_lens), attention(q, k, v, k_lens=k_lens))
+
+
+def test_unknown_backend_is_named() -> None:
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="unknown attention backend 'magic'.*sdpa"):
+        attention(q, k, v, backend="magic")
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "sage"])
+def test_unavailable_backend_gives_install_hint(name: str) -> None:
+    backend = BACKENDS[name]
+    if backend.is_installed():
+        pytest.skip(f"{backend.module} is installed here")
+    q, k, v = qkv()
+    with pytest.raises(BackendUnavailableError, match=f"'{name}' is not available.*{backend.install_hint}"):
+        attention(q, k, v, backend=name)
+    assert name not in available_backends()
+
+
+def test_supports_gives_reasons_on_cpu() -> None:
+    q, k, v = qkv()
+    assert "CUDA" in BACKENDS["flash_attn"].supports(q, k, v, None)
+    assert "CUDA" in BACKENDS["sage"].supports(q, k, v, None)
+    assert BACKENDS["sdpa"].supports(q, k, v, None) is None
+    assert {"sdpa", "auto"} <= set(available_backends())
+
+
+def test_auto_picks_sdpa_on_cpu_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    q, k, v = qkv()
+    assert resolve_backend("auto", q, k, v).name == "sdpa"
+    log = attn_mod._AutoPickLog()
+    with caplog.at_level(logging.INFO, logger=attn_mod.__name__):
+        log.note("sdpa", "cpu")
+        log.note("sdpa", "cpu")
+    assert sum("picked 'sdpa'" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(attention(q, k, v, backend="auto"), attention(q, k, v))
+
+
+def test_bad_shapes_are_rejected() -> None:
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="attention expects q"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="k_lens must have shape"):
+        attention(q, k, v, k_lens=torch.tensor([1, 2, 3]))
+
+
+@torch.no_grad()
+def test_model_runs_with_auto_backend() -> None:
+    torch.manual_seed(0)
+    model = WanDiT(preset("ti2v", tiny=True).dit).eval()
+    x = torch.randn(1, 48, 2, 4, 4)
+    ctx = [torch.randn(4, model.config.text_dim)]
+    ref = model(x, torch.tensor([500]), ctx)
+    model.attention_backend = "auto"
+    torch.testing.assert_close(model(x, torch.tensor([500]), ctx), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flash_attn", "sage"])
+def test_fast_backend_error_within_twice_sdpa_bf16(name: str) -> None:
+    """Each fast backend in bf16 stays within 2x the reference's own bf16 error (vs float64)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not BACKENDS[name].is_installed():
+        pytest.skip(f"{BACKENDS[name].module} not installed")
+    q, k, v = qkv(batch=2, lq=512, lk=512, heads=4, dh=128, dtype=torch.bfloat16, device="cuda")
+    k_lens = None if name == "sage" else torch.tensor([512, 300], device="cuda")
+    exact = reference_attention(q.cpu(), k.cpu(), v.cpu(), None if k_lens is None else k_lens.cpu())
+    sdpa_err = (attention(q, k, v, k_lens=k_lens).double().cpu() - exact).abs().max().item()
+    fast_err = (attention(q, k, v, backend=name, k_lens=k_lens).double().cpu() - exact).abs().max().item()
+    slack = 1.0 if BACKENDS[name].exact else 4.0  # sage quantises QK^T to int8
+    assert fast_err <= 2 * slack * sdpa_err, f"{name}: {fast_err:.3e} vs sdpa {sdpa_err:.3e}"

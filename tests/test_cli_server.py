@@ -1,0 +1,155 @@
+"""`wanbench run --server`: the HTTP + websocket client against a small stand-in server.
+
+The stand-in speaks the parts of ComfyUI's protocol the client uses (POST /prompt, /ws frames
+including a fragmented message, a binary preview and a ping, /history, /view). The real server is
+exercised by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from wanbench.cli import main
+from wanbench.runner import ServerError, run_on_server
+
+PROMPT_ID = "p-123"
+FILES = {"v_00001_.mp4": b"\x00\x00\x00\x18ftypmp42", "r_00001_.json": b'{"schema": "x"}', "r_00001_.md": b"# r"}
+
+
+def _frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        return head + bytes([n]) + payload
+    return head + bytes([126]) + struct.pack(">H", n) + payload
+
+
+def _text(message: dict) -> bytes:
+    return _frame(0x1, json.dumps(message).encode())
+
+
+class Handler(BaseHTTPRequestHandler):
+    mode = "ok"  # "ok" | "refuse" | "error"
+    received: list = []
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def _json(self, code: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Handler.received.append(body)
+        if Handler.mode == "refuse":
+            self._json(400, {"error": {"type": "prompt_outputs_failed_validation"},
+                             "node_errors": {"7": {"errors": [{"type": "custom_validation_failed"}]}}})
+        else:
+            self._json(200, {"prompt_id": PROMPT_ID, "number": 1, "node_errors": {}})
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        if url.path == "/ws":
+            self._websocket()
+        elif url.path == f"/history/{PROMPT_ID}":
+            outputs = {"10": {"images": [{"filename": "v_00001_.mp4", "subfolder": "wanbench", "type": "output"}],
+                              "animated": [True]},
+                       "11": {"text": ["summary"], "wanbench_report": [
+                           {"filename": "r_00001_.md", "subfolder": "wanbench", "type": "output"},
+                           {"filename": "r_00001_.json", "subfolder": "wanbench", "type": "output"}]}}
+            self._json(200, {PROMPT_ID: {"outputs": outputs}})
+        elif url.path == "/view":
+            data = FILES[parse_qs(url.query)["filename"][0]]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        else:
+            self._json(404, {})
+
+    def _websocket(self) -> None:
+        import base64
+        import hashlib
+
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        self.wfile.write(_text({"type": "status", "data": {"status": {}}}))
+        # Wait for the prompt to be posted before sending its messages.
+        for _ in range(200):
+            if Handler.received:
+                break
+            threading.Event().wait(0.01)
+        data = {"prompt_id": PROMPT_ID}
+        frames = [_text({"type": "execution_start", "data": data}),
+                  _frame(0x9, b"ping"),
+                  _frame(0x2, b"\x00\x00\x00\x01binary-preview"),
+                  _text({"type": "progress", "data": {**data, "node": "8", "value": 1, "max": 2}})]
+        half = json.dumps({"type": "progress", "data": {**data, "node": "8", "value": 2, "max": 2}}).encode()
+        frames += [_frame(0x1, half[:10], fin=False), _frame(0x0, half[10:])]
+        if Handler.mode == "error":
+            frames.append(_text({"type": "execution_error", "data": {
+                **data, "node_id": "8", "node_type": "WanBenchSampler", "exception_type": "ValueError",
+                "exception_message": "boom"}}))
+        else:
+            frames += [_text({"type": "executing", "data": {"node": "11", "prompt_id": PROMPT_ID}}),
+                       _text({"type": "executing", "data": {"node": None, "prompt_id": PROMPT_ID}})]
+        for frame in frames:
+            self.wfile.write(frame)
+        self.wfile.flush()
+        self.rfile.read(2)  # the pong (or close) from the client
+
+
+@pytest.fixture
+def server():
+    Handler.received = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_run_on_server_follows_progress_and_fetches_files(server: str, tmp_path: Path) -> None:
+    Handler.mode = "ok"
+    progress: list = []
+    run = run_on_server({"1": {"class_type": "X", "inputs": {}}}, server, tmp_path, timeout_s=20,
+                        on_progress=lambda node, value, maximum: progress.append((node, value, maximum)))
+    assert run.prompt_id == PROMPT_ID
+    assert Handler.received[0]["prompt"] == {"1": {"class_type": "X", "inputs": {}}}
+    assert progress == [("8", 1, 2), ("8", 2, 2)]
+    assert run.files["videos"] == [str(tmp_path / "wanbench" / "v_00001_.mp4")]
+    assert run.files["reports"] == [str(tmp_path / "wanbench" / "r_00001_.json")]
+    assert (tmp_path / "wanbench" / "r_00001_.md").read_bytes() == FILES["r_00001_.md"]
+
+
+def test_refused_prompt_and_failed_node_are_errors(server: str, tmp_path: Path) -> None:
+    Handler.mode = "refuse"
+    with pytest.raises(ServerError, match="refused the workflow \\(HTTP 400\\).*custom_validation_failed"):
+        run_on_server({}, server, tmp_path, timeout_s=20)
+    Handler.mode = "error"
+    with pytest.raises(ServerError, match="node 8 \\(WanBenchSampler\\) failed: ValueError: boom"):
+        run_on_server({}, server, tmp_path, timeout_s=20)
+
+
+def test_cli_run_with_server(server: str, tmp_path: Path, capsys) -> None:
+    Handler.mode = "ok"
+    assert main(["run", "tiny_ti2v_5B_t2v.api.json", "--server", server, "--out", str(tmp_path),
+                 "--set", "WanBenchSampler.steps=2"]) == 0
+    assert Handler.received[0]["prompt"]["8"]["inputs"]["steps"] == 2
+    out = capsys.readouterr().out
+    assert "node 8: 1/2" in out and "video: " in out and "report: " in out

@@ -1,0 +1,292 @@
+"""Node schemas, validation messages, ComfyUI bridge, Save Video, Test Image and the profiler handle.
+
+Nodes are called directly, without ComfyUI (the bridge is exercised with stand-in ComfyUI modules).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import av
+import pytest
+import torch
+
+from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from wanbench.nodes import comfy_bridge
+from wanbench.nodes.comfy_bridge import Bridge
+from wanbench.nodes.context import use_bridge
+from wanbench.nodes.images import WanTestImage
+from wanbench.nodes.latents import WanEmptyLatent, WanImageToVideo
+from wanbench.nodes.loaders import WanModelLoader, resolve_device
+from wanbench.nodes.profiler_handle import ProfilerHandle, ProfilerSettings, maybe_profile
+from wanbench.nodes.profiling import WanBenchmarkReport, WanProfiler
+from wanbench.nodes.sampling import WanSampler, step_stages
+from wanbench.nodes.text import WanTextEncode
+from wanbench.nodes.vae import video_to_images
+from wanbench.nodes.video import WanSaveVideo
+from wanbench.wan_core import trace
+
+WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def _inputs(cls: type) -> dict[str, tuple]:
+    spec = cls.INPUT_TYPES()
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+# ------------------------------------------------------------------------------------------------
+# Schemas
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_schema_is_complete(node_id: str) -> None:
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    assert node_id.startswith("WanBench") and NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("Wan ")
+    assert cls.CATEGORY == "WanBench" and hasattr(cls, cls.FUNCTION)
+    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
+    for name, entry in _inputs(cls).items():
+        opts = entry[1]
+        assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        if entry[0] in ("INT", "FLOAT"):
+            assert opts["min"] <= opts["default"] <= opts["max"], f"{node_id}.{name} default outside its range"
+        if isinstance(entry[0], list) and "default" in opts:
+            assert opts["default"] in entry[0]
+
+
+def test_stage_nodes_take_an_optional_profiler() -> None:
+    stage_nodes = ("WanBenchModelLoader", "WanBenchTextEncoderLoader", "WanBenchTextEncode", "WanBenchVAELoader",
+                   "WanBenchEmptyLatent", "WanBenchImageToVideo", "WanBenchSampler", "WanBenchVAEDecode")
+    for node_id in stage_nodes:
+        spec = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+        assert spec["optional"]["profiler"][0] == "WANBENCH_PROFILER"
+        assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
+
+
+def test_widgets_encode_the_rules() -> None:
+    geometry = _inputs(WanEmptyLatent)
+    assert (geometry["length"][1]["min"], geometry["length"][1]["step"]) == (1, 4)  # 1, 5, 9, ... = 4k+1
+    assert geometry["width"][1]["step"] == 16 and geometry["width"][1]["min"] == 16
+    seed = _inputs(WanSampler)["seed"][1]
+    assert seed["control_after_generate"] is True and seed["max"] == 2**64 - 1
+    assert _inputs(WanBenchmarkReport)["video_path"][1]["forceInput"] is True
+    assert math.isnan(WanBenchmarkReport.IS_CHANGED(profiler=None))
+    assert WanSaveVideo.OUTPUT_NODE and WanBenchmarkReport.OUTPUT_NODE
+
+
+def test_import_does_not_touch_comfyui() -> None:
+    assert not any(m == "comfy" or m.startswith("comfy.") or m in ("folder_paths", "server") for m in sys.modules)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation messages
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("cls", "kwargs", "needle"), [
+    (WanEmptyLatent, {"width": 1280, "height": 704, "length": 80}, "length must be 4k+1 (e.g. 81 or 121); got 80; use 77 or 81"),
+    (WanEmptyLatent, {"width": 1000, "height": 704, "length": 81}, "width must be a multiple of 16; got 1000; use 992 or 1008"),
+    (WanEmptyLatent, {"width": 1280, "height": 8, "length": 81}, "height must be between 16 and 4096; got 8"),
+    (WanImageToVideo, {"width": 1280, "height": 704, "length": 0}, "length must be between 1 and 1025; got 0"),
+    (WanSampler, {"boundary": 1.0}, "boundary must lie strictly between 0 and 1"),
+    (WanSampler, {"steps": 0}, "steps must be between 1 and 1000; got 0"),
+    (WanSampler, {"shift": float("nan")}, "shift must be a number"),
+    (WanTextEncode, {"prompt": "  ", "negative_prompt": ""}, "prompt is empty"),
+    (WanSaveVideo, {"fps": 24, "filename_prefix": "../escape", "crf": 19}, "relative path inside the output folder"),
+    (WanSaveVideo, {"fps": 0, "filename_prefix": "a", "crf": 19}, "fps must be between 1 and 120; got 0"),
+    (WanProfiler, {"case_name": "", "sample_interval_ms": 100}, "case_name must be a non-empty text"),
+    (WanTestImage, {"width": 4, "height": 64}, "width must be between 8 and 4096; got 4"),
+])
+def test_validate_inputs_messages(cls: type, kwargs: dict, needle: str) -> None:
+    verdict = cls.VALIDATE_INPUTS(**kwargs)
+    assert isinstance(verdict, str) and needle in verdict, verdict
+
+
+def test_validate_inputs_accepts_good_and_linked_values() -> None:
+    assert WanEmptyLatent.VALIDATE_INPUTS(width=1280, height=704, length=121) is True
+    assert WanEmptyLatent.VALIDATE_INPUTS(width=None, height=None, length=None) is True  # linked inputs
+    assert WanSampler.VALIDATE_INPUTS(steps=40, shift=12.0, boundary=0.875, guidance_high=4.0, guidance_low=3.0) is True
+    assert WanTextEncode.VALIDATE_INPUTS(prompt="a fox", negative_prompt="") is True
+
+
+def test_node_errors_at_run_time() -> None:
+    with pytest.raises(ValueError, match="model_low must differ from model_high"):
+        WanModelLoader().load("a.safetensors", "a.safetensors", "float32", "sdpa", "cpu")
+    with pytest.raises(FileNotFoundError, match="not found as a path nor in the 'diffusion_models' folder"):
+        WanModelLoader().load("missing.safetensors", "none", "float32", "sdpa", "cpu")
+    with pytest.raises(ImportError, match="attention backend 'sage' is not available"):
+        WanModelLoader().load("a.safetensors", "none", "float32", "sage", "cpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    with pytest.raises(TypeError, match="must come from a Wan Profiler node"):
+        with maybe_profile(object(), "1", []):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(ValueError, match=r"images must be an IMAGE \(F, H, W, 3\)"):
+        WanSaveVideo().save(torch.zeros(2, 3, 8, 8), 24, "x", "mp4 (h264)", 19)
+    with pytest.raises(ValueError, match=r"decoded video must be \(1, 3, F, H, W\)"):
+        video_to_images(torch.zeros(3, 5, 8, 8))
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        WanTestImage().make(16, 16, "noise")
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI bridge (stand-in ComfyUI modules) and standalone behaviour
+# ------------------------------------------------------------------------------------------------
+def test_bridge_standalone(tmp_path) -> None:
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    (tmp_path / "models" / "vae" / "v.safetensors").write_bytes(b"x")
+    bridge = Bridge.for_models_root(tmp_path / "models", tmp_path / "out")
+    with use_bridge(bridge):
+        assert comfy_bridge.list_models("vae") == ["v.safetensors"]
+        assert comfy_bridge.list_models("text_encoders") == []
+        assert comfy_bridge.resolve_model("vae", "v.safetensors") == str(tmp_path / "models" / "vae" / "v.safetensors")
+        folder, stem, counter, sub = comfy_bridge.save_path("runs/clip", 64, 64)
+        assert (folder, stem, counter, sub) == ((tmp_path / "out" / "runs").resolve(), "clip", 1, "runs")
+        (folder / "clip_00001_.mp4").write_bytes(b"")
+        assert comfy_bridge.save_path("runs/clip", 64, 64)[2] == 2
+        comfy_bridge.check_interrupt()  # no ComfyUI: never interrupts
+
+
+def test_bridge_inside_comfyui(monkeypatch, tmp_path) -> None:
+    calls: list = []
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_filename_list = lambda folder: [f"{folder}.safetensors"]
+    folder_paths.get_full_path = lambda folder, name: str(tmp_path / name) if name.startswith(folder) else None
+    folder_paths.get_output_directory = lambda: str(tmp_path)
+    folder_paths.get_save_image_path = lambda prefix, out, w, h: (str(tmp_path), prefix, 7, "", prefix)
+
+    class ProgressBar:
+        def __init__(self, total: int) -> None:
+            calls.append(("bar", total))
+
+        def update_absolute(self, value: int, total: int) -> None:
+            calls.append(("update", value, total))
+
+    class Interrupted(Exception):
+        pass
+
+    def throw() -> None:
+        raise Interrupted("cancelled")
+
+    utils = types.SimpleNamespace(ProgressBar=ProgressBar)
+    mm = types.SimpleNamespace(throw_exception_if_processing_interrupted=throw)
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    assert comfy_bridge.inside_comfyui()
+    assert comfy_bridge.list_models("vae") == ["vae.safetensors"]
+    assert WanModelLoader.INPUT_TYPES()["required"]["model_low"][0] == ["none", "diffusion_models.safetensors"]
+    assert comfy_bridge.resolve_model("vae", "vae.safetensors") == str(tmp_path / "vae.safetensors")
+    with pytest.raises(FileNotFoundError, match="not in ComfyUI's 'vae' folder"):
+        comfy_bridge.resolve_model("vae", "other.safetensors")
+    assert comfy_bridge.save_path("p", 8, 8) == (tmp_path, "p", 7, "")
+    step = comfy_bridge.make_progress(3, "x")
+    step(1)
+    assert calls == [("bar", 3), ("update", 1, 3)]
+    with pytest.raises(Interrupted):
+        comfy_bridge.check_interrupt()
+
+
+# ------------------------------------------------------------------------------------------------
+# Save Video and Test Image
+# ------------------------------------------------------------------------------------------------
+def test_save_video_writes_a_decodable_mp4(tmp_path) -> None:
+    (image,) = WanTestImage().make(48, 32, "checker")
+    assert image.shape == (1, 32, 48, 3) and 0.0 <= image.min() and image.max() <= 1.0
+    frames = image.expand(9, -1, -1, -1) * torch.linspace(0.2, 1.0, 9)[:, None, None, None]
+    with use_bridge(Bridge(output_dir=tmp_path)):
+        out = WanSaveVideo().save(frames, 16, "clips/test", "mp4 (h264)", 19)
+    path = out["result"][0]
+    assert out["ui"] == {"images": [{"filename": "test_00001_.mp4", "subfolder": "clips", "type": "output"}],
+                         "animated": (True,)}
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        assert float(stream.average_rate) == 16
+    assert len(decoded) == 9 and decoded[0].shape == (32, 48, 3)
+
+
+def test_gradient_image_and_video_conversion() -> None:
+    (image,) = WanTestImage().make(16, 8, "gradient")
+    assert image[0, 0, 0].tolist() == [0.0, 0.0, 1.0] and image[0, -1, -1].tolist() == [1.0, 1.0, 0.0]
+    video = torch.linspace(-1, 1, 3 * 5 * 4 * 6).view(1, 3, 5, 4, 6)
+    images = video_to_images(video)
+    assert images.shape == (5, 4, 6, 3)
+    assert torch.equal(images[2, 1, 3], (video[0, :, 2, 1, 3] + 1) / 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Profiler: per-prompt sessions, cached stages reported as cached
+# ------------------------------------------------------------------------------------------------
+def _handle() -> ProfilerHandle:
+    (handle,) = WanProfiler().start("cache_case", 50)
+    return handle
+
+
+def test_profiler_marks_skipped_nodes_cached() -> None:
+    handle = _handle()
+    with handle.stage_node("2", [("Model_Initialization", "init")]):
+        with trace.stage("Model_Initialization", kind="init"):
+            torch.ones(64, 64).sum()
+    with handle.stage_node("4", [("T5_Encoding", "encode")]):
+        with trace.stage("T5_Encoding", kind="encode"):
+            pass
+    first = handle.finish_run(["1", "2", "4"]).record
+    assert [(s.name, s.cached) for s in first.stages] == [("Model_Initialization", False), ("T5_Encoding", False)]
+    measured = first.stages[0].duration_s
+
+    # Second prompt: ComfyUI served node 2 from its cache, node 4 ran again.
+    with handle.stage_node("4", [("T5_Encoding", "encode")]):
+        with trace.stage("T5_Encoding", kind="encode"):
+            pass
+    second = handle.finish_run(["1", "2", "4"]).record
+    by_name = {s.name: s for s in second.stages}
+    assert by_name["T5_Encoding"].cached is False
+    cached = by_name["Model_Initialization"]
+    assert cached.cached is True and cached.duration_s == 0.0 and cached.facts["measured_s"] == measured
+    assert handle.runs_finished == 2
+
+    # Third prompt: node 2 was removed from the graph; it is not reported at all.
+    third = handle.finish_run(["1", "4"]).record
+    assert "Model_Initialization" not in {s.name for s in third.stages}
+
+
+def test_sampler_stage_names() -> None:
+    assert step_stages(2) == [("Step_0_Loading", "step-loading"), ("Step_0_Inference", "step-inference"),
+                              ("Step_1_Loading", "step-loading"), ("Step_1_Inference", "step-inference")]
+
+
+def test_report_node_writes_files(tmp_path) -> None:
+    from wanbench.profiling import check_report
+
+    handle = _handle()
+    with handle.stage_node("5", [("Model_Initialization", "init")]):
+        with trace.stage("Model_Initialization", kind="init"):
+            pass
+    with use_bridge(Bridge(output_dir=tmp_path)):
+        out = WanBenchmarkReport().report(handle, "reports/run", video_path=None, unique_id="11",
+                                          graph={"1": {}, "5": {}, "11": {}})
+    summary, json_path = out["result"]
+    assert "cache_case" in summary and json_path.endswith("run_00001_.json")
+    names = [e["filename"] for e in out["ui"]["wanbench_report"]]
+    assert names == ["run_00001_.md", "run_00001_.json"]
+    assert out["ui"]["text"] == [summary]
+    assert check_report(json_path) == []
+
+
+def test_profiler_discards_a_prompt_that_never_reached_the_report(monkeypatch) -> None:
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(last_prompt_id="a"))
+    monkeypatch.setitem(sys.modules, "server", server)
+    handle = _handle()
+    with handle.stage_node("4", [("T5_Encoding", "encode")]):
+        with trace.stage("T5_Encoding", kind="encode"):
+            pass
+    # Prompt "a" failed before its report; prompt "b" starts with a fresh session.
+    server.PromptServer.instance.last_prompt_id = "b"
+    with handle.stage_node("2", [("Model_Initialization", "init")]):
+        with trace.stage("Model_Initialization", kind="init"):
+            pass
+    record = handle.finish_run(["2", "4"]).record
+    # Node 4 ran in prompt "a" only: ComfyUI serves it from its cache in "b", so it is cached here,
+    # without a measured time (the failed prompt's session was discarded).
+    assert [(s.name, s.cached) for s in record.stages] == [("Model_Initialization", False), ("T5_Encoding", True)]
+    assert "measured_s" not in record.stages[1].facts

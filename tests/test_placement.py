@@ -1,0 +1,145 @@
+"""Weight placement: every policy gives the same numbers; hooks come and go; dtype options."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import golden_dir, manifest_fixtures
+from safetensors.torch import load_file
+from test_sampler import dit_config, load_pipeline, weight_files
+
+from wanbench.wan_core.config import preset
+from wanbench.wan_core.dit import WanDiT
+from wanbench.wan_core.placement import BlockSwap, cast_weights, make_placement, weight_dtype
+from wanbench.wan_core.sampler import SamplerOptions, sample
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _t2v_fixture() -> dict:
+    fixture = next((f for f in manifest_fixtures(kind_prefix="pipeline") if f["name"] == "pipeline_t2v_tiny"), None)
+    if fixture is None:
+        pytest.skip("pipeline_t2v_tiny fixture not available")
+    return fixture
+
+
+def _run(experts, io, opts, *, device="cpu"):  # noqa: ANN001, ANN202
+    task = preset("t2v-A14B", tiny=True)
+    return sample(experts, task, opts, context=io["context"], context_null=io["context_null"], noise=io["noise"],
+                  device=device)
+
+
+PLACEMENT_CASES = [("model", 0), ("blocks", 0), ("blocks", 1), ("blocks", 2)]
+
+
+@pytest.mark.parametrize(("kind", "resident"), PLACEMENT_CASES, ids=lambda v: str(v))
+def test_placements_give_identical_results_on_cpu(kind: str, resident: int) -> None:
+    experts, io, opts = load_pipeline(_t2v_fixture())
+    opts = dataclasses.replace(opts, steps=5)  # crosses the expert switch (step 4 at shift 12 / 6 steps)
+    reference = _run(experts, io, opts)
+    placed = _run(experts, io, dataclasses.replace(opts, placement=kind, num_resident_blocks=resident))
+    assert torch.equal(reference, placed)
+    for model in experts:
+        assert all(not b._forward_pre_hooks and not b._forward_hooks for b in model.blocks)
+        assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_block_swap_streams_every_non_resident_block_once_per_forward() -> None:
+    task = preset("t2v-A14B", tiny=True)
+    torch.manual_seed(0)
+    model = WanDiT(task.dit).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, t = torch.randn(1, 16, 1, 4, 4), torch.tensor([500])
+    ctx = [torch.randn(3, task.dit.text_dim)]
+    with torch.no_grad():
+        expected = model(x, t, ctx)
+        with make_placement([model], "blocks", device="cpu", num_resident_blocks=1) as placement:
+            assert isinstance(placement, BlockSwap)
+            active = placement.activate(0)
+            got = [active(x, t, ctx) for _ in range(3)]
+            streamed_block = sum(p.numel() * p.element_size() for p in model.blocks[1].parameters())
+            assert placement.bytes_streamed == 3 * streamed_block
+            assert len(model.blocks[1]._forward_pre_hooks) == 1 and not model.blocks[0]._forward_pre_hooks
+    for out in got:
+        assert torch.equal(out, expected)
+    assert not model.blocks[1]._forward_pre_hooks and not model.blocks[1]._forward_hooks
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_placement_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="placement must be one of"):
+        make_placement([], "disk", device="cpu")
+    with pytest.raises(ValueError, match="num_resident_blocks"):
+        make_placement([], "blocks", device="cpu", num_resident_blocks=-1)
+    with pytest.raises(TypeError, match="`blocks` ModuleList"):
+        make_placement([torch.nn.Linear(2, 2)], "blocks", device="cpu")
+    with pytest.raises(RuntimeError, match="before open"):
+        make_placement([torch.nn.Linear(2, 2)], "none", device="cpu").activate(0)
+    with pytest.raises(ValueError, match="weight dtype"):
+        weight_dtype("fp64")
+
+
+def test_bf16_weights_stay_close_to_fp32() -> None:
+    fixture = _t2v_fixture()
+    experts, io, opts = load_pipeline(fixture)
+    opts = dataclasses.replace(opts, steps=2)
+    reference = _run(experts, io, opts)
+    low = [cast_weights(m, weight_dtype("bf16")) for m in experts]
+    assert all(p.dtype == torch.bfloat16 for m in low for p in m.parameters())
+    got = _run(low, io, opts)
+    rel = ((got - reference).abs().max() / reference.abs().max()).item()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0).item()
+    assert rel < 2e-2 and cos > 0.999, (rel, cos)
+
+
+def _fresh_experts(fixture: dict) -> list[WanDiT]:
+    experts = []
+    for file in weight_files(fixture):
+        model = WanDiT(dit_config(fixture["config"]["model_config"]))
+        model.load_state_dict(load_file(golden_dir() / file))
+        experts.append(model.eval())
+    return experts
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(("kind", "resident"), PLACEMENT_CASES, ids=lambda v: str(v))
+def test_placements_identical_on_cuda(kind: str, resident: int) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    fixture = _t2v_fixture()
+    experts, io, opts = load_pipeline(fixture)
+    opts = dataclasses.replace(opts, steps=5)
+    reference = _run(experts, io, opts, device="cuda")
+    placed = _run(_fresh_experts(fixture), io, dataclasses.replace(opts, placement=kind, num_resident_blocks=resident),
+                  device="cuda")
+    assert placed.device.type == "cuda"
+    assert torch.equal(reference, placed)
+
+
+@gpu
+@needs_cuda
+def test_model_swap_keeps_the_idle_expert_on_cpu() -> None:
+    experts = _fresh_experts(_t2v_fixture())
+    with make_placement(experts, "model", device="cuda") as placement:
+        placement.activate(0)
+        assert next(experts[0].parameters()).is_cuda and not next(experts[1].parameters()).is_cuda
+        placement.activate(1)
+        assert not next(experts[0].parameters()).is_cuda and next(experts[1].parameters()).is_cuda
+    assert not any(p.is_cuda for m in experts for p in m.parameters())
+
+
+@gpu
+@needs_cuda
+def test_block_swap_keeps_streamed_blocks_off_the_device_between_forwards() -> None:
+    experts = _fresh_experts(_t2v_fixture())
+    with make_placement(experts, "blocks", device="cuda", num_resident_blocks=1) as placement:
+        model = placement.activate(0)
+        assert next(model.blocks[0].parameters()).is_cuda
+        assert not next(model.blocks[1].parameters()).is_cuda
+        assert next(model.blocks[1].parameters()).is_pinned()
+        assert next(model.head.parameters()).is_cuda and not next(experts[1].parameters()).is_cuda

@@ -1,0 +1,245 @@
+"""ProfileSession with a fake clock, fake NVML and a fake CUDA allocator: what each stage records."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from wanbench.profiling import (FakeClock, FakeDevice, FakeHost, FakeNvml, ProfileSession, lookup_gpu,
+                                open_gpu_monitor)
+from wanbench.profiling.memory import CpuDevice, ProcessProbe
+from wanbench.profiling.records import ACTIVITY_BUSY
+from wanbench.wan_core import trace
+
+GB = 10**9
+
+
+def _rig(metric: str = "sm_activity") -> tuple[ProfileSession, FakeClock, FakeNvml, FakeDevice, FakeHost]:
+    clock, gpu, dev, host = FakeClock(), FakeNvml(activity_metric=metric), FakeDevice(), FakeHost()
+    session = ProfileSession(case_name="case", sample_interval_s=None, clock=clock, gpu=gpu, device_probe=dev,
+                             host=host)
+    return session, clock, gpu, dev, host
+
+
+def test_outside_a_session_stage_is_a_shared_no_op() -> None:
+    assert trace.current_tracer() is None
+    a = trace.stage("Step_0_Inference", kind="step-inference", flops=1.0)
+    b = trace.stage("T5_Encoding", kind="encode")
+    assert a is b  # one shared null context: nothing allocated, nothing measured
+    with a:
+        pass
+
+
+def test_stage_time_memory_activity_cpu_and_facts() -> None:
+    session, clock, gpu, dev, host = _rig()
+    dev.set(allocated=10 * GB)
+    with session:
+        assert trace.current_tracer() is session
+        with trace.stage("Step_0_Inference", kind="step-inference", flops=4e12, expert="high", cfg_mode="batched"):
+            gpu.set(activity_pct=80.0, used_bytes=20 * GB)
+            clock.advance(1.0)
+            host.set(cpu_time_s=0.5)
+            session.sample_now()
+            gpu.set(activity_pct=100.0)
+            dev.spike(allocated=25 * GB)
+            clock.advance(3.0)
+            host.set(cpu_time_s=4.0)
+        clock.advance(0.5)
+    assert trace.current_tracer() is None
+    run = session.record
+    (s,) = run.stages
+    assert (s.name, s.kind, s.step, s.expert, s.cfg_mode, s.flops) == ("Step_0_Inference", "step-inference", 0,
+                                                                       "high", "batched", 4e12)
+    assert s.duration_s == pytest.approx(4.0)
+    assert s.activity_mean_pct == pytest.approx((80.0 * 1 + 100.0 * 3) / 4)  # time weighted
+    assert s.activity_max_pct == 100.0
+    assert s.memory.allocated_start == 10 * GB and s.memory.allocated_end == 10 * GB
+    assert s.memory.allocated_peak == 25 * GB
+    assert s.memory.device_used_max == 20 * GB
+    assert s.cpu_pct == pytest.approx(100.0)
+    assert run.total.duration_s == pytest.approx(4.5)
+    assert run.status == "completed" and run.context.case_name == "case"
+    assert dev.num_syncs >= 4  # synchronised at open, close and both stage boundaries
+
+
+def test_peak_is_reset_per_stage_and_folded_into_parents() -> None:
+    session, clock, gpu, dev, host = _rig()
+    with session:
+        with trace.stage("Model_Initialization", kind="init"):
+            with trace.stage("DiT_Load", kind="init"):
+                dev.spike(allocated=7 * GB)
+                clock.advance(1.0)
+            with trace.stage("VAE_Load", kind="init"):
+                dev.set(allocated=1 * GB)
+                clock.advance(1.0)
+        with trace.stage("T5_Encoding", kind="encode"):
+            clock.advance(1.0)
+    parent, dit, vae, t5 = session.record.stages
+    assert (dit.parent, dit.depth, vae.parent, parent.parent) == (parent.index, 1, parent.index, None)
+    assert dit.memory.allocated_peak == 7 * GB
+    assert vae.memory.allocated_peak == 1 * GB  # reset after the child before it
+    assert parent.memory.allocated_peak == 7 * GB  # child peaks reach the parent
+    assert t5.memory.allocated_peak == 1 * GB
+    assert session.record.total.memory.allocated_peak == 7 * GB
+    assert [s.name for s in session.record.top_level] == ["Model_Initialization", "T5_Encoding"]
+
+
+def test_gpu_busy_metric_cached_stage_events_and_context() -> None:
+    session, clock, gpu, dev, host = _rig(ACTIVITY_BUSY)
+    session.open()
+    with session.activate():
+        session.set_context(task="t2v-A14B", width=832, height=480, frames=81, steps=1, placement="model",
+                            dit_dtype=torch.bfloat16, compile=False)
+        trace.event("expert_switch", step=0, expert="low")
+        session.record_cached("T5_Encoding", "encode", measured_s=3.0)
+        with trace.stage("Step_0_Loading", kind="step-loading", flops=0.0):
+            gpu.set(activity_pct=5.0)
+            clock.advance(2.0)
+    assert trace.current_tracer() is None  # activate() only installs for the block
+    run = session.close()
+    cached, loading = run.stages
+    assert cached.cached and cached.duration_s == 0 and cached.facts == {"measured_s": 3.0}
+    assert cached.activity_mean_pct is None and cached.memory.allocated_peak is None
+    assert loading.activity_mean_pct == 5.0
+    assert run.system.activity_metric == ACTIVITY_BUSY
+    assert run.events[0].name == "expert_switch" and run.events[0].facts == {"step": 0, "expert": "low"}
+    assert run.context.dit_dtype == "torch.bfloat16" and run.context.offload is True
+    assert run.context.resolution == "832*480"
+
+
+def test_cpu_run_has_no_gpu_figures() -> None:
+    clock, host = FakeClock(), FakeHost()
+    session = ProfileSession(case_name="cpu", sample_interval_s=None, clock=clock, device_probe=CpuDevice(),
+                             host=host)
+    with session:
+        with trace.stage("VAE_Decoding", kind="decode"):
+            clock.advance(1.0)
+    run = session.record
+    (s,) = run.stages
+    assert s.activity_mean_pct is None and s.memory.allocated_peak is None and s.memory.device_used_max is None
+    assert run.system.gpu_name is None and run.system.activity_metric is None
+    assert "CPU" in run.system.activity_unavailable_reason
+    assert all(x.activity_pct is None for x in run.samples)
+
+
+def test_bad_use_raises_readable_errors() -> None:
+    session, clock, *_ = _rig()
+    with pytest.raises(RuntimeError, match="not open"):
+        with session.activate():
+            pass
+    session.open()
+    with pytest.raises(TypeError, match="unknown run facts"):
+        session.set_context(resolution="1280*704")
+    with pytest.raises(TypeError, match="steps must be an int"):
+        session.set_context(steps="30")
+    with session.activate():
+        with pytest.raises(ValueError, match="measured by the session"):
+            with trace.stage("Total_Execution", kind="init"):
+                pass
+        with pytest.raises(ValueError, match="stage name"):
+            session.record_cached("Unknown", "init")
+        with pytest.raises(ValueError, match="flops"):
+            with trace.stage("Step_0_Inference", kind="step-inference", flops=-1.0):
+                pass
+    with pytest.raises(RuntimeError, match="already opened"):
+        session.open()
+    session.close()
+    with pytest.raises(RuntimeError, match="not open"):
+        session.close()
+
+
+def test_error_inside_session_is_recorded_and_tracer_removed() -> None:
+    session, clock, *_ = _rig()
+    with pytest.raises(KeyError):
+        with session:
+            with trace.stage("T5_Encoding", kind="encode"):
+                clock.advance(1.0)
+                raise KeyError("boom")
+    assert trace.current_tracer() is None
+    assert session.record.status == "failed: KeyError"
+    assert session.record.stages[0].facts["error"] == "KeyError"
+
+
+def test_stage_left_open_is_closed_with_a_note() -> None:
+    session, clock, *_ = _rig()
+    session.open()
+    scope = session.stage("VAE_Decoding", "decode", {})
+    scope.__enter__()
+    clock.advance(1.0)
+    run = session.close()
+    assert run.stages[0].facts["unfinished"] is True
+    assert any("still open" in n for n in run.notes)
+
+
+def test_real_clock_thread_and_process_probe() -> None:
+    session = ProfileSession(case_name="real", device="cpu", sample_interval_s=0.005)
+    with session:
+        with trace.stage("Step_0_Inference", kind="step-inference"):
+            deadline = time.perf_counter() + 0.06
+            while time.perf_counter() < deadline:
+                pass
+    run = session.record
+    assert len(run.samples) >= 4  # boundaries plus thread samples
+    assert all(b.t_s >= a.t_s for a, b in zip(run.samples, run.samples[1:]))
+    assert run.stages[0].duration_s >= 0.06
+    if ProcessProbe().rss_unavailable_reason is None:
+        assert run.total.rss_max_bytes > 0
+    assert run.stages[0].cpu_pct is not None and run.stages[0].cpu_pct > 10.0
+
+
+def test_profiling_does_not_change_results() -> None:
+    def work() -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 64, generator=g)
+        for i in range(3):
+            with trace.stage(f"Step_{i}_Inference", kind="step-inference", flops=2 * 64**3):
+                x = torch.tanh(x @ x.T / 8)
+        return x
+
+    plain = work()
+    with ProfileSession(case_name="bits", device="cpu", sample_interval_s=0.001):
+        profiled = work()
+    assert torch.equal(plain, profiled)
+
+
+def test_open_gpu_monitor_without_driver_says_why() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; covered by the gpu-marked test")
+    result = open_gpu_monitor()
+    assert result.monitor is None and result.reason
+
+
+@pytest.mark.gpu
+def test_real_nvml_monitor_reads_the_gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    result = open_gpu_monitor()
+    assert result.monitor is not None, result.reason
+    reading = result.monitor.read()
+    assert reading.used_bytes > 0 and 0.0 <= reading.activity_pct <= 100.0
+    result.monitor.close()
+    session = ProfileSession(case_name="gpu", sample_interval_s=0.01)
+    x = torch.randn(2048, 2048, device="cuda")
+    with session:
+        with trace.stage("Step_0_Inference", kind="step-inference", flops=2 * 2048**3 * 50):
+            for _ in range(50):
+                x = x @ x / 2048
+    s = session.record.stages[0]
+    assert s.memory.allocated_peak >= 3 * 2048 * 2048 * 4 and s.activity_mean_pct is not None
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA L40S", "L40S"), ("NVIDIA L4", "L4"),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition",
+                                               "RTX PRO 6000 Blackwell"), ("NVIDIA B200", "B200")])
+def test_gpu_table_lookup(name: str, key: str) -> None:
+    spec = lookup_gpu(name)
+    assert spec is not None and spec.key == key and math.isfinite(spec.dense_bf16_tflops)
+
+
+def test_unknown_gpu_has_no_peak() -> None:
+    assert lookup_gpu("NVIDIA GeForce GTX 1080") is None and lookup_gpu(None) is None

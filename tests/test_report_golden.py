@@ -1,0 +1,102 @@
+"""The golden report (scripted runs through the reference stage sequence), files, charts and merging."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from make_golden_report import GOLDEN_DIR, golden_runs, golden_texts, run_cpu_tiny, run_t2v_l40s, run_ti2v_h100
+
+from wanbench.profiling import (check_report, draw_timeline, load_runs, merge_reports, render_markdown,
+                                run_from_dict, run_to_dict, write_report)
+
+
+def test_golden_markdown_and_json_match() -> None:
+    markdown, document = golden_texts()
+    assert markdown == (GOLDEN_DIR / "report.md").read_text(encoding="utf-8"), \
+        "report format changed: review, then run python tests/make_golden_report.py"
+    assert document == (GOLDEN_DIR / "report.json").read_text(encoding="utf-8")
+
+
+def test_golden_report_passes_the_checker() -> None:
+    assert check_report(GOLDEN_DIR / "report.json") == []
+
+
+def test_golden_report_shape() -> None:
+    md = (GOLDEN_DIR / "report.md").read_text(encoding="utf-8")
+    for needle in ("## Hardware Group A: NVIDIA H100 80GB HBM3", "## Hardware Group B: NVIDIA L40S",
+                   "| Case | Res | Frames | Steps | Offload | Time(s) | s/step | Mem(GB) | SM(%) | Load | MFU(%) |",
+                   "| Case | Res | Frames | Steps | Offload | Time(s) | s/step | Mem(GB) | Busy(%) | Load | MFU(%) |",
+                   "| Stage | Time (s) | Peak Mem (GB) | SM Act (%) | CPU (%) | Sys Mem (GB) | Comp Load | TFLOP/s |",
+                   "| GPU Busy (%) |", "Step_2_Loading | 9.60", "&nbsp;&nbsp;└ DiT_Load", "| T5_Encoding | cached |",
+                   "high_noise_model: steps 0-1; low_noise_model: steps 2-5", "### Recommendations (ranked",
+                   "placement `none` would save about 9.61 s", "GPU activity was not measured (no GPU"):
+        assert needle in md, needle
+    # the L40S has no GPM: its group never calls NVML utilization "SM activity"
+    l40s = md.split("## Case: 02_t2v_a14b_480p")[1].split("## Case:")[0]
+    assert "SM activity" not in l40s and "SM Act" not in l40s
+    cpu = md.split("## Case: 03_cpu_tiny")[1]
+    assert "0.0 %" not in cpu.split("### Bottleneck")[0]  # nothing unmeasured shows as zero
+
+
+def test_json_round_trip() -> None:
+    for run in golden_runs():
+        data = json.loads(json.dumps(run_to_dict(run)))
+        assert run_from_dict(data) == run
+
+
+def test_write_report_single_run_files(tmp_path: Path) -> None:
+    run = run_ti2v_h100()
+    files = write_report(run, tmp_path, basename="h100")
+    assert set(files) == {"md", "json", "png"} and files.markdown == tmp_path / "h100.md"
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![timeline of 01_ti2v_5b_704p](h100.png)" in files["md"].read_text(encoding="utf-8")
+    assert not list(tmp_path.glob("*.tmp"))
+    assert check_report(files["json"]) == []
+    assert load_runs(files["json"]) == [run]
+
+
+def test_cpu_chart_shows_what_was_measured(tmp_path: Path) -> None:
+    run = run_cpu_tiny()
+    result = draw_timeline(run, tmp_path / "cpu.png")
+    assert result.path is not None
+    assert "CPU %" in result.series and "process RSS" in result.series
+    assert not {"SM activity", "GPU busy", "CUDA allocated", "device used (NVML)"} & set(result.series)
+    files = write_report(run, tmp_path, basename="cpu")
+    assert "GPU series are unavailable" in files["md"].read_text(encoding="utf-8")
+
+
+def test_chart_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: object, **kwargs: object) -> object:
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    files = write_report(run_cpu_tiny(), tmp_path, basename="nochart")
+    assert "png" not in files
+    assert "Chart skipped: matplotlib is not installed" in files["md"].read_text(encoding="utf-8")
+
+
+def test_merge_two_gpus(tmp_path: Path) -> None:
+    h100, l40s = run_ti2v_h100(), run_t2v_l40s()
+    a = write_report(h100, tmp_path / "a", basename="run", chart=False)["json"]
+    b = write_report(l40s, tmp_path / "b", basename="run", chart=False)["json"]
+    merged = merge_reports([b, a])
+    assert merged == render_markdown([l40s, h100])
+    assert merged.index("Hardware Group A: NVIDIA L40S") < merged.index("Hardware Group B: NVIDIA H100")
+    assert merged.count("## Case:") == 2
+
+
+def test_non_ascii_names_survive_as_utf8(tmp_path: Path) -> None:
+    run = run_cpu_tiny()
+    run = dataclasses.replace(run, context=dataclasses.replace(run.context, case_name="测试_Überblick"))
+    files = write_report(run, tmp_path, basename="utf8", chart=False)
+    raw = files["md"].read_bytes()
+    assert "测试_Überblick".encode() in raw
+    assert check_report(files["json"]) == []

@@ -1,0 +1,310 @@
+"""The sampling loop: golden pipeline parity, CFG modes, hooks, noise and argument checks."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_close_manifest, golden_dir, manifest_fixtures
+from safetensors.torch import load_file
+
+from wanbench.wan_core.config import DiTConfig, preset
+from wanbench.wan_core.dit import WanDiT
+from wanbench.wan_core.errors import SamplingInterrupted
+from wanbench.wan_core.sampler import (SamplerOptions, guidance_for, make_noise, sample, select_expert)
+from wanbench.wan_core.trace import use_tracer
+
+PIPELINES = manifest_fixtures(kind_prefix="pipeline")
+SOLVER_NAMES = {"unipc": "unipc", "dpm++": "dpm++", "dpmpp": "dpm++"}
+
+
+class RecordingTracer:
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, str, dict[str, Any]]] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def stage(self, name: str, kind: str, facts: dict[str, Any]) -> contextlib.AbstractContextManager:
+        self.stages.append((name, kind, facts))
+        return contextlib.nullcontext()
+
+    def event(self, name: str, facts: dict[str, Any]) -> None:
+        self.events.append((name, facts))
+
+
+def dit_config(model_config: dict) -> DiTConfig:
+    fields = {**model_config, "patch_size": tuple(model_config["patch_size"]),
+              "window_size": tuple(model_config["window_size"])}
+    return DiTConfig(**fields)
+
+
+def weight_files(fixture: dict) -> list[str]:
+    """Weight files of a pipeline fixture, high-noise expert first."""
+    files = [f["file"] for f in fixture["files"] if not f["file"].endswith(".io.safetensors")]
+    if not files:
+        owner = next(f for f in PIPELINES if f["name"] == fixture["config"]["weights_shared_with"])
+        return weight_files(owner)
+    return sorted(files, key=lambda name: 0 if "high_noise" in name else 1)
+
+
+def load_pipeline(fixture: dict) -> tuple[list[WanDiT], dict[str, torch.Tensor], SamplerOptions]:
+    cfg = fixture["config"]
+    experts = []
+    for file in weight_files(fixture):
+        model = WanDiT(dit_config(cfg["model_config"]))
+        model.load_state_dict(load_file(golden_dir() / file))
+        experts.append(model.eval())
+    io = load_file(golden_dir() / f"{fixture['name']}.io.safetensors")
+    guide = cfg.get("guide_scale_low_high") or [cfg["guide_scale"], cfg["guide_scale"]]
+    opts = SamplerOptions(solver=SOLVER_NAMES[cfg["solver"]], steps=cfg["steps"], shift=cfg["shift"],
+                          guide_scale=tuple(guide), boundary=cfg.get("boundary"))
+    return experts, io, opts
+
+
+def conditioning(io: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    extra = {}
+    if "inter.y" in io:
+        extra["i2v_y"] = io["inter.y"]
+    if "z_latent" in io:
+        extra["ti2v_z"] = io["z_latent"]
+    return extra
+
+
+EXPERT_NAMES = {"high_noise_model": "high", "low_noise_model": "low", "model": "model"}
+
+
+@pytest.mark.parametrize("fixture", PIPELINES, ids=lambda f: f["name"])
+def test_pipeline_golden(fixture: dict) -> None:
+    """Final latent, every per-step latent, the schedule and the expert of every step."""
+    experts, io, opts = load_pipeline(fixture)
+    cfg, tol = fixture["config"], fixture["tolerance"]
+    task = preset(cfg["model_config"]["model_type"], tiny=True)
+    latents: list[torch.Tensor] = []
+    tracer = RecordingTracer()
+    with use_tracer(tracer):
+        out = sample(experts, task, opts, context=io["context"], context_null=io["context_null"], noise=io["noise"],
+                     callback=lambda i, n, latent: latents.append(latent.clone()), **conditioning(io))
+    final_tol = tol["final_latent"]
+    assert_close_manifest(out, io["expected.final_latent"], atol=final_tol["atol"], rtol=final_tol["rtol"],
+                          what=f"{fixture['name']} final latent")
+    step_tol = tol["per_step"]
+    for i in range(1, cfg["steps"]):
+        assert_close_manifest(latents[i - 1], io[f"inter.step{i}.latent_in"], atol=step_tol["atol"],
+                              rtol=step_tol["rtol"], what=f"{fixture['name']} latent into step {i}")
+    inference = [facts for name, kind, facts in tracer.stages if kind == "step-inference"]
+    assert [f["timestep"] for f in inference] == io["timesteps"].tolist()
+    assert [f["expert"] for f in inference] == [EXPERT_NAMES[s["expert"]] for s in cfg["per_step"]]
+
+
+def test_pipeline_fixtures_are_listed() -> None:
+    if not (golden_dir() / "MANIFEST.json").is_file():
+        pytest.skip("no golden manifest")
+    assert {f["name"] for f in PIPELINES} >= {"pipeline_t2v_tiny", "pipeline_i2v_tiny"}
+
+
+def _pick(name: str) -> dict:
+    fixture = next((f for f in PIPELINES if f["name"] == name), None)
+    if fixture is None:
+        pytest.skip(f"fixture {name} not available")
+    return fixture
+
+
+@pytest.mark.parametrize("name", ["pipeline_t2v_tiny", "pipeline_ti2v_tiny_i2v"])
+def test_batched_cfg_equals_sequential(name: str) -> None:
+    fixture = _pick(name)
+    experts, io, opts = load_pipeline(fixture)
+    task = preset(fixture["config"]["model_config"]["model_type"], tiny=True)
+    args = dict(context=io["context"], context_null=io["context_null"], noise=io["noise"], **conditioning(io))
+    opts = dataclasses.replace(opts, steps=2)  # two steps exercise the solver history and both passes
+    batched = sample(experts, task, opts, **args)
+    sequential = sample(experts, task, dataclasses.replace(opts, cfg_mode="sequential"), **args)
+    tol = fixture["tolerance"]["final_latent"]
+    assert_close_manifest(batched, sequential, atol=tol["atol"], rtol=tol["rtol"], what="batched vs sequential")
+
+
+class FlowModel(torch.nn.Module):
+    """A cheap stand-in with the DiT forward contract: v depends on x, t, its own context and y.
+
+    Records the batch size of every forward.
+    """
+
+    def __init__(self, config: DiTConfig, scale: float = 1.0) -> None:
+        super().__init__()
+        self.config = config
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(config.out_dim, config.out_dim) for _ in range(2)])
+        self.batches: list[int] = []
+
+    def forward(self, x, t, context, *, seq_len=None, y=None):  # noqa: ANN001, ANN201
+        self.batches.append(int(x.shape[0]))
+        t_mean = t.float().reshape(t.shape[0], -1).mean(1).view(-1, 1, 1, 1, 1) / 1000
+        ctx = torch.stack([c.mean() for c in context]).view(-1, 1, 1, 1, 1)
+        h = x.movedim(1, -1)
+        for block in self.blocks:
+            h = h + 0.1 * torch.tanh(block(h))
+        v = self.scale * h.movedim(-1, 1) * (0.5 + t_mean) + ctx
+        if y is not None:
+            v = v + y.mean(1, keepdim=True)
+        return v.float()
+
+
+def _fake_t2v(scale: float = 1.0) -> tuple[FlowModel, Any]:
+    task = preset("t2v-A14B", tiny=True)
+    torch.manual_seed(0)
+    return FlowModel(task.dit, scale), task
+
+
+def _tiny_t2v(seed: int = 0) -> tuple[WanDiT, Any]:
+    task = preset("t2v-A14B", tiny=True)
+    torch.manual_seed(seed)
+    return WanDiT(task.dit).eval(), task
+
+
+def _contexts(task) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    g = torch.Generator().manual_seed(7)
+    return {"context": torch.randn(5, task.dit.text_dim, generator=g),
+            "context_null": torch.randn(9, task.dit.text_dim, generator=g)}
+
+
+def test_guidance_one_skips_the_unconditional_pass() -> None:
+    high, task = _fake_t2v(1.0)
+    low, _ = _fake_t2v(0.5)
+    tracer = RecordingTracer()
+    opts = SamplerOptions(steps=4, shift=12.0, guide_scale=(3.0, 1.0), boundary=0.875)
+    with use_tracer(tracer):
+        sample([high, low], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))
+    modes = [(f["expert"], f["cfg_mode"]) for _, kind, f in tracer.stages if kind == "step-inference"]
+    assert modes == [("high", "off")] * 3 + [("low", "batched")]
+    assert high.batches == [1, 1, 1] and low.batches == [2]
+    opts_seq = dataclasses.replace(opts, cfg_mode="sequential")
+    sample([high, low], task, opts_seq, latent_shape=(16, 1, 4, 4), **_contexts(task))
+    assert low.batches == [2, 1, 1]
+
+
+def test_trace_stages_names_kinds_and_facts() -> None:
+    model, task = _fake_t2v()
+    tracer = RecordingTracer()
+    opts = SamplerOptions(steps=3, shift=5.0, guide_scale=(2.0, 2.0), boundary=0.9)
+    with use_tracer(tracer):
+        sample([model, model], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))
+    names = [name for name, _, _ in tracer.stages]
+    assert names == [f"Step_{i}_{part}" for i in range(3) for part in ("Loading", "Inference")]
+    kinds = {kind for _, kind, _ in tracer.stages}
+    assert kinds == {"step-loading", "step-inference"}
+    flops = task.dit.flops_forward(task.dit.num_tokens((1, 4, 4)), batch=2)
+    for _, kind, facts in tracer.stages:
+        assert set(facts) == {"step", "expert", "cfg_mode", "flops", "timestep"}
+        assert facts["flops"] == (flops if kind == "step-inference" else 0.0)
+    assert [f["expert"] for _, k, f in tracer.stages if k == "step-inference"] == ["high", "high", "low"]
+    assert [name for name, _ in tracer.events] == ["expert_switch"]
+
+
+def test_single_step_and_seeded_noise() -> None:
+    model, task = _tiny_t2v()
+    opts = SamplerOptions(steps=1, shift=5.0, guide_scale=(3.0, 4.0), boundary=0.875, seed=11)
+    by_seed = sample([model, model], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))
+    by_noise = sample([model, model], task, opts, noise=make_noise((16, 1, 4, 4), 11), **_contexts(task))
+    assert torch.equal(by_seed, by_noise) and bool(torch.isfinite(by_seed).all())
+
+
+def test_noise_generator_matches_fixture_noise() -> None:
+    fixture = _pick("pipeline_t2v_tiny")
+    io = load_file(golden_dir() / f"{fixture['name']}.io.safetensors")
+    cfg = fixture["config"]
+    assert torch.equal(make_noise(cfg["latent_shape"], cfg["noise_seed_cpu"]), io["noise"])
+
+
+def test_duplicate_timesteps_in_the_loop() -> None:
+    """UniPC, shift 12, 100 steps: repeated integer timesteps; the loop must finish."""
+    model, task = _fake_t2v()
+    opts = SamplerOptions(steps=100, shift=12.0, guide_scale=(1.0, 1.0), boundary=0.875)
+    out = sample([model, model], task, opts, latent_shape=(16, 1, 2, 2), **_contexts(task))
+    assert out.shape == (16, 1, 2, 2) and bool(torch.isfinite(out).all())
+
+
+def test_interrupt_stops_within_one_step() -> None:
+    counter, task = _fake_t2v()
+    seen: list[int] = []
+
+    def callback(i: int, n: int, latent: torch.Tensor) -> None:
+        seen.append(i)
+        if i == 1:
+            raise SamplingInterrupted("stop")
+
+    opts = SamplerOptions(steps=5, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9, placement="blocks")
+    with pytest.raises(SamplingInterrupted):
+        sample([counter, counter], task, opts, latent_shape=(16, 1, 4, 4), callback=callback, **_contexts(task))
+    assert seen == [0, 1] and counter.batches == [2, 2]
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in counter.blocks)
+
+
+def test_select_expert_and_guidance() -> None:
+    assert select_expert(875, 0.875) == "high" and select_expert(874, 0.875) == "low"
+    assert select_expert(900, 0.9) == "high" and select_expert(899, 0.9) == "low"
+    assert select_expert(999, None) == "model"
+    assert guidance_for("high", (3.0, 4.0)) == 4.0 and guidance_for("low", (3.0, 4.0)) == 3.0
+
+
+def test_options_from_config_with_overrides() -> None:
+    task = preset("t2v-A14B")
+    opts = SamplerOptions.from_config(task.sampler, steps=8, boundary=0.8, cfg_mode="sequential")
+    assert (opts.solver, opts.steps, opts.shift, opts.guide_scale, opts.boundary) == ("unipc", 8, 12.0, (3.0, 4.0), 0.8)
+    assert opts.boundary_timestep == 800.0 and opts.cfg_mode == "sequential"
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("steps", 0, "steps must be"),
+    ("shift", -1.0, "shift must be"),
+    ("boundary", 1.0, "boundary must lie"),
+    ("boundary", 0.0, "boundary must lie"),
+    ("guide_scale", (float("nan"), 3.0), "guide_scale must be"),
+    ("cfg_mode", "both", "cfg_mode must be"),
+    ("placement", "disk", "placement must be"),
+    ("solver", "ddim", "solver must be"),
+])
+def test_invalid_options(field: str, value: Any, match: str) -> None:
+    base = dict(steps=4, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9)
+    with pytest.raises(ValueError, match=match):
+        SamplerOptions(**{**base, field: value})
+
+
+class ExplodingModel(torch.nn.Module):
+    """Fails the test if the sampler computes anything before validating its arguments."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("forward ran although the arguments were invalid")
+
+
+@pytest.mark.parametrize("case", ["channels", "no_image", "image_for_t2v", "one_expert", "context_dim", "both_noise"])
+def test_invalid_arguments_fail_before_compute(case: str) -> None:
+    task = preset("i2v-A14B" if case == "no_image" else "t2v-A14B", tiny=True)
+    model = ExplodingModel(task.dit)
+    opts = SamplerOptions(steps=2, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9)
+    kwargs: dict[str, Any] = dict(latent_shape=(16, 1, 4, 4), **_contexts(task))
+    experts = [model, model]
+    if case == "channels":
+        kwargs["latent_shape"] = (48, 1, 4, 4)
+    elif case == "image_for_t2v":
+        kwargs["i2v_y"] = torch.zeros(20, 1, 4, 4)
+    elif case == "one_expert":
+        experts = [model]
+    elif case == "context_dim":
+        kwargs["context"] = torch.zeros(5, task.dit.text_dim + 1)
+    elif case == "both_noise":
+        kwargs["noise"] = torch.zeros(16, 1, 4, 4)
+    with pytest.raises(ValueError):
+        sample(experts, task, opts, **kwargs)
+
+
+def test_expert_of_another_task_is_rejected() -> None:
+    task = preset("t2v-A14B", tiny=True)
+    wrong = ExplodingModel(preset("ti2v-5B", tiny=True).dit)
+    opts = SamplerOptions(steps=2, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9)
+    with pytest.raises(ValueError, match="does not fit task"):
+        sample([wrong, wrong], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))

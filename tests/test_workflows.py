@@ -1,0 +1,213 @@
+"""Shipped workflows: in sync with their generator, valid against the node definitions, UI == API twin,
+suites that point at real workflows, and the in-process runner's checks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from wanbench.nodes import NODE_CLASS_MAPPINGS
+from wanbench.runner import WorkflowError, apply_overrides, load_api_workflow, validate_workflow
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+FILE_INPUTS = ("model_high", "model_low", "text_encoder", "vae")
+UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("build_workflows", WORKFLOWS / "build_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+GEN = _generator()
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_checked_in_files_match_the_generator() -> None:
+    built = GEN.build_all()
+    on_disk = {str(p.relative_to(WORKFLOWS)) for p in WORKFLOWS.rglob("*.json")}
+    assert on_disk == set(built), "run `python workflows/build_workflows.py`"
+    for rel, content in built.items():
+        assert (WORKFLOWS / rel).read_text(encoding="utf-8") == GEN.render(content), f"{rel} is stale"
+
+
+def test_every_task_has_ui_api_and_tiny_twins() -> None:
+    names = {p.name for p in UI_FILES}
+    for task in ("ti2v_5B_t2v", "ti2v_5B_i2v", "t2v_A14B", "i2v_A14B"):
+        for prefix in ("wan22_", "tiny_"):
+            assert f"{prefix}{task}.json" in names and (WORKFLOWS / f"{prefix}{task}.api.json").is_file()
+
+
+def _widget_names(node_type: str) -> list[str]:
+    if node_type in GEN.CORE_NODES:
+        return GEN.CORE_NODES[node_type]["widgets"]
+    names = []
+    spec = NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, (kind, *rest) in spec.get(section, {}).items():
+            opts = rest[0] if rest else {}
+            if (isinstance(kind, list) or kind in GEN.WIDGET_TYPES) and not opts.get("forceInput"):
+                names.append(name)
+                if opts.get("control_after_generate"):
+                    names.append(None)  # the frontend's "fixed"/"randomize" value
+    return names
+
+
+def ui_to_api(ui: dict) -> dict:
+    """An independent re-implementation of what the frontend's graphToPrompt does for these graphs."""
+    links = {link[0]: link for link in ui["links"]}
+    prompt = {}
+    for node in ui["nodes"]:
+        names = _widget_names(node["type"])
+        assert len(names) == len(node["widgets_values"]), f"node {node['id']} widgets_values length"
+        inputs = {}
+        for name, value in zip(names, node["widgets_values"]):
+            if name is None:
+                assert value in ("fixed", "randomize", "increment", "decrement")
+            elif name != "upload":
+                inputs[name] = value
+        for entry in node["inputs"]:
+            if entry["link"] is not None:
+                _, src, slot, dst, _, _ = links[entry["link"]]
+                assert dst == node["id"]
+                inputs[entry["name"]] = [str(src), slot]
+        title = GEN.CORE_NODES[node["type"]]["title"] if node["type"] in GEN.CORE_NODES else None
+        prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"], "title": title}
+    return prompt
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_ui_file_is_a_litegraph_04_graph(path: Path) -> None:
+    ui = _load(path)
+    assert ui["version"] == 0.4 and {"groups", "config", "extra"} <= set(ui)
+    assert ui["last_node_id"] == max(n["id"] for n in ui["nodes"]) and ui["last_link_id"] == len(ui["links"])
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for node in ui["nodes"]:
+        assert node["type"] in NODE_CLASS_MAPPINGS or node["type"] in GEN.CORE_NODES
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
+                "widgets_values"} <= set(node)
+        assert node["properties"]["Node name for S&R"] == node["type"]
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert out["type"] == inp["type"] == kind, f"link {link_id} joins {out['type']} to {inp['type']}"
+        assert link_id in out["links"] and inp["link"] == link_id
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_ui_and_api_twin_describe_the_same_graph(path: Path) -> None:
+    api = _load(path.with_name(path.name[: -len(".json")] + ".api.json"))
+    converted = ui_to_api(_load(path))
+    assert set(converted) == set(api)
+    for node_id, node in converted.items():
+        assert api[node_id]["class_type"] == node["class_type"]
+        assert api[node_id]["inputs"] == node["inputs"], f"node {node_id} differs"
+        assert api[node_id]["_meta"]["title"]
+
+
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.api.json")), ids=lambda p: p.name)
+def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
+    prompt = load_api_workflow(path)
+    pack_only = {k: v for k, v in prompt.items() if v["class_type"] in NODE_CLASS_MAPPINGS}
+    for node_id, node in pack_only.items():
+        cls = NODE_CLASS_MAPPINGS[node["class_type"]]
+        spec = cls.INPUT_TYPES()
+        for name in spec["required"]:
+            assert name in node["inputs"], f"{path.name} node {node_id} lacks {name}"
+        constants = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+        for name, value in constants.items():
+            kind, opts = ({**spec["required"], **spec.get("optional", {})})[name][:2]
+            if name in FILE_INPUTS:  # model-file lists depend on the installation
+                assert value == "none" or value.endswith(".safetensors")
+            elif isinstance(kind, list):
+                assert value in kind, f"{path.name} node {node_id} {name}={value!r}"
+            elif kind in ("INT", "FLOAT"):
+                assert opts["min"] <= value <= opts["max"]
+        validate = getattr(cls, "VALIDATE_INPUTS", None)
+        if validate is not None:
+            import inspect
+
+            wanted = inspect.signature(validate).parameters
+            assert validate(**{k: v for k, v in constants.items() if k in wanted}) is True
+    if all(v["class_type"] in NODE_CLASS_MAPPINGS for v in prompt.values()):
+        order = validate_workflow(prompt)
+        assert order.index("1") < order.index("8") < order.index("11")
+
+
+def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
+    ti2v = load_api_workflow(WORKFLOWS / "wan22_ti2v_5B_t2v.api.json")
+    assert ti2v["2"]["inputs"]["model_high"] == "wan2.2_ti2v_5B_fp16.safetensors"
+    assert ti2v["5"]["inputs"]["vae"] == "wan2.2_vae.safetensors"
+    assert ti2v["3"]["inputs"]["text_encoder"] == "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    assert {k: ti2v["7"]["inputs"][k] for k in ("width", "height", "length")} == {"width": 1280, "height": 704,
+                                                                                 "length": 121}
+    assert (ti2v["8"]["inputs"]["steps"], ti2v["8"]["inputs"]["shift"], ti2v["10"]["inputs"]["fps"]) == (50, 5.0, 24)
+    t2v = load_api_workflow(WORKFLOWS / "wan22_t2v_A14B.api.json")
+    assert t2v["2"]["inputs"]["model_low"] == "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
+    assert t2v["5"]["inputs"]["vae"] == "wan_2.1_vae.safetensors"
+    s = t2v["8"]["inputs"]
+    assert (s["steps"], s["shift"], s["boundary"], s["guidance_high"], s["guidance_low"]) == (40, 12.0, 0.875, 4.0, 3.0)
+    i2v = load_api_workflow(WORKFLOWS / "wan22_i2v_A14B.api.json")
+    assert (i2v["8"]["inputs"]["boundary"], i2v["8"]["inputs"]["shift"], i2v["10"]["inputs"]["fps"]) == (0.9, 5.0, 16)
+    assert i2v["6"]["class_type"] == "LoadImage" and i2v["7"]["inputs"]["start_image"] == ["6", 0]
+
+
+@pytest.mark.parametrize("suite", sorted((WORKFLOWS / "suites").glob("*.json")), ids=lambda p: p.name)
+def test_suites_point_at_workflows_and_overrides_apply(suite: Path) -> None:
+    data = _load(suite)
+    names = [c["name"] for c in data["cases"]]
+    assert names == ["01_Speed_Preview_480p", "02_Efficiency_Mode_720p", "03_Performance_Mode_720p",
+                     "02_Efficiency_Quality_704p", "03_Max_Quality_704p", "04_14B_Speed_Preview_480p"]
+    for case in data["cases"]:
+        prompt = apply_overrides(load_api_workflow(suite.parent / case["workflow"]), case["overrides"])
+        assert prompt["1"]["inputs"]["case_name"] == case["name"]
+    if "tiny" not in suite.name:
+        steps = [c["overrides"]["WanBenchSampler.steps"] for c in data["cases"]]
+        assert steps == [5, 10, 10, 30, 50, 10]
+        assert data["cases"][2]["overrides"]["WanBenchSampler.placement"] == "none"
+
+
+# ------------------------------------------------------------------------------------------------
+# Runner checks
+# ------------------------------------------------------------------------------------------------
+def _tiny() -> dict:
+    return load_api_workflow(WORKFLOWS / "tiny_ti2v_5B_t2v.api.json")
+
+
+def test_runner_rejects_foreign_nodes_bad_links_and_missing_inputs() -> None:
+    with pytest.raises(WorkflowError, match="node type 'KSampler' is not a ComfyUI-WanBench node"):
+        validate_workflow({**_tiny(), "99": {"class_type": "KSampler", "inputs": {}}})
+    bad = _tiny()
+    bad["8"]["inputs"]["latent"] = ["5", 0]
+    with pytest.raises(WorkflowError, match="input 'latent' expects LATENT; node 5 output 0 is WAN22_VAE"):
+        validate_workflow(bad)
+    bad = _tiny()
+    del bad["8"]["inputs"]["steps"]
+    with pytest.raises(WorkflowError, match="required input 'steps' is missing"):
+        validate_workflow(bad)
+    bad = _tiny()
+    bad["9"]["inputs"]["latent"] = ["8", 0]
+    bad["8"]["inputs"]["latent"] = ["9", 0]
+    with pytest.raises(WorkflowError, match="expects LATENT; node 9 output 0 is IMAGE"):
+        validate_workflow(bad)
+    with pytest.raises(WorkflowError, match="UI-format workflow"):
+        load_api_workflow(WORKFLOWS / "tiny_ti2v_5B_t2v.json")
+
+
+def test_overrides_must_match() -> None:
+    with pytest.raises(WorkflowError, match="no node with id or type 'WanBenchNope'"):
+        apply_overrides(_tiny(), {"WanBenchNope.steps": 3})
+    with pytest.raises(WorkflowError, match="has no input 'stepz'"):
+        apply_overrides(_tiny(), {"WanBenchSampler.stepz": 3})
+    assert apply_overrides(_tiny(), {"8.steps": 3})["8"]["inputs"]["steps"] == 3

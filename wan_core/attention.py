@@ -1,0 +1,204 @@
+"""Attention with a registry of backends (spec section 3.6).
+
+Every backend is a function `fn(q, k, v, k_lens) -> out` on (B, L, N, Dh) tensors with a
+`supports(q, k, v, k_lens) -> str | None` check that returns why it cannot run (None when it can).
+`sdpa` (torch's scaled_dot_product_attention) is the reference and always present. `flash_attn`
+(FlashAttention 2) and `sage` (SageAttention, int8 QK, approximate) are optional: their packages
+are imported only when they are asked for. `auto` picks the first exact backend that supports the
+inputs (flash_attn, then sdpa) and logs its pick once per process; it never picks `sage`.
+
+`k_lens` limits the keys of sample b to its first `k_lens[b]` rows (key padding); queries are never
+masked. Scale is 1/sqrt(Dh); no dropout, no causal mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BackendUnavailableError
+
+logger = logging.getLogger(__name__)
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+SupportsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], "str | None"]
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One attention implementation: how to run it, when it can, and how to install it."""
+
+    name: str
+    fn: AttentionFn
+    supports: SupportsFn
+    module: str | None  # Python package that must be importable (None: part of torch)
+    install_hint: str
+    exact: bool  # True when it computes softmax attention without approximation
+
+    def is_installed(self) -> bool:
+        return self.module is None or _module_installed(self.module)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_installed(module: str) -> bool:
+    """Whether a package can be imported (looked up once per process; nothing is imported)."""
+    return importlib.util.find_spec(module) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# sdpa: the reference
+# --------------------------------------------------------------------------------------------
+def _key_padding_mask(k_lens: torch.Tensor, num_keys: int, device: torch.device) -> torch.Tensor:
+    """Shapes: k_lens (B,) -> bool mask (B, 1, 1, Lk), True where the key is attended."""
+    positions = torch.arange(num_keys, device=device)
+    return (positions[None, :] < k_lens.to(device)[:, None])[:, None, None, :]
+
+
+def _needs_mask(k_lens: torch.Tensor | None, num_keys: int) -> bool:
+    return k_lens is not None and bool((k_lens < num_keys).any())
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Tensor | None) -> torch.Tensor:
+    mask = _key_padding_mask(k_lens, k.shape[1], q.device) if _needs_mask(k_lens, k.shape[1]) else None
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask)  # (B, N, Lq, Dh)
+    return out.transpose(1, 2)
+
+
+def _sdpa_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   k_lens: torch.Tensor | None) -> str | None:
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# flash_attn (FlashAttention 2)
+# --------------------------------------------------------------------------------------------
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Tensor | None) -> torch.Tensor:
+    import flash_attn
+
+    if not _needs_mask(k_lens, k.shape[1]):
+        return flash_attn.flash_attn_func(q, k, v)
+    b, lq, n, dh = q.shape
+    lens = k_lens.to(device=q.device, dtype=torch.int32)
+    cu_k = F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(0, (b + 1) * lq, lq, device=q.device, dtype=torch.int32)
+    keep = _key_padding_mask(lens, k.shape[1], q.device).reshape(b, -1)  # (B, Lk)
+    out = flash_attn.flash_attn_varlen_func(
+        q.reshape(b * lq, n, dh), k[keep], v[keep], cu_q, cu_k, lq, int(lens.max()))
+    return out.reshape(b, lq, n, dh)
+
+
+def _flash_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_lens: torch.Tensor | None) -> str | None:
+    if q.device.type != "cuda":
+        return f"flash_attn needs CUDA tensors; got device {q.device}"
+    if q.dtype not in HALF_DTYPES:
+        return f"flash_attn needs float16 or bfloat16; got {q.dtype}"
+    if q.shape[-1] > 256:
+        return f"flash_attn supports head dim <= 256; got {q.shape[-1]}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# sage (SageAttention: int8 QK^T, approximate)
+# --------------------------------------------------------------------------------------------
+def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Tensor | None) -> torch.Tensor:
+    import sageattention
+
+    return sageattention.sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+def _sage_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   k_lens: torch.Tensor | None) -> str | None:
+    if q.device.type != "cuda":
+        return f"sage needs CUDA tensors; got device {q.device}"
+    if q.dtype not in HALF_DTYPES:
+        return f"sage needs float16 or bfloat16; got {q.dtype}"
+    if _needs_mask(k_lens, k.shape[1]):
+        return "sage has no key-padding mask; got k_lens shorter than the key length"
+    return None
+
+
+BACKENDS: Mapping[str, AttentionBackend] = MappingProxyType({
+    "sdpa": AttentionBackend("sdpa", _sdpa, _sdpa_supports, None, "part of torch", exact=True),
+    "flash_attn": AttentionBackend("flash_attn", _flash, _flash_supports, "flash_attn",
+                                   "pip install flash-attn --no-build-isolation", exact=True),
+    "sage": AttentionBackend("sage", _sage, _sage_supports, "sageattention",
+                             "pip install sageattention", exact=False),
+})
+AUTO_ORDER = ("flash_attn", "sdpa")
+
+
+@dataclass
+class _AutoPickLog:
+    """Remembers which automatic picks were already logged (one line per pick per process)."""
+
+    logged: set[str] = field(default_factory=set)
+
+    def note(self, name: str, reason: str) -> None:
+        if name not in self.logged:
+            self.logged.add(name)
+            logger.info("attention backend 'auto' picked %r (%s)", name, reason)
+
+
+_AUTO_LOG = _AutoPickLog()
+
+
+def available_backends() -> list[str]:
+    """Names of the backends whose packages are installed (`sdpa` always), plus `auto`."""
+    return [name for name, b in BACKENDS.items() if b.is_installed()] + ["auto"]
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend called `name`; raises if it is unknown or its package is not installed."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {sorted(BACKENDS) + ['auto']}")
+    backend = BACKENDS[name]
+    if not backend.is_installed():
+        raise BackendUnavailableError(f"attention backend {name!r} is not available: package "
+                                      f"{backend.module!r} is not installed; install it with "
+                                      f"`{backend.install_hint}` or use backend 'sdpa'")
+    return backend
+
+
+def resolve_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_lens: torch.Tensor | None = None) -> AttentionBackend:
+    """The backend that will run these inputs: `name` itself (checked), or the pick of `auto`."""
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            backend = BACKENDS[candidate]
+            if backend.is_installed() and backend.supports(q, k, v, k_lens) is None:
+                _AUTO_LOG.note(candidate, f"{q.device.type}, {q.dtype}")
+                return backend
+        raise AssertionError("sdpa supports every input")  # pragma: no cover
+    backend = get_backend(name)
+    reason = backend.supports(q, k, v, k_lens)
+    if reason is not None:
+        raise ValueError(f"attention backend {name!r} cannot run these inputs: {reason}; "
+                         "use backend 'sdpa' or 'auto'")
+    return backend
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa",
+              k_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention over keys `k_lens[b]` of each sample, scale 1/sqrt(Dh).
+
+    Shapes: q (B, Lq, N, Dh), k/v (B, Lk, N, Dh), k_lens (B,) ints or None; returns (B, Lq, N, Dh)
+    in q's dtype.
+    """
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention expects q (B, Lq, N, Dh) and k, v (B, Lk, N, Dh); "
+                         f"got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k_lens is not None and k_lens.shape != (q.shape[0],):
+        raise ValueError(f"k_lens must have shape ({q.shape[0]},); got {tuple(k_lens.shape)}")
+    chosen = resolve_backend(backend, q, k, v, k_lens)
+    return chosen.fn(q, k, v, k_lens).to(q.dtype)

@@ -1,0 +1,251 @@
+"""Where the DiT weights live during sampling, applied to built models from outside.
+
+Policies (`make_placement(experts, kind, device=...)`):
+
+* `none`   every expert is moved to the compute device once and stays there.
+* `model`  only the expert in use is on the device; the other waits on the CPU and the two are
+           swapped at the boundary (the official behaviour with `init_on_cpu`, spec section 7).
+           On exit every expert is back on the CPU.
+* `blocks` the active expert keeps its embeddings, head and its first `num_resident_blocks`
+           transformer blocks on the device; every other block lives on the CPU (pinned when the
+           device is CUDA) and is copied in by a forward pre-hook right before it runs and dropped
+           by a forward post-hook right after. On CUDA the copy of the next streamed block is issued
+           on a side stream while the current block computes (prefetch), so transfers overlap
+           compute. The inactive expert is entirely on the CPU.
+
+Numbers do not depend on the policy: the same tensors are used, only their location changes. No
+model code knows about placement; everything here is `.to()`, `.data` swaps and module hooks, and
+`close()` (also on errors and interrupts, through the context manager) removes every hook.
+
+Weight dtypes are chosen when loading (`load_dit(..., dtype=)`) or with `cast_weights`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PLACEMENTS", "WEIGHT_DTYPES", "Placement", "make_placement", "cast_weights", "weight_dtype"]
+
+PLACEMENTS = ("none", "model", "blocks")
+WEIGHT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OFFLOAD_DEVICE = torch.device("cpu")
+
+
+def weight_dtype(name: str) -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"weight dtype must be one of {sorted(WEIGHT_DTYPES)}; got {name!r}")
+    return WEIGHT_DTYPES[name]
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating-point parameters and buffers of `model` in place; returns it."""
+    if dtype not in WEIGHT_DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(WEIGHT_DTYPES.values())}; got {dtype}")
+    return model.to(dtype=dtype)
+
+
+class Placement:
+    """Base policy (`none`): all experts on the device. Use as a context manager around a run."""
+
+    kind = "none"
+
+    def __init__(self, experts: Sequence[nn.Module], *, device: torch.device | str) -> None:
+        self.experts = list(experts)
+        self.device = torch.device(device)
+        self.active: int | None = None
+        self._open = False
+
+    def __enter__(self) -> Placement:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        for model in _unique(self.experts):
+            model.to(self.device)
+        self._open = True
+
+    def activate(self, index: int) -> nn.Module:
+        """Make expert `index` ready to run on the device and return it."""
+        if not self._open:
+            raise RuntimeError("placement used before open(); use it as a context manager")
+        self.active = index
+        return self.experts[index]
+
+    def close(self) -> None:
+        self._open = False
+        self.active = None
+
+
+class ModelSwap(Placement):
+    """`model`: the expert not in use waits on the CPU; swapped when the active expert changes."""
+
+    kind = "model"
+
+    def open(self) -> None:
+        for model in _unique(self.experts):
+            model.to(OFFLOAD_DEVICE)
+        self._open = True
+
+    def activate(self, index: int) -> nn.Module:
+        if index != self.active:
+            wanted = self.experts[index]
+            for model in _unique(self.experts):
+                if model is not wanted:
+                    model.to(OFFLOAD_DEVICE)
+            wanted.to(self.device)
+        return super().activate(index)
+
+    def close(self) -> None:
+        for model in _unique(self.experts):
+            model.to(OFFLOAD_DEVICE)
+        super().close()
+
+
+class _StreamedBlock:
+    """The CPU copy of one streamed block and its device copy while it runs."""
+
+    def __init__(self, block: nn.Module, pin: bool) -> None:
+        self.block = block
+        self.tensors = [*block.parameters(), *block.buffers()]
+        self.stored = []
+        for t in self.tensors:
+            cpu = t.data.to(OFFLOAD_DEVICE)
+            self.stored.append(cpu.pin_memory() if pin else cpu)
+            t.data = self.stored[-1]
+        self.staged: list[torch.Tensor] | None = None
+        self.ready: torch.cuda.Event | None = None
+
+
+class BlockSwap(Placement):
+    """`blocks`: N resident blocks, the others streamed per forward with prefetch on a side stream."""
+
+    kind = "blocks"
+
+    def __init__(self, experts: Sequence[nn.Module], *, device: torch.device | str,
+                 num_resident_blocks: int) -> None:
+        super().__init__(experts, device=device)
+        for k, model in enumerate(self.experts):
+            if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
+                raise TypeError(f"'blocks' placement needs a model with a `blocks` ModuleList (WanDiT); "
+                                f"expert {k} is {type(model).__name__}")
+        self.num_resident_blocks = num_resident_blocks
+        self._streamed: dict[int, list[_StreamedBlock]] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._cuda = self.device.type == "cuda"
+        self._side: torch.cuda.Stream | None = None
+        self.bytes_streamed = 0
+
+    def open(self) -> None:
+        if self._cuda:
+            self._side = torch.cuda.Stream(device=self.device)
+        for model in _unique(self.experts):
+            model.to(OFFLOAD_DEVICE)
+            chain = [_StreamedBlock(b, pin=self._cuda) for b in model.blocks[self.num_resident_blocks:]]
+            self._streamed[id(model)] = chain
+            for pos, entry in enumerate(chain):
+                nxt = chain[(pos + 1) % len(chain)]
+                self._hooks.append(entry.block.register_forward_pre_hook(self._pre_hook(entry, nxt)))
+                self._hooks.append(entry.block.register_forward_hook(self._post_hook(entry)))
+        self._open = True
+
+    def activate(self, index: int) -> nn.Module:
+        if index != self.active:
+            wanted = self.experts[index]
+            for model in _unique(self.experts):
+                if model is not wanted:
+                    for entry in self._streamed[id(model)]:
+                        entry.staged, entry.ready = None, None  # drop a prefetched block
+                    self._move_resident(model, OFFLOAD_DEVICE)
+            self._move_resident(wanted, self.device)
+        return super().activate(index)
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        if self._side is not None:
+            self._side.synchronize()
+        for model in _unique(self.experts):
+            for entry in self._streamed.get(id(model), []):
+                entry.staged, entry.ready = None, None
+                for t, cpu in zip(entry.tensors, entry.stored):
+                    t.data = cpu
+            model.to(OFFLOAD_DEVICE)
+        self._streamed.clear()
+        super().close()
+
+    def _move_resident(self, model: nn.Module, device: torch.device) -> None:
+        """Move everything but the streamed blocks (they move per forward)."""
+        for name, child in model.named_children():
+            if name != "blocks":
+                child.to(device)
+        for block in model.blocks[: self.num_resident_blocks]:
+            block.to(device)
+        for t in [*model.parameters(recurse=False), *model.buffers(recurse=False)]:
+            t.data = t.data.to(device)
+
+    def _stage(self, entry: _StreamedBlock) -> None:
+        """Start copying a block to the device (on the side stream when on CUDA)."""
+        if entry.staged is not None:
+            return
+        if self._side is None:
+            entry.staged = [cpu.to(self.device) for cpu in entry.stored]
+        else:
+            with torch.cuda.stream(self._side):
+                entry.staged = [cpu.to(self.device, non_blocking=True) for cpu in entry.stored]
+                entry.ready = torch.cuda.Event()
+                entry.ready.record(self._side)
+        self.bytes_streamed += sum(t.numel() * t.element_size() for t in entry.stored)
+
+    def _pre_hook(self, entry: _StreamedBlock, nxt: _StreamedBlock):
+        def hook(module: nn.Module, args: object) -> None:
+            self._stage(entry)
+            if entry.ready is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(entry.ready)
+                for t in entry.staged:
+                    t.record_stream(current)  # keep the memory alive until this stream is done
+            for t, dev in zip(entry.tensors, entry.staged):
+                t.data = dev
+            if nxt is not entry:
+                self._stage(nxt)
+        return hook
+
+    def _post_hook(self, entry: _StreamedBlock):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            for t, cpu in zip(entry.tensors, entry.stored):
+                t.data = cpu
+            entry.staged, entry.ready = None, None
+        return hook
+
+
+def make_placement(experts: Sequence[nn.Module], kind: str, *, device: torch.device | str,
+                   num_resident_blocks: int = 0) -> Placement:
+    """The placement policy `kind` ('none' | 'model' | 'blocks') for these experts."""
+    if kind == "none":
+        return Placement(experts, device=device)
+    if kind == "model":
+        return ModelSwap(experts, device=device)
+    if kind == "blocks":
+        if num_resident_blocks < 0:
+            raise ValueError(f"num_resident_blocks must be >= 0; got {num_resident_blocks}")
+        return BlockSwap(experts, device=device, num_resident_blocks=num_resident_blocks)
+    raise ValueError(f"placement must be one of {PLACEMENTS}; got {kind!r}")
+
+
+def _unique(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """The distinct modules (the same model may be passed for both experts)."""
+    seen: dict[int, nn.Module] = {}
+    for m in models:
+        seen.setdefault(id(m), m)
+    return list(seen.values())

@@ -1,0 +1,308 @@
+"""The Wan2.2 denoising loop: expert switch, per-expert guidance, batched CFG, image conditioning.
+
+One call of `sample()` runs the official loop (spec section 6) over normalised latents:
+
+    for each step i with integer timestep t and float32 sigma:
+        expert = high-noise if t >= boundary * 1000 else low-noise   (single-model tasks: "model")
+        pred   = uncond + g_expert * (cond - uncond)                   (one pass when g == 1)
+        latent = solver.step(pred, latent)
+
+* CFG modes: "batched" (default) runs cond and uncond as one forward of batch 2 with the two text
+  contexts (of different lengths) as a list; "sequential" runs two forwards of batch 1. Both give
+  the same numbers. A step whose guidance scale is exactly 1 runs only the conditional pass ("off").
+* I2V: the model gets `y` (mask + image latent, see `conditioning.py`) next to the latent, for both
+  passes. TI2V: every step gives per-token timesteps; with an image latent `z`, frame-0 tokens get
+  t = 0 and latent frame 0 is pinned to `z` before the loop and after every step.
+* Noise: `make_noise(shape, seed)` draws float32 `randn` from a CPU `torch.Generator` seeded with
+  `seed` and then moves it to the device, so a seed gives the same noise on every device. (The
+  official code draws on the GPU, so its seeds give other noise; pass `noise=` to reproduce a run.)
+* Hooks: `callback(step_index, num_steps, latent)` after every step (progress, preview, interrupt:
+  raise `SamplingInterrupted`); trace stages `Step_<i>_Loading` (placement, kind "step-loading")
+  and `Step_<i>_Inference` (forwards + solver, kind "step-inference") with facts step, expert,
+  cfg_mode, flops and timestep. Weight placement is delegated to `placement.py`.
+
+Shapes: latents (C, T, h, w) float32, C = the DiT's out_dim; contexts (S, text_dim).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .conditioning import first_frame_mask, pin_first_frame, token_timesteps
+from .config import NUM_TRAIN_TIMESTEPS, SOLVERS, SamplerConfig, WanConfig
+from .placement import PLACEMENTS, make_placement
+from .schedulers import FlowScheduler, make_scheduler
+from .trace import event, stage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CFG_MODES", "SamplerOptions", "StepCallback", "make_noise", "select_expert", "guidance_for",
+           "sample"]
+
+CFG_MODES = ("batched", "sequential")
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerOptions:
+    """Settings of one sampling run. `guide_scale` is (low-noise, high-noise) as in the configs.
+
+    `boundary` is the expert switch as a fraction of the 1000 training timesteps (None for
+    single-model tasks). `placement` is "none" (all weights on the device), "model" (the expert not
+    in use waits on the CPU) or "blocks" (`num_resident_blocks` blocks stay, the rest stream).
+    """
+
+    solver: str = "unipc"
+    steps: int
+    shift: float
+    guide_scale: tuple[float, float]
+    boundary: float | None = None
+    seed: int = 0
+    cfg_mode: str = "batched"
+    placement: str = "none"
+    num_resident_blocks: int = 0
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}; got {self.solver!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1 (e.g. 40); got {self.steps!r}")
+        if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift must be a finite number > 0 (e.g. 5.0); got {self.shift!r}")
+        if self.boundary is not None and not (0.0 < self.boundary < 1.0):
+            raise ValueError(f"boundary must lie in (0, 1) (e.g. 0.875); got {self.boundary}")
+        if len(self.guide_scale) != 2 or not all(math.isfinite(float(g)) for g in self.guide_scale):
+            raise ValueError(f"guide_scale must be two finite numbers (low-noise, high-noise); "
+                             f"got {self.guide_scale!r}")
+        if self.cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode must be one of {CFG_MODES}; got {self.cfg_mode!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}; got {self.placement!r}")
+        if self.num_resident_blocks < 0:
+            raise ValueError(f"num_resident_blocks must be >= 0; got {self.num_resident_blocks}")
+
+    @property
+    def boundary_timestep(self) -> float | None:
+        return None if self.boundary is None else self.boundary * self.num_train_timesteps
+
+    @classmethod
+    def from_config(cls, cfg: SamplerConfig, *, solver: str | None = None, steps: int | None = None,
+                    shift: float | None = None, guide_scale: tuple[float, float] | None = None,
+                    boundary: float | None = None, seed: int = 0, cfg_mode: str = "batched",
+                    placement: str = "none", num_resident_blocks: int = 0) -> SamplerOptions:
+        """A task's sampler defaults with the given overrides (None keeps the default)."""
+        return cls(solver=cfg.solver if solver is None else solver,
+                   steps=cfg.steps if steps is None else steps,
+                   shift=cfg.shift if shift is None else shift,
+                   guide_scale=tuple(cfg.guide_scale if guide_scale is None else guide_scale),
+                   boundary=cfg.boundary if boundary is None else boundary,
+                   seed=seed, cfg_mode=cfg_mode, placement=placement,
+                   num_resident_blocks=num_resident_blocks, num_train_timesteps=cfg.num_train_timesteps)
+
+
+def make_noise(shape: Sequence[int], seed: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Seeded float32 standard normal noise, drawn on the CPU and moved to `device`.
+
+    Shapes: -> `shape` (e.g. (C, T, h, w)).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
+
+
+def select_expert(t: int, boundary: float | None, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
+    """'high' if t >= boundary * num_train_timesteps else 'low'; 'model' without a boundary."""
+    if boundary is None:
+        return "model"
+    return "high" if t >= boundary * num_train_timesteps else "low"
+
+
+def guidance_for(expert: str, guide_scale: tuple[float, float]) -> float:
+    """The guidance scale of an expert: guide_scale is (low-noise, high-noise)."""
+    return float(guide_scale[1] if expert == "high" else guide_scale[0])
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Validated inputs of one run (all on the compute device)."""
+
+    latent: torch.Tensor  # (C, T, h, w)
+    context: torch.Tensor
+    context_null: torch.Tensor
+    y: torch.Tensor | None  # (C_y, T, h, w)
+    z: torch.Tensor | None  # (C, 1, h, w)
+    seq_len: int
+    per_token_t: bool
+    flops_one: float  # one forward, batch 1
+
+
+def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, *,
+           context: torch.Tensor, context_null: torch.Tensor, noise: torch.Tensor | None = None,
+           latent_shape: Sequence[int] | None = None, i2v_y: torch.Tensor | None = None,
+           ti2v_z: torch.Tensor | None = None, callback: StepCallback | None = None,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """Run the denoising loop and return the final normalised latent.
+
+    `experts` is [high_noise, low_noise] for two-expert tasks and [model] for TI2V-5B; each is a
+    `WanDiT` (or anything with its forward contract and a `.config`). Either `noise` or
+    `latent_shape` (then the noise is `make_noise(latent_shape, opts.seed)`) is given.
+    All arguments are checked before any compute; placement changes are undone on exit, errors and
+    interrupts included.
+
+    Shapes: context (S, text_dim), context_null (S', text_dim); noise (C, T, h, w); i2v_y
+    (in_dim - C, T, h, w) normalised mask + image latent; ti2v_z (C, 1, h, w) normalised.
+    Returns (C, T, h, w) float32 on `device`.
+    """
+    experts = list(experts)
+    names = _expert_names(experts, task, opts)
+    if device is None:
+        device = _module_device(experts[0])
+    run = _prepare(experts, task, opts, context=context, context_null=context_null, noise=noise,
+                   latent_shape=latent_shape, i2v_y=i2v_y, ti2v_z=ti2v_z, device=torch.device(device))
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable(step_index, num_steps, latent); got {type(callback)}")
+    scheduler = make_scheduler(opts.solver, opts.steps, opts.shift, num_train_timesteps=opts.num_train_timesteps)
+    if scheduler.schedule.has_duplicate_timesteps():
+        log.info("%d %s steps at shift %g repeat some integer timesteps; the solver follows its own step "
+                 "counter and the distinct float32 sigmas", opts.steps, opts.solver, opts.shift)
+    placement = make_placement(experts, opts.placement, device=run.latent.device,
+                               num_resident_blocks=opts.num_resident_blocks)
+    with placement, torch.no_grad():
+        return _loop(placement, names, scheduler, run, opts, callback)
+
+
+def _loop(placement, names: list[str], scheduler: FlowScheduler, run: _Run, opts: SamplerOptions,
+          callback: StepCallback | None) -> torch.Tensor:
+    if run.z is not None:
+        mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
+        latent = pin_first_frame(run.latent, run.z, mask)
+    else:
+        mask = torch.ones_like(run.latent)  # text-only TI2V: every token gets t
+        latent = run.latent
+    num_steps = scheduler.num_steps
+    previous = None
+    for i in range(num_steps):
+        t = scheduler.timesteps[i]
+        t_int = int(t)
+        name = select_expert(t_int, opts.boundary, num_train_timesteps=opts.num_train_timesteps)
+        g = guidance_for(name, opts.guide_scale)
+        cfg_mode = "off" if g == 1.0 else opts.cfg_mode
+        passes = 1 if cfg_mode == "off" else 2
+        facts = dict(step=i, expert=name, cfg_mode=cfg_mode, timestep=t_int)
+        if name != previous and previous is not None:
+            event("expert_switch", step=i, expert=name, timestep=t_int)
+        previous = name
+        with stage(f"Step_{i}_Loading", kind="step-loading", flops=0.0, **facts):
+            model = placement.activate(names.index(name))
+        with stage(f"Step_{i}_Inference", kind="step-inference", flops=passes * run.flops_one, **facts):
+            if run.per_token_t:
+                t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
+                                          seq_len=run.seq_len)  # (1, seq_len) float32
+            else:
+                t_model = t.view(1).to(latent.device)  # (1,) int64
+            pred = _guided_prediction(model, latent, t_model, run, g, cfg_mode)
+            latent = scheduler.step(pred, latent)
+            if run.z is not None:
+                latent = pin_first_frame(latent, run.z, mask)
+        if callback is not None:
+            callback(i, num_steps, latent)
+    return latent
+
+
+def _guided_prediction(model: nn.Module, latent: torch.Tensor, t_model: torch.Tensor, run: _Run,
+                       g: float, cfg_mode: str) -> torch.Tensor:
+    """`uncond + g * (cond - uncond)` from one batched forward, two forwards, or cond alone (g == 1).
+
+    Shapes: latent (C, T, h, w); t_model (1,) or (1, seq_len) -> (C, T, h, w) float32.
+    """
+    x = latent[None]  # (1, C, T, h, w)
+    y = None if run.y is None else run.y[None]
+    if cfg_mode == "off":
+        return model(x, t_model, [run.context], seq_len=run.seq_len, y=y)[0].float()
+    if cfg_mode == "batched":
+        t2 = t_model.expand(2, *t_model.shape[1:])
+        out = model(x.expand(2, -1, -1, -1, -1), t2, [run.context, run.context_null], seq_len=run.seq_len,
+                    y=None if y is None else y.expand(2, -1, -1, -1, -1)).float()  # (2, C, T, h, w)
+        cond, uncond = out[0], out[1]
+    else:
+        cond = model(x, t_model, [run.context], seq_len=run.seq_len, y=y)[0].float()
+        uncond = model(x, t_model, [run.context_null], seq_len=run.seq_len, y=y)[0].float()
+    return uncond + g * (cond - uncond)
+
+
+def _expert_names(experts: list[nn.Module], task: WanConfig, opts: SamplerOptions) -> list[str]:
+    if opts.boundary is None:
+        if len(experts) != 1:
+            raise ValueError(f"without a boundary one model is used; got {len(experts)} experts "
+                             "(set a boundary, e.g. 0.875, to use a high- and a low-noise expert)")
+        return ["model"]
+    if len(experts) != 2:
+        raise ValueError(f"a boundary ({opts.boundary}) needs two experts [high_noise, low_noise]; got "
+                         f"{len(experts)} (pass the same model twice to use one model for all steps)")
+    return ["high", "low"]
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _prepare(experts: list[nn.Module], task: WanConfig, opts: SamplerOptions, *, context: torch.Tensor,
+             context_null: torch.Tensor, noise: torch.Tensor | None, latent_shape: Sequence[int] | None,
+             i2v_y: torch.Tensor | None, ti2v_z: torch.Tensor | None, device: torch.device) -> _Run:
+    """Check every argument against the task and the experts; build the starting latent."""
+    dit = getattr(experts[0], "config", None)
+    want = (task.dit.model_type, task.dit.in_dim, task.dit.out_dim)
+    for k, expert in enumerate(experts):
+        cfg = getattr(expert, "config", None)
+        got = None if cfg is None else (cfg.model_type, cfg.in_dim, cfg.out_dim)
+        if got != want:
+            raise ValueError(f"expert {k} does not fit task {task.name}: (model_type, in_dim, out_dim) = "
+                             f"{got}, expected {want}")
+        if cfg != dit:
+            raise ValueError(f"the experts must share one DiTConfig; expert {k} has {cfg}, expert 0 {dit}")
+    if (noise is None) == (latent_shape is None):
+        raise ValueError("give exactly one of `noise` (the initial latent) or `latent_shape` (seeded noise)")
+    shape = tuple(int(s) for s in (noise.shape if noise is not None else latent_shape))
+    _check_latent_shape(shape, dit.out_dim, "noise" if noise is not None else "latent_shape")
+    thw = shape[1:]
+    num_tokens = dit.num_tokens(thw)
+    for name, ctx in (("context", context), ("context_null", context_null)):
+        if ctx.ndim != 2 or ctx.shape[1] != dit.text_dim or not 0 < ctx.shape[0] <= dit.text_len:
+            raise ValueError(f"{name} must be (S, {dit.text_dim}) with 1 <= S <= {dit.text_len}; "
+                             f"got {tuple(ctx.shape)}")
+    y_channels = dit.in_dim - dit.out_dim
+    if dit.model_type == "i2v":
+        if i2v_y is None:
+            raise ValueError(f"task {task.name} needs the image conditioning i2v_y ({y_channels}, T, h, w); "
+                             "build it with conditioning.i2v_condition(image, ...)")
+        if tuple(i2v_y.shape) != (y_channels, *thw):
+            raise ValueError(f"i2v_y must be {(y_channels, *thw)}; got {tuple(i2v_y.shape)}")
+        i2v_y = i2v_y.to(device=device, dtype=torch.float32)
+    elif i2v_y is not None:
+        raise ValueError(f"i2v_y is only used by the i2v task; this is {task.name}")
+    if ti2v_z is not None:
+        if dit.model_type != "ti2v":
+            raise ValueError(f"ti2v_z (a first-frame latent) is only used by the ti2v task; this is {task.name}")
+        if tuple(ti2v_z.shape) != (dit.out_dim, 1, *thw[1:]):
+            raise ValueError(f"ti2v_z must be {(dit.out_dim, 1, *thw[1:])}; got {tuple(ti2v_z.shape)}")
+        ti2v_z = ti2v_z.to(device=device, dtype=torch.float32)
+    if noise is None:
+        noise = make_noise(shape, opts.seed, device=device)
+    noise = noise.to(device=device, dtype=torch.float32)
+    return _Run(latent=noise, context=context.to(device), context_null=context_null.to(device), y=i2v_y,
+                z=ti2v_z, seq_len=num_tokens, per_token_t=dit.model_type == "ti2v",
+                flops_one=dit.flops_forward(num_tokens, per_token_time=dit.model_type == "ti2v"))
+
+
+def _check_latent_shape(shape: tuple[int, ...], channels: int, what: str) -> None:
+    if len(shape) != 4 or shape[0] != channels or min(shape) < 1:
+        raise ValueError(f"{what} must be (C={channels}, T, h, w) for this model (the latent of one "
+                         f"video, normalised); got {shape}")

@@ -1,0 +1,322 @@
+"""Building blocks of the Wan2.1 / Wan2.2 video VAEs (spec WAN_VAE sections 2 and 5).
+
+Time is causal everywhere. Every temporal convolution is a `CausalConv3d` that owns a
+`CausalCache`: the input frames it still needs from earlier chunks of the same stream. A video can
+therefore be processed in one piece or in temporal chunks with identical results; the blocks
+only need to know whether a chunk is the first of its stream (`first_chunk`), because frame 0 is
+special (it passes the temporal resampling unchanged, spec section 11.2).
+
+Module and parameter names follow the official checkpoints so state dicts load unchanged.
+
+Shapes: B batch, C channels, T frames (pixel or latent, whatever the stage sees), H/W size.
+All 5-D tensors are (B, C, T, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class CausalCache:
+    """The not-yet-consumed input frames of one `CausalConv3d` between chunks of a stream.
+
+    Outside a stream (`active` False) every call is a whole sequence: the conv pads zeros in front
+    and keeps nothing. Inside a stream the first call pads zeros, and each call keeps the tail of
+    its (padded) input that later output frames still need; the next call prepends it.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.history: torch.Tensor | None = None
+
+    def start(self) -> None:
+        """Begin a new stream: forget any history and keep tails from now on."""
+        self.active = True
+        self.history = None
+
+    def stop(self) -> None:
+        """End the stream and free the kept frames."""
+        self.active = False
+        self.history = None
+
+    @property
+    def num_frames(self) -> int:
+        return 0 if self.history is None else self.history.shape[2]
+
+
+class CausalConv3d(nn.Conv3d):
+    """A 3-D convolution that pads time only in front (2 * pt zero frames), never behind.
+
+    Spatial zero padding (ph, pw) is symmetric and done by the convolution itself. In a stream the
+    front padding is replaced by the kept frames of the previous chunk (see `CausalCache`), so
+    chunked and whole-sequence calls give the same frames.
+
+    Shapes: x (B, Ci, T, H, W) -> (B, Co, T_out, H, W); T_out = number of complete kernel windows
+    over (history or zero padding) + x. T may be 0 (nothing comes out, the padding is remembered).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
+                 *, stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
+        kt, kh, kw = _triple(kernel_size)
+        pt, ph, pw = _triple(padding)
+        super().__init__(in_channels, out_channels, (kt, kh, kw), stride=_triple(stride), padding=(0, ph, pw))
+        self.front_padding = 2 * pt
+        self.cache = CausalCache()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see class docstring
+        cache = self.cache
+        if cache.history is None:
+            if self.front_padding:
+                x = F.pad(x, (0, 0, 0, 0, self.front_padding, 0))
+        elif cache.history.shape[2]:
+            x = torch.cat([cache.history, x], dim=2)
+        kt, st = self.kernel_size[0], self.stride[0]
+        length = x.shape[2]
+        num_out = (length - kt) // st + 1 if length >= kt else 0
+        if cache.active:
+            cache.history = x[:, :, st * num_out:].clone()
+        if num_out == 0:
+            b, _, _, h, w = x.shape
+            h_out = (h + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+            w_out = (w + 2 * self.padding[2] - self.kernel_size[2]) // self.stride[2] + 1
+            return x.new_zeros(b, self.out_channels, 0, h_out, w_out)
+        return super().forward(x)
+
+
+def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return value, value, value
+    if len(value) != 3:
+        raise ValueError(f"expected an int or 3 values (t, h, w); got {value!r}")
+    return int(value[0]), int(value[1]), int(value[2])
+
+
+class RMSNorm(nn.Module):
+    """Per-voxel channel norm: x / max(||x||_2 over C, 1e-12) * sqrt(C) * gamma, computed in fp32.
+
+    `images=True` gives gamma the (C, 1, 1) shape used on 4-D tensors; otherwise (C, 1, 1, 1).
+    Shapes: (B, C, ...) -> same.
+    """
+
+    def __init__(self, dim: int, *, images: bool) -> None:
+        super().__init__()
+        self.scale = math.sqrt(dim)
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        y = F.normalize(x.float(), dim=1, eps=1e-12) * (self.scale * self.gamma.float())
+        return y.to(x.dtype)
+
+
+class ChunkBlock(nn.Module):
+    """A VAE block called as `block(x, first_chunk)` (`first_chunk`: this chunk holds frame 0)."""
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x, first_chunk)")
+
+
+class ResidualBlock(ChunkBlock):
+    """RMS -> SiLU -> conv3 -> RMS -> SiLU -> dropout -> conv3, plus a 1x1x1 shortcut if Ci != Co.
+
+    Shapes: (B, Ci, T, H, W) -> (B, Co, T, H, W).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False), nn.SiLU(inplace=True),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False), nn.SiLU(inplace=True), nn.Dropout(0.0),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
+        return self.residual(x) + self.shortcut(x)
+
+
+class AttentionBlock(ChunkBlock):
+    """Single-head self-attention over the H*W positions of each frame, with a residual add.
+
+    Shapes: (B, C, T, H, W) -> same; attention never crosses frames.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
+        b, c, t, h, w = x.shape
+        frames = rearrange(x, "b c t h w -> (b t) c h w")
+        qkv = self.to_qkv(self.norm(frames))
+        q, k, v = rearrange(qkv, "n (three c) h w -> three n 1 (h w) c", three=3)  # (B*T, 1, H*W, C) each
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = self.proj(rearrange(o, "n 1 (h w) c -> n c h w", h=h, w=w))
+        return x + rearrange(o, "(b t) c h w -> b c t h w", b=b, t=t)
+
+
+class Resample(ChunkBlock):
+    """Spatial (and optionally temporal) down- or up-sampling by 2 (spec 2.5).
+
+    modes: "downsample2d", "downsample3d", "upsample2d", "upsample3d". `out_dim` is the channel
+    count after an upsample (C/2 in Wan2.1, C in Wan2.2); downsamples keep C.
+    Shapes: downsample (B, C, T, H, W) -> (B, C, T', H/2, W/2) with T' = T, or for 3d and the whole
+    sequence 1 + (T-1)/2; upsample -> (B, out_dim, T', 2H, 2W) with T' = T, or for 3d 1 + 2(T-1).
+    """
+
+    MODES = ("downsample2d", "downsample3d", "upsample2d", "upsample3d")
+
+    def __init__(self, dim: int, mode: str, *, out_dim: int | None = None) -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"Resample mode must be one of {self.MODES}; got {mode!r}")
+        self.mode = mode
+        self.dim = dim
+        if mode.startswith("up"):
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                          nn.Conv2d(dim, out_dim or dim, 3, padding=1))
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0)) if mode == "upsample3d" else None
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if mode == "downsample3d" else None
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
+        if self.mode == "upsample3d":
+            x = self._time_upsample(x, first_chunk)
+        b = x.shape[0]
+        frames = self.resample(rearrange(x, "b c t h w -> (b t) c h w"))
+        x = rearrange(frames, "(b t) c h w -> b c t h w", b=b)
+        if self.mode == "downsample3d":
+            x = self._time_downsample(x, first_chunk)
+        return x
+
+    def _time_upsample(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        """Frame 0 passes; every later frame becomes two through the causal `time_conv`."""
+        assert self.time_conv is not None
+        head, rest = (x[:, :, :1], x[:, :, 1:]) if first_chunk else (None, x)
+        doubled = rearrange(self.time_conv(rest), "b (two c) t h w -> b c (t two) h w", two=2)
+        return doubled if head is None else torch.cat([head, doubled], dim=2)
+
+    def _time_downsample(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        """Frame 0 passes; output k >= 1 is the stride-2 conv over frames (2k-2, 2k-1, 2k)."""
+        assert self.time_conv is not None
+        y = self.time_conv(x)
+        return torch.cat([x[:, :, :1], y], dim=2) if first_chunk else y
+
+
+class AvgDown3D(nn.Module):
+    """Parameter-free Wan2.2 shortcut: fold (ft, fs, fs) blocks into channels, then average groups.
+
+    Shapes: (B, Ci, T, H, W) -> (B, Co, ceil(T/ft), H/fs, W/fs); time is zero-padded in front.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.factor_t, self.factor_s = factor_t, factor_s
+        factor = factor_t * factor_s * factor_s
+        if (in_dim * factor) % out_dim:
+            raise ValueError(f"AvgDown3D: {in_dim} channels x {factor} is not divisible by {out_dim}")
+        self.group = in_dim * factor // out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ft, fs = self.factor_t, self.factor_s
+        pad = (ft - x.shape[2] % ft) % ft
+        if pad:
+            x = F.pad(x, (0, 0, 0, 0, pad, 0))
+        folded = rearrange(x, "b c (t dt) (h dy) (w dx) -> b (c dt dy dx) t h w", dt=ft, dy=fs, dx=fs)
+        b, _, t, h, w = folded.shape
+        return folded.view(b, self.out_dim, self.group, t, h, w).mean(dim=2)
+
+
+class DupUp3D(nn.Module):
+    """Parameter-free Wan2.2 shortcut: repeat channels, unfold them into (ft, fs, fs) blocks.
+
+    Shapes: (B, Ci, T, H, W) -> (B, Co, T*ft, H*fs, W*fs), minus the first ft-1 frames on the
+    first chunk (frame 0 maps to one frame).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        self.factor_t, self.factor_s = factor_t, factor_s
+        factor = factor_t * factor_s * factor_s
+        if (out_dim * factor) % in_dim:
+            raise ValueError(f"DupUp3D: {out_dim} channels x {factor} is not divisible by {in_dim}")
+        self.repeats = out_dim * factor // in_dim
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
+        ft, fs = self.factor_t, self.factor_s
+        x = x.repeat_interleave(self.repeats, dim=1)
+        x = rearrange(x, "b (c dt dy dx) t h w -> b c (t dt) (h dy) (w dx)", dt=ft, dy=fs, dx=fs)
+        return x[:, :, ft - 1:] if first_chunk else x
+
+
+class DownResidualBlock(ChunkBlock):
+    """Wan2.2 encoder stage: res blocks (+ Resample) plus the AvgDown3D shortcut (spec 2.6).
+
+    Shapes: (B, Ci, T, H, W) -> (B, Co, T', H', W') as the Resample decides.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, num_res_blocks: int, temporal_down: bool, down: bool) -> None:
+        super().__init__()
+        self.avg_shortcut = AvgDown3D(in_dim, out_dim, factor_t=2 if temporal_down else 1, factor_s=2 if down else 1)
+        blocks: list[nn.Module] = []
+        for i in range(num_res_blocks):
+            blocks.append(ResidualBlock(in_dim if i == 0 else out_dim, out_dim))
+        if down:
+            blocks.append(Resample(out_dim, "downsample3d" if temporal_down else "downsample2d"))
+        self.downsamples = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
+        shortcut = self.avg_shortcut(x)
+        for block in self.downsamples:
+            x = block(x, first_chunk)
+        return x + shortcut
+
+
+class UpResidualBlock(ChunkBlock):
+    """Wan2.2 decoder stage: res blocks (+ Resample) plus the DupUp3D shortcut when upsampling.
+
+    Shapes: (B, Ci, T, H, W) -> (B, Co, T', H', W') as the Resample decides.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, num_res_blocks: int, temporal_up: bool, up: bool) -> None:
+        super().__init__()
+        self.avg_shortcut = (DupUp3D(in_dim, out_dim, factor_t=2 if temporal_up else 1, factor_s=2)
+                             if up else None)
+        blocks: list[nn.Module] = []
+        for i in range(num_res_blocks):
+            blocks.append(ResidualBlock(in_dim if i == 0 else out_dim, out_dim))
+        if up:
+            blocks.append(Resample(out_dim, "upsample3d" if temporal_up else "upsample2d", out_dim=out_dim))
+        self.upsamples = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
+        shortcut = None if self.avg_shortcut is None else self.avg_shortcut(x, first_chunk)
+        for block in self.upsamples:
+            x = block(x, first_chunk)
+        return x if shortcut is None else x + shortcut
+
+
+def patchify(video: torch.Tensor, patch: int) -> torch.Tensor:
+    """Fold p x p pixel blocks into channels, channel = (c * p + dx) * p + dy (spec 2.6).
+
+    Shapes: (B, C, F, H, W) -> (B, C*p*p, F, H/p, W/p).
+    """
+    if patch == 1:
+        return video
+    return rearrange(video, "b c f (h q) (w r) -> b (c r q) f h w", q=patch, r=patch)
+
+
+def unpatchify(video: torch.Tensor, patch: int) -> torch.Tensor:
+    """Inverse of `patchify`. Shapes: (B, C*p*p, F, h, w) -> (B, C, F, h*p, w*p)."""
+    if patch == 1:
+        return video
+    return rearrange(video, "b (c r q) f h w -> b c f (h q) (w r)", q=patch, r=patch)

@@ -1,0 +1,129 @@
+"""Spatially tiled VAE decode: memory bounded by the tile size, not the frame size.
+
+The latent is cut into overlapping (h, w) tiles; each tile is decoded on its own, streamed over
+time with the exact causal cache (so there is no temporal tiling error), and added into the
+output with a separable weight that ramps linearly across every overlap with a neighbour; the
+sum is divided by the summed weights. The tile decodes see a cut receptive field, so pixels near
+seams differ slightly from the untiled decode (see docs/vae.md for measured errors); tiling is
+opt-in and the untiled decode stays the reference.
+
+Peak memory: output buffer + the caches and working set of one tile and one temporal chunk.
+
+Shapes: latent (B, z, T, h, w); output (B, 3, 1 + 4(T-1), h*s, w*s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import VAEConfig
+
+if TYPE_CHECKING:
+    from .vae import WanVAE
+
+AUTO = "auto"
+NO_TILING = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAETiling:
+    """Tile plan in latent cells: square tiles of `tile_size`, neighbours overlapping by `overlap`.
+
+    Defaults (32 cells = 256 px for Wan2.1, 512 px for Wan2.2; overlap 8 cells) keep the error
+    against the untiled decode within the bound stated in docs/vae.md.
+    """
+
+    tile_size: int = 32
+    overlap: int = 8
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 2:
+            raise ValueError(f"tile_size must be >= 2 latent cells; got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise ValueError(f"overlap must be in [0, tile_size) = [0, {self.tile_size}); got {self.overlap}")
+
+    def axis_tiles(self, length: int) -> list[tuple[int, int]]:
+        """[start, stop) latent ranges along one axis; the last tile ends flush with the axis."""
+        if length <= self.tile_size:
+            return [(0, length)]
+        step = self.tile_size - self.overlap
+        starts = list(range(0, length - self.tile_size, step)) + [length - self.tile_size]
+        return [(s, s + self.tile_size) for s in dict.fromkeys(starts)]
+
+    def tiles(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        """(y0, y1, x0, x1) latent boxes covering an h x w latent."""
+        return [(y0, y1, x0, x1) for y0, y1 in self.axis_tiles(h) for x0, x1 in self.axis_tiles(w)]
+
+    def flops(self, config: VAEConfig, latent_shape: tuple[int, ...]) -> float:
+        """Decode FLOPs summed over the tiles (overlaps are decoded twice)."""
+        from .vae import vae_flops
+
+        b, z, t, h, w = latent_shape
+        return sum(vae_flops(config, "decode", (b, z, t, y1 - y0, x1 - x0)) for y0, y1, x0, x1 in self.tiles(h, w))
+
+    def describe(self) -> str:
+        return f"tiles {self.tile_size}x{self.tile_size} latent, overlap {self.overlap}"
+
+
+def resolve_tiling(tiling: object) -> VAETiling | None:
+    """None / "none" -> untiled; "auto" -> default `VAETiling()`; a `VAETiling` is used as is."""
+    if tiling is None or tiling == NO_TILING:
+        return None
+    if tiling == AUTO:
+        return VAETiling()
+    if isinstance(tiling, VAETiling):
+        return tiling
+    raise TypeError(f"tiling must be None, {NO_TILING!r}, {AUTO!r} or a VAETiling; got {tiling!r}")
+
+
+def axis_weights(tiles: list[tuple[int, int]], index: int, scale: int) -> torch.Tensor:
+    """Pixel blend weights of tile `index` along one axis: linear ramps over its overlaps.
+
+    Inside an overlap of n pixels the weight runs (1..n)/(n+1) up (and the neighbour's down), so
+    two ramps sum to 1; elsewhere it is 1. Shapes: -> ((stop - start) * scale,).
+    """
+    start, stop = tiles[index]
+    weight = torch.ones((stop - start) * scale, dtype=torch.float32)
+    if index > 0:
+        n = (tiles[index - 1][1] - start) * scale
+        if n > 0:
+            weight[:n] *= torch.arange(1, n + 1, dtype=torch.float32) / (n + 1)
+    if index + 1 < len(tiles):
+        n = (stop - tiles[index + 1][0]) * scale
+        if n > 0:
+            weight[-n:] *= torch.arange(n, 0, -1, dtype=torch.float32) / (n + 1)
+    return weight
+
+
+def decode_tiled(vae: WanVAE, x: torch.Tensor, plan: VAETiling, *, chunk_frames: int | None,
+                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Decode `x` (a latent already through `conv2`) tile by tile; returns the unclamped video.
+
+    `callback(done, total)` counts chunks over all tiles (total = tiles x temporal chunks).
+    Shapes: x (B, z, T, h, w) -> (B, 3, 1 + 4(T-1), h*s, w*s), float32.
+    """
+    from .vae import PIXEL_CHANNELS, chunk_ranges
+
+    cfg = vae.config
+    b, _, t, h, w = x.shape
+    s = cfg.spatial_stride
+    out = torch.zeros((b, PIXEL_CHANNELS, cfg.pixel_frames(t), h * s, w * s), dtype=torch.float32, device=x.device)
+    weight_sum = torch.zeros((h * s, w * s), dtype=torch.float32, device=x.device)
+    rows, cols = plan.axis_tiles(h), plan.axis_tiles(w)
+    per_tile = len(chunk_ranges(t, chunk_frames))
+    total = len(rows) * len(cols) * per_tile
+    done = 0
+    for i, (y0, y1) in enumerate(rows):
+        wy = axis_weights(rows, i, s).to(x.device)
+        for j, (x0, x1) in enumerate(cols):
+            weight = wy[:, None] * axis_weights(cols, j, s).to(x.device)[None, :]  # (tile H, tile W)
+            region = out[:, :, :, y0 * s:y1 * s, x0 * s:x1 * s]
+            vae.decode_into(x[:, :, :, y0:y1, x0:x1], region, chunk_frames=chunk_frames, callback=callback,
+                            weight=weight, progress=(done, total))
+            weight_sum[y0 * s:y1 * s, x0 * s:x1 * s] += weight
+            done += per_tile
+    return out.div_(weight_sum)

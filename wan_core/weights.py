@@ -1,0 +1,579 @@
+"""Checkpoint files: reading, writing, key maps and config detection.
+
+The first half is generic and used by every component (DiT, text encoder, VAE):
+`read_state_dict` reads `.safetensors` (memory-mapped, one tensor at a time), sharded safetensors
+(an `*.index.json` or a folder of shards), and `.pth`/`.pt` pickles through
+`torch.load(weights_only=True, mmap=True)`; it strips prefixes and dequantises ComfyUI's
+fp8 "scaled" files. `write_safetensors` writes atomically (temp file, then `os.replace`).
+
+The second half is the DiT: `detect_dit_config`, `load_dit`, `load_experts`, `save_dit` and the
+official <-> diffusers key map (spec section 3.10).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TASK_BY_MODEL_TYPE, DiTConfig
+from .dit import WanDiT
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+COMFY_DIT_PREFIX = "model.diffusion_model."
+FP8_MARKER = "scaled_fp8"
+FP8_SCALE_SUFFIX = ".scale_weight"
+FP8_INPUT_SCALE_SUFFIX = ".scale_input"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+NUM_HEADS_METADATA_KEY = "wanbench.num_heads"
+OFFICIAL_CONFIG_NAME = "config.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Generic reading
+# --------------------------------------------------------------------------------------------
+def read_state_dict(
+    path_or_paths: PathLike | Sequence[PathLike],
+    *,
+    dtype: torch.dtype | None = None,
+    strip_prefixes: Sequence[str] = (COMFY_DIT_PREFIX,),
+) -> dict[str, torch.Tensor]:
+    """Read a checkpoint (one file, several files, an index or a folder) into a flat state dict.
+
+    - `dtype`: floating tensors are cast to it one by one while reading (integer tensors are kept).
+      fp8 tensors are always dequantised: to `dtype`, or to float32 when `dtype` is None.
+    - fp8 "scaled" files (ComfyUI): `<name>.weight` in fp8 times `<name>.scale_weight`; the
+      `scaled_fp8` marker and the `.scale_weight` / `.scale_input` entries are dropped.
+    - `strip_prefixes`: for each prefix in order, when some keys start with it, only those keys are
+      kept, without the prefix (a ComfyUI all-in-one file keeps its diffusion model part).
+
+    Raises `CheckpointError` for a missing, truncated or corrupt file, a pickle holding other
+    objects than tensors, and a key present in two shards.
+    """
+    files = _resolve_files(path_or_paths)
+    raw: dict[str, torch.Tensor] = {}
+    for file in files:
+        for key, tensor in _read_one_file(file).items():
+            if key in raw:
+                raise CheckpointError(f"tensor {key!r} appears in more than one file ({file}); "
+                                      "pass the shards of one checkpoint only")
+            raw[key] = tensor
+    sd = _strip_prefixes(raw, strip_prefixes)
+    return _dequantise_and_cast(sd, dtype)
+
+
+def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The `__metadata__` string map of a safetensors file (empty when it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(path)
+    _check_exists(file)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except SafetensorError as e:
+        raise _corrupt(file, e) from e
+
+
+def _check_exists(file: Path) -> None:
+    if not file.exists():
+        raise CheckpointError(f"checkpoint not found: {file}; check the path (expected a .safetensors, "
+                              ".pth or .pt file, an *.index.json or a folder of shards)")
+
+
+def _corrupt(file: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(f"file is truncated or corrupt: {file} ({error}); re-download it")
+
+
+def _resolve_files(path_or_paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        paths = [Path(path_or_paths)]
+    else:
+        paths = [Path(p) for p in path_or_paths]
+        if not paths:
+            raise CheckpointError("no checkpoint files given; pass a file, an index or a folder")
+    files: list[Path] = []
+    for path in paths:
+        _check_exists(path)
+        if path.is_dir():
+            files.extend(_files_in_folder(path))
+        elif path.name.endswith(".index.json"):
+            files.extend(_files_of_index(path))
+        else:
+            files.append(path)
+    return files
+
+
+def _files_in_folder(folder: Path) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"folder {folder} holds {len(indexes)} shard indexes "
+                              f"({[i.name for i in indexes]}); pass the index file you mean")
+    if indexes:
+        return _files_of_index(indexes[0])
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        shards = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not shards:
+        raise CheckpointError(f"folder {folder} holds no .safetensors, .pth or .pt files; "
+                              "pass the folder that contains the checkpoint shards")
+    return shards
+
+
+def _files_of_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"shard index {index} is not a valid *.index.json with a 'weight_map' "
+                              f"({e}); re-download it") from e
+    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    for file in files:
+        if not file.exists():
+            raise CheckpointError(f"shard {file.name} listed in {index} is missing; download all shards")
+    return files
+
+
+def _read_one_file(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        return _read_safetensors(file)
+    if file.suffix in PICKLE_SUFFIXES:
+        return _read_pickle(file)
+    raise CheckpointError(f"unsupported checkpoint file type {file.suffix!r} ({file}); expected "
+                          f".safetensors or one of {PICKLE_SUFFIXES}")
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as e:
+        raise _corrupt(file, e) from e
+
+
+def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file} holds Python objects other than tensors, which are refused for "
+                              f"safety (torch.load weights_only=True: {str(e).splitlines()[0]}); "
+                              "convert it to .safetensors or use a tensors-only file") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise _corrupt(file, e) from e
+    if isinstance(obj, Mapping):
+        for nested in ("state_dict", "model", "module"):
+            if isinstance(obj.get(nested), Mapping) and len(obj) <= 2:
+                obj = obj[nested]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{file} holds a {type(obj).__name__}, expected a dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{file} is not a flat state dict: entries {bad[:5]} are not tensors; "
+                              "expected a dict of name -> tensor")
+    return dict(obj)
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor], prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+    for prefix in prefixes:
+        if not prefix or not any(k.startswith(prefix) for k in sd):
+            continue
+        kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if len(kept) != len(sd):
+            logger.info("kept the %d tensors under %r and dropped %d others", len(kept), prefix,
+                        len(sd) - len(kept))
+        sd = kept
+    return sd
+
+
+def _dequantise_and_cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        if key == FP8_MARKER or key.endswith(FP8_SCALE_SUFFIX) or key.endswith(FP8_INPUT_SCALE_SUFFIX):
+            continue
+        if tensor.dtype in FP8_DTYPES:
+            owner = key.rsplit(".", 1)[0] if "." in key else key
+            scale = sd.get(owner + FP8_SCALE_SUFFIX)
+            value = tensor.float()
+            if scale is not None:
+                value = value * scale.float()
+            tensor = value.to(dtype or torch.float32)
+        elif dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        out[key] = tensor
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Generic writing
+# --------------------------------------------------------------------------------------------
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *,
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors to `path` atomically (temp file in the same folder, then `os.replace`)."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(contiguous, tmp, metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def write_text_atomic(text: str, path: PathLike) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def quantise_fp8_scaled(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor fp8 e4m3fn quantisation: (weight / scale in fp8, scale) with scale = absmax / 448."""
+    w = weight.detach().float()
+    absmax = w.abs().max()
+    scale = (absmax / torch.finfo(torch.float8_e4m3fn).max).clamp_min(torch.finfo(torch.float32).tiny)
+    return (w / scale).to(torch.float8_e4m3fn), scale.reshape(())
+
+
+# --------------------------------------------------------------------------------------------
+# DiT: key maps
+# --------------------------------------------------------------------------------------------
+DIT_REQUIRED_KEYS = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+                     "blocks.0.self_attn.q.weight", "blocks.0.ffn.0.weight", "head.head.weight")
+DIFFUSERS_MARKER = "condition_embedder."
+DIT_LAYOUTS = ("official", "comfy", "comfy_prefixed", "diffusers")
+DIT_CONFIG_METADATA_KEY = "wanbench.dit_config"
+OFFICIAL_SHARD_NAME = "diffusion_pytorch_model-{:05d}-of-{:05d}.safetensors"
+OFFICIAL_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_FILE_NAME = "diffusion_pytorch_model.safetensors"
+NUM_OFFICIAL_SHARDS = 2
+HEAD_DIM_OF_RELEASED_MODELS = 128
+
+# Official -> diffusers names outside the blocks (prefix match) and inside `blocks.N.`.
+_TOP_LEVEL_TO_DIFFUSERS = (
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
+)
+_BLOCK_TO_DIFFUSERS = (
+    ("modulation", "scale_shift_table"),
+    ("self_attn.q.", "attn1.to_q."), ("self_attn.k.", "attn1.to_k."), ("self_attn.v.", "attn1.to_v."),
+    ("self_attn.o.", "attn1.to_out.0."), ("self_attn.norm_q.", "attn1.norm_q."),
+    ("self_attn.norm_k.", "attn1.norm_k."),
+    ("cross_attn.q.", "attn2.to_q."), ("cross_attn.k.", "attn2.to_k."), ("cross_attn.v.", "attn2.to_v."),
+    ("cross_attn.o.", "attn2.to_out.0."), ("cross_attn.norm_q.", "attn2.norm_q."),
+    ("cross_attn.norm_k.", "attn2.norm_k."),
+    ("norm3.", "norm2."),  # the cross-attention pre-norm: official norm3 is diffusers norm2
+    ("ffn.0.", "ffn.net.0.proj."), ("ffn.2.", "ffn.net.2."),
+)
+
+
+def _rename(key: str, table: Iterable[tuple[str, str]], reverse: bool) -> str:
+    for official, diffusers in table:
+        src, dst = (diffusers, official) if reverse else (official, diffusers)
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
+
+def _convert_key(key: str, reverse: bool) -> str:
+    if key.startswith("blocks."):
+        _, index, rest = key.split(".", 2)
+        return f"blocks.{index}." + _rename(rest, _BLOCK_TO_DIFFUSERS, reverse)
+    return _rename(key, _TOP_LEVEL_TO_DIFFUSERS, reverse)
+
+
+def dit_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official DiT key names -> diffusers `WanTransformer3DModel` names (spec section 3.10)."""
+    return {_convert_key(k, reverse=False): v for k, v in sd.items()}
+
+
+def dit_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Diffusers `WanTransformer3DModel` key names -> official DiT names."""
+    return {_convert_key(k, reverse=True): v for k, v in sd.items()}
+
+
+def is_diffusers_dit(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(DIFFUSERS_MARKER) for k in sd)
+
+
+# --------------------------------------------------------------------------------------------
+# DiT: config detection
+# --------------------------------------------------------------------------------------------
+def detect_dit_config(sd: Mapping[str, torch.Tensor], *, num_heads: int | None = None,
+                      extra: Mapping[str, object] | None = None) -> DiTConfig:
+    """The `DiTConfig` of an official-named DiT state dict, from key names and shapes.
+
+    | field | decided by |
+    | --- | --- |
+    | dim, in_dim, patch_size | `patch_embedding.weight` (D, in_dim, pt, ph, pw) |
+    | out_dim | `head.head.weight` rows / prod(patch_size) |
+    | ffn_dim | `blocks.0.ffn.0.weight` rows |
+    | freq_dim | `time_embedding.0.weight` columns |
+    | text_dim | `text_embedding.0.weight` columns |
+    | num_layers | number of distinct `blocks.N.` indices |
+    | model_type | (in_dim, out_dim) matched against the task presets of config.py: |
+    |            | (16, 16) t2v, (36, 16) i2v, (48, 48) ti2v |
+    | num_heads | the `num_heads` argument, else `extra["num_heads"]` (official config.json or |
+    |           | the file's metadata), else dim // 128 when dim % 128 == 0 and dim >= 1024 |
+    |           | (head dim 128, true of all released models), else an error asking for it |
+    | text_len, eps | `extra` when given, else 512 and 1e-6 |
+
+    `extra` holds config values read beside the weights (official `config.json`, or the
+    `wanbench.dit_config` metadata that `save_dit` writes); they must agree with the shapes.
+    """
+    missing = [k for k in DIT_REQUIRED_KEYS if k not in sd]
+    if missing:
+        found = sorted(sd)[:6]
+        raise CheckpointError(f"not a Wan2.2 DiT checkpoint: missing {missing[:3]} (expected keys such as "
+                              f"'blocks.0.self_attn.q.weight', 'patch_embedding.weight'); found keys such as "
+                              f"{found}; pick the diffusion model file, not the text encoder or VAE")
+    extra = dict(extra or {})
+    patch = sd["patch_embedding.weight"]
+    if patch.ndim != 5:
+        raise CheckpointError(f"patch_embedding.weight must be 5-D (D, in_dim, pt, ph, pw); "
+                              f"got {tuple(patch.shape)}")
+    dim, in_dim = int(patch.shape[0]), int(patch.shape[1])
+    patch_size = tuple(int(s) for s in patch.shape[2:])
+    out_dim, rem = divmod(int(sd["head.head.weight"].shape[0]), math.prod(patch_size))
+    if rem:
+        raise CheckpointError(f"head.head.weight has {sd['head.head.weight'].shape[0]} rows, not a multiple "
+                              f"of the patch volume {math.prod(patch_size)}")
+    model_type = _model_type_from_channels(in_dim, out_dim)
+    if "model_type" in extra and extra["model_type"] != model_type:
+        raise CheckpointError(f"config says model_type {extra['model_type']!r} but the weights have "
+                              f"in_dim {in_dim} / out_dim {out_dim}, which is {model_type!r}")
+    heads = num_heads or extra.get("num_heads") or _default_num_heads(dim)
+    layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    cfg = DiTConfig(
+        model_type=model_type, patch_size=patch_size, in_dim=in_dim, dim=dim, out_dim=out_dim,
+        ffn_dim=int(sd["blocks.0.ffn.0.weight"].shape[0]),
+        freq_dim=int(sd["time_embedding.0.weight"].shape[1]),
+        text_dim=int(sd["text_embedding.0.weight"].shape[1]), num_heads=int(heads), num_layers=len(layers),
+        text_len=int(extra.get("text_len", 512)), eps=float(extra.get("eps", 1e-6)),
+    )
+    for name in ("dim", "in_dim", "out_dim", "ffn_dim", "freq_dim", "num_layers"):
+        if name in extra and int(extra[name]) != getattr(cfg, name):
+            raise CheckpointError(f"config says {name}={extra[name]} but the weights give "
+                                  f"{getattr(cfg, name)}")
+    if layers != set(range(len(layers))):
+        raise CheckpointError(f"block indices are not contiguous from 0: {sorted(layers)}; "
+                              "the file is incomplete")
+    return cfg
+
+
+def _model_type_from_channels(in_dim: int, out_dim: int) -> str:
+    for model_type, task in TASK_BY_MODEL_TYPE.items():
+        if (task.dit.in_dim, task.dit.out_dim) == (in_dim, out_dim):
+            return model_type
+    known = {mt: (t.dit.in_dim, t.dit.out_dim) for mt, t in TASK_BY_MODEL_TYPE.items()}
+    raise CheckpointError(f"unknown Wan2.2 DiT channels in_dim={in_dim}, out_dim={out_dim}; "
+                          f"expected one of {known}")
+
+
+def _default_num_heads(dim: int) -> int:
+    if dim % HEAD_DIM_OF_RELEASED_MODELS == 0 and dim >= 1024:
+        return dim // HEAD_DIM_OF_RELEASED_MODELS
+    raise CheckpointError(f"cannot tell num_heads for dim {dim} from the weights (no config.json or "
+                          f"'{DIT_CONFIG_METADATA_KEY}' metadata); pass num_heads=...")
+
+
+def _extra_config(path: Path) -> dict[str, object]:
+    """Config values stored beside the weights: config.json of a folder/index, or file metadata."""
+    folder = path if path.is_dir() else path.parent if path.name.endswith(".index.json") else None
+    if folder is not None and (folder / OFFICIAL_CONFIG_NAME).is_file():
+        raw = json.loads((folder / OFFICIAL_CONFIG_NAME).read_text(encoding="utf-8"))
+        if "num_attention_heads" in raw:  # diffusers config.json
+            names = {"num_attention_heads": "num_heads", "num_layers": "num_layers", "eps": "eps",
+                     "ffn_dim": "ffn_dim", "freq_dim": "freq_dim", "in_channels": "in_dim",
+                     "out_channels": "out_dim", "text_len": "text_len"}
+            return {ours: raw[theirs] for theirs, ours in names.items() if raw.get(theirs) is not None}
+        return {k: raw[k] for k in ("model_type", "dim", "in_dim", "out_dim", "ffn_dim", "freq_dim",
+                                     "num_heads", "num_layers", "text_len", "eps") if k in raw}
+    if path.is_file() and path.suffix == ".safetensors":
+        meta = read_safetensors_metadata(path)
+        if DIT_CONFIG_METADATA_KEY in meta:
+            return json.loads(meta[DIT_CONFIG_METADATA_KEY])
+        if NUM_HEADS_METADATA_KEY in meta:
+            return {"num_heads": int(meta[NUM_HEADS_METADATA_KEY])}
+    return {}
+
+
+def _config_json(cfg: DiTConfig) -> dict[str, object]:
+    out = asdict(cfg)
+    out["patch_size"], out["window_size"] = list(cfg.patch_size), list(cfg.window_size)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# DiT: loading and saving
+# --------------------------------------------------------------------------------------------
+def read_dit_state_dict(path: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
+                        num_heads: int | None = None) -> tuple[dict[str, torch.Tensor], DiTConfig]:
+    """Official-named state dict and detected config of any supported DiT file or folder."""
+    sd = read_state_dict(path, dtype=dtype)
+    if is_diffusers_dit(sd):
+        sd = dit_from_diffusers(sd)
+    first = Path(path) if isinstance(path, (str, os.PathLike)) else Path(path[0])
+    return sd, detect_dit_config(sd, num_heads=num_heads, extra=_extra_config(first))
+
+
+def load_dit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """`load_state_dict` with errors that name the tensor and the expected and found shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"DiT state dict does not match the model: missing {missing[:5]} "
+                              f"({len(missing)} in all), unexpected {unexpected[:5]} "
+                              f"({len(unexpected)} in all)")
+    for key, ref in expected.items():
+        if tuple(sd[key].shape) != tuple(ref.shape):
+            raise CheckpointError(f"shape mismatch for {key}: expected {tuple(ref.shape)}, got "
+                                  f"{tuple(sd[key].shape)}; the file belongs to another model size")
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def load_dit(path: PathLike | Sequence[PathLike], *, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, num_heads: int | None = None) -> WanDiT:
+    """Build a `WanDiT` from a file, a shard index or a folder in any supported layout."""
+    sd, cfg = read_dit_state_dict(path, dtype=dtype, num_heads=num_heads)
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    load_dit_state_dict(model, sd)
+    logger.info("loaded %s DiT (%d layers, dim %d) from %s", cfg.model_type, cfg.num_layers, cfg.dim, path)
+    return model.to(device=device).eval().requires_grad_(False)
+
+
+def load_experts(high: PathLike, low: PathLike | None = None, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, num_heads: int | None = None) -> list[WanDiT]:
+    """One model (ti2v) or the high- and low-noise experts (A14B), checked to be of one task and size."""
+    models = [load_dit(high, device=device, dtype=dtype, num_heads=num_heads)]
+    if low is not None:
+        models.append(load_dit(low, device=device, dtype=dtype, num_heads=num_heads))
+        a, b = models[0].config, models[1].config
+        if a != b:
+            diff = {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in fields(a)
+                    if getattr(a, f.name) != getattr(b, f.name)}
+            raise CheckpointError(f"the two experts differ (high vs low): {diff}; expected the high- and "
+                                  f"low-noise models of one task (high is {a.model_type}, "
+                                  f"low is {b.model_type})")
+    return models
+
+
+def save_dit(state_dict_or_model: nn.Module | Mapping[str, torch.Tensor], path: PathLike, *,
+             layout: str = "comfy", dtype: torch.dtype = torch.float16, fp8_scaled: bool = False,
+             config: DiTConfig | None = None) -> Path:
+    """Write a DiT in one of `DIT_LAYOUTS`; returns the file or folder written.
+
+    - official: folder with 2 shards, `diffusion_pytorch_model.safetensors.index.json`, config.json.
+    - comfy / comfy_prefixed: one file, official names (prefixed with `model.diffusion_model.`).
+      `fp8_scaled`: 2-D block weights in fp8 e4m3fn with `<layer>.scale_weight` (absmax/448) and
+      the `scaled_fp8` marker; everything else in `dtype`.
+    - diffusers: one file with diffusers names when `path` ends in .safetensors, else a folder with
+      `diffusion_pytorch_model.safetensors` and a diffusers config.json.
+    Single files carry the full config in their metadata (`wanbench.dit_config`).
+    """
+    if layout not in DIT_LAYOUTS:
+        raise ValueError(f"unknown DiT layout {layout!r}; expected one of {DIT_LAYOUTS}")
+    if fp8_scaled and layout not in ("comfy", "comfy_prefixed"):
+        raise ValueError(f"fp8_scaled is a ComfyUI layout; use layout 'comfy' or 'comfy_prefixed', "
+                         f"not {layout!r}")
+    if isinstance(state_dict_or_model, WanDiT):
+        config = config or state_dict_or_model.config
+    is_module = isinstance(state_dict_or_model, nn.Module)
+    sd = dict(state_dict_or_model.state_dict() if is_module else state_dict_or_model)
+    config = config or detect_dit_config(sd)
+    tensors = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    metadata = {DIT_CONFIG_METADATA_KEY: json.dumps(_config_json(config)),
+                NUM_HEADS_METADATA_KEY: str(config.num_heads)}
+    target = Path(path)
+    if layout == "official":
+        return _save_official(tensors, target, config)
+    if layout == "diffusers":
+        return _save_diffusers(dit_to_diffusers(tensors), target, config, metadata)
+    if fp8_scaled:
+        tensors = _fp8_scaled(sd, dtype)
+    if layout == "comfy_prefixed":
+        tensors = {COMFY_DIT_PREFIX + k: v for k, v in tensors.items()}
+    return write_safetensors(tensors, target, metadata=metadata)
+
+
+def _fp8_scaled(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith("blocks.") and key.endswith(".weight") and value.ndim == 2:
+            out[key], out[key[: -len(".weight")] + FP8_SCALE_SUFFIX] = quantise_fp8_scaled(value)
+        else:
+            out[key] = value.detach().to(dtype) if value.is_floating_point() else value
+    out[FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def _save_official(tensors: dict[str, torch.Tensor], folder: Path, config: DiTConfig) -> Path:
+    keys = sorted(tensors)
+    per_shard = math.ceil(len(keys) / NUM_OFFICIAL_SHARDS)
+    weight_map: dict[str, str] = {}
+    for i in range(NUM_OFFICIAL_SHARDS):
+        name = OFFICIAL_SHARD_NAME.format(i + 1, NUM_OFFICIAL_SHARDS)
+        chunk = keys[i * per_shard:(i + 1) * per_shard]
+        write_safetensors({k: tensors[k] for k in chunk}, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in chunk})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_text_atomic(json.dumps(index, indent=2), folder / OFFICIAL_INDEX_NAME)
+    official_cfg = {"_class_name": "WanModel", "model_type": config.model_type, "dim": config.dim,
+                    "eps": config.eps, "ffn_dim": config.ffn_dim, "freq_dim": config.freq_dim,
+                    "in_dim": config.in_dim, "num_heads": config.num_heads, "num_layers": config.num_layers,
+                    "out_dim": config.out_dim, "text_len": config.text_len}
+    write_text_atomic(json.dumps(official_cfg, indent=2), folder / OFFICIAL_CONFIG_NAME)
+    return folder
+
+
+def _save_diffusers(tensors: dict[str, torch.Tensor], target: Path, config: DiTConfig,
+                    metadata: dict[str, str]) -> Path:
+    if target.suffix == ".safetensors":
+        return write_safetensors(tensors, target, metadata=metadata)
+    diffusers_cfg = {
+        "_class_name": "WanTransformer3DModel", "patch_size": list(config.patch_size),
+        "num_attention_heads": config.num_heads, "attention_head_dim": config.head_dim,
+        "in_channels": config.in_dim, "out_channels": config.out_dim, "text_dim": config.text_dim,
+        "freq_dim": config.freq_dim, "ffn_dim": config.ffn_dim, "num_layers": config.num_layers,
+        "cross_attn_norm": config.cross_attn_norm, "qk_norm": "rms_norm_across_heads", "eps": config.eps,
+        "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+        "text_len": config.text_len,  # not a diffusers field (its pipelines pad to 512); kept for reloading
+    }
+    write_safetensors(tensors, target / DIFFUSERS_FILE_NAME, metadata=metadata)
+    write_text_atomic(json.dumps(diffusers_cfg, indent=2), target / OFFICIAL_CONFIG_NAME)
+    return target

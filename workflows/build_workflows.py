@@ -1,0 +1,293 @@
+"""Writes every shipped workflow (UI format + API twin) and the benchmark suites from one description.
+
+Run `python workflows/build_workflows.py` (or `python -m wanbench.cli build-workflows`) after changing
+a node's inputs; the tests fail when the checked-in files differ from what this script writes.
+
+- UI format (drag-and-drop, litegraph version 0.4): `widgets_values` follow the order of each
+  node's widget inputs in `INPUT_TYPES` (required, then optional), with the extra
+  "fixed"/"randomize" value the frontend stores after an INT input that has
+  `control_after_generate`; socket inputs (and `forceInput` ones) are listed in `inputs`.
+- API format: what the frontend's `app.graphToPrompt()` produces for that graph: every widget
+  value by name, links as `[source id, output slot]`, `_meta.title`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: import the installed package
+    from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
+else:
+    from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
+
+WORKFLOWS_DIR = Path(__file__).resolve().parent
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+CORE_NODES: dict[str, dict[str, Any]] = {
+    # The only core node the shipped workflows use, with its widget/socket layout (ComfyUI >= 0.3).
+    "LoadImage": {"widgets": ["image", "upload"], "api_widgets": ["image"], "inputs": [],
+                  "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "title": "Load Image"},
+}
+
+PROMPT = ("A red fox trots through fresh snow in a birch forest at sunrise, its breath visible in the cold "
+          "air; the camera tracks it slowly from the side, soft golden light, shallow depth of field.")
+TINY_PROMPT = "a red fox running through snow"
+
+TINY_FILES = {
+    "ti2v": ("wanbench_tiny_ti2v_5B_fp16.safetensors", "none"),
+    "t2v": ("wanbench_tiny_t2v_high_noise_14B_fp16.safetensors", "wanbench_tiny_t2v_low_noise_14B_fp16.safetensors"),
+    "i2v": ("wanbench_tiny_i2v_high_noise_14B_fp16.safetensors", "wanbench_tiny_i2v_low_noise_14B_fp16.safetensors"),
+}
+TINY_TEXT_ENCODER = "wanbench_tiny_umt5_xxl_fp16.safetensors"
+TINY_VAE = {"wan2.2": "wanbench_tiny_wan2.2_vae.safetensors", "wan2.1": "wanbench_tiny_wan_2.1_vae.safetensors"}
+# Tiny twins: small enough that the CPU demo finishes in well under a minute (9 frames).
+TINY_GEOMETRY = {"ti2v": (96, 64, 9), "t2v": (64, 48, 9), "i2v": (64, 48, 9)}
+FULL_FILES = {
+    "ti2v": ("wan2.2_ti2v_5B_fp16.safetensors", "none"),
+    "t2v": ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
+    "i2v": ("wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"),
+}
+FULL_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+FULL_VAE = {"wan2.2": "wan2.2_vae.safetensors", "wan2.1": "wan_2.1_vae.safetensors"}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict[str, Any]
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    """One shipped workflow: task, mode (text or image) and size class."""
+
+    name: str
+    model_type: str  # "ti2v" | "t2v" | "i2v"
+    with_image: bool
+    tiny: bool
+
+
+def _graph(spec: WorkflowSpec) -> list[Node]:
+    task = {"ti2v": TI2V_5B, "t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
+    cfg = task.tiny() if spec.tiny else task
+    sampler = task.sampler
+    high, low = (TINY_FILES if spec.tiny else FULL_FILES)[spec.model_type]
+    vae_file = (TINY_VAE if spec.tiny else FULL_VAE)[task.vae.variant]
+    width, height, frames = TINY_GEOMETRY[spec.model_type] if spec.tiny else (*task.default_size, task.frame_num)
+    dtype = "float32" if spec.tiny else "bfloat16"
+    nodes = [
+        Node(1, "WanBenchProfiler", {"case_name": spec.name, "sample_interval_ms": 100}),
+        Node(2, "WanBenchModelLoader", {"model_high": high, "model_low": low, "dtype": dtype, "attention": "sdpa",
+                                        "device": "auto"}, {"profiler": (1, 0)}),
+        Node(3, "WanBenchTextEncoderLoader", {"text_encoder": TINY_TEXT_ENCODER if spec.tiny else FULL_TEXT_ENCODER,
+                                              "dtype": dtype, "device": "auto"}, {"profiler": (1, 0)}),
+        Node(4, "WanBenchTextEncode", {"prompt": TINY_PROMPT if spec.tiny else PROMPT,
+                                       "negative_prompt": "" if spec.tiny else DEFAULT_NEGATIVE_PROMPT},
+             {"text_encoder": (3, 0), "profiler": (1, 0)}),
+        Node(5, "WanBenchVAELoader", {"vae": vae_file, "dtype": "float32", "device": "auto"}, {"profiler": (1, 0)}),
+    ]
+    geometry = {"width": width, "height": height, "length": frames}
+    if spec.with_image:
+        if spec.tiny:
+            nodes.append(Node(6, "WanBenchTestImage", {"width": width + width // 4, "height": height,
+                                                       "pattern": "gradient"}))
+        else:
+            nodes.append(Node(6, "LoadImage", {"image": "example.png", "upload": "image"}))
+        nodes.append(Node(7, "WanBenchImageToVideo", geometry,
+                          {"vae": (5, 0), "start_image": (6, 0), "profiler": (1, 0)}))
+    else:
+        nodes.append(Node(7, "WanBenchEmptyLatent", geometry, {"vae": (5, 0), "profiler": (1, 0)}))
+    g_low, g_high = sampler.guide_scale
+    nodes += [
+        Node(8, "WanBenchSampler", {
+            "seed": 42, "steps": cfg.sampler.steps, "shift": sampler.shift,
+            "boundary": sampler.boundary if sampler.boundary is not None else 0.875,
+            "guidance_high": g_high, "guidance_low": g_low, "solver": "unipc", "batched_cfg": True,
+            "placement": "none" if spec.tiny or not task.is_moe else "model", "resident_blocks": 0},
+            {"model": (2, 0), "text_embeds": (4, 0), "latent": (7, 0), "profiler": (1, 0)}),
+        Node(9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (5, 0), "latent": (8, 0), "profiler": (1, 0)}),
+        Node(10, "WanBenchSaveVideo", {"fps": task.fps, "filename_prefix": f"wanbench/{spec.name}",
+                                       "format": "mp4 (h264)", "crf": 19}, {"images": (9, 0)}),
+        Node(11, "WanBenchReport", {"filename_prefix": f"wanbench/{spec.name}_report"},
+             {"profiler": (1, 0), "video_path": (10, 0)}),
+    ]
+    return nodes
+
+
+# ------------------------------------------------------------------------------------------------
+# Node layout from the node definitions
+# ------------------------------------------------------------------------------------------------
+def _layout(node_type: str) -> dict[str, Any]:
+    """Widget names (UI order, with control values), API widget names, socket inputs, outputs, title."""
+    if node_type in CORE_NODES:
+        return CORE_NODES[node_type]
+    cls = NODE_CLASS_MAPPINGS[node_type]
+    spec = cls.INPUT_TYPES()
+    widgets: list[str] = []
+    api_widgets: list[str] = []
+    inputs: list[tuple[str, str, bool]] = []
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            is_widget = (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
+            if is_widget:
+                widgets.append(name)
+                api_widgets.append(name)
+                if opts.get("control_after_generate"):
+                    widgets.append(f"{name}.control_after_generate")
+            else:
+                inputs.append((name, kind, section == "optional"))
+    outputs = list(zip(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES), cls.RETURN_TYPES))
+    return {"widgets": widgets, "api_widgets": api_widgets, "inputs": inputs, "outputs": outputs,
+            "title": NODE_DISPLAY_NAME_MAPPINGS[node_type]}
+
+
+def _widget_value(node: Node, name: str) -> Any:
+    if name.endswith(".control_after_generate"):
+        return "fixed"
+    if name not in node.widgets:
+        raise KeyError(f"workflow node {node.id} ({node.type}) has no value for widget {name!r}")
+    return node.widgets[name]
+
+
+def to_api(nodes: list[Node]) -> dict[str, Any]:
+    """The API ("prompt") format of a graph."""
+    prompt: dict[str, Any] = {}
+    for node in nodes:
+        layout = _layout(node.type)
+        inputs: dict[str, Any] = {name: _widget_value(node, name) for name in layout["api_widgets"]}
+        for name, *_ in layout["inputs"]:
+            if name in node.links:
+                src, slot = node.links[name]
+                inputs[name] = [str(src), slot]
+        prompt[str(node.id)] = {"inputs": inputs, "class_type": node.type, "_meta": {"title": layout["title"]}}
+    return prompt
+
+
+def to_ui(nodes: list[Node]) -> dict[str, Any]:
+    """The UI (litegraph 0.4) format of a graph, laid out in columns by dependency depth."""
+    by_id = {n.id: n for n in nodes}
+    depth: dict[int, int] = {}
+
+    def depth_of(node: Node) -> int:
+        if node.id not in depth:
+            depth[node.id] = 1 + max((depth_of(by_id[s]) for s, _ in node.links.values()), default=-1)
+        return depth[node.id]
+
+    links: list[list[Any]] = []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    in_link: dict[tuple[int, str], int] = {}
+    for node in nodes:
+        layout = _layout(node.type)
+        for name, kind, _ in layout["inputs"]:
+            if name in node.links:
+                src, slot = node.links[name]
+                link_id = len(links) + 1
+                target_slot = [i[0] for i in layout["inputs"]].index(name)
+                links.append([link_id, src, slot, node.id, target_slot, kind])
+                out_links.setdefault((src, slot), []).append(link_id)
+                in_link[(node.id, name)] = link_id
+    order = sorted(nodes, key=lambda n: (depth_of(n), n.id))
+    rows: dict[int, int] = {}
+    ui_nodes = []
+    for position, node in enumerate(order):
+        layout = _layout(node.type)
+        col = depth_of(node)
+        row = rows.get(col, 0)
+        rows[col] = row + 1
+        inputs = []
+        for name, kind, optional in layout["inputs"]:
+            entry: dict[str, Any] = {"name": name, "type": kind, "link": in_link.get((node.id, name))}
+            if optional:
+                entry["shape"] = 7
+            inputs.append(entry)
+        outputs = [{"name": name, "type": kind, "slot_index": slot, "links": out_links.get((node.id, slot))}
+                   for slot, (name, kind) in enumerate(layout["outputs"])]
+        ui_nodes.append({
+            "id": node.id, "type": node.type, "pos": [40 + 380 * col, 40 + 260 * row], "size": [340, 220],
+            "flags": {}, "order": position, "mode": 0, "inputs": inputs, "outputs": outputs,
+            "properties": {"Node name for S&R": node.type},
+            "widgets_values": [_widget_value(node, name) for name in layout["widgets"]],
+        })
+    ui_nodes.sort(key=lambda n: n["id"])
+    return {"last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+# ------------------------------------------------------------------------------------------------
+# The shipped set
+# ------------------------------------------------------------------------------------------------
+WORKFLOWS = (
+    WorkflowSpec("wan22_ti2v_5B_t2v", "ti2v", with_image=False, tiny=False),
+    WorkflowSpec("wan22_ti2v_5B_i2v", "ti2v", with_image=True, tiny=False),
+    WorkflowSpec("wan22_t2v_A14B", "t2v", with_image=False, tiny=False),
+    WorkflowSpec("wan22_i2v_A14B", "i2v", with_image=True, tiny=False),
+    WorkflowSpec("tiny_ti2v_5B_t2v", "ti2v", with_image=False, tiny=True),
+    WorkflowSpec("tiny_ti2v_5B_i2v", "ti2v", with_image=True, tiny=True),
+    WorkflowSpec("tiny_t2v_A14B", "t2v", with_image=False, tiny=True),
+    WorkflowSpec("tiny_i2v_A14B", "i2v", with_image=True, tiny=True),
+)
+
+# The cases of the existing benchmark reports: (name, workflow, steps, placement, width, height).
+BENCHMARK_CASES = (
+    ("01_Speed_Preview_480p", "ti2v_5B_t2v", 5, "model", None, None),
+    ("02_Efficiency_Mode_720p", "ti2v_5B_t2v", 10, "model", None, None),
+    ("03_Performance_Mode_720p", "ti2v_5B_t2v", 10, "none", None, None),
+    ("02_Efficiency_Quality_704p", "ti2v_5B_t2v", 30, "model", None, None),
+    ("03_Max_Quality_704p", "ti2v_5B_t2v", 50, "model", None, None),
+    ("04_14B_Speed_Preview_480p", "t2v_A14B", 10, "model", 832, 480),
+)
+TINY_STEPS = {5: 2, 10: 3, 30: 4, 50: 5}
+
+
+def _suite(tiny: bool) -> dict[str, Any]:
+    cases = []
+    for name, workflow, steps, placement, width, height in BENCHMARK_CASES:
+        overrides: dict[str, Any] = {"WanBenchProfiler.case_name": name,
+                                     "WanBenchSampler.steps": TINY_STEPS[steps] if tiny else steps,
+                                     "WanBenchSampler.placement": "none" if tiny else placement}
+        if width is not None and not tiny:
+            overrides |= {"WanBenchEmptyLatent.width": width, "WanBenchEmptyLatent.height": height}
+        prefix = "tiny_" if tiny else "wan22_"
+        cases.append({"name": name, "workflow": f"../{prefix}{workflow}.api.json", "overrides": overrides})
+    title = "tiny twins (CPU)" if tiny else "TI2V-5B at 1280x704 and T2V-A14B at 832x480"
+    return {"name": "wan22_benchmark" + ("_tiny" if tiny else ""), "description": f"Benchmark cases: {title}",
+            "cases": cases}
+
+
+def build_all() -> dict[str, Any]:
+    """Relative path -> JSON content of every generated file."""
+    files: dict[str, Any] = {}
+    for spec in WORKFLOWS:
+        graph = _graph(spec)
+        files[f"{spec.name}.json"] = to_ui(graph)
+        files[f"{spec.name}.api.json"] = to_api(graph)
+    files["suites/wan22_benchmark.json"] = _suite(tiny=False)
+    files["suites/wan22_benchmark_tiny.json"] = _suite(tiny=True)
+    return files
+
+
+def render(content: Any) -> str:
+    return json.dumps(content, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_all(target: Path = WORKFLOWS_DIR) -> list[Path]:
+    written = []
+    for rel, content in build_all().items():
+        path = target / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(content), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_all():
+        sys.stdout.write(f"{p}\n")
