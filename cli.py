@@ -40,7 +40,9 @@ def _find_workflow(name: str) -> Path:
     for candidate in (Path(name), WORKFLOWS_DIR / name, WORKFLOWS_DIR / "suites" / name):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"workflow {name!r} not found (as a path or among the shipped files in {WORKFLOWS_DIR})")
+    raise FileNotFoundError(
+        f"workflow {name!r} not found (as a path or among the shipped files in {WORKFLOWS_DIR})"
+    )
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -59,8 +61,9 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # One workflow
 # ------------------------------------------------------------------------------------------------
-def run_one(workflow: Path, *, out_dir: Path, models: Path | None, server: str | None,
-            overrides: dict[str, Any]) -> dict[str, list[str]]:
+def run_one(
+    workflow: Path, *, out_dir: Path, models: Path | None, server: str | None, overrides: dict[str, Any]
+) -> dict[str, list[str]]:
     """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written."""
     from .runner import apply_overrides, load_api_workflow, output_files, run_on_server, run_workflow
 
@@ -68,6 +71,7 @@ def run_one(workflow: Path, *, out_dir: Path, models: Path | None, server: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if server:
+
         def progress(node: Any, value: Any, maximum: Any) -> None:
             _say(f"  node {node}: {value}/{maximum}")
 
@@ -84,14 +88,25 @@ def run_one(workflow: Path, *, out_dir: Path, models: Path | None, server: str |
     return files
 
 
+def _prepare_models(args: argparse.Namespace) -> Path:
+    """The models folder of an in-process run; with --make-tiny-models, filled with the tiny models."""
+    models = Path(args.models) if args.models else Path(args.out) / "models"
+    if args.make_tiny_models:
+        from .tiny_models import make_tiny_models
+
+        make_tiny_models(models, seed=0, overwrite=False)
+    return models
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    run_one(_find_workflow(args.workflow), out_dir=Path(args.out), models=_models(args), server=args.server,
-            overrides=_parse_set(args.set))
+    run_one(
+        _find_workflow(args.workflow),
+        out_dir=Path(args.out),
+        models=None if args.server else _prepare_models(args),
+        server=args.server,
+        overrides=_parse_set(args.set),
+    )
     return 0
-
-
-def _models(args: argparse.Namespace) -> Path | None:
-    return None if getattr(args, "models", None) is None else Path(args.models)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,14 +130,19 @@ def cmd_suite(args: argparse.Namespace) -> int:
     path = _find_workflow(args.suite)
     suite = load_suite(path)
     out_dir = Path(args.out)
+    models = None if args.server else _prepare_models(args)
     reports: list[str] = []
     failed: list[tuple[str, str]] = []
     for case in suite["cases"]:
         _say(f"== case {case['name']}")
         try:
-            files = run_one((path.parent / case["workflow"]).resolve(), out_dir=out_dir / case["name"],
-                            models=_models(args) or out_dir / "models", server=args.server,
-                            overrides=dict(case.get("overrides", {})))
+            files = run_one(
+                (path.parent / case["workflow"]).resolve(),
+                out_dir=out_dir / case["name"],
+                models=models,
+                server=args.server,
+                overrides=dict(case.get("overrides", {})),
+            )
             if not files["reports"]:
                 raise RuntimeError("the case wrote no report JSON (is Wan Benchmark Report in the workflow?)")
             reports += files["reports"]
@@ -183,7 +203,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     models = make_tiny_models(out_dir / "models", seed=0, overwrite=False)
     _say(f"tiny models in {models.root}")
-    files = run_one(WORKFLOWS_DIR / DEMO_WORKFLOW, out_dir=out_dir, models=models.root, server=None, overrides={})
+    files = run_one(
+        WORKFLOWS_DIR / DEMO_WORKFLOW, out_dir=out_dir, models=models.root, server=None, overrides={}
+    )
     _say(f"demo finished in {time.perf_counter() - started:.1f} s; outputs are in {out_dir.resolve()}")
     for report in files["reports"]:
         md = Path(report).with_suffix(".md")
@@ -196,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every node")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-tiny-models", help="write tiny random-weight checkpoints in ComfyUI's file layouts")
+    p = sub.add_parser(
+        "make-tiny-models", help="write tiny random-weight checkpoints in ComfyUI's file layouts"
+    )
     p.add_argument("dir", help="models folder to fill (diffusion_models/, text_encoders/, vae/)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_models)
@@ -206,15 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="ComfyUI URL, e.g. http://127.0.0.1:8188")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="where outputs go (and are fetched to)")
     p.add_argument("--models", help="models folder for in-process runs (default OUT/models)")
-    p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                   help="override an input, by node type or id (repeatable)")
+    p.add_argument(
+        "--make-tiny-models",
+        action="store_true",
+        help="first write the tiny models into the models folder (kept when present)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NODE.INPUT=VALUE",
+        help="override an input, by node type or id (repeatable)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("suite", help="run every case of a benchmark suite, then one combined report")
     p.add_argument("suite")
     p.add_argument("--server")
     p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--models")
+    p.add_argument("--models", help="models folder for in-process runs (default OUT/models)")
+    p.add_argument(
+        "--make-tiny-models",
+        action="store_true",
+        help="first write the tiny models into the models folder (kept when present)",
+    )
     p.set_defaults(func=cmd_suite)
 
     p = sub.add_parser("report", help="merge run JSON files into one Markdown report")
@@ -234,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except (FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError) as err:

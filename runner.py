@@ -47,13 +47,20 @@ def load_api_workflow(path: str | Path) -> dict[str, Any]:
         raise WorkflowError(f"{path} is a UI-format workflow; run its API twin (*.api.json) instead")
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
         data = data["prompt"]
-    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+    if not isinstance(data, dict) or not all(
+        isinstance(v, dict) and "class_type" in v for v in data.values()
+    ):
         raise WorkflowError(f"{path} is not an API-format workflow: expected {{id: {{class_type, inputs}}}}")
     return data
 
 
 def _is_link(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    )
 
 
 def _input_spec(cls: type, name: str) -> tuple[Any, dict[str, Any]] | None:
@@ -65,16 +72,27 @@ def _input_spec(cls: type, name: str) -> tuple[Any, dict[str, Any]] | None:
     return None
 
 
-def _check_value(node_id: str, class_type: str, name: str, kind: Any, opts: dict[str, Any], value: Any) -> None:
+def _check_value(
+    node_id: str, class_type: str, name: str, kind: Any, opts: dict[str, Any], value: Any
+) -> None:
     where = f"node {node_id} ({class_type}) input {name!r}"
     if isinstance(kind, list):
         if value not in kind:
             shown = kind if len(kind) <= 8 else kind[:8] + ["..."]
+            if not kind:
+                raise WorkflowError(
+                    f"{where}: {value!r} is not available: the list is empty (no model files found). "
+                    "Pass the models folder with --models, or create the tiny models with "
+                    "--make-tiny-models / `wanbench make-tiny-models DIR`"
+                )
             raise WorkflowError(f"{where}: value {value!r} is not one of {shown}")
         return
     if kind in ("INT", "FLOAT"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and
-                                                                            not float(value).is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind == "INT" and not float(value).is_integer())
+        ):
             raise WorkflowError(f"{where}: expected {kind}; got {value!r}")
         if isinstance(value, float) and math.isnan(value):
             raise WorkflowError(f"{where}: expected a number; got NaN")
@@ -91,9 +109,11 @@ def validate_workflow(prompt: Mapping[str, Any]) -> list[str]:
     for node_id, node in prompt.items():
         class_type = node.get("class_type")
         if class_type not in NODE_CLASS_MAPPINGS:
-            raise WorkflowError(f"node {node_id}: node type {class_type!r} is not a ComfyUI-WanBench node; "
-                                f"the in-process runner only runs {sorted(NODE_CLASS_MAPPINGS)}. "
-                                f"Run this workflow on a ComfyUI server with --server URL")
+            raise WorkflowError(
+                f"node {node_id}: node type {class_type!r} is not a ComfyUI-WanBench node; "
+                f"the in-process runner only runs {sorted(NODE_CLASS_MAPPINGS)}. "
+                f"Run this workflow on a ComfyUI server with --server URL"
+            )
         cls = NODE_CLASS_MAPPINGS[class_type]
         inputs = node.get("inputs", {})
         for name in cls.INPUT_TYPES().get("required", {}):
@@ -106,13 +126,19 @@ def validate_workflow(prompt: Mapping[str, Any]) -> list[str]:
             if _is_link(value):
                 src_id, slot = value
                 if src_id not in prompt:
-                    raise WorkflowError(f"node {node_id} ({class_type}) input {name!r} links to missing node {src_id}")
+                    raise WorkflowError(
+                        f"node {node_id} ({class_type}) input {name!r} links to missing node {src_id}"
+                    )
                 src_cls = NODE_CLASS_MAPPINGS.get(prompt[src_id]["class_type"])
                 out_types = src_cls.RETURN_TYPES if src_cls else ()
-                if slot >= len(out_types) or (out_types[slot] != spec[0] and "*" not in (out_types[slot], spec[0])):
+                if slot >= len(out_types) or (
+                    out_types[slot] != spec[0] and "*" not in (out_types[slot], spec[0])
+                ):
                     got = out_types[slot] if slot < len(out_types) else f"no output {slot}"
-                    raise WorkflowError(f"node {node_id} ({class_type}) input {name!r} expects {spec[0]}; "
-                                        f"node {src_id} output {slot} is {got}")
+                    raise WorkflowError(
+                        f"node {node_id} ({class_type}) input {name!r} expects {spec[0]}; "
+                        f"node {src_id} output {slot} is {got}"
+                    )
     return _topological_order(prompt)
 
 
@@ -137,8 +163,7 @@ def _topological_order(prompt: Mapping[str, Any]) -> list[str]:
     return order
 
 
-def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any],
-              result: RunResult) -> None:
+def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], result: RunResult) -> None:
     class_type = node["class_type"]
     cls = NODE_CLASS_MAPPINGS[class_type]
     kwargs: dict[str, Any] = {}
@@ -196,7 +221,9 @@ def apply_overrides(prompt: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
         for nid in hits:
             inputs = out[nid].setdefault("inputs", {})
             if name not in inputs:
-                raise WorkflowError(f"override {key!r}: node {nid} ({out[nid]['class_type']}) has no input {name!r}")
+                raise WorkflowError(
+                    f"override {key!r}: node {nid} ({out[nid]['class_type']}) has no input {name!r}"
+                )
             inputs[name] = value
     return out
 
@@ -235,8 +262,10 @@ class _WebSocket:
         self._sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout_s)
         key = base64.b64encode(os.urandom(16)).decode()
         path = parts.path + ("?" + parts.query if parts.query else "")
-        request = (f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port or 80}\r\nUpgrade: websocket\r\n"
-                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port or 80}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
         self._sock.sendall(request.encode())
         self._buffer = b""
         header = self._read_until(b"\r\n\r\n")
@@ -328,7 +357,9 @@ def _http_json(method: str, url: str, body: Any = None, *, timeout_s: float = 60
     import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -344,8 +375,13 @@ def _download(server: str, entry: Mapping[str, Any], out_dir: Path, *, timeout_s
     import urllib.parse
     import urllib.request
 
-    query = urllib.parse.urlencode({"filename": entry["filename"], "subfolder": entry.get("subfolder", ""),
-                                    "type": entry.get("type", "output")})
+    query = urllib.parse.urlencode(
+        {
+            "filename": entry["filename"],
+            "subfolder": entry.get("subfolder", ""),
+            "type": entry.get("type", "output"),
+        }
+    )
     target = out_dir / entry.get("subfolder", "") / entry["filename"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with urllib.request.urlopen(f"{server}/view?{query}", timeout=timeout_s) as response:
@@ -353,8 +389,14 @@ def _download(server: str, entry: Mapping[str, Any], out_dir: Path, *, timeout_s
     return target
 
 
-def run_on_server(prompt: Mapping[str, Any], server: str, out_dir: Path, *, timeout_s: float = 3600.0,
-                  on_progress: Any = None) -> ServerRun:
+def run_on_server(
+    prompt: Mapping[str, Any],
+    server: str,
+    out_dir: Path,
+    *,
+    timeout_s: float = 3600.0,
+    on_progress: Any = None,
+) -> ServerRun:
     """Submit `prompt`, follow its progress on the websocket, then fetch its videos and report files."""
     import uuid
 
@@ -363,7 +405,9 @@ def run_on_server(prompt: Mapping[str, Any], server: str, out_dir: Path, *, time
     ws = _WebSocket(server.replace("http://", "ws://", 1) + f"/ws?clientId={client_id}", timeout_s=timeout_s)
     messages: list[dict[str, Any]] = []
     try:
-        status, answer = _http_json("POST", f"{server}/prompt", {"prompt": dict(prompt), "client_id": client_id})
+        status, answer = _http_json(
+            "POST", f"{server}/prompt", {"prompt": dict(prompt), "client_id": client_id}
+        )
         if status != 200 or not isinstance(answer, dict) or answer.get("node_errors"):
             raise ServerError(f"the server refused the workflow (HTTP {status}): {json.dumps(answer)[:2000]}")
         prompt_id = answer["prompt_id"]
@@ -380,8 +424,10 @@ def run_on_server(prompt: Mapping[str, Any], server: str, out_dir: Path, *, time
             if kind == "progress" and on_progress is not None:
                 on_progress(data.get("node"), data.get("value"), data.get("max"))
             elif kind == "execution_error":
-                raise ServerError(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                                  f"{data.get('exception_type')}: {data.get('exception_message')}")
+                raise ServerError(
+                    f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                    f"{data.get('exception_type')}: {data.get('exception_message')}"
+                )
             elif kind == "execution_interrupted":
                 raise ServerError(f"the prompt was interrupted at node {data.get('node_id')}")
             elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:

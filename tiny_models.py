@@ -104,8 +104,13 @@ def make_tiny_models(root: str | Path, *, seed: int = 0, overwrite: bool = True)
     if wanted(t5_path):
         t5_cfg = UMT5_XXL.tiny()
         encoder = randomize(UMT5Encoder(t5_cfg), _seed_for(TEXT_ENCODER_FILE, seed))
-        save_text_encoder(encoder, t5_path, spiece_bytes=train_tiny_spiece(t5_cfg.vocab_size), layout="comfy",
-                          dtype=torch.float16)
+        save_text_encoder(
+            encoder,
+            t5_path,
+            spiece_bytes=train_tiny_spiece(t5_cfg.vocab_size),
+            layout="comfy",
+            dtype=torch.float16,
+        )
         log.info("wrote %s", t5_path)
     vaes: dict[str, Path] = {}
     for name, vae_cfg in VAE_FILES.items():

@@ -52,11 +52,15 @@ class Bridge:
     model_dirs: dict[str, Path] = field(default_factory=dict)
 
     @classmethod
-    def for_models_root(cls, models_root: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> Bridge:
+    def for_models_root(
+        cls, models_root: str | os.PathLike[str], output_dir: str | os.PathLike[str]
+    ) -> Bridge:
         """A bridge whose model folders are `models_root/<folder>` (the layout of `make-tiny-models`)."""
         root = Path(models_root)
-        return cls(output_dir=Path(output_dir),
-                   model_dirs={name: root / name for name in (FOLDER_DIT, FOLDER_TEXT_ENCODERS, FOLDER_VAE)})
+        return cls(
+            output_dir=Path(output_dir),
+            model_dirs={name: root / name for name in (FOLDER_DIT, FOLDER_TEXT_ENCODERS, FOLDER_VAE)},
+        )
 
 
 def _active_bridge() -> Bridge:
@@ -86,8 +90,10 @@ def resolve_model(folder: str, name: str) -> str:
     if fp is not None:
         path = fp.get_full_path(folder, name)
         if path is None:
-            raise FileNotFoundError(f"model {name!r} is not in ComfyUI's {folder!r} folder; "
-                                    f"put the file under models/{folder}/ and refresh")
+            raise FileNotFoundError(
+                f"model {name!r} is not in ComfyUI's {folder!r} folder; "
+                f"put the file under models/{folder}/ and refresh"
+            )
         return str(path)
     candidate = Path(name)
     if candidate.exists():
@@ -96,8 +102,10 @@ def resolve_model(folder: str, name: str) -> str:
     if directory is not None and (directory / name).exists():
         return str(directory / name)
     where = str(directory) if directory is not None else "no models folder configured"
-    raise FileNotFoundError(f"model {name!r} not found as a path nor in the {folder!r} folder ({where}); "
-                            f"pass an existing file or run `wanbench make-tiny-models DIR`")
+    raise FileNotFoundError(
+        f"model {name!r} not found as a path nor in the {folder!r} folder ({where}); "
+        f"pass an existing file or run `wanbench make-tiny-models DIR`"
+    )
 
 
 def output_directory() -> Path:
@@ -116,8 +124,9 @@ def save_path(prefix: str, width: int, height: int) -> tuple[Path, str, int, str
     """
     fp = _comfy_module("folder_paths")
     if fp is not None:
-        folder, stem, counter, subfolder, _ = fp.get_save_image_path(prefix, fp.get_output_directory(),
-                                                                     width, height)
+        folder, stem, counter, subfolder, _ = fp.get_save_image_path(
+            prefix, fp.get_output_directory(), width, height
+        )
         return Path(folder), stem, int(counter), subfolder
     root = output_directory()
     sub, _, stem = prefix.replace("\\", "/").rpartition("/")
@@ -125,8 +134,11 @@ def save_path(prefix: str, width: int, height: int) -> tuple[Path, str, int, str
     if root.resolve() not in (folder, *folder.parents):
         raise ValueError(f"filename_prefix {prefix!r} points outside the output folder {root}")
     folder.mkdir(parents=True, exist_ok=True)
-    used = [int(p.stem.rsplit("_", 2)[-2]) for p in folder.glob(f"{stem}_*_.*")
-            if p.stem.rsplit("_", 2)[-2].isdigit()]
+    used = [
+        int(p.stem.rsplit("_", 2)[-2])
+        for p in folder.glob(f"{stem}_*_.*")
+        if p.stem.rsplit("_", 2)[-2].isdigit()
+    ]
     return folder, stem, max(used, default=0) + 1, sub
 
 

@@ -29,17 +29,35 @@ class WanTestImage:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "width": ("INT", {"default": 512, "min": 8, "max": MAX_SIZE, "step": 8,
-                                  "tooltip": "Image width in pixels."}),
-                "height": ("INT", {"default": 512, "min": 8, "max": MAX_SIZE, "step": 8,
-                                   "tooltip": "Image height in pixels."}),
+                "width": (
+                    "INT",
+                    {
+                        "default": 512,
+                        "min": 8,
+                        "max": MAX_SIZE,
+                        "step": 8,
+                        "tooltip": "Image width in pixels.",
+                    },
+                ),
+                "height": (
+                    "INT",
+                    {
+                        "default": 512,
+                        "min": 8,
+                        "max": MAX_SIZE,
+                        "step": 8,
+                        "tooltip": "Image height in pixels.",
+                    },
+                ),
                 "pattern": (list(PATTERNS), {"default": "gradient", "tooltip": "What the image shows."}),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, width: int | None = None, height: int | None = None) -> bool | str:
-        return first_problem(check_int_range("width", width, 8, MAX_SIZE), check_int_range("height", height, 8, MAX_SIZE))
+        return first_problem(
+            check_int_range("width", width, 8, MAX_SIZE), check_int_range("height", height, 8, MAX_SIZE)
+        )
 
     def make(self, width: int, height: int, pattern: str) -> tuple[torch.Tensor]:
         if pattern not in PATTERNS:

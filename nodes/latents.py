@@ -1,6 +1,7 @@
 """Wan Empty Latent (text-to-video) and Wan Image To Video (TI2V-5B and I2V-A14B start image).
 
-Both emit ComfyUI's `LATENT` (`{"samples": raw zeros (1, z, T, h, w)}`: one video per run); Wan Image To Video adds
+Both emit ComfyUI's `LATENT` (`{"samples": raw zeros (1, z, T, h, w)}`: one video per run); Wan Image
+To Video adds
 `"wan_condition"`: the wan_core conditioning object (`TI2VCondition` or `I2VCondition`) that Wan
 Sampler passes on. The task follows from the VAE: the Wan2.2 VAE means TI2V-5B, the Wan2.1 VAE
 means the A14B tasks.
@@ -36,19 +37,45 @@ def task_for_vae(vae: Any, *, with_image: bool) -> Any:
 
 def _geometry_inputs(default_w: int, default_h: int, default_frames: int) -> dict[str, Any]:
     return {
-        "width": ("INT", {"default": default_w, "min": SIZE_STEP, "max": MAX_SIZE, "step": SIZE_STEP,
-                          "tooltip": "Video width in pixels: a multiple of 32 for TI2V-5B (e.g. 1280), "
-                                     "of 16 for A14B (e.g. 1280 or 832)."}),
-        "height": ("INT", {"default": default_h, "min": SIZE_STEP, "max": MAX_SIZE, "step": SIZE_STEP,
-                           "tooltip": "Video height in pixels: a multiple of 32 for TI2V-5B (e.g. 704), "
-                                      "of 16 for A14B (e.g. 720 or 480)."}),
-        "length": ("INT", {"default": default_frames, "min": 1, "max": MAX_FRAMES, "step": FRAME_STEP,
-                           "tooltip": "Number of frames, 4k+1: 121 for TI2V-5B (24 fps), 81 for A14B (16 fps)."}),
+        "width": (
+            "INT",
+            {
+                "default": default_w,
+                "min": SIZE_STEP,
+                "max": MAX_SIZE,
+                "step": SIZE_STEP,
+                "tooltip": "Video width in pixels: a multiple of 32 for TI2V-5B (e.g. 1280), "
+                "of 16 for A14B (e.g. 1280 or 832).",
+            },
+        ),
+        "height": (
+            "INT",
+            {
+                "default": default_h,
+                "min": SIZE_STEP,
+                "max": MAX_SIZE,
+                "step": SIZE_STEP,
+                "tooltip": "Video height in pixels: a multiple of 32 for TI2V-5B (e.g. 704), "
+                "of 16 for A14B (e.g. 720 or 480).",
+            },
+        ),
+        "length": (
+            "INT",
+            {
+                "default": default_frames,
+                "min": 1,
+                "max": MAX_FRAMES,
+                "step": FRAME_STEP,
+                "tooltip": "Number of frames, 4k+1: 121 for TI2V-5B (24 fps), 81 for A14B (16 fps).",
+            },
+        ),
     }
 
 
 def _validate_geometry(width: int | None, height: int | None, length: int | None) -> bool | str:
-    return first_problem(check_size("width", width), check_size("height", height), check_frames("length", length))
+    return first_problem(
+        check_size("width", width), check_size("height", height), check_frames("length", length)
+    )
 
 
 class WanEmptyLatent:
@@ -63,21 +90,34 @@ class WanEmptyLatent:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
-            "required": {"vae": (T.VAE, {"tooltip": "The VAE of the task: sets channels and stride."}),
-                         **_geometry_inputs(1280, 704, 121)},
+            "required": {
+                "vae": (T.VAE, {"tooltip": "The VAE of the task: sets channels and stride."}),
+                **_geometry_inputs(1280, 704, 121),
+            },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width: int | None = None, height: int | None = None,
-                        length: int | None = None) -> bool | str:
+    def VALIDATE_INPUTS(
+        cls, width: int | None = None, height: int | None = None, length: int | None = None
+    ) -> bool | str:
         return _validate_geometry(width, height, length)
 
-    def make(self, vae: Any, width: int, height: int, length: int, profiler: Any = None,
-             unique_id: str | None = None) -> tuple[dict[str, Any]]:
+    def make(
+        self,
+        vae: Any,
+        width: int,
+        height: int,
+        length: int,
+        profiler: Any = None,
+        unique_id: str | None = None,
+    ) -> tuple[dict[str, Any]]:
         task = task_for_vae(vae, with_image=False)
-        with maybe_profile(profiler, unique_id, [STAGE_PREPROCESS]), single_stage(*STAGE_PREPROCESS, mode="t2v"):
+        with (
+            maybe_profile(profiler, unique_id, [STAGE_PREPROCESS]),
+            single_stage(*STAGE_PREPROCESS, mode="t2v"),
+        ):
             shape = task.latent_shape(width, height, length)  # (z, T, h, w); raises on bad geometry
             samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)
         if profiler is not None:
@@ -92,16 +132,21 @@ class WanImageToVideo:
     RETURN_TYPES = (T.LATENT,)
     RETURN_NAMES = ("latent",)
     FUNCTION = "make"
-    DESCRIPTION = ("Encodes a start image. With the Wan2.2 VAE (TI2V-5B) the output size is the 32-grid "
-                   "size of width x height pixels closest to the image's aspect; with the Wan2.1 VAE "
-                   "(I2V-A14B) the image is resized to about width x height pixels.")
+    DESCRIPTION = (
+        "Encodes a start image. With the Wan2.2 VAE (TI2V-5B) the output size is the 32-grid "
+        "size of width x height pixels closest to the image's aspect; with the Wan2.1 VAE "
+        "(I2V-A14B) the image is resized to about width x height pixels."
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "vae": (T.VAE, {"tooltip": "The VAE of the task; it encodes the start image."}),
-                "start_image": (T.IMAGE, {"tooltip": "First frame of the video (the first image of a batch)."}),
+                "start_image": (
+                    T.IMAGE,
+                    {"tooltip": "First frame of the video (the first image of a batch)."},
+                ),
                 **_geometry_inputs(1280, 704, 121),
             },
             "optional": dict(T.PROFILER_INPUT),
@@ -109,22 +154,37 @@ class WanImageToVideo:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width: int | None = None, height: int | None = None,
-                        length: int | None = None) -> bool | str:
+    def VALIDATE_INPUTS(
+        cls, width: int | None = None, height: int | None = None, length: int | None = None
+    ) -> bool | str:
         return _validate_geometry(width, height, length)
 
-    def make(self, vae: Any, start_image: torch.Tensor, width: int, height: int, length: int,
-             profiler: Any = None, unique_id: str | None = None) -> tuple[dict[str, Any]]:
+    def make(
+        self,
+        vae: Any,
+        start_image: torch.Tensor,
+        width: int,
+        height: int,
+        length: int,
+        profiler: Any = None,
+        unique_id: str | None = None,
+    ) -> tuple[dict[str, Any]]:
         from ..wan_core import conditioning
 
         if not isinstance(start_image, torch.Tensor) or start_image.dim() != 4 or start_image.shape[-1] != 3:
-            got = tuple(start_image.shape) if isinstance(start_image, torch.Tensor) else type(start_image).__name__
+            got = (
+                tuple(start_image.shape)
+                if isinstance(start_image, torch.Tensor)
+                else type(start_image).__name__
+            )
             raise ValueError(f"start_image must be an IMAGE (B, H, W, 3) in [0, 1]; got {got}")
         task = task_for_vae(vae, with_image=True)
         image = start_image[0]  # (H, W, 3): IMAGE -> one RGB image
         build = conditioning.ti2v_condition if task.dit.model_type == "ti2v" else conditioning.i2v_condition
-        with maybe_profile(profiler, unique_id, [STAGE_PREPROCESS]), \
-                single_stage(*STAGE_PREPROCESS, mode=task.dit.model_type):
+        with (
+            maybe_profile(profiler, unique_id, [STAGE_PREPROCESS]),
+            single_stage(*STAGE_PREPROCESS, mode=task.dit.model_type),
+        ):
             condition = build(image, num_frames=length, max_area=width * height, task=task, encode=vae.encode)
         shape = condition.latent_shape  # (C, T, h, w) of the noise
         samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)

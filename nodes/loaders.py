@@ -15,7 +15,11 @@ from . import types as T
 from .profiler_handle import maybe_profile, single_stage
 
 NONE_FILE = "none"
-DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("sdpa", "auto", "flash_attn", "sage")
 
@@ -53,35 +57,66 @@ class WanModelLoader:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "model_high": (_file_choices(bridge.FOLDER_DIT), {
-                    "tooltip": "DiT file from models/diffusion_models: the high-noise expert for A14B "
-                               "tasks, or the single TI2V-5B model."}),
-                "model_low": (_file_choices(bridge.FOLDER_DIT, optional=True), {
-                    "default": NONE_FILE,
-                    "tooltip": "Low-noise expert for A14B tasks (same task as model_high); 'none' for TI2V-5B."}),
-                "dtype": (list(DTYPES), {"default": "bfloat16",
-                                         "tooltip": "Compute dtype of the DiT weights (fp8 files are dequantised "
-                                                    "to it). float32 is the exact reference path."}),
-                "attention": (list(ATTENTION_BACKENDS), {
-                    "default": "sdpa",
-                    "tooltip": "Attention backend: sdpa (always available, the reference), flash_attn or sage "
-                               "when installed, auto picks the fastest available one."}),
-                "device": (list(DEVICES), {"default": "auto",
-                                           "tooltip": "Where the weights are loaded: auto = GPU if present."}),
+                "model_high": (
+                    _file_choices(bridge.FOLDER_DIT),
+                    {
+                        "tooltip": "DiT file from models/diffusion_models: the high-noise expert for A14B "
+                        "tasks, or the single TI2V-5B model."
+                    },
+                ),
+                "model_low": (
+                    _file_choices(bridge.FOLDER_DIT, optional=True),
+                    {
+                        "default": NONE_FILE,
+                        "tooltip": "Low-noise expert for A14B tasks (same task as model_high); "
+                        "'none' for TI2V-5B.",
+                    },
+                ),
+                "dtype": (
+                    list(DTYPES),
+                    {
+                        "default": "bfloat16",
+                        "tooltip": "Compute dtype of the DiT weights (fp8 files are dequantised "
+                        "to it). float32 is the exact reference path.",
+                    },
+                ),
+                "attention": (
+                    list(ATTENTION_BACKENDS),
+                    {
+                        "default": "sdpa",
+                        "tooltip": "Attention backend: sdpa (always available, the reference), "
+                        "flash_attn or sage "
+                        "when installed, auto picks the fastest available one.",
+                    },
+                ),
+                "device": (
+                    list(DEVICES),
+                    {"default": "auto", "tooltip": "Where the weights are loaded: auto = GPU if present."},
+                ),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
         }
 
-    def load(self, model_high: str, model_low: str, dtype: str, attention: str, device: str,
-             profiler: Any = None, unique_id: str | None = None) -> tuple[T.WanModel]:
+    def load(
+        self,
+        model_high: str,
+        model_low: str,
+        dtype: str,
+        attention: str,
+        device: str,
+        profiler: Any = None,
+        unique_id: str | None = None,
+    ) -> tuple[T.WanModel]:
         from ..wan_core.attention import get_backend
         from ..wan_core.config import TASK_BY_MODEL_TYPE
         from ..wan_core.weights import load_experts
 
         if model_low == model_high:
-            raise ValueError(f"model_low must differ from model_high (got {model_low!r} twice); "
-                             f"choose the low_noise file, or 'none' for TI2V-5B")
+            raise ValueError(
+                f"model_low must differ from model_high (got {model_low!r} twice); "
+                f"choose the low_noise file, or 'none' for TI2V-5B"
+            )
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}; got {attention!r}")
         if attention != "auto":
@@ -93,8 +128,10 @@ class WanModelLoader:
         model_type = experts[0].config.model_type
         task = TASK_BY_MODEL_TYPE[model_type]
         if task.is_moe and len(experts) != 2:
-            raise ValueError(f"{task.name} needs two experts; got only {model_high!r}. "
-                             f"Choose the low_noise file as model_low")
+            raise ValueError(
+                f"{task.name} needs two experts; got only {model_high!r}. "
+                f"Choose the low_noise file as model_low"
+            )
         if not task.is_moe and len(experts) != 1:
             raise ValueError(f"{task.name} is a single model; set model_low to 'none' (got {model_low!r})")
         for expert in experts:
@@ -118,19 +155,29 @@ class WanTextEncoderLoader:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "text_encoder": (_file_choices(bridge.FOLDER_TEXT_ENCODERS), {
-                    "tooltip": "UMT5-XXL file from models/text_encoders (e.g. umt5_xxl_fp8_e4m3fn_scaled)."}),
-                "dtype": (list(DTYPES), {"default": "bfloat16",
-                                         "tooltip": "Compute dtype of the encoder (the official run uses bf16)."}),
-                "device": (list(DEVICES), {"default": "auto",
-                                           "tooltip": "Where the encoder runs; cpu keeps ~11 GB off the GPU."}),
+                "text_encoder": (
+                    _file_choices(bridge.FOLDER_TEXT_ENCODERS),
+                    {"tooltip": "UMT5-XXL file from models/text_encoders (e.g. umt5_xxl_fp8_e4m3fn_scaled)."},
+                ),
+                "dtype": (
+                    list(DTYPES),
+                    {
+                        "default": "bfloat16",
+                        "tooltip": "Compute dtype of the encoder (the official run uses bf16).",
+                    },
+                ),
+                "device": (
+                    list(DEVICES),
+                    {"default": "auto", "tooltip": "Where the encoder runs; cpu keeps ~11 GB off the GPU."},
+                ),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
         }
 
-    def load(self, text_encoder: str, dtype: str, device: str, profiler: Any = None,
-             unique_id: str | None = None) -> tuple[Any]:
+    def load(
+        self, text_encoder: str, dtype: str, device: str, profiler: Any = None, unique_id: str | None = None
+    ) -> tuple[Any]:
         from ..wan_core.t5 import load_text_encoder
 
         path = bridge.resolve_model(bridge.FOLDER_TEXT_ENCODERS, text_encoder)
@@ -154,18 +201,23 @@ class WanVAELoader:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "vae": (_file_choices(bridge.FOLDER_VAE), {
-                    "tooltip": "VAE file from models/vae: wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B."}),
-                "dtype": (list(DTYPES), {"default": "float32",
-                                         "tooltip": "VAE dtype; the official pipelines run it in float32."}),
+                "vae": (
+                    _file_choices(bridge.FOLDER_VAE),
+                    {"tooltip": "VAE file from models/vae: wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B."},
+                ),
+                "dtype": (
+                    list(DTYPES),
+                    {"default": "float32", "tooltip": "VAE dtype; the official pipelines run it in float32."},
+                ),
                 "device": (list(DEVICES), {"default": "auto", "tooltip": "Where the VAE runs."}),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
         }
 
-    def load(self, vae: str, dtype: str, device: str, profiler: Any = None,
-             unique_id: str | None = None) -> tuple[Any]:
+    def load(
+        self, vae: str, dtype: str, device: str, profiler: Any = None, unique_id: str | None = None
+    ) -> tuple[Any]:
         from ..wan_core.vae import load_vae
 
         path = bridge.resolve_model(bridge.FOLDER_VAE, vae)

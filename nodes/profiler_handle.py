@@ -55,8 +55,10 @@ class ProfilerHandle:
         prompt_id = comfy_bridge.current_prompt_id()
         if self._session is not None and prompt_id is not None and prompt_id != self._prompt_id:
             # The previous prompt failed or was interrupted before its report node ran.
-            log.warning("prompt %s did not reach Wan Benchmark Report; its measurements are discarded",
-                        self._prompt_id)
+            log.warning(
+                "prompt %s did not reach Wan Benchmark Report; its measurements are discarded",
+                self._prompt_id,
+            )
             self._session.close(error=RuntimeError("the prompt ended before the report node ran"))
             self._session = None
             self._ran_this_run = set()
@@ -64,8 +66,9 @@ class ProfilerHandle:
             self._prompt_id = prompt_id
             from ..profiling import ProfileSession
 
-            self._session = ProfileSession(case_name=self.settings.case_name,
-                                           sample_interval_s=self.settings.sample_interval_ms / 1000.0)
+            self._session = ProfileSession(
+                case_name=self.settings.case_name, sample_interval_s=self.settings.sample_interval_ms / 1000.0
+            )
             self._session.open()
             if self._context:
                 self._session.set_context(**self._context)
@@ -130,8 +133,9 @@ class ProfilerHandle:
 
 
 @contextlib.contextmanager
-def maybe_profile(profiler: ProfilerHandle | None, node_id: str | None,
-                  stages: Iterable[StageSpec]) -> Iterator[None]:
+def maybe_profile(
+    profiler: ProfilerHandle | None, node_id: str | None, stages: Iterable[StageSpec]
+) -> Iterator[None]:
     """`profiler.stage_node(...)` when a profiler is wired, else nothing."""
     if profiler is None:
         yield

@@ -35,18 +35,33 @@ class WanProfiler:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "case_name": ("STRING", {"default": "wan22_run",
-                                         "tooltip": "Name of this case in the report (e.g. 01_Speed_Preview_480p)."}),
-                "sample_interval_ms": ("INT", {"default": 100, "min": MIN_INTERVAL_MS, "max": MAX_INTERVAL_MS,
-                                               "tooltip": "How often GPU activity and memory are sampled."}),
+                "case_name": (
+                    "STRING",
+                    {
+                        "default": "wan22_run",
+                        "tooltip": "Name of this case in the report (e.g. 01_Speed_Preview_480p).",
+                    },
+                ),
+                "sample_interval_ms": (
+                    "INT",
+                    {
+                        "default": 100,
+                        "min": MIN_INTERVAL_MS,
+                        "max": MAX_INTERVAL_MS,
+                        "tooltip": "How often GPU activity and memory are sampled.",
+                    },
+                ),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, case_name: str | None = None, sample_interval_ms: int | None = None) -> bool | str:
-        return first_problem(check_prefix("case_name", case_name),
-                             check_int_range("sample_interval_ms", sample_interval_ms,
-                                             MIN_INTERVAL_MS, MAX_INTERVAL_MS))
+    def VALIDATE_INPUTS(
+        cls, case_name: str | None = None, sample_interval_ms: int | None = None
+    ) -> bool | str:
+        return first_problem(
+            check_prefix("case_name", case_name),
+            check_int_range("sample_interval_ms", sample_interval_ms, MIN_INTERVAL_MS, MAX_INTERVAL_MS),
+        )
 
     def start(self, case_name: str, sample_interval_ms: int) -> tuple[ProfilerHandle]:
         problem = check_prefix("case_name", case_name)
@@ -71,20 +86,26 @@ class WanBenchmarkReport:
     RETURN_NAMES = ("summary", "report_json")
     FUNCTION = "report"
     OUTPUT_NODE = True
-    DESCRIPTION = ("Writes report Markdown, JSON and a timeline chart into the output folder; stages whose "
-                   "nodes ComfyUI served from its cache are marked cached, never shown as 0 s.")
+    DESCRIPTION = (
+        "Writes report Markdown, JSON and a timeline chart into the output folder; stages whose "
+        "nodes ComfyUI served from its cache are marked cached, never shown as 0 s."
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "profiler": (T.PROFILER, {"tooltip": "The Wan Profiler whose session is reported."}),
-                "filename_prefix": ("STRING", {"default": "wanbench/report",
-                                               "tooltip": "Report file prefix inside the output folder."}),
+                "filename_prefix": (
+                    "STRING",
+                    {"default": "wanbench/report", "tooltip": "Report file prefix inside the output folder."},
+                ),
             },
             "optional": {
-                "video_path": (T.STRING, {"forceInput": True,
-                                          "tooltip": "Wire Wan Save Video here so the report runs last."}),
+                "video_path": (
+                    T.STRING,
+                    {"forceInput": True, "tooltip": "Wire Wan Save Video here so the report runs last."},
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "graph": "PROMPT"},
         }
@@ -97,8 +118,14 @@ class WanBenchmarkReport:
     def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
         return first_problem(check_prefix("filename_prefix", filename_prefix))
 
-    def report(self, profiler: ProfilerHandle, filename_prefix: str, video_path: str | None = None,
-               unique_id: str | None = None, graph: Any = None) -> dict[str, Any]:
+    def report(
+        self,
+        profiler: ProfilerHandle,
+        filename_prefix: str,
+        video_path: str | None = None,
+        unique_id: str | None = None,
+        graph: Any = None,
+    ) -> dict[str, Any]:
         from ..profiling import write_report
 
         if not isinstance(profiler, ProfilerHandle):
@@ -110,8 +137,10 @@ class WanBenchmarkReport:
         folder, stem, counter, subfolder = bridge.save_path(filename_prefix, 0, 0)
         written = write_report(session, folder, basename=f"{stem}_{counter:05}_")
         summary = Path(written.markdown).read_text(encoding="utf-8")
-        files = [{"filename": Path(p).name, "subfolder": subfolder, "type": "output", "path": str(p)}
-                 for p in (written.markdown, written.json)]
+        files = [
+            {"filename": Path(p).name, "subfolder": subfolder, "type": "output", "path": str(p)}
+            for p in (written.markdown, written.json)
+        ]
         ui: dict[str, Any] = {"text": [summary], "wanbench_report": files}
         if written.chart is not None:
             ui["images"] = [{"filename": Path(written.chart).name, "subfolder": subfolder, "type": "output"}]

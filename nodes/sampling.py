@@ -49,51 +49,141 @@ class WanSampler:
             "required": {
                 "model": (T.MODEL, {"tooltip": "From Wan Model Loader."}),
                 "text_embeds": (T.TEXT_EMBEDS, {"tooltip": "From Wan Text Encode."}),
-                "latent": (T.LATENT, {"tooltip": "From Wan Empty Latent or Wan Image To Video (geometry and "
-                                                 "start-image conditioning)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "Noise seed (CPU generator: the same noise on every device)."}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS,
-                                  "tooltip": "Denoising steps: 50 for TI2V-5B, 40 for A14B."}),
-                "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": MAX_SHIFT, "step": 0.01,
-                                    "tooltip": "Flow-matching sigma shift: 5.0 for TI2V-5B and I2V, 12.0 for T2V."}),
-                "boundary": ("FLOAT", {"default": 0.875, "min": 0.001, "max": 0.999, "step": 0.001,
-                                       "tooltip": "A14B expert switch: steps with t >= boundary x 1000 use the "
-                                                  "high-noise expert (0.875 T2V, 0.900 I2V). Unused by TI2V-5B."}),
-                "guidance_high": ("FLOAT", {"default": 5.0, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1,
-                                            "tooltip": "CFG scale of the high-noise expert (TI2V-5B: its only "
-                                                       "scale). 1.0 runs the conditional pass only."}),
-                "guidance_low": ("FLOAT", {"default": 5.0, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1,
-                                           "tooltip": "CFG scale of the low-noise expert (3.0 T2V, 3.5 I2V). "
-                                                      "Unused by TI2V-5B."}),
+                "latent": (
+                    T.LATENT,
+                    {
+                        "tooltip": "From Wan Empty Latent or Wan Image To Video (geometry and "
+                        "start-image conditioning)."
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": MAX_SEED,
+                        "control_after_generate": True,
+                        "tooltip": "Noise seed (CPU generator: the same noise on every device).",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {
+                        "default": 50,
+                        "min": 1,
+                        "max": MAX_STEPS,
+                        "tooltip": "Denoising steps: 50 for TI2V-5B, 40 for A14B.",
+                    },
+                ),
+                "shift": (
+                    "FLOAT",
+                    {
+                        "default": 5.0,
+                        "min": 0.01,
+                        "max": MAX_SHIFT,
+                        "step": 0.01,
+                        "tooltip": "Flow-matching sigma shift: 5.0 for TI2V-5B and I2V, 12.0 for T2V.",
+                    },
+                ),
+                "boundary": (
+                    "FLOAT",
+                    {
+                        "default": 0.875,
+                        "min": 0.001,
+                        "max": 0.999,
+                        "step": 0.001,
+                        "tooltip": "A14B expert switch: steps with t >= boundary x 1000 use the "
+                        "high-noise expert (0.875 T2V, 0.900 I2V). Unused by TI2V-5B.",
+                    },
+                ),
+                "guidance_high": (
+                    "FLOAT",
+                    {
+                        "default": 5.0,
+                        "min": 0.0,
+                        "max": MAX_GUIDANCE,
+                        "step": 0.1,
+                        "tooltip": "CFG scale of the high-noise expert (TI2V-5B: its only "
+                        "scale). 1.0 runs the conditional pass only.",
+                    },
+                ),
+                "guidance_low": (
+                    "FLOAT",
+                    {
+                        "default": 5.0,
+                        "min": 0.0,
+                        "max": MAX_GUIDANCE,
+                        "step": 0.1,
+                        "tooltip": "CFG scale of the low-noise expert (3.0 T2V, 3.5 I2V). Unused by TI2V-5B.",
+                    },
+                ),
                 "solver": (list(SOLVERS), {"default": "unipc", "tooltip": "Flow-matching solver."}),
-                "batched_cfg": ("BOOLEAN", {"default": True,
-                                            "tooltip": "Run cond and uncond as one batch-2 forward (same "
-                                                       "numbers as two passes, usually faster)."}),
-                "placement": (list(PLACEMENTS), {
-                    "default": "none",
-                    "tooltip": "Weights placement: none = all on the GPU; model = the expert not in use waits "
-                               "on the CPU; blocks = stream transformer blocks from pinned CPU memory."}),
-                "resident_blocks": ("INT", {"default": 0, "min": 0, "max": MAX_RESIDENT_BLOCKS,
-                                            "tooltip": "With placement 'blocks': blocks kept on the GPU."}),
+                "batched_cfg": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Run cond and uncond as one batch-2 forward (same "
+                        "numbers as two passes, usually faster).",
+                    },
+                ),
+                "placement": (
+                    list(PLACEMENTS),
+                    {
+                        "default": "none",
+                        "tooltip": "Weights placement: none = all on the GPU; "
+                        "model = the expert not in use waits "
+                        "on the CPU; blocks = stream transformer blocks from pinned CPU memory.",
+                    },
+                ),
+                "resident_blocks": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": MAX_RESIDENT_BLOCKS,
+                        "tooltip": "With placement 'blocks': blocks kept on the GPU.",
+                    },
+                ),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, steps: int | None = None, shift: float | None = None, boundary: float | None = None,
-                        guidance_high: float | None = None, guidance_low: float | None = None) -> bool | str:
-        return first_problem(check_int_range("steps", steps, 1, MAX_STEPS),
-                             check_positive_float("shift", shift, 0.01, MAX_SHIFT),
-                             check_open_unit("boundary", boundary),
-                             check_positive_float("guidance_high", guidance_high, 0.0, MAX_GUIDANCE),
-                             check_positive_float("guidance_low", guidance_low, 0.0, MAX_GUIDANCE))
+    def VALIDATE_INPUTS(
+        cls,
+        steps: int | None = None,
+        shift: float | None = None,
+        boundary: float | None = None,
+        guidance_high: float | None = None,
+        guidance_low: float | None = None,
+    ) -> bool | str:
+        return first_problem(
+            check_int_range("steps", steps, 1, MAX_STEPS),
+            check_positive_float("shift", shift, 0.01, MAX_SHIFT),
+            check_open_unit("boundary", boundary),
+            check_positive_float("guidance_high", guidance_high, 0.0, MAX_GUIDANCE),
+            check_positive_float("guidance_low", guidance_low, 0.0, MAX_GUIDANCE),
+        )
 
-    def sample(self, model: T.WanModel, text_embeds: T.TextEmbeds, latent: dict[str, Any], seed: int, steps: int,
-               shift: float, boundary: float, guidance_high: float, guidance_low: float, solver: str,
-               batched_cfg: bool, placement: str, resident_blocks: int, profiler: Any = None,
-               unique_id: str | None = None) -> tuple[dict[str, Any]]:
+    def sample(
+        self,
+        model: T.WanModel,
+        text_embeds: T.TextEmbeds,
+        latent: dict[str, Any],
+        seed: int,
+        steps: int,
+        shift: float,
+        boundary: float,
+        guidance_high: float,
+        guidance_low: float,
+        solver: str,
+        batched_cfg: bool,
+        placement: str,
+        resident_blocks: int,
+        profiler: Any = None,
+        unique_id: str | None = None,
+    ) -> tuple[dict[str, Any]]:
         from ..wan_core.conditioning import I2VCondition, TI2VCondition
         from ..wan_core.latents import denormalize_latent
         from ..wan_core.sampler import SamplerOptions, sample
@@ -104,23 +194,42 @@ class WanSampler:
         task = model.task
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if not isinstance(samples, torch.Tensor) or samples.dim() != 5:
-            raise ValueError("latent must be a video LATENT {'samples': (B, C, T, h, w)}; "
-                             "use Wan Empty Latent or Wan Image To Video")
+            raise ValueError(
+                "latent must be a video LATENT {'samples': (B, C, T, h, w)}; "
+                "use Wan Empty Latent or Wan Image To Video"
+            )
         if samples.shape[0] != 1 or samples.shape[1] != task.dit.out_dim:
-            raise ValueError(f"{task.name} samples one video of {task.dit.out_dim} latent channels; got a latent "
-                             f"of shape {tuple(samples.shape)}. Use the VAE of the task and batch size 1")
+            raise ValueError(
+                f"{task.name} samples one video of {task.dit.out_dim} latent channels; got a latent "
+                f"of shape {tuple(samples.shape)}. Use the VAE of the task and batch size 1"
+            )
         condition = latent.get("wan_condition")
         if task.dit.model_type == "i2v" and not isinstance(condition, I2VCondition):
-            raise ValueError(f"{task.name} needs a start image: feed the latent from Wan Image To Video "
-                             f"with the Wan2.1 VAE")
+            raise ValueError(
+                f"{task.name} needs a start image: feed the latent from Wan Image To Video "
+                f"with the Wan2.1 VAE"
+            )
         opts = SamplerOptions(
-            solver=solver, steps=steps, shift=shift, guide_scale=(guidance_low, guidance_high),
-            boundary=boundary if task.is_moe else None, seed=seed,
-            cfg_mode="batched" if batched_cfg else "sequential", placement=placement,
-            num_resident_blocks=resident_blocks)
+            solver=solver,
+            steps=steps,
+            shift=shift,
+            guide_scale=(guidance_low, guidance_high),
+            boundary=boundary if task.is_moe else None,
+            seed=seed,
+            cfg_mode="batched" if batched_cfg else "sequential",
+            placement=placement,
+            num_resident_blocks=resident_blocks,
+        )
         if profiler is not None:
-            profiler.set_context(task=task.name, steps=steps, placement=placement, solver=solver, seed=seed,
-                                 cfg_mode=opts.cfg_mode, attention_backend=model.attention)
+            profiler.set_context(
+                task=task.name,
+                steps=steps,
+                placement=placement,
+                solver=solver,
+                seed=seed,
+                cfg_mode=opts.cfg_mode,
+                attention_backend=model.attention,
+            )
         progress = bridge.make_progress(steps, "Wan Sampler")
 
         def on_step(index: int, num_steps: int, current: torch.Tensor) -> None:
@@ -128,10 +237,16 @@ class WanSampler:
             bridge.check_interrupt()
 
         with maybe_profile(profiler, unique_id, step_stages(steps)):
-            out = sample(list(model.experts), task, opts, context=text_embeds.context[0],
-                         context_null=text_embeds.context_null[0], latent_shape=tuple(samples.shape[1:]),
-                         i2v_y=condition.y if isinstance(condition, I2VCondition) else None,
-                         ti2v_z=condition.z if isinstance(condition, TI2VCondition) else None,
-                         callback=on_step)
+            out = sample(
+                list(model.experts),
+                task,
+                opts,
+                context=text_embeds.context[0],
+                context_null=text_embeds.context_null[0],
+                latent_shape=tuple(samples.shape[1:]),
+                i2v_y=condition.y if isinstance(condition, I2VCondition) else None,
+                ti2v_z=condition.z if isinstance(condition, TI2VCondition) else None,
+                callback=on_step,
+            )
         raw = denormalize_latent(out.float().cpu(), task.vae)[None]  # (1, C, T, h, w)
         return ({"samples": raw},)

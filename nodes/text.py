@@ -25,11 +25,23 @@ class WanTextEncode:
         return {
             "required": {
                 "text_encoder": (T.TEXT_ENCODER, {"tooltip": "From Wan Text Encoder Loader."}),
-                "prompt": ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "What the video shows. Text beyond 512 tokens is cut."}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": "",
-                                               "tooltip": "What to avoid. Empty = Wan's default negative "
-                                                          "prompt (as in the official pipelines)."}),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What the video shows. Text beyond 512 tokens is cut.",
+                    },
+                ),
+                "negative_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What to avoid. Empty = Wan's default negative "
+                        "prompt (as in the official pipelines).",
+                    },
+                ),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
@@ -43,16 +55,28 @@ class WanTextEncode:
             if not isinstance(value, str):
                 return f"{name} must be text; got {type(value).__name__}"
             if len(value) > MAX_PROMPT_CHARS:
-                return f"{name} is {len(value)} characters; at most {MAX_PROMPT_CHARS} (only 512 tokens are used)"
+                return (
+                    f"{name} is {len(value)} characters; at most {MAX_PROMPT_CHARS} "
+                    "(only 512 tokens are used)"
+                )
         if prompt is not None and not prompt.strip():
             return "prompt is empty; describe the video to generate"
         return True
 
-    def encode(self, text_encoder: Any, prompt: str, negative_prompt: str, profiler: Any = None,
-               unique_id: str | None = None) -> tuple[T.TextEmbeds]:
+    def encode(
+        self,
+        text_encoder: Any,
+        prompt: str,
+        negative_prompt: str,
+        profiler: Any = None,
+        unique_id: str | None = None,
+    ) -> tuple[T.TextEmbeds]:
         if not prompt.strip():
             raise ValueError("prompt is empty; describe the video to generate")
         with maybe_profile(profiler, unique_id, [STAGE_T5]):  # encode_pair traces T5_Encoding itself
             context, context_null = text_encoder.encode_pair(prompt, negative_prompt)
-        return (T.TextEmbeds(context=[context], context_null=[context_null], prompt=prompt,
-                             negative=negative_prompt),)
+        return (
+            T.TextEmbeds(
+                context=[context], context_null=[context_null], prompt=prompt, negative=negative_prompt
+            ),
+        )

@@ -24,6 +24,19 @@ def video_to_images(video: torch.Tensor) -> torch.Tensor:
     return video[0].permute(1, 2, 3, 0).float().add(1.0).mul(0.5).clamp(0.0, 1.0).cpu().contiguous()
 
 
+class _ChunkProgress:
+    """Decode callback: ComfyUI progress per decoded chunk, and the interrupt check."""
+
+    def __init__(self) -> None:
+        self._advance: Any = None
+
+    def __call__(self, done: int, num_chunks: int) -> None:
+        if self._advance is None:
+            self._advance = bridge.make_progress(num_chunks, "Wan VAE Decode")
+        self._advance(done)
+        bridge.check_interrupt()
+
+
 class WanVAEDecode:
     """Decodes a video latent with the Wan VAE (chunked over time, optionally tiled in space)."""
 
@@ -39,36 +52,43 @@ class WanVAEDecode:
             "required": {
                 "vae": (T.VAE, {"tooltip": "The VAE of the task (Wan2.2 VAE for TI2V-5B, Wan2.1 for A14B)."}),
                 "latent": (T.LATENT, {"tooltip": "Raw video latent (B, z, T, h, w), e.g. from Wan Sampler."}),
-                "tiling": (list(TILINGS), {"default": "none",
-                                           "tooltip": "Spatial tiling of the decode: none = whole frames "
-                                                      "(exact); auto = overlapping tiles that bound memory."}),
+                "tiling": (
+                    list(TILINGS),
+                    {
+                        "default": "none",
+                        "tooltip": "Spatial tiling of the decode: none = whole frames "
+                        "(exact); auto = overlapping tiles that bound memory.",
+                    },
+                ),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
         }
 
-    def decode(self, vae: Any, latent: dict[str, Any], tiling: str, profiler: Any = None,
-               unique_id: str | None = None) -> tuple[torch.Tensor]:
+    def decode(
+        self,
+        vae: Any,
+        latent: dict[str, Any],
+        tiling: str,
+        profiler: Any = None,
+        unique_id: str | None = None,
+    ) -> tuple[torch.Tensor]:
         if tiling not in TILINGS:
             raise ValueError(f"tiling must be one of {TILINGS}; got {tiling!r}")
         samples = latent.get("samples") if isinstance(latent, dict) else None
         z_dim = vae.config.z_dim
         if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != z_dim:
             got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
-            raise ValueError(f"latent must be a video LATENT with samples (B, {z_dim}, T, h, w) for the "
-                             f"{vae.config.variant} VAE; got {got}")
+            raise ValueError(
+                f"latent must be a video LATENT with samples (B, {z_dim}, T, h, w) for the "
+                f"{vae.config.variant} VAE; got {got}"
+            )
         frames = []
         for item in samples:  # one video at a time
-            progress: list[Any] = []
-
-            def on_chunk(done: int, num_chunks: int) -> None:
-                if not progress:
-                    progress.append(bridge.make_progress(num_chunks, "Wan VAE Decode"))
-                progress[0](done)
-                bridge.check_interrupt()
-
             # WanVAE.decode traces the VAE_Decoding stage itself.
             with maybe_profile(profiler, unique_id, [STAGE_DECODE]):
-                video = vae.decode(item[None], tiling=None if tiling == "none" else tiling, callback=on_chunk)
+                video = vae.decode(
+                    item[None], tiling=None if tiling == "none" else tiling, callback=_ChunkProgress()
+                )
             frames.append(video_to_images(video))
         return (torch.cat(frames, dim=0),)

@@ -5,7 +5,8 @@ given, what is expected and how to fix it. Nodes combine them in `VALIDATE_INPUT
 `True` or the first message (ComfyUI shows it as `custom_validation_failed`).
 
 A value of None means the input is linked and not known at validation time; it is then checked
-when the node runs. Note: ComfyUI skips its own min/max check for an input that `VALIDATE_INPUTS` names, so these
+when the node runs. Note: ComfyUI skips its own min/max check for an input that `VALIDATE_INPUTS`
+names, so these
 checks cover the range as well.
 """
 
@@ -40,8 +41,7 @@ def check_frames(name: str, value: int | None) -> str | None:
         return problem
     if (value - 1) % FRAME_STEP:
         lower = value - (value - 1) % FRAME_STEP
-        return (f"{name} must be 4k+1 (e.g. 81 or 121); got {value}; "
-                f"use {lower} or {lower + FRAME_STEP}")
+        return f"{name} must be 4k+1 (e.g. 81 or 121); got {value}; use {lower} or {lower + FRAME_STEP}"
     return None
 
 
@@ -54,8 +54,10 @@ def check_size(name: str, value: int | None, multiple: int = SIZE_STEP) -> str |
         return problem
     if value % multiple:
         lower = value - value % multiple
-        return (f"{name} must be a multiple of {multiple}; got {value}; "
-                f"use {max(lower, multiple)} or {lower + multiple}")
+        return (
+            f"{name} must be a multiple of {multiple}; got {value}; "
+            f"use {max(lower, multiple)} or {lower + multiple}"
+        )
     return None
 
 
@@ -88,7 +90,9 @@ def check_prefix(name: str, value: str | None) -> str | None:
         return f"{name} must be a non-empty text; got {value!r}"
     parts = value.replace("\\", "/").split("/")
     if value.startswith(("/", "\\")) or ".." in parts or ":" in value:
-        return f"{name} must be a relative path inside the output folder (e.g. 'wanbench/video'); got {value!r}"
+        return (
+            f"{name} must be a relative path inside the output folder (e.g. 'wanbench/video'); got {value!r}"
+        )
     return None
 
 

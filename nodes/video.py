@@ -60,33 +60,60 @@ class WanSaveVideo:
     RETURN_NAMES = ("video_path",)
     FUNCTION = "save"
     OUTPUT_NODE = True
-    DESCRIPTION = "Writes an mp4 (PyAV) into ComfyUI's output folder; wire video_path into Wan Benchmark Report."
+    DESCRIPTION = (
+        "Writes an mp4 (PyAV) into ComfyUI's output folder; wire video_path into Wan Benchmark Report."
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "images": (T.IMAGE, {"tooltip": "Frames (F, H, W, C) in [0, 1], e.g. from Wan VAE Decode."}),
-                "fps": ("INT", {"default": 24, "min": 1, "max": MAX_FPS,
-                                "tooltip": "Frames per second: 24 for TI2V-5B, 16 for the A14B tasks."}),
-                "filename_prefix": ("STRING", {"default": "wanbench/video",
-                                               "tooltip": "File name prefix inside the output folder; "
-                                                          "a counter is appended."}),
-                "format": (list(FORMATS), {"default": "mp4 (h264)",
-                                           "tooltip": "Container and codec (PyAV/FFmpeg)."}),
-                "crf": ("INT", {"default": 19, "min": 0, "max": MAX_CRF,
-                                "tooltip": "H.264 quality: lower is better and larger (0 = lossless)."}),
+                "fps": (
+                    "INT",
+                    {
+                        "default": 24,
+                        "min": 1,
+                        "max": MAX_FPS,
+                        "tooltip": "Frames per second: 24 for TI2V-5B, 16 for the A14B tasks.",
+                    },
+                ),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "wanbench/video",
+                        "tooltip": "File name prefix inside the output folder; a counter is appended.",
+                    },
+                ),
+                "format": (
+                    list(FORMATS),
+                    {"default": "mp4 (h264)", "tooltip": "Container and codec (PyAV/FFmpeg)."},
+                ),
+                "crf": (
+                    "INT",
+                    {
+                        "default": 19,
+                        "min": 0,
+                        "max": MAX_CRF,
+                        "tooltip": "H.264 quality: lower is better and larger (0 = lossless).",
+                    },
+                ),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, fps: int | None = None, filename_prefix: str | None = None,
-                        crf: int | None = None) -> bool | str:
-        return first_problem(check_int_range("fps", fps, 1, MAX_FPS), check_prefix("filename_prefix", filename_prefix),
-                             check_int_range("crf", crf, 0, MAX_CRF))
+    def VALIDATE_INPUTS(
+        cls, fps: int | None = None, filename_prefix: str | None = None, crf: int | None = None
+    ) -> bool | str:
+        return first_problem(
+            check_int_range("fps", fps, 1, MAX_FPS),
+            check_prefix("filename_prefix", filename_prefix),
+            check_int_range("crf", crf, 0, MAX_CRF),
+        )
 
-    def save(self, images: torch.Tensor, fps: int, filename_prefix: str, format: str,
-             crf: int) -> dict[str, Any]:
+    def save(
+        self, images: torch.Tensor, fps: int, filename_prefix: str, format: str, crf: int
+    ) -> dict[str, Any]:
         problem = check_prefix("filename_prefix", filename_prefix)
         if problem:
             raise ValueError(problem)
@@ -94,8 +121,9 @@ class WanSaveVideo:
             raise ValueError(f"format must be one of {list(FORMATS)}; got {format!r}")
         ext, codec = FORMATS[format]
         frames = images_to_uint8(images)
-        folder, stem, counter, subfolder = bridge.save_path(filename_prefix, int(frames.shape[2]),
-                                                            int(frames.shape[1]))
+        folder, stem, counter, subfolder = bridge.save_path(
+            filename_prefix, int(frames.shape[2]), int(frames.shape[1])
+        )
         name = f"{stem}_{counter:05}_.{ext}"
         path = write_mp4(frames, folder / name, fps=fps, codec=codec, crf=crf)
         preview = {"filename": name, "subfolder": subfolder, "type": "output"}

@@ -24,8 +24,10 @@ def legend(runs: Sequence[RunRecord]) -> str:
     """The units and column definitions, naming only the activity metrics the runs used."""
     metrics = {r.system.activity_metric for r in runs}
     parts = ["Units: time in seconds, memory in GB (10^9 bytes)."]
-    if ACTIVITY_SM in metrics or metrics == {None}:
+    if ACTIVITY_SM in metrics:
         parts.append("**SM(%)** is SM activity from NVML GPU performance metrics (Hopper and newer).")
+    if None in metrics:
+        parts.append("Runs without a GPU (or without NVML) have no activity figures: their SM(%) reads `n/a`.")
     if ACTIVITY_BUSY in metrics:
         parts.append("**Busy(%)** is NVML utilization, the share of time any kernel ran (GPUs without "
                      "performance metrics; it does not count busy SMs).")

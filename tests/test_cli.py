@@ -10,7 +10,6 @@ from pathlib import Path
 import av
 import pytest
 import torch
-
 from wanbench.cli import WORKFLOWS_DIR, main
 from wanbench.profiling import check_report
 from wanbench.tiny_models import DIT_FILES, TEXT_ENCODER_FILE, VAE_FILES, randomize
@@ -76,8 +75,13 @@ def test_run_tiny_workflow_in_process(name: str, models: Path, tmp_path: Path, c
         assert (width, height) == (64, 32)
     names = [s["name"] for s in run["stages"] if s["parent"] is None]
     steps = json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())["8"]["inputs"]["steps"]
-    for expected in ("Model_Initialization", "T5_Encoding", "TI2V_Preprocess", "VAE_Decoding",
-                     *(f"Step_{i}_Inference" for i in range(steps))):
+    for expected in (
+        "Model_Initialization",
+        "T5_Encoding",
+        "TI2V_Preprocess",
+        "VAE_Decoding",
+        *(f"Step_{i}_Inference" for i in range(steps)),
+    ):
         assert expected in names, f"{expected} missing from {names}"
     assert not any(s["cached"] for s in run["stages"])
     assert check_report(reports[0]) == []
@@ -92,12 +96,21 @@ def test_run_reports_foreign_nodes_clearly(tmp_path: Path, caplog) -> None:
 
 
 def test_suite_runs_every_case_and_reports_failures(models: Path, tmp_path: Path, capsys) -> None:
-    suite = {"name": "mini", "cases": [
-        {"name": "good_case", "workflow": str(WORKFLOWS_DIR / "tiny_t2v_A14B.api.json"),
-         "overrides": {"WanBenchProfiler.case_name": "good_case", "WanBenchSampler.steps": 2}},
-        {"name": "bad_case", "workflow": str(WORKFLOWS_DIR / "tiny_t2v_A14B.api.json"),
-         "overrides": {"WanBenchEmptyLatent.length": 18}},
-    ]}
+    suite = {
+        "name": "mini",
+        "cases": [
+            {
+                "name": "good_case",
+                "workflow": str(WORKFLOWS_DIR / "tiny_t2v_A14B.api.json"),
+                "overrides": {"WanBenchProfiler.case_name": "good_case", "WanBenchSampler.steps": 2},
+            },
+            {
+                "name": "bad_case",
+                "workflow": str(WORKFLOWS_DIR / "tiny_t2v_A14B.api.json"),
+                "overrides": {"WanBenchEmptyLatent.length": 18},
+            },
+        ],
+    }
     path = tmp_path / "mini.json"
     path.write_text(json.dumps(suite), encoding="utf-8")
     out = tmp_path / "suite_out"
@@ -123,6 +136,13 @@ def test_check_report_flags_a_broken_report(tmp_path: Path, capsys) -> None:
 
 
 def test_python_dash_m_entry_point() -> None:
-    done = subprocess.run([sys.executable, "-m", "wanbench", "--help"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "wanbench", "--help"], capture_output=True, text=True, check=True
+    )
     for command in ("make-tiny-models", "run", "suite", "report", "check-report", "demo"):
         assert command in done.stdout
+
+
+def test_missing_models_say_how_to_get_them(tmp_path: Path, caplog) -> None:
+    assert main(["run", "tiny_ti2v_5B_t2v.api.json", "--out", str(tmp_path), "--models", str(tmp_path / "none")]) == 2
+    assert "the list is empty (no model files found)" in caplog.text and "--make-tiny-models" in caplog.text

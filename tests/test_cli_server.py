@@ -15,12 +15,15 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-
 from wanbench.cli import main
 from wanbench.runner import ServerError, run_on_server
 
 PROMPT_ID = "p-123"
-FILES = {"v_00001_.mp4": b"\x00\x00\x00\x18ftypmp42", "r_00001_.json": b'{"schema": "x"}', "r_00001_.md": b"# r"}
+FILES = {
+    "v_00001_.mp4": b"\x00\x00\x00\x18ftypmp42",
+    "r_00001_.json": b'{"schema": "x"}',
+    "r_00001_.md": b"# r",
+}
 
 
 def _frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
@@ -54,8 +57,13 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Handler.received.append(body)
         if Handler.mode == "refuse":
-            self._json(400, {"error": {"type": "prompt_outputs_failed_validation"},
-                             "node_errors": {"7": {"errors": [{"type": "custom_validation_failed"}]}}})
+            self._json(
+                400,
+                {
+                    "error": {"type": "prompt_outputs_failed_validation"},
+                    "node_errors": {"7": {"errors": [{"type": "custom_validation_failed"}]}},
+                },
+            )
         else:
             self._json(200, {"prompt_id": PROMPT_ID, "number": 1, "node_errors": {}})
 
@@ -64,11 +72,19 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/ws":
             self._websocket()
         elif url.path == f"/history/{PROMPT_ID}":
-            outputs = {"10": {"images": [{"filename": "v_00001_.mp4", "subfolder": "wanbench", "type": "output"}],
-                              "animated": [True]},
-                       "11": {"text": ["summary"], "wanbench_report": [
-                           {"filename": "r_00001_.md", "subfolder": "wanbench", "type": "output"},
-                           {"filename": "r_00001_.json", "subfolder": "wanbench", "type": "output"}]}}
+            outputs = {
+                "10": {
+                    "images": [{"filename": "v_00001_.mp4", "subfolder": "wanbench", "type": "output"}],
+                    "animated": [True],
+                },
+                "11": {
+                    "text": ["summary"],
+                    "wanbench_report": [
+                        {"filename": "r_00001_.md", "subfolder": "wanbench", "type": "output"},
+                        {"filename": "r_00001_.json", "subfolder": "wanbench", "type": "output"},
+                    ],
+                },
+            }
             self._json(200, {PROMPT_ID: {"outputs": outputs}})
         elif url.path == "/view":
             data = FILES[parse_qs(url.query)["filename"][0]]
@@ -84,9 +100,13 @@ class Handler(BaseHTTPRequestHandler):
         import hashlib
 
         key = self.headers["Sec-WebSocket-Key"]
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-        self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        accept = base64.b64encode(
+            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        )
+        self.wfile.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
         self.wfile.write(_text({"type": "status", "data": {"status": {}}}))
         # Wait for the prompt to be posted before sending its messages.
         for _ in range(200):
@@ -94,19 +114,34 @@ class Handler(BaseHTTPRequestHandler):
                 break
             threading.Event().wait(0.01)
         data = {"prompt_id": PROMPT_ID}
-        frames = [_text({"type": "execution_start", "data": data}),
-                  _frame(0x9, b"ping"),
-                  _frame(0x2, b"\x00\x00\x00\x01binary-preview"),
-                  _text({"type": "progress", "data": {**data, "node": "8", "value": 1, "max": 2}})]
+        frames = [
+            _text({"type": "execution_start", "data": data}),
+            _frame(0x9, b"ping"),
+            _frame(0x2, b"\x00\x00\x00\x01binary-preview"),
+            _text({"type": "progress", "data": {**data, "node": "8", "value": 1, "max": 2}}),
+        ]
         half = json.dumps({"type": "progress", "data": {**data, "node": "8", "value": 2, "max": 2}}).encode()
         frames += [_frame(0x1, half[:10], fin=False), _frame(0x0, half[10:])]
         if Handler.mode == "error":
-            frames.append(_text({"type": "execution_error", "data": {
-                **data, "node_id": "8", "node_type": "WanBenchSampler", "exception_type": "ValueError",
-                "exception_message": "boom"}}))
+            frames.append(
+                _text(
+                    {
+                        "type": "execution_error",
+                        "data": {
+                            **data,
+                            "node_id": "8",
+                            "node_type": "WanBenchSampler",
+                            "exception_type": "ValueError",
+                            "exception_message": "boom",
+                        },
+                    }
+                )
+            )
         else:
-            frames += [_text({"type": "executing", "data": {"node": "11", "prompt_id": PROMPT_ID}}),
-                       _text({"type": "executing", "data": {"node": None, "prompt_id": PROMPT_ID}})]
+            frames += [
+                _text({"type": "executing", "data": {"node": "11", "prompt_id": PROMPT_ID}}),
+                _text({"type": "executing", "data": {"node": None, "prompt_id": PROMPT_ID}}),
+            ]
         for frame in frames:
             self.wfile.write(frame)
         self.wfile.flush()
@@ -127,8 +162,13 @@ def server():
 def test_run_on_server_follows_progress_and_fetches_files(server: str, tmp_path: Path) -> None:
     Handler.mode = "ok"
     progress: list = []
-    run = run_on_server({"1": {"class_type": "X", "inputs": {}}}, server, tmp_path, timeout_s=20,
-                        on_progress=lambda node, value, maximum: progress.append((node, value, maximum)))
+    run = run_on_server(
+        {"1": {"class_type": "X", "inputs": {}}},
+        server,
+        tmp_path,
+        timeout_s=20,
+        on_progress=lambda node, value, maximum: progress.append((node, value, maximum)),
+    )
     assert run.prompt_id == PROMPT_ID
     assert Handler.received[0]["prompt"] == {"1": {"class_type": "X", "inputs": {}}}
     assert progress == [("8", 1, 2), ("8", 2, 2)]
@@ -148,8 +188,21 @@ def test_refused_prompt_and_failed_node_are_errors(server: str, tmp_path: Path) 
 
 def test_cli_run_with_server(server: str, tmp_path: Path, capsys) -> None:
     Handler.mode = "ok"
-    assert main(["run", "tiny_ti2v_5B_t2v.api.json", "--server", server, "--out", str(tmp_path),
-                 "--set", "WanBenchSampler.steps=2"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "tiny_ti2v_5B_t2v.api.json",
+                "--server",
+                server,
+                "--out",
+                str(tmp_path),
+                "--set",
+                "WanBenchSampler.steps=2",
+            ]
+        )
+        == 0
+    )
     assert Handler.received[0]["prompt"]["8"]["inputs"]["steps"] == 2
     out = capsys.readouterr().out
     assert "node 8: 1/2" in out and "video: " in out and "report: " in out

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import av
-
 from wanbench.cli import main
 from wanbench.profiling import check_report
 

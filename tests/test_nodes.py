@@ -12,15 +12,13 @@ import types
 import av
 import pytest
 import torch
-
-from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from wanbench.nodes import comfy_bridge
+from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_bridge
 from wanbench.nodes.comfy_bridge import Bridge
 from wanbench.nodes.context import use_bridge
 from wanbench.nodes.images import WanTestImage
 from wanbench.nodes.latents import WanEmptyLatent, WanImageToVideo
 from wanbench.nodes.loaders import WanModelLoader, resolve_device
-from wanbench.nodes.profiler_handle import ProfilerHandle, ProfilerSettings, maybe_profile
+from wanbench.nodes.profiler_handle import ProfilerHandle, maybe_profile
 from wanbench.nodes.profiling import WanBenchmarkReport, WanProfiler
 from wanbench.nodes.sampling import WanSampler, step_stages
 from wanbench.nodes.text import WanTextEncode
@@ -49,14 +47,24 @@ def test_schema_is_complete(node_id: str) -> None:
         opts = entry[1]
         assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
         if entry[0] in ("INT", "FLOAT"):
-            assert opts["min"] <= opts["default"] <= opts["max"], f"{node_id}.{name} default outside its range"
+            assert opts["min"] <= opts["default"] <= opts["max"], (
+                f"{node_id}.{name} default outside its range"
+            )
         if isinstance(entry[0], list) and "default" in opts:
             assert opts["default"] in entry[0]
 
 
 def test_stage_nodes_take_an_optional_profiler() -> None:
-    stage_nodes = ("WanBenchModelLoader", "WanBenchTextEncoderLoader", "WanBenchTextEncode", "WanBenchVAELoader",
-                   "WanBenchEmptyLatent", "WanBenchImageToVideo", "WanBenchSampler", "WanBenchVAEDecode")
+    stage_nodes = (
+        "WanBenchModelLoader",
+        "WanBenchTextEncoderLoader",
+        "WanBenchTextEncode",
+        "WanBenchVAELoader",
+        "WanBenchEmptyLatent",
+        "WanBenchImageToVideo",
+        "WanBenchSampler",
+        "WanBenchVAEDecode",
+    )
     for node_id in stage_nodes:
         spec = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
         assert spec["optional"]["profiler"][0] == "WANBENCH_PROFILER"
@@ -75,26 +83,51 @@ def test_widgets_encode_the_rules() -> None:
 
 
 def test_import_does_not_touch_comfyui() -> None:
-    assert not any(m == "comfy" or m.startswith("comfy.") or m in ("folder_paths", "server") for m in sys.modules)
+    assert not any(
+        m == "comfy" or m.startswith("comfy.") or m in ("folder_paths", "server") for m in sys.modules
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Validation messages
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("cls", "kwargs", "needle"), [
-    (WanEmptyLatent, {"width": 1280, "height": 704, "length": 80}, "length must be 4k+1 (e.g. 81 or 121); got 80; use 77 or 81"),
-    (WanEmptyLatent, {"width": 1000, "height": 704, "length": 81}, "width must be a multiple of 16; got 1000; use 992 or 1008"),
-    (WanEmptyLatent, {"width": 1280, "height": 8, "length": 81}, "height must be between 16 and 4096; got 8"),
-    (WanImageToVideo, {"width": 1280, "height": 704, "length": 0}, "length must be between 1 and 1025; got 0"),
-    (WanSampler, {"boundary": 1.0}, "boundary must lie strictly between 0 and 1"),
-    (WanSampler, {"steps": 0}, "steps must be between 1 and 1000; got 0"),
-    (WanSampler, {"shift": float("nan")}, "shift must be a number"),
-    (WanTextEncode, {"prompt": "  ", "negative_prompt": ""}, "prompt is empty"),
-    (WanSaveVideo, {"fps": 24, "filename_prefix": "../escape", "crf": 19}, "relative path inside the output folder"),
-    (WanSaveVideo, {"fps": 0, "filename_prefix": "a", "crf": 19}, "fps must be between 1 and 120; got 0"),
-    (WanProfiler, {"case_name": "", "sample_interval_ms": 100}, "case_name must be a non-empty text"),
-    (WanTestImage, {"width": 4, "height": 64}, "width must be between 8 and 4096; got 4"),
-])
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "needle"),
+    [
+        (
+            WanEmptyLatent,
+            {"width": 1280, "height": 704, "length": 80},
+            "length must be 4k+1 (e.g. 81 or 121); got 80; use 77 or 81",
+        ),
+        (
+            WanEmptyLatent,
+            {"width": 1000, "height": 704, "length": 81},
+            "width must be a multiple of 16; got 1000; use 992 or 1008",
+        ),
+        (
+            WanEmptyLatent,
+            {"width": 1280, "height": 8, "length": 81},
+            "height must be between 16 and 4096; got 8",
+        ),
+        (
+            WanImageToVideo,
+            {"width": 1280, "height": 704, "length": 0},
+            "length must be between 1 and 1025; got 0",
+        ),
+        (WanSampler, {"boundary": 1.0}, "boundary must lie strictly between 0 and 1"),
+        (WanSampler, {"steps": 0}, "steps must be between 1 and 1000; got 0"),
+        (WanSampler, {"shift": float("nan")}, "shift must be a number"),
+        (WanTextEncode, {"prompt": "  ", "negative_prompt": ""}, "prompt is empty"),
+        (
+            WanSaveVideo,
+            {"fps": 24, "filename_prefix": "../escape", "crf": 19},
+            "relative path inside the output folder",
+        ),
+        (WanSaveVideo, {"fps": 0, "filename_prefix": "a", "crf": 19}, "fps must be between 1 and 120; got 0"),
+        (WanProfiler, {"case_name": "", "sample_interval_ms": 100}, "case_name must be a non-empty text"),
+        (WanTestImage, {"width": 4, "height": 64}, "width must be between 8 and 4096; got 4"),
+    ],
+)
 def test_validate_inputs_messages(cls: type, kwargs: dict, needle: str) -> None:
     verdict = cls.VALIDATE_INPUTS(**kwargs)
     assert isinstance(verdict, str) and needle in verdict, verdict
@@ -103,7 +136,10 @@ def test_validate_inputs_messages(cls: type, kwargs: dict, needle: str) -> None:
 def test_validate_inputs_accepts_good_and_linked_values() -> None:
     assert WanEmptyLatent.VALIDATE_INPUTS(width=1280, height=704, length=121) is True
     assert WanEmptyLatent.VALIDATE_INPUTS(width=None, height=None, length=None) is True  # linked inputs
-    assert WanSampler.VALIDATE_INPUTS(steps=40, shift=12.0, boundary=0.875, guidance_high=4.0, guidance_low=3.0) is True
+    assert (
+        WanSampler.VALIDATE_INPUTS(steps=40, shift=12.0, boundary=0.875, guidance_high=4.0, guidance_low=3.0)
+        is True
+    )
     assert WanTextEncode.VALIDATE_INPUTS(prompt="a fox", negative_prompt="") is True
 
 
@@ -137,7 +173,9 @@ def test_bridge_standalone(tmp_path) -> None:
     with use_bridge(bridge):
         assert comfy_bridge.list_models("vae") == ["v.safetensors"]
         assert comfy_bridge.list_models("text_encoders") == []
-        assert comfy_bridge.resolve_model("vae", "v.safetensors") == str(tmp_path / "models" / "vae" / "v.safetensors")
+        assert comfy_bridge.resolve_model("vae", "v.safetensors") == str(
+            tmp_path / "models" / "vae" / "v.safetensors"
+        )
         folder, stem, counter, sub = comfy_bridge.save_path("runs/clip", 64, 64)
         assert (folder, stem, counter, sub) == ((tmp_path / "out" / "runs").resolve(), "clip", 1, "runs")
         (folder / "clip_00001_.mp4").write_bytes(b"")
@@ -149,7 +187,9 @@ def test_bridge_inside_comfyui(monkeypatch, tmp_path) -> None:
     calls: list = []
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.get_filename_list = lambda folder: [f"{folder}.safetensors"]
-    folder_paths.get_full_path = lambda folder, name: str(tmp_path / name) if name.startswith(folder) else None
+    folder_paths.get_full_path = lambda folder, name: (
+        str(tmp_path / name) if name.startswith(folder) else None
+    )
     folder_paths.get_output_directory = lambda: str(tmp_path)
     folder_paths.get_save_image_path = lambda prefix, out, w, h: (str(tmp_path), prefix, 7, "", prefix)
 
@@ -173,7 +213,10 @@ def test_bridge_inside_comfyui(monkeypatch, tmp_path) -> None:
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
     assert comfy_bridge.inside_comfyui()
     assert comfy_bridge.list_models("vae") == ["vae.safetensors"]
-    assert WanModelLoader.INPUT_TYPES()["required"]["model_low"][0] == ["none", "diffusion_models.safetensors"]
+    assert WanModelLoader.INPUT_TYPES()["required"]["model_low"][0] == [
+        "none",
+        "diffusion_models.safetensors",
+    ]
     assert comfy_bridge.resolve_model("vae", "vae.safetensors") == str(tmp_path / "vae.safetensors")
     with pytest.raises(FileNotFoundError, match="not in ComfyUI's 'vae' folder"):
         comfy_bridge.resolve_model("vae", "other.safetensors")
@@ -195,8 +238,10 @@ def test_save_video_writes_a_decodable_mp4(tmp_path) -> None:
     with use_bridge(Bridge(output_dir=tmp_path)):
         out = WanSaveVideo().save(frames, 16, "clips/test", "mp4 (h264)", 19)
     path = out["result"][0]
-    assert out["ui"] == {"images": [{"filename": "test_00001_.mp4", "subfolder": "clips", "type": "output"}],
-                         "animated": (True,)}
+    assert out["ui"] == {
+        "images": [{"filename": "test_00001_.mp4", "subfolder": "clips", "type": "output"}],
+        "animated": (True,),
+    }
     with av.open(path) as container:
         stream = container.streams.video[0]
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
@@ -230,7 +275,10 @@ def test_profiler_marks_skipped_nodes_cached() -> None:
         with trace.stage("T5_Encoding", kind="encode"):
             pass
     first = handle.finish_run(["1", "2", "4"]).record
-    assert [(s.name, s.cached) for s in first.stages] == [("Model_Initialization", False), ("T5_Encoding", False)]
+    assert [(s.name, s.cached) for s in first.stages] == [
+        ("Model_Initialization", False),
+        ("T5_Encoding", False),
+    ]
     measured = first.stages[0].duration_s
 
     # Second prompt: ComfyUI served node 2 from its cache, node 4 ran again.
@@ -250,8 +298,12 @@ def test_profiler_marks_skipped_nodes_cached() -> None:
 
 
 def test_sampler_stage_names() -> None:
-    assert step_stages(2) == [("Step_0_Loading", "step-loading"), ("Step_0_Inference", "step-inference"),
-                              ("Step_1_Loading", "step-loading"), ("Step_1_Inference", "step-inference")]
+    assert step_stages(2) == [
+        ("Step_0_Loading", "step-loading"),
+        ("Step_0_Inference", "step-inference"),
+        ("Step_1_Loading", "step-loading"),
+        ("Step_1_Inference", "step-inference"),
+    ]
 
 
 def test_report_node_writes_files(tmp_path) -> None:
@@ -262,8 +314,9 @@ def test_report_node_writes_files(tmp_path) -> None:
         with trace.stage("Model_Initialization", kind="init"):
             pass
     with use_bridge(Bridge(output_dir=tmp_path)):
-        out = WanBenchmarkReport().report(handle, "reports/run", video_path=None, unique_id="11",
-                                          graph={"1": {}, "5": {}, "11": {}})
+        out = WanBenchmarkReport().report(
+            handle, "reports/run", video_path=None, unique_id="11", graph={"1": {}, "5": {}, "11": {}}
+        )
     summary, json_path = out["result"]
     assert "cache_case" in summary and json_path.endswith("run_00001_.json")
     names = [e["filename"] for e in out["ui"]["wanbench_report"]]
@@ -288,5 +341,8 @@ def test_profiler_discards_a_prompt_that_never_reached_the_report(monkeypatch) -
     record = handle.finish_run(["2", "4"]).record
     # Node 4 ran in prompt "a" only: ComfyUI serves it from its cache in "b", so it is cached here,
     # without a measured time (the failed prompt's session was discarded).
-    assert [(s.name, s.cached) for s in record.stages] == [("Model_Initialization", False), ("T5_Encoding", True)]
+    assert [(s.name, s.cached) for s in record.stages] == [
+        ("Model_Initialization", False),
+        ("T5_Encoding", True),
+    ]
     assert "measured_s" not in record.stages[1].facts

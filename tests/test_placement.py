@@ -12,7 +12,7 @@ from test_sampler import dit_config, load_pipeline, weight_files
 
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.dit import WanDiT
-from wanbench.wan_core.placement import BlockSwap, cast_weights, make_placement, weight_dtype
+from wanbench.wan_core.placement import BlockSwap, cast_weights, make_placement, store_fp8, weight_dtype
 from wanbench.wan_core.sampler import SamplerOptions, sample
 
 gpu = pytest.mark.gpu
@@ -143,3 +143,24 @@ def test_block_swap_keeps_streamed_blocks_off_the_device_between_forwards() -> N
         assert not next(model.blocks[1].parameters()).is_cuda
         assert next(model.blocks[1].parameters()).is_pinned()
         assert next(model.head.parameters()).is_cuda and not next(experts[1].parameters()).is_cuda
+
+
+def test_fp8_storage_close_to_fp32_and_placement_independent() -> None:
+    fixture = _t2v_fixture()
+    experts, io, opts = load_pipeline(fixture)
+    opts = dataclasses.replace(opts, steps=5)
+    reference = _run(experts, io, opts)
+    handles = [store_fp8(m) for m in experts]
+    weight = experts[0].blocks[0].self_attn.q.weight
+    assert weight.dtype == torch.float8_e4m3fn and handles[0].bytes_fp8 > 0
+    stored = _run(experts, io, opts)
+    streamed = _run(experts, io, dataclasses.replace(opts, placement="blocks", num_resident_blocks=1))
+    assert torch.equal(stored, streamed)
+    assert weight.dtype == torch.float8_e4m3fn
+    rel = ((stored - reference).abs().max() / reference.abs().max()).item()
+    cos = torch.nn.functional.cosine_similarity(stored.flatten(), reference.flatten(), dim=0).item()
+    assert rel < 5e-2 and cos > 0.998, (rel, cos)
+    for handle in handles:
+        handle.remove()
+    assert weight.dtype == torch.float32
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for m in experts for b in m.blocks)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import statistics
 
 import pytest
-from make_golden_report import run_cpu_tiny, run_t2v_l40s, run_ti2v_h100
+from make_golden_report import T2V_A14B_STEP_FLOPS, TI2V_5B_STEP_FLOPS, run_cpu_tiny, run_t2v_l40s, run_ti2v_h100
 
 from wanbench.profiling import analyze_run, summarize_run
 from wanbench.profiling.stats import percentile
-from wanbench.wan_core.config import T2V_A14B, TI2V_5B
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def test_step_statistics_separate_the_first_step(h100) -> None:
 
 def test_mfu_floor_and_load(h100) -> None:
     run, sm = h100
-    flops = TI2V_5B.dit.flops_forward(TI2V_5B.num_tokens(1280, 704, 121), batch=2, per_token_time=True)
+    flops = TI2V_5B_STEP_FLOPS
     seconds = 2.95 + 2.61 + 2.62 + 2.63 + 2.64
     assert sm.peak_tflops == 989.4
     assert sm.steps_tflops == pytest.approx(5 * flops / seconds / 1e12)
@@ -70,7 +69,7 @@ def test_a14b_offload_recommendation() -> None:
     assert sm.experts == {"high_noise_model": [0, 1], "low_noise_model": [2, 3, 4, 5]}
     assert sm.loading_total_s == pytest.approx(9.6 + 5 * 0.003)
     assert sm.activity_metric == "gpu_busy"
-    assert sm.steps_tflops == pytest.approx(6 * T2V_A14B.flops_per_step(832, 480, 81) / sm.inference_total_s / 1e12)
+    assert sm.steps_tflops == pytest.approx(6 * T2V_A14B_STEP_FLOPS / sm.inference_total_s / 1e12)
     analysis = analyze_run(run, sm)
     rec = next(r for r in analysis.recommendations if r.rule == "placement_none")
     assert rec.gain_s == pytest.approx(sm.loading_total_s)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from make_golden_report import GOLDEN_DIR, golden_runs, golden_texts, run_cpu_tiny, run_t2v_l40s, run_ti2v_h100
 
-from wanbench.profiling import (check_report, draw_timeline, load_runs, merge_reports, render_markdown,
+from wanbench.profiling import (check_markdown, check_report, draw_timeline, load_runs, merge_reports, render_markdown,
+                                report_document,
                                 run_from_dict, run_to_dict, write_report)
 
 
@@ -100,3 +101,10 @@ def test_non_ascii_names_survive_as_utf8(tmp_path: Path) -> None:
     raw = files["md"].read_bytes()
     assert "测试_Überblick".encode() in raw
     assert check_report(files["json"]) == []
+
+
+def test_busy_only_report_never_says_sm_activity() -> None:
+    run = run_t2v_l40s()
+    md = render_markdown([run])
+    assert "Busy(%)" in md and "GPU Busy (%)" in md
+    assert check_markdown(md, report_document([run])) == []

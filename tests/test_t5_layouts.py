@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, UMT5Config
-from wanbench.wan_core.errors import CheckpointError
+from wanbench.wan_core.errors import CheckpointError, WanError
 from wanbench.wan_core.t5 import (
     TextEncoder,
     UMT5Encoder,
@@ -295,7 +295,7 @@ def test_release_frees_the_encoder(spiece: bytes) -> None:
     text_encoder.release()
     assert text_encoder.is_released
     assert all(p.device.type == "meta" for p in model.parameters())
-    with pytest.raises(RuntimeError, match="released"):
+    with pytest.raises(WanError, match="released"):
         text_encoder.encode(["a cat"])
     text_encoder.release()  # idempotent
     assert text_encoder.tokenizer(["a cat"])[0].shape == (1, TEXT_LEN)

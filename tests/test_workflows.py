@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from wanbench.nodes import NODE_CLASS_MAPPINGS
 from wanbench.runner import WorkflowError, apply_overrides, load_api_workflow, validate_workflow
 
@@ -72,7 +71,7 @@ def ui_to_api(ui: dict) -> dict:
         names = _widget_names(node["type"])
         assert len(names) == len(node["widgets_values"]), f"node {node['id']} widgets_values length"
         inputs = {}
-        for name, value in zip(names, node["widgets_values"]):
+        for name, value in zip(names, node["widgets_values"], strict=True):
             if name is None:
                 assert value in ("fixed", "randomize", "increment", "decrement")
             elif name != "upload":
@@ -95,8 +94,19 @@ def test_ui_file_is_a_litegraph_04_graph(path: Path) -> None:
     nodes = {n["id"]: n for n in ui["nodes"]}
     for node in ui["nodes"]:
         assert node["type"] in NODE_CLASS_MAPPINGS or node["type"] in GEN.CORE_NODES
-        assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
-                "widgets_values"} <= set(node)
+        assert {
+            "id",
+            "type",
+            "pos",
+            "size",
+            "flags",
+            "order",
+            "mode",
+            "inputs",
+            "outputs",
+            "properties",
+            "widgets_values",
+        } <= set(node)
         assert node["properties"]["Node name for S&R"] == node["type"]
     for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
         out = nodes[src]["outputs"][src_slot]
@@ -150,16 +160,33 @@ def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
     assert ti2v["2"]["inputs"]["model_high"] == "wan2.2_ti2v_5B_fp16.safetensors"
     assert ti2v["5"]["inputs"]["vae"] == "wan2.2_vae.safetensors"
     assert ti2v["3"]["inputs"]["text_encoder"] == "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
-    assert {k: ti2v["7"]["inputs"][k] for k in ("width", "height", "length")} == {"width": 1280, "height": 704,
-                                                                                 "length": 121}
-    assert (ti2v["8"]["inputs"]["steps"], ti2v["8"]["inputs"]["shift"], ti2v["10"]["inputs"]["fps"]) == (50, 5.0, 24)
+    assert {k: ti2v["7"]["inputs"][k] for k in ("width", "height", "length")} == {
+        "width": 1280,
+        "height": 704,
+        "length": 121,
+    }
+    assert (ti2v["8"]["inputs"]["steps"], ti2v["8"]["inputs"]["shift"], ti2v["10"]["inputs"]["fps"]) == (
+        50,
+        5.0,
+        24,
+    )
     t2v = load_api_workflow(WORKFLOWS / "wan22_t2v_A14B.api.json")
     assert t2v["2"]["inputs"]["model_low"] == "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
     assert t2v["5"]["inputs"]["vae"] == "wan_2.1_vae.safetensors"
     s = t2v["8"]["inputs"]
-    assert (s["steps"], s["shift"], s["boundary"], s["guidance_high"], s["guidance_low"]) == (40, 12.0, 0.875, 4.0, 3.0)
+    assert (s["steps"], s["shift"], s["boundary"], s["guidance_high"], s["guidance_low"]) == (
+        40,
+        12.0,
+        0.875,
+        4.0,
+        3.0,
+    )
     i2v = load_api_workflow(WORKFLOWS / "wan22_i2v_A14B.api.json")
-    assert (i2v["8"]["inputs"]["boundary"], i2v["8"]["inputs"]["shift"], i2v["10"]["inputs"]["fps"]) == (0.9, 5.0, 16)
+    assert (i2v["8"]["inputs"]["boundary"], i2v["8"]["inputs"]["shift"], i2v["10"]["inputs"]["fps"]) == (
+        0.9,
+        5.0,
+        16,
+    )
     assert i2v["6"]["class_type"] == "LoadImage" and i2v["7"]["inputs"]["start_image"] == ["6", 0]
 
 
@@ -167,8 +194,14 @@ def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
 def test_suites_point_at_workflows_and_overrides_apply(suite: Path) -> None:
     data = _load(suite)
     names = [c["name"] for c in data["cases"]]
-    assert names == ["01_Speed_Preview_480p", "02_Efficiency_Mode_720p", "03_Performance_Mode_720p",
-                     "02_Efficiency_Quality_704p", "03_Max_Quality_704p", "04_14B_Speed_Preview_480p"]
+    assert names == [
+        "01_Speed_Preview_480p",
+        "02_Efficiency_Mode_720p",
+        "03_Performance_Mode_720p",
+        "02_Efficiency_Quality_704p",
+        "03_Max_Quality_704p",
+        "04_14B_Speed_Preview_480p",
+    ]
     for case in data["cases"]:
         prompt = apply_overrides(load_api_workflow(suite.parent / case["workflow"]), case["overrides"])
         assert prompt["1"]["inputs"]["case_name"] == case["name"]

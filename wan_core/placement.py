@@ -17,7 +17,11 @@ Numbers do not depend on the policy: the same tensors are used, only their locat
 model code knows about placement; everything here is `.to()`, `.data` swaps and module hooks, and
 `close()` (also on errors and interrupts, through the context manager) removes every hook.
 
-Weight dtypes are chosen when loading (`load_dit(..., dtype=)`) or with `cast_weights`.
+Weight dtypes are chosen when loading (`load_dit(..., dtype=)`) or with `cast_weights`
+(fp32 / bf16 / fp16). `store_fp8(model)` keeps the matrices of every transformer block in
+float8_e4m3fn with a per-tensor scale (as fp8-scaled checkpoints store them; re-quantising weights
+read from such a file gives back the same fp8 values) and dequantises one block at a time, right
+before it runs; it composes with every placement (`blocks` then streams fp8 bytes).
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .weights import quantise_fp8_scaled
+
 log = logging.getLogger(__name__)
 
-__all__ = ["PLACEMENTS", "WEIGHT_DTYPES", "Placement", "make_placement", "cast_weights", "weight_dtype"]
+__all__ = ["PLACEMENTS", "WEIGHT_DTYPES", "Placement", "make_placement", "cast_weights", "weight_dtype",
+           "Fp8Storage", "store_fp8"]
 
 PLACEMENTS = ("none", "model", "blocks")
 WEIGHT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -154,7 +161,8 @@ class BlockSwap(Placement):
             self._streamed[id(model)] = chain
             for pos, entry in enumerate(chain):
                 nxt = chain[(pos + 1) % len(chain)]
-                self._hooks.append(entry.block.register_forward_pre_hook(self._pre_hook(entry, nxt)))
+                # prepended: the weights must be on the device before any other pre-hook (fp8) sees them
+                self._hooks.append(entry.block.register_forward_pre_hook(self._pre_hook(entry, nxt), prepend=True))
                 self._hooks.append(entry.block.register_forward_hook(self._post_hook(entry)))
         self._open = True
 
@@ -227,6 +235,68 @@ class BlockSwap(Placement):
                 t.data = cpu
             entry.staged, entry.ready = None, None
         return hook
+
+
+class Fp8Storage:
+    """Block matrices stored as float8_e4m3fn + per-tensor scale, dequantised per block forward.
+
+    Between forwards each 2-D floating weight of `model.blocks` holds fp8 data; a forward
+    pre-hook replaces it by `fp8 * scale` in the compute dtype and a post-hook puts the fp8 data
+    back. `remove()` restores dequantised weights and removes the hooks.
+    """
+
+    def __init__(self, model: nn.Module, *, compute_dtype: torch.dtype | None = None) -> None:
+        if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
+            raise TypeError(f"fp8 storage needs a model with a `blocks` ModuleList (WanDiT); got "
+                            f"{type(model).__name__}")
+        self.model = model
+        self._entries: list[tuple[nn.Parameter, torch.Tensor, torch.dtype]] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        for block in model.blocks:
+            entries = []
+            for p in block.parameters():
+                if p.dim() == 2 and p.is_floating_point():
+                    dtype = compute_dtype or p.dtype
+                    q, scale = quantise_fp8_scaled(p.data)
+                    p.data = q.to(p.device)
+                    entries.append((p, scale.cpu(), dtype))
+            self._entries.extend(entries)
+            pre, post = self._block_hooks(entries)
+            self._hooks.append(block.register_forward_pre_hook(pre))
+            self._hooks.append(block.register_forward_hook(post))
+
+    @property
+    def bytes_fp8(self) -> int:
+        return sum(p.numel() for p, _, _ in self._entries)
+
+    @staticmethod
+    def _block_hooks(entries: list[tuple[nn.Parameter, torch.Tensor, torch.dtype]]):
+        stash: list[torch.Tensor] = []  # the fp8 tensors while the block runs
+
+        def dequantise(module: nn.Module, args: object) -> None:
+            stash[:] = [p.data for p, _, _ in entries]
+            for p, scale, dtype in entries:
+                p.data = (p.data.float() * scale).to(dtype)
+
+        def requantise(module: nn.Module, args: object, output: object) -> None:
+            for (p, _, _), q in zip(entries, stash):
+                p.data = q
+            stash.clear()
+
+        return dequantise, requantise
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for p, scale, dtype in self._entries:
+            p.data = (p.data.float() * scale).to(dtype)
+        self._entries.clear()
+
+
+def store_fp8(model: nn.Module, *, compute_dtype: torch.dtype | None = None) -> Fp8Storage:
+    """Keep the block matrices of `model` in fp8 (see `Fp8Storage`); returns the handle to undo it."""
+    return Fp8Storage(model, compute_dtype=compute_dtype)
 
 
 def make_placement(experts: Sequence[nn.Module], kind: str, *, device: torch.device | str,

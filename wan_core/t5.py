@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DEFAULT_NEGATIVE_PROMPT, UMT5Config
-from .errors import CheckpointError
+from .errors import CheckpointError, WanError
 from .tokenizer import (
     DEFAULT_TEXT_LEN,
     SPIECE_TENSOR_KEY,
@@ -407,7 +407,7 @@ class TextEncoder:
     @property
     def encoder(self) -> UMT5Encoder:
         if self._encoder is None:
-            raise RuntimeError("this text encoder was released; load it again to encode more prompts")
+            raise WanError("this text encoder was released; load it again to encode more prompts")
         return self._encoder
 
     @property

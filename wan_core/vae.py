@@ -130,8 +130,24 @@ class Decoder3d(nn.Module):
                                   CausalConv3d(dims[-1], PIXEL_CHANNELS * config.patch_size ** 2, 3, padding=1))
 
     def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
+        return self.upper(self.lower(x, first_chunk), first_chunk)
+
+    def lower(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        """conv1 and the middle section (with the frame-global attention), at latent resolution.
+
+        Shapes: (B, z, T, h, w) -> (B, 4*dec_dim, T, h, w).
+        """
         x = self.conv1(x)
-        for block in (*self.middle, *self.upsamples):
+        for block in self.middle:
+            x = block(x, first_chunk)
+        return x
+
+    def upper(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        """The upsampling stages and the head (convolutions only: local in space).
+
+        Shapes: (B, 4*dec_dim, T, h, w) -> (B, 3*p*p, F', H/p, W/p).
+        """
+        for block in self.upsamples:
             x = block(x, first_chunk)
         return self.head(x)
 
@@ -303,18 +319,20 @@ class WanVAE(nn.Module):
 
     def decode_into(self, x: torch.Tensor, out: torch.Tensor, *, chunk_frames: int | None,
                     callback: ChunkCallback | None = None, weight: torch.Tensor | None = None,
-                    progress: tuple[int, int] | None = None) -> None:
+                    progress: tuple[int, int] | None = None, upper_only: bool = False) -> None:
         """Stream the decoder over `x` (already through `conv2`) and write or add into `out`.
 
         With `weight` (broadcastable to the output), the weighted output is added to `out`
         (tiled decode); otherwise it is written. `progress` = (chunks done before, total chunks).
+        `upper_only`: `x` holds `decoder.lower` features and only `decoder.upper` runs.
         Shapes: x (B, z, T, h, w); out (B, 3, 1 + 4(T-1), h*s, w*s).
         """
+        run = self.decoder.upper if upper_only else self.decoder
         ranges = chunk_ranges(x.shape[2], chunk_frames)
         done, total = progress or (0, len(ranges))
         with streaming(self.decoder):
             for start, stop in ranges:
-                y = unpatchify(self.decoder(x[:, :, start:stop], first_chunk=start == 0), self.config.patch_size)
+                y = unpatchify(run(x[:, :, start:stop], start == 0), self.config.patch_size)
                 f0, f1 = pixel_range(self.config, start, stop)
                 if weight is None:
                     out[:, :, f0:f1] = y
@@ -324,6 +342,22 @@ class WanVAE(nn.Module):
                 done += 1
                 if callback is not None:
                     callback(done, total)
+
+    def decode_lower(self, x: torch.Tensor, *, chunk_frames: int | None) -> torch.Tensor:
+        """`decoder.lower` over the whole latent, streamed over time (exact).
+
+        Shapes: x (B, z, T, h, w) (after `conv2`) -> (B, 4*dec_dim, T, h, w) in the model dtype.
+        """
+        ranges = chunk_ranges(x.shape[2], chunk_frames)
+        feats: torch.Tensor | None = None
+        with streaming(self.decoder):
+            for start, stop in ranges:
+                y = self.decoder.lower(x[:, :, start:stop], start == 0)
+                if feats is None:
+                    feats = y.new_empty((y.shape[0], y.shape[1], x.shape[2], *y.shape[3:]))
+                feats[:, :, start:stop] = y
+        assert feats is not None
+        return feats
 
     def check_latent(self, raw: torch.Tensor) -> torch.Tensor:
         """Validate a decoder input (B, z, T, h, w) and return it."""

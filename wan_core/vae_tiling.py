@@ -114,6 +114,7 @@ def decode_tiled(vae: WanVAE, x: torch.Tensor, plan: VAETiling, *, chunk_frames:
     out = torch.zeros((b, PIXEL_CHANNELS, cfg.pixel_frames(t), h * s, w * s), dtype=torch.float32, device=x.device)
     weight_sum = torch.zeros((h * s, w * s), dtype=torch.float32, device=x.device)
     rows, cols = plan.axis_tiles(h), plan.axis_tiles(w)
+    feats = vae.decode_lower(x, chunk_frames=chunk_frames)  # attention sees whole frames
     per_tile = len(chunk_ranges(t, chunk_frames))
     total = len(rows) * len(cols) * per_tile
     done = 0
@@ -122,8 +123,8 @@ def decode_tiled(vae: WanVAE, x: torch.Tensor, plan: VAETiling, *, chunk_frames:
         for j, (x0, x1) in enumerate(cols):
             weight = wy[:, None] * axis_weights(cols, j, s).to(x.device)[None, :]  # (tile H, tile W)
             region = out[:, :, :, y0 * s:y1 * s, x0 * s:x1 * s]
-            vae.decode_into(x[:, :, :, y0:y1, x0:x1], region, chunk_frames=chunk_frames, callback=callback,
-                            weight=weight, progress=(done, total))
+            vae.decode_into(feats[:, :, :, y0:y1, x0:x1], region, chunk_frames=chunk_frames, callback=callback,
+                            weight=weight, progress=(done, total), upper_only=True)
             weight_sum[y0 * s:y1 * s, x0 * s:x1 * s] += weight
             done += per_tile
     return out.div_(weight_sum)

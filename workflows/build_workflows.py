@@ -30,27 +30,49 @@ WORKFLOWS_DIR = Path(__file__).resolve().parent
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 CORE_NODES: dict[str, dict[str, Any]] = {
     # The only core node the shipped workflows use, with its widget/socket layout (ComfyUI >= 0.3).
-    "LoadImage": {"widgets": ["image", "upload"], "api_widgets": ["image"], "inputs": [],
-                  "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "title": "Load Image"},
+    "LoadImage": {
+        "widgets": ["image", "upload"],
+        "api_widgets": ["image"],
+        "inputs": [],
+        "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+        "title": "Load Image",
+    },
 }
 
-PROMPT = ("A red fox trots through fresh snow in a birch forest at sunrise, its breath visible in the cold "
-          "air; the camera tracks it slowly from the side, soft golden light, shallow depth of field.")
+PROMPT = (
+    "A red fox trots through fresh snow in a birch forest at sunrise, its breath visible in the cold "
+    "air; the camera tracks it slowly from the side, soft golden light, shallow depth of field."
+)
 TINY_PROMPT = "a red fox running through snow"
 
 TINY_FILES = {
     "ti2v": ("wanbench_tiny_ti2v_5B_fp16.safetensors", "none"),
-    "t2v": ("wanbench_tiny_t2v_high_noise_14B_fp16.safetensors", "wanbench_tiny_t2v_low_noise_14B_fp16.safetensors"),
-    "i2v": ("wanbench_tiny_i2v_high_noise_14B_fp16.safetensors", "wanbench_tiny_i2v_low_noise_14B_fp16.safetensors"),
+    "t2v": (
+        "wanbench_tiny_t2v_high_noise_14B_fp16.safetensors",
+        "wanbench_tiny_t2v_low_noise_14B_fp16.safetensors",
+    ),
+    "i2v": (
+        "wanbench_tiny_i2v_high_noise_14B_fp16.safetensors",
+        "wanbench_tiny_i2v_low_noise_14B_fp16.safetensors",
+    ),
 }
 TINY_TEXT_ENCODER = "wanbench_tiny_umt5_xxl_fp16.safetensors"
-TINY_VAE = {"wan2.2": "wanbench_tiny_wan2.2_vae.safetensors", "wan2.1": "wanbench_tiny_wan_2.1_vae.safetensors"}
+TINY_VAE = {
+    "wan2.2": "wanbench_tiny_wan2.2_vae.safetensors",
+    "wan2.1": "wanbench_tiny_wan_2.1_vae.safetensors",
+}
 # Tiny twins: small enough that the CPU demo finishes in well under a minute (9 frames).
 TINY_GEOMETRY = {"ti2v": (96, 64, 9), "t2v": (64, 48, 9), "i2v": (64, 48, 9)}
 FULL_FILES = {
     "ti2v": ("wan2.2_ti2v_5B_fp16.safetensors", "none"),
-    "t2v": ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
-    "i2v": ("wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"),
+    "t2v": (
+        "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+        "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+    ),
+    "i2v": (
+        "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
+        "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",
+    ),
 }
 FULL_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 FULL_VAE = {"wan2.2": "wan2.2_vae.safetensors", "wan2.1": "wan_2.1_vae.safetensors"}
@@ -80,43 +102,100 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
     sampler = task.sampler
     high, low = (TINY_FILES if spec.tiny else FULL_FILES)[spec.model_type]
     vae_file = (TINY_VAE if spec.tiny else FULL_VAE)[task.vae.variant]
-    width, height, frames = TINY_GEOMETRY[spec.model_type] if spec.tiny else (*task.default_size, task.frame_num)
+    width, height, frames = (
+        TINY_GEOMETRY[spec.model_type] if spec.tiny else (*task.default_size, task.frame_num)
+    )
     dtype = "float32" if spec.tiny else "bfloat16"
     nodes = [
         Node(1, "WanBenchProfiler", {"case_name": spec.name, "sample_interval_ms": 100}),
-        Node(2, "WanBenchModelLoader", {"model_high": high, "model_low": low, "dtype": dtype, "attention": "sdpa",
-                                        "device": "auto"}, {"profiler": (1, 0)}),
-        Node(3, "WanBenchTextEncoderLoader", {"text_encoder": TINY_TEXT_ENCODER if spec.tiny else FULL_TEXT_ENCODER,
-                                              "dtype": dtype, "device": "auto"}, {"profiler": (1, 0)}),
-        Node(4, "WanBenchTextEncode", {"prompt": TINY_PROMPT if spec.tiny else PROMPT,
-                                       "negative_prompt": "" if spec.tiny else DEFAULT_NEGATIVE_PROMPT},
-             {"text_encoder": (3, 0), "profiler": (1, 0)}),
-        Node(5, "WanBenchVAELoader", {"vae": vae_file, "dtype": "float32", "device": "auto"}, {"profiler": (1, 0)}),
+        Node(
+            2,
+            "WanBenchModelLoader",
+            {"model_high": high, "model_low": low, "dtype": dtype, "attention": "sdpa", "device": "auto"},
+            {"profiler": (1, 0)},
+        ),
+        Node(
+            3,
+            "WanBenchTextEncoderLoader",
+            {
+                "text_encoder": TINY_TEXT_ENCODER if spec.tiny else FULL_TEXT_ENCODER,
+                "dtype": dtype,
+                "device": "auto",
+            },
+            {"profiler": (1, 0)},
+        ),
+        Node(
+            4,
+            "WanBenchTextEncode",
+            {
+                "prompt": TINY_PROMPT if spec.tiny else PROMPT,
+                "negative_prompt": "" if spec.tiny else DEFAULT_NEGATIVE_PROMPT,
+            },
+            {"text_encoder": (3, 0), "profiler": (1, 0)},
+        ),
+        Node(
+            5,
+            "WanBenchVAELoader",
+            {"vae": vae_file, "dtype": "float32", "device": "auto"},
+            {"profiler": (1, 0)},
+        ),
     ]
     geometry = {"width": width, "height": height, "length": frames}
     if spec.with_image:
         if spec.tiny:
-            nodes.append(Node(6, "WanBenchTestImage", {"width": width + width // 4, "height": height,
-                                                       "pattern": "gradient"}))
+            nodes.append(
+                Node(
+                    6,
+                    "WanBenchTestImage",
+                    {"width": width + width // 4, "height": height, "pattern": "gradient"},
+                )
+            )
         else:
             nodes.append(Node(6, "LoadImage", {"image": "example.png", "upload": "image"}))
-        nodes.append(Node(7, "WanBenchImageToVideo", geometry,
-                          {"vae": (5, 0), "start_image": (6, 0), "profiler": (1, 0)}))
+        nodes.append(
+            Node(
+                7,
+                "WanBenchImageToVideo",
+                geometry,
+                {"vae": (5, 0), "start_image": (6, 0), "profiler": (1, 0)},
+            )
+        )
     else:
         nodes.append(Node(7, "WanBenchEmptyLatent", geometry, {"vae": (5, 0), "profiler": (1, 0)}))
     g_low, g_high = sampler.guide_scale
     nodes += [
-        Node(8, "WanBenchSampler", {
-            "seed": 42, "steps": cfg.sampler.steps, "shift": sampler.shift,
-            "boundary": sampler.boundary if sampler.boundary is not None else 0.875,
-            "guidance_high": g_high, "guidance_low": g_low, "solver": "unipc", "batched_cfg": True,
-            "placement": "none" if spec.tiny or not task.is_moe else "model", "resident_blocks": 0},
-            {"model": (2, 0), "text_embeds": (4, 0), "latent": (7, 0), "profiler": (1, 0)}),
-        Node(9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (5, 0), "latent": (8, 0), "profiler": (1, 0)}),
-        Node(10, "WanBenchSaveVideo", {"fps": task.fps, "filename_prefix": f"wanbench/{spec.name}",
-                                       "format": "mp4 (h264)", "crf": 19}, {"images": (9, 0)}),
-        Node(11, "WanBenchReport", {"filename_prefix": f"wanbench/{spec.name}_report"},
-             {"profiler": (1, 0), "video_path": (10, 0)}),
+        Node(
+            8,
+            "WanBenchSampler",
+            {
+                "seed": 42,
+                "steps": cfg.sampler.steps,
+                "shift": sampler.shift,
+                "boundary": sampler.boundary if sampler.boundary is not None else 0.875,
+                "guidance_high": g_high,
+                "guidance_low": g_low,
+                "solver": "unipc",
+                "batched_cfg": True,
+                "placement": "none" if spec.tiny or not task.is_moe else "model",
+                "resident_blocks": 0,
+            },
+            {"model": (2, 0), "text_embeds": (4, 0), "latent": (7, 0), "profiler": (1, 0)},
+        ),
+        Node(
+            9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (5, 0), "latent": (8, 0), "profiler": (1, 0)}
+        ),
+        Node(
+            10,
+            "WanBenchSaveVideo",
+            {"fps": task.fps, "filename_prefix": f"wanbench/{spec.name}", "format": "mp4 (h264)", "crf": 19},
+            {"images": (9, 0)},
+        ),
+        Node(
+            11,
+            "WanBenchReport",
+            {"filename_prefix": f"wanbench/{spec.name}_report"},
+            {"profiler": (1, 0), "video_path": (10, 0)},
+        ),
     ]
     return nodes
 
@@ -144,9 +223,14 @@ def _layout(node_type: str) -> dict[str, Any]:
                     widgets.append(f"{name}.control_after_generate")
             else:
                 inputs.append((name, kind, section == "optional"))
-    outputs = list(zip(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES), cls.RETURN_TYPES))
-    return {"widgets": widgets, "api_widgets": api_widgets, "inputs": inputs, "outputs": outputs,
-            "title": NODE_DISPLAY_NAME_MAPPINGS[node_type]}
+    outputs = list(zip(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES), cls.RETURN_TYPES, strict=True))
+    return {
+        "widgets": widgets,
+        "api_widgets": api_widgets,
+        "inputs": inputs,
+        "outputs": outputs,
+        "title": NODE_DISPLAY_NAME_MAPPINGS[node_type],
+    }
 
 
 def _widget_value(node: Node, name: str) -> Any:
@@ -167,7 +251,11 @@ def to_api(nodes: list[Node]) -> dict[str, Any]:
             if name in node.links:
                 src, slot = node.links[name]
                 inputs[name] = [str(src), slot]
-        prompt[str(node.id)] = {"inputs": inputs, "class_type": node.type, "_meta": {"title": layout["title"]}}
+        prompt[str(node.id)] = {
+            "inputs": inputs,
+            "class_type": node.type,
+            "_meta": {"title": layout["title"]},
+        }
     return prompt
 
 
@@ -208,17 +296,36 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
             if optional:
                 entry["shape"] = 7
             inputs.append(entry)
-        outputs = [{"name": name, "type": kind, "slot_index": slot, "links": out_links.get((node.id, slot))}
-                   for slot, (name, kind) in enumerate(layout["outputs"])]
-        ui_nodes.append({
-            "id": node.id, "type": node.type, "pos": [40 + 380 * col, 40 + 260 * row], "size": [340, 220],
-            "flags": {}, "order": position, "mode": 0, "inputs": inputs, "outputs": outputs,
-            "properties": {"Node name for S&R": node.type},
-            "widgets_values": [_widget_value(node, name) for name in layout["widgets"]],
-        })
+        outputs = [
+            {"name": name, "type": kind, "slot_index": slot, "links": out_links.get((node.id, slot))}
+            for slot, (name, kind) in enumerate(layout["outputs"])
+        ]
+        ui_nodes.append(
+            {
+                "id": node.id,
+                "type": node.type,
+                "pos": [40 + 380 * col, 40 + 260 * row],
+                "size": [340, 220],
+                "flags": {},
+                "order": position,
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": outputs,
+                "properties": {"Node name for S&R": node.type},
+                "widgets_values": [_widget_value(node, name) for name in layout["widgets"]],
+            }
+        )
     ui_nodes.sort(key=lambda n: n["id"])
-    return {"last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
-            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+    return {
+        "last_node_id": max(n.id for n in nodes),
+        "last_link_id": len(links),
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,16 +357,21 @@ TINY_STEPS = {5: 2, 10: 3, 30: 4, 50: 5}
 def _suite(tiny: bool) -> dict[str, Any]:
     cases = []
     for name, workflow, steps, placement, width, height in BENCHMARK_CASES:
-        overrides: dict[str, Any] = {"WanBenchProfiler.case_name": name,
-                                     "WanBenchSampler.steps": TINY_STEPS[steps] if tiny else steps,
-                                     "WanBenchSampler.placement": "none" if tiny else placement}
+        overrides: dict[str, Any] = {
+            "WanBenchProfiler.case_name": name,
+            "WanBenchSampler.steps": TINY_STEPS[steps] if tiny else steps,
+            "WanBenchSampler.placement": "none" if tiny else placement,
+        }
         if width is not None and not tiny:
             overrides |= {"WanBenchEmptyLatent.width": width, "WanBenchEmptyLatent.height": height}
         prefix = "tiny_" if tiny else "wan22_"
         cases.append({"name": name, "workflow": f"../{prefix}{workflow}.api.json", "overrides": overrides})
     title = "tiny twins (CPU)" if tiny else "TI2V-5B at 1280x704 and T2V-A14B at 832x480"
-    return {"name": "wan22_benchmark" + ("_tiny" if tiny else ""), "description": f"Benchmark cases: {title}",
-            "cases": cases}
+    return {
+        "name": "wan22_benchmark" + ("_tiny" if tiny else ""),
+        "description": f"Benchmark cases: {title}",
+        "cases": cases,
+    }
 
 
 def build_all() -> dict[str, Any]:

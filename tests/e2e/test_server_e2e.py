@@ -86,12 +86,18 @@ def test_tiny_workflow_runs(comfy_server: ComfyServer, tmp_path: Path, workflow:
     prompt = load_api(workflow)
     sampler_id = only_node_of_type(prompt, "WanBenchSampler")
     steps = prompt[sampler_id]["inputs"]["steps"]
-    geometry = prompt[geometry_node(prompt)]["inputs"]
+    geometry_id = geometry_node(prompt)
+    geometry = prompt[geometry_id]["inputs"]
     run = run_on_server(prompt, comfy_server.url, tmp_path, timeout_s=600)
 
     assert len(run.files["videos"]) == 1, run.files
     frames, width, height = decode_video(Path(run.files["videos"][0]))
-    assert (frames, width, height) == (geometry["length"], geometry["width"], geometry["height"])
+    assert frames == geometry["length"]
+    if prompt[geometry_id]["class_type"] == "WanBenchImageToVideo":
+        # I2V sizes follow the start image's aspect within about width x height pixels
+        assert width * height <= geometry["width"] * geometry["height"] and width >= 16 and height >= 16
+    else:
+        assert (width, height) == (geometry["width"], geometry["height"])
 
     assert len(run.files["reports"]) == 1, run.files
     problems = check_report(run.files["reports"][0])
@@ -100,6 +106,7 @@ def test_tiny_workflow_runs(comfy_server: ComfyServer, tmp_path: Path, workflow:
     case_name = prompt[only_node_of_type(prompt, "WanBenchProfiler")]["inputs"]["case_name"]
     context = report_run["context"]
     assert (context["case_name"], context["steps"], context["frames"]) == (case_name, steps, geometry["length"])
+    assert (context["width"], context["height"]) == (width, height)
     stage_names = {stage["name"] for stage in report_run["stages"]}
     expected_steps = {f"Step_{i}_Inference" for i in range(1, steps + 1)}
     assert expected_steps <= stage_names, sorted(stage_names)
