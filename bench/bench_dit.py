@@ -101,7 +101,7 @@ def random_init_(model: nn.Module, *, seed: int = 0) -> nn.Module:
     for name, param in model.named_parameters():
         if "modulation" in name or "scale_shift_table" in name:
             param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]), generator=gen)
-        elif "norm" in name:
+        elif "norm" in name and name.endswith("weight"):
             param.normal_(0.0, 0.02, generator=gen).add_(1.0)
         elif param.ndim >= 2:
             fan_in = param[0].numel()
@@ -115,8 +115,8 @@ def build_wan_dit(config: DiTConfig, *, device: torch.device | str, dtype: torch
     """A `WanDiT` with random weights allocated directly on `device` in `dtype` (no host copy)."""
     with torch.device("meta"):
         model = WanDiT(config)
+    model.to(dtype=dtype)  # on meta: free; the device memory is then allocated once, in `dtype`
     model.to_empty(device=device)
-    model.to(dtype=dtype)
     return random_init_(model, seed=seed).eval()
 
 

@@ -66,8 +66,8 @@ def build_encoder(config: UMT5Config, *, device: torch.device | str, dtype: torc
     """A `UMT5Encoder` with random weights allocated directly on `device` in `dtype`."""
     with torch.device("meta"):
         model = UMT5Encoder(config)
+    model.to(dtype=dtype)  # on meta: free; the device memory is then allocated once, in `dtype`
     model.to_empty(device=device)
-    model.to(dtype=dtype)
     return random_init_(model, seed=seed).eval()
 
 

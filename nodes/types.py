@@ -4,14 +4,14 @@ Own types (`WAN22_DIT`, `WAN22_TEXT_ENCODER`, ...) keep the pack's objects from 
 core nodes that expect something else; `LATENT` and `IMAGE` are ComfyUI's own formats so core
 nodes can be mixed in:
 
-- `LATENT` is `{"samples": raw latents (B, z, T, h, w)}`; the pack adds `"wan_condition"`
-  (a `WanCondition`) when a start image conditions the video. Core nodes ignore the extra key.
+- `LATENT` is `{"samples": raw latents (1, z, T, h, w)}`; Wan Image To Video adds
+  `"wan_condition"` (wan_core's `TI2VCondition` or `I2VCondition`). Core nodes ignore the extra key.
 - `IMAGE` is (F, H, W, C) float in [0, 1].
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,17 +59,3 @@ class TextEmbeds:
     context_null: list[torch.Tensor]
     prompt: str
     negative: str
-
-
-@dataclass(frozen=True)
-class WanCondition:
-    """What a start image contributes to sampling, in raw VAE latent space.
-
-    `mode` is "ti2v" (latent frame 0 is pinned to `image_latent`, shape (B, z, 1, h, w)) or
-    "i2v" (`image_latent` is the encoded start-image clip, shape (B, z, T, h, w), given to the
-    DiT as extra channels with a first-frame mask).
-    """
-
-    mode: str
-    image_latent: torch.Tensor
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -166,8 +166,12 @@ def summarize_run(run: RunRecord) -> RunSummary:
     step_act = _time_weighted(inf_stages)
     peak = peak_tflops_of(run)
     flops_steps_list = [s.flops for s in inf_stages if s.flops is not None]
-    flops_steps = sum(flops_steps_list) if flops_steps_list and len(flops_steps_list) == len(inf_stages) else None
-    steps_tflops = flops_steps / inference_total / 1e12 if flops_steps is not None and inference_total > 0 else None
+    flops_steps = (
+        sum(flops_steps_list) if flops_steps_list and len(flops_steps_list) == len(inf_stages) else None
+    )
+    steps_tflops = (
+        flops_steps / inference_total / 1e12 if flops_steps is not None and inference_total > 0 else None
+    )
     flops_total = total.flops
     experts: dict[str, list[int]] = {}
     for i in order:
@@ -175,36 +179,56 @@ def summarize_run(run: RunRecord) -> RunSummary:
             experts.setdefault(inference[i].expert, []).append(i)
     inf_loads = [stage_load(s) for s in inf_stages]
     first = inf_stages[0] if inf_stages else None
-    act_peaks = [s.memory.allocated_peak - s.memory.allocated_start for s in inf_stages
-                 if s.memory.allocated_peak is not None and s.memory.allocated_start is not None]
+    act_peaks = [
+        s.memory.allocated_peak - s.memory.allocated_start
+        for s in inf_stages
+        if s.memory.allocated_peak is not None and s.memory.allocated_start is not None
+    ]
     return RunSummary(
-        case_name=run.context.case_name, group=group_label(run), activity_metric=run.system.activity_metric,
-        total_s=total.duration_s, stage_sum_s=stage_sum, outside_s=total.duration_s - stage_sum,
+        case_name=run.context.case_name,
+        group=group_label(run),
+        activity_metric=run.system.activity_metric,
+        total_s=total.duration_s,
+        stage_sum_s=stage_sum,
+        outside_s=total.duration_s - stage_sum,
         num_steps_recorded=len(order),
         num_steps_cached=len({s.step for s in run.stages if s.kind == "step-inference" and s.cached}),
         num_steps_planned=run.context.steps,
-        s_per_step=mean(per_step) if per_step else None, first_step_s=inf_times[0] if inf_times else None,
+        s_per_step=mean(per_step) if per_step else None,
+        first_step_s=inf_times[0] if inf_times else None,
         steady_mean_s=mean(steady) if steady else None,
         steady_median_s=percentile(steady, 50) if steady else None,
         steady_p90_s=percentile(steady, 90) if steady else None,
-        loading_total_s=loading_total, inference_total_s=inference_total,
+        loading_total_s=loading_total,
+        inference_total_s=inference_total,
         loading_share_pct=100.0 * loading_total / step_time if step_time > 0 else None,
         step_activity_pct=step_act,
-        step_activity_max_pct=max((s.activity_max_pct for s in inf_stages if s.activity_max_pct is not None),
-                                  default=None),
-        total_activity_pct=total.activity_mean_pct, load=stage_load(total),
-        inference_load=sum(v for v in inf_loads if v is not None) if inf_loads and None not in inf_loads else None,
-        peak_allocated_bytes=total.memory.allocated_peak, peak_reserved_bytes=total.memory.reserved_peak,
-        device_used_max_bytes=total.memory.device_used_max, gpu_memory_bytes=run.system.gpu_memory_bytes,
+        step_activity_max_pct=max(
+            (s.activity_max_pct for s in inf_stages if s.activity_max_pct is not None), default=None
+        ),
+        total_activity_pct=total.activity_mean_pct,
+        load=stage_load(total),
+        inference_load=sum(v for v in inf_loads if v is not None)
+        if inf_loads and None not in inf_loads
+        else None,
+        peak_allocated_bytes=total.memory.allocated_peak,
+        peak_reserved_bytes=total.memory.reserved_peak,
+        device_used_max_bytes=total.memory.device_used_max,
+        gpu_memory_bytes=run.system.gpu_memory_bytes,
         rss_max_bytes=total.rss_max_bytes,
         resident_at_first_step_bytes=None if first is None else first.memory.allocated_start,
         step_activation_peak_bytes=max(act_peaks) if act_peaks else None,
-        t5_peak_bytes=_kind_peak(run, "encode"), vae_peak_bytes=_kind_peak(run, "decode"),
-        flops_total=flops_total, flops_steps=flops_steps, steps_tflops=steps_tflops, peak_tflops=peak,
+        t5_peak_bytes=_kind_peak(run, "encode"),
+        vae_peak_bytes=_kind_peak(run, "decode"),
+        flops_total=flops_total,
+        flops_steps=flops_steps,
+        steps_tflops=steps_tflops,
+        peak_tflops=peak,
         mfu_pct=100.0 * steps_tflops / peak if steps_tflops is not None and peak is not None else None,
         steps_floor_s=flops_steps / (peak * 1e12) if flops_steps is not None and peak is not None else None,
         total_floor_s=flops_total / (peak * 1e12) if flops_total is not None and peak is not None else None,
-        experts=experts, cfg_modes=sorted({s.cfg_mode for s in inf_stages if s.cfg_mode is not None}),
+        experts=experts,
+        cfg_modes=sorted({s.cfg_mode for s in inf_stages if s.cfg_mode is not None}),
     )
 
 
@@ -218,8 +242,14 @@ def _gb(value: int | None) -> str:
 
 
 def _phases(run: RunRecord, summary: RunSummary) -> list[tuple[str, float]]:
-    names = {"init": "Model initialization", "preprocess": "Preprocessing", "encode": "Text encoding",
-             "step-loading": "Denoising steps", "step-inference": "Denoising steps", "decode": "VAE decoding"}
+    names = {
+        "init": "Model initialization",
+        "preprocess": "Preprocessing",
+        "encode": "Text encoding",
+        "step-loading": "Denoising steps",
+        "step-inference": "Denoising steps",
+        "decode": "VAE decoding",
+    }
     acc: dict[str, float] = {}
     for s in run.top_level:
         label = names.get(s.kind, s.name)
@@ -236,27 +266,47 @@ def analyze_run(run: RunRecord, summary: RunSummary) -> RunAnalysis:
     phases = _phases(run, summary)
     if phases and total > 0:
         label, seconds = phases[0]
-        findings.append(Statement(
-            rule="largest_phase", figures={"phase": label, "seconds": seconds, "total_s": total,
-                                           "share_pct": 100.0 * seconds / total},
-            text=f"Largest part of the run: {label}, {seconds:.2f} s of {total:.2f} s "
-                 f"({100.0 * seconds / total:.1f} %)."))
+        findings.append(
+            Statement(
+                rule="largest_phase",
+                figures={
+                    "phase": label,
+                    "seconds": seconds,
+                    "total_s": total,
+                    "share_pct": 100.0 * seconds / total,
+                },
+                text=f"Largest part of the run: {label}, {seconds:.2f} s of {total:.2f} s "
+                f"({100.0 * seconds / total:.1f} %).",
+            )
+        )
     findings.append(_activity_finding(run, summary))
     if summary.loading_share_pct is not None and summary.loading_share_pct >= LOADING_FLAG_PCT:
-        findings.append(Statement(
-            rule="loading_share", figures={"loading_total_s": summary.loading_total_s,
-                                           "loading_share_pct": summary.loading_share_pct},
-            text=f"Step loading (moving weights before a step) takes {summary.loading_total_s:.2f} s, "
-                 f"{summary.loading_share_pct:.1f} % of the step time."))
+        findings.append(
+            Statement(
+                rule="loading_share",
+                figures={
+                    "loading_total_s": summary.loading_total_s,
+                    "loading_share_pct": summary.loading_share_pct,
+                },
+                text=f"Step loading (moving weights before a step) takes {summary.loading_total_s:.2f} s, "
+                f"{summary.loading_share_pct:.1f} % of the step time.",
+            )
+        )
     findings.append(_memory_finding(run, summary))
     findings.append(_mfu_finding(run, summary))
-    if (summary.first_step_s is not None and summary.steady_median_s
-            and summary.first_step_s > WARMUP_FLAG_RATIO * summary.steady_median_s):
-        findings.append(Statement(
-            rule="warmup", figures={"first_step_s": summary.first_step_s,
-                                    "steady_median_s": summary.steady_median_s},
-            text=f"The first step took {summary.first_step_s:.2f} s against a steady median of "
-                 f"{summary.steady_median_s:.2f} s (warm-up: allocations, kernel selection or compile)."))
+    if (
+        summary.first_step_s is not None
+        and summary.steady_median_s
+        and summary.first_step_s > WARMUP_FLAG_RATIO * summary.steady_median_s
+    ):
+        findings.append(
+            Statement(
+                rule="warmup",
+                figures={"first_step_s": summary.first_step_s, "steady_median_s": summary.steady_median_s},
+                text=f"The first step took {summary.first_step_s:.2f} s against a steady median of "
+                f"{summary.steady_median_s:.2f} s (warm-up: allocations, kernel selection or compile).",
+            )
+        )
     return RunAnalysis(findings=findings, recommendations=_recommendations(run, summary))
 
 
@@ -265,31 +315,49 @@ def _activity_finding(run: RunRecord, summary: RunSummary) -> Statement:
     value, top = summary.step_activity_pct, summary.step_activity_max_pct
     if value is None:
         reason = run.system.activity_unavailable_reason or "no activity samples covered the steps"
-        return Statement(rule="activity_unavailable", figures={"step_activity_pct": None},
-                         text=f"GPU activity was not measured ({reason}); no statement about GPU "
-                              "utilization is made.")
+        return Statement(
+            rule="activity_unavailable",
+            figures={"step_activity_pct": None},
+            text=f"GPU activity was not measured ({reason}); no statement about GPU utilization is made.",
+        )
     label = activity_label(metric)
-    note = "" if metric == ACTIVITY_SM else (" (NVML utilization: the share of time any kernel ran; it does "
-                                             "not show how many SMs were busy)")
+    note = (
+        ""
+        if metric == ACTIVITY_SM
+        else (
+            " (NVML utilization: the share of time any kernel ran; it does not show how many SMs were busy)"
+        )
+    )
     figures: dict[str, Figure] = {"step_activity_pct": value, "step_activity_max_pct": top, "metric": metric}
     if value >= ACTIVITY_HIGH_PCT:
-        return Statement(rule="activity_high", figures=figures,
-                         text=f"The GPU is saturated during the steps: {label} averages {value:.1f} % "
-                              f"(max {top:.1f} %){note}; speed-ups must come from doing less work or "
-                              "faster kernels, not from feeding the GPU better.")
+        return Statement(
+            rule="activity_high",
+            figures=figures,
+            text=f"The GPU is saturated during the steps: {label} averages {value:.1f} % "
+            f"(max {top:.1f} %){note}; speed-ups must come from doing less work or "
+            "faster kernels, not from feeding the GPU better.",
+        )
     if value < ACTIVITY_LOW_PCT:
         cpu = _time_weighted_cpu(run)
         cpu_text = "" if cpu is None else f"; process CPU use during the steps is {cpu:.0f} % of one core"
         figures["step_cpu_pct"] = cpu
-        return Statement(rule="activity_low", figures=figures,
-                         text=f"Low {label} during the steps: {value:.1f} % (max {top:.1f} %){note}{cpu_text}. "
-                              "The GPU waits between kernels (host overhead, transfers or small shapes).")
-    return Statement(rule="activity_moderate", figures=figures,
-                     text=f"{label} during the steps averages {value:.1f} % (max {top:.1f} %){note}.")
+        return Statement(
+            rule="activity_low",
+            figures=figures,
+            text=f"Low {label} during the steps: {value:.1f} % (max {top:.1f} %){note}{cpu_text}. "
+            "The GPU waits between kernels (host overhead, transfers or small shapes).",
+        )
+    return Statement(
+        rule="activity_moderate",
+        figures=figures,
+        text=f"{label} during the steps averages {value:.1f} % (max {top:.1f} %){note}.",
+    )
 
 
 def _time_weighted_cpu(run: RunRecord) -> float | None:
-    stages = [s for s in run.stages if s.kind == "step-inference" and s.cpu_pct is not None and s.duration_s > 0]
+    stages = [
+        s for s in run.stages if s.kind == "step-inference" and s.cpu_pct is not None and s.duration_s > 0
+    ]
     if not stages:
         return None
     return sum(s.cpu_pct * s.duration_s for s in stages) / sum(s.duration_s for s in stages)  # type: ignore[operator]
@@ -299,80 +367,143 @@ def _memory_finding(run: RunRecord, summary: RunSummary) -> Statement:
     gpu, capacity, peak = run.system.gpu_name, summary.gpu_memory_bytes, summary.peak_reserved_bytes
     if gpu is None:
         host = run.system.host_memory_bytes
-        share = "" if host is None or summary.rss_max_bytes is None else \
-            f" of {_gb(host)} host memory ({100.0 * summary.rss_max_bytes / host:.1f} %)"
-        return Statement(rule="memory", figures={"gpu_name": None, "rss_max_bytes": summary.rss_max_bytes,
-                                                 "host_memory_bytes": host},
-                         text=f"No GPU memory to judge (CPU run); peak process RSS {_gb(summary.rss_max_bytes)}{share}.")
-    figures: dict[str, Figure] = {"gpu_name": gpu, "peak_reserved_bytes": peak, "gpu_memory_bytes": capacity,
-                                  "peak_allocated_bytes": summary.peak_allocated_bytes}
+        share = (
+            ""
+            if host is None or summary.rss_max_bytes is None
+            else f" of {_gb(host)} host memory ({100.0 * summary.rss_max_bytes / host:.1f} %)"
+        )
+        return Statement(
+            rule="memory",
+            figures={"gpu_name": None, "rss_max_bytes": summary.rss_max_bytes, "host_memory_bytes": host},
+            text=f"No GPU memory to judge (CPU run); peak process RSS {_gb(summary.rss_max_bytes)}{share}.",
+        )
+    figures: dict[str, Figure] = {
+        "gpu_name": gpu,
+        "peak_reserved_bytes": peak,
+        "gpu_memory_bytes": capacity,
+        "peak_allocated_bytes": summary.peak_allocated_bytes,
+    }
     if peak is None or capacity is None:
-        return Statement(rule="memory", figures=figures,
-                         text=f"Peak memory on {gpu} is unavailable (the CUDA allocator figures were not recorded).")
+        return Statement(
+            rule="memory",
+            figures=figures,
+            text=f"Peak memory on {gpu} is unavailable (the CUDA allocator figures were not recorded).",
+        )
     share = 100.0 * peak / capacity
     figures["share_pct"] = share
-    return Statement(rule="memory", figures=figures,
-                     text=f"Peak memory on {gpu}: {_gb(summary.peak_allocated_bytes)} allocated, {_gb(peak)} "
-                          f"reserved of {_gb(capacity)} ({share:.1f} %); {_gb(capacity - peak)} stayed free.")
+    return Statement(
+        rule="memory",
+        figures=figures,
+        text=f"Peak memory on {gpu}: {_gb(summary.peak_allocated_bytes)} allocated, {_gb(peak)} "
+        f"reserved of {_gb(capacity)} ({share:.1f} %); {_gb(capacity - peak)} stayed free.",
+    )
 
 
 def _mfu_finding(run: RunRecord, summary: RunSummary) -> Statement:
-    figures: dict[str, Figure] = {"steps_tflops": summary.steps_tflops, "peak_tflops": summary.peak_tflops,
-                                  "mfu_pct": summary.mfu_pct, "steps_floor_s": summary.steps_floor_s,
-                                  "inference_total_s": summary.inference_total_s}
+    figures: dict[str, Figure] = {
+        "steps_tflops": summary.steps_tflops,
+        "peak_tflops": summary.peak_tflops,
+        "mfu_pct": summary.mfu_pct,
+        "steps_floor_s": summary.steps_floor_s,
+        "inference_total_s": summary.inference_total_s,
+    }
     if summary.steps_tflops is None:
-        return Statement(rule="mfu_unavailable", figures=figures,
-                         text="Achieved TFLOP/s is unavailable: the steps did not state their FLOPs.")
+        return Statement(
+            rule="mfu_unavailable",
+            figures=figures,
+            text="Achieved TFLOP/s is unavailable: the steps did not state their FLOPs.",
+        )
     if summary.mfu_pct is None:
         what = run.system.gpu_name or "a CPU"
-        return Statement(rule="mfu_unavailable", figures=figures,
-                         text=f"The steps achieve {summary.steps_tflops:.3g} TFLOP/s; MFU is unavailable because "
-                              f"{what} has no dense bf16 peak in the GPU table.")
-    return Statement(rule="mfu", figures=figures,
-                     text=f"The steps achieve {summary.steps_tflops:.1f} TFLOP/s, {summary.mfu_pct:.1f} % MFU "
-                          f"of the {summary.peak_tflops:.0f} TFLOP/s dense bf16 peak; at that peak they would take "
-                          f"{summary.steps_floor_s:.2f} s instead of {summary.inference_total_s:.2f} s.")
+        return Statement(
+            rule="mfu_unavailable",
+            figures=figures,
+            text=f"The steps achieve {summary.steps_tflops:.3g} TFLOP/s; MFU is unavailable because "
+            f"{what} has no dense bf16 peak in the GPU table.",
+        )
+    return Statement(
+        rule="mfu",
+        figures=figures,
+        text=f"The steps achieve {summary.steps_tflops:.1f} TFLOP/s, {summary.mfu_pct:.1f} % MFU "
+        f"of the {summary.peak_tflops:.0f} TFLOP/s dense bf16 peak; at that peak they would take "
+        f"{summary.steps_floor_s:.2f} s instead of {summary.inference_total_s:.2f} s.",
+    )
 
 
 def _recommendations(run: RunRecord, summary: RunSummary) -> list[Statement]:
     recs: list[Statement] = []
     placement = run.context.placement
     if run.context.offload and summary.loading_total_s > 0:
-        free = None if summary.gpu_memory_bytes is None or summary.peak_reserved_bytes is None else \
-            summary.gpu_memory_bytes - summary.peak_reserved_bytes
-        free_text = "free GPU memory is unavailable" if free is None else f"the GPU had {_gb(free)} free at the peak"
-        recs.append(Statement(
-            rule="placement_none", gain_s=summary.loading_total_s,
-            figures={"placement": placement, "loading_total_s": summary.loading_total_s,
-                     "loading_share_pct": summary.loading_share_pct, "free_bytes": free},
-            text=f"Step loading is {_pct(summary.loading_share_pct)} of step time ({summary.loading_total_s:.2f} s) "
-                 f"with placement `{placement}` and {free_text}: placement `none` would save about "
-                 f"{summary.loading_total_s:.2f} s if the offloaded weights fit."))
+        free = (
+            None
+            if summary.gpu_memory_bytes is None or summary.peak_reserved_bytes is None
+            else summary.gpu_memory_bytes - summary.peak_reserved_bytes
+        )
+        free_text = (
+            "free GPU memory is unavailable" if free is None else f"the GPU had {_gb(free)} free at the peak"
+        )
+        recs.append(
+            Statement(
+                rule="placement_none",
+                gain_s=summary.loading_total_s,
+                figures={
+                    "placement": placement,
+                    "loading_total_s": summary.loading_total_s,
+                    "loading_share_pct": summary.loading_share_pct,
+                    "free_bytes": free,
+                },
+                text=f"Step loading is {_pct(summary.loading_share_pct)} of step time "
+                f"({summary.loading_total_s:.2f} s) "
+                f"with placement `{placement}` and {free_text}: placement `none` would save about "
+                f"{summary.loading_total_s:.2f} s if the offloaded weights fit.",
+            )
+        )
     if summary.steps_floor_s is not None and summary.inference_total_s > summary.steps_floor_s:
         gain = summary.inference_total_s - summary.steps_floor_s
-        recs.append(Statement(
-            rule="kernel_headroom", gain_s=gain,
-            figures={"inference_total_s": summary.inference_total_s, "steps_floor_s": summary.steps_floor_s,
-                     "mfu_pct": summary.mfu_pct},
-            text=f"Steps run at {summary.mfu_pct:.1f} % MFU ({summary.inference_total_s:.2f} s against a FLOP floor of "
-                 f"{summary.steps_floor_s:.2f} s): faster kernels (attention backend, fp8, compile) can save at most "
-                 f"{gain:.2f} s; fewer steps or fewer tokens are the only way past the floor."))
+        recs.append(
+            Statement(
+                rule="kernel_headroom",
+                gain_s=gain,
+                figures={
+                    "inference_total_s": summary.inference_total_s,
+                    "steps_floor_s": summary.steps_floor_s,
+                    "mfu_pct": summary.mfu_pct,
+                },
+                text=f"Steps run at {summary.mfu_pct:.1f} % MFU ({summary.inference_total_s:.2f} s against a "
+                f"FLOP floor of {summary.steps_floor_s:.2f} s): faster kernels (attention backend, fp8, "
+                "compile) can save at most "
+                f"{gain:.2f} s; fewer steps or fewer tokens are the only way past the floor.",
+            )
+        )
     reusable = [s for s in run.top_level if s.kind in ("init", "encode") and not s.cached]
     if reusable:
         seconds = sum(s.duration_s for s in reusable)
         names = ", ".join(f"{s.name} {s.duration_s:.2f} s" for s in reusable)
-        recs.append(Statement(
-            rule="reuse_cache", gain_s=seconds, figures={"reusable_s": seconds},
-            text=f"Re-running with the same models and prompt lets ComfyUI serve {names} from its cache: "
-                 f"about {seconds:.2f} s saved per later run."))
-    if (summary.first_step_s is not None and summary.steady_median_s
-            and summary.first_step_s > WARMUP_FLAG_RATIO * summary.steady_median_s):
+        recs.append(
+            Statement(
+                rule="reuse_cache",
+                gain_s=seconds,
+                figures={"reusable_s": seconds},
+                text=f"Re-running with the same models and prompt lets ComfyUI serve {names} from its cache: "
+                f"about {seconds:.2f} s saved per later run.",
+            )
+        )
+    if (
+        summary.first_step_s is not None
+        and summary.steady_median_s
+        and summary.first_step_s > WARMUP_FLAG_RATIO * summary.steady_median_s
+    ):
         gain = summary.first_step_s - summary.steady_median_s
-        recs.append(Statement(
-            rule="warmup", gain_s=gain,
-            figures={"first_step_s": summary.first_step_s, "steady_median_s": summary.steady_median_s},
-            text=f"The first step costs {gain:.2f} s more than a steady one ({summary.first_step_s:.2f} s vs "
-                 f"{summary.steady_median_s:.2f} s); a kept-alive process pays this once, not per run."))
+        recs.append(
+            Statement(
+                rule="warmup",
+                gain_s=gain,
+                figures={"first_step_s": summary.first_step_s, "steady_median_s": summary.steady_median_s},
+                text=f"The first step costs {gain:.2f} s more than a steady one "
+                f"({summary.first_step_s:.2f} s vs "
+                f"{summary.steady_median_s:.2f} s); a kept-alive process pays this once, not per run.",
+            )
+        )
     return sorted(recs, key=lambda r: -(r.gain_s or 0.0))
 
 

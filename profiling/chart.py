@@ -14,8 +14,14 @@ from pathlib import Path
 from .analysis import GB, activity_label
 from .records import RunRecord, Sample
 
-_BAND_COLOURS = {"init": "#d9d9d9", "preprocess": "#f2e6ff", "encode": "#ffe9c7", "step-loading": "#ffc7c7",
-                 "step-inference": "#cfe8ff", "decode": "#d4f5d4"}
+_BAND_COLOURS = {
+    "init": "#d9d9d9",
+    "preprocess": "#f2e6ff",
+    "encode": "#ffe9c7",
+    "step-loading": "#ffc7c7",
+    "step-inference": "#cfe8ff",
+    "decode": "#d4f5d4",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +45,7 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
     """Draw the run's timeline to `path` (written atomically)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -53,7 +60,9 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
         for stage in run.top_level:
             colour = _BAND_COLOURS.get(stage.kind, "#eeeeee")
             for ax in (ax_top, ax_mem):
-                ax.axvspan(stage.start_s, max(stage.end_s, stage.start_s + 1e-9), color=colour, alpha=0.6, lw=0)
+                ax.axvspan(
+                    stage.start_s, max(stage.end_s, stage.start_s + 1e-9), color=colour, alpha=0.6, lw=0
+                )
         if gpu_measured:
             ax_top.step(act_x, act_y, where="pre", color="#1f5fbf", label=f"{label} (%)")
             drawn.append(label)
@@ -69,10 +78,12 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
             drawn.append("CPU %")
             ax_top.set_ylabel("CPU %")
         ax_top.legend(loc="upper right", fontsize=8)
-        for attr, name, colour in (("cuda_allocated_bytes", "CUDA allocated", "#1f8f3f"),
-                                   ("cuda_reserved_bytes", "CUDA reserved", "#8fbf3f"),
-                                   ("device_used_bytes", "device used (NVML)", "#3f3f3f"),
-                                   ("rss_bytes", "process RSS", "#bf5f1f")):
+        for attr, name, colour in (
+            ("cuda_allocated_bytes", "CUDA allocated", "#1f8f3f"),
+            ("cuda_reserved_bytes", "CUDA reserved", "#8fbf3f"),
+            ("device_used_bytes", "device used (NVML)", "#3f3f3f"),
+            ("rss_bytes", "process RSS", "#bf5f1f"),
+        ):
             xs, ys = _values(samples, attr, GB)
             if xs:
                 ax_mem.plot(xs, ys, label=name, color=colour, lw=1.0)

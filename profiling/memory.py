@@ -58,7 +58,9 @@ class CudaDevice:
     def __init__(self, device: torch.device) -> None:
         if device.type != "cuda":
             raise ValueError(f"CudaDevice needs a cuda device; got {device}")
-        self._device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        self._device = torch.device(
+            "cuda", device.index if device.index is not None else torch.cuda.current_device()
+        )
         self.device = str(self._device)
 
     def synchronize(self) -> None:
@@ -66,9 +68,12 @@ class CudaDevice:
 
     def snapshot(self) -> AllocatorSnapshot:
         d = self._device
-        return AllocatorSnapshot(allocated=torch.cuda.memory_allocated(d), reserved=torch.cuda.memory_reserved(d),
-                                 peak_allocated=torch.cuda.max_memory_allocated(d),
-                                 peak_reserved=torch.cuda.max_memory_reserved(d))
+        return AllocatorSnapshot(
+            allocated=torch.cuda.memory_allocated(d),
+            reserved=torch.cuda.memory_reserved(d),
+            peak_allocated=torch.cuda.max_memory_allocated(d),
+            peak_reserved=torch.cuda.max_memory_reserved(d),
+        )
 
     def reset_peak(self) -> None:
         torch.cuda.reset_peak_memory_stats(self._device)
@@ -109,8 +114,12 @@ class FakeDevice:
         self.num_syncs += 1
 
     def snapshot(self) -> AllocatorSnapshot:
-        return AllocatorSnapshot(allocated=self.allocated, reserved=self.reserved,
-                                 peak_allocated=self._peak_allocated, peak_reserved=self._peak_reserved)
+        return AllocatorSnapshot(
+            allocated=self.allocated,
+            reserved=self.reserved,
+            peak_allocated=self._peak_allocated,
+            peak_reserved=self._peak_reserved,
+        )
 
     def reset_peak(self) -> None:
         self._peak_allocated = self.allocated
@@ -134,7 +143,9 @@ class ProcessProbe:
 
     def __init__(self) -> None:
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
-        self.rss_unavailable_reason = None if self._STATM.exists() else "/proc/self/statm is missing (not Linux)"
+        self.rss_unavailable_reason = (
+            None if self._STATM.exists() else "/proc/self/statm is missing (not Linux)"
+        )
         self._fd: int | None = None
 
     def read(self) -> HostReading:

@@ -53,11 +53,19 @@ class MonitorResult:
 class FakeNvml:
     """Scripted NVML for tests: `set(...)` the values the next readings return."""
 
-    def __init__(self, *, name: str = "NVIDIA H100 80GB HBM3", memory_total_bytes: int = 85_520_809_984,
-                 activity_metric: str = ACTIVITY_SM, driver_version: str = "570.86.15",
-                 cuda_driver_version: str = "12.8") -> None:
+    def __init__(
+        self,
+        *,
+        name: str = "NVIDIA H100 80GB HBM3",
+        memory_total_bytes: int = 85_520_809_984,
+        activity_metric: str = ACTIVITY_SM,
+        driver_version: str = "570.86.15",
+        cuda_driver_version: str = "12.8",
+    ) -> None:
         if activity_metric not in (ACTIVITY_SM, ACTIVITY_BUSY):
-            raise ValueError(f"activity_metric must be {ACTIVITY_SM!r} or {ACTIVITY_BUSY!r}; got {activity_metric!r}")
+            raise ValueError(
+                f"activity_metric must be {ACTIVITY_SM!r} or {ACTIVITY_BUSY!r}; got {activity_metric!r}"
+            )
         self.name = name
         self.memory_total_bytes = memory_total_bytes
         self.driver_version = driver_version
@@ -69,8 +77,13 @@ class FakeNvml:
         self.num_reads = 0
         self.closed = False
 
-    def set(self, *, activity_pct: float | None = None, occupancy_pct: float | None = None,
-            used_bytes: int | None = None) -> None:
+    def set(
+        self,
+        *,
+        activity_pct: float | None = None,
+        occupancy_pct: float | None = None,
+        used_bytes: int | None = None,
+    ) -> None:
         if activity_pct is not None:
             self.activity_pct = activity_pct
         if occupancy_pct is not None:
@@ -82,8 +95,9 @@ class FakeNvml:
 
     def read(self) -> GpuReading:
         self.num_reads += 1
-        return GpuReading(activity_pct=self.activity_pct, occupancy_pct=self.occupancy_pct,
-                          used_bytes=self.used_bytes)
+        return GpuReading(
+            activity_pct=self.activity_pct, occupancy_pct=self.occupancy_pct, used_bytes=self.used_bytes
+        )
 
     def close(self) -> None:
         self.closed = True
@@ -109,7 +123,7 @@ class PynvmlMonitor:
             self._gpm_samples = [pynvml.nvmlGpmSampleAlloc(), pynvml.nvmlGpmSampleAlloc()]
             pynvml.nvmlGpmSampleGet(handle, self._gpm_samples[0])
 
-    def _read_gpm(self) -> tuple[float, float]:
+    def _read_gpm(self) -> tuple[float | None, float | None]:
         nvml = self._nvml
         previous, current = self._gpm_samples
         nvml.nvmlGpmSampleGet(self._handle, current)
@@ -122,7 +136,11 @@ class PynvmlMonitor:
         request.metrics[1].metricId = nvml.NVML_GPM_METRIC_SM_OCCUPANCY
         nvml.nvmlGpmMetricsGet(request)
         self._gpm_samples = [current, previous]
-        return float(request.metrics[0].value), float(request.metrics[1].value)
+        values = []
+        for metric in request.metrics[:2]:  # a metric NVML could not compute stays unmeasured
+            ok = metric.nvmlReturn == nvml.NVML_SUCCESS
+            values.append(float(metric.value) if ok else None)
+        return values[0], values[1]
 
     def read(self) -> GpuReading:
         with self._lock:
@@ -151,8 +169,9 @@ def open_gpu_monitor(*, index: int = 0, uuid: str | None = None) -> MonitorResul
     try:
         import pynvml
     except ImportError:
-        return MonitorResult(monitor=None, reason="nvidia-ml-py (pynvml) is not installed: "
-                             "pip install nvidia-ml-py")
+        return MonitorResult(
+            monitor=None, reason="nvidia-ml-py (pynvml) is not installed: pip install nvidia-ml-py"
+        )
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as err:

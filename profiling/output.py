@@ -93,8 +93,13 @@ def _as_runs(source: ProfileSession | RunRecord | Sequence[RunRecord]) -> list[R
     return runs
 
 
-def write_report(source: ProfileSession | RunRecord | Sequence[RunRecord], out_dir: str | os.PathLike[str], *,
-                 basename: str = "wanbench_report", chart: bool = True) -> ReportFiles:
+def write_report(
+    source: ProfileSession | RunRecord | Sequence[RunRecord],
+    out_dir: str | os.PathLike[str],
+    *,
+    basename: str = "wanbench_report",
+    chart: bool = True,
+) -> ReportFiles:
     """Write `<basename>.md`, `<basename>.json` and the timeline PNG(s); returns their paths.
 
     Keys: "md", "json", and "png" (one run) or "png:<case>" (several runs) for each chart drawn.

@@ -9,7 +9,6 @@ Schema: `docs/report_schema.md` (version `SCHEMA_VERSION`).
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +19,6 @@ REPORT_SCHEMA_VERSION = "wanbench.report/1"
 ACTIVITY_SM = "sm_activity"
 ACTIVITY_BUSY = "gpu_busy"
 ACTIVITY_METRICS = (ACTIVITY_SM, ACTIVITY_BUSY)
-
-STAGE_NAME_RE = re.compile(
-    r"^(Model_Initialization|TI2V_Preprocess|T5_Encoding|Step_(\d+)_(Loading|Inference)|VAE_Decoding"
-    r"|Total_Execution)$"
-)
 TOTAL_STAGE = "Total_Execution"
 
 FactValue = str | int | float | bool | None
@@ -189,8 +183,10 @@ def _build(cls: type, data: dict[str, Any], what: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"{what}: unknown fields {sorted(unknown)}; expected a subset of {sorted(names)} "
-                         f"(schema {SCHEMA_VERSION})")
+        raise ValueError(
+            f"{what}: unknown fields {sorted(unknown)}; expected a subset of {sorted(names)} "
+            f"(schema {SCHEMA_VERSION})"
+        )
     return cls(**data)
 
 
@@ -205,8 +201,10 @@ def run_from_dict(data: dict[str, Any]) -> RunRecord:
     """Inverse of `run_to_dict`; raises ValueError on another schema version or unknown fields."""
     schema = data.get("schema")
     if schema != SCHEMA_VERSION:
-        raise ValueError(f"run record schema is {schema!r}; expected {SCHEMA_VERSION!r} "
-                         "(re-run the benchmark with this version of wanbench)")
+        raise ValueError(
+            f"run record schema is {schema!r}; expected {SCHEMA_VERSION!r} "
+            "(re-run the benchmark with this version of wanbench)"
+        )
     d = {k: v for k, v in data.items() if k not in ("summary", "analysis")}
     d["system"] = _build(SystemInfo, d["system"], "system")
     d["context"] = _build(RunContext, d["context"], "context")

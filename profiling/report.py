@@ -12,13 +12,24 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping, Sequence
 
-from .analysis import (GB, RunAnalysis, RunSummary, activity_label, analyze_run, peak_tflops_of, stage_load,
-                       stage_mfu_pct, stage_tflops, summarize_run)
+from .analysis import (
+    GB,
+    RunAnalysis,
+    RunSummary,
+    activity_label,
+    analyze_run,
+    peak_tflops_of,
+    stage_load,
+    stage_mfu_pct,
+    stage_tflops,
+    summarize_run,
+)
 from .gpus import lookup_gpu
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, RunRecord, StageRecord
 
 NA = "n/a"
 TITLE = "# Wan2.2 Benchmark Report"
+
 
 def legend(runs: Sequence[RunRecord]) -> str:
     """The units and column definitions, naming only the activity metrics the runs used."""
@@ -27,14 +38,20 @@ def legend(runs: Sequence[RunRecord]) -> str:
     if ACTIVITY_SM in metrics:
         parts.append("**SM(%)** is SM activity from NVML GPU performance metrics (Hopper and newer).")
     if None in metrics:
-        parts.append("Runs without a GPU (or without NVML) have no activity figures: their SM(%) reads `n/a`.")
+        parts.append(
+            "Runs without a GPU (or without NVML) have no activity figures: their SM(%) reads `n/a`."
+        )
     if ACTIVITY_BUSY in metrics:
-        parts.append("**Busy(%)** is NVML utilization, the share of time any kernel ran (GPUs without "
-                     "performance metrics; it does not count busy SMs).")
-    parts += ["**Load** = seconds x activity % (%-seconds).",
-              "**s/step** = mean of Step_i_Loading + Step_i_Inference.",
-              "**MFU** = achieved FLOP/s / dense bf16 peak of the measured GPU (steps only).",
-              "`n/a` = not measured."]
+        parts.append(
+            "**Busy(%)** is NVML utilization, the share of time any kernel ran (GPUs without "
+            "performance metrics; it does not count busy SMs)."
+        )
+    parts += [
+        "**Load** = seconds x activity % (%-seconds).",
+        "**s/step** = mean of Step_i_Loading + Step_i_Inference.",
+        "**MFU** = achieved FLOP/s / dense bf16 peak of the measured GPU (steps only).",
+        "`n/a` = not measured.",
+    ]
     return " ".join(parts)
 
 
@@ -70,7 +87,7 @@ def fmt_tflops(value: float | None) -> str:
 
 
 def with_unit(text: str, unit: str) -> str:
-    """"12.3 GB" for a number, plain "n/a" when unmeasured."""
+    """ "12.3 GB" for a number, plain "n/a" when unmeasured."""
     return text if text == NA else f"{text} {unit}"
 
 
@@ -114,7 +131,8 @@ def render_markdown(runs: Sequence[RunRecord], *, chart_notes: Mapping[str, str]
         raise ValueError("render_markdown needs at least one run record")
     groups = group_runs(runs)
     lines = [TITLE, "", legend(runs), ""]
-    for letter, (group, members) in zip(string.ascii_uppercase, groups.items()):
+    for i, (group, members) in enumerate(groups.items()):
+        letter = string.ascii_uppercase[i] if i < len(string.ascii_uppercase) else str(i + 1)
         lines += _group_summary(letter, group, members)
     for group, members in groups.items():
         lines += [f"# Detailed Breakdown ({_short(group)})", ""]
@@ -135,13 +153,17 @@ def _system_lines(run: RunRecord) -> list[str]:
     if s.activity_metric == ACTIVITY_SM:
         activity = "SM activity from NVML GPU performance metrics"
     elif s.activity_metric == ACTIVITY_BUSY:
-        activity = "GPU busy from NVML utilization (no performance metrics on this GPU; it does not count busy SMs)"
+        activity = (
+            "GPU busy from NVML utilization (no performance metrics on this GPU; it does not count busy SMs)"
+        )
     else:
         activity = f"unavailable ({s.activity_unavailable_reason or 'no NVML'})"
-    return [f"- **GPU**: {gpu}; driver {s.driver_version or NA}; CUDA {s.cuda_version or NA}; "
-            f"torch {s.torch_version or NA}",
-            f"- **CPU**: {s.cpu_name or NA}; host memory {with_unit(fmt_gb(s.host_memory_bytes), 'GB')}",
-            f"- **Activity metric**: {activity}"]
+    return [
+        f"- **GPU**: {gpu}; driver {s.driver_version or NA}; CUDA {s.cuda_version or NA}; "
+        f"torch {s.torch_version or NA}",
+        f"- **CPU**: {s.cpu_name or NA}; host memory {with_unit(fmt_gb(s.host_memory_bytes), 'GB')}",
+        f"- **Activity metric**: {activity}",
+    ]
 
 
 def _group_summary(letter: str, group: str, runs: list[RunRecord]) -> list[str]:
@@ -152,12 +174,37 @@ def _group_summary(letter: str, group: str, runs: list[RunRecord]) -> list[str]:
     for run in runs:
         sm = summarize_run(run)
         c = run.context
-        rows.append([c.case_name, c.resolution or NA, NA if c.frames is None else str(c.frames),
-                     _steps_cell(sm), _offload_cell(run), fmt_s(sm.total_s), fmt_s(sm.s_per_step),
-                     fmt_gb(sm.peak_allocated_bytes), fmt_pct(sm.step_activity_pct), fmt_load(sm.load),
-                     fmt_pct(sm.mfu_pct)])
-    lines += _table(["Case", "Res", "Frames", "Steps", "Offload", "Time(s)", "s/step", "Mem(GB)",
-                     activity_header(metric), "Load", "MFU(%)"], rows)
+        rows.append(
+            [
+                c.case_name,
+                c.resolution or NA,
+                NA if c.frames is None else str(c.frames),
+                _steps_cell(sm),
+                _offload_cell(run),
+                fmt_s(sm.total_s),
+                fmt_s(sm.s_per_step),
+                fmt_gb(sm.peak_allocated_bytes),
+                fmt_pct(sm.step_activity_pct),
+                fmt_load(sm.load),
+                fmt_pct(sm.mfu_pct),
+            ]
+        )
+    lines += _table(
+        [
+            "Case",
+            "Res",
+            "Frames",
+            "Steps",
+            "Offload",
+            "Time(s)",
+            "s/step",
+            "Mem(GB)",
+            activity_header(metric),
+            "Load",
+            "MFU(%)",
+        ],
+        rows,
+    )
     return lines + [""]
 
 
@@ -180,34 +227,57 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
     analysis = analyze_run(run, sm)
     c = run.context
     lines = [f"## Case: {c.case_name} ({_short(group)})", ""]
-    facts = [f"task {c.task or NA}", f"{c.resolution or NA}", f"{NA if c.frames is None else c.frames} frames",
-             f"{_steps_cell(sm)} steps", f"placement {c.placement or NA}", f"attention {c.attention_backend or NA}",
-             f"dtypes DiT {c.dit_dtype or NA} / T5 {c.t5_dtype or NA} / VAE {c.vae_dtype or NA}",
-             f"compile {_yes_no(c.compile)}", f"CFG {c.cfg_mode or ', '.join(sm.cfg_modes) or NA}"]
+    facts = [
+        f"task {c.task or NA}",
+        f"{c.resolution or NA}",
+        f"{NA if c.frames is None else c.frames} frames",
+        f"{_steps_cell(sm)} steps",
+        f"placement {c.placement or NA}",
+        f"attention {c.attention_backend or NA}",
+        f"dtypes DiT {c.dit_dtype or NA} / T5 {c.t5_dtype or NA} / VAE {c.vae_dtype or NA}",
+        f"compile {_yes_no(c.compile)}",
+        f"CFG {c.cfg_mode or ', '.join(sm.cfg_modes) or NA}",
+    ]
     if c.solver:
         facts.append(f"solver {c.solver}")
-    lines += [f"- **Run facts**: {'; '.join(facts)}",
-              f"- **Status**: {run.status}",
-              f"- **Total Duration**: {fmt_s(sm.total_s)} s",
-              f"- **Peak Memory**: {with_unit(fmt_gb(sm.peak_allocated_bytes), 'GB')} allocated, "
-              f"{with_unit(fmt_gb(sm.peak_reserved_bytes), 'GB')} reserved (CUDA allocator); "
-              f"{with_unit(fmt_gb(sm.device_used_max_bytes), 'GB')} used on the device (NVML); "
-              f"process RSS {with_unit(fmt_gb(sm.rss_max_bytes), 'GB')}",
-              f"- **Total Compute Load**: {fmt_load(sm.load)}"]
+    lines += [
+        f"- **Run facts**: {'; '.join(facts)}",
+        f"- **Status**: {run.status}",
+        f"- **Total Duration**: {fmt_s(sm.total_s)} s",
+        f"- **Peak Memory**: {with_unit(fmt_gb(sm.peak_allocated_bytes), 'GB')} allocated, "
+        f"{with_unit(fmt_gb(sm.peak_reserved_bytes), 'GB')} reserved (CUDA allocator); "
+        f"{with_unit(fmt_gb(sm.device_used_max_bytes), 'GB')} used on the device (NVML); "
+        f"process RSS {with_unit(fmt_gb(sm.rss_max_bytes), 'GB')}",
+        f"- **Total Compute Load**: {fmt_load(sm.load)}",
+    ]
     lines += [f"- Note: {n}" for n in run.notes]
     lines += ["", "### Stage Breakdown", ""] + _stage_table(run, sm) + [""]
     lines += _inference_stats(run, sm) + _memory_telemetry(sm) + _analysis_lines(analysis)
-    lines += ["### Timeline", "", chart_note or "Chart: written per run by `write_report` (not part of a merged report).",
-              "", "---", ""]
+    lines += [
+        "### Timeline",
+        "",
+        chart_note or "Chart: written per run by `write_report` (not part of a merged report).",
+        "",
+        "---",
+        "",
+    ]
     return lines
 
 
 def _stage_row(stage: StageRecord, peak: float | None, label: str) -> list[str]:
     if stage.cached:
         return [label, "cached", NA, NA, NA, NA, NA, NA, NA]
-    return [label, fmt_s(stage.duration_s), fmt_gb(stage.memory.allocated_peak), fmt_pct(stage.activity_mean_pct),
-            fmt_pct(stage.cpu_pct), fmt_gb(stage.rss_max_bytes), fmt_load(stage_load(stage)),
-            fmt_tflops(stage_tflops(stage)), fmt_pct(stage_mfu_pct(stage, peak))]
+    return [
+        label,
+        fmt_s(stage.duration_s),
+        fmt_gb(stage.memory.allocated_peak),
+        fmt_pct(stage.activity_mean_pct),
+        fmt_pct(stage.cpu_pct),
+        fmt_gb(stage.rss_max_bytes),
+        fmt_load(stage_load(stage)),
+        fmt_tflops(stage_tflops(stage)),
+        fmt_pct(stage_mfu_pct(stage, peak)),
+    ]
 
 
 def _stage_table(run: RunRecord, sm: RunSummary) -> list[str]:
@@ -217,15 +287,30 @@ def _stage_table(run: RunRecord, sm: RunSummary) -> list[str]:
         label = stage.name if stage.depth == 0 else "&nbsp;&nbsp;" * stage.depth + "└ " + stage.name
         if stage.kind == "step-inference" and stage.expert:
             label += f" [{stage.expert}]"
+        previous = stage.facts.get("measured_s")
+        if stage.cached and isinstance(previous, (int, float)) and not isinstance(previous, bool):
+            label += f" (took {fmt_s(float(previous))} s when it last ran)"
         rows.append(_stage_row(stage, peak, label))
     rows.append(["(outside stages)", fmt_s(sm.outside_s)] + [NA] * 7)
     rows.append(_stage_row(run.total, peak, run.total.name))
-    header = ["Stage", "Time (s)", "Peak Mem (GB)", "SM Act (%)" if run.system.activity_metric != ACTIVITY_BUSY
-              else "GPU Busy (%)", "CPU (%)", "Sys Mem (GB)", "Comp Load", "TFLOP/s", "MFU (%)"]
+    header = [
+        "Stage",
+        "Time (s)",
+        "Peak Mem (GB)",
+        "SM Act (%)" if run.system.activity_metric != ACTIVITY_BUSY else "GPU Busy (%)",
+        "CPU (%)",
+        "Sys Mem (GB)",
+        "Comp Load",
+        "TFLOP/s",
+        "MFU (%)",
+    ]
     lines = _table(header, rows)
-    lines += ["", f"Top-level stages sum to {fmt_s(sm.stage_sum_s)} s; with {fmt_s(sm.outside_s)} s outside "
-              f"stages they make up the {fmt_s(sm.total_s)} s total (checked to within 1 %). Indented rows run "
-              "inside the row above and are not added again. Peak Mem is the CUDA allocator peak within the stage."]
+    lines += [
+        "",
+        f"Top-level stages sum to {fmt_s(sm.stage_sum_s)} s; with {fmt_s(sm.outside_s)} s outside "
+        f"stages they make up the {fmt_s(sm.total_s)} s total (checked to within 1 %). Indented rows run "
+        "inside the row above and are not added again. Peak Mem is the CUDA allocator peak within the stage.",
+    ]
     return lines
 
 
@@ -247,7 +332,8 @@ def _inference_stats(run: RunRecord, sm: RunSummary) -> list[str]:
         f"(max {with_unit(fmt_pct(sm.step_activity_max_pct), '%')})",
         f"- **Total Inference Load**: {fmt_load(sm.inference_load)}",
         f"- **Throughput**: {with_unit(fmt_tflops(sm.steps_tflops), 'TFLOP/s')}; MFU "
-        f"{with_unit(fmt_pct(sm.mfu_pct), '%')} of a {with_unit(fmt_tflops(sm.peak_tflops), 'TFLOP/s')} peak; "
+        f"{with_unit(fmt_pct(sm.mfu_pct), '%')} of a "
+        f"{with_unit(fmt_tflops(sm.peak_tflops), 'TFLOP/s')} peak; "
         f"FLOP floor {with_unit(fmt_s(sm.steps_floor_s), 's')} for the steps (measured "
         f"{fmt_s(sm.inference_total_s)} s), {with_unit(fmt_s(sm.total_floor_s), 's')} for the run",
         "",
@@ -270,17 +356,23 @@ def _ranges(steps: list[int]) -> str:
 
 def _memory_telemetry(sm: RunSummary) -> list[str]:
     capacity = sm.gpu_memory_bytes
-    headroom = None if capacity is None or sm.peak_reserved_bytes is None else capacity - sm.peak_reserved_bytes
+    headroom = (
+        None if capacity is None or sm.peak_reserved_bytes is None else capacity - sm.peak_reserved_bytes
+    )
+
     def gb(value: int | None) -> str:
         return with_unit(fmt_gb(value), "GB")
 
-    return ["### Memory Telemetry", "",
-            f"- **Resident at the first step** (weights + latents): {gb(sm.resident_at_first_step_bytes)}",
-            f"- **DiT activation peak** (step peak above its start): {gb(sm.step_activation_peak_bytes)}",
-            f"- **T5 peak**: {gb(sm.t5_peak_bytes)}",
-            f"- **VAE peak**: {gb(sm.vae_peak_bytes)}",
-            f"- **Device capacity**: {gb(capacity)}; free at the reserved peak: {gb(headroom)}",
-            ""]
+    return [
+        "### Memory Telemetry",
+        "",
+        f"- **Resident at the first step** (weights + latents): {gb(sm.resident_at_first_step_bytes)}",
+        f"- **DiT activation peak** (step peak above its start): {gb(sm.step_activation_peak_bytes)}",
+        f"- **T5 peak**: {gb(sm.t5_peak_bytes)}",
+        f"- **VAE peak**: {gb(sm.vae_peak_bytes)}",
+        f"- **Device capacity**: {gb(capacity)}; free at the reserved peak: {gb(headroom)}",
+        "",
+    ]
 
 
 def _analysis_lines(analysis: RunAnalysis) -> list[str]:

@@ -29,11 +29,30 @@ from typing import Any
 import torch
 
 from ..wan_core.trace import STAGE_KINDS, use_tracer
-from .memory import (AllocatorSnapshot, CpuDevice, CudaDevice, DeviceProbe, HostProbe, HostReading,
-                     ProcessProbe, host_memory_bytes, utc_now_iso)
+from .memory import (
+    AllocatorSnapshot,
+    CpuDevice,
+    CudaDevice,
+    DeviceProbe,
+    HostProbe,
+    HostReading,
+    ProcessProbe,
+    host_memory_bytes,
+    utc_now_iso,
+)
 from .nvml import GpuMonitor, open_gpu_monitor
-from .records import (CONTEXT_FIELDS, TOTAL_STAGE, EventRecord, FactValue, MemoryFigures, RunContext,
-                      RunRecord, Sample, StageRecord, SystemInfo)
+from .records import (
+    CONTEXT_FIELDS,
+    TOTAL_STAGE,
+    EventRecord,
+    FactValue,
+    MemoryFigures,
+    RunContext,
+    RunRecord,
+    Sample,
+    StageRecord,
+    SystemInfo,
+)
 from .sampler_thread import SamplerThread
 from .stats import stage_activity
 from .timers import Clock, MonotonicClock
@@ -73,10 +92,17 @@ class ProfileSession:
         clock, gpu, device_probe, host: replace the real probes (tests pass fakes).
     """
 
-    def __init__(self, *, case_name: str, device: str | torch.device | None = None,
-                 sample_interval_s: float | None = 0.1, clock: Clock | None = None,
-                 gpu: GpuMonitor | None = None, device_probe: DeviceProbe | None = None,
-                 host: HostProbe | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        case_name: str,
+        device: str | torch.device | None = None,
+        sample_interval_s: float | None = 0.1,
+        clock: Clock | None = None,
+        gpu: GpuMonitor | None = None,
+        device_probe: DeviceProbe | None = None,
+        host: HostProbe | None = None,
+    ) -> None:
         if not case_name or not case_name.strip():
             raise ValueError("case_name must be a non-empty label (e.g. '01_ti2v_720p')")
         if sample_interval_s is not None and not sample_interval_s > 0:
@@ -115,13 +141,18 @@ class ProfileSession:
     def open(self) -> ProfileSession:
         """Start the session: Total_Execution begins now, the sampler thread starts."""
         if self._t0 is not None:
-            raise RuntimeError(f"profile session {self.case_name!r} was already opened; make a new one per run")
+            raise RuntimeError(
+                f"profile session {self.case_name!r} was already opened; make a new one per run"
+            )
         if self._gpu is None and isinstance(self._device, CudaDevice):
             result = open_gpu_monitor(**_nvml_target(self._device))
             self._gpu, self._gpu_reason, self._owns_gpu = result.monitor, result.reason, True
         elif self._gpu is None:
-            self._gpu_reason = ("no GPU: the run is on the CPU" if self._device.device == "cpu"
-                                else f"no NVML monitor was given for {self._device.device}")
+            self._gpu_reason = (
+                "no GPU: the run is on the CPU"
+                if self._device.device == "cpu"
+                else f"no NVML monitor was given for {self._device.device}"
+            )
         self._device.synchronize()
         self._t0 = self._clock.now()
         self._alloc_start = self._device.snapshot()
@@ -130,15 +161,18 @@ class ProfileSession:
         first = self._take_sample()
         self._used_start = first.device_used_bytes
         if self.sample_interval_s is not None:
-            self._thread = SamplerThread(self._take_sample_quietly, interval_s=self.sample_interval_s,
-                                         clock=self._clock)
+            self._thread = SamplerThread(
+                self._take_sample_quietly, interval_s=self.sample_interval_s, clock=self._clock
+            )
             self._thread.start()
         return self
 
     def close(self, *, error: BaseException | None = None) -> RunRecord:
         """End Total_Execution, stop sampling and freeze the records (also returned as `.record`)."""
         if not self.is_open:
-            raise RuntimeError(f"profile session {self.case_name!r} is not open (open() it first; close once)")
+            raise RuntimeError(
+                f"profile session {self.case_name!r} is not open (open() it first; close once)"
+            )
         if self._thread is not None:
             note = self._thread.stop()
             if note:
@@ -154,11 +188,18 @@ class ProfileSession:
         if self._owns_gpu and self._gpu is not None:
             self._gpu.close()
         status = "completed" if error is None else f"failed: {type(error).__name__}"
-        self.record = RunRecord(created_utc=utc_now_iso(), status=status, system=self._system_info(),
-                                context=RunContext(case_name=self.case_name, **self._context), total=total,
-                                stages=tuple(sorted(self._stages, key=lambda st: st.index)), samples=tuple(self._samples),
-                                events=tuple(self._events), sample_interval_s=self.sample_interval_s,
-                                notes=tuple(self._notes))
+        self.record = RunRecord(
+            created_utc=utc_now_iso(),
+            status=status,
+            system=self._system_info(),
+            context=RunContext(case_name=self.case_name, **self._context),
+            total=total,
+            stages=tuple(sorted(self._stages, key=lambda st: st.index)),
+            samples=tuple(self._samples),
+            events=tuple(self._events),
+            sample_interval_s=self.sample_interval_s,
+            notes=tuple(self._notes),
+        )
         return self.record
 
     def __enter__(self) -> ProfileSession:
@@ -167,8 +208,9 @@ class ProfileSession:
         self._tracer_scope.__enter__()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         scope, self._tracer_scope = self._tracer_scope, None
         try:
             if scope is not None:
@@ -186,7 +228,7 @@ class ProfileSession:
 
     # ---------------------------------------------------------------- facts
     def set_context(self, **facts: Any) -> None:
-        """Label the run: task, width, height, frames, steps, placement, dtypes, attention_backend, compile..."""
+        """Label the run: task, width, height, frames, steps, placement, dtypes, attention, compile, ..."""
         unknown = sorted(set(facts) - set(CONTEXT_FIELDS) - {"case_name"})
         if unknown:
             raise TypeError(f"unknown run facts {unknown}; expected any of {sorted(CONTEXT_FIELDS)}")
@@ -207,7 +249,9 @@ class ProfileSession:
     def event(self, name: str, facts: dict[str, Any]) -> None:
         self._require_open()
         with self._lock:
-            self._events.append(EventRecord(t_s=self._clock.now() - self._t0, name=name, facts=_clean_facts(facts)))
+            self._events.append(
+                EventRecord(t_s=self._clock.now() - self._t0, name=name, facts=_clean_facts(facts))
+            )
 
     def record_cached(self, name: str, kind: str, **facts: Any) -> StageRecord:
         """Record a stage that did not run because its result came from a cache (e.g. ComfyUI's)."""
@@ -216,11 +260,19 @@ class ProfileSession:
         now = self._clock.now() - self._t0
         with self._lock:
             parent = self._stack[-1] if self._stack else None
-            record = StageRecord(index=self._new_index(), name=name, kind=kind,
-                                 parent=None if parent is None else parent.index,
-                                 depth=0 if parent is None else parent.depth + 1, start_s=now, end_s=now,
-                                 cached=True, device=self._device.device, step=_step_of(name, facts),
-                                 facts=_clean_facts(facts))
+            record = StageRecord(
+                index=self._new_index(),
+                name=name,
+                kind=kind,
+                parent=None if parent is None else parent.index,
+                depth=0 if parent is None else parent.depth + 1,
+                start_s=now,
+                end_s=now,
+                cached=True,
+                device=self._device.device,
+                step=_step_of(name, facts),
+                facts=_clean_facts(facts),
+            )
             self._stages.append(record)
         return record
 
@@ -256,11 +308,19 @@ class ProfileSession:
             self._device.reset_peak()
             sample, host = self._sample_with_host()
             parent = self._stack[-1] if self._stack else None
-            frame = _OpenStage(index=self._new_index(), name=name, kind=kind,
-                               parent=None if parent is None else parent.index,
-                               depth=0 if parent is None else parent.depth + 1, start=sample.t_s,
-                               facts=facts, alloc_start=snap, host_start=host,
-                               used_start=sample.device_used_bytes, first_sample=len(self._samples) - 1)
+            frame = _OpenStage(
+                index=self._new_index(),
+                name=name,
+                kind=kind,
+                parent=None if parent is None else parent.index,
+                depth=0 if parent is None else parent.depth + 1,
+                start=sample.t_s,
+                facts=facts,
+                alloc_start=snap,
+                host_start=host,
+                used_start=sample.device_used_bytes,
+                first_sample=len(self._samples) - 1,
+            )
             self._stack.append(frame)
         return frame
 
@@ -288,9 +348,16 @@ class ProfileSession:
             record = self._make_record(frame, sample.t_s, snap, host, sample.device_used_bytes, facts)
             self._stages.append(record)
 
-    def _make_record(self, frame: _OpenStage, end: float, snap: AllocatorSnapshot | None, host: HostReading,
-                     used_end: int | None, facts: dict[str, FactValue]) -> StageRecord:
-        window = self._samples[frame.first_sample:]  # samples from the stage's opening one onwards
+    def _make_record(
+        self,
+        frame: _OpenStage,
+        end: float,
+        snap: AllocatorSnapshot | None,
+        host: HostReading,
+        used_end: int | None,
+        facts: dict[str, FactValue],
+    ) -> StageRecord:
+        window = self._samples[frame.first_sample :]  # samples from the stage's opening one onwards
         activity = stage_activity(window, frame.start, end)
         used = [s.device_used_bytes for s in window if s.device_used_bytes is not None]
         rss = [s.rss_bytes for s in window if s.rss_bytes is not None]
@@ -298,33 +365,67 @@ class ProfileSession:
         memory = MemoryFigures(
             allocated_start=None if start is None else start.allocated,
             allocated_end=None if snap is None else snap.allocated,
-            allocated_peak=frame.peak_allocated, reserved_start=None if start is None else start.reserved,
-            reserved_end=None if snap is None else snap.reserved, reserved_peak=frame.peak_reserved,
-            device_used_start=frame.used_start, device_used_end=used_end, device_used_max=max(used) if used else None)
+            allocated_peak=frame.peak_allocated,
+            reserved_start=None if start is None else start.reserved,
+            reserved_end=None if snap is None else snap.reserved,
+            reserved_peak=frame.peak_reserved,
+            device_used_start=frame.used_start,
+            device_used_end=used_end,
+            device_used_max=max(used) if used else None,
+        )
         flops = facts.pop("flops", None)
-        if flops is not None and (isinstance(flops, bool) or not isinstance(flops, (int, float)) or flops < 0):
+        if flops is not None and (
+            isinstance(flops, bool) or not isinstance(flops, (int, float)) or flops < 0
+        ):
             raise ValueError(f"stage {frame.name!r}: fact flops must be a number >= 0; got {flops!r}")
         expert, cfg_mode = facts.pop("expert", None), facts.pop("cfg_mode", None)
         return StageRecord(
-            index=frame.index, name=frame.name, kind=frame.kind, parent=frame.parent, depth=frame.depth,
-            start_s=frame.start, end_s=end, device=self._device.device, step=_step_of(frame.name, facts),
-            expert=None if expert is None else str(expert), cfg_mode=None if cfg_mode is None else str(cfg_mode),
-            flops=None if flops is None else float(flops), facts=facts, memory=memory,
-            activity_mean_pct=activity.mean_pct, activity_max_pct=activity.max_pct,
-            occupancy_mean_pct=activity.occupancy_mean_pct, num_samples=activity.num_samples,
-            cpu_pct=_cpu_pct(frame.host_start, host, end - frame.start), rss_end_bytes=host.rss_bytes,
-            rss_max_bytes=max(rss) if rss else host.rss_bytes)
+            index=frame.index,
+            name=frame.name,
+            kind=frame.kind,
+            parent=frame.parent,
+            depth=frame.depth,
+            start_s=frame.start,
+            end_s=end,
+            device=self._device.device,
+            step=_step_of(frame.name, facts),
+            expert=None if expert is None else str(expert),
+            cfg_mode=None if cfg_mode is None else str(cfg_mode),
+            flops=None if flops is None else float(flops),
+            facts=facts,
+            memory=memory,
+            activity_mean_pct=activity.mean_pct,
+            activity_max_pct=activity.max_pct,
+            occupancy_mean_pct=activity.occupancy_mean_pct,
+            num_samples=activity.num_samples,
+            cpu_pct=_cpu_pct(frame.host_start, host, end - frame.start),
+            rss_end_bytes=host.rss_bytes,
+            rss_max_bytes=max(rss) if rss else host.rss_bytes,
+        )
 
     def _total_record(self, end_abs: float, last: Sample) -> StageRecord:
         end = end_abs - self._t0
         snap = self._device.snapshot()
         self._fold_peak(snap)
-        frame = _OpenStage(index=-1, name=TOTAL_STAGE, kind="total", parent=None, depth=0, start=0.0, facts={},
-                           alloc_start=self._alloc_start, host_start=self._host_start, used_start=self._used_start,
-                           peak_allocated=self._session_peak[0], peak_reserved=self._session_peak[1])
+        frame = _OpenStage(
+            index=-1,
+            name=TOTAL_STAGE,
+            kind="total",
+            parent=None,
+            depth=0,
+            start=0.0,
+            facts={},
+            alloc_start=self._alloc_start,
+            host_start=self._host_start,
+            used_start=self._used_start,
+            peak_allocated=self._session_peak[0],
+            peak_reserved=self._session_peak[1],
+        )
         flops = _outermost_flops(sorted(self._stages, key=lambda st: st.index))
         facts: dict[str, FactValue] = {} if flops is None else {"flops": flops}
-        return self._make_record(frame, max(end, last.t_s), snap, self._host.read(), last.device_used_bytes, facts)
+        return self._make_record(
+            frame, max(end, last.t_s), snap, self._host.read(), last.device_used_bytes, facts
+        )
 
     def _fold_peak(self, snap: AllocatorSnapshot | None) -> None:
         if snap is None:
@@ -350,11 +451,15 @@ class ProfileSession:
                 cpu = _cpu_pct(HostReading(cpu_time_s=cpu_prev, rss_bytes=None), host, t - t_prev)
             self._last_sample = (t, host.cpu_time_s)
             sample = Sample(
-                t_s=t, activity_pct=None if reading is None else reading.activity_pct,
+                t_s=t,
+                activity_pct=None if reading is None else reading.activity_pct,
                 occupancy_pct=None if reading is None else reading.occupancy_pct,
                 device_used_bytes=None if reading is None else reading.used_bytes,
                 cuda_allocated_bytes=None if snap is None else snap.allocated,
-                cuda_reserved_bytes=None if snap is None else snap.reserved, cpu_pct=cpu, rss_bytes=host.rss_bytes)
+                cuda_reserved_bytes=None if snap is None else snap.reserved,
+                cpu_pct=cpu,
+                rss_bytes=host.rss_bytes,
+            )
             self._samples.append(sample)
             return sample, host
 
@@ -370,13 +475,19 @@ class ProfileSession:
             name = name or props.name
             total = total or props.total_memory
         return SystemInfo(
-            device=self._device.device, gpu_name=name, gpu_memory_bytes=total,
+            device=self._device.device,
+            gpu_name=name,
+            gpu_memory_bytes=total,
             driver_version=None if gpu is None else gpu.driver_version,
-            cuda_version=torch.version.cuda if isinstance(self._device, CudaDevice) else (
-                None if gpu is None else gpu.cuda_driver_version),
-            torch_version=torch.__version__, activity_metric=None if gpu is None else gpu.activity_metric,
-            activity_unavailable_reason=self._gpu_reason if gpu is None else None, cpu_name=_cpu_name(),
-            host_memory_bytes=host_memory_bytes())
+            cuda_version=torch.version.cuda
+            if isinstance(self._device, CudaDevice)
+            else (None if gpu is None else gpu.cuda_driver_version),
+            torch_version=torch.__version__,
+            activity_metric=None if gpu is None else gpu.activity_metric,
+            activity_unavailable_reason=self._gpu_reason if gpu is None else None,
+            cpu_name=_cpu_name(),
+            host_memory_bytes=host_memory_bytes(),
+        )
 
 
 def _outermost_flops(stages: list[StageRecord]) -> float | None:
@@ -412,8 +523,11 @@ def _nvml_target(device: CudaDevice) -> dict[str, Any]:
     props = torch.cuda.get_device_properties(device.torch_device)
     uuid = getattr(props, "uuid", None)
     if uuid is None:
-        logger.info("torch reports no device UUID; NVML uses index %s (wrong if CUDA_VISIBLE_DEVICES "
-                    "renumbers devices)", device.torch_device.index)
+        logger.info(
+            "torch reports no device UUID; NVML uses index %s (wrong if CUDA_VISIBLE_DEVICES "
+            "renumbers devices)",
+            device.torch_device.index,
+        )
         return {"index": device.torch_device.index or 0}
     text = str(uuid)
     return {"uuid": text if text.startswith("GPU-") else f"GPU-{text}"}

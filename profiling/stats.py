@@ -43,7 +43,9 @@ def stage_activity(samples: Sequence[Sample], start: float, end: float) -> Activ
         return ActivityFigures(mean_pct=None, max_pct=None, occupancy_mean_pct=None, num_samples=0)
     mean = weighted / weight if weight > 0 else sum(values) / len(values)
     occupancy = occ_weighted / occ_weight if occ_weight > 0 else None
-    return ActivityFigures(mean_pct=mean, max_pct=max(values), occupancy_mean_pct=occupancy, num_samples=len(values))
+    return ActivityFigures(
+        mean_pct=mean, max_pct=max(values), occupancy_mean_pct=occupancy, num_samples=len(values)
+    )
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -19,8 +19,16 @@ import json
 import sys
 from pathlib import Path
 
-from wanbench.profiling import (FakeClock, FakeDevice, FakeHost, FakeNvml, ProfileSession, RunRecord,
-                                render_markdown, report_document)
+from wanbench.profiling import (
+    FakeClock,
+    FakeDevice,
+    FakeHost,
+    FakeNvml,
+    ProfileSession,
+    RunRecord,
+    render_markdown,
+    report_document,
+)
 from wanbench.profiling.memory import CpuDevice
 from wanbench.profiling.records import ACTIVITY_BUSY, ACTIVITY_SM
 from wanbench.wan_core import trace
@@ -47,13 +55,27 @@ class Rig:
         self.session: ProfileSession | None = None
 
     def open(self, case_name: str) -> ProfileSession:
-        self.session = ProfileSession(case_name=case_name, sample_interval_s=None, clock=self.clock, gpu=self.gpu,
-                                      device_probe=self.device, host=self.host)
+        self.session = ProfileSession(
+            case_name=case_name,
+            sample_interval_s=None,
+            clock=self.clock,
+            gpu=self.gpu,
+            device_probe=self.device,
+            host=self.host,
+        )
         return self.session.open()
 
-    def work(self, seconds: float, *, activity: tuple[float, ...] = (0.0,), cpu_pct: float = 100.0,
-             allocated: int | None = None, peak: int | None = None, used: int | None = None,
-             rss: int | None = None) -> None:
+    def work(
+        self,
+        seconds: float,
+        *,
+        activity: tuple[float, ...] = (0.0,),
+        cpu_pct: float = 100.0,
+        allocated: int | None = None,
+        peak: int | None = None,
+        used: int | None = None,
+        rss: int | None = None,
+    ) -> None:
         """Spend `seconds` split evenly over the activity values, sampling after each part."""
         if peak is not None and isinstance(self.device, FakeDevice):
             self.device.spike(allocated=peak)
@@ -64,8 +86,11 @@ class Rig:
         part = seconds / len(activity)
         for i, value in enumerate(activity):
             if self.gpu is not None:
-                self.gpu.set(activity_pct=value, used_bytes=used if used is not None else self.gpu.used_bytes,
-                             occupancy_pct=value * 0.4 if self.gpu.activity_metric == ACTIVITY_SM else None)
+                self.gpu.set(
+                    activity_pct=value,
+                    used_bytes=used if used is not None else self.gpu.used_bytes,
+                    occupancy_pct=value * 0.4 if self.gpu.activity_metric == ACTIVITY_SM else None,
+                )
             self.clock.advance(part)
             self.host.set(cpu_time_s=self.host.cpu_time_s + part * cpu_pct / 100.0)
             if i < len(activity) - 1:
@@ -75,32 +100,62 @@ class Rig:
 
 def pin_environment(run: RunRecord) -> RunRecord:
     """Fix the facts that depend on the machine running the tests."""
-    system = dataclasses.replace(run.system, torch_version="2.13.0", cpu_name="Test CPU @ 3.0GHz",
-                                 host_memory_bytes=512 * GB,
-                                 cuda_version=None if run.system.gpu_name is None else "12.8")
+    system = dataclasses.replace(
+        run.system,
+        torch_version="2.13.0",
+        cpu_name="Test CPU @ 3.0GHz",
+        host_memory_bytes=512 * GB,
+        cuda_version=None if run.system.gpu_name is None else "12.8",
+    )
     return dataclasses.replace(run, created_utc="2026-01-01T00:00:00Z", system=system)
 
 
 def run_ti2v_h100() -> RunRecord:
-    rig = Rig(gpu=FakeNvml(name="NVIDIA H100 80GB HBM3", memory_total_bytes=85_520_809_984,
-                           activity_metric=ACTIVITY_SM), device=FakeDevice(), rss=3 * GB)
+    rig = Rig(
+        gpu=FakeNvml(
+            name="NVIDIA H100 80GB HBM3", memory_total_bytes=85_520_809_984, activity_metric=ACTIVITY_SM
+        ),
+        device=FakeDevice(),
+        rss=3 * GB,
+    )
     s = rig.open("01_ti2v_5b_704p")
     w, h, f, steps = 1280, 704, 121, 5
     flops = TI2V_5B_STEP_FLOPS
     with s.activate():
-        s.set_context(task="ti2v-5B", width=w, height=h, frames=f, steps=steps, placement="none",
-                      dit_dtype="bfloat16", t5_dtype="bfloat16", vae_dtype="float32", attention_backend="sdpa",
-                      compile=False, cfg_mode="batched", solver="unipc", seed=42)
+        s.set_context(
+            task="ti2v-5B",
+            width=w,
+            height=h,
+            frames=f,
+            steps=steps,
+            placement="none",
+            dit_dtype="bfloat16",
+            t5_dtype="bfloat16",
+            vae_dtype="float32",
+            attention_backend="sdpa",
+            compile=False,
+            cfg_mode="batched",
+            solver="unipc",
+            seed=42,
+        )
         with trace.stage("Model_Initialization", kind="init"):
             with trace.stage("DiT_Load", kind="init"):
-                rig.work(30.0, activity=(0.0, 1.0), cpu_pct=95.0, allocated=10 * GB, used=11 * GB, rss=14 * GB)
+                rig.work(
+                    30.0, activity=(0.0, 1.0), cpu_pct=95.0, allocated=10 * GB, used=11 * GB, rss=14 * GB
+                )
             with trace.stage("VAE_Load", kind="init"):
                 rig.work(2.5, activity=(0.0,), cpu_pct=90.0, allocated=int(10.8 * GB), used=12 * GB)
         with trace.stage("TI2V_Preprocess", kind="preprocess"):
             rig.work(0.004, activity=(3.0,), cpu_pct=50.0)
         with trace.stage("T5_Encoding", kind="encode", flops=UMT5_XXL_FLOPS):
-            rig.work(4.2, activity=(35.0, 60.0), cpu_pct=100.0, allocated=int(22.2 * GB), peak=int(23.0 * GB),
-                     used=24 * GB)
+            rig.work(
+                4.2,
+                activity=(35.0, 60.0),
+                cpu_pct=100.0,
+                allocated=int(22.2 * GB),
+                peak=int(23.0 * GB),
+                used=24 * GB,
+            )
             rig.device.set(allocated=int(10.9 * GB))
         for i in range(steps):
             facts = dict(step=i, expert="model", cfg_mode="batched")
@@ -108,8 +163,13 @@ def run_ti2v_h100() -> RunRecord:
                 rig.work(0.002, activity=(0.0,), cpu_pct=100.0)
             with trace.stage(f"Step_{i}_Inference", kind="step-inference", flops=flops, **facts):
                 seconds = 2.95 if i == 0 else 2.60 + 0.01 * i
-                rig.work(seconds, activity=(96.0, 100.0) if i else (88.0, 99.0), cpu_pct=101.0,
-                         peak=int(31.1 * GB), used=33 * GB)
+                rig.work(
+                    seconds,
+                    activity=(96.0, 100.0) if i else (88.0, 99.0),
+                    cpu_pct=101.0,
+                    peak=int(31.1 * GB),
+                    used=33 * GB,
+                )
         with trace.stage("VAE_Decoding", kind="decode"):
             rig.work(11.4, activity=(99.0, 100.0, 98.0), cpu_pct=100.0, peak=int(23.5 * GB), used=33 * GB)
         rig.work(0.05, activity=(0.0,))
@@ -117,17 +177,36 @@ def run_ti2v_h100() -> RunRecord:
 
 
 def run_t2v_l40s() -> RunRecord:
-    rig = Rig(gpu=FakeNvml(name="NVIDIA L40S", memory_total_bytes=47_697_362_944, activity_metric=ACTIVITY_BUSY,
-                           driver_version="550.54.15", cuda_driver_version="12.4"), device=FakeDevice(),
-              rss=4 * GB)
+    rig = Rig(
+        gpu=FakeNvml(
+            name="NVIDIA L40S",
+            memory_total_bytes=47_697_362_944,
+            activity_metric=ACTIVITY_BUSY,
+            driver_version="550.54.15",
+            cuda_driver_version="12.4",
+        ),
+        device=FakeDevice(),
+        rss=4 * GB,
+    )
     s = rig.open("02_t2v_a14b_480p")
     w, h, f, steps = 832, 480, 81, 6
     flops = T2V_A14B_STEP_FLOPS
     expert_bytes = int(28.6 * GB)
     with s.activate():
-        s.set_context(task="t2v-A14B", width=w, height=h, frames=f, steps=steps, placement="model",
-                      dit_dtype="bfloat16", t5_dtype="bfloat16", vae_dtype="bfloat16", attention_backend="sdpa",
-                      compile=False, cfg_mode="batched")
+        s.set_context(
+            task="t2v-A14B",
+            width=w,
+            height=h,
+            frames=f,
+            steps=steps,
+            placement="model",
+            dit_dtype="bfloat16",
+            t5_dtype="bfloat16",
+            vae_dtype="bfloat16",
+            attention_backend="sdpa",
+            compile=False,
+            cfg_mode="batched",
+        )
         with trace.stage("Model_Initialization", kind="init"):
             rig.work(61.0, activity=(0.0,), cpu_pct=97.0, allocated=expert_bytes, used=30 * GB, rss=60 * GB)
         with trace.stage("TI2V_Preprocess", kind="preprocess"):
@@ -141,16 +220,29 @@ def run_t2v_l40s() -> RunRecord:
                 trace.event("expert_switch", step=i, expert=expert)
             with trace.stage(f"Step_{i}_Loading", kind="step-loading", flops=0.0, **facts):
                 if i == 2:
-                    rig.work(9.6, activity=(4.0, 2.0), cpu_pct=100.0, allocated=expert_bytes + int(0.2 * GB),
-                             peak=expert_bytes + int(2.1 * GB), used=33 * GB)
+                    rig.work(
+                        9.6,
+                        activity=(4.0, 2.0),
+                        cpu_pct=100.0,
+                        allocated=expert_bytes + int(0.2 * GB),
+                        peak=expert_bytes + int(2.1 * GB),
+                        used=33 * GB,
+                    )
                 else:
                     rig.work(0.003, activity=(0.0,), cpu_pct=100.0)
             with trace.stage(f"Step_{i}_Inference", kind="step-inference", flops=flops, **facts):
                 seconds = 27.9 if i == 0 else 26.0 + 0.05 * (i % 3)
-                rig.work(seconds, activity=(97.0, 100.0), cpu_pct=100.0, peak=expert_bytes + int(9.4 * GB),
-                         used=41 * GB)
+                rig.work(
+                    seconds,
+                    activity=(97.0, 100.0),
+                    cpu_pct=100.0,
+                    peak=expert_bytes + int(9.4 * GB),
+                    used=41 * GB,
+                )
         with trace.stage("VAE_Decoding", kind="decode"):
-            rig.work(24.5, activity=(99.0, 100.0), cpu_pct=100.0, allocated=int(1.2 * GB), peak=int(14.8 * GB))
+            rig.work(
+                24.5, activity=(99.0, 100.0), cpu_pct=100.0, allocated=int(1.2 * GB), peak=int(14.8 * GB)
+            )
         rig.work(0.3, activity=(0.0,))
     return pin_environment(s.close())
 
@@ -161,9 +253,20 @@ def run_cpu_tiny() -> RunRecord:
     w, h, f, steps = 128, 96, 17, 4
     flops = TINY_STEP_FLOPS
     with s.activate():
-        s.set_context(task="ti2v-5B-tiny", width=w, height=h, frames=f, steps=steps, placement="none",
-                      dit_dtype="float32", t5_dtype="float32", vae_dtype="float32", attention_backend="sdpa",
-                      compile=False, cfg_mode="batched")
+        s.set_context(
+            task="ti2v-5B-tiny",
+            width=w,
+            height=h,
+            frames=f,
+            steps=steps,
+            placement="none",
+            dit_dtype="float32",
+            t5_dtype="float32",
+            vae_dtype="float32",
+            attention_backend="sdpa",
+            compile=False,
+            cfg_mode="batched",
+        )
         with trace.stage("Model_Initialization", kind="init"):
             rig.work(0.42, cpu_pct=100.0, rss=int(0.9 * GB))
         s.record_cached("T5_Encoding", "encode", measured_s=0.31)

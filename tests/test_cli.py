@@ -144,5 +144,24 @@ def test_python_dash_m_entry_point() -> None:
 
 
 def test_missing_models_say_how_to_get_them(tmp_path: Path, caplog) -> None:
-    assert main(["run", "tiny_ti2v_5B_t2v.api.json", "--out", str(tmp_path), "--models", str(tmp_path / "none")]) == 2
+    assert (
+        main(["run", "tiny_ti2v_5B_t2v.api.json", "--out", str(tmp_path), "--models", str(tmp_path / "none")])
+        == 2
+    )
     assert "the list is empty (no model files found)" in caplog.text and "--make-tiny-models" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["tiny_ti2v_5B_i2v", "tiny_i2v_A14B"])
+def test_tiny_workflow_on_cuda(name: str, models: Path, tmp_path: Path) -> None:
+    devices = [
+        f"{node}.device=cuda"
+        for node in ("WanBenchModelLoader", "WanBenchTextEncoderLoader", "WanBenchVAELoader")
+    ]
+    args = ["run", f"{name}.api.json", "--out", str(tmp_path), "--models", str(models)]
+    assert main(args + [a for d in devices for a in ("--set", d)]) == 0
+    report = next(tmp_path.rglob("*_.json"))
+    run = json.loads(report.read_text(encoding="utf-8"))["runs"][0]
+    assert run["system"]["device"].startswith("cuda")
+    assert check_report(report) == []

@@ -33,7 +33,8 @@ def test_i2v_vae_input_and_y_match_fixture() -> None:
     assert (lat_h, lat_w) == tuple(cfg["latent_shape"][2:])
     resized = cond.i2v_resize(image, lat_h * 8, lat_w * 8)
     video = cond.i2v_vae_input(resized, cfg["frames"])
-    assert_close_manifest(video, io["inter.vae_encode_input"], atol=tol["atol"], rtol=tol["rtol"], what="vae input")
+    assert_close_manifest(video, io["inter.vae_encode_input"], atol=tol["atol"], rtol=tol["rtol"],
+                          what="vae input")
     mask = cond.i2v_mask(cfg["frames"], lat_h, lat_w, temporal_stride=task.vae.temporal_stride)
     assert_close_manifest(cond.i2v_y(mask, io["vae_latent"]), io["inter.y"], atol=0, rtol=0, what="y")
 

@@ -21,6 +21,3 @@ def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
     with av.open(str(videos[0])) as container:
         assert sum(1 for _ in container.decode(video=0)) == 9
     assert check_report(reports[0]) == []
-    # A second demo reuses the models and adds a new numbered run beside the first.
-    assert main(["demo", "--out", str(out)]) == 0
-    assert len(sorted(out.rglob("*.mp4"))) == 2

@@ -6,6 +6,7 @@ Nodes are called directly, without ComfyUI (the bridge is exercised with stand-i
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import types
 
@@ -83,9 +84,14 @@ def test_widgets_encode_the_rules() -> None:
 
 
 def test_import_does_not_touch_comfyui() -> None:
-    assert not any(
-        m == "comfy" or m.startswith("comfy.") or m in ("folder_paths", "server") for m in sys.modules
+    code = (
+        "import sys, wanbench, wanbench.runner, wanbench.cli\n"
+        "for cls in wanbench.NODE_CLASS_MAPPINGS.values(): cls.INPUT_TYPES()\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'server')]\n"
+        "assert not bad, bad\n"
+        "assert not any(m.startswith('wanbench.wan_core.dit') for m in sys.modules)\n"
     )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,14 +13,24 @@ from test_sampler import dit_config, load_pipeline, weight_files
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.placement import BlockSwap, cast_weights, make_placement, store_fp8, weight_dtype
-from wanbench.wan_core.sampler import SamplerOptions, sample
+from wanbench.wan_core.sampler import sample
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models run fastest on one thread, and do not stall when other processes share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _t2v_fixture() -> dict:
-    fixture = next((f for f in manifest_fixtures(kind_prefix="pipeline") if f["name"] == "pipeline_t2v_tiny"), None)
+    fixtures = manifest_fixtures(kind_prefix="pipeline")
+    fixture = next((f for f in fixtures if f["name"] == "pipeline_t2v_tiny"), None)
     if fixture is None:
         pytest.skip("pipeline_t2v_tiny fixture not available")
     return fixture
@@ -28,8 +38,8 @@ def _t2v_fixture() -> dict:
 
 def _run(experts, io, opts, *, device="cpu"):  # noqa: ANN001, ANN202
     task = preset("t2v-A14B", tiny=True)
-    return sample(experts, task, opts, context=io["context"], context_null=io["context_null"], noise=io["noise"],
-                  device=device)
+    return sample(experts, task, opts, context=io["context"], context_null=io["context_null"],
+                  noise=io["noise"], device=device)
 
 
 PLACEMENT_CASES = [("model", 0), ("blocks", 0), ("blocks", 1), ("blocks", 2)]
@@ -115,8 +125,8 @@ def test_placements_identical_on_cuda(kind: str, resident: int) -> None:
     experts, io, opts = load_pipeline(fixture)
     opts = dataclasses.replace(opts, steps=5)
     reference = _run(experts, io, opts, device="cuda")
-    placed = _run(_fresh_experts(fixture), io, dataclasses.replace(opts, placement=kind, num_resident_blocks=resident),
-                  device="cuda")
+    placed_opts = dataclasses.replace(opts, placement=kind, num_resident_blocks=resident)
+    placed = _run(_fresh_experts(fixture), io, placed_opts, device="cuda")
     assert placed.device.type == "cuda"
     assert torch.equal(reference, placed)
 

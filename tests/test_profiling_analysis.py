@@ -5,8 +5,13 @@ from __future__ import annotations
 import statistics
 
 import pytest
-from make_golden_report import T2V_A14B_STEP_FLOPS, TI2V_5B_STEP_FLOPS, run_cpu_tiny, run_t2v_l40s, run_ti2v_h100
-
+from make_golden_report import (
+    T2V_A14B_STEP_FLOPS,
+    TI2V_5B_STEP_FLOPS,
+    run_cpu_tiny,
+    run_t2v_l40s,
+    run_ti2v_h100,
+)
 from wanbench.profiling import analyze_run, summarize_run
 from wanbench.profiling.stats import percentile
 
@@ -38,8 +43,9 @@ def test_mfu_floor_and_load(h100) -> None:
     assert sm.mfu_pct == pytest.approx(100 * 5 * flops / seconds / 989.4e12)
     assert sm.steps_floor_s == pytest.approx(5 * flops / 989.4e12)
     assert sm.load == pytest.approx(run.total.duration_s * run.total.activity_mean_pct)
-    assert sm.inference_load == pytest.approx(sum(s.duration_s * s.activity_mean_pct for s in run.stages
-                                                  if s.kind == "step-inference"))
+    assert sm.inference_load == pytest.approx(
+        sum(s.duration_s * s.activity_mean_pct for s in run.stages if s.kind == "step-inference")
+    )
     assert sm.stage_sum_s + sm.outside_s == pytest.approx(sm.total_s)
     assert sm.outside_s == pytest.approx(0.05)  # nested loader stages are not counted twice
 
@@ -58,7 +64,10 @@ def test_statements_cite_their_figures(h100) -> None:
     rules = [f.rule for f in analysis.findings]
     assert "activity_high" in rules and "activity_low" not in rules
     high = next(f for f in analysis.findings if f.rule == "activity_high")
-    assert high.figures["step_activity_pct"] == sm.step_activity_pct and f"{sm.step_activity_pct:.1f} %" in high.text
+    assert (
+        high.figures["step_activity_pct"] == sm.step_activity_pct
+        and f"{sm.step_activity_pct:.1f} %" in high.text
+    )
     gains = [r.gain_s for r in analysis.recommendations]
     assert gains == sorted(gains, reverse=True) and all(g > 0 for g in gains)
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from make_golden_report import GOLDEN_DIR
-
 from wanbench.profiling import check_markdown, check_report
 
 
@@ -32,8 +31,14 @@ def _set_total(run: dict[str, Any]) -> None:
 
 
 def _low_util_claim(run: dict[str, Any]) -> None:
-    run["analysis"]["findings"].append({"rule": "largest_phase", "figures": {}, "gain_s": None,
-                                        "text": "Low overall GPU utilization (0.0%), suggesting CPU bottlenecks."})
+    run["analysis"]["findings"].append(
+        {
+            "rule": "largest_phase",
+            "figures": {},
+            "gain_s": None,
+            "text": "Low overall GPU utilization (0.0%), suggesting CPU bottlenecks.",
+        }
+    )
 
 
 def _wrong_verdict(run: dict[str, Any]) -> None:
@@ -96,8 +101,9 @@ CASES: list[tuple[str, str, Callable[[dict[str, Any]], None], str]] = [
 
 
 @pytest.mark.parametrize(("what", "case", "breaker", "message"), CASES, ids=[c[0] for c in CASES])
-def test_checker_fails_on_broken_records(golden: dict[str, Any], what: str, case: str,
-                                         breaker: Callable[[dict[str, Any]], None], message: str) -> None:
+def test_checker_fails_on_broken_records(
+    golden: dict[str, Any], what: str, case: str, breaker: Callable[[dict[str, Any]], None], message: str
+) -> None:
     doc = copy.deepcopy(golden)
     breaker(_run(doc, case))
     problems = check_report(doc)

@@ -8,17 +8,33 @@ import json
 from pathlib import Path
 
 import pytest
-from make_golden_report import GOLDEN_DIR, golden_runs, golden_texts, run_cpu_tiny, run_t2v_l40s, run_ti2v_h100
-
-from wanbench.profiling import (check_markdown, check_report, draw_timeline, load_runs, merge_reports, render_markdown,
-                                report_document,
-                                run_from_dict, run_to_dict, write_report)
+from make_golden_report import (
+    GOLDEN_DIR,
+    golden_runs,
+    golden_texts,
+    run_cpu_tiny,
+    run_t2v_l40s,
+    run_ti2v_h100,
+)
+from wanbench.profiling import (
+    check_markdown,
+    check_report,
+    draw_timeline,
+    load_runs,
+    merge_reports,
+    render_markdown,
+    report_document,
+    run_from_dict,
+    run_to_dict,
+    write_report,
+)
 
 
 def test_golden_markdown_and_json_match() -> None:
     markdown, document = golden_texts()
-    assert markdown == (GOLDEN_DIR / "report.md").read_text(encoding="utf-8"), \
+    assert markdown == (GOLDEN_DIR / "report.md").read_text(encoding="utf-8"), (
         "report format changed: review, then run python tests/make_golden_report.py"
+    )
     assert document == (GOLDEN_DIR / "report.json").read_text(encoding="utf-8")
 
 
@@ -28,13 +44,21 @@ def test_golden_report_passes_the_checker() -> None:
 
 def test_golden_report_shape() -> None:
     md = (GOLDEN_DIR / "report.md").read_text(encoding="utf-8")
-    for needle in ("## Hardware Group A: NVIDIA H100 80GB HBM3", "## Hardware Group B: NVIDIA L40S",
-                   "| Case | Res | Frames | Steps | Offload | Time(s) | s/step | Mem(GB) | SM(%) | Load | MFU(%) |",
-                   "| Case | Res | Frames | Steps | Offload | Time(s) | s/step | Mem(GB) | Busy(%) | Load | MFU(%) |",
-                   "| Stage | Time (s) | Peak Mem (GB) | SM Act (%) | CPU (%) | Sys Mem (GB) | Comp Load | TFLOP/s |",
-                   "| GPU Busy (%) |", "Step_2_Loading | 9.60", "&nbsp;&nbsp;└ DiT_Load", "| T5_Encoding | cached |",
-                   "high_noise_model: steps 0-1; low_noise_model: steps 2-5", "### Recommendations (ranked",
-                   "placement `none` would save about 9.61 s", "GPU activity was not measured (no GPU"):
+    for needle in (
+        "## Hardware Group A: NVIDIA H100 80GB HBM3",
+        "## Hardware Group B: NVIDIA L40S",
+        "| Case | Res | Frames | Steps | Offload | Time(s) | s/step | Mem(GB) | SM(%) | Load | MFU(%) |",
+        "| Case | Res | Frames | Steps | Offload | Time(s) | s/step | Mem(GB) | Busy(%) | Load | MFU(%) |",
+        "| Stage | Time (s) | Peak Mem (GB) | SM Act (%) | CPU (%) | Sys Mem (GB) | Comp Load | TFLOP/s |",
+        "| GPU Busy (%) |",
+        "Step_2_Loading | 9.60",
+        "&nbsp;&nbsp;└ DiT_Load",
+        "| T5_Encoding (took 0.31 s when it last ran) | cached |",
+        "high_noise_model: steps 0-1; low_noise_model: steps 2-5",
+        "### Recommendations (ranked",
+        "placement `none` would save about 9.61 s",
+        "GPU activity was not measured (no GPU",
+    ):
         assert needle in md, needle
     # the L40S has no GPM: its group never calls NVML utilization "SM activity"
     l40s = md.split("## Case: 02_t2v_a14b_480p")[1].split("## Case:")[0]

@@ -21,6 +21,15 @@ PIPELINES = manifest_fixtures(kind_prefix="pipeline")
 SOLVER_NAMES = {"unipc": "unipc", "dpm++": "dpm++", "dpmpp": "dpm++"}
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models run fastest on one thread, and do not stall when other processes share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class RecordingTracer:
     def __init__(self) -> None:
         self.stages: list[tuple[str, str, dict[str, Any]]] = []
@@ -84,8 +93,8 @@ def test_pipeline_golden(fixture: dict) -> None:
     latents: list[torch.Tensor] = []
     tracer = RecordingTracer()
     with use_tracer(tracer):
-        out = sample(experts, task, opts, context=io["context"], context_null=io["context_null"], noise=io["noise"],
-                     callback=lambda i, n, latent: latents.append(latent.clone()), **conditioning(io))
+        out = sample(experts, task, opts, context=io["context"], context_null=io["context_null"],
+                     noise=io["noise"], callback=lambda i, n, latent: latents.append(latent.clone()), **conditioning(io))
     final_tol = tol["final_latent"]
     assert_close_manifest(out, io["expected.final_latent"], atol=final_tol["atol"], rtol=final_tol["rtol"],
                           what=f"{fixture['name']} final latent")
@@ -121,7 +130,8 @@ def test_batched_cfg_equals_sequential(name: str) -> None:
     batched = sample(experts, task, opts, **args)
     sequential = sample(experts, task, dataclasses.replace(opts, cfg_mode="sequential"), **args)
     tol = fixture["tolerance"]["final_latent"]
-    assert_close_manifest(batched, sequential, atol=tol["atol"], rtol=tol["rtol"], what="batched vs sequential")
+    assert_close_manifest(batched, sequential, atol=tol["atol"], rtol=tol["rtol"],
+                          what="batched vs sequential")
 
 
 class FlowModel(torch.nn.Module):
@@ -235,7 +245,8 @@ def test_interrupt_stops_within_one_step() -> None:
 
     opts = SamplerOptions(steps=5, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9, placement="blocks")
     with pytest.raises(SamplingInterrupted):
-        sample([counter, counter], task, opts, latent_shape=(16, 1, 4, 4), callback=callback, **_contexts(task))
+        sample([counter, counter], task, opts, latent_shape=(16, 1, 4, 4), callback=callback,
+               **_contexts(task))
     assert seen == [0, 1] and counter.batches == [2, 2]
     assert all(not b._forward_pre_hooks and not b._forward_hooks for b in counter.blocks)
 
@@ -250,7 +261,8 @@ def test_select_expert_and_guidance() -> None:
 def test_options_from_config_with_overrides() -> None:
     task = preset("t2v-A14B")
     opts = SamplerOptions.from_config(task.sampler, steps=8, boundary=0.8, cfg_mode="sequential")
-    assert (opts.solver, opts.steps, opts.shift, opts.guide_scale, opts.boundary) == ("unipc", 8, 12.0, (3.0, 4.0), 0.8)
+    got = (opts.solver, opts.steps, opts.shift, opts.guide_scale, opts.boundary)
+    assert got == ("unipc", 8, 12.0, (3.0, 4.0), 0.8)
     assert opts.boundary_timestep == 800.0 and opts.cfg_mode == "sequential"
 
 
@@ -281,8 +293,16 @@ class ExplodingModel(torch.nn.Module):
         raise AssertionError("forward ran although the arguments were invalid")
 
 
-@pytest.mark.parametrize("case", ["channels", "no_image", "image_for_t2v", "one_expert", "context_dim", "both_noise"])
-def test_invalid_arguments_fail_before_compute(case: str) -> None:
+@pytest.mark.parametrize(("case", "match"), [
+    ("channels", r"noise|latent_shape must be \(C=16"),
+    ("no_image", "needs the image conditioning"),
+    ("image_for_t2v", "only used by the i2v task"),
+    ("one_expert", "needs two experts"),
+    ("context_dim", "context must be"),
+    ("both_noise", "exactly one of"),
+    ("odd_size", "not divisible by patch"),
+])
+def test_invalid_arguments_fail_before_compute(case: str, match: str) -> None:
     task = preset("i2v-A14B" if case == "no_image" else "t2v-A14B", tiny=True)
     model = ExplodingModel(task.dit)
     opts = SamplerOptions(steps=2, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9)
@@ -298,7 +318,9 @@ def test_invalid_arguments_fail_before_compute(case: str) -> None:
         kwargs["context"] = torch.zeros(5, task.dit.text_dim + 1)
     elif case == "both_noise":
         kwargs["noise"] = torch.zeros(16, 1, 4, 4)
-    with pytest.raises(ValueError):
+    elif case == "odd_size":
+        kwargs["latent_shape"] = (16, 1, 3, 4)
+    with pytest.raises(ValueError, match=match):
         sample(experts, task, opts, **kwargs)
 
 

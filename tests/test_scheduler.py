@@ -36,8 +36,8 @@ def test_scheduler_golden(pair: dict) -> None:
     outputs, expected = data[f"{base}.model_outputs"], data[f"{key}.expected.trajectory"]
     for i in range(pair["steps"]):
         x = scheduler.step(outputs[i][None], x)
-        assert_close_manifest(x[0], expected[i], atol=tol["trajectory"]["atol"], rtol=tol["trajectory"]["rtol"],
-                              what=f"{key} step {i}")
+        traj = tol["trajectory"]
+        assert_close_manifest(x[0], expected[i], atol=traj["atol"], rtol=traj["rtol"], what=f"{key} step {i}")
 
 
 def test_scheduler_fixture_is_listed() -> None:
@@ -58,7 +58,8 @@ def test_spec_reference_timesteps(solver: str, steps: int, shift: float, expecte
 
 def test_unipc_default_schedules_match_spec_counts() -> None:
     t2v = make_schedule("unipc", 40, 12.0).timesteps
-    assert int((t2v >= 875).sum()) == 26 and int(t2v[25]) == 877 and int(t2v[26]) == 865 and int(t2v[-1]) == 235
+    assert int((t2v >= 875).sum()) == 26 and int(t2v[25]) == 877 and int(t2v[26]) == 865
+    assert int(t2v[-1]) == 235
     i2v = make_schedule("unipc", 40, 5.0).timesteps
     assert int((i2v >= 900).sum()) == 15 and int(i2v[-1]) == 113
     ti2v = make_schedule("unipc", 50, 5.0).timesteps
@@ -139,4 +140,5 @@ def test_schedule_shapes_and_dtypes() -> None:
     schedule = make_schedule("euler", 5, 8.0)
     assert isinstance(schedule, FlowSchedule) and schedule.num_steps == 5
     assert schedule.timesteps.dtype == torch.int64 and schedule.sigmas.dtype == torch.float32
-    assert schedule.sigmas.shape == (6,) and float(schedule.sigmas[-1]) == 0.0 and float(schedule.sigmas[0]) == 1.0
+    assert schedule.sigmas.shape == (6,)
+    assert float(schedule.sigmas[-1]) == 0.0 and float(schedule.sigmas[0]) == 1.0

@@ -162,7 +162,8 @@ class BlockSwap(Placement):
             for pos, entry in enumerate(chain):
                 nxt = chain[(pos + 1) % len(chain)]
                 # prepended: the weights must be on the device before any other pre-hook (fp8) sees them
-                self._hooks.append(entry.block.register_forward_pre_hook(self._pre_hook(entry, nxt), prepend=True))
+                pre_hook = self._pre_hook(entry, nxt)
+                self._hooks.append(entry.block.register_forward_pre_hook(pre_hook, prepend=True))
                 self._hooks.append(entry.block.register_forward_hook(self._post_hook(entry)))
         self._open = True
 

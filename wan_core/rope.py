@@ -10,8 +10,10 @@ Two ways to apply it, equal within ~1e-7 relative (measured in the golden tests)
 - `RopeCache` + `apply_rope`: cos/sin tables computed in float64 once per (grid, device) and stored
   in float32, laid out per channel (cos repeated for both channels of a pair, sin with the sign of
   each channel) so that the rotation is `x * cos + swap_pairs(x) * sin`: three float32 kernels.
-  This is what `WanDiT` uses.
-Both return float32 (whatever the input dtype) and pass rows beyond the true token count through.
+- `RopeCache.freqs` + `apply_rope_complex`: the same rotation as one complex64 multiply per pair
+  (`(x0 + i*x1) * (cos + i*sin)`), bitwise equal to `apply_rope` on float32 inputs and one kernel
+  instead of three plus a copy. This is what `WanDiT` uses.
+All return float32 (whatever the input dtype) and pass rows beyond the true token count through.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class RopeCache:
         self.head_dim = head_dim
         self.theta = theta
         self._tables: dict[tuple[Grid, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._freqs: dict[tuple[Grid, torch.device], torch.Tensor] = {}
 
     def cos_sin(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel tables for `apply_rope`.
@@ -94,8 +97,21 @@ class RopeCache:
             self._tables[key] = (cos.float().to(device), sin.float().to(device))
         return self._tables[key]
 
+    def freqs(self, grid: Grid, device: torch.device) -> torch.Tensor:
+        """Unit complex rotations `exp(i*angle_j)` per token and pair for `apply_rope_complex`.
+
+        Shapes: returns (f*h*w, 1, head_dim // 2) complex64 on `device` (angles and cos/sin in float64).
+        """
+        key = (tuple(int(g) for g in grid), torch.device(device))
+        if key not in self._freqs:
+            angles = grid_angles(key[0], self.head_dim, theta=self.theta)[:, None, :]  # (L, 1, Dh/2)
+            rot = torch.complex(angles.cos().float(), angles.sin().float())
+            self._freqs[key] = rot.to(device)
+        return self._freqs[key]
+
     def clear(self) -> None:
         self._tables.clear()
+        self._freqs.clear()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -112,6 +128,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if num_true == x.shape[1]:
         return rotated
     return torch.cat((rotated, xf[:, num_true:]), dim=1)
+
+
+def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `freqs.shape[0]` rows of `x` in float32 with one complex multiply.
+
+    Shapes: x (B, L, N, Dh), freqs (L_true, 1, Dh/2) complex64 from `RopeCache.freqs`, L_true <= L;
+    returns (B, L, N, Dh) float32, a new tensor (x is not modified).
+    """
+    num_true = freqs.shape[0]
+    xf = x.float()
+    if num_true != x.shape[1]:
+        head = apply_rope_complex(xf[:, :num_true], freqs)
+        return torch.cat((head, xf[:, num_true:]), dim=1)
+    if xf.stride(-1) != 1 or xf.stride(-2) != 2 or xf.storage_offset() % 2:
+        xf = xf.contiguous()
+    pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (B, L, N, Dh/2) complex64
+    return torch.view_as_real(pairs * freqs).flatten(-2)
 
 
 def apply_rope_fp64(x: torch.Tensor, grid_sizes: Sequence[Grid], *,

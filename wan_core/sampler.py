@@ -36,7 +36,7 @@ from torch import nn
 
 from .conditioning import first_frame_mask, pin_first_frame, token_timesteps
 from .config import NUM_TRAIN_TIMESTEPS, SOLVERS, SamplerConfig, WanConfig
-from .placement import PLACEMENTS, make_placement
+from .placement import PLACEMENTS, Placement, make_placement
 from .schedulers import FlowScheduler, make_scheduler
 from .trace import event, stage
 
@@ -152,8 +152,8 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     `experts` is [high_noise, low_noise] for two-expert tasks and [model] for TI2V-5B; each is a
     `WanDiT` (or anything with its forward contract and a `.config`). Either `noise` or
     `latent_shape` (then the noise is `make_noise(latent_shape, opts.seed)`) is given.
-    All arguments are checked before any compute; placement changes are undone on exit, errors and
-    interrupts included.
+    All arguments are checked before any compute. On exit (errors and interrupts included) the
+    placement's hooks are removed; with "model"/"blocks" every expert is back on the CPU.
 
     Shapes: context (S, text_dim), context_null (S', text_dim); noise (C, T, h, w); i2v_y
     (in_dim - C, T, h, w) normalised mask + image latent; ti2v_z (C, 1, h, w) normalised.
@@ -161,13 +161,14 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     """
     experts = list(experts)
     names = _expert_names(experts, task, opts)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable(step_index, num_steps, latent); got {type(callback)}")
     if device is None:
         device = _module_device(experts[0])
     run = _prepare(experts, task, opts, context=context, context_null=context_null, noise=noise,
                    latent_shape=latent_shape, i2v_y=i2v_y, ti2v_z=ti2v_z, device=torch.device(device))
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable(step_index, num_steps, latent); got {type(callback)}")
-    scheduler = make_scheduler(opts.solver, opts.steps, opts.shift, num_train_timesteps=opts.num_train_timesteps)
+    scheduler = make_scheduler(opts.solver, opts.steps, opts.shift,
+                               num_train_timesteps=opts.num_train_timesteps)
     if scheduler.schedule.has_duplicate_timesteps():
         log.info("%d %s steps at shift %g repeat some integer timesteps; the solver follows its own step "
                  "counter and the distinct float32 sigmas", opts.steps, opts.solver, opts.shift)
@@ -177,13 +178,14 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
         return _loop(placement, names, scheduler, run, opts, callback)
 
 
-def _loop(placement, names: list[str], scheduler: FlowScheduler, run: _Run, opts: SamplerOptions,
-          callback: StepCallback | None) -> torch.Tensor:
+def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run,
+          opts: SamplerOptions, callback: StepCallback | None) -> torch.Tensor:
     if run.z is not None:
         mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
         latent = pin_first_frame(run.latent, run.z, mask)
     else:
-        mask = torch.ones_like(run.latent)  # text-only TI2V: every token gets t
+        # text-only TI2V gives every token t; the other tasks take one timestep per sample
+        mask = torch.ones_like(run.latent) if run.per_token_t else None
         latent = run.latent
     num_steps = scheduler.num_steps
     previous = None
@@ -227,8 +229,9 @@ def _guided_prediction(model: nn.Module, latent: torch.Tensor, t_model: torch.Te
         return model(x, t_model, [run.context], seq_len=run.seq_len, y=y)[0].float()
     if cfg_mode == "batched":
         t2 = t_model.expand(2, *t_model.shape[1:])
+        y2 = None if y is None else y.expand(2, -1, -1, -1, -1)
         out = model(x.expand(2, -1, -1, -1, -1), t2, [run.context, run.context_null], seq_len=run.seq_len,
-                    y=None if y is None else y.expand(2, -1, -1, -1, -1)).float()  # (2, C, T, h, w)
+                    y=y2).float()  # (2, C, T, h, w)
         cond, uncond = out[0], out[1]
     else:
         cond = model(x, t_model, [run.context], seq_len=run.seq_len, y=y)[0].float()
@@ -290,7 +293,8 @@ def _prepare(experts: list[nn.Module], task: WanConfig, opts: SamplerOptions, *,
         raise ValueError(f"i2v_y is only used by the i2v task; this is {task.name}")
     if ti2v_z is not None:
         if dit.model_type != "ti2v":
-            raise ValueError(f"ti2v_z (a first-frame latent) is only used by the ti2v task; this is {task.name}")
+            raise ValueError(f"ti2v_z (a first-frame latent) is only used by the ti2v task; "
+                             f"this is {task.name}")
         if tuple(ti2v_z.shape) != (dit.out_dim, 1, *thw[1:]):
             raise ValueError(f"ti2v_z must be {(dit.out_dim, 1, *thw[1:])}; got {tuple(ti2v_z.shape)}")
         ti2v_z = ti2v_z.to(device=device, dtype=torch.float32)

@@ -46,6 +46,7 @@ from .vae_blocks import (
     patchify,
     unpatchify,
 )
+from .vae_tiling import VAETiling, decode_tiled, resolve_tiling
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ class WanVAE(nn.Module):
 
     # ----------------------------------------------------------------------------------- decode
     @torch.no_grad()
-    def decode(self, raw: torch.Tensor, *, tiling: object = None, callback: ChunkCallback | None = None,
+    def decode(self, raw: torch.Tensor, *, tiling: VAETiling | str | None = None, callback: ChunkCallback | None = None,
                chunk_frames: int | None = 1, clamp: bool = True) -> torch.Tensor:
         """Video from a raw (un-normalised) latent.
 
@@ -288,8 +289,6 @@ class WanVAE(nn.Module):
 
         Shapes: raw (B, z, T, h, w) -> video (B, 3, 1 + 4(T-1), h*s, w*s), float32.
         """
-        from .vae_tiling import decode_tiled, resolve_tiling
-
         raw = self.check_latent(raw)
         plan = resolve_tiling(tiling)
         b, _, t, h, w = raw.shape
@@ -310,7 +309,7 @@ class WanVAE(nn.Module):
                 out = decode_tiled(self, x, plan, chunk_frames=chunk_frames, callback=callback)
             return out.clamp_(-1.0, 1.0) if clamp else out
 
-    def decode_latent(self, latent: torch.Tensor, *, tiling: object = None,
+    def decode_latent(self, latent: torch.Tensor, *, tiling: VAETiling | str | None = None,
                       callback: ChunkCallback | None = None, chunk_frames: int | None = 1,
                       clamp: bool = True) -> torch.Tensor:
         """Decode a normalised latent (the DiT's output). Shapes as `decode`."""

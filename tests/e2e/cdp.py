@@ -25,9 +25,18 @@ import websocket
 
 logger = logging.getLogger(__name__)
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                  "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+)
 
 
 def find_chromium() -> str | None:
@@ -99,14 +108,21 @@ class Chromium:
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         command = [self.executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile_dir}", "about:blank"]
         with open(self.log_path, "wb") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            self._process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         port_file = self.profile_dir / "DevToolsActivePort"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"chromium exited with code {self._process.returncode} at start-up; "
-                                   f"end of {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"chromium exited with code {self._process.returncode} at start-up; "
+                    f"end of {self.log_path}:\n{self.log_tail()}"
+                )
             if port_file.is_file():
                 lines = port_file.read_text().split()
                 if lines:
@@ -114,8 +130,10 @@ class Chromium:
                     return
             time.sleep(0.1)
         self.stop()
-        raise TimeoutError(f"chromium wrote no DevToolsActivePort within {timeout_s:.0f} s; "
-                           f"end of {self.log_path}:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"chromium wrote no DevToolsActivePort within {timeout_s:.0f} s; "
+            f"end of {self.log_path}:\n{self.log_tail()}"
+        )
 
     def open_page(self, url: str) -> CdpPage:
         if self.port is None:

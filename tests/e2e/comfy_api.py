@@ -22,7 +22,9 @@ WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 def http_json(method: str, url: str, body: Any = None, *, timeout_s: float = 60.0) -> tuple[int, Any]:
     """(status, parsed JSON body) of one request; HTTP error statuses are returned, not raised."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             raw = response.read()
@@ -37,8 +39,13 @@ def http_json(method: str, url: str, body: Any = None, *, timeout_s: float = 60.
 
 def view_bytes(server: str, entry: Mapping[str, Any], *, timeout_s: float = 60.0) -> bytes:
     """The file a history entry (``{"filename", "subfolder", "type"}``) names, through ``/view``."""
-    query = urllib.parse.urlencode({"filename": entry["filename"], "subfolder": entry.get("subfolder", ""),
-                                    "type": entry.get("type", "output")})
+    query = urllib.parse.urlencode(
+        {
+            "filename": entry["filename"],
+            "subfolder": entry.get("subfolder", ""),
+            "type": entry.get("type", "output"),
+        }
+    )
     with urllib.request.urlopen(f"{server}/view?{query}", timeout=timeout_s) as response:
         return response.read()
 
@@ -47,7 +54,9 @@ def history_outputs(server: str, prompt_id: str) -> dict[str, Any]:
     """``outputs`` of one finished prompt in ``/history`` (node id -> ui dict)."""
     status, history = http_json("GET", f"{server}/history/{prompt_id}")
     if status != 200 or prompt_id not in history:
-        raise LookupError(f"prompt {prompt_id} is not in {server}/history (HTTP {status}): {str(history)[:500]}")
+        raise LookupError(
+            f"prompt {prompt_id} is not in {server}/history (HTTP {status}): {str(history)[:500]}"
+        )
     return history[prompt_id]["outputs"]
 
 
@@ -86,8 +95,9 @@ def only_node_of_type(prompt: Mapping[str, Any], class_type: str) -> str:
 
 def geometry_node(prompt: Mapping[str, Any]) -> str:
     """The node that sets the video's size and frame count (inputs width, height and length)."""
-    found = [node_id for node_id, node in prompt.items()
-             if {"width", "height", "length"} <= set(node["inputs"])]
+    found = [
+        node_id for node_id, node in prompt.items() if {"width", "height", "length"} <= set(node["inputs"])
+    ]
     if len(found) != 1:
         raise LookupError(f"expected one node with width/height/length inputs; got {found}")
     return found[0]

@@ -41,15 +41,24 @@ def comfy_install() -> ComfyInstall:
 
 def make_tiny_models(models_dir: Path) -> None:
     """Run ``wanbench make-tiny-models DIR`` with the project's interpreter."""
-    result = subprocess.run([sys.executable, "-m", "wanbench", "make-tiny-models", str(models_dir)],
-                            capture_output=True, text=True, check=False, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "wanbench", "make-tiny-models", str(models_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     if result.returncode != 0:
-        raise RuntimeError(f"`wanbench make-tiny-models {models_dir}` failed with exit {result.returncode}:\n"
-                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"`wanbench make-tiny-models {models_dir}` failed with exit {result.returncode}:\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
 
 
 @pytest.fixture(scope="session")
-def comfy_server(comfy_install: ComfyInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
+def comfy_server(
+    comfy_install: ComfyInstall, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ComfyServer]:
     """One ComfyUI server with the pack and the tiny models, shared by every e2e test of the session."""
     run_dir = tmp_path_factory.mktemp("comfyui_run")
     server = ComfyServer(comfy_install, run_dir)
@@ -73,4 +82,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return
     server = getattr(item, "funcargs", {}).get("comfy_server")
     if isinstance(server, ComfyServer):
-        report.sections.append((f"ComfyUI server log (pid {server.pid}, {server.log_path})", server.log_tail()))
+        report.sections.append(
+            (f"ComfyUI server log (pid {server.pid}, {server.log_path})", server.log_tail())
+        )

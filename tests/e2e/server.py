@@ -61,8 +61,20 @@ class ComfyServer:
 
     def command(self) -> list[str]:
         database = f"sqlite:///{self.run_dir / 'user' / 'comfyui.db'}"
-        return [str(self.install.python), "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
-                "--disable-auto-launch", "--base-directory", str(self.run_dir), "--database-url", database]
+        return [
+            str(self.install.python),
+            "main.py",
+            "--cpu",
+            "--listen",
+            HOST,
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            "--base-directory",
+            str(self.run_dir),
+            "--database-url",
+            database,
+        ]
 
     def start(self, *, timeout_s: float = 180.0) -> None:
         """Launch the server and wait until ``/system_stats`` answers."""
@@ -71,21 +83,31 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", DO_NOT_TRACK="1")
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
-            self._process = subprocess.Popen(self.command(), cwd=self.install.comfy_dir, stdout=log,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            self._process = subprocess.Popen(
+                self.command(),
+                cwd=self.install.comfy_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         logger.info("ComfyUI pid %d on %s, log %s", self._process.pid, self.url, self.log_path)
         while time.monotonic() - started < timeout_s:
             if self._process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with code {self._process.returncode} during start-up.\n"
-                                   f"--- end of {self.log_path} ---\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"ComfyUI exited with code {self._process.returncode} during start-up.\n"
+                    f"--- end of {self.log_path} ---\n{self.log_tail()}"
+                )
             if self._answers():
                 self.startup_seconds = time.monotonic() - started
                 logger.info("ComfyUI answered after %.1f s", self.startup_seconds)
                 return
             time.sleep(0.25)
         self.stop()
-        raise TimeoutError(f"ComfyUI did not answer on {self.url} within {timeout_s:.0f} s.\n"
-                           f"--- end of {self.log_path} ---\n{self.log_tail()}")
+        raise TimeoutError(
+            f"ComfyUI did not answer on {self.url} within {timeout_s:.0f} s.\n"
+            f"--- end of {self.log_path} ---\n{self.log_tail()}"
+        )
 
     def _answers(self) -> bool:
         try:
@@ -105,7 +127,9 @@ class ComfyServer:
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                logger.warning("ComfyUI pid %d ignored SIGTERM for %.0f s; sending SIGKILL", process.pid, timeout_s)
+                logger.warning(
+                    "ComfyUI pid %d ignored SIGTERM for %.0f s; sending SIGKILL", process.pid, timeout_s
+                )
                 process.kill()
                 process.wait(timeout=timeout_s)
         return process.returncode

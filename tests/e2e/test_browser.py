@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from wanbench.nodes import NODE_CLASS_MAPPINGS
 
 from .cdp import CdpPage, Chromium, find_chromium
@@ -29,8 +28,10 @@ APP_READY = "!!(window.app && window.app.graph && window.LiteGraph && window.app
 def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
     executable = find_chromium()
     if executable is None:
-        pytest.skip("chromium is not on PATH: install Debian's `chromium` package (.ci/run does so as root) "
-                    "to run the browser tests")
+        pytest.skip(
+            "chromium is not on PATH: install Debian's `chromium` package (.ci/run does so as root) "
+            "to run the browser tests"
+        )
     browser = Chromium(executable, tmp_path_factory.mktemp("chromium") / "profile")
     browser.start()
     try:
@@ -54,19 +55,26 @@ def convert(page: CdpPage, workflow: dict[str, Any]) -> dict[str, Any]:
 
 
 def without_meta(prompt: dict[str, Any]) -> dict[str, Any]:
-    return {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in prompt.items()}
+    return {
+        node_id: {"class_type": node["class_type"], "inputs": node["inputs"]}
+        for node_id, node in prompt.items()
+    }
 
 
 def differences(got: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     found = []
     for node_id in sorted(set(got) | set(expected), key=lambda k: (len(k), k)):
         if node_id not in got:
-            found.append(f"node {node_id} ({expected[node_id]['class_type']}) missing from the frontend's graph")
+            found.append(
+                f"node {node_id} ({expected[node_id]['class_type']}) missing from the frontend's graph"
+            )
         elif node_id not in expected:
             found.append(f"node {node_id} ({got[node_id]['class_type']}) not in the API twin")
         elif got[node_id] != expected[node_id]:
-            found.append(f"node {node_id}: frontend {json.dumps(got[node_id], sort_keys=True)} != "
-                         f"twin {json.dumps(expected[node_id], sort_keys=True)}")
+            found.append(
+                f"node {node_id}: frontend {json.dumps(got[node_id], sort_keys=True)} != "
+                f"twin {json.dumps(expected[node_id], sort_keys=True)}"
+            )
     return found
 
 
@@ -85,6 +93,18 @@ def test_missing_node_type_is_reported(page: CdpPage) -> None:
     result = convert(page, broken)
     assert result["missing"] == ["WanBenchNoSuchNode"]
     assert "WanBenchNoSuchNode" in result["unresolved"]
+
+
+def test_changed_widget_shows_as_a_difference(page: CdpPage) -> None:
+    """Negative control: a widget value changed in the UI workflow no longer matches the twin."""
+    ui_name, api_name = ui_workflows_with_twins()[0]
+    workflow = json.loads((WORKFLOWS_DIR / ui_name).read_text(encoding="utf-8"))
+    sampler = next(node for node in workflow["nodes"] if node["type"] == "WanBenchSampler")
+    sampler["widgets_values"][0] += 1  # the seed
+    result = convert(page, workflow)
+    expected = without_meta(json.loads((WORKFLOWS_DIR / api_name).read_text(encoding="utf-8")))
+    found = differences(without_meta(result["output"]), expected)
+    assert len(found) == 1 and found[0].startswith(f"node {sampler['id']}:"), found
 
 
 @pytest.mark.parametrize(("ui_name", "api_name"), ui_workflows_with_twins())

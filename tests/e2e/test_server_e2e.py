@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,34 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
-
 from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from wanbench.profiling import check_report
 from wanbench.runner import ServerError, run_on_server
 
-from .comfy_api import (geometry_node, history_outputs, http_json, load_api, nodes_of_type, only_node_of_type,
-                        tiny_api_workflows, view_bytes)
+from .comfy_api import (
+    geometry_node,
+    history_outputs,
+    http_json,
+    load_api,
+    nodes_of_type,
+    only_node_of_type,
+    tiny_api_workflows,
+    view_bytes,
+)
 from .server import ComfyServer
 
 pytestmark = pytest.mark.e2e
 
-CORE_NODES = ("KSampler", "VAEDecode", "VAELoader", "SaveImage", "PreviewImage", "EmptyImage", "CreateVideo",
-              "SaveVideo")
+CORE_NODES = (
+    "KSampler",
+    "VAEDecode",
+    "VAELoader",
+    "SaveImage",
+    "PreviewImage",
+    "EmptyImage",
+    "CreateVideo",
+    "SaveVideo",
+)
 INTERRUPT_STEPS = 400  # enough sampling steps that the prompt is still running when the interrupt lands
 
 
@@ -41,8 +57,22 @@ def decode_video(path: Path) -> tuple[int, int, int]:
 
 
 def sampler_progress(messages: list[dict[str, Any]], sampler_id: str) -> list[tuple[int, int]]:
-    return [(m["data"]["value"], m["data"]["max"]) for m in messages
-            if m.get("type") == "progress" and str(m["data"].get("node")) == sampler_id]
+    return [
+        (m["data"]["value"], m["data"]["max"])
+        for m in messages
+        if m.get("type") == "progress" and str(m["data"].get("node")) == sampler_id
+    ]
+
+
+def wait_for_empty_queue(server: str, *, timeout_s: float) -> bool:
+    """True once ``/queue`` has nothing running or pending (False after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, queue = http_json("GET", server + "/queue")
+        if status == 200 and queue["queue_running"] == [] and queue["queue_pending"] == []:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_server_reports_its_version(comfy_server: ComfyServer) -> None:
@@ -64,13 +94,19 @@ def test_object_info_lists_every_pack_node(comfy_server: ComfyServer) -> None:
         assert served["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_type]
         declared = cls.INPUT_TYPES()
         for section in ("required", "optional"):
-            assert set(served["input"].get(section, {})) == set(declared.get(section, {})), (node_type, section)
+            assert set(served["input"].get(section, {})) == set(declared.get(section, {})), (
+                node_type,
+                section,
+            )
         assert tuple(served["output"]) == tuple(cls.RETURN_TYPES), node_type
 
 
 def test_core_graph_runs(comfy_server: ComfyServer, tmp_path: Path) -> None:
     graph = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 40, "height": 24, "batch_size": 2, "color": 0xFF8000}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 40, "height": 24, "batch_size": 2, "color": 0xFF8000},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "core/empty"}},
     }
     run = run_on_server(graph, comfy_server.url, tmp_path, timeout_s=120)
@@ -105,10 +141,14 @@ def test_tiny_workflow_runs(comfy_server: ComfyServer, tmp_path: Path, workflow:
     (report_run,) = json.loads(Path(run.files["reports"][0]).read_text(encoding="utf-8"))["runs"]
     case_name = prompt[only_node_of_type(prompt, "WanBenchProfiler")]["inputs"]["case_name"]
     context = report_run["context"]
-    assert (context["case_name"], context["steps"], context["frames"]) == (case_name, steps, geometry["length"])
+    assert (context["case_name"], context["steps"], context["frames"]) == (
+        case_name,
+        steps,
+        geometry["length"],
+    )
     assert (context["width"], context["height"]) == (width, height)
     stage_names = {stage["name"] for stage in report_run["stages"]}
-    expected_steps = {f"Step_{i}_Inference" for i in range(1, steps + 1)}
+    expected_steps = {f"Step_{i}_Inference" for i in range(steps)}  # 0-based, as in the reference reports
     assert expected_steps <= stage_names, sorted(stage_names)
 
     progress = sampler_progress(run.messages, sampler_id)
@@ -127,7 +167,9 @@ def _with_length(prompt: dict[str, Any], length: int) -> tuple[dict[str, Any], s
 
 def test_invalid_frame_count_is_refused(comfy_server: ComfyServer) -> None:
     prompt, node_id = _with_length(load_api("tiny_ti2v_5B_t2v.api.json"), 80)
-    status, answer = http_json("POST", comfy_server.url + "/prompt", {"prompt": prompt, "client_id": "e2e-invalid"})
+    status, answer = http_json(
+        "POST", comfy_server.url + "/prompt", {"prompt": prompt, "client_id": "e2e-invalid"}
+    )
     assert status == 400, answer
     assert node_id in answer["node_errors"], answer
     errors = answer["node_errors"][node_id]["errors"]
@@ -150,12 +192,26 @@ def test_interrupt_during_sampling_then_next_prompt_runs(comfy_server: ComfyServ
             assert status == 200
 
     with pytest.raises(ServerError, match="interrupted"):
-        run_on_server(long_prompt, comfy_server.url, tmp_path / "interrupted", timeout_s=600,
-                      on_progress=interrupt_on_first_step)
+        run_on_server(
+            long_prompt,
+            comfy_server.url,
+            tmp_path / "interrupted",
+            timeout_s=600,
+            on_progress=interrupt_on_first_step,
+        )
     assert seen and seen[0] < INTERRUPT_STEPS
 
-    status, queue = http_json("GET", comfy_server.url + "/queue")
-    assert status == 200 and queue["queue_running"] == [] and queue["queue_pending"] == []
+    assert wait_for_empty_queue(comfy_server.url, timeout_s=60)
+    status, history = http_json("GET", comfy_server.url + "/history")
+    assert status == 200
+    interrupted = [
+        entry
+        for entry in history.values()
+        if entry["prompt"][2][sampler_id]["inputs"].get("steps") == INTERRUPT_STEPS
+    ]
+    assert len(interrupted) == 1
+    assert interrupted[0]["status"]["status_str"] == "error"
+    assert "execution_interrupted" in [message[0] for message in interrupted[0]["status"]["messages"]]
 
     next_prompt = copy.deepcopy(prompt)
     next_prompt[sampler_id]["inputs"]["seed"] = 1002
@@ -172,7 +228,10 @@ def test_pack_image_feeds_core_save_image(comfy_server: ComfyServer, tmp_path: P
     for node_id in nodes_of_type(prompt, "WanBenchSaveVideo") + nodes_of_type(prompt, "WanBenchReport"):
         del prompt[node_id]
     prompt[only_node_of_type(prompt, "WanBenchSampler")]["inputs"]["seed"] = 2001
-    prompt["900"] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": "interop/pack"}}
+    prompt["900"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": [decode_id, 0], "filename_prefix": "interop/pack"},
+    }
     run = run_on_server(prompt, comfy_server.url, tmp_path, timeout_s=600)
     outputs = history_outputs(comfy_server.url, run.prompt_id)
     images = outputs["900"]["images"]
@@ -181,7 +240,9 @@ def test_pack_image_feeds_core_save_image(comfy_server: ComfyServer, tmp_path: P
     assert first.size == (geometry["width"], geometry["height"])
 
 
-def test_core_vae_decode_of_pack_latent_matches_pack_decode(comfy_server: ComfyServer, tmp_path: Path) -> None:
+def test_core_vae_decode_of_pack_latent_matches_pack_decode(
+    comfy_server: ComfyServer, tmp_path: Path
+) -> None:
     """ComfyUI's own VAELoader reads the tiny Wan2.1 VAE file; its VAEDecode of the pack's LATENT
     must give the pack's decode (both saved as 8-bit PNG frames by core SaveImage)."""
     prompt = load_api("tiny_t2v_A14B.api.json")
@@ -191,26 +252,54 @@ def test_core_vae_decode_of_pack_latent_matches_pack_decode(comfy_server: ComfyS
     for node_id in nodes_of_type(prompt, "WanBenchSaveVideo") + nodes_of_type(prompt, "WanBenchReport"):
         del prompt[node_id]
     prompt[sampler_id]["inputs"]["seed"] = 3001
-    prompt["900"] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": "interop/a"}}
+    prompt["900"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": [decode_id, 0], "filename_prefix": "interop/a"},
+    }
     prompt["901"] = {"class_type": "VAELoader", "inputs": {"vae_name": vae_file}}
     prompt["902"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler_id, 0], "vae": ["901", 0]}}
-    prompt["903"] = {"class_type": "SaveImage", "inputs": {"images": ["902", 0], "filename_prefix": "interop/b"}}
+    prompt["903"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["902", 0], "filename_prefix": "interop/b"},
+    }
     run = run_on_server(prompt, comfy_server.url, tmp_path, timeout_s=600)
     outputs = history_outputs(comfy_server.url, run.prompt_id)
     ours, core = outputs["900"]["images"], outputs["903"]["images"]
     assert len(ours) == len(core) > 1
-    for mine, theirs in zip(ours, core):
-        a = np.asarray(Image.open(io.BytesIO(view_bytes(comfy_server.url, mine))).convert("RGB"), dtype=np.int16)
-        b = np.asarray(Image.open(io.BytesIO(view_bytes(comfy_server.url, theirs))).convert("RGB"), dtype=np.int16)
+    for mine, theirs in zip(ours, core, strict=True):
+        a = np.asarray(
+            Image.open(io.BytesIO(view_bytes(comfy_server.url, mine))).convert("RGB"), dtype=np.int16
+        )
+        b = np.asarray(
+            Image.open(io.BytesIO(view_bytes(comfy_server.url, theirs))).convert("RGB"), dtype=np.int16
+        )
         assert a.shape == b.shape
-        assert np.abs(a - b).max() <= 2, f"frame {mine['filename']} differs by up to {np.abs(a - b).max()} levels"
+        assert np.abs(a - b).max() <= 2, (
+            f"frame {mine['filename']} differs by up to {np.abs(a - b).max()} levels"
+        )
 
 
 def test_cli_run_against_server(comfy_server: ComfyServer, tmp_path: Path) -> None:
     workflow = "tiny_ti2v_5B_i2v.api.json"
-    result = subprocess.run([sys.executable, "-m", "wanbench", "run", workflow, "--server", comfy_server.url,
-                             "--out", str(tmp_path), "--set", "WanBenchSampler.seed=4001"],
-                            capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wanbench",
+            "run",
+            workflow,
+            "--server",
+            comfy_server.url,
+            "--out",
+            str(tmp_path),
+            "--set",
+            "WanBenchSampler.seed=4001",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     videos = sorted(tmp_path.rglob("*.mp4"))
     reports = sorted(p for p in tmp_path.rglob("*.json"))

@@ -1,0 +1,131 @@
+"""Wan2.1 / Wan2.2 VAE parity with the official code, driven by `MANIFEST_VAE.json`.
+
+Every VAE and every case listed in the manifest is checked; the weights are loaded through
+`load_vae` (config detected from shapes) and must match the manifest's tiny config. Case tensors
+are named `<case>.<what>`: `.video` + `.mu` (encode), `.latent` (normalised), `.patchified`
+(Wan2.2 input), `.video_raw` / `.video` (decode of `.latent`, unclamped / clamped), `.recon_raw`
+(decode of `.latent`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+import torch
+from conftest import golden_dir, load_manifest
+from safetensors.torch import load_file
+
+from wanbench.wan_core.latents import denormalize_latent, normalize_latent
+from wanbench.wan_core.vae import load_vae
+from wanbench.wan_core.vae_blocks import patchify
+
+MANIFEST = "MANIFEST_VAE.json"
+
+
+def _cases() -> list[tuple[str, str]]:
+    path = golden_dir() / MANIFEST
+    if not path.is_file():
+        return []
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    out = []
+    for vae_name, vae in manifest["vaes"].items():
+        for case in dict.fromkeys(name.split(".", 1)[0] for name in vae["tensors"]):
+            out.append((vae_name, case))
+    return out
+
+
+CASES = _cases()
+_MODELS: dict[str, object] = {}
+
+
+def _vae(name: str):
+    if name not in _MODELS:
+        entry = load_manifest(MANIFEST)["vaes"][name]
+        _MODELS[name] = load_vae(golden_dir() / entry["weights_file"], dtype=torch.float32)
+    return _MODELS[name]
+
+
+def _tensors(name: str, case: str) -> dict[str, torch.Tensor]:
+    entry = load_manifest(MANIFEST)["vaes"][name]
+    every = load_file(str(golden_dir() / entry["cases_file"]))
+    return {k.split(".", 1)[1]: v for k, v in every.items() if k.split(".", 1)[0] == case}
+
+
+def _assert_allclose(got: torch.Tensor, exp: torch.Tensor, what: str) -> None:
+    tol = load_manifest(MANIFEST)["tolerance"]["float32"]
+    assert got.shape == exp.shape, f"{what}: shape {tuple(got.shape)} != golden {tuple(exp.shape)}"
+    err = (got.double() - exp.double()).abs()
+    bound = tol["atol"] + tol["rtol"] * exp.double().abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{what}: max abs error {err.max().item():.3e} exceeds atol+rtol*|golden| somewhere"
+
+
+@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
+@pytest.mark.parametrize("name", sorted({n for n, _ in CASES}) or ["none"])
+def test_config_detected_from_weights(name: str) -> None:
+    entry = load_manifest(MANIFEST)["vaes"][name]
+    cfg = _vae(name).config
+    want = entry["config"]
+    assert cfg.dim == want["dim"]
+    assert cfg.dec_dim == want.get("dec_dim", want["dim"])
+    assert cfg.z_dim == want["z_dim"]
+    assert list(cfg.dim_mult) == want["dim_mult"]
+    assert cfg.num_res_blocks == want["num_res_blocks"]
+    assert list(cfg.temperal_downsample) == want["temperal_downsample"]
+    assert cfg.stride == (entry["compression"]["t"], entry["compression"]["h"], entry["compression"]["w"])
+    assert list(cfg.latents_mean) == pytest.approx(entry["latents_mean"])
+    assert list(cfg.latents_std) == pytest.approx(entry["latents_std"])
+    model = _vae(name)
+    assert sum(p.numel() for p in model.parameters()) == entry["num_parameters"]
+    assert set(model.state_dict()) == set(entry["weight_shapes"])
+    for key, shape in entry["weight_shapes"].items():
+        assert list(model.state_dict()[key].shape) == shape, key
+
+
+@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
+@pytest.mark.parametrize(("name", "case"), CASES or [("none", "none")])
+def test_golden_case(name: str, case: str) -> None:
+    vae = _vae(name)
+    cfg = vae.config
+    t = _tensors(name, case)
+    checked = 0
+    if "video" in t and "mu" in t:
+        video = t["video"]
+        if "patchified" in t:
+            usable = cfg.pixel_frames(cfg.latent_frames(video.shape[2]))
+            _assert_allclose(patchify(video[:, :, :usable], cfg.patch_size), t["patchified"][:, :, :usable],
+                             f"{name}/{case} patchify")
+        mu = vae.encode(video, drop_trailing_frames=True)
+        _assert_allclose(mu, t["mu"], f"{name}/{case} mu")
+        checked += 1
+        if "latent" in t:
+            _assert_allclose(normalize_latent(mu, cfg), t["latent"], f"{name}/{case} normalised latent")
+            _assert_allclose(vae.encode_latent(video, drop_trailing_frames=True), t["latent"],
+                             f"{name}/{case} encode_latent")
+    if "latent" in t and any(k in t for k in ("video_raw", "video", "recon_raw")):
+        raw = denormalize_latent(t["latent"], cfg)
+        out = vae.decode(raw, clamp=False)
+        for key in ("video_raw", "recon_raw"):
+            if key in t:
+                _assert_allclose(out, t[key], f"{name}/{case} {key}")
+                checked += 1
+        if "video" in t and "mu" not in t:
+            clamped = vae.decode_latent(t["latent"])
+            assert clamped.min() >= -1.0 and clamped.max() <= 1.0
+            _assert_allclose(clamped, t["video"], f"{name}/{case} clamped video")
+            checked += 1
+    assert checked, f"{name}/{case}: no encode or decode tensors recognised in {sorted(t)}"
+
+
+@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
+def test_manifest_files_listed() -> None:
+    manifest = load_manifest(MANIFEST)
+    for vae in manifest["vaes"].values():
+        for key in ("weights_file", "cases_file"):
+            assert (golden_dir() / vae[key]).is_file(), vae[key]
+    groups: dict[str, set[str]] = defaultdict(set)
+    for name, case in CASES:
+        groups[name].add(case)
+    assert all(groups.values())

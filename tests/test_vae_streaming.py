@@ -1,0 +1,168 @@
+"""VAE temporal streaming: chunked == whole sequence, frame rules, callbacks, errors, FLOPs, trace."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import torch
+
+from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE, VAEConfig
+from wanbench.wan_core.errors import SamplingInterrupted
+from wanbench.wan_core.trace import use_tracer
+from wanbench.wan_core.vae import WanVAE, chunk_ranges, pixel_range, vae_flops
+from wanbench.wan_core.vae_blocks import CausalConv3d
+
+TINY = {"wan2.1": WAN21_VAE.tiny(), "wan2.2": WAN22_VAE.tiny()}
+_MODELS: dict[str, WanVAE] = {}
+
+
+def _model(variant: str) -> WanVAE:
+    if variant not in _MODELS:
+        torch.manual_seed(11)
+        model = WanVAE(TINY[variant])
+        with torch.no_grad():  # random norms and a non-zero attention output, like trained weights
+            for name, p in model.named_parameters():
+                if name.endswith("gamma"):
+                    p.copy_(1 + 0.2 * torch.randn_like(p))
+        _MODELS[variant] = model
+    return _MODELS[variant]
+
+
+def _video(cfg: VAEConfig, frames: int, batch: int = 1) -> torch.Tensor:
+    s = cfg.spatial_stride
+    return torch.rand(batch, 3, frames, 2 * s, 2 * s) * 2 - 1
+
+
+def _latent(cfg: VAEConfig, t: int, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, cfg.z_dim, t, 2, 2)
+
+
+def _caches(model: WanVAE) -> list[Any]:
+    return [m.cache for m in model.modules() if isinstance(m, CausalConv3d)]
+
+
+@pytest.mark.parametrize("variant", sorted(TINY))
+def test_chunked_encode_equals_whole_sequence(variant: str) -> None:
+    model = _model(variant)
+    video = _video(model.config, 13)
+    full = model.encode(video, chunk_frames=None)
+    assert full.shape == (1, model.config.z_dim, 4, 2, 2)
+    for chunk in (1, 3):
+        got = model.encode(video, chunk_frames=chunk)
+        assert (got - full).abs().max().item() < 1e-5, f"chunk_frames={chunk}"
+
+
+@pytest.mark.parametrize("variant", sorted(TINY))
+def test_chunked_decode_equals_whole_sequence(variant: str) -> None:
+    model = _model(variant)
+    raw = _latent(model.config, 4)
+    full = model.decode(raw, chunk_frames=None, clamp=False)
+    s = model.config.spatial_stride
+    assert full.shape == (1, 3, 13, 2 * s, 2 * s)
+    for chunk in (1, 3):
+        got = model.decode(raw, chunk_frames=chunk, clamp=False)
+        assert (got - full).abs().max().item() < 1e-5, f"chunk_frames={chunk}"
+    assert all(c.history is None and not c.active for c in _caches(model))
+
+
+def test_batch_equals_one_by_one() -> None:
+    model = _model("wan2.1")
+    raw = _latent(model.config, 2, batch=2)
+    both = model.decode(raw)
+    for i in range(2):
+        assert (model.decode(raw[i:i + 1]) - both[i:i + 1]).abs().max().item() < 1e-5
+
+
+def test_frame_rules_and_clamp() -> None:
+    model = _model("wan2.1")
+    cfg = model.config
+    for t in (1, 2):
+        out = model.decode(_latent(cfg, t) * 3)
+        assert out.shape[2] == 1 + 4 * (t - 1)
+        assert out.dtype == torch.float32 and out.min() >= -1 and out.max() <= 1
+    assert chunk_ranges(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert [pixel_range(cfg, a, b) for a, b in chunk_ranges(5, 2)] == [(0, 5), (5, 13), (13, 17)]
+
+
+def test_trailing_frames_error_and_drop() -> None:
+    model = _model("wan2.1")
+    video = _video(model.config, 11)
+    with pytest.raises(ValueError, match=r"11 frames.*silently drops the last 2 frame.*drop_trailing_frames"):
+        model.encode(video)
+    dropped = model.encode(video, drop_trailing_frames=True)
+    assert dropped.shape[2] == 3
+    assert torch.equal(dropped, model.encode(video[:, :, :9]))
+
+
+@pytest.mark.parametrize(("shape", "pattern"), [
+    ((1, 4, 1, 16, 16), "3 \\(RGB\\) channels.*got 4"),
+    ((1, 3, 1, 12, 16), "multiples of 8.*got 12x16"),
+    ((3, 1, 16, 16), "\\(B, 3, F, H, W\\)"),
+])
+def test_bad_videos(shape: tuple[int, ...], pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        _model("wan2.1").encode(torch.zeros(shape))
+
+
+def test_bad_latents() -> None:
+    model = _model("wan2.2")
+    with pytest.raises(ValueError, match="takes 48-channel latents; got 16"):
+        model.decode(torch.zeros(1, 16, 1, 2, 2))
+    with pytest.raises(ValueError, match="B, 48, T, h, w"):
+        model.decode(torch.zeros(48, 1, 2, 2))
+    with pytest.raises(ValueError, match="chunk_frames must be >= 1"):
+        model.decode(torch.zeros(1, 48, 1, 2, 2), chunk_frames=0)
+
+
+def test_callback_progress_and_interrupt() -> None:
+    model = _model("wan2.1")
+    seen: list[tuple[int, int]] = []
+    model.decode(_latent(model.config, 3), callback=lambda d, n: seen.append((d, n)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+    def stop(done: int, total: int) -> None:
+        if done == 2:
+            raise SamplingInterrupted("stop")
+
+    with pytest.raises(SamplingInterrupted):
+        model.decode(_latent(model.config, 3), callback=stop)
+    assert all(c.history is None and not c.active for c in _caches(model))
+
+
+@pytest.mark.parametrize(("cfg", "mode", "shape", "tflop"), [
+    (WAN21_VAE, "decode", (1, 16, 21, 60, 104), 275),
+    (WAN21_VAE, "encode", (1, 3, 81, 480, 832), 164),
+    (WAN22_VAE, "decode", (1, 48, 31, 44, 80), 2011),
+    (WAN22_VAE, "encode", (1, 3, 1, 704, 1280), 4.2),
+])
+def test_flops_match_spec_totals(cfg: VAEConfig, mode: str, shape: tuple[int, ...], tflop: float) -> None:
+    got = vae_flops(cfg, mode, shape) / 1e12
+    assert got == pytest.approx(tflop, rel=0.02)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, str, dict[str, Any]]] = []
+
+    def stage(self, name: str, kind: str, facts: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
+        self.stages.append((name, kind, facts))
+        return contextlib.nullcontext()
+
+    def event(self, name: str, facts: dict[str, Any]) -> None:
+        raise AssertionError(f"unexpected event {name}")
+
+
+def test_trace_stages_with_flops() -> None:
+    model = _model("wan2.1")
+    recorder = _Recorder()
+    raw = _latent(model.config, 2)
+    with use_tracer(recorder):
+        model.encode(_video(model.config, 5))
+        model.decode(raw)
+    (enc_name, enc_kind, enc), (dec_name, dec_kind, dec) = recorder.stages
+    assert (enc_name, enc_kind, dec_name, dec_kind) == ("VAE_Encoding", "preprocess", "VAE_Decoding", "decode")
+    assert enc["flops"] == vae_flops(model.config, "encode", (1, 3, 5, 16, 16)) > 0
+    assert dec["flops"] == vae_flops(model.config, "decode", tuple(raw.shape)) > 0
+    assert dec["output_shape"] == (1, 3, 5, 16, 16) and dec["tiling"] == "none"
