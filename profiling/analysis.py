@@ -25,6 +25,7 @@ ACTIVITY_HIGH_PCT = 90.0
 ACTIVITY_LOW_PCT = 50.0
 LOADING_FLAG_PCT = 5.0
 WARMUP_FLAG_RATIO = 1.2
+NOISY_IQR_PCT = 10.0  # steady step times whose IQR exceeds this share of the median are flagged
 GB = 1e9
 
 Figure = float | int | str | None
@@ -48,6 +49,7 @@ class RunSummary:
     steady_mean_s: float | None
     steady_median_s: float | None
     steady_p90_s: float | None
+    steady_iqr_s: float | None  # interquartile range of the steady steps (3 or more steps)
     loading_total_s: float
     inference_total_s: float
     loading_share_pct: float | None
@@ -199,6 +201,7 @@ def summarize_run(run: RunRecord) -> RunSummary:
         steady_mean_s=mean(steady) if steady else None,
         steady_median_s=percentile(steady, 50) if steady else None,
         steady_p90_s=percentile(steady, 90) if steady else None,
+        steady_iqr_s=percentile(steady, 75) - percentile(steady, 25) if len(steady) >= 3 else None,
         loading_total_s=loading_total,
         inference_total_s=inference_total,
         loading_share_pct=100.0 * loading_total / step_time if step_time > 0 else None,
@@ -307,6 +310,21 @@ def analyze_run(run: RunRecord, summary: RunSummary) -> RunAnalysis:
                 f"{summary.steady_median_s:.2f} s (warm-up: allocations, kernel selection or compile).",
             )
         )
+    if summary.steady_iqr_s is not None and summary.steady_median_s:
+        spread = 100.0 * summary.steady_iqr_s / summary.steady_median_s
+        if spread > NOISY_IQR_PCT:
+            findings.append(
+                Statement(
+                    rule="noisy_steps",
+                    figures={
+                        "steady_iqr_s": summary.steady_iqr_s,
+                        "steady_median_s": summary.steady_median_s,
+                    },
+                    text=f"Steady step times are noisy: IQR {summary.steady_iqr_s:.2f} s is "
+                    f"{spread:.0f} % of the median {summary.steady_median_s:.2f} s (other load on the "
+                    "machine, clock changes or data-dependent work); compare runs with care.",
+                )
+            )
     return RunAnalysis(findings=findings, recommendations=_recommendations(run, summary))
 
 
@@ -407,6 +425,12 @@ def _mfu_finding(run: RunRecord, summary: RunSummary) -> Statement:
         "steps_floor_s": summary.steps_floor_s,
         "inference_total_s": summary.inference_total_s,
     }
+    if summary.num_steps_recorded == 0:
+        return Statement(
+            rule="mfu_unavailable",
+            figures=figures,
+            text="No denoising steps were recorded in this run, so there is no step throughput.",
+        )
     if summary.steps_tflops is None:
         return Statement(
             rule="mfu_unavailable",

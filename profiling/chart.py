@@ -48,6 +48,7 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return ChartResult(path=None, skipped_reason="matplotlib is not installed (pip install matplotlib)")
     samples = run.samples
@@ -96,7 +97,11 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
             reason = run.system.activity_unavailable_reason or "no NVML samples"
             title += f"\nGPU series unavailable: {reason}"
         fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
+        kinds = list(dict.fromkeys(stage.kind for stage in run.top_level))
+        if kinds:
+            patches = [Patch(color=_BAND_COLOURS.get(k, "#eeeeee"), alpha=0.6, label=k) for k in kinds]
+            fig.legend(handles=patches, loc="lower center", ncol=len(patches), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         tmp = path.with_name(path.name + ".tmp")
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)

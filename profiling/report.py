@@ -61,6 +61,8 @@ def legend(runs: Sequence[RunRecord]) -> str:
 def fmt_s(value: float | None) -> str:
     if value is None:
         return NA
+    if value != 0 and abs(value) < 0.0001:
+        return f"{value:.1e}"  # never "0.0000" for something that took time
     if value != 0 and abs(value) < 0.01:
         return f"{value:.4f}"
     return f"{value:.2f}"
@@ -252,7 +254,7 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
     ]
     lines += [f"- Note: {n}" for n in run.notes]
     lines += ["", "### Stage Breakdown", ""] + _stage_table(run, sm) + [""]
-    lines += _inference_stats(run, sm) + _memory_telemetry(sm) + _analysis_lines(analysis)
+    lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + _analysis_lines(analysis)
     lines += [
         "### Timeline",
         "",
@@ -324,7 +326,8 @@ def _inference_stats(run: RunRecord, sm: RunSummary) -> list[str]:
         f"- **Steps recorded**: {_steps_cell(sm)} (experts: {experts}; CFG: {', '.join(sm.cfg_modes) or NA})",
         f"- **First step (warm-up)**: {with_unit(fmt_s(sm.first_step_s), 's')}",
         f"- **Steady state** (steps after the first): mean {with_unit(fmt_s(sm.steady_mean_s), 's')}, median "
-        f"{with_unit(fmt_s(sm.steady_median_s), 's')}, p90 {with_unit(fmt_s(sm.steady_p90_s), 's')}",
+        f"{with_unit(fmt_s(sm.steady_median_s), 's')}, p90 {with_unit(fmt_s(sm.steady_p90_s), 's')}, "
+        f"IQR {with_unit(fmt_s(sm.steady_iqr_s), 's')}",
         f"- **Avg Time per Step** (loading + inference): {with_unit(fmt_s(sm.s_per_step), 's')}",
         f"- **Step loading**: {fmt_s(sm.loading_total_s)} s in total "
         f"({with_unit(fmt_pct(sm.loading_share_pct), '%')} of step time)",
@@ -354,7 +357,45 @@ def _ranges(steps: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _memory_telemetry(sm: RunSummary) -> list[str]:
+def _memory_trace(run: RunRecord) -> list[str]:
+    """Per top-level stage: CUDA allocated at start/end, peak, activation (peak - start), NVML max."""
+    rows = []
+    for stage in run.top_level:
+        m = stage.memory
+        if stage.cached or m.allocated_peak is None:
+            continue
+        activation = None if m.allocated_start is None else m.allocated_peak - m.allocated_start
+        rows.append(
+            [
+                stage.name,
+                fmt_gb(m.allocated_start),
+                fmt_gb(m.allocated_end),
+                fmt_gb(m.allocated_peak),
+                fmt_gb(activation),
+                fmt_gb(m.reserved_peak),
+                fmt_gb(m.device_used_max),
+            ]
+        )
+    if not rows:
+        return ["CUDA memory per stage: unavailable (no CUDA device was measured).", ""]
+    header = [
+        "Stage",
+        "Start (GB)",
+        "End (GB)",
+        "Peak (GB)",
+        "Activation (GB)",
+        "Reserved peak (GB)",
+        "Device used (GB)",
+    ]
+    return _table(header, rows) + [
+        "",
+        "Activation = peak - start (CUDA allocator); device used is NVML's "
+        "maximum over the stage's samples (all processes).",
+        "",
+    ]
+
+
+def _memory_telemetry(run: RunRecord, sm: RunSummary) -> list[str]:
     capacity = sm.gpu_memory_bytes
     headroom = (
         None if capacity is None or sm.peak_reserved_bytes is None else capacity - sm.peak_reserved_bytes
@@ -372,7 +413,7 @@ def _memory_telemetry(sm: RunSummary) -> list[str]:
         f"- **VAE peak**: {gb(sm.vae_peak_bytes)}",
         f"- **Device capacity**: {gb(capacity)}; free at the reserved peak: {gb(headroom)}",
         "",
-    ]
+    ] + _memory_trace(run)
 
 
 def _analysis_lines(analysis: RunAnalysis) -> list[str]:

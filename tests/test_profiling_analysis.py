@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
@@ -104,3 +105,21 @@ def test_percentile() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
     with pytest.raises(ValueError):
         percentile([], 50)
+
+
+def test_noisy_steady_steps_are_flagged(h100) -> None:
+    run, sm = h100
+    assert sm.steady_iqr_s == pytest.approx(percentile([2.61, 2.62, 2.63, 2.64], 75) - 2.6175)
+    assert "noisy_steps" not in [f.rule for f in analysis_rules(run)]
+    stretched = []
+    for s in run.stages:  # make steps 2 and 4 take 1.5x longer
+        if s.kind == "step-inference" and s.step in (2, 4):
+            s = dataclasses.replace(s, end_s=s.start_s + 1.5 * s.duration_s)
+        stretched.append(s)
+    noisy = dataclasses.replace(run, stages=tuple(stretched))
+    finding = next(f for f in analyze_run(noisy, summarize_run(noisy)).findings if f.rule == "noisy_steps")
+    assert finding.figures["steady_iqr_s"] > 0.1 * finding.figures["steady_median_s"]
+
+
+def analysis_rules(run):
+    return analyze_run(run, summarize_run(run)).findings

@@ -132,3 +132,57 @@ def test_busy_only_report_never_says_sm_activity() -> None:
     md = render_markdown([run])
     assert "Busy(%)" in md and "GPU Busy (%)" in md
     assert check_markdown(md, report_document([run])) == []
+
+
+def test_formatting_never_turns_unmeasured_or_tiny_into_zero() -> None:
+    from wanbench.profiling.report import fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops
+
+    assert {fmt_s(None), fmt_gb(None), fmt_pct(None), fmt_load(None), fmt_tflops(None)} == {"n/a"}
+    assert fmt_s(3e-5) == "3.0e-05" and fmt_s(0.0042) == "0.0042" and fmt_s(12.345) == "12.35"
+    assert fmt_s(0.0) == "0.00"  # a measured zero stays a number
+
+
+def test_run_without_steps_reports_and_checks_clean(tmp_path: Path) -> None:
+    from wanbench.profiling import FakeClock, FakeHost, ProfileSession
+    from wanbench.profiling.memory import CpuDevice
+    from wanbench.wan_core import trace
+
+    clock = FakeClock()
+    session = ProfileSession(
+        case_name="decode_only",
+        sample_interval_s=None,
+        clock=clock,
+        device_probe=CpuDevice(),
+        host=FakeHost(),
+    )
+    with session:
+        with trace.stage("VAE_Decoding", kind="decode"):
+            clock.advance(2.0)
+    files = write_report(session, tmp_path, basename="decode", chart=False)
+    md = files.markdown.read_text(encoding="utf-8")
+    assert "No denoising steps were recorded" in md and "| VAE_Decoding | 2.00 |" in md
+    assert check_report(files.json) == []
+
+
+def test_run_with_cached_sampler_counts_cached_steps(tmp_path: Path) -> None:
+    from wanbench.profiling import FakeClock, FakeHost, ProfileSession, summarize_run
+    from wanbench.profiling.memory import CpuDevice
+    from wanbench.wan_core import trace
+
+    clock = FakeClock()
+    session = ProfileSession(
+        case_name="rerun", sample_interval_s=None, clock=clock, device_probe=CpuDevice(), host=FakeHost()
+    )
+    with session:
+        session.set_context(steps=2)
+        for i in range(2):
+            session.record_cached(f"Step_{i}_Loading", "step-loading", measured_s=0.01)
+            session.record_cached(f"Step_{i}_Inference", "step-inference", measured_s=1.5)
+        with trace.stage("VAE_Decoding", kind="decode"):
+            clock.advance(2.0)
+    summary = summarize_run(session.record)
+    assert (summary.num_steps_recorded, summary.num_steps_cached, summary.s_per_step) == (0, 2, None)
+    files = write_report(session, tmp_path, basename="rerun", chart=False)
+    assert "| Case | Res |" in files.markdown.read_text(encoding="utf-8")
+    assert "| 0 + 2 cached |" in files.markdown.read_text(encoding="utf-8")
+    assert check_report(files.json) == []

@@ -92,9 +92,11 @@ def test_pipeline_golden(fixture: dict) -> None:
     task = preset(cfg["model_config"]["model_type"], tiny=True)
     latents: list[torch.Tensor] = []
     tracer = RecordingTracer()
+    noise_before = io["noise"].clone()
     with use_tracer(tracer):
         out = sample(experts, task, opts, context=io["context"], context_null=io["context_null"],
                      noise=io["noise"], callback=lambda i, n, latent: latents.append(latent.clone()), **conditioning(io))
+    assert torch.equal(io["noise"], noise_before), "the input noise was modified"
     final_tol = tol["final_latent"]
     assert_close_manifest(out, io["expected.final_latent"], atol=final_tol["atol"], rtol=final_tol["rtol"],
                           what=f"{fixture['name']} final latent")

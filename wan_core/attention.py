@@ -8,7 +8,8 @@ are imported only when they are asked for. `auto` picks the first exact backend 
 inputs (flash_attn, then sdpa) and logs its pick once per process; it never picks `sage`.
 
 `k_lens` limits the keys of sample b to its first `k_lens[b]` rows (key padding); queries are never
-masked. Scale is 1/sqrt(Dh); no dropout, no causal mask.
+masked. `key_bias` adds a float per key to the scores before the softmax (sdpa only; used by the
+DiT to stand one key for many identical ones). Scale is 1/sqrt(Dh); no dropout, no causal mask.
 """
 
 from __future__ import annotations
@@ -187,12 +188,21 @@ def resolve_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return backend
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa",
-              k_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention over keys `k_lens[b]` of each sample, scale 1/sqrt(Dh).
+def _sdpa_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """Shapes: q (B, Lq, N, Dh), k/v (B, Lk, N, Dh), key_bias (B, Lk) -> (B, Lq, N, Dh)."""
+    mask = key_bias.to(q.dtype)[:, None, None, :]  # (B, 1, 1, Lk)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask)
+    return out.transpose(1, 2)
 
-    Shapes: q (B, Lq, N, Dh), k/v (B, Lk, N, Dh), k_lens (B,) ints or None; returns (B, Lq, N, Dh)
-    in q's dtype.
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa",
+              k_lens: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention over keys `k_lens[b]` of each sample, scale 1/sqrt(Dh), plus an optional
+    additive per-key bias (backends `sdpa` and `auto` only; not combined with `k_lens`).
+
+    Shapes: q (B, Lq, N, Dh), k/v (B, Lk, N, Dh), k_lens (B,) ints or None, key_bias (B, Lk) float
+    or None; returns (B, Lq, N, Dh) in q's dtype.
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention expects q (B, Lq, N, Dh) and k, v (B, Lk, N, Dh); "
@@ -200,5 +210,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k_lens is not None and k_lens.shape != (q.shape[0],):
         raise ValueError(f"k_lens must have shape ({q.shape[0]},); got {tuple(k_lens.shape)}")
+    if key_bias is not None:
+        if backend not in ("sdpa", "auto"):
+            raise ValueError(f"key_bias is supported by the 'sdpa' backend only (and 'auto', which then "
+                             f"runs sdpa); got backend {backend!r}; drop key_bias or use 'sdpa'")
+        if k_lens is not None:
+            raise ValueError("key_bias and k_lens cannot be combined; fold the padding into key_bias "
+                             "(-inf for masked keys)")
+        if key_bias.shape != (q.shape[0], k.shape[1]):
+            raise ValueError(f"key_bias must have shape (B, Lk) = ({q.shape[0]}, {k.shape[1]}); "
+                             f"got {tuple(key_bias.shape)}")
+        return _sdpa_key_bias(q, k, v, key_bias).to(q.dtype)
     chosen = resolve_backend(backend, q, k, v, k_lens)
     return chosen.fn(q, k, v, k_lens).to(q.dtype)

@@ -13,6 +13,16 @@ Differences from the official code that do not change results:
 - The time MLP runs once per distinct timestep value and is broadcast, instead of once per token.
 - Padding tokens up to `seq_len` is skipped: padded rows are masked out as keys and their outputs
   are discarded, so real rows are identical. `seq_len` is still checked.
+- The patch embedding (a Conv3d whose kernel equals its stride) runs as one matmul over the
+  gathered patches (same weights, same sums).
+- Trailing all-zero text rows (the zero padding up to `text_len`) all embed to the same row. The
+  text MLP runs on the distinct rows only, and in float32 the cross-attention keeps one copy of the
+  padding row per sample with an additive key bias `log(copies represented)`: softmax over keys
+  that are exact duplicates equals softmax over one copy weighted by the count, so the result is
+  the same up to float rounding while the text projections and cross-attention shrink from
+  `text_len` keys to the real rows plus one.
+- Without autograd (`torch.no_grad()`/`torch.inference_mode()`), residual updates and the FFN
+  activation run in place; with autograd enabled every op is out of place.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from torch import nn
 
 from .attention import attention
 from .config import DiTConfig
-from .rope import RopeCache, apply_rope
+from .rope import RopeCache, RopeTables, rotate
 
 SINUSOID_BASE = 10000.0
 
@@ -62,6 +72,8 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)  # one fused kernel
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.to(x.dtype) * self.weight.to(x.dtype)
 
@@ -73,6 +85,80 @@ class WanLayerNorm(nn.LayerNorm):
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class WanPatchEmbedding(nn.Conv3d):
+    """The patch Conv3d (kernel == stride, no padding) evaluated as one matmul over the patches.
+
+    Same parameters and state-dict keys as `nn.Conv3d`; like the convolution, trailing frames or
+    pixels that do not fill a whole patch are dropped.
+    """
+
+    def __init__(self, in_dim: int, dim: int, patch_size: tuple[int, int, int]) -> None:
+        super().__init__(in_dim, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Shapes: x (B, C, T, H, W) -> (B, D, T//pt, H//ph, W//pw), a view of (B, L, D) tokens."""
+        pt, ph, pw = self.kernel_size
+        b, c, t, h, w = x.shape
+        f, hh, ww = t // pt, h // ph, w // pw
+        x = x[:, :, : f * pt, : hh * ph, : ww * pw]
+        patches = x.reshape(b, c, f, pt, hh, ph, ww, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(b, f * hh * ww, c * pt * ph * pw)
+        tokens = F.linear(patches, self.weight.flatten(1), self.bias)  # (B, L, D)
+        return tokens.transpose(1, 2).unflatten(2, (f, hh, ww))
+
+
+class WanTextEmbedding(nn.Sequential):
+    """The text MLP (Linear, GELU-tanh, Linear), computing a trailing run of all-zero rows once.
+
+    `num_rows` (optional) says that rows from `num_rows` on are all zero (found by scanning
+    otherwise). Same parameters and keys as the official `nn.Sequential`.
+    """
+
+    def __init__(self, text_dim: int, dim: int) -> None:
+        super().__init__(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, num_rows: int | None = None) -> torch.Tensor:
+        """Shapes: x (B, S, text_dim) -> (B, S, D)."""
+        total = x.shape[1]
+        if num_rows is None:
+            num_rows = int(nonzero_rows(x).max()) if total else 0
+        if num_rows >= total:
+            return super().forward(x)
+        zero_row = super().forward(x.new_zeros(1, 1, x.shape[2]))  # what every padding row embeds to
+        head = super().forward(x[:, :num_rows])
+        return torch.cat((head, zero_row.expand(x.shape[0], total - num_rows, -1)), dim=1)
+
+
+def nonzero_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per sample, the count of leading rows up to and including the last row that is not all zero.
+
+    Shapes: x (B, S, C) -> (B,) int64.
+    """
+    nonzero = x.ne(0).any(-1)  # (B, S)
+    positions = torch.arange(1, x.shape[1] + 1, device=x.device)
+    return (nonzero * positions).amax(-1) if x.shape[1] else nonzero.new_zeros(x.shape[0], dtype=torch.int64)
+
+
+def compact_text_keys(context: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop duplicate padding rows of an embedded context; a key bias keeps softmax unchanged.
+
+    Rows `rows[b]:` of sample b must all be equal (the embedding of the zero padding). Keeps
+    `S' = min(S, max(rows) + 1)` rows; sample b then holds `S' - rows[b]` copies of its padding
+    row standing for `S - rows[b]`, so each gets the bias `log((S - rows[b]) / (S' - rows[b]))`.
+    Shapes: context (B, S, D), rows (B,) -> (B, S', D) view, bias (B, S') float32 or None when
+    nothing is dropped.
+    """
+    total = context.shape[1]
+    kept = min(total, int(rows.max()) + 1)
+    if kept >= total:
+        return context, None
+    rows = rows.to(device=context.device, dtype=torch.float64)[:, None]
+    weight = ((total - rows) / (kept - rows)).log()  # (B, 1), float64
+    positions = torch.arange(kept, device=context.device, dtype=torch.float64)[None, :]
+    bias = torch.where(positions < rows, 0.0, weight).float()
+    return context[:, :kept], bias
 
 
 class WanAttention(nn.Module):
@@ -91,21 +177,23 @@ class WanAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, N, Dh)
 
-    def self_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def self_attention(self, x: torch.Tensor, rope: RopeTables | tuple[torch.Tensor, torch.Tensor],
                        backend: str) -> torch.Tensor:
-        """Shapes: x (B, L, D) in the compute dtype -> (B, L, D)."""
+        """Shapes: x (B, L, D) in the compute dtype, rope tables of `RopeCache` -> (B, L, D)."""
         q = self._heads(self.norm_q(self.q(x)))
         k = self._heads(self.norm_k(self.k(x)))
         v = self._heads(self.v(x))
-        q, k = apply_rope(q, *rope).to(x.dtype), apply_rope(k, *rope).to(x.dtype)
+        q, k = rotate(q, rope).to(x.dtype), rotate(k, rope).to(x.dtype)
         return self.o(attention(q, k, v, backend=backend).flatten(2))
 
-    def cross_attention(self, x: torch.Tensor, context: torch.Tensor, backend: str) -> torch.Tensor:
-        """Shapes: x (B, L, D), context (B, S, D), both in the compute dtype -> (B, L, D). No mask."""
+    def cross_attention(self, x: torch.Tensor, context: torch.Tensor, backend: str, *,
+                        key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Shapes: x (B, L, D), context (B, S, D), both in the compute dtype, key_bias (B, S) additive
+        float32 from `compact_text_keys` or None (no mask) -> (B, L, D)."""
         q = self._heads(self.norm_q(self.q(x)))
         k = self._heads(self.norm_k(self.k(context)))
         v = self._heads(self.v(context))
-        return self.o(attention(q, k, v, backend=backend).flatten(2))
+        return self.o(attention(q, k, v, backend=backend, key_bias=key_bias).flatten(2))
 
 
 class WanBlock(nn.Module):
@@ -124,15 +212,26 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / math.sqrt(d))
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
-        """Shapes: x (B, L, D) float32, e0 (B, Lt, 6, D) float32 with Lt in {1, L}, context (B, S, D)."""
+                rope: RopeTables | tuple[torch.Tensor, torch.Tensor], backend: str, *,
+                context_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Shapes: x (B, L, D) float32, e0 (B, Lt, 6, D) float32 with Lt in {1, L}, context (B, S, D),
+        context_bias (B, S) float32 key bias of a compacted context or None -> (B, L, D) float32.
+
+        x itself is never modified; without autograd the new residual is updated in place.
+        """
         dtype = self.ffn[0].weight.dtype
+        inplace = not torch.is_grad_enabled()
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
         h = torch.addcmul(shift_sa, self.norm1(x), 1 + scale_sa).to(dtype)
-        x = torch.addcmul(x, self.self_attn.self_attention(h, rope, backend).float(), gate_sa)
-        x = x + self.cross_attn.cross_attention(self.norm3(x).to(dtype), context, backend).float()
+        x = torch.addcmul(x, self.self_attn.self_attention(h, rope, backend).float(), gate_sa)  # new tensor
+        cross = self.cross_attn.cross_attention(self.norm3(x).to(dtype), context, backend,
+                                                key_bias=context_bias).float()
+        x = x.add_(cross) if inplace else x + cross
         h = torch.addcmul(shift_ff, self.norm2(x), 1 + scale_ff).to(dtype)
-        return torch.addcmul(x, self.ffn(h).float(), gate_ff)
+        h = self.ffn[0](h)
+        h = torch._C._nn.gelu_(h, approximate="tanh") if inplace else self.ffn[1](h)
+        h = self.ffn[2](h).float()
+        return x.addcmul_(h, gate_ff) if inplace else torch.addcmul(x, h, gate_ff)
 
 
 class WanHead(nn.Module):
@@ -165,10 +264,8 @@ class WanDiT(nn.Module):
         self.config = config
         self.attention_backend = "sdpa"
         d = config.dim
-        self.patch_embedding = nn.Conv3d(config.in_dim, d, kernel_size=config.patch_size,
-                                         stride=config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"),
-                                            nn.Linear(d, d))
+        self.patch_embedding = WanPatchEmbedding(config.in_dim, d, config.patch_size)
+        self.text_embedding = WanTextEmbedding(config.text_dim, d)
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList([WanBlock(config) for _ in range(config.num_layers)])
@@ -197,6 +294,11 @@ class WanDiT(nn.Module):
 
         Shapes: list of (S_i, text_dim), or (B, S, text_dim) with context_lens (B,) -> (B, text_len, D).
         """
+        return self._embed_text(context, context_lens)[0]
+
+    def _embed_text(self, context: list[torch.Tensor] | torch.Tensor,
+                    context_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`embed_text` plus, per sample, the count of rows before its all-zero tail (B,) int64."""
         cfg = self.config
         if isinstance(context, torch.Tensor):
             if context.ndim != 3:
@@ -211,7 +313,8 @@ class WanDiT(nn.Module):
                 raise ValueError(f"context {i} must be (S <= {cfg.text_len}, {cfg.text_dim}); "
                                  f"got {tuple(c.shape)}")
             padded[i, : c.shape[0]] = c.to(weight)
-        return self.text_embedding(padded)
+        rows = nonzero_rows(padded)
+        return self.text_embedding(padded, int(rows.max()) if len(context) else 0), rows
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
                       num_contexts: int, seq_len: int | None) -> int:
@@ -253,7 +356,7 @@ class WanDiT(nn.Module):
             x = torch.cat((x, y), dim=1)
         patches = self.patch_embedding(x.to(dtype))  # (B, D, f, h', w')
         grid = tuple(patches.shape[2:])
-        tokens = rearrange(patches, "b d f h w -> b (f h w) d").float()
+        tokens = rearrange(patches, "b d f h w -> b (f h w) d").float()  # blocks never modify their input
 
         t = t.to(x.device)
         if t.ndim == 1:
@@ -264,10 +367,13 @@ class WanDiT(nn.Module):
                 t = t[:, :1]  # every token of a sample shares its timestep: compute once, broadcast
         e, e0 = self.embed_time(t)  # (B, Lt, D), (B, Lt, 6, D)
 
-        ctx = self.embed_text(context, context_lens).to(dtype)  # (B, text_len, D)
-        rope = self.rope.cos_sin(grid, tokens.device)
+        ctx, rows = self._embed_text(context, context_lens)
+        ctx, ctx_bias = ctx.to(dtype), None  # (B, text_len, D)
+        if dtype == torch.float32 and self.attention_backend in ("sdpa", "auto"):
+            ctx, ctx_bias = compact_text_keys(ctx, rows)  # (B, S' <= text_len, D)
+        rope = self.rope.tables(grid, tokens.device)
         for block in self.blocks:
-            tokens = block(tokens, e0, ctx, rope, self.attention_backend)
+            tokens = block(tokens, e0, ctx, rope, self.attention_backend, context_bias=ctx_bias)
         out = self.head(tokens, e)  # (B, L, prod(patch)*out_dim)
         pt, ph, pw = self.config.patch_size
         return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -73,6 +74,17 @@ def grid_angles(grid: Grid, head_dim: int, *, theta: float = ROPE_THETA) -> torc
     return full.reshape(f * h * w, -1)
 
 
+class RopeTables(NamedTuple):
+    """Everything `rotate` needs for one grid: the real tables and, optionally, the complex ones.
+
+    Shapes: cos, sin (L, 1, Dh) float32 (see `RopeCache.cos_sin`); freqs (L, 1, Dh/2) complex64 or None.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    freqs: torch.Tensor | None = None
+
+
 class RopeCache:
     """float32 cos/sin tables per (grid, device), computed in float64. Owned by one model."""
 
@@ -108,6 +120,10 @@ class RopeCache:
             rot = torch.complex(angles.cos().float(), angles.sin().float())
             self._freqs[key] = rot.to(device)
         return self._freqs[key]
+
+    def tables(self, grid: Grid, device: torch.device) -> RopeTables:
+        """`cos_sin` and `freqs` of one grid together, for `rotate`."""
+        return RopeTables(*self.cos_sin(grid, device), self.freqs(grid, device))
 
     def clear(self) -> None:
         self._tables.clear()
@@ -145,6 +161,19 @@ def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         xf = xf.contiguous()
     pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (B, L, N, Dh/2) complex64
     return torch.view_as_real(pairs * freqs).flatten(-2)
+
+
+def rotate(x: torch.Tensor, rope: RopeTables | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Apply RoPE with the fastest available form: the complex multiply in eager mode when
+    `rope.freqs` is present, the real form (`apply_rope`) otherwise and while torch.compile traces
+    (Inductor fuses the real form; complex tensors are not supported by every compiler backend).
+
+    Shapes: x (B, L, N, Dh), rope tables of L_true <= L rows -> (B, L, N, Dh) float32.
+    """
+    freqs = rope.freqs if isinstance(rope, RopeTables) else None
+    if freqs is not None and not torch.compiler.is_compiling():
+        return apply_rope_complex(x, freqs)
+    return apply_rope(x, rope[0], rope[1])
 
 
 def apply_rope_fp64(x: torch.Tensor, grid_sizes: Sequence[Grid], *,

@@ -152,6 +152,8 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     `experts` is [high_noise, low_noise] for two-expert tasks and [model] for TI2V-5B; each is a
     `WanDiT` (or anything with its forward contract and a `.config`). Either `noise` or
     `latent_shape` (then the noise is `make_noise(latent_shape, opts.seed)`) is given.
+    `device` (where the forwards run) defaults to the experts' device, or to CUDA when there is
+    one and the placement is "model" or "blocks" (those keep experts on the CPU between runs).
     All arguments are checked before any compute. On exit (errors and interrupts included) the
     placement's hooks are removed; with "model"/"blocks" every expert is back on the CPU.
 
@@ -164,7 +166,7 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable(step_index, num_steps, latent); got {type(callback)}")
     if device is None:
-        device = _module_device(experts[0])
+        device = _default_device(experts[0], opts.placement)
     run = _prepare(experts, task, opts, context=context, context_null=context_null, noise=noise,
                    latent_shape=latent_shape, i2v_y=i2v_y, ti2v_z=ti2v_z, device=torch.device(device))
     scheduler = make_scheduler(opts.solver, opts.steps, opts.shift,
@@ -251,7 +253,11 @@ def _expert_names(experts: list[nn.Module], task: WanConfig, opts: SamplerOption
     return ["high", "low"]
 
 
-def _module_device(module: nn.Module) -> torch.device:
+def _default_device(module: nn.Module, placement: str) -> torch.device:
+    """The experts' device; for the offloading placements (which park experts on the CPU between
+    runs) the first CUDA device when there is one."""
+    if placement != "none" and torch.cuda.is_available():
+        return torch.device("cuda")
     for p in module.parameters():
         return p.device
     return torch.device("cpu")

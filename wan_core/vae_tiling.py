@@ -47,12 +47,13 @@ class VAETiling:
             raise ValueError(f"overlap must be in [0, tile_size) = [0, {self.tile_size}); got {self.overlap}")
 
     def axis_tiles(self, length: int) -> list[tuple[int, int]]:
-        """[start, stop) latent ranges along one axis; the last tile ends flush with the axis."""
+        """[start, stop) latent ranges along one axis, spread evenly, overlapping by >= `overlap`."""
         if length <= self.tile_size:
             return [(0, length)]
-        step = self.tile_size - self.overlap
-        starts = list(range(0, length - self.tile_size, step)) + [length - self.tile_size]
-        return [(s, s + self.tile_size) for s in dict.fromkeys(starts)]
+        span = length - self.tile_size
+        num = -(-span // (self.tile_size - self.overlap)) + 1
+        starts = [(2 * i * span + num - 1) // (2 * (num - 1)) for i in range(num)]  # rounded i*span/(num-1)
+        return [(s, s + self.tile_size) for s in starts]
 
     def tiles(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         """(y0, y1, x0, x1) latent boxes covering an h x w latent."""

@@ -44,7 +44,7 @@ def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
 def page(chromium: Chromium, comfy_server: ComfyServer) -> Iterator[CdpPage]:
     tab = chromium.open_page(comfy_server.url + "/")
     try:
-        tab.wait_for(APP_READY, timeout_s=120, what="the ComfyUI frontend did not finish loading")
+        tab.wait_for(APP_READY, timeout_s=180, what="the ComfyUI frontend did not finish loading")
         yield tab
     finally:
         tab.close()

@@ -22,6 +22,7 @@ from wanbench.profiling import check_report
 from wanbench.runner import ServerError, run_on_server
 
 from .comfy_api import (
+    WORKFLOWS_DIR,
     geometry_node,
     history_outputs,
     http_json,
@@ -178,6 +179,29 @@ def test_invalid_frame_count_is_refused(comfy_server: ComfyServer) -> None:
     assert answer["node_errors"][node_id]["class_type"] == prompt[node_id]["class_type"]
 
 
+def full_size_api_workflows() -> list[str]:
+    return sorted(set(p.name for p in WORKFLOWS_DIR.glob("*.api.json")) - set(tiny_api_workflows()))
+
+
+@pytest.mark.parametrize("workflow", full_size_api_workflows())
+def test_full_size_workflow_fails_only_on_absent_models(comfy_server: ComfyServer, workflow: str) -> None:
+    """The real-size workflows validate on the server except for the model files it does not have."""
+    prompt = load_api(workflow)
+    body = {"prompt": prompt, "client_id": "e2e-full"}
+    status, answer = http_json("POST", comfy_server.url + "/prompt", body)
+    if status == 200:
+        http_json("POST", comfy_server.url + "/interrupt", {})
+        pytest.fail(f"{workflow} was queued although the server has none of its model files: {answer}")
+    assert status == 400 and answer["node_errors"], answer
+    for node_id, node_error in answer["node_errors"].items():
+        for error in node_error["errors"]:
+            received = str(error.get("extra_info", {}).get("received_value", ""))
+            assert error["type"] == "value_not_in_list" and received.endswith((".safetensors", ".pth")), (
+                node_id,
+                error,
+            )
+
+
 def test_interrupt_during_sampling_then_next_prompt_runs(comfy_server: ComfyServer, tmp_path: Path) -> None:
     prompt = load_api("tiny_ti2v_5B_t2v.api.json")
     sampler_id = only_node_of_type(prompt, "WanBenchSampler")
@@ -207,7 +231,7 @@ def test_interrupt_during_sampling_then_next_prompt_runs(comfy_server: ComfyServ
     interrupted = [
         entry
         for entry in history.values()
-        if entry["prompt"][2][sampler_id]["inputs"].get("steps") == INTERRUPT_STEPS
+        if entry["prompt"][2].get(sampler_id, {}).get("inputs", {}).get("steps") == INTERRUPT_STEPS
     ]
     assert len(interrupted) == 1
     assert interrupted[0]["status"]["status_str"] == "error"
