@@ -102,8 +102,6 @@ def test_golden_case(name: str, case: str) -> None:
         checked += 1
         if "latent" in t:
             _assert_allclose(normalize_latent(mu, cfg), t["latent"], f"{name}/{case} normalised latent")
-            _assert_allclose(vae.encode_latent(video, drop_trailing_frames=True), t["latent"],
-                             f"{name}/{case} encode_latent")
     if "latent" in t and any(k in t for k in ("video_raw", "video", "recon_raw")):
         raw = denormalize_latent(t["latent"], cfg)
         out = vae.decode(raw, clamp=False)
@@ -111,10 +109,8 @@ def test_golden_case(name: str, case: str) -> None:
             if key in t:
                 _assert_allclose(out, t[key], f"{name}/{case} {key}")
                 checked += 1
-        if "video" in t and "mu" not in t:
-            clamped = vae.decode_latent(t["latent"])
-            assert clamped.min() >= -1.0 and clamped.max() <= 1.0
-            _assert_allclose(clamped, t["video"], f"{name}/{case} clamped video")
+        if "video" in t and "mu" not in t:  # the pipeline output: the same decode clamped to [-1, 1]
+            _assert_allclose(out.clamp(-1.0, 1.0), t["video"], f"{name}/{case} clamped video")
             checked += 1
     assert checked, f"{name}/{case}: no encode or decode tensors recognised in {sorted(t)}"
 

@@ -10,15 +10,15 @@ from conftest import golden_dir
 from safetensors.torch import load_file
 
 from wanbench.wan_core.config import WAN21_VAE
-from wanbench.wan_core.latents import denormalize_latent
 from wanbench.wan_core.vae import WanVAE, load_vae
 from wanbench.wan_core.vae_tiling import VAETiling, axis_weights, resolve_tiling
 
 MANIFEST = "MANIFEST_VAE.json"
-# Documented bound (docs/vae.md) for forced multi-tile decodes of the golden latents with
-# tile_size 3, overlap 2, on the random golden weights: mean |tiled - untiled| over the video.
-SMALL_TILE = VAETiling(tile_size=3, overlap=2)
-SMALL_TILE_MEAN_ABS_BOUND = 0.15
+# Documented bound (docs/vae.md) for forced multi-tile decodes of the golden latents with 2-cell
+# tiles overlapping by 1, on the random golden weights: mean |tiled - untiled| over the video
+# (measured 0.22 for Wan2.1 dec_latent, 0.10 for Wan2.2). Real tiles are 16x larger.
+SMALL_TILE = VAETiling(tile_size=2, overlap=1)
+SMALL_TILE_MEAN_ABS_BOUND = 0.25
 
 
 def _golden_decode_cases() -> list[tuple[str, str]]:
@@ -67,16 +67,19 @@ def test_tiling_options() -> None:
 @pytest.mark.skipif(not DECODE_CASES, reason="MANIFEST_VAE.json not found")
 @pytest.mark.parametrize(("name", "case"), DECODE_CASES or [("none", "none")])
 def test_tiled_decode_error_on_golden_cases(name: str, case: str) -> None:
-    entry = json.loads((golden_dir() / MANIFEST).read_text(encoding="utf-8"))["vaes"][name]
+    manifest = json.loads((golden_dir() / MANIFEST).read_text(encoding="utf-8"))
+    entry, tol = manifest["vaes"][name], manifest["tolerance"]["float32"]
     vae = load_vae(golden_dir() / entry["weights_file"])
-    latent = load_file(str(golden_dir() / entry["cases_file"]))[f"{case}.latent"]
-    raw = denormalize_latent(latent, vae.config)
-    reference = vae.decode(raw)
-    # Default tiles are larger than these latents: one tile, identical to the untiled decode.
-    assert torch.equal(vae.decode(raw, tiling="auto"), reference)
-    tiled = vae.decode(raw, tiling=SMALL_TILE)
-    assert tiled.shape == reference.shape and tiled.min() >= -1 and tiled.max() <= 1
-    error = (tiled - reference).abs().mean().item()
+    tensors = load_file(str(golden_dir() / entry["cases_file"]))
+    latent, untiled = tensors[f"{case}.latent"], tensors[f"{case}.video"]  # the official untiled decode
+    # Default tiles are larger than these latents: a single tile, within the parity tolerance.
+    assert len(VAETiling().tiles(*latent.shape[-2:])) == 1
+    assert torch.allclose(vae.decode_latent(latent, tiling="auto"), untiled, atol=tol["atol"], rtol=tol["rtol"])
+    if len(SMALL_TILE.tiles(*latent.shape[-2:])) == 1:
+        return  # too small to be cut by the forced small tiles as well
+    tiled = vae.decode_latent(latent, tiling=SMALL_TILE)
+    assert tiled.shape == untiled.shape and tiled.min() >= -1 and tiled.max() <= 1
+    error = (tiled - untiled).abs().mean().item()
     assert error <= SMALL_TILE_MEAN_ABS_BOUND, f"{name}/{case}: mean abs error {error:.4f}"
 
 

@@ -73,7 +73,12 @@ class WanRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)  # one fused kernel
+            # sum of squares in one reduction (no squared copy), then two passes over x
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
+            scale = (norm.square() / x.shape[-1] + self.eps).rsqrt()
+            if torch.is_grad_enabled():
+                return x * scale * self.weight
+            return torch.mul(x, scale).mul_(self.weight)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.to(x.dtype) * self.weight.to(x.dtype)
 
@@ -110,20 +115,22 @@ class WanPatchEmbedding(nn.Conv3d):
 
 
 class WanTextEmbedding(nn.Sequential):
-    """The text MLP (Linear, GELU-tanh, Linear), computing a trailing run of all-zero rows once.
+    """The text MLP (Linear, GELU-tanh, Linear) over zero-padded rows, each padding row computed once.
 
-    `num_rows` (optional) says that rows from `num_rows` on are all zero (found by scanning
-    otherwise). Same parameters and keys as the official `nn.Sequential`.
+    Same parameters and keys as the official `nn.Sequential`. Rows of `x` from `num_rows` on must
+    be all zero (found by scanning `x` when `num_rows` is None), and `pad_to` extends the output
+    with more zero-input rows; all those rows get the embedding of one zero row.
     """
 
     def __init__(self, text_dim: int, dim: int) -> None:
         super().__init__(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
 
-    def forward(self, x: torch.Tensor, num_rows: int | None = None) -> torch.Tensor:
-        """Shapes: x (B, S, text_dim) -> (B, S, D)."""
-        total = x.shape[1]
+    def forward(self, x: torch.Tensor, *, pad_to: int | None = None, num_rows: int | None = None) -> torch.Tensor:
+        """Shapes: x (B, S, text_dim) -> (B, max(S, pad_to), D)."""
+        total = max(x.shape[1], pad_to or 0)
         if num_rows is None:
-            num_rows = int(nonzero_rows(x).max()) if total else 0
+            num_rows = int(nonzero_rows(x).max()) if x.shape[0] and x.shape[1] else 0
+        num_rows = min(num_rows, x.shape[1])
         if num_rows >= total:
             return super().forward(x)
         zero_row = super().forward(x.new_zeros(1, 1, x.shape[2]))  # what every padding row embeds to
@@ -300,21 +307,43 @@ class WanDiT(nn.Module):
                     context_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """`embed_text` plus, per sample, the count of rows before its all-zero tail (B,) int64."""
         cfg = self.config
-        if isinstance(context, torch.Tensor):
-            if context.ndim != 3:
-                raise ValueError(f"context must be (B, S, text_dim) or a list of (S_i, text_dim); "
-                                 f"got shape {tuple(context.shape)}")
-            lens = [context.shape[1]] * context.shape[0] if context_lens is None else context_lens.tolist()
-            context = [c[: int(n)] for c, n in zip(context, lens)]
         weight = self.text_embedding[0].weight
-        padded = weight.new_zeros(len(context), cfg.text_len, cfg.text_dim)
-        for i, c in enumerate(context):
-            if c.ndim != 2 or c.shape[1] != cfg.text_dim or c.shape[0] > cfg.text_len:
-                raise ValueError(f"context {i} must be (S <= {cfg.text_len}, {cfg.text_dim}); "
-                                 f"got {tuple(c.shape)}")
-            padded[i, : c.shape[0]] = c.to(weight)
-        rows = nonzero_rows(padded)
-        return self.text_embedding(padded, int(rows.max()) if len(context) else 0), rows
+        if isinstance(context, torch.Tensor):
+            padded = self._padded_context_tensor(context, context_lens).to(weight)
+        else:
+            for i, c in enumerate(context):
+                if c.ndim != 2 or c.shape[1] != cfg.text_dim or c.shape[0] > cfg.text_len:
+                    raise ValueError(f"context {i} must be (S <= {cfg.text_len}, {cfg.text_dim}); "
+                                     f"got {tuple(c.shape)}")
+            padded = weight.new_zeros(len(context), max((c.shape[0] for c in context), default=0), cfg.text_dim)
+            for i, c in enumerate(context):
+                padded[i, : c.shape[0]] = c.to(weight)
+        rows = nonzero_rows(padded)  # padded (B, S <= text_len, text_dim): rows beyond S are zero too
+        num_rows = int(rows.max()) if rows.numel() else 0
+        return self.text_embedding(padded, pad_to=cfg.text_len, num_rows=num_rows), rows
+
+    def _padded_context_tensor(self, context: torch.Tensor, context_lens: torch.Tensor | None) -> torch.Tensor:
+        """Check a (B, S, text_dim) context; rows at or beyond `context_lens[b]` are zeroed.
+
+        Shapes: context (B, S, text_dim), context_lens (B,) or None -> (B, S' <= text_len, text_dim)
+        (the input itself when nothing needs zeroing).
+        """
+        cfg = self.config
+        if context.ndim != 3:
+            raise ValueError(f"context must be (B, S, text_dim) or a list of (S_i, text_dim); "
+                             f"got shape {tuple(context.shape)}")
+        if context_lens is not None:
+            if context_lens.shape != (context.shape[0],):
+                raise ValueError(f"context_lens must have shape ({context.shape[0]},); "
+                                 f"got {tuple(context_lens.shape)}")
+            lens = context_lens.to(device=context.device, dtype=torch.int64).clamp(max=context.shape[1])
+            context = context[:, : int(lens.max())] if lens.numel() else context[:, :0]
+            keep = torch.arange(context.shape[1], device=context.device)[None, :] < lens[:, None]
+            context = torch.where(keep[..., None], context, 0)
+        if context.shape[2] != cfg.text_dim or context.shape[1] > cfg.text_len:
+            raise ValueError(f"context must be (B, S <= {cfg.text_len}, {cfg.text_dim}) after trimming "
+                             f"to context_lens; got {tuple(context.shape)}")
+        return context
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
                       num_contexts: int, seq_len: int | None) -> int:

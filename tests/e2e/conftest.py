@@ -12,6 +12,7 @@ gets the end of the server's log in its report.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +64,8 @@ def comfy_server(
     run_dir = tmp_path_factory.mktemp("comfyui_run")
     server = ComfyServer(comfy_install, run_dir)
     server.link_custom_node(repo_root(), PACK_LINK_NAME)
+    for sample in sorted((comfy_install.comfy_dir / "input").glob("*.png")):
+        shutil.copy2(sample, run_dir / "input" / sample.name)  # example.png, which LoadImage defaults to
     started = time.monotonic()
     make_tiny_models(run_dir / "models")
     logger.info("tiny models written in %.1f s", time.monotonic() - started)
