@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from wanbench.wan_core.compile import CompileConfig, apply_compile
 
 from .bench_dit import CPU_CASES, TINY_CASES, DiTCase, build_wan_dit, make_inputs

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from wanbench.wan_core.config import DiTConfig
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.weights import dit_to_diffusers
@@ -40,7 +39,7 @@ TEXT_LEN = 512
 
 @dataclass(frozen=True, kw_only=True)
 class DiTCase:
-    """One benchmark size. Head dim stays 128 as in every real Wan2.2 model (unless `num_heads` says otherwise)."""
+    """One benchmark size; head dim 128 as in every real Wan2.2 model."""
 
     name: str
     dim: int
@@ -73,7 +72,8 @@ class DiTCase:
 CPU_CASES: dict[str, DiTCase] = {
     "small": DiTCase(name="small", dim=256, num_heads=2, ffn_dim=1024, num_layers=4, latent_thw=(4, 32, 32)),
     "mid": DiTCase(name="mid", dim=512, num_heads=4, ffn_dim=2048, num_layers=2, latent_thw=(8, 32, 32)),
-    "large": DiTCase(name="large", dim=1024, num_heads=8, ffn_dim=4096, num_layers=2, latent_thw=(12, 32, 32)),
+    "large": DiTCase(name="large", dim=1024, num_heads=8, ffn_dim=4096, num_layers=2,
+                     latent_thw=(12, 32, 32)),
 }
 # Seconds-long sizes for tests.
 TINY_CASES: dict[str, DiTCase] = {
@@ -111,7 +111,8 @@ def random_init_(model: nn.Module, *, seed: int = 0) -> nn.Module:
     return model
 
 
-def build_wan_dit(config: DiTConfig, *, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> WanDiT:
+def build_wan_dit(config: DiTConfig, *, device: torch.device | str, dtype: torch.dtype,
+                  seed: int = 0) -> WanDiT:
     """A `WanDiT` with random weights allocated directly on `device` in `dtype` (no host copy)."""
     with torch.device("meta"):
         model = WanDiT(config)
@@ -129,7 +130,8 @@ def diffusers_twin(model: WanDiT) -> nn.Module:
         from diffusers import WanTransformer3DModel
         from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
     except ImportError as exc:
-        raise ImportError("the diffusers comparison needs diffusers: pip install 'comfyui-wanbench[bench]'") from exc
+        raise ImportError("the diffusers comparison needs diffusers: "
+                          "pip install 'comfyui-wanbench[bench]'") from exc
     cfg = model.config
     device = next(model.parameters()).device
     with torch.device("meta"):
@@ -138,9 +140,11 @@ def diffusers_twin(model: WanDiT) -> nn.Module:
                                      out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
                                      ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
                                      qk_norm="rms_norm_across_heads", eps=cfg.eps)
-    missing, unexpected = twin.load_state_dict(dit_to_diffusers(model.state_dict()), strict=False, assign=True)
+    missing, unexpected = twin.load_state_dict(dit_to_diffusers(model.state_dict()), strict=False,
+                                               assign=True)
     if missing or unexpected:
-        raise ValueError(f"DiT -> diffusers key map mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"DiT -> diffusers key map mismatch: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     # The RoPE tables are non-persistent buffers: rebuild them for real on the target device.
     twin.rope = WanRotaryPosEmbed(cfg.head_dim, cfg.patch_size, twin.config.rope_max_seq_len).to(device)
     return twin.eval()
@@ -246,8 +250,8 @@ def component_fns(ours: WanDiT, theirs: nn.Module, case: DiTCase,
     }
 
 
-def component_breakdown(case: DiTCase, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                        repeats: int = 5) -> dict[str, Any]:
+def component_breakdown(case: DiTCase, *, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32, repeats: int = 5) -> dict[str, Any]:
     """Interleaved timings of each component of block 0 (median and min over `repeats`)."""
     ours = build_wan_dit(case.config(), device=device, dtype=dtype)
     theirs = diffusers_twin(ours)
@@ -273,8 +277,8 @@ def profile_case(case: DiTCase, *, device: torch.device | str = "cpu", dtype: to
     fns = forward_fns(ours, theirs, make_inputs(case, device=device, dtype=dtype))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     totals: dict[str, dict[str, list[float]]] = {name: {} for name in fns}
-    for name, fn in fns.items():
-        fn()
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(runs):
         for name, fn in fns.items():
             with profile(activities=activities) as prof:
@@ -312,13 +316,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
 
     load_before = load_average()
-    ceiling = measure_matmul_ceiling(device=args.device, dtype=args.dtype, sizes=args.ceiling_sizes, repeats=3)
+    ceiling = measure_matmul_ceiling(device=args.device, dtype=args.dtype, sizes=args.ceiling_sizes,
+                                     repeats=3)
     results = []
     for name in args.cases:
         log.info("DiT case %s", name)
         results.append(run_case(all_cases[name], device=args.device, dtype=dtype,
                                 repeats=args.repeats, warmup=args.warmup))
-    rows = [(r["case"]["name"], r["case"]["dim"], r["case"]["num_layers"], r["num_tokens"], r["case"]["batch"],
+    rows = [(r["case"]["name"], r["case"]["dim"], r["case"]["num_layers"], r["num_tokens"],
+             r["case"]["batch"],
              r["stats"]["ours"]["median_s"] * 1e3, r["stats"]["diffusers"]["median_s"] * 1e3,
              r["speedup_vs_diffusers"], r["speedup_vs_diffusers_min"], r["gflops"]["ours"],
              r["gflops"]["ours"] / ceiling.best_gflops,
@@ -329,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(table)  # noqa: T201 - benchmark scripts print their table
     print(f"matmul ceiling: {ceiling.best_gflops:.1f} GFLOP/s ({args.dtype}, {args.device})")  # noqa: T201
     payload: dict[str, Any] = {
-        "settings": {"device": args.device, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
+        "settings": {"device": args.device, "dtype": args.dtype, "repeats": args.repeats,
+                     "warmup": args.warmup,
                      "cases": args.cases, "timing": "interleaved, median after warm-up, inference_mode"},
         "load_average_1m": {"before": load_before, "after": load_average()},
         "matmul_ceiling": ceiling.to_dict(), "results": results, "table": table,
@@ -341,10 +348,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"\nblock 0 components, case {args.breakdown} (ms, median / min)")  # noqa: T201
         print(format_table(["component", "ours", "diffusers", "ours min", "diffusers min"],  # noqa: T201
                            [(c, d["ours"]["median_s"] * 1e3, d["diffusers"]["median_s"] * 1e3,
-                             d["ours"]["min_s"] * 1e3, d["diffusers"]["min_s"] * 1e3) for c, d in parts.items()]))
+                             d["ours"]["min_s"] * 1e3, d["diffusers"]["min_s"] * 1e3)
+                            for c, d in parts.items()]))
     if args.profile:
-        payload["profile"] = {"case": args.profile, **profile_case(all_cases[args.profile], device=args.device,
-                                                                     dtype=dtype)}
+        profiled = profile_case(all_cases[args.profile], device=args.device, dtype=dtype)
+        payload["profile"] = {"case": args.profile, **profiled}
         for impl in ("ours", "diffusers"):
             prof = payload["profile"][impl]
             print(f"\n{impl}: top ops (self CPU), total {prof['self_cpu_total_ms']:.1f} ms")  # noqa: T201

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from wanbench.profiling.analysis import summarize_run
 from wanbench.profiling.checker import check_report
 from wanbench.profiling.gpus import lookup_gpu
@@ -123,8 +122,8 @@ def random_contexts(task: WanConfig, *, device: torch.device | str, dtype: torch
     return ctx.to(device, dtype), ctx_null.to(device, dtype)
 
 
-def forward_comparison(model: WanDiT, task: WanConfig, case: GpuCase, ctx: torch.Tensor, ctx_null: torch.Tensor,
-                       *, repeats: int, with_diffusers: bool) -> dict[str, Any]:
+def forward_comparison(model: WanDiT, task: WanConfig, case: GpuCase, ctx: torch.Tensor,
+                       ctx_null: torch.Tensor, *, repeats: int, with_diffusers: bool) -> dict[str, Any]:
     """One batched-CFG forward (B = 2) of ours and of diffusers on the same tensors, interleaved.
 
     TI2V gets per-token timesteps (B, L) as both pipelines pass them; the A14B tasks one per sample.
@@ -182,17 +181,19 @@ def run_case(case: GpuCase, *, device: str, dtype: torch.dtype, tiny: bool, max_
     compile_stats = []
     with session:
         with stage("Model_Initialization", kind="init", experts=task.num_experts):
-            experts = [build_wan_dit(task.dit, device=device, dtype=dtype, seed=k) for k in range(task.num_experts)]
+            experts = [build_wan_dit(task.dit, device=device, dtype=dtype, seed=k)
+                       for k in range(task.num_experts)]
         ctx, ctx_null = random_contexts(task, device=device, dtype=dtype)
         if use_compile:
             handles = [apply_compile(expert, compile_config) for expert in experts]
             t_lat, h, w = latent_shape[1:]
             x = make_noise((2, task.dit.in_dim, t_lat, h, w), 0, device=device).to(dtype)
             t = torch.full((2,), 999.0, device=device)
-            for expert, handle in zip(experts, handles):
+            for expert, handle in zip(experts, handles, strict=True):
                 with torch.inference_mode():
                     handle.warm_up(lambda e=expert: e(x, t, [ctx, ctx_null]))
-        sample(experts, task, opts, context=ctx, context_null=ctx_null, latent_shape=latent_shape, device=device)
+        sample(experts, task, opts, context=ctx, context_null=ctx_null, latent_shape=latent_shape,
+               device=device)
         if use_compile:
             compile_stats = [h.stats().to_dict() for h in handles]
     record = session.record
@@ -241,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-steps", type=int, default=4, help="cap on the steps run per case")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the forward comparison")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile (placement none)")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (with --compile)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (with --compile)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (with --compile)")
     parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers forward")
     parser.add_argument("--name", default=None, help="results file name (default bench_gpu[_tiny])")
@@ -256,14 +258,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     name = args.name or ("bench_gpu_tiny" if args.tiny else "bench_gpu")
     results_dir = args.results_dir or RESULTS_DIR
-    cases = suite_cases(TINY_SUITE if args.tiny else SUITE) + (tiny_extra_cases() if args.tiny else list(EXTRA_CASES))
+    cases = suite_cases(TINY_SUITE if args.tiny else SUITE)
+    cases += tiny_extra_cases() if args.tiny else list(EXTRA_CASES)
     if args.cases:
         known = {c.name: c for c in cases}
         unknown = sorted(set(args.cases) - set(known))
         if unknown:
             raise ValueError(f"unknown cases {unknown}; expected any of {sorted(known)}")
         cases = [known[n] for n in args.cases]
-    compile_config = CompileConfig(backend=args.compile_backend, mode=args.compile_mode) if args.compile else None
+    compile_config = None
+    if args.compile:
+        compile_config = CompileConfig(backend=args.compile_backend, mode=args.compile_mode)
     dtype_name = str(dtype).removeprefix("torch.")
     ceiling = measure_matmul_ceiling(device=device, dtype=dtype_name,
                                      sizes=(256, 512) if args.tiny else (4096, 8192), repeats=3)
@@ -275,12 +280,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log.info("case %s (%s %dx%dx%d)", case.name, case.task, case.width, case.height, case.frames)
         results.append(run_case(case, device=device, dtype=dtype, tiny=args.tiny, max_steps=args.max_steps,
                                 repeats=args.repeats, compile_config=compile_config,
-                                with_diffusers=not args.no_diffusers, out_dir=results_dir / f"{name}_reports"))
+                                with_diffusers=not args.no_diffusers,
+                                out_dir=results_dir / f"{name}_reports"))
     rows = [_row(r, peak_tflops, ceiling.best_gflops / 1e3) for r in results]
     table = format_table(["case", "task", "size", "steps", "placement", "s/step", "MFU %", "SM %",
                           "fwd ours s", "fwd diffusers s", "ratio", "fwd MFU %", "fwd % of matmul"], rows)
     print(table)  # noqa: T201 - benchmark scripts print their table
-    payload = {"settings": {"device": device, "dtype": dtype_name, "tiny": args.tiny, "max_steps": args.max_steps,
+    payload = {"settings": {"device": device, "dtype": dtype_name, "tiny": args.tiny,
+                            "max_steps": args.max_steps,
                             "repeats": args.repeats,
                             "compile": None if compile_config is None else asdict(compile_config),
                             "diffusers": not args.no_diffusers, "cases": [c.name for c in cases]},

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
 from wanbench.profiling.gpus import lookup_gpu
 
 from .common import format_table, summarize, time_it, write_result
@@ -59,8 +58,9 @@ def dense_peak_tflops(device_name: str, dtype: str) -> float | None:
     return spec.dense_bf16_tflops
 
 
-def measure_matmul_ceiling(*, device: str = "cpu", dtype: str = "float32", sizes: Sequence[int] = (512, 1024, 2048),
-                           repeats: int = 5, warmup: int = 2) -> MatmulCeiling:
+def measure_matmul_ceiling(*, device: str = "cpu", dtype: str = "float32",
+                           sizes: Sequence[int] = (512, 1024, 2048), repeats: int = 5,
+                           warmup: int = 2) -> MatmulCeiling:
     """Time square matmuls of each size and return GFLOP/s per size (median over `repeats`).
 
     Shapes: a (n, n) @ b (n, n) -> (n, n), for each n in `sizes`.
@@ -76,7 +76,7 @@ def measure_matmul_ceiling(*, device: str = "cpu", dtype: str = "float32", sizes
         a = torch.randn(n, n, generator=gen).to(device=device, dtype=torch_dtype)
         b = torch.randn(n, n, generator=gen).to(device=device, dtype=torch_dtype)
         out = torch.empty(n, n, device=device, dtype=torch_dtype)
-        times = time_it(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=warmup)
+        times = time_it(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), repeats=repeats, warmup=warmup)
         med = summarize(times)["median_s"]
         points.append(MatmulPoint(n=n, times_s=tuple(times), median_s=med, gflops=2.0 * n**3 / med / 1e9))
         del a, b, out
@@ -104,8 +104,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log.info("matmul ceiling on %s", args.device)
     print(table)  # noqa: T201 - benchmark scripts print their table
     print(f"best: {ceiling.best_gflops:.1f} GFLOP/s"  # noqa: T201
-          + (f" = {ceiling.best_gflops / 1e3 / peak:.1%} of the {peak:.0f} TFLOP/s datasheet peak" if peak else ""))
-    payload = {"settings": {"device": args.device, "dtype": dtype, "sizes": list(sizes), "repeats": args.repeats},
+          + (f" = {ceiling.best_gflops / 1e3 / peak:.1%} of the {peak:.0f} TFLOP/s datasheet peak"
+             if peak else ""))
+    payload = {"settings": {"device": args.device, "dtype": dtype, "sizes": list(sizes),
+                            "repeats": args.repeats},
                "ceiling": ceiling.to_dict(), "datasheet_peak_tflops": peak, "table": table}
     path = write_result(args.name, payload, results_dir=args.results_dir)
     print(f"wrote {path}")  # noqa: T201

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from wanbench.wan_core.config import UMT5_XXL, UMT5Config
 from wanbench.wan_core.t5 import UMT5Encoder, official_to_hf
 
@@ -62,7 +61,8 @@ TINY_CASES: dict[str, T5Case] = {
 }
 
 
-def build_encoder(config: UMT5Config, *, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> UMT5Encoder:
+def build_encoder(config: UMT5Config, *, device: torch.device | str, dtype: torch.dtype,
+                  seed: int = 0) -> UMT5Encoder:
     """A `UMT5Encoder` with random weights allocated directly on `device` in `dtype`."""
     with torch.device("meta"):
         model = UMT5Encoder(config)
@@ -77,7 +77,8 @@ def transformers_twin(model: UMT5Encoder) -> nn.Module:
         from transformers import UMT5Config as HFConfig
         from transformers import UMT5EncoderModel
     except ImportError as exc:
-        raise ImportError("the UMT5 comparison needs transformers: pip install 'comfyui-wanbench[bench]'") from exc
+        raise ImportError("the UMT5 comparison needs transformers: "
+                          "pip install 'comfyui-wanbench[bench]'") from exc
     cfg = model.config
     hf_cfg = HFConfig(vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.head_dim, d_ff=cfg.dim_ffn,
                       num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -157,10 +158,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results.append(run_case(all_cases[name], device=args.device, dtype=getattr(torch, args.dtype),
                                 repeats=args.repeats, warmup=args.warmup))
     rows = [(r["case"]["name"], r["case"]["dim"], r["case"]["num_layers"], r["case"]["num_positions"],
-             r["case"]["batch"], r["stats"]["ours"]["median_s"] * 1e3, r["stats"]["transformers"]["median_s"] * 1e3,
+             r["case"]["batch"], r["stats"]["ours"]["median_s"] * 1e3,
+             r["stats"]["transformers"]["median_s"] * 1e3,
              r["speedup_vs_transformers"], r["speedup_vs_transformers_min"], r["gflops"]["ours"],
              r["output_diff"]["max_abs"]) for r in results]
-    table = format_table(["case", "dim", "layers", "positions", "batch", "ours ms", "transformers ms", "speed-up",
+    table = format_table(["case", "dim", "layers", "positions", "batch", "ours ms", "transformers ms",
+                          "speed-up",
                           "speed-up (min)", "ours GFLOP/s", "max |diff|"], rows)
     print(table)  # noqa: T201 - benchmark scripts print their table
     payload = {"settings": {"device": args.device, "dtype": args.dtype, "repeats": args.repeats,

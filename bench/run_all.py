@@ -47,7 +47,8 @@ class Bench:
 
 def benches(*, has_cuda: bool) -> list[Bench]:
     return [
-        Bench(module="bench_matmul", quick_args=("--sizes", "512", "1024", "--repeats", "3"), takes_results_dir=True),
+        Bench(module="bench_matmul", quick_args=("--sizes", "512", "1024", "--repeats", "3"),
+              takes_results_dir=True),
         Bench(module="bench_dit", args=("--profile", "mid", "--breakdown", "mid"),
               quick_args=("--cases", "small", "--repeats", "3"), takes_results_dir=True,
               gpu_args=("--device", "cuda", "--dtype", "bfloat16", "--profile", "mid")),
@@ -55,7 +56,8 @@ def benches(*, has_cuda: bool) -> list[Bench]:
         Bench(module="bench_vae", quick_args=()),
         Bench(module="bench_sampler", quick_args=("--dim", "128", "--layers", "2", "--repeats", "2")),
         Bench(module="bench_profiling", quick_args=("--repeats", "3")),
-        Bench(module="bench_compile", quick_args=("--case", "tiny", "--repeats", "3"), takes_results_dir=True),
+        Bench(module="bench_compile", quick_args=("--case", "tiny", "--repeats", "3"),
+              takes_results_dir=True),
         Bench(module="bench_gpu", args=() if has_cuda else ("--tiny",),
               quick_args=("--max-steps", "2", "--repeats", "2") + (() if has_cuda else ("--tiny",)),
               takes_results_dir=True),
@@ -91,7 +93,8 @@ def run_bench(bench: Bench, *, quick: bool, results_dir: Path, timeout_s: float)
     written = sorted(str(p) for d in watched if d.is_dir() for p in d.glob("*.json")
                      if p.name != "run_all.json" and before.get(p) != p.stat().st_mtime)
     output = proc.stdout + proc.stderr
-    return {"module": bench.module, "status": "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})",
+    status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+    return {"module": bench.module, "status": status,
             "wall_s": wall, "args": args, "files": written, "output_tail": output[-3000:]}
 
 
@@ -99,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     has_cuda = torch.cuda.is_available()
     known = [b.module for b in benches(has_cuda=has_cuda)]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (minutes, not tens)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few repeats (minutes, not tens)")
     parser.add_argument("--only", nargs="+", default=None, choices=known)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per benchmark")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: bench/results")

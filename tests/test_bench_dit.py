@@ -9,6 +9,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from wanbench.wan_core.dit import WanDiT  # noqa: E402
+
 from bench.bench_dit import (  # noqa: E402
     TINY_CASES,
     build_wan_dit,
@@ -19,7 +21,6 @@ from bench.bench_dit import (  # noqa: E402
     random_init_,
     run_case,
 )
-from wanbench.wan_core.dit import WanDiT  # noqa: E402
 
 CASE = TINY_CASES["tiny"]
 

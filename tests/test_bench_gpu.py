@@ -43,7 +43,8 @@ def test_tiny_run_writes_reports_and_side_by_side_figures(tmp_path):
 
 def test_tiny_run_with_compile_records_the_compile_stage(tmp_path):
     torch._dynamo.reset()
-    main(["--tiny", "--cases", "01_Speed_Preview_480p", "--max-steps", "2", "--repeats", "1", "--no-diffusers",
+    main(["--tiny", "--cases", "01_Speed_Preview_480p", "--max-steps", "2", "--repeats", "1",
+          "--no-diffusers",
           "--compile", "--compile-backend", "eager", "--name", "gpuc", "--results-dir", str(tmp_path)])
     torch._dynamo.reset()
     (result,) = json.loads((tmp_path / "gpuc.json").read_text())["results"]

@@ -29,12 +29,14 @@ def test_transformers_twin_shares_tensors_and_matches_on_real_tokens():
 
 
 def test_main_writes_consistent_results(tmp_path):
-    main(["--cases", "tiny", "--repeats", "2", "--warmup", "0", "--name", "t5", "--results-dir", str(tmp_path)])
+    main(["--cases", "tiny", "--repeats", "2", "--warmup", "0", "--name", "t5",
+          "--results-dir", str(tmp_path)])
     data = json.loads((tmp_path / "t5.json").read_text())
     (result,) = data["results"]
     assert result["output_diff"]["max_abs"] < 1e-4
     for impl in ("ours", "transformers"):
         assert len(result["times_s"][impl]) == 2
-        assert result["gflops"][impl] == pytest.approx(result["flops"] / result["stats"][impl]["median_s"] / 1e9)
+        median = result["stats"][impl]["median_s"]
+        assert result["gflops"][impl] == pytest.approx(result["flops"] / median / 1e9)
     assert result["speedup_vs_transformers"] == pytest.approx(
         result["stats"]["transformers"]["median_s"] / result["stats"]["ours"]["median_s"])

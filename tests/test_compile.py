@@ -7,7 +7,6 @@ import contextlib
 import pytest
 import torch
 from torch import nn
-
 from wanbench.wan_core.compile import CompileConfig, apply_compile
 from wanbench.wan_core.trace import use_tracer
 

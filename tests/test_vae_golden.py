@@ -10,6 +10,7 @@ are named `<case>.<what>`: `.video` + `.mu` (encode), `.latent` (normalised), `.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 
 import pytest
@@ -125,3 +126,21 @@ def test_manifest_files_listed() -> None:
     for name, case in CASES:
         groups[name].add(case)
     assert all(groups.values())
+
+
+@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
+@pytest.mark.parametrize("name", sorted({n for n, _ in CASES}) or ["none"])
+def test_bf16_smoke(name: str) -> None:
+    """bf16 weights and activations (norms in fp32) against the fp32 golden: relative L2 only."""
+    manifest = load_manifest(MANIFEST)
+    entry = manifest["vaes"][name]
+    bound = manifest["tolerance"]["bf16_smoke"]["rel_l2"]
+    vae = load_vae(golden_dir() / entry["weights_file"], dtype=torch.bfloat16)
+    assert vae.dtype == torch.bfloat16
+    case = min((c for n, c in CASES if n == name and f"{c}.video_raw" in entry["tensors"]),
+               key=lambda c: math.prod(entry["tensors"][f"{c}.video_raw"]["shape"]))
+    t = _tensors(name, case)
+    out = vae.decode(denormalize_latent(t["latent"], vae.config), clamp=False)
+    assert out.dtype == torch.float32
+    rel = ((out - t["video_raw"]).norm() / t["video_raw"].norm()).item()
+    assert rel < bound, f"{name}/{case}: bf16 relative L2 error {rel:.4f} >= {bound}"

@@ -72,7 +72,8 @@ class CompileStats:
     def to_dict(self) -> dict[str, object]:
         return {"num_regions": self.num_regions, "compile_time_s": self.compile_time_s,
                 "num_compiles": self.num_compiles, "num_recompiles": self.num_recompiles,
-                "recompiles_after_warmup": self.recompiles_after_warmup, "compile_ids": list(self.compile_ids)}
+                "recompiles_after_warmup": self.recompiles_after_warmup,
+                "compile_ids": list(self.compile_ids)}
 
 
 def _callback_handler() -> Any:

@@ -11,8 +11,8 @@ Two ways to apply it, equal within ~1e-7 relative (measured in the golden tests)
   in float32, laid out per channel (cos repeated for both channels of a pair, sin with the sign of
   each channel) so that the rotation is `x * cos + swap_pairs(x) * sin`: three float32 kernels.
 - `RopeCache.freqs` + `apply_rope_complex`: the same rotation as one complex64 multiply per pair
-  (`(x0 + i*x1) * (cos + i*sin)`), bitwise equal to `apply_rope` on float32 inputs and one kernel
-  instead of three plus a copy. This is what `WanDiT` uses.
+  (`(x0 + i*x1) * (cos + i*sin)`), equal to `apply_rope` within float32 rounding (~1 ulp) and one
+  kernel instead of three plus a copy. This is what `WanDiT` uses.
 All return float32 (whatever the input dtype) and pass rows beyond the true token count through.
 """
 

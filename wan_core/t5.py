@@ -135,13 +135,15 @@ class T5Attention(nn.Module):
         q = self.q(x).view(b, s, self.num_heads, self.head_dim)  # (B, S, N, Dh)
         k = self.k(x).view(b, s, self.num_heads, self.head_dim)
         v = self.v(x).view(b, s, self.num_heads, self.head_dim)
-        bias = x.new_zeros(b, self.num_heads, s, s) + pos_bias  # (B, N, S, S)
+        bias = pos_bias.to(x.dtype)  # (1, N, S, S)
         if mask is not None:
-            bias = bias.masked_fill(mask.view(b, 1, 1, s) == 0, torch.finfo(x.dtype).min)
-        logits = torch.einsum("binc,bjnc->bnij", q, k) + bias
-        weights = F.softmax(logits.float(), dim=-1).type_as(logits)
-        out = torch.einsum("bnij,bjnc->binc", weights, v).reshape(b, s, -1)  # (B, S, N*Dh)
-        return self.o(out)
+            bias = bias.masked_fill(mask.view(b, 1, 1, s) == 0, torch.finfo(x.dtype).min)  # (B, N, S, S)
+        else:
+            bias = bias.expand(b, -1, -1, -1)
+        # softmax(q k^T + bias) v, unscaled; the fused kernel accumulates in float32
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=bias, scale=1.0)  # (B, N, S, Dh)
+        return self.o(out.transpose(1, 2).reshape(b, s, -1))  # (B, S, N*Dh)
 
 
 class T5FeedForward(nn.Module):
@@ -195,10 +197,14 @@ class UMT5Encoder(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the encoder on all positions; padded keys (mask 0) are ignored by attention.
 
+        Positions after the last real token of the whole batch are dropped before the first layer:
+        they are masked keys for every query, so the real rows do not depend on them.
+
         Shapes:
             ids  (B, S) int token ids < vocab_size
             mask (B, S) int/bool, 1 on real tokens (or None: every position is real)
-            returns (B, S, D) in the weights' dtype; rows at padded positions are computed but meaningless.
+            returns (B, S, D) in the weights' dtype; rows at padded positions are meaningless (those
+            after the batch's last real token are zeros, the others are computed).
         """
         if ids.dim() != 2 or ids.dtype.is_floating_point:
             raise ValueError(f"ids must be an integer (B, S) tensor; got {ids.dtype} "
@@ -208,10 +214,29 @@ class UMT5Encoder(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got [{int(ids.min())}, "
                              f"{int(ids.max())}] (is the tokenizer meant for this encoder?)")
-        x = self.token_embedding(ids)  # (B, S, D)
+        total = ids.shape[1]
+        used = total if mask is None else max(1, int(nonzero_positions(mask)))
+        x = self.token_embedding(ids[:, :used])  # (B, S', D)
+        mask = None if mask is None else mask[:, :used]
         for block in self.blocks:
             x = block(x, mask)
-        return self.norm(x)
+        x = self.norm(x)
+        if used == total:
+            return x
+        out = x.new_zeros(ids.shape[0], total, x.shape[2])
+        out[:, :used] = x
+        return out
+
+
+def nonzero_positions(mask: torch.Tensor) -> int:
+    """One past the last position where any sample's mask is non-zero (0 when none is).
+
+    Shapes: mask (B, S) -> int.
+    """
+    if mask.numel() == 0:
+        return 0
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return int((mask.ne(0) * positions).amax())
 
 
 # ------------------------------------------------------------------------------------------------

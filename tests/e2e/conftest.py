@@ -36,7 +36,7 @@ def comfy_install() -> ComfyInstall:
     if install.reused:
         logger.info("using ComfyUI %s at %s", install.version, install.comfy_dir)
     else:
-        logger.info("provisioned ComfyUI %s in %.0f s", install.version, install.install_seconds or 0.0)
+        logger.info("provisioned ComfyUI %s in %s s", install.version, install.install_seconds)
     return install
 
 

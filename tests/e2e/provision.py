@@ -182,7 +182,11 @@ def _finished_install(cache_dir: Path, key: str) -> ComfyInstall | None:
     marker_path = cache_dir / MARKER_NAME
     if not marker_path.is_file():
         return None
-    marker = json.loads(marker_path.read_text())
+    try:
+        marker = json.loads(marker_path.read_text())
+    except json.JSONDecodeError:
+        logger.info("unreadable marker %s; reinstalling", marker_path)
+        return None
     comfy_dir, python = cache_dir / "ComfyUI", cache_dir / "venv" / "bin" / "python"
     if marker.get("recipe") != key or not (comfy_dir / "main.py").is_file() or not python.exists():
         logger.info("cached ComfyUI install under %s is stale or incomplete; reinstalling", cache_dir)

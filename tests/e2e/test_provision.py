@@ -74,6 +74,10 @@ def test_finished_install_needs_marker_matching_recipe(tmp_path: Path) -> None:
     assert _finished_install(cache_dir, recipe_key(constraints)) is None  # recipe changed: reinstall
     (cache_dir / "venv" / "bin" / "python").unlink()
     assert _finished_install(cache_dir, key) is None  # half-deleted install: reinstall
+    (cache_dir / "venv" / "bin" / "python").write_text("")
+    assert _finished_install(cache_dir, key) is not None
+    (cache_dir / MARKER_NAME).write_text('{"recipe": ')
+    assert _finished_install(cache_dir, key) is None  # torn marker: reinstall
     (cache_dir / MARKER_NAME).unlink()
     assert _finished_install(cache_dir, key) is None  # never finished: reinstall
 

@@ -1,0 +1,200 @@
+"""Wan2.1 VAE decode: ours vs diffusers `AutoencoderKLWan` on identical weights, and peak memory vs tile.
+
+Both decoders hold the same random real-width Wan2.1 weights (ours converted to diffusers names),
+decode the same latent, and are timed interleaved after a warm-up (medians over repeats). Peak
+memory is the growth of the process's resident set during one decode (sampled every 2 ms by a
+thread), measured in a fresh child process per variant (CPU has no allocator peak counter): the
+decode's own working set plus its output. Tiled variants are
+our decode with `VAETiling(tile_size=N, overlap=...)` at a larger frame size, so that the tiles
+actually cut it; their error against our untiled decode is recorded too.
+
+Run: `python -m bench.bench_vae [--size 32x32x5] [--tile-size 96x96x5] [--tiles 8] [--overlap 2]`.
+Writes bench/results/vae_decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from wanbench.wan_core.config import WAN21_VAE, VAEConfig
+from wanbench.wan_core.vae import WanVAE, diffusers_config, to_diffusers, vae_flops
+from wanbench.wan_core.vae_tiling import VAETiling
+
+from .common import format_table, interleaved, load_average, summarize, write_result
+
+log = logging.getLogger(__name__)
+SEED = 1234
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_vae(config: VAEConfig) -> WanVAE:
+    """Seeded weights shaped like trained ones: N(0, 1/fan_in) convs, small biases, gammas near 1."""
+    torch.manual_seed(SEED)
+    model = WanVAE(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.normal_(1.0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            else:
+                p.normal_(0.0, 1.0 / max(1, p[0].numel()) ** 0.5)
+    return model.eval()
+
+
+def diffusers_twin(model: WanVAE) -> torch.nn.Module:
+    from diffusers import AutoencoderKLWan
+
+    kwargs = {k: v for k, v in diffusers_config(model.config).items() if not k.startswith("_")}
+    twin = AutoencoderKLWan(**kwargs)
+    twin.load_state_dict(to_diffusers(model.state_dict(), model.config), strict=True)
+    return twin.eval()
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    """'WxHxF' -> (W, H, F)."""
+    try:
+        w, h, f = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHTxFRAMES, e.g. 128x128x5; got {text!r}") from e
+    return w, h, f
+
+
+def latent_for(config: VAEConfig, size: tuple[int, int, int]) -> torch.Tensor:
+    w, h, f = size
+    s = config.spatial_stride
+    torch.manual_seed(SEED + 1)
+    return torch.randn(1, config.z_dim, config.latent_frames(f), h // s, w // s)
+
+
+def decoder_fn(impl: str, model: WanVAE, latent: torch.Tensor, tile: int | None, overlap: int):
+    if impl == "diffusers":
+        twin = diffusers_twin(model)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return twin.decode(latent).sample
+        return run
+    tiling = None if tile is None else VAETiling(tile_size=tile, overlap=overlap)
+    return lambda: model.decode(latent, tiling=tiling)
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def child_peak(impl: str, size: tuple[int, int, int], tile: int | None, overlap: int) -> dict[str, Any]:
+    """In a fresh process: highest resident set (sampled every 2 ms) minus the one before one decode."""
+    model = random_vae(WAN21_VAE)
+    latent = latent_for(model.config, size)
+    run = decoder_fn(impl, model, latent, tile, overlap)
+    gc.collect()
+    before = _rss_kib()
+    highest = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            highest.append(_rss_kib())
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        out = run()
+    finally:
+        stop.set()
+        sampler.join()
+    highest.append(_rss_kib())
+    return {"peak_growth_gib": (max(highest) - before) / 2**20, "rss_before_gib": before / 2**20,
+            "num_rss_samples": len(highest), "output_gib": out.numel() * out.element_size() / 2**30}
+
+
+def measure_peak(impl: str, size: tuple[int, int, int], tile: int | None, overlap: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.bench_vae", "--child", impl, "--size", "x".join(map(str, size)),
+           "--overlap", str(overlap)] + (["--child-tile", str(tile)] if tile else [])
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"memory child {impl} tile={tile} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=(32, 32, 5), help="ours vs diffusers: WxHxF")
+    parser.add_argument("--tile-size", type=parse_size, default=(96, 96, 5), help="tile sweep: WxHxF")
+    parser.add_argument("--tiles", type=int, nargs="*", default=[8], help="tile sizes in latent cells")
+    parser.add_argument("--overlap", type=int, default=2, help="tile overlap in latent cells")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-tile", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child_peak(args.child, args.size, args.child_tile, args.overlap)))  # noqa: T201
+        return {}
+
+    model = random_vae(WAN21_VAE)
+    latent = latent_for(model.config, args.size)
+    ours, theirs = decoder_fn("ours", model, latent, None, 0), decoder_fn("diffusers", model, latent, None, 0)
+    max_diff = (ours() - theirs().clamp(-1, 1)).abs().max().item()
+    times = interleaved({"ours": ours, "diffusers": theirs}, repeats=args.repeats, warmup=1)
+    flops = vae_flops(model.config, "decode", tuple(latent.shape))
+    rows, results = [], []
+    for impl in ("ours", "diffusers"):
+        stats = summarize(times[impl])
+        memory = measure_peak(impl, args.size, None, 0)
+        entry = {"impl": impl, "size": args.size, "tile": None, "times_s": times[impl], **stats, **memory,
+                 "tflop": flops / 1e12, "gflop_per_s": flops / stats["median_s"] / 1e9}
+        results.append(entry)
+        rows.append([impl, "x".join(map(str, args.size)), "none", stats["median_s"], entry["gflop_per_s"],
+                     memory["peak_growth_gib"]])
+
+    tile_latent = latent_for(model.config, args.tile_size)
+    reference: torch.Tensor | None = None
+    for tile in [None, *args.tiles]:
+        plan = None if tile is None else VAETiling(tile_size=tile, overlap=args.overlap)
+        run = decoder_fn("ours", model, tile_latent, tile, args.overlap)
+        start = time.perf_counter()
+        out = run()
+        seconds = time.perf_counter() - start
+        reference = out if reference is None else reference
+        error = None if tile is None else (out - reference).abs()
+        memory = measure_peak("ours", args.tile_size, tile, args.overlap)
+        entry = {"impl": "ours", "size": args.tile_size, "tile": tile, "overlap": args.overlap if tile else None,
+                 "num_tiles": 1 if plan is None else len(plan.tiles(*tile_latent.shape[-2:])),
+                 "time_s": seconds, "repeats": 1, **memory,
+                 "error_vs_untiled": None if error is None else {"max": error.max().item(),
+                                                                 "mean": error.mean().item(),
+                                                                 "p99": error.flatten().quantile(0.99).item()}}
+        results.append(entry)
+        rows.append(["ours", "x".join(map(str, args.tile_size)), "none" if tile is None else f"{tile}/{args.overlap}",
+                     seconds, None, memory["peak_growth_gib"]])
+
+    print(format_table(["impl", "WxHxF", "tile/overlap", "median s", "GFLOP/s", "peak growth GiB"], rows))  # noqa: T201
+    payload = {"settings": {"vae": "wan2.1 real width, random weights", "dtype": "float32", "seed": SEED,
+                            "size": args.size, "tile_size": args.tile_size, "tiles": args.tiles,
+                            "overlap": args.overlap, "repeats": args.repeats, "warmup": 1,
+                            "load_average": load_average(), "max_abs_diff_ours_vs_diffusers": max_diff},
+               "results": results}
+    path = write_result("vae_decode", payload)
+    log.info("wrote %s", path)
+    return payload
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
