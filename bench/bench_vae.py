@@ -67,7 +67,9 @@ def parse_size(text: str) -> tuple[int, int, int]:
     try:
         w, h, f = (int(v) for v in text.lower().split("x"))
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHTxFRAMES, e.g. 128x128x5; got {text!r}") from e
+        raise argparse.ArgumentTypeError(
+            f"size must be WIDTHxHEIGHTxFRAMES, e.g. 128x128x5; got {text!r}"
+        ) from e
     return w, h, f
 
 
@@ -85,6 +87,7 @@ def decoder_fn(impl: str, model: WanVAE, latent: torch.Tensor, tile: int | None,
         def run() -> torch.Tensor:
             with torch.inference_mode():
                 return twin.decode(latent).sample
+
         return run
     tiling = None if tile is None else VAETiling(tile_size=tile, overlap=overlap)
     return lambda: model.decode(latent, tiling=tiling)
@@ -120,13 +123,26 @@ def child_peak(impl: str, size: tuple[int, int, int], tile: int | None, overlap:
         stop.set()
         sampler.join()
     highest.append(_rss_kib())
-    return {"peak_growth_gib": (max(highest) - before) / 2**20, "rss_before_gib": before / 2**20,
-            "num_rss_samples": len(highest), "output_gib": out.numel() * out.element_size() / 2**30}
+    return {
+        "peak_growth_gib": (max(highest) - before) / 2**20,
+        "rss_before_gib": before / 2**20,
+        "num_rss_samples": len(highest),
+        "output_gib": out.numel() * out.element_size() / 2**30,
+    }
 
 
 def measure_peak(impl: str, size: tuple[int, int, int], tile: int | None, overlap: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.bench_vae", "--child", impl, "--size", "x".join(map(str, size)),
-           "--overlap", str(overlap)] + (["--child-tile", str(tile)] if tile else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.bench_vae",
+        "--child",
+        impl,
+        "--size",
+        "x".join(map(str, size)),
+        "--overlap",
+        str(overlap),
+    ] + (["--child-tile", str(tile)] if tile else [])
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"memory child {impl} tile={tile} failed: {done.stderr[-2000:]}")
@@ -157,11 +173,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for impl in ("ours", "diffusers"):
         stats = summarize(times[impl])
         memory = measure_peak(impl, args.size, None, 0)
-        entry = {"impl": impl, "size": args.size, "tile": None, "times_s": times[impl], **stats, **memory,
-                 "tflop": flops / 1e12, "gflop_per_s": flops / stats["median_s"] / 1e9}
+        entry = {
+            "impl": impl,
+            "size": args.size,
+            "tile": None,
+            "times_s": times[impl],
+            **stats,
+            **memory,
+            "tflop": flops / 1e12,
+            "gflop_per_s": flops / stats["median_s"] / 1e9,
+        }
         results.append(entry)
-        rows.append([impl, "x".join(map(str, args.size)), "none", stats["median_s"], entry["gflop_per_s"],
-                     memory["peak_growth_gib"]])
+        rows.append(
+            [
+                impl,
+                "x".join(map(str, args.size)),
+                "none",
+                stats["median_s"],
+                entry["gflop_per_s"],
+                memory["peak_growth_gib"],
+            ]
+        )
 
     tile_latent = latent_for(model.config, args.tile_size)
     reference: torch.Tensor | None = None
@@ -174,22 +206,52 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         reference = out if reference is None else reference
         error = None if tile is None else (out - reference).abs()
         memory = measure_peak("ours", args.tile_size, tile, args.overlap)
-        entry = {"impl": "ours", "size": args.tile_size, "tile": tile, "overlap": args.overlap if tile else None,
-                 "num_tiles": 1 if plan is None else len(plan.tiles(*tile_latent.shape[-2:])),
-                 "time_s": seconds, "repeats": 1, **memory,
-                 "error_vs_untiled": None if error is None else {"max": error.max().item(),
-                                                                 "mean": error.mean().item(),
-                                                                 "p99": error.flatten().quantile(0.99).item()}}
+        entry = {
+            "impl": "ours",
+            "size": args.tile_size,
+            "tile": tile,
+            "overlap": args.overlap if tile else None,
+            "num_tiles": 1 if plan is None else len(plan.tiles(*tile_latent.shape[-2:])),
+            "time_s": seconds,
+            "repeats": 1,
+            **memory,
+            "error_vs_untiled": None
+            if error is None
+            else {
+                "max": error.max().item(),
+                "mean": error.mean().item(),
+                "p99": error.flatten().quantile(0.99).item(),
+            },
+        }
         results.append(entry)
-        rows.append(["ours", "x".join(map(str, args.tile_size)), "none" if tile is None else f"{tile}/{args.overlap}",
-                     seconds, None, memory["peak_growth_gib"]])
+        rows.append(
+            [
+                "ours",
+                "x".join(map(str, args.tile_size)),
+                "none" if tile is None else f"{tile}/{args.overlap}",
+                seconds,
+                None,
+                memory["peak_growth_gib"],
+            ]
+        )
 
     print(format_table(["impl", "WxHxF", "tile/overlap", "median s", "GFLOP/s", "peak growth GiB"], rows))  # noqa: T201
-    payload = {"settings": {"vae": "wan2.1 real width, random weights", "dtype": "float32", "seed": SEED,
-                            "size": args.size, "tile_size": args.tile_size, "tiles": args.tiles,
-                            "overlap": args.overlap, "repeats": args.repeats, "warmup": 1,
-                            "load_average": load_average(), "max_abs_diff_ours_vs_diffusers": max_diff},
-               "results": results}
+    payload = {
+        "settings": {
+            "vae": "wan2.1 real width, random weights",
+            "dtype": "float32",
+            "seed": SEED,
+            "size": args.size,
+            "tile_size": args.tile_size,
+            "tiles": args.tiles,
+            "overlap": args.overlap,
+            "repeats": args.repeats,
+            "warmup": 1,
+            "load_average": load_average(),
+            "max_abs_diff_ours_vs_diffusers": max_diff,
+        },
+        "results": results,
+    }
     path = write_result("vae_decode", payload)
     log.info("wrote %s", path)
     return payload

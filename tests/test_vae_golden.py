@@ -17,7 +17,6 @@ import pytest
 import torch
 from conftest import golden_dir, load_manifest
 from safetensors.torch import load_file
-
 from wanbench.wan_core.latents import denormalize_latent, normalize_latent
 from wanbench.wan_core.vae import load_vae
 from wanbench.wan_core.vae_blocks import patchify
@@ -96,8 +95,11 @@ def test_golden_case(name: str, case: str) -> None:
         video = t["video"]
         if "patchified" in t:
             usable = cfg.pixel_frames(cfg.latent_frames(video.shape[2]))
-            _assert_allclose(patchify(video[:, :, :usable], cfg.patch_size), t["patchified"][:, :, :usable],
-                             f"{name}/{case} patchify")
+            _assert_allclose(
+                patchify(video[:, :, :usable], cfg.patch_size),
+                t["patchified"][:, :, :usable],
+                f"{name}/{case} patchify",
+            )
         mu = vae.encode(video, drop_trailing_frames=True)
         _assert_allclose(mu, t["mu"], f"{name}/{case} mu")
         checked += 1
@@ -137,8 +139,10 @@ def test_bf16_smoke(name: str) -> None:
     bound = manifest["tolerance"]["bf16_smoke"]["rel_l2"]
     vae = load_vae(golden_dir() / entry["weights_file"], dtype=torch.bfloat16)
     assert vae.dtype == torch.bfloat16
-    case = min((c for n, c in CASES if n == name and f"{c}.video_raw" in entry["tensors"]),
-               key=lambda c: math.prod(entry["tensors"][f"{c}.video_raw"]["shape"]))
+    case = min(
+        (c for n, c in CASES if n == name and f"{c}.video_raw" in entry["tensors"]),
+        key=lambda c: math.prod(entry["tensors"][f"{c}.video_raw"]["shape"]),
+    )
     t = _tensors(name, case)
     out = vae.decode(denormalize_latent(t["latent"], vae.config), clamp=False)
     assert out.dtype == torch.float32

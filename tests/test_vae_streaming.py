@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE, VAEConfig
 from wanbench.wan_core.errors import SamplingInterrupted
 from wanbench.wan_core.latents import normalize_latent
@@ -92,11 +91,14 @@ def test_trailing_frames_error_and_drop() -> None:
     assert torch.equal(dropped, model.encode(video[:, :, :9]))
 
 
-@pytest.mark.parametrize(("shape", "pattern"), [
-    ((1, 4, 1, 16, 16), "3 \\(RGB\\) channels.*got 4"),
-    ((1, 3, 1, 12, 16), "multiples of 8.*got 12x16"),
-    ((3, 1, 16, 16), "\\(B, 3, F, H, W\\)"),
-])
+@pytest.mark.parametrize(
+    ("shape", "pattern"),
+    [
+        ((1, 4, 1, 16, 16), "3 \\(RGB\\) channels.*got 4"),
+        ((1, 3, 1, 12, 16), "multiples of 8.*got 12x16"),
+        ((3, 1, 16, 16), "\\(B, 3, F, H, W\\)"),
+    ],
+)
 def test_bad_videos(shape: tuple[int, ...], pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         _model("wan2.1").encode(torch.zeros(shape))
@@ -127,12 +129,15 @@ def test_callback_progress_and_interrupt() -> None:
     assert all(c.history is None and not c.active for c in _caches(model))
 
 
-@pytest.mark.parametrize(("cfg", "mode", "shape", "tflop"), [
-    (WAN21_VAE, "decode", (1, 16, 21, 60, 104), 275),
-    (WAN21_VAE, "encode", (1, 3, 81, 480, 832), 164),
-    (WAN22_VAE, "decode", (1, 48, 31, 44, 80), 2011),
-    (WAN22_VAE, "encode", (1, 3, 1, 704, 1280), 4.2),
-])
+@pytest.mark.parametrize(
+    ("cfg", "mode", "shape", "tflop"),
+    [
+        (WAN21_VAE, "decode", (1, 16, 21, 60, 104), 275),
+        (WAN21_VAE, "encode", (1, 3, 81, 480, 832), 164),
+        (WAN22_VAE, "decode", (1, 48, 31, 44, 80), 2011),
+        (WAN22_VAE, "encode", (1, 3, 1, 704, 1280), 4.2),
+    ],
+)
 def test_flops_match_spec_totals(cfg: VAEConfig, mode: str, shape: tuple[int, ...], tflop: float) -> None:
     got = vae_flops(cfg, mode, shape) / 1e12
     assert got == pytest.approx(tflop, rel=0.02)
@@ -158,7 +163,12 @@ def test_trace_stages_with_flops() -> None:
         model.encode(_video(model.config, 5))
         model.decode(raw)
     (enc_name, enc_kind, enc), (dec_name, dec_kind, dec) = recorder.stages
-    assert (enc_name, enc_kind, dec_name, dec_kind) == ("VAE_Encoding", "preprocess", "VAE_Decoding", "decode")
+    assert (enc_name, enc_kind, dec_name, dec_kind) == (
+        "VAE_Encoding",
+        "preprocess",
+        "VAE_Decoding",
+        "decode",
+    )
     assert enc["flops"] == vae_flops(model.config, "encode", (1, 3, 5, 8, 16)) > 0
     assert dec["flops"] == vae_flops(model.config, "decode", tuple(raw.shape)) > 0
     assert dec["output_shape"] == (1, 3, 5, 8, 16) and dec["tiling"] == "none"

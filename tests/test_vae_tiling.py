@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import golden_dir
 from safetensors.torch import load_file
-
 from wanbench.wan_core.config import WAN21_VAE
 from wanbench.wan_core.vae import WanVAE, load_vae
 from wanbench.wan_core.vae_tiling import VAETiling, axis_weights, resolve_tiling
@@ -26,8 +25,12 @@ def _golden_decode_cases() -> list[tuple[str, str]]:
     if not path.is_file():
         return []
     vaes = json.loads(path.read_text(encoding="utf-8"))["vaes"]
-    return [(name, key.split(".")[0]) for name, vae in vaes.items() for key in vae["tensors"]
-            if key.endswith(".video_raw")]
+    return [
+        (name, key.split(".")[0])
+        for name, vae in vaes.items()
+        for key in vae["tensors"]
+        if key.endswith(".video_raw")
+    ]
 
 
 DECODE_CASES = _golden_decode_cases()
@@ -39,13 +42,14 @@ def test_axis_tiles_cover_and_weights_sum_to_one() -> None:
         tiles = plan.axis_tiles(length)
         assert tiles[0][0] == 0 and tiles[-1][1] == length
         assert all(b - a == min(5, length) for a, b in tiles)
-        assert all(b0 - a1 >= 2 for (_, b0), (a1, _) in zip(tiles, tiles[1:]))  # overlap >= requested
+        overlaps = [b0 - a1 for (_, b0), (a1, _) in zip(tiles, tiles[1:], strict=False)]
+        assert all(o >= 2 for o in overlaps)  # at least the requested overlap
         total, cover = torch.zeros(length * 8), torch.zeros(length * 8)
         for i, (a, b) in enumerate(tiles):
             w = axis_weights(tiles, i, 8)
             assert w.shape == ((b - a) * 8,) and w.min() > 0 and w.max() <= 1
-            total[a * 8:b * 8] += w
-            cover[a * 8:b * 8] += 1
+            total[a * 8 : b * 8] += w
+            cover[a * 8 : b * 8] += 1
         assert cover.min() >= 1
         double = cover <= 2  # where at most two tiles meet, the ramps sum to exactly 1
         assert torch.allclose(total[double], torch.ones_like(total[double])), length
@@ -74,7 +78,9 @@ def test_tiled_decode_error_on_golden_cases(name: str, case: str) -> None:
     latent, untiled = tensors[f"{case}.latent"], tensors[f"{case}.video"]  # the official untiled decode
     # Default tiles are larger than these latents: a single tile, within the parity tolerance.
     assert len(VAETiling().tiles(*latent.shape[-2:])) == 1
-    assert torch.allclose(vae.decode_latent(latent, tiling="auto"), untiled, atol=tol["atol"], rtol=tol["rtol"])
+    assert torch.allclose(
+        vae.decode_latent(latent, tiling="auto"), untiled, atol=tol["atol"], rtol=tol["rtol"]
+    )
     if len(SMALL_TILE.tiles(*latent.shape[-2:])) == 1:
         return  # too small to be cut by the forced small tiles as well
     tiled = vae.decode_latent(latent, tiling=SMALL_TILE)
@@ -92,8 +98,11 @@ def _max_upper_activation(vae: WanVAE, raw: torch.Tensor, plan: VAETiling) -> tu
         frames = x.shape[2] if x.dim() == 5 else 1
         seen.append((frames, x.shape[-2] * x.shape[-1]))
 
-    handles = [m.register_forward_hook(hook) for m in vae.decoder.upsamples.modules()
-               if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in vae.decoder.upsamples.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))
+    ]
     try:
         vae.decode(raw, tiling=plan)
     finally:
@@ -118,6 +127,9 @@ def test_tiled_callback_counts_every_tile_and_chunk() -> None:
     torch.manual_seed(4)
     vae = WanVAE(WAN21_VAE.tiny())
     seen: list[tuple[int, int]] = []
-    vae.decode(torch.randn(1, 16, 2, 3, 3), tiling=VAETiling(tile_size=2, overlap=1),
-               callback=lambda d, n: seen.append((d, n)))
+    vae.decode(
+        torch.randn(1, 16, 2, 3, 3),
+        tiling=VAETiling(tile_size=2, overlap=1),
+        callback=lambda d, n: seen.append((d, n)),
+    )
     assert seen == [(i, 8) for i in range(1, 9)]  # 2 x 2 tiles x 2 latent frames

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE
 from wanbench.wan_core.errors import CheckpointError
 from wanbench.wan_core.vae import (

@@ -35,14 +35,13 @@ from .errors import CheckpointError
 from .latents import denormalize_latent, normalize_latent
 from .trace import current_tracer, stage
 from .vae_blocks import (
+    PIXEL_CHANNELS,
     AttentionBlock,
     CausalConv3d,
     ChunkBlock,
-    DownResidualBlock,
-    Resample,
-    ResidualBlock,
-    RMSNorm,
-    UpResidualBlock,
+    Decoder3d,
+    Encoder3d,
+    is_residual_variant,
     patchify,
     unpatchify,
 )
@@ -51,106 +50,6 @@ from .vae_tiling import VAETiling, decode_tiled, resolve_tiling
 logger = logging.getLogger(__name__)
 
 ChunkCallback = Callable[[int, int], None]
-PIXEL_CHANNELS = 3
-
-
-def is_residual_variant(config: VAEConfig) -> bool:
-    """Wan2.2 has parameter-free AvgDown3D/DupUp3D skips around every stage; Wan2.1 does not."""
-    return config.variant == "wan2.2"
-
-
-class Encoder3d(nn.Module):
-    """Pixels (patchified for 2.2) -> 2z channels (mean and log-variance), spec sections 3 and 4.
-
-    Shapes: (B, 3*p*p, F, H/p, W/p) -> (B, 2z, T, h, w).
-    """
-
-    def __init__(self, config: VAEConfig) -> None:
-        super().__init__()
-        mults = (1, *config.dim_mult)
-        dims = [config.dim * m for m in mults]
-        num_stages = len(config.dim_mult)
-        self.conv1 = CausalConv3d(PIXEL_CHANNELS * config.patch_size ** 2, dims[0], 3, padding=1)
-        stages: list[nn.Module] = []
-        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            is_last = i == num_stages - 1
-            temporal = (not is_last) and config.temperal_downsample[i]
-            if is_residual_variant(config):
-                stages.append(DownResidualBlock(in_dim, out_dim, num_res_blocks=config.num_res_blocks,
-                                                temporal_down=temporal, down=not is_last))
-                continue
-            for j in range(config.num_res_blocks):
-                stages.append(ResidualBlock(in_dim if j == 0 else out_dim, out_dim))
-            if not is_last:
-                stages.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
-        self.downsamples = nn.ModuleList(stages)
-        self.middle = nn.ModuleList([ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
-                                     ResidualBlock(dims[-1], dims[-1])])
-        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(inplace=True),
-                                  CausalConv3d(dims[-1], 2 * config.z_dim, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
-        x = self.conv1(x)
-        for block in (*self.downsamples, *self.middle):
-            x = block(x, first_chunk)
-        return self.head(x)
-
-
-class Decoder3d(nn.Module):
-    """z channels -> pixels (patchified for 2.2), spec sections 3 and 4.
-
-    Shapes: (B, z, T, h, w) -> (B, 3*p*p, F', H/p, W/p); F' = 1 + 4(T-1) for a whole sequence.
-    """
-
-    def __init__(self, config: VAEConfig) -> None:
-        super().__init__()
-        mults = (config.dim_mult[-1], *reversed(config.dim_mult))
-        dims = [config.dec_dim * m for m in mults]
-        temporal_up = tuple(reversed(config.temperal_downsample))
-        num_stages = len(config.dim_mult)
-        residual = is_residual_variant(config)
-        self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
-        self.middle = nn.ModuleList([ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
-                                     ResidualBlock(dims[0], dims[0])])
-        stages: list[nn.Module] = []
-        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            is_last = i == num_stages - 1
-            temporal = (not is_last) and temporal_up[i]
-            if residual:
-                stages.append(UpResidualBlock(in_dim, out_dim, num_res_blocks=config.num_res_blocks + 1,
-                                              temporal_up=temporal, up=not is_last))
-                continue
-            if i > 0:
-                in_dim //= 2  # the Wan2.1 upsample conv of the previous stage halved the channels
-            for j in range(config.num_res_blocks + 1):
-                stages.append(ResidualBlock(in_dim if j == 0 else out_dim, out_dim))
-            if not is_last:
-                stages.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d", out_dim=out_dim // 2))
-        self.upsamples = nn.ModuleList(stages)
-        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(inplace=True),
-                                  CausalConv3d(dims[-1], PIXEL_CHANNELS * config.patch_size ** 2, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
-        return self.upper(self.lower(x, first_chunk), first_chunk)
-
-    def lower(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
-        """conv1 and the middle section (with the frame-global attention), at latent resolution.
-
-        Shapes: (B, z, T, h, w) -> (B, 4*dec_dim, T, h, w).
-        """
-        x = self.conv1(x)
-        for block in self.middle:
-            x = block(x, first_chunk)
-        return x
-
-    def upper(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
-        """The upsampling stages and the head (convolutions only: local in space).
-
-        Shapes: (B, 4*dec_dim, T, h, w) -> (B, 3*p*p, F', H/p, W/p).
-        """
-        for block in self.upsamples:
-            x = block(x, first_chunk)
-        return self.head(x)
 
 
 @contextlib.contextmanager
@@ -171,7 +70,9 @@ def chunk_ranges(num_latent_frames: int, chunk_frames: int | None) -> list[tuple
     if chunk_frames is None:
         return [(0, num_latent_frames)]
     if chunk_frames < 1:
-        raise ValueError(f"chunk_frames must be >= 1 latent frame (or None for the whole clip); got {chunk_frames}")
+        raise ValueError(
+            f"chunk_frames must be >= 1 latent frame (or None for the whole clip); got {chunk_frames}"
+        )
     return [(a, min(a + chunk_frames, num_latent_frames)) for a in range(0, num_latent_frames, chunk_frames)]
 
 
@@ -188,8 +89,9 @@ class WanVAE(nn.Module):
     are float32. Use `wan_core.vae.load_vae` to build one from a checkpoint.
     """
 
-    def __init__(self, config: VAEConfig, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, config: VAEConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         with torch.device(device or "cpu"):
@@ -210,8 +112,9 @@ class WanVAE(nn.Module):
 
     # ----------------------------------------------------------------------------------- encode
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, *, chunk_frames: int | None = 1,
-               drop_trailing_frames: bool = False) -> torch.Tensor:
+    def encode(
+        self, video: torch.Tensor, *, chunk_frames: int | None = 1, drop_trailing_frames: bool = False
+    ) -> torch.Tensor:
         """Posterior mean (raw, un-normalised) of a video in [-1, 1].
 
         `chunk_frames`: latent frames per encoder call (pixel chunks 1, 4, 4, ... for 1); None
@@ -227,7 +130,14 @@ class WanVAE(nn.Module):
         latent_shape = (b, self.config.z_dim, self.config.latent_frames(f), h // s, w // s)
         traced = current_tracer() is not None
         flops = vae_flops(self.config, "encode", tuple(video.shape)) if traced else None
-        with stage("VAE_Encoding", kind="preprocess", flops=flops, vae=self.config.variant, input_shape=tuple(video.shape), latent_shape=latent_shape):
+        with stage(
+            "VAE_Encoding",
+            kind="preprocess",
+            flops=flops,
+            vae=self.config.variant,
+            input_shape=tuple(video.shape),
+            latent_shape=latent_shape,
+        ):
             return self._encode(video, chunk_frames)
 
     def _encode(self, video: torch.Tensor, chunk_frames: int | None) -> torch.Tensor:
@@ -238,10 +148,11 @@ class WanVAE(nn.Module):
                 f0, f1 = pixel_range(self.config, start, stop)
                 parts.append(self.encoder(x[:, :, f0:f1], first_chunk=start == 0))
         moments = self.conv1(torch.cat(parts, dim=2))
-        return moments[:, :self.config.z_dim].float()
+        return moments[:, : self.config.z_dim].float()
 
-    def encode_latent(self, video: torch.Tensor, *, chunk_frames: int | None = 1,
-                      drop_trailing_frames: bool = False) -> torch.Tensor:
+    def encode_latent(
+        self, video: torch.Tensor, *, chunk_frames: int | None = 1, drop_trailing_frames: bool = False
+    ) -> torch.Tensor:
         """Normalised latent (mu - mean) / std, as the official pipelines use it. Shapes as `encode`."""
         mu = self.encode(video, chunk_frames=chunk_frames, drop_trailing_frames=drop_trailing_frames)
         return normalize_latent(mu, self.config)
@@ -254,13 +165,17 @@ class WanVAE(nn.Module):
             raise ValueError(f"video must be a tensor (B, 3, F, H, W) in [-1, 1]; got {got}")
         b, c, f, h, w = video.shape
         if c != PIXEL_CHANNELS:
-            raise ValueError(f"video must have {PIXEL_CHANNELS} (RGB) channels on axis 1, layout (B, 3, F, H, W); "
-                             f"got {c} channels in shape {tuple(video.shape)} (convert grey/RGBA to RGB, "
-                             "or move channels from the last axis)")
+            raise ValueError(
+                f"video must have {PIXEL_CHANNELS} (RGB) channels on axis 1, layout (B, 3, F, H, W); "
+                f"got {c} channels in shape {tuple(video.shape)} (convert grey/RGBA to RGB, "
+                "or move channels from the last axis)"
+            )
         s = cfg.spatial_stride
         if h < s or w < s or h % s or w % s:
-            raise ValueError(f"the {cfg.variant} VAE needs height and width that are positive multiples of {s}; "
-                             f"got {h}x{w} (H x W); resize or crop to e.g. {max(s, h // s * s)}x{max(s, w // s * s)}")
+            raise ValueError(
+                f"the {cfg.variant} VAE needs height and width that are positive multiples of {s}; "
+                f"got {h}x{w} (H x W); resize or crop to e.g. {max(s, h // s * s)}x{max(s, w // s * s)}"
+            )
         if f < 1:
             raise ValueError(f"video has no frames: shape {tuple(video.shape)}")
         ts = cfg.temporal_stride
@@ -268,18 +183,32 @@ class WanVAE(nn.Module):
         if extra:
             usable = f - extra
             if not drop_trailing_frames:
-                raise ValueError(f"video has {f} frames; the encoder needs {ts}k+1 frames (e.g. {usable} or "
-                                 f"{usable + ts}). The official Wan code silently drops the last {extra} "
-                                 f"frame(s); pass drop_trailing_frames=True to do the same, or trim/pad the clip")
-            logger.warning("dropping the last %d of %d frames: the encoder uses %dk+1 frames (%d here)",
-                           extra, f, ts, usable)
+                raise ValueError(
+                    f"video has {f} frames; the encoder needs {ts}k+1 frames (e.g. {usable} or "
+                    f"{usable + ts}). The official Wan code silently drops the last {extra} "
+                    f"frame(s); pass drop_trailing_frames=True to do the same, or trim/pad the clip"
+                )
+            logger.warning(
+                "dropping the last %d of %d frames: the encoder uses %dk+1 frames (%d here)",
+                extra,
+                f,
+                ts,
+                usable,
+            )
             video = video[:, :, :usable]
         return video
 
     # ----------------------------------------------------------------------------------- decode
     @torch.no_grad()
-    def decode(self, raw: torch.Tensor, *, tiling: VAETiling | str | None = None, callback: ChunkCallback | None = None,
-               chunk_frames: int | None = 1, clamp: bool = True) -> torch.Tensor:
+    def decode(
+        self,
+        raw: torch.Tensor,
+        *,
+        tiling: VAETiling | str | None = None,
+        callback: ChunkCallback | None = None,
+        chunk_frames: int | None = 1,
+        clamp: bool = True,
+    ) -> torch.Tensor:
         """Video from a raw (un-normalised) latent.
 
         `tiling`: None (whole frames, exact), "auto" (default `VAETiling()`), or a
@@ -296,11 +225,20 @@ class WanVAE(nn.Module):
         out_shape = (b, PIXEL_CHANNELS, self.config.pixel_frames(t), h * s, w * s)
         flops = None  # computed (on the meta device) only when a profiler listens
         if current_tracer() is not None:
-            flops = (vae_flops(self.config, "decode", tuple(raw.shape)) if plan is None
-                     else plan.flops(self.config, tuple(raw.shape)))
-        with stage("VAE_Decoding", kind="decode", flops=flops, vae=self.config.variant,
-                   latent_shape=tuple(raw.shape), output_shape=out_shape,
-                   tiling="none" if plan is None else plan.describe()):
+            flops = (
+                vae_flops(self.config, "decode", tuple(raw.shape))
+                if plan is None
+                else plan.flops(self.config, tuple(raw.shape))
+            )
+        with stage(
+            "VAE_Decoding",
+            kind="decode",
+            flops=flops,
+            vae=self.config.variant,
+            latent_shape=tuple(raw.shape),
+            output_shape=out_shape,
+            tiling="none" if plan is None else plan.describe(),
+        ):
             x = self.conv2(raw.to(device=self.device, dtype=self.dtype))
             if plan is None:
                 out = torch.empty(out_shape, dtype=torch.float32, device=self.device)
@@ -309,16 +247,35 @@ class WanVAE(nn.Module):
                 out = decode_tiled(self, x, plan, chunk_frames=chunk_frames, callback=callback)
             return out.clamp_(-1.0, 1.0) if clamp else out
 
-    def decode_latent(self, latent: torch.Tensor, *, tiling: VAETiling | str | None = None,
-                      callback: ChunkCallback | None = None, chunk_frames: int | None = 1,
-                      clamp: bool = True) -> torch.Tensor:
+    def decode_latent(
+        self,
+        latent: torch.Tensor,
+        *,
+        tiling: VAETiling | str | None = None,
+        callback: ChunkCallback | None = None,
+        chunk_frames: int | None = 1,
+        clamp: bool = True,
+    ) -> torch.Tensor:
         """Decode a normalised latent (the DiT's output). Shapes as `decode`."""
-        return self.decode(denormalize_latent(latent.float(), self.config), tiling=tiling, callback=callback,
-                           chunk_frames=chunk_frames, clamp=clamp)
+        return self.decode(
+            denormalize_latent(latent.float(), self.config),
+            tiling=tiling,
+            callback=callback,
+            chunk_frames=chunk_frames,
+            clamp=clamp,
+        )
 
-    def decode_into(self, x: torch.Tensor, out: torch.Tensor, *, chunk_frames: int | None,
-                    callback: ChunkCallback | None = None, weight: torch.Tensor | None = None,
-                    progress: tuple[int, int] | None = None, upper_only: bool = False) -> None:
+    def decode_into(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        chunk_frames: int | None,
+        callback: ChunkCallback | None = None,
+        weight: torch.Tensor | None = None,
+        progress: tuple[int, int] | None = None,
+        upper_only: bool = False,
+    ) -> None:
         """Stream the decoder over `x` (already through `conv2`) and write or add into `out`.
 
         With `weight` (broadcastable to the output), the weighted output is added to `out`
@@ -365,8 +322,10 @@ class WanVAE(nn.Module):
             got = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
             raise ValueError(f"latent must be a tensor (B, {cfg.z_dim}, T, h, w); got {got}")
         if raw.shape[1] != cfg.z_dim:
-            raise ValueError(f"the {cfg.variant} VAE takes {cfg.z_dim}-channel latents; got {raw.shape[1]} channels "
-                             f"in shape {tuple(raw.shape)} (a {raw.shape[1]}-channel latent belongs to another VAE)")
+            raise ValueError(
+                f"the {cfg.variant} VAE takes {cfg.z_dim}-channel latents; got {raw.shape[1]} channels "
+                f"in shape {tuple(raw.shape)} (a {raw.shape[1]}-channel latent belongs to another VAE)"
+            )
         if min(raw.shape[2:]) < 1:
             raise ValueError(f"latent has an empty axis: shape {tuple(raw.shape)}")
         if not raw.is_floating_point():
@@ -426,18 +385,32 @@ VAE_LAYOUTS = ("comfy", "official", "diffusers")
 DIFFUSERS_FILE_NAME = "diffusion_pytorch_model.safetensors"
 
 # Official -> diffusers renames (spec WAN_VAE section 8.2), applied after the block prefix is mapped.
-_TOP_TO_DIFFUSERS = (("encoder.conv1.", "encoder.conv_in."), ("decoder.conv1.", "decoder.conv_in."),
-                     ("conv1.", "quant_conv."), ("conv2.", "post_quant_conv."))
-_PART_TO_DIFFUSERS = (("middle.0.", "mid_block.resnets.0."), ("middle.2.", "mid_block.resnets.1."),
-                      ("middle.1.", "mid_block.attentions.0."), ("head.0.", "norm_out."), ("head.2.", "conv_out."))
-_RESIDUAL_TO_DIFFUSERS = (("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."),
-                          ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut."))
+_TOP_TO_DIFFUSERS = (
+    ("encoder.conv1.", "encoder.conv_in."),
+    ("decoder.conv1.", "decoder.conv_in."),
+    ("conv1.", "quant_conv."),
+    ("conv2.", "post_quant_conv."),
+)
+_PART_TO_DIFFUSERS = (
+    ("middle.0.", "mid_block.resnets.0."),
+    ("middle.2.", "mid_block.resnets.1."),
+    ("middle.1.", "mid_block.attentions.0."),
+    ("head.0.", "norm_out."),
+    ("head.2.", "conv_out."),
+)
+_RESIDUAL_TO_DIFFUSERS = (
+    ("residual.0.", "norm1."),
+    ("residual.2.", "conv1."),
+    ("residual.3.", "norm2."),
+    ("residual.6.", "conv2."),
+    ("shortcut.", "conv_shortcut."),
+)
 
 
 def _swap_prefix(key: str, table: tuple[tuple[str, str], ...]) -> str:
     for old, new in table:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -450,7 +423,7 @@ def diffusers_key(key: str, config: VAEConfig) -> str:
     rest = _swap_prefix(rest, _PART_TO_DIFFUSERS)
     parts = rest.split(".")
     if parts[0] in ("downsamples", "upsamples"):
-        kind = parts[0][:-len("samples")]  # "down" | "up"
+        kind = parts[0][: -len("samples")]  # "down" | "up"
         num_res = config.num_res_blocks + (0 if kind == "down" else 1)
         if is_residual_variant(config):  # <kind>samples.i.<kind>samples.j.<tail>
             stage, j, tail = int(parts[1]), int(parts[3]), parts[4:]
@@ -490,11 +463,17 @@ def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _detect_from_diffusers(sd: dict[str, torch.Tensor]) -> VAEConfig:
     for key in ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight"):
         if key not in sd:
-            raise CheckpointError(f"diffusers AutoencoderKLWan checkpoint without {key!r}; the file is incomplete "
-                                  "or not a Wan VAE")
+            raise CheckpointError(
+                f"diffusers AutoencoderKLWan checkpoint without {key!r}; the file is incomplete "
+                "or not a Wan VAE"
+            )
     residual = any(k.startswith("decoder.up_blocks.0.upsampler.") for k in sd)
-    official = {"encoder.conv1.weight": sd["encoder.conv_in.weight"], "conv2.weight": sd["post_quant_conv.weight"],
-                "decoder.conv1.weight": sd["decoder.conv_in.weight"], VAE_MARKER_KEY: sd["encoder.conv_in.weight"]}
+    official = {
+        "encoder.conv1.weight": sd["encoder.conv_in.weight"],
+        "conv2.weight": sd["post_quant_conv.weight"],
+        "decoder.conv1.weight": sd["decoder.conv_in.weight"],
+        VAE_MARKER_KEY: sd["encoder.conv_in.weight"],
+    }
     if residual:
         official[WAN22_MARKER_KEY] = sd["encoder.conv_in.weight"]
     return detect_vae_config(official)
@@ -512,18 +491,22 @@ def detect_vae_config(sd: dict[str, torch.Tensor]) -> VAEConfig:
     missing = [k for k in needed if k not in sd]
     if missing:
         sample = sorted(sd)[:4]
-        raise CheckpointError(f"not a Wan2.1/Wan2.2 VAE checkpoint: missing {missing} (its keys start {sample}); "
-                              "load wan_2.1_vae / wan2.2_vae (.safetensors or the official .pth)")
+        raise CheckpointError(
+            f"not a Wan2.1/Wan2.2 VAE checkpoint: missing {missing} (its keys start {sample}); "
+            "load wan_2.1_vae / wan2.2_vae (.safetensors or the official .pth)"
+        )
     base = WAN22_VAE if WAN22_MARKER_KEY in sd else WAN21_VAE
     dim, pixel_channels = sd["encoder.conv1.weight"].shape[:2]
     z_dim = sd["conv2.weight"].shape[0]
     dec_width = sd["decoder.conv1.weight"].shape[0]
-    expected_pixels = PIXEL_CHANNELS * base.patch_size ** 2
+    expected_pixels = PIXEL_CHANNELS * base.patch_size**2
     if z_dim != base.z_dim or pixel_channels != expected_pixels or dec_width % base.dim_mult[-1]:
-        raise CheckpointError(f"checkpoint looks like a {base.variant} VAE by its keys but has z={z_dim} latent "
-                              f"channels and {pixel_channels} pixel channels; the {base.variant} VAE has "
-                              f"z={base.z_dim} and {expected_pixels}. It is another model's VAE; use "
-                              "wan_2.1_vae or wan2.2_vae")
+        raise CheckpointError(
+            f"checkpoint looks like a {base.variant} VAE by its keys but has z={z_dim} latent "
+            f"channels and {pixel_channels} pixel channels; the {base.variant} VAE has "
+            f"z={base.z_dim} and {expected_pixels}. It is another model's VAE; use "
+            "wan_2.1_vae or wan2.2_vae"
+        )
     return replace(base, dim=int(dim), dec_dim=int(dec_width) // base.dim_mult[-1])
 
 
@@ -532,17 +515,23 @@ def load_vae_state_dict(model: WanVAE, sd: dict[str, torch.Tensor]) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-              if k in sd and sd[k].shape != v.shape]
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
-        raise CheckpointError(f"checkpoint does not fit the {model.config.variant} VAE (dim {model.config.dim}): "
-                              f"{len(missing)} missing {missing[:4]}, {len(unexpected)} unexpected "
-                              f"{unexpected[:4]}, wrong shapes {shapes[:4]}; the file is not a Wan VAE or is damaged")
+        raise CheckpointError(
+            f"checkpoint does not fit the {model.config.variant} VAE (dim {model.config.dim}): "
+            f"{len(missing)} missing {missing[:4]}, {len(unexpected)} unexpected "
+            f"{unexpected[:4]}, wrong shapes {shapes[:4]}; the file is not a Wan VAE or is damaged"
+        )
     model.load_state_dict(sd, strict=True, assign=model.device.type == "meta")
 
 
-def load_vae(path: str | os.PathLike, *, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> WanVAE:
+def load_vae(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> WanVAE:
     """Load a Wan2.1 or Wan2.2 VAE: official `.pth`, ComfyUI safetensors (optional `vae.` /
     `first_stage_model.` prefix) or a diffusers `AutoencoderKLWan` file or folder."""
     from .weights import read_state_dict
@@ -553,12 +542,19 @@ def load_vae(path: str | os.PathLike, *, device: torch.device | str = "cpu",
     config = detect_vae_config(sd)
     model = WanVAE(config, device="meta")
     load_vae_state_dict(model, sd)
-    logger.info("loaded %s VAE (dim %d, dec_dim %d) from %s", config.variant, config.dim, config.dec_dim, path)
+    logger.info(
+        "loaded %s VAE (dim %d, dec_dim %d) from %s", config.variant, config.dim, config.dec_dim, path
+    )
     return model.to(device=device, dtype=dtype)
 
 
-def save_vae(model_or_sd: WanVAE | dict[str, torch.Tensor], path: str | os.PathLike, *, layout: str = "comfy",
-             dtype: torch.dtype = torch.float16) -> Path:
+def save_vae(
+    model_or_sd: WanVAE | dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    layout: str = "comfy",
+    dtype: torch.dtype = torch.float16,
+) -> Path:
     """Write a VAE: "comfy" = one safetensors file with official names; "official" = a `.pth` state
     dict; "diffusers" = a folder with `diffusion_pytorch_model.safetensors` and config.json (or one
     file if `path` ends in .safetensors). Files are written atomically. Returns what was written."""
@@ -594,16 +590,40 @@ def save_vae(model_or_sd: WanVAE | dict[str, torch.Tensor], path: str | os.PathL
 def diffusers_config(config: VAEConfig) -> dict[str, object]:
     """The `AutoencoderKLWan` constructor arguments for this config."""
     residual = is_residual_variant(config)
-    return {"_class_name": "AutoencoderKLWan", "base_dim": config.dim, "decoder_base_dim": config.dec_dim,
-            "z_dim": config.z_dim, "dim_mult": list(config.dim_mult), "num_res_blocks": config.num_res_blocks,
-            "attn_scales": [], "temperal_downsample": list(config.temperal_downsample), "dropout": 0.0,
-            "latents_mean": list(config.latents_mean), "latents_std": list(config.latents_std),
-            "is_residual": residual, "in_channels": PIXEL_CHANNELS * config.patch_size ** 2,
-            "out_channels": PIXEL_CHANNELS * config.patch_size ** 2,
-            "patch_size": config.patch_size if config.patch_size > 1 else None,
-            "scale_factor_temporal": config.temporal_stride, "scale_factor_spatial": config.spatial_stride}
+    return {
+        "_class_name": "AutoencoderKLWan",
+        "base_dim": config.dim,
+        "decoder_base_dim": config.dec_dim,
+        "z_dim": config.z_dim,
+        "dim_mult": list(config.dim_mult),
+        "num_res_blocks": config.num_res_blocks,
+        "attn_scales": [],
+        "temperal_downsample": list(config.temperal_downsample),
+        "dropout": 0.0,
+        "latents_mean": list(config.latents_mean),
+        "latents_std": list(config.latents_std),
+        "is_residual": residual,
+        "in_channels": PIXEL_CHANNELS * config.patch_size**2,
+        "out_channels": PIXEL_CHANNELS * config.patch_size**2,
+        "patch_size": config.patch_size if config.patch_size > 1 else None,
+        "scale_factor_temporal": config.temporal_stride,
+        "scale_factor_spatial": config.spatial_stride,
+    }
 
 
-__all__ = ["ChunkBlock", "Decoder3d", "Encoder3d", "WanVAE", "chunk_ranges", "detect_vae_config",
-           "diffusers_config", "from_diffusers", "load_vae", "pixel_range", "save_vae", "streaming", "to_diffusers",
-           "vae_flops"]
+__all__ = [
+    "ChunkBlock",
+    "Decoder3d",
+    "Encoder3d",
+    "WanVAE",
+    "chunk_ranges",
+    "detect_vae_config",
+    "diffusers_config",
+    "from_diffusers",
+    "load_vae",
+    "pixel_range",
+    "save_vae",
+    "streaming",
+    "to_diffusers",
+    "vae_flops",
+]

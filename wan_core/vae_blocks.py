@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .config import VAEConfig
+
+PIXEL_CHANNELS = 3
+
 
 class CausalCache:
     """The not-yet-consumed input frames of one `CausalConv3d` between chunks of a stream.
@@ -60,8 +64,15 @@ class CausalConv3d(nn.Conv3d):
     over (history or zero padding) + x. T may be 0 (nothing comes out, the padding is remembered).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
-                 *, stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int],
+        *,
+        stride: int | tuple[int, int, int] = 1,
+        padding: int | tuple[int, int, int] = 0,
+    ) -> None:
         kt, kh, kw = _triple(kernel_size)
         pt, ph, pw = _triple(padding)
         super().__init__(in_channels, out_channels, (kt, kh, kw), stride=_triple(stride), padding=(0, ph, pw))
@@ -79,7 +90,7 @@ class CausalConv3d(nn.Conv3d):
         length = x.shape[2]
         num_out = (length - kt) // st + 1 if length >= kt else 0
         if cache.active:
-            cache.history = x[:, :, st * num_out:].clone()
+            cache.history = x[:, :, st * num_out :].clone()
         if num_out == 0:
             b, _, _, h, w = x.shape
             h_out = (h + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
@@ -129,9 +140,12 @@ class ResidualBlock(ChunkBlock):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.residual = nn.Sequential(
-            RMSNorm(in_dim, images=False), nn.SiLU(inplace=True),
+            RMSNorm(in_dim, images=False),
+            nn.SiLU(inplace=True),
             CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim, images=False), nn.SiLU(inplace=True), nn.Dropout(0.0),
+            RMSNorm(out_dim, images=False),
+            nn.SiLU(inplace=True),
+            nn.Dropout(0.0),
             CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
@@ -180,12 +194,17 @@ class Resample(ChunkBlock):
         self.mode = mode
         self.dim = dim
         if mode.startswith("up"):
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                          nn.Conv2d(dim, out_dim or dim, 3, padding=1))
-            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0)) if mode == "upsample3d" else None
+            self.resample = nn.Sequential(
+                nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(dim, out_dim or dim, 3, padding=1)
+            )
+            self.time_conv = (
+                CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0)) if mode == "upsample3d" else None
+            )
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
-            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if mode == "downsample3d" else None
+            self.time_conv = (
+                CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if mode == "downsample3d" else None
+            )
 
     def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
         if self.mode == "upsample3d":
@@ -255,7 +274,7 @@ class DupUp3D(nn.Module):
         ft, fs = self.factor_t, self.factor_s
         x = x.repeat_interleave(self.repeats, dim=1)
         x = rearrange(x, "b (c dt dy dx) t h w -> b c (t dt) (h dy) (w dx)", dt=ft, dy=fs, dx=fs)
-        return x[:, :, ft - 1:] if first_chunk else x
+        return x[:, :, ft - 1 :] if first_chunk else x
 
 
 class DownResidualBlock(ChunkBlock):
@@ -264,9 +283,13 @@ class DownResidualBlock(ChunkBlock):
     Shapes: (B, Ci, T, H, W) -> (B, Co, T', H', W') as the Resample decides.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, num_res_blocks: int, temporal_down: bool, down: bool) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, *, num_res_blocks: int, temporal_down: bool, down: bool
+    ) -> None:
         super().__init__()
-        self.avg_shortcut = AvgDown3D(in_dim, out_dim, factor_t=2 if temporal_down else 1, factor_s=2 if down else 1)
+        self.avg_shortcut = AvgDown3D(
+            in_dim, out_dim, factor_t=2 if temporal_down else 1, factor_s=2 if down else 1
+        )
         blocks: list[nn.Module] = []
         for i in range(num_res_blocks):
             blocks.append(ResidualBlock(in_dim if i == 0 else out_dim, out_dim))
@@ -287,10 +310,13 @@ class UpResidualBlock(ChunkBlock):
     Shapes: (B, Ci, T, H, W) -> (B, Co, T', H', W') as the Resample decides.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, num_res_blocks: int, temporal_up: bool, up: bool) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, *, num_res_blocks: int, temporal_up: bool, up: bool
+    ) -> None:
         super().__init__()
-        self.avg_shortcut = (DupUp3D(in_dim, out_dim, factor_t=2 if temporal_up else 1, factor_s=2)
-                             if up else None)
+        self.avg_shortcut = (
+            DupUp3D(in_dim, out_dim, factor_t=2 if temporal_up else 1, factor_s=2) if up else None
+        )
         blocks: list[nn.Module] = []
         for i in range(num_res_blocks):
             blocks.append(ResidualBlock(in_dim if i == 0 else out_dim, out_dim))
@@ -303,6 +329,129 @@ class UpResidualBlock(ChunkBlock):
         for block in self.upsamples:
             x = block(x, first_chunk)
         return x if shortcut is None else x + shortcut
+
+
+def is_residual_variant(config: VAEConfig) -> bool:
+    """Wan2.2 has parameter-free AvgDown3D/DupUp3D skips around every stage; Wan2.1 does not."""
+    return config.variant == "wan2.2"
+
+
+class Encoder3d(nn.Module):
+    """Pixels (patchified for 2.2) -> 2z channels (mean and log-variance), spec sections 3 and 4.
+
+    Shapes: (B, 3*p*p, F, H/p, W/p) -> (B, 2z, T, h, w).
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        mults = (1, *config.dim_mult)
+        dims = [config.dim * m for m in mults]
+        num_stages = len(config.dim_mult)
+        self.conv1 = CausalConv3d(PIXEL_CHANNELS * config.patch_size**2, dims[0], 3, padding=1)
+        stages: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            is_last = i == num_stages - 1
+            temporal = (not is_last) and config.temperal_downsample[i]
+            if is_residual_variant(config):
+                stages.append(
+                    DownResidualBlock(
+                        in_dim,
+                        out_dim,
+                        num_res_blocks=config.num_res_blocks,
+                        temporal_down=temporal,
+                        down=not is_last,
+                    )
+                )
+                continue
+            for j in range(config.num_res_blocks):
+                stages.append(ResidualBlock(in_dim if j == 0 else out_dim, out_dim))
+            if not is_last:
+                stages.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
+        self.downsamples = nn.ModuleList(stages)
+        self.middle = nn.ModuleList(
+            [ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]), ResidualBlock(dims[-1], dims[-1])]
+        )
+        self.head = nn.Sequential(
+            RMSNorm(dims[-1], images=False),
+            nn.SiLU(inplace=True),
+            CausalConv3d(dims[-1], 2 * config.z_dim, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
+        x = self.conv1(x)
+        for block in (*self.downsamples, *self.middle):
+            x = block(x, first_chunk)
+        return self.head(x)
+
+
+class Decoder3d(nn.Module):
+    """z channels -> pixels (patchified for 2.2), spec sections 3 and 4.
+
+    Shapes: (B, z, T, h, w) -> (B, 3*p*p, F', H/p, W/p); F' = 1 + 4(T-1) for a whole sequence.
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        mults = (config.dim_mult[-1], *reversed(config.dim_mult))
+        dims = [config.dec_dim * m for m in mults]
+        temporal_up = tuple(reversed(config.temperal_downsample))
+        num_stages = len(config.dim_mult)
+        residual = is_residual_variant(config)
+        self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.ModuleList(
+            [ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0])]
+        )
+        stages: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            is_last = i == num_stages - 1
+            temporal = (not is_last) and temporal_up[i]
+            if residual:
+                stages.append(
+                    UpResidualBlock(
+                        in_dim,
+                        out_dim,
+                        num_res_blocks=config.num_res_blocks + 1,
+                        temporal_up=temporal,
+                        up=not is_last,
+                    )
+                )
+                continue
+            if i > 0:
+                in_dim //= 2  # the Wan2.1 upsample conv of the previous stage halved the channels
+            for j in range(config.num_res_blocks + 1):
+                stages.append(ResidualBlock(in_dim if j == 0 else out_dim, out_dim))
+            if not is_last:
+                stages.append(
+                    Resample(out_dim, "upsample3d" if temporal else "upsample2d", out_dim=out_dim // 2)
+                )
+        self.upsamples = nn.ModuleList(stages)
+        self.head = nn.Sequential(
+            RMSNorm(dims[-1], images=False),
+            nn.SiLU(inplace=True),
+            CausalConv3d(dims[-1], PIXEL_CHANNELS * config.patch_size**2, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
+        return self.upper(self.lower(x, first_chunk), first_chunk)
+
+    def lower(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        """conv1 and the middle section (with the frame-global attention), at latent resolution.
+
+        Shapes: (B, z, T, h, w) -> (B, 4*dec_dim, T, h, w).
+        """
+        x = self.conv1(x)
+        for block in self.middle:
+            x = block(x, first_chunk)
+        return x
+
+    def upper(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        """The upsampling stages and the head (convolutions only: local in space).
+
+        Shapes: (B, 4*dec_dim, T, h, w) -> (B, 3*p*p, F', H/p, W/p).
+        """
+        for block in self.upsamples:
+            x = block(x, first_chunk)
+        return self.head(x)
 
 
 def patchify(video: torch.Tensor, patch: int) -> torch.Tensor:

@@ -64,7 +64,9 @@ class VAETiling:
         from .vae import vae_flops
 
         b, z, t, h, w = latent_shape
-        return sum(vae_flops(config, "decode", (b, z, t, y1 - y0, x1 - x0)) for y0, y1, x0, x1 in self.tiles(h, w))
+        return sum(
+            vae_flops(config, "decode", (b, z, t, y1 - y0, x1 - x0)) for y0, y1, x0, x1 in self.tiles(h, w)
+        )
 
     def describe(self) -> str:
         return f"tiles {self.tile_size}x{self.tile_size} latent, overlap {self.overlap}"
@@ -100,8 +102,14 @@ def axis_weights(tiles: list[tuple[int, int]], index: int, scale: int) -> torch.
     return weight
 
 
-def decode_tiled(vae: WanVAE, x: torch.Tensor, plan: VAETiling, *, chunk_frames: int | None,
-                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def decode_tiled(
+    vae: WanVAE,
+    x: torch.Tensor,
+    plan: VAETiling,
+    *,
+    chunk_frames: int | None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Decode `x` (a latent already through `conv2`) tile by tile; returns the unclamped video.
 
     `callback(done, total)` counts chunks over all tiles (total = tiles x temporal chunks).
@@ -112,7 +120,9 @@ def decode_tiled(vae: WanVAE, x: torch.Tensor, plan: VAETiling, *, chunk_frames:
     cfg = vae.config
     b, _, t, h, w = x.shape
     s = cfg.spatial_stride
-    out = torch.zeros((b, PIXEL_CHANNELS, cfg.pixel_frames(t), h * s, w * s), dtype=torch.float32, device=x.device)
+    out = torch.zeros(
+        (b, PIXEL_CHANNELS, cfg.pixel_frames(t), h * s, w * s), dtype=torch.float32, device=x.device
+    )
     weight_sum = torch.zeros((h * s, w * s), dtype=torch.float32, device=x.device)
     rows, cols = plan.axis_tiles(h), plan.axis_tiles(w)
     feats = vae.decode_lower(x, chunk_frames=chunk_frames)  # attention sees whole frames
@@ -123,9 +133,16 @@ def decode_tiled(vae: WanVAE, x: torch.Tensor, plan: VAETiling, *, chunk_frames:
         wy = axis_weights(rows, i, s).to(x.device)
         for j, (x0, x1) in enumerate(cols):
             weight = wy[:, None] * axis_weights(cols, j, s).to(x.device)[None, :]  # (tile H, tile W)
-            region = out[:, :, :, y0 * s:y1 * s, x0 * s:x1 * s]
-            vae.decode_into(feats[:, :, :, y0:y1, x0:x1], region, chunk_frames=chunk_frames, callback=callback,
-                            weight=weight, progress=(done, total), upper_only=True)
-            weight_sum[y0 * s:y1 * s, x0 * s:x1 * s] += weight
+            region = out[:, :, :, y0 * s : y1 * s, x0 * s : x1 * s]
+            vae.decode_into(
+                feats[:, :, :, y0:y1, x0:x1],
+                region,
+                chunk_frames=chunk_frames,
+                callback=callback,
+                weight=weight,
+                progress=(done, total),
+                upper_only=True,
+            )
+            weight_sum[y0 * s : y1 * s, x0 * s : x1 * s] += weight
             done += per_tile
     return out.div_(weight_sum)
