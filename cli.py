@@ -147,8 +147,8 @@ def cmd_suite(args: argparse.Namespace) -> int:
                 raise RuntimeError("the case wrote no report JSON (is Wan Benchmark Report in the workflow?)")
             reports += files["reports"]
         except Exception as err:  # noqa: BLE001 - a failed case is reported and the suite goes on
-            log.error("case %s failed: %s: %s", case["name"], type(err).__name__, err)
-            failed.append((case["name"], f"{type(err).__name__}: {err}"))
+            log.error("case %s failed: %s", case["name"], describe_error(err))
+            failed.append((case["name"], describe_error(err)))
     if reports:
         combined = out_dir / f"{suite.get('name', 'suite')}_report.md"
         combined.write_text(merge_reports(reports), encoding="utf-8")
@@ -278,9 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError) as err:
-        log.error("%s: %s", type(err).__name__, err, exc_info=args.verbose)
+    except (OSError, ValueError, TypeError, KeyError, ImportError, RuntimeError) as err:
+        log.error("%s", describe_error(err), exc_info=args.verbose)
         return 2
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for the user: the node that raised (when a workflow node did), the type, the message."""
+    from .runner import NODE_NOTE_PREFIX
+
+    where = [n[len(NODE_NOTE_PREFIX) :] for n in getattr(err, "__notes__", []) if n.startswith(NODE_NOTE_PREFIX)]
+    prefix = f"node {where[-1]} failed: " if where else ""
+    return f"{prefix}{type(err).__name__}: {err}"
 
 
 if __name__ == "__main__":

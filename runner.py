@@ -31,6 +31,12 @@ class WorkflowError(WanError, ValueError):
     """The workflow cannot run: unknown node type, bad link, invalid input value."""
 
 
+
+NODE_NOTE_PREFIX = "raised by node "  # exception note added by the runner: "raised by node 7 (Class)"
+# Input types entered as widget values (everything else is a link from another node's output).
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+
+
 @dataclass
 class RunResult:
     """Outputs of every node (by node id) and the `ui` dicts of the output nodes."""
@@ -72,8 +78,21 @@ def _input_spec(cls: type, name: str) -> tuple[Any, dict[str, Any]] | None:
     return None
 
 
+def _model_folder_hint(cls: type, name: str) -> str:
+    """For an input that picks a model file: where the file was looked for, and how to fix it."""
+    folder = getattr(cls, "MODEL_FOLDERS", {}).get(name)
+    if folder is None:
+        return ""
+    from .nodes.comfy_bridge import model_folder_description
+
+    return (
+        f"; model files are looked up in {model_folder_description(folder)}: put the file there, "
+        "pass another models folder with --models, or pick one of the listed names"
+    )
+
+
 def _check_value(
-    node_id: str, class_type: str, name: str, kind: Any, opts: dict[str, Any], value: Any
+    node_id: str, class_type: str, name: str, kind: Any, opts: dict[str, Any], value: Any, cls: type
 ) -> None:
     where = f"node {node_id} ({class_type}) input {name!r}"
     if isinstance(kind, list):
@@ -85,7 +104,9 @@ def _check_value(
                     "Pass the models folder with --models, or create the tiny models with "
                     "--make-tiny-models / `wanbench make-tiny-models DIR`"
                 )
-            raise WorkflowError(f"{where}: value {value!r} is not one of {shown}")
+            raise WorkflowError(
+                f"{where}: value {value!r} is not one of {shown}{_model_folder_hint(cls, name)}"
+            )
         return
     if kind in ("INT", "FLOAT"):
         if (
@@ -116,9 +137,17 @@ def validate_workflow(prompt: Mapping[str, Any]) -> list[str]:
             )
         cls = NODE_CLASS_MAPPINGS[class_type]
         inputs = node.get("inputs", {})
-        for name in cls.INPUT_TYPES().get("required", {}):
+        for name, entry in cls.INPUT_TYPES().get("required", {}).items():
             if name not in inputs:
-                raise WorkflowError(f"node {node_id} ({class_type}): required input {name!r} is missing")
+                kind = entry[0]
+                fix = (
+                    f"connect a node that outputs {kind} to it"
+                    if isinstance(kind, str) and kind.isupper() and kind not in WIDGET_TYPES
+                    else "give it a value"
+                )
+                raise WorkflowError(
+                    f"node {node_id} ({class_type}): required input {name!r} is missing; {fix}"
+                )
         for name, value in inputs.items():
             spec = _input_spec(cls, name)
             if spec is None:
@@ -173,7 +202,7 @@ def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], 
             kwargs[name] = result.outputs[value[0]][value[1]]
         else:
             kind, opts = _input_spec(cls, name)  # type: ignore[misc]
-            _check_value(node_id, class_type, name, kind, opts, value)
+            _check_value(node_id, class_type, name, kind, opts, value, cls)
             kwargs[name] = constants[name] = value
     validate = getattr(cls, "VALIDATE_INPUTS", None)
     if validate is not None:
@@ -183,7 +212,12 @@ def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], 
             raise WorkflowError(f"node {node_id} ({class_type}): {verdict}")
     for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
         kwargs[name] = {"UNIQUE_ID": node_id, "PROMPT": dict(prompt)}.get(kind)
-    out = getattr(cls(), cls.FUNCTION)(**kwargs)
+    try:
+        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+    except Exception as err:
+        # Same exception (callers and tests keep its type); the note names the node that raised.
+        err.add_note(f"{NODE_NOTE_PREFIX}{node_id} ({class_type})")
+        raise
     if isinstance(out, dict):
         result.ui[node_id] = out.get("ui", {})
         out = out.get("result", ())

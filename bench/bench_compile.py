@@ -94,7 +94,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--name", default="bench_compile", help="results file name (without .json)")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: bench/results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config = CompileConfig(backend=args.backend, mode=args.mode)
     load_before = load_average()
     torch._dynamo.reset()

@@ -312,7 +312,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ceiling-sizes", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--name", default="bench_dit", help="results file name (without .json)")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: bench/results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
     load_before = load_average()

@@ -93,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--name", default="bench_matmul", help="results file name (without .json)")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: bench/results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     on_cuda = args.device.startswith("cuda")
     dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
     sizes = args.sizes or ((4096, 8192, 16384) if on_cuda else (1024, 2048, 4096))

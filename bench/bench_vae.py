@@ -156,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tiles", type=int, nargs="*", default=[8], help="tile sizes in latent cells")
     parser.add_argument("--overlap", type=int, default=2, help="tile overlap in latent cells")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results-dir", type=Path, default=None, help="where vae_decode.json goes")
     parser.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--child-tile", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "results": results,
     }
-    path = write_result("vae_decode", payload)
+    path = write_result("vae_decode", payload, results_dir=args.results_dir)
     log.info("wrote %s", path)
     return payload
 

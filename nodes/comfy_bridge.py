@@ -80,6 +80,15 @@ def list_models(folder: str) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_file() or p.is_dir())
 
 
+def model_folder_description(folder: str) -> str:
+    """Where model files of `folder` are looked up, for messages: ComfyUI's folder name inside a
+    server, the bridge's directory standalone."""
+    if _comfy_module("folder_paths") is not None:
+        return f"ComfyUI's models/{folder}/ folder"
+    directory = _active_bridge().model_dirs.get(folder)
+    return str(directory) if directory is not None else f"no {folder!r} folder (none configured)"
+
+
 def resolve_model(folder: str, name: str) -> str:
     """Full path of model `name` in `folder`.
 

@@ -6,7 +6,7 @@ ComfyUI). With a profiler wired, the load is recorded as an `init` stage.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,6 +50,8 @@ class WanModelLoader:
     CATEGORY = T.CATEGORY
     RETURN_TYPES = (T.MODEL,)
     RETURN_NAMES = ("model",)
+    # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
+    MODEL_FOLDERS: ClassVar[dict[str, str]] = {"model_high": bridge.FOLDER_DIT, "model_low": bridge.FOLDER_DIT}
     FUNCTION = "load"
     DESCRIPTION = "Loads Wan2.2 DiT weights (ComfyUI, official or diffusers layouts; fp16/bf16/fp8-scaled)."
 
@@ -148,6 +150,8 @@ class WanTextEncoderLoader:
     CATEGORY = T.CATEGORY
     RETURN_TYPES = (T.TEXT_ENCODER,)
     RETURN_NAMES = ("text_encoder",)
+    # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
+    MODEL_FOLDERS: ClassVar[dict[str, str]] = {"text_encoder": bridge.FOLDER_TEXT_ENCODERS}
     FUNCTION = "load"
     DESCRIPTION = "Loads the UMT5-XXL text encoder (the tokenizer comes from the file's spiece_model)."
 
@@ -194,6 +198,8 @@ class WanVAELoader:
     CATEGORY = T.CATEGORY
     RETURN_TYPES = (T.VAE,)
     RETURN_NAMES = ("vae",)
+    # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
+    MODEL_FOLDERS: ClassVar[dict[str, str]] = {"vae": bridge.FOLDER_VAE}
     FUNCTION = "load"
     DESCRIPTION = "Loads a Wan video VAE (wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B)."
 

@@ -107,7 +107,9 @@ def stage_load(stage: StageRecord) -> float | None:
 
 
 def stage_tflops(stage: StageRecord) -> float | None:
-    if stage.flops is None or stage.cached or stage.duration_s <= 0:
+    """Achieved TFLOP/s of a stage; None when it was not counted, was cached or does no arithmetic
+    (a step's weight loading has 0 FLOPs: a rate of 0 would read as a measurement)."""
+    if stage.flops is None or stage.flops <= 0 or stage.cached or stage.duration_s <= 0:
         return None
     return stage.flops / stage.duration_s / 1e12
 
@@ -245,8 +247,10 @@ def _gb(value: int | None) -> str:
 
 
 def _phases(run: RunRecord, summary: RunSummary) -> list[tuple[str, float]]:
+    """(label, seconds) per phase, largest first. A phase made of several differently named stages
+    (e.g. the three loaders) names them, so its time is not mistaken for one row of the table."""
     names = {
-        "init": "Model initialization",
+        "init": "Initialization",
         "preprocess": "Preprocessing",
         "encode": "Text encoding",
         "step-loading": "Denoising steps",
@@ -254,12 +258,19 @@ def _phases(run: RunRecord, summary: RunSummary) -> list[tuple[str, float]]:
         "decode": "VAE decoding",
     }
     acc: dict[str, float] = {}
+    members: dict[str, list[str]] = {}
     for s in run.top_level:
         label = names.get(s.kind, s.name)
         acc[label] = acc.get(label, 0.0) + s.duration_s
+        if not s.kind.startswith("step-") and s.name not in members.setdefault(label, []):
+            members[label].append(s.name)
     if summary.outside_s > 0:
         acc["Outside stages"] = summary.outside_s
-    return sorted(acc.items(), key=lambda kv: -kv[1])
+    labelled = {
+        label: (f"{label} ({' + '.join(members[label])})" if len(members.get(label, [])) > 1 else label)
+        for label in acc
+    }
+    return sorted(((labelled[k], v) for k, v in acc.items()), key=lambda kv: -kv[1])
 
 
 def analyze_run(run: RunRecord, summary: RunSummary) -> RunAnalysis:
@@ -457,7 +468,12 @@ def _mfu_finding(run: RunRecord, summary: RunSummary) -> Statement:
 def _recommendations(run: RunRecord, summary: RunSummary) -> list[Statement]:
     recs: list[Statement] = []
     placement = run.context.placement
-    if run.context.offload and summary.loading_total_s > 0:
+    if (
+        run.context.offload
+        and summary.loading_total_s > 0
+        and summary.loading_share_pct is not None
+        and summary.loading_share_pct >= LOADING_FLAG_PCT
+    ):
         free = (
             None
             if summary.gpu_memory_bytes is None or summary.peak_reserved_bytes is None
@@ -508,8 +524,9 @@ def _recommendations(run: RunRecord, summary: RunSummary) -> list[Statement]:
                 rule="reuse_cache",
                 gain_s=seconds,
                 figures={"reusable_s": seconds},
-                text=f"Re-running with the same models and prompt lets ComfyUI serve {names} from its cache: "
-                f"about {seconds:.2f} s saved per later run.",
+                text=f"In a running ComfyUI server, a later run with the same models and prompt reuses "
+                f"the cached outputs of {names}: about {seconds:.2f} s saved per later run "
+                "(an in-process `wanbench run` starts fresh every time).",
             )
         )
     if (

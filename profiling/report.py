@@ -334,11 +334,16 @@ def _inference_stats(run: RunRecord, sm: RunSummary) -> list[str]:
         f"- **Avg {label}** (steps): {with_unit(fmt_pct(sm.step_activity_pct), '%')} "
         f"(max {with_unit(fmt_pct(sm.step_activity_max_pct), '%')})",
         f"- **Total Inference Load**: {fmt_load(sm.inference_load)}",
-        f"- **Throughput**: {with_unit(fmt_tflops(sm.steps_tflops), 'TFLOP/s')}; MFU "
-        f"{with_unit(fmt_pct(sm.mfu_pct), '%')} of a "
-        f"{with_unit(fmt_tflops(sm.peak_tflops), 'TFLOP/s')} peak; "
-        f"FLOP floor {with_unit(fmt_s(sm.steps_floor_s), 's')} for the steps (measured "
-        f"{fmt_s(sm.inference_total_s)} s), {with_unit(fmt_s(sm.total_floor_s), 's')} for the run",
+        f"- **Throughput**: {with_unit(fmt_tflops(sm.steps_tflops), 'TFLOP/s')}; "
+        + (
+            f"MFU {with_unit(fmt_pct(sm.mfu_pct), '%')} of a "
+            f"{with_unit(fmt_tflops(sm.peak_tflops), 'TFLOP/s')} peak; "
+            f"FLOP floor {with_unit(fmt_s(sm.steps_floor_s), 's')} for the steps (measured "
+            f"{fmt_s(sm.inference_total_s)} s), {with_unit(fmt_s(sm.total_floor_s), 's')} for the run"
+            if sm.peak_tflops is not None
+            else f"MFU and FLOP floor n/a (no dense bf16 peak is known for this device); "
+            f"steps measured {fmt_s(sm.inference_total_s)} s"
+        ),
         "",
     ]
     return lines

@@ -148,3 +148,22 @@ def test_bf16_smoke(name: str) -> None:
     assert out.dtype == torch.float32
     rel = ((out - t["video_raw"]).norm() / t["video_raw"].norm()).item()
     assert rel < bound, f"{name}/{case}: bf16 relative L2 error {rel:.4f} >= {bound}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
+@pytest.mark.parametrize(("name", "case"), CASES or [("none", "none")])
+def test_golden_case_cuda(name: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same parity on CUDA in float32 with TF32 off (the manifest's comparison rule)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    entry = load_manifest(MANIFEST)["vaes"][name]
+    vae = load_vae(golden_dir() / entry["weights_file"], device="cuda")
+    t = _tensors(name, case)
+    if "video" in t and "mu" in t:
+        mu = vae.encode(t["video"].cuda(), drop_trailing_frames=True).cpu()
+        _assert_allclose(mu, t["mu"], f"{name}/{case} mu (cuda)")
+    if "latent" in t and "video_raw" in t:
+        out = vae.decode(denormalize_latent(t["latent"], vae.config).cuda(), clamp=False).cpu()
+        _assert_allclose(out, t["video_raw"], f"{name}/{case} video_raw (cuda)")
