@@ -287,7 +287,9 @@ def describe_error(err: BaseException) -> str:
     """One line for the user: the node that raised (when a workflow node did), the type, the message."""
     from .runner import NODE_NOTE_PREFIX
 
-    where = [n[len(NODE_NOTE_PREFIX) :] for n in getattr(err, "__notes__", []) if n.startswith(NODE_NOTE_PREFIX)]
+    where = [
+        n[len(NODE_NOTE_PREFIX) :] for n in getattr(err, "__notes__", []) if n.startswith(NODE_NOTE_PREFIX)
+    ]
     prefix = f"node {where[-1]} failed: " if where else ""
     return f"{prefix}{type(err).__name__}: {err}"
 

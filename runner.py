@@ -31,7 +31,6 @@ class WorkflowError(WanError, ValueError):
     """The workflow cannot run: unknown node type, bad link, invalid input value."""
 
 
-
 NODE_NOTE_PREFIX = "raised by node "  # exception note added by the runner: "raised by node 7 (Class)"
 # Input types entered as widget values (everything else is a link from another node's output).
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
@@ -435,8 +434,20 @@ def run_on_server(
     import uuid
 
     server = server.rstrip("/")
+    if not server.startswith("http://"):
+        raise ValueError(
+            f"--server must be a plain http:// URL such as http://127.0.0.1:8188; got {server!r}"
+        )
     client_id = uuid.uuid4().hex
-    ws = _WebSocket(server.replace("http://", "ws://", 1) + f"/ws?clientId={client_id}", timeout_s=timeout_s)
+    try:
+        ws = _WebSocket(
+            server.replace("http://", "ws://", 1) + f"/ws?clientId={client_id}", timeout_s=timeout_s
+        )
+    except OSError as err:
+        raise ServerError(
+            f"cannot reach a ComfyUI server at {server} ({type(err).__name__}: {err}); start ComfyUI "
+            "(python main.py --listen 127.0.0.1 --port 8188) or fix the --server URL"
+        ) from err
     messages: list[dict[str, Any]] = []
     try:
         status, answer = _http_json(

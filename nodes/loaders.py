@@ -51,7 +51,10 @@ class WanModelLoader:
     RETURN_TYPES = (T.MODEL,)
     RETURN_NAMES = ("model",)
     # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
-    MODEL_FOLDERS: ClassVar[dict[str, str]] = {"model_high": bridge.FOLDER_DIT, "model_low": bridge.FOLDER_DIT}
+    MODEL_FOLDERS: ClassVar[dict[str, str]] = {
+        "model_high": bridge.FOLDER_DIT,
+        "model_low": bridge.FOLDER_DIT,
+    }
     FUNCTION = "load"
     DESCRIPTION = "Loads Wan2.2 DiT weights (ComfyUI, official or diffusers layouts; fp16/bf16/fp8-scaled)."
 

@@ -59,8 +59,16 @@ def test_unknown_model_name_says_where_it_was_looked_for(tmp_path: Path, caplog)
     (models / "diffusion_models" / "other.safetensors").write_bytes(b"x")
     out = tmp_path / "out"
     with caplog.at_level(logging.ERROR, logger="wanbench"):
-        code = main(["run", str(_write(tmp_path, _loader("missing.safetensors"))), "--out", str(out),
-                     "--models", str(models)])
+        code = main(
+            [
+                "run",
+                str(_write(tmp_path, _loader("missing.safetensors"))),
+                "--out",
+                str(out),
+                "--models",
+                str(models),
+            ]
+        )
     assert code == 2
     text = caplog.text
     assert "'missing.safetensors' is not one of ['other.safetensors']" in text
@@ -80,8 +88,9 @@ def test_a_failing_node_is_named_with_the_error_type(tmp_path: Path, caplog) -> 
     assert describe_error(caught.value).startswith("node 2 (WanBenchModelLoader) failed: CheckpointError: ")
 
     with caplog.at_level(logging.ERROR, logger="wanbench"):
-        code = main(["run", str(_write(tmp_path, prompt)), "--out", str(tmp_path / "out"),
-                     "--models", str(models)])
+        code = main(
+            ["run", str(_write(tmp_path, prompt)), "--out", str(tmp_path / "out"), "--models", str(models)]
+        )
     assert code == 2
     assert "node 2 (WanBenchModelLoader) failed: CheckpointError" in caplog.text
     assert "Traceback" not in caplog.text
@@ -102,8 +111,16 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path: Path, caplog) -> No
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
     with caplog.at_level(logging.ERROR, logger="wanbench"):
-        code = main(["run", str(_write(tmp_path, _loader("x.safetensors"))), "--out", str(blocker / "out"),
-                     "--models", str(tmp_path)])
+        code = main(
+            [
+                "run",
+                str(_write(tmp_path, _loader("x.safetensors"))),
+                "--out",
+                str(blocker / "out"),
+                "--models",
+                str(tmp_path),
+            ]
+        )
     assert code == 2
     assert "Error" in caplog.text and str(blocker) in caplog.text and "Traceback" not in caplog.text
 
@@ -125,7 +142,8 @@ def test_largest_phase_names_the_stages_it_adds_up() -> None:
     # Make the run's preprocessing a second loader, so that two init stages form one phase.
     stages = [
         dataclasses.replace(s, name="VAE_Initialization", kind="init", end_s=s.start_s + 50.0)
-        if s.kind == "preprocess" else s
+        if s.kind == "preprocess"
+        else s
         for s in base.stages
     ]
     run = dataclasses.replace(base, stages=stages)
@@ -134,7 +152,8 @@ def test_largest_phase_names_the_stages_it_adds_up() -> None:
     finding = next(f for f in analyze_run(run, summarize_run(run)).findings if f.rule == "largest_phase")
     seconds = sum(s.duration_s for s in init)
     assert finding.text.startswith(
-        f"Largest part of the run: Initialization (Model_Initialization + VAE_Initialization), {seconds:.2f} s"
+        "Largest part of the run: Initialization (Model_Initialization + VAE_Initialization), "
+        f"{seconds:.2f} s"
     )
     # A phase of one stage keeps its plain name.
     single = next(f for f in analyze_run(base, summarize_run(base)).findings if f.rule == "largest_phase")
@@ -145,10 +164,49 @@ def test_negligible_step_loading_is_not_recommended_away() -> None:
     run = run_t2v_l40s()
     loading = [s for s in run.stages if s.kind == "step-loading"]
     tiny = dataclasses.replace(
-        run, stages=[dataclasses.replace(s, end_s=s.start_s + 0.0005) if s in loading else s for s in run.stages]
+        run,
+        stages=[dataclasses.replace(s, end_s=s.start_s + 0.0005) if s in loading else s for s in run.stages],
     )
     sm = summarize_run(tiny)
     assert sm.loading_share_pct is not None and sm.loading_share_pct < 5.0
     assert not any(r.rule == "placement_none" for r in analyze_run(tiny, sm).recommendations)
     # with the real 9.6 s of loading the recommendation stays
     assert any(r.rule == "placement_none" for r in analyze_run(run, summarize_run(run)).recommendations)
+
+
+def test_unreachable_or_malformed_server_url(tmp_path: Path, caplog) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that is certainly closed: bound, never listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="wanbench"):
+            code = main(
+                [
+                    "run",
+                    str(_write(tmp_path, _loader("x"))),
+                    "--server",
+                    f"http://127.0.0.1:{port}",
+                    "--out",
+                    str(tmp_path / "out"),
+                ]
+            )
+    assert code == 2
+    assert f"cannot reach a ComfyUI server at http://127.0.0.1:{port}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="wanbench"):
+        code = main(
+            [
+                "run",
+                str(_write(tmp_path, _loader("x"))),
+                "--server",
+                "127.0.0.1:8188",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+    assert code == 2
+    assert (
+        "--server must be a plain http:// URL such as http://127.0.0.1:8188; got '127.0.0.1:8188'"
+        in caplog.text
+    )
