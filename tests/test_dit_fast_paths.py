@@ -176,7 +176,7 @@ def test_t5_trimmed_padding_equals_the_untrimmed_computation() -> None:
         exp = encoder.norm(x)
     assert got.shape == exp.shape
     for b, n in enumerate(mask.sum(1).tolist()):
-        torch.testing.assert_close(got[b, :n], exp[b, :n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[b, :n], exp[b, :n], rtol=1e-4, atol=1e-5)
     assert torch.equal(got[:, 9:], torch.zeros_like(got[:, 9:]))
 
 

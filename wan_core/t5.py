@@ -94,6 +94,10 @@ class T5LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            # sum of squares in one reduction (no squared copy), then two passes over x
+            scale = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + self.eps).rsqrt()
+            return torch.mul(x, scale).mul_(self.weight)
         x = x * torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.type_as(self.weight)
@@ -156,7 +160,10 @@ class T5FeedForward(nn.Module):
         self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x) * self.gate(x))
+        if torch.is_grad_enabled():
+            return self.fc2(self.fc1(x) * self.gate(x))
+        gate = torch._C._nn.gelu_(self.gate[0](x), approximate="tanh")  # in place: no autograd here
+        return self.fc2(self.fc1(x).mul_(gate))
 
 
 class T5Block(nn.Module):
