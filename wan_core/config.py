@@ -316,8 +316,10 @@ class WanConfig:
     def validate_video(self, width: int, height: int, num_frames: int) -> None:
         m, ts = self.size_multiple, self.vae.temporal_stride
         if width <= 0 or height <= 0 or width % m or height % m:
+            near_w, near_h = max(m, round(width / m) * m), max(m, round(height / m) * m)
             raise ValueError(f"{self.name}: width and height must be positive multiples of {m}; "
-                             f"got {width}x{height} (e.g. {self.default_size[0]}x{self.default_size[1]})")
+                             f"got {width}x{height}; the nearest valid size is {near_w}x{near_h} "
+                             f"(default {self.default_size[0]}x{self.default_size[1]})")
         if num_frames < 1 or (num_frames - 1) % ts:
             raise ValueError(f"{self.name}: num_frames must be {ts}k+1 (e.g. {self.frame_num}); got {num_frames}")
 

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -558,7 +557,7 @@ def save_vae(
     """Write a VAE: "comfy" = one safetensors file with official names; "official" = a `.pth` state
     dict; "diffusers" = a folder with `diffusion_pytorch_model.safetensors` and config.json (or one
     file if `path` ends in .safetensors). Files are written atomically. Returns what was written."""
-    from .weights import write_safetensors, write_text_atomic
+    from .weights import atomic_target, write_safetensors, write_text_atomic
 
     if layout not in VAE_LAYOUTS:
         raise ValueError(f"unknown VAE layout {layout!r}; expected one of {VAE_LAYOUTS}")
@@ -569,15 +568,8 @@ def save_vae(
     if layout == "comfy":
         return write_safetensors(tensors, target)
     if layout == "official":
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
+        with atomic_target(target) as tmp:
             torch.save(tensors, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return target
     tensors = to_diffusers(tensors, config)
     if target.suffix == ".safetensors":

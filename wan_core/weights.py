@@ -12,13 +12,14 @@ official <-> diffusers key map (spec section 3.10).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import pickle
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -221,37 +222,43 @@ def _dequantise_and_cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None)
 # --------------------------------------------------------------------------------------------
 # Generic writing
 # --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_target(path: PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed.
+
+    The file gets the usual permissions (0o666 minus the umask), not mkstemp's private 0o600, so
+    that a ComfyUI server running as another user can read the models it is given.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *,
                       metadata: Mapping[str, str] | None = None) -> Path:
     """Write tensors to `path` atomically (temp file in the same folder, then `os.replace`)."""
     from safetensors.torch import save_file
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         save_file(contiguous, tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
+    return Path(path)
 
 
 def write_text_atomic(text: str, path: PathLike) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
+    with atomic_target(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def quantise_fp8_scaled(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
