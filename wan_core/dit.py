@@ -236,7 +236,7 @@ class WanBlock(nn.Module):
         x = x.add_(cross) if inplace else x + cross
         h = torch.addcmul(shift_ff, self.norm2(x), 1 + scale_ff).to(dtype)
         h = self.ffn[0](h)
-        h = torch._C._nn.gelu_(h, approximate="tanh") if inplace else self.ffn[1](h)
+        h = torch.ops.aten.gelu_(h, approximate="tanh") if inplace else self.ffn[1](h)
         h = self.ffn[2](h).float()
         return x.addcmul_(h, gate_ff) if inplace else torch.addcmul(x, h, gate_ff)
 

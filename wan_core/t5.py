@@ -162,7 +162,7 @@ class T5FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return self.fc2(self.fc1(x) * self.gate(x))
-        gate = torch._C._nn.gelu_(self.gate[0](x), approximate="tanh")  # in place: no autograd here
+        gate = torch.ops.aten.gelu_(self.gate[0](x), approximate="tanh")  # in place: no autograd here
         return self.fc2(self.fc1(x).mul_(gate))
 
 
