@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-
-from bench.common import format_table, interleaved, summarize, write_result
 from wanbench.wan_core.config import DiTConfig, preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.sampler import SamplerOptions, make_noise, sample
+
+from bench.common import format_table, interleaved, summarize, write_result
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from wanbench.wan_core import attention as attn_mod
 from wanbench.wan_core.attention import BACKENDS, attention, available_backends, resolve_backend
 from wanbench.wan_core.config import preset

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import assert_close_manifest, golden_dir, manifest_fixtures
 from safetensors.torch import load_file
-
 from wanbench.wan_core import conditioning as cond
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.latents import denormalize_latent

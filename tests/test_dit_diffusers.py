@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from wanbench.wan_core.config import DiTConfig, preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.weights import dit_from_diffusers, dit_to_diffusers

@@ -13,11 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from wanbench.wan_core.attention import attention
 from wanbench.wan_core.config import DiTConfig, UMT5Config
-from wanbench.wan_core.dit import (WanDiT, WanPatchEmbedding, WanTextEmbedding, compact_text_keys,
-                                   nonzero_rows)
+from wanbench.wan_core.dit import WanDiT, WanPatchEmbedding, WanTextEmbedding, compact_text_keys, nonzero_rows
 from wanbench.wan_core.rope import RopeCache, apply_rope, apply_rope_complex, rotate
 from wanbench.wan_core.t5 import UMT5Encoder
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import assert_close_manifest, golden_dir, manifest_fixtures
 from safetensors.torch import load_file
-
 from wanbench.wan_core.config import DiTConfig
 from wanbench.wan_core.dit import WanDiT, sinusoidal_embedding
 from wanbench.wan_core.rope import apply_rope

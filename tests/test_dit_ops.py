@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from conftest import golden_dir, manifest_fixtures
 from safetensors.torch import load_file
-
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.dit import WanDiT, sinusoidal_embedding
 from wanbench.wan_core.rope import RopeCache, apply_rope, apply_rope_fp64, rope_split, rope_table

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from wanbench.wan_core.config import I2V_A14B, T2V_A14B, TI2V_5B, preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.errors import CheckpointError

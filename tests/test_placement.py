@@ -9,7 +9,6 @@ import torch
 from conftest import golden_dir, manifest_fixtures
 from safetensors.torch import load_file
 from test_sampler import dit_config, load_pipeline, weight_files
-
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.placement import BlockSwap, cast_weights, make_placement, store_fp8, weight_dtype

@@ -10,11 +10,10 @@ import pytest
 import torch
 from conftest import assert_close_manifest, golden_dir, manifest_fixtures
 from safetensors.torch import load_file
-
 from wanbench.wan_core.config import DiTConfig, preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.errors import SamplingInterrupted
-from wanbench.wan_core.sampler import (SamplerOptions, guidance_for, make_noise, sample, select_expert)
+from wanbench.wan_core.sampler import SamplerOptions, guidance_for, make_noise, sample, select_expert
 from wanbench.wan_core.trace import use_tracer
 
 PIPELINES = manifest_fixtures(kind_prefix="pipeline")
@@ -95,7 +94,8 @@ def test_pipeline_golden(fixture: dict) -> None:
     noise_before = io["noise"].clone()
     with use_tracer(tracer):
         out = sample(experts, task, opts, context=io["context"], context_null=io["context_null"],
-                     noise=io["noise"], callback=lambda i, n, latent: latents.append(latent.clone()), **conditioning(io))
+                     noise=io["noise"], callback=lambda i, n, latent: latents.append(latent.clone()),
+                     **conditioning(io))
     assert torch.equal(io["noise"], noise_before), "the input noise was modified"
     final_tol = tol["final_latent"]
     assert_close_manifest(out, io["expected.final_latent"], atol=final_tol["atol"], rtol=final_tol["rtol"],

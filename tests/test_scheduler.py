@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import assert_close_manifest, golden_dir, load_manifest, manifest_fixtures
 from safetensors.torch import load_file
-
 from wanbench.wan_core.schedulers import FlowSchedule, make_schedule, make_scheduler
 
 SOLVER_NAMES = {"unipc": "unipc", "dpmpp": "dpm++"}
@@ -114,7 +113,7 @@ def test_step_past_the_end_and_reset() -> None:
         scheduler.step(v, x)
     scheduler.reset()
     again = [scheduler.step(v, x), scheduler.step(v, x)]
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=False):
         assert torch.equal(a, b)
 
 

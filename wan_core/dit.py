@@ -125,7 +125,8 @@ class WanTextEmbedding(nn.Sequential):
     def __init__(self, text_dim: int, dim: int) -> None:
         super().__init__(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
 
-    def forward(self, x: torch.Tensor, *, pad_to: int | None = None, num_rows: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, pad_to: int | None = None,
+                num_rows: int | None = None) -> torch.Tensor:
         """Shapes: x (B, S, text_dim) -> (B, max(S, pad_to), D)."""
         total = max(x.shape[1], pad_to or 0)
         if num_rows is None:
@@ -203,6 +204,18 @@ class WanAttention(nn.Module):
         return self.o(attention(q, k, v, backend=backend, key_bias=key_bias).flatten(2))
 
 
+def _modulation_parameter(rows: int, dim: int) -> nn.Parameter:
+    """A (1, rows, dim) modulation table, randomly initialised unless built on the meta device.
+
+    Models that are about to receive a checkpoint are built on the meta device; initialising
+    there would only cost time (random ops on meta tensors are not free).
+    """
+    param = nn.Parameter(torch.empty(1, rows, dim))
+    if not param.is_meta:
+        nn.init.normal_(param, std=dim ** -0.5)
+    return param
+
+
 class WanBlock(nn.Module):
     """One transformer block (`WanAttentionBlock`, spec section 3.7)."""
 
@@ -216,7 +229,7 @@ class WanBlock(nn.Module):
         self.norm2 = WanLayerNorm(d, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(d, config.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(config.ffn_dim, d))
-        self.modulation = nn.Parameter(torch.randn(1, 6, d) / math.sqrt(d))
+        self.modulation = _modulation_parameter(6, d)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
                 rope: RopeTables | tuple[torch.Tensor, torch.Tensor], backend: str, *,
@@ -249,7 +262,7 @@ class WanHead(nn.Module):
         d = config.dim
         self.norm = WanLayerNorm(d, config.eps, elementwise_affine=False)
         self.head = nn.Linear(d, config.out_dim * math.prod(config.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, d) / math.sqrt(d))
+        self.modulation = _modulation_parameter(2, d)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Shapes: x (B, L, D), e (B, Lt, D) the time embedding (not e0) -> (B, L, prod(patch)*out_dim)."""
@@ -315,14 +328,16 @@ class WanDiT(nn.Module):
                 if c.ndim != 2 or c.shape[1] != cfg.text_dim or c.shape[0] > cfg.text_len:
                     raise ValueError(f"context {i} must be (S <= {cfg.text_len}, {cfg.text_dim}); "
                                      f"got {tuple(c.shape)}")
-            padded = weight.new_zeros(len(context), max((c.shape[0] for c in context), default=0), cfg.text_dim)
+            longest = max((c.shape[0] for c in context), default=0)
+            padded = weight.new_zeros(len(context), longest, cfg.text_dim)
             for i, c in enumerate(context):
                 padded[i, : c.shape[0]] = c.to(weight)
         rows = nonzero_rows(padded)  # padded (B, S <= text_len, text_dim): rows beyond S are zero too
         num_rows = int(rows.max()) if rows.numel() else 0
         return self.text_embedding(padded, pad_to=cfg.text_len, num_rows=num_rows), rows
 
-    def _padded_context_tensor(self, context: torch.Tensor, context_lens: torch.Tensor | None) -> torch.Tensor:
+    def _padded_context_tensor(self, context: torch.Tensor,
+                               context_lens: torch.Tensor | None) -> torch.Tensor:
         """Check a (B, S, text_dim) context; rows at or beyond `context_lens[b]` are zeroed.
 
         Shapes: context (B, S, text_dim), context_lens (B,) or None -> (B, S' <= text_len, text_dim)

@@ -187,7 +187,7 @@ class BlockSwap(Placement):
         for model in _unique(self.experts):
             for entry in self._streamed.get(id(model), []):
                 entry.staged, entry.ready = None, None
-                for t, cpu in zip(entry.tensors, entry.stored):
+                for t, cpu in zip(entry.tensors, entry.stored, strict=False):
                     t.data = cpu
             model.to(OFFLOAD_DEVICE)
         self._streamed.clear()
@@ -224,7 +224,7 @@ class BlockSwap(Placement):
                 current.wait_event(entry.ready)
                 for t in entry.staged:
                     t.record_stream(current)  # keep the memory alive until this stream is done
-            for t, dev in zip(entry.tensors, entry.staged):
+            for t, dev in zip(entry.tensors, entry.staged, strict=False):
                 t.data = dev
             if nxt is not entry:
                 self._stage(nxt)
@@ -232,7 +232,7 @@ class BlockSwap(Placement):
 
     def _post_hook(self, entry: _StreamedBlock):
         def hook(module: nn.Module, args: object, output: object) -> None:
-            for t, cpu in zip(entry.tensors, entry.stored):
+            for t, cpu in zip(entry.tensors, entry.stored, strict=False):
                 t.data = cpu
             entry.staged, entry.ready = None, None
         return hook
@@ -280,7 +280,7 @@ class Fp8Storage:
                 p.data = (p.data.float() * scale).to(dtype)
 
         def requantise(module: nn.Module, args: object, output: object) -> None:
-            for (p, _, _), q in zip(entries, stash):
+            for (p, _, _), q in zip(entries, stash, strict=False):
                 p.data = q
             stash.clear()
 
