@@ -165,6 +165,12 @@ def forward_comparison(model: WanDiT, task: WanConfig, case: GpuCase, ctx: torch
     return out
 
 
+def tiny_label(name: str) -> str:
+    """The report label of a suite case run with the tiny twins: never the real case's name alone
+    (a 96x64 CPU run must not read as `01_Speed_Preview_480p`)."""
+    return name if name.endswith("-tiny") else f"{name}-tiny"
+
+
 def run_case(case: GpuCase, *, device: str, dtype: torch.dtype, tiny: bool, max_steps: int, repeats: int,
              compile_config: CompileConfig | None, with_diffusers: bool, out_dir: Path) -> dict[str, Any]:
     """Profile one case end to end; returns its figures and the paths of its report files."""
@@ -174,9 +180,11 @@ def run_case(case: GpuCase, *, device: str, dtype: torch.dtype, tiny: bool, max_
     placement = "none" if use_compile else case.placement
     opts = SamplerOptions.from_config(task.sampler, steps=steps, placement=placement, cfg_mode="batched")
     latent_shape = task.latent_shape(case.width, case.height, case.frames)
-    session = ProfileSession(case_name=case.name, device=device)
+    label = tiny_label(case.name) if tiny else case.name
+    session = ProfileSession(case_name=label, device=device)
     session.set_context(task=task.name, width=case.width, height=case.height, frames=case.frames, steps=steps,
-                        placement=placement, dit_dtype=str(dtype), attention_backend="sdpa",
+                        placement=placement, dit_dtype=str(dtype).removeprefix("torch."),
+                        attention_backend="sdpa",
                         compile=use_compile, cfg_mode="batched", solver=opts.solver, seed=opts.seed)
     compile_stats = []
     with session:
@@ -197,7 +205,7 @@ def run_case(case: GpuCase, *, device: str, dtype: torch.dtype, tiny: bool, max_
         if use_compile:
             compile_stats = [h.stats().to_dict() for h in handles]
     record = session.record
-    files = write_report(record, out_dir / case.name, basename="report")
+    files = write_report(record, out_dir / label, basename="report")
     problems = check_report(files["json"])
     summary = summarize_run(record)
     step_times = [s.duration_s for s in record.stages if s.kind == "step-inference"]
@@ -210,7 +218,7 @@ def run_case(case: GpuCase, *, device: str, dtype: torch.dtype, tiny: bool, max_
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {
-        "case": asdict(case), "task": task.name, "steps_run": steps, "steps_in_suite": case.steps,
+        "case": asdict(case), "report_case": label, "task": task.name, "steps_run": steps, "steps_in_suite": case.steps,
         "placement": placement, "step_inference_s": step_times,
         "s_per_step": summary.s_per_step, "steady_median_s": summary.steady_median_s,
         "steps_tflops": summary.steps_tflops, "mfu_pct": summary.mfu_pct,

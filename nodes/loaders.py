@@ -23,7 +23,12 @@ DTYPES: dict[str, torch.dtype] = {
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("sdpa", "auto", "flash_attn", "sage")
 
-STAGE_DIT = ("Model_Initialization", "init")
+# Each loader records one piece of `Model_Initialization` with its own load as the child stage;
+# the profiling session joins consecutive pieces into one Model_Initialization (the total init
+# time) and keeps the per-loader children. A loader served from ComfyUI's cache is reported by
+# its child stage name.
+STAGE_INIT = ("Model_Initialization", "init")
+STAGE_DIT = ("DiT_Initialization", "init")
 STAGE_TEXT = ("Text_Encoder_Initialization", "init")
 STAGE_VAE = ("VAE_Initialization", "init")
 
@@ -128,7 +133,11 @@ class WanModelLoader:
             get_backend(attention)  # raises with the install hint when the package is missing
         high = bridge.resolve_model(bridge.FOLDER_DIT, model_high)
         low = None if model_low == NONE_FILE else bridge.resolve_model(bridge.FOLDER_DIT, model_low)
-        with maybe_profile(profiler, unique_id, [STAGE_DIT]), single_stage(*STAGE_DIT, component="dit"):
+        with (
+            maybe_profile(profiler, unique_id, [STAGE_DIT]),
+            single_stage(*STAGE_INIT),
+            single_stage(*STAGE_DIT, component="dit"),
+        ):
             experts = load_experts(high, low, device=resolve_device(device), dtype=DTYPES[dtype])
         model_type = experts[0].config.model_type
         task = TASK_BY_MODEL_TYPE[model_type]
@@ -188,7 +197,11 @@ class WanTextEncoderLoader:
         from ..wan_core.t5 import load_text_encoder
 
         path = bridge.resolve_model(bridge.FOLDER_TEXT_ENCODERS, text_encoder)
-        with maybe_profile(profiler, unique_id, [STAGE_TEXT]), single_stage(*STAGE_TEXT, component="t5"):
+        with (
+            maybe_profile(profiler, unique_id, [STAGE_TEXT]),
+            single_stage(*STAGE_INIT),
+            single_stage(*STAGE_TEXT, component="t5"),
+        ):
             encoder = load_text_encoder(path, device=resolve_device(device), dtype=DTYPES[dtype])
         if profiler is not None:
             profiler.set_context(t5_dtype=dtype)
@@ -230,7 +243,11 @@ class WanVAELoader:
         from ..wan_core.vae import load_vae
 
         path = bridge.resolve_model(bridge.FOLDER_VAE, vae)
-        with maybe_profile(profiler, unique_id, [STAGE_VAE]), single_stage(*STAGE_VAE, component="vae"):
+        with (
+            maybe_profile(profiler, unique_id, [STAGE_VAE]),
+            single_stage(*STAGE_INIT),
+            single_stage(*STAGE_VAE, component="vae"),
+        ):
             model = load_vae(path, device=resolve_device(device), dtype=DTYPES[dtype])
         if profiler is not None:
             profiler.set_context(vae_dtype=dtype)

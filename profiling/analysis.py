@@ -8,25 +8,33 @@ figures it rests on, so `checker.check_report` can verify every statement.
 Definitions (also in docs/report_schema.md):
 - Load = seconds x activity % (SM-%-seconds), per stage; the case Load is the Total_Execution one.
 - s/step = mean over recorded steps of (Step_i_Loading + Step_i_Inference).
-- MFU = FLOPs / seconds / dense bf16 peak of the measured GPU; floor = FLOPs / peak.
+- MFU = FLOPs / seconds / dense bf16 peak of the measured GPU; floor = FLOPs / peak. Stages on
+  the CPU (a stage's `device`) have no MFU.
+- Outside stages = the part of Total_Execution that no top-level stage covers (the union of their
+  intervals, so overlapping stages cannot hide time). Within `sum_margin_s` the stages account for
+  the run; above it the time is shown as its own figure, interval by interval.
+- Free memory = capacity - max(NVML device used, CUDA reserved peak): NVML sees every process and
+  the CUDA context, the allocator only this process's tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .formatting import GB, gbs, secs
 from .gpus import lookup_gpu
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, RunRecord, StageRecord
 from .stats import mean, percentile
 
-SUM_MARGIN_PCT = 1.0  # stage rows (incl. "outside stages") must add up to the total within this
-SUM_MARGIN_ABS_S = 0.005
+# Top-level stages account for the run when the time they leave uncovered is at most
+# max(SUM_MARGIN_PCT % of the total, SUM_MARGIN_ABS_S); above that it is reported as its own figure.
+SUM_MARGIN_PCT = 1.0
+SUM_MARGIN_ABS_S = 0.01
 ACTIVITY_HIGH_PCT = 90.0
 ACTIVITY_LOW_PCT = 50.0
 LOADING_FLAG_PCT = 5.0
 WARMUP_FLAG_RATIO = 1.2
 NOISY_IQR_PCT = 10.0  # steady step times whose IQR exceeds this share of the median are flagged
-GB = 1e9
 
 Figure = float | int | str | None
 
@@ -40,7 +48,10 @@ class RunSummary:
     activity_metric: str | None
     total_s: float
     stage_sum_s: float  # top-level stages
-    outside_s: float  # total - stage_sum (time between stages)
+    outside_s: float  # time of the total that no top-level stage covers
+    outside_recorded_s: float  # the same time as the session recorded it (`RunRecord.outside`)
+    sum_margin_s: float  # max(SUM_MARGIN_PCT % of total, SUM_MARGIN_ABS_S)
+    outside_within_margin: bool  # outside_s <= sum_margin_s: the stages account for the total
     num_steps_recorded: int  # steps measured in this run
     num_steps_cached: int  # steps whose stages were served from a cache (not run now)
     num_steps_planned: int | None
@@ -50,6 +61,8 @@ class RunSummary:
     steady_median_s: float | None
     steady_p90_s: float | None
     steady_iqr_s: float | None  # interquartile range of the steady steps (3 or more steps)
+    steady_max_s: float | None
+    steps_noisy: bool  # steady IQR above NOISY_IQR_PCT % of the median
     loading_total_s: float
     inference_total_s: float
     loading_share_pct: float | None
@@ -65,8 +78,12 @@ class RunSummary:
     rss_max_bytes: int | None
     resident_at_first_step_bytes: int | None
     step_activation_peak_bytes: int | None
-    t5_peak_bytes: int | None
-    vae_peak_bytes: int | None
+    t5_peak_bytes: int | None  # CUDA allocator peak during T5_Encoding (weights included)
+    t5_activation_bytes: int | None  # that peak minus the allocation at the stage's start
+    vae_peak_bytes: int | None  # CUDA allocator peak during VAE_Decoding (weights included)
+    vae_activation_bytes: int | None
+    free_bytes: int | None  # capacity - max(NVML used, reserved peak)
+    free_source: str | None  # "nvml" or "allocator": which figure free_bytes subtracts
     flops_total: float | None
     flops_steps: float | None
     steps_tflops: float | None
@@ -114,7 +131,14 @@ def stage_tflops(stage: StageRecord) -> float | None:
     return stage.flops / stage.duration_s / 1e12
 
 
+def on_gpu(stage: StageRecord) -> bool:
+    return stage.device.startswith("cuda")
+
+
 def stage_mfu_pct(stage: StageRecord, peak_tflops: float | None) -> float | None:
+    """MFU against the GPU's peak; None for a stage that ran on the CPU."""
+    if not on_gpu(stage):
+        return None
     achieved = stage_tflops(stage)
     if achieved is None or peak_tflops is None:
         return None
@@ -148,14 +172,56 @@ def _max_opt(values: list[int | None]) -> int | None:
 
 
 def _kind_peak(run: RunRecord, kind: str) -> int | None:
-    return _max_opt([s.memory.allocated_peak for s in run.stages if s.kind == kind and not s.cached])
+    return _max_opt([s.memory.allocated_peak for s in run.top_level if s.kind == kind and not s.cached])
+
+
+def _kind_activation(run: RunRecord, kind: str) -> int | None:
+    return _max_opt(
+        [
+            s.memory.allocated_peak - s.memory.allocated_start
+            for s in run.top_level
+            if s.kind == kind
+            and not s.cached
+            and s.memory.allocated_peak is not None
+            and s.memory.allocated_start is not None
+        ]
+    )
+
+
+def covered_s(stages: list[StageRecord], total_s: float) -> float:
+    """Seconds of [0, total_s] inside at least one of `stages` (the union of their intervals)."""
+    covered, cursor = 0.0, 0.0
+    for s in sorted(stages, key=lambda st: st.start_s):
+        lo, hi = max(s.start_s, cursor), min(s.end_s, total_s)
+        if hi > lo:
+            covered += hi - lo
+        cursor = max(cursor, min(s.end_s, total_s))
+    return covered
+
+
+def sum_margin_s(total_s: float) -> float:
+    return max(SUM_MARGIN_PCT / 100.0 * total_s, SUM_MARGIN_ABS_S)
+
+
+def _free(run: RunRecord) -> tuple[int | None, str | None]:
+    capacity = run.system.gpu_memory_bytes
+    used, reserved = run.total.memory.device_used_max, run.total.memory.reserved_peak
+    if capacity is None:
+        return None, None
+    if used is not None:
+        return capacity - max(used, reserved or 0), "nvml"
+    if reserved is not None:
+        return capacity - reserved, "allocator"
+    return None, None
 
 
 def summarize_run(run: RunRecord) -> RunSummary:
     """All derived figures of one run."""
     total = run.total
-    top = [s for s in run.top_level]
+    top = [s for s in run.top_level if not s.cached]
     stage_sum = sum(s.duration_s for s in top)
+    outside = total.duration_s - covered_s(top, total.duration_s)
+    margin = sum_margin_s(total.duration_s)
     inference = _steps(run, "step-inference")
     loading = _steps(run, "step-loading")
     order = sorted(inference)
@@ -183,6 +249,9 @@ def summarize_run(run: RunRecord) -> RunSummary:
             experts.setdefault(inference[i].expert, []).append(i)
     inf_loads = [stage_load(s) for s in inf_stages]
     first = inf_stages[0] if inf_stages else None
+    steady_iqr = percentile(steady, 75) - percentile(steady, 25) if len(steady) >= 3 else None
+    steady_median = percentile(steady, 50) if steady else None
+    free, free_source = _free(run)
     act_peaks = [
         s.memory.allocated_peak - s.memory.allocated_start
         for s in inf_stages
@@ -194,16 +263,23 @@ def summarize_run(run: RunRecord) -> RunSummary:
         activity_metric=run.system.activity_metric,
         total_s=total.duration_s,
         stage_sum_s=stage_sum,
-        outside_s=total.duration_s - stage_sum,
+        outside_s=outside,
+        outside_recorded_s=sum(o.duration_s for o in run.outside),
+        sum_margin_s=margin,
+        outside_within_margin=outside <= margin,
         num_steps_recorded=len(order),
         num_steps_cached=len({s.step for s in run.stages if s.kind == "step-inference" and s.cached}),
         num_steps_planned=run.context.steps,
         s_per_step=mean(per_step) if per_step else None,
         first_step_s=inf_times[0] if inf_times else None,
         steady_mean_s=mean(steady) if steady else None,
-        steady_median_s=percentile(steady, 50) if steady else None,
+        steady_median_s=steady_median,
         steady_p90_s=percentile(steady, 90) if steady else None,
-        steady_iqr_s=percentile(steady, 75) - percentile(steady, 25) if len(steady) >= 3 else None,
+        steady_iqr_s=steady_iqr,
+        steady_max_s=max(steady) if steady else None,
+        steps_noisy=bool(
+            steady_iqr is not None and steady_median and 100.0 * steady_iqr / steady_median > NOISY_IQR_PCT
+        ),
         loading_total_s=loading_total,
         inference_total_s=inference_total,
         loading_share_pct=100.0 * loading_total / step_time if step_time > 0 else None,
@@ -224,12 +300,18 @@ def summarize_run(run: RunRecord) -> RunSummary:
         resident_at_first_step_bytes=None if first is None else first.memory.allocated_start,
         step_activation_peak_bytes=max(act_peaks) if act_peaks else None,
         t5_peak_bytes=_kind_peak(run, "encode"),
+        t5_activation_bytes=_kind_activation(run, "encode"),
         vae_peak_bytes=_kind_peak(run, "decode"),
+        vae_activation_bytes=_kind_activation(run, "decode"),
+        free_bytes=free,
+        free_source=free_source,
         flops_total=flops_total,
         flops_steps=flops_steps,
         steps_tflops=steps_tflops,
         peak_tflops=peak,
-        mfu_pct=100.0 * steps_tflops / peak if steps_tflops is not None and peak is not None else None,
+        mfu_pct=100.0 * steps_tflops / peak
+        if steps_tflops is not None and peak is not None and all(on_gpu(s) for s in inf_stages)
+        else None,
         steps_floor_s=flops_steps / (peak * 1e12) if flops_steps is not None and peak is not None else None,
         total_floor_s=flops_total / (peak * 1e12) if flops_total is not None and peak is not None else None,
         experts=experts,
@@ -242,8 +324,8 @@ def activity_label(metric: str | None) -> str:
     return "GPU busy" if metric == ACTIVITY_BUSY else "SM activity"
 
 
-def _gb(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / GB:.2f} GB"
+def _gb(value: int | float | None) -> str:
+    return gbs(value)
 
 
 def _phases(run: RunRecord, summary: RunSummary) -> list[tuple[str, float]]:
@@ -289,7 +371,7 @@ def analyze_run(run: RunRecord, summary: RunSummary) -> RunAnalysis:
                     "total_s": total,
                     "share_pct": 100.0 * seconds / total,
                 },
-                text=f"Largest part of the run: {label}, {seconds:.2f} s of {total:.2f} s "
+                text=f"Largest part of the run: {label}, {secs(seconds)} of {secs(total)} "
                 f"({100.0 * seconds / total:.1f} %).",
             )
         )
@@ -302,41 +384,102 @@ def analyze_run(run: RunRecord, summary: RunSummary) -> RunAnalysis:
                     "loading_total_s": summary.loading_total_s,
                     "loading_share_pct": summary.loading_share_pct,
                 },
-                text=f"Step loading (moving weights before a step) takes {summary.loading_total_s:.2f} s, "
+                text=f"Step loading (moving weights before a step) takes {secs(summary.loading_total_s)}, "
                 f"{summary.loading_share_pct:.1f} % of the step time.",
             )
         )
     findings.append(_memory_finding(run, summary))
     findings.append(_mfu_finding(run, summary))
-    if (
-        summary.first_step_s is not None
-        and summary.steady_median_s
-        and summary.first_step_s > WARMUP_FLAG_RATIO * summary.steady_median_s
-    ):
+    if is_warmup(summary):
         findings.append(
             Statement(
                 rule="warmup",
-                figures={"first_step_s": summary.first_step_s, "steady_median_s": summary.steady_median_s},
-                text=f"The first step took {summary.first_step_s:.2f} s against a steady median of "
-                f"{summary.steady_median_s:.2f} s (warm-up: allocations, kernel selection or compile).",
+                figures={
+                    "first_step_s": summary.first_step_s,
+                    "steady_median_s": summary.steady_median_s,
+                    "steady_max_s": summary.steady_max_s,
+                },
+                text=f"The first step took {secs(summary.first_step_s)}, more than every later step "
+                f"(steady median {secs(summary.steady_median_s)}, slowest {secs(summary.steady_max_s)}): "
+                "warm-up (allocations, kernel selection or compile).",
             )
         )
-    if summary.steady_iqr_s is not None and summary.steady_median_s:
+    if summary.steps_noisy and summary.steady_iqr_s is not None and summary.steady_median_s:
         spread = 100.0 * summary.steady_iqr_s / summary.steady_median_s
-        if spread > NOISY_IQR_PCT:
-            findings.append(
-                Statement(
-                    rule="noisy_steps",
-                    figures={
-                        "steady_iqr_s": summary.steady_iqr_s,
-                        "steady_median_s": summary.steady_median_s,
-                    },
-                    text=f"Steady step times are noisy: IQR {summary.steady_iqr_s:.2f} s is "
-                    f"{spread:.0f} % of the median {summary.steady_median_s:.2f} s (other load on the "
-                    "machine, clock changes or data-dependent work); compare runs with care.",
-                )
+        findings.append(
+            Statement(
+                rule="noisy_steps",
+                figures={
+                    "steady_iqr_s": summary.steady_iqr_s,
+                    "steady_median_s": summary.steady_median_s,
+                },
+                text=f"Steady step times are noisy: IQR {secs(summary.steady_iqr_s)} is "
+                f"{spread:.0f} % of the median {secs(summary.steady_median_s)} (other load on the "
+                "machine, clock changes or data-dependent work); compare runs with care.",
             )
+        )
+    fit = _placement_fit(run, summary)
+    if fit is not None and fit[0] is not None and fit[1] is not None and fit[0] > fit[1]:
+        needed, free = fit
+        findings.append(
+            Statement(
+                rule="placement_none_does_not_fit",
+                figures={"needed_bytes": needed, "free_bytes": free, "short_bytes": needed - free},
+                text=f"Placement `none` would keep about {_gb(needed)} more weights on the GPU, but only "
+                f"{_gb(free)} was free: it does not fit by {_gb(needed - free)}, so the step loading "
+                f"({secs(summary.loading_total_s)}) stays.",
+            )
+        )
     return RunAnalysis(findings=findings, recommendations=_recommendations(run, summary))
+
+
+def is_warmup(summary: RunSummary) -> bool:
+    """The first step is a warm-up only when it is slower than every steady step (by the ratio
+    over the median too) and the steady steps are not noisy: otherwise the data does not say so."""
+    first, median, slowest = summary.first_step_s, summary.steady_median_s, summary.steady_max_s
+    if first is None or not median or slowest is None or summary.steps_noisy:
+        return False
+    return first > slowest and first > WARMUP_FLAG_RATIO * median
+
+
+def offloaded_bytes(run: RunRecord, summary: RunSummary) -> int | None:
+    """Bytes that placement `none` would keep resident on top of what the run held at its peak.
+
+    From a step-loading fact `offloaded_bytes` when the placement states it; else, for a model
+    swap between experts (placement `model`), every expert but the largest one, each measured as
+    the allocation at the start of its first inference step (weights + latents, so an upper
+    bound). None when the run shows neither.
+    """
+    stated = [
+        int(v)
+        for s in run.stages
+        if s.kind == "step-loading"
+        for v in [s.facts.get("offloaded_bytes")]
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    if stated:
+        return max(stated)
+    if run.context.placement != "model" or len(summary.experts) < 2:
+        return None
+    firsts = {s.expert: s for s in sorted(run.stages, key=lambda st: -st.start_s) if s.kind == "step-inference"}
+    resident = [s.memory.allocated_start for s in firsts.values()]
+    if None in resident or len(resident) < 2:
+        return None
+    known = [int(r) for r in resident if r is not None]
+    return sum(known) - max(known)
+
+
+def _placement_fit(run: RunRecord, summary: RunSummary) -> tuple[int | None, int | None] | None:
+    """(bytes needed, bytes free) when the placement-none question arises (offload with a
+    loading share worth flagging), else None."""
+    if not (
+        run.context.offload
+        and summary.loading_total_s > 0
+        and summary.loading_share_pct is not None
+        and summary.loading_share_pct >= LOADING_FLAG_PCT
+    ):
+        return None
+    return offloaded_bytes(run, summary), summary.free_bytes
 
 
 def _activity_finding(run: RunRecord, summary: RunSummary) -> Statement:
@@ -420,11 +563,18 @@ def _memory_finding(run: RunRecord, summary: RunSummary) -> Statement:
         )
     share = 100.0 * peak / capacity
     figures["share_pct"] = share
+    figures["free_bytes"] = summary.free_bytes
+    figures["device_used_max_bytes"] = summary.device_used_max_bytes
+    used = (
+        ""
+        if summary.device_used_max_bytes is None
+        else f"; the device (NVML, all processes) used up to {_gb(summary.device_used_max_bytes)}"
+    )
     return Statement(
         rule="memory",
         figures=figures,
         text=f"Peak memory on {gpu}: {_gb(summary.peak_allocated_bytes)} allocated, {_gb(peak)} "
-        f"reserved of {_gb(capacity)} ({share:.1f} %); {_gb(capacity - peak)} stayed free.",
+        f"reserved of {_gb(capacity)} ({share:.1f} %){used}; {_gb(summary.free_bytes)} stayed free.",
     )
 
 
@@ -461,27 +611,25 @@ def _mfu_finding(run: RunRecord, summary: RunSummary) -> Statement:
         figures=figures,
         text=f"The steps achieve {summary.steps_tflops:.1f} TFLOP/s, {summary.mfu_pct:.1f} % MFU "
         f"of the {summary.peak_tflops:.0f} TFLOP/s dense bf16 peak; at that peak they would take "
-        f"{summary.steps_floor_s:.2f} s instead of {summary.inference_total_s:.2f} s.",
+        f"{secs(summary.steps_floor_s)} instead of {secs(summary.inference_total_s)}.",
     )
 
 
 def _recommendations(run: RunRecord, summary: RunSummary) -> list[Statement]:
     recs: list[Statement] = []
     placement = run.context.placement
-    if (
-        run.context.offload
-        and summary.loading_total_s > 0
-        and summary.loading_share_pct is not None
-        and summary.loading_share_pct >= LOADING_FLAG_PCT
-    ):
-        free = (
-            None
-            if summary.gpu_memory_bytes is None or summary.peak_reserved_bytes is None
-            else summary.gpu_memory_bytes - summary.peak_reserved_bytes
-        )
-        free_text = (
-            "free GPU memory is unavailable" if free is None else f"the GPU had {_gb(free)} free at the peak"
-        )
+    fit = _placement_fit(run, summary)
+    if fit is not None and not (fit[0] is not None and fit[1] is not None and fit[0] > fit[1]):
+        needed, free = fit
+        if needed is not None and free is not None:
+            fits = f"about {_gb(needed)} more weights would stay on the GPU and {_gb(free)} was free, so they fit"
+        elif needed is None:
+            fits = (
+                f"{'free GPU memory is unavailable' if free is None else f'{_gb(free)} was free'}; the size "
+                "of the offloaded weights was not measured, so check that they fit"
+            )
+        else:
+            fits = f"about {_gb(needed)} more weights would stay on the GPU; free memory was not measured"
         recs.append(
             Statement(
                 rule="placement_none",
@@ -490,12 +638,12 @@ def _recommendations(run: RunRecord, summary: RunSummary) -> list[Statement]:
                     "placement": placement,
                     "loading_total_s": summary.loading_total_s,
                     "loading_share_pct": summary.loading_share_pct,
+                    "needed_bytes": needed,
                     "free_bytes": free,
                 },
                 text=f"Step loading is {_pct(summary.loading_share_pct)} of step time "
-                f"({summary.loading_total_s:.2f} s) "
-                f"with placement `{placement}` and {free_text}: placement `none` would save about "
-                f"{summary.loading_total_s:.2f} s if the offloaded weights fit.",
+                f"({secs(summary.loading_total_s)}) with placement `{placement}`: placement `none` "
+                f"would save about {secs(summary.loading_total_s)}; {fits}.",
             )
         )
     if summary.steps_floor_s is not None and summary.inference_total_s > summary.steps_floor_s:
@@ -509,40 +657,37 @@ def _recommendations(run: RunRecord, summary: RunSummary) -> list[Statement]:
                     "steps_floor_s": summary.steps_floor_s,
                     "mfu_pct": summary.mfu_pct,
                 },
-                text=f"Steps run at {summary.mfu_pct:.1f} % MFU ({summary.inference_total_s:.2f} s against a "
-                f"FLOP floor of {summary.steps_floor_s:.2f} s): faster kernels (attention backend, fp8, "
-                "compile) can save at most "
-                f"{gain:.2f} s; fewer steps or fewer tokens are the only way past the floor.",
+                text=f"Steps run at {summary.mfu_pct:.1f} % MFU ({secs(summary.inference_total_s)} against a "
+                f"FLOP floor of {secs(summary.steps_floor_s)}): faster kernels (attention backend, fp8, "
+                f"compile) can save at most {secs(gain)}; fewer steps or fewer tokens are the only way "
+                "past the floor.",
             )
         )
     reusable = [s for s in run.top_level if s.kind in ("init", "encode") and not s.cached]
     if reusable:
         seconds = sum(s.duration_s for s in reusable)
-        names = ", ".join(f"{s.name} {s.duration_s:.2f} s" for s in reusable)
+        names = ", ".join(f"{s.name} {secs(s.duration_s)}" for s in reusable)
         recs.append(
             Statement(
                 rule="reuse_cache",
                 gain_s=seconds,
                 figures={"reusable_s": seconds},
                 text=f"In a running ComfyUI server, a later run with the same models and prompt reuses "
-                f"the cached outputs of {names}: about {seconds:.2f} s saved per later run "
+                f"the cached outputs of {names}: about {secs(seconds)} saved per later run "
                 "(an in-process `wanbench run` starts fresh every time).",
             )
         )
-    if (
-        summary.first_step_s is not None
-        and summary.steady_median_s
-        and summary.first_step_s > WARMUP_FLAG_RATIO * summary.steady_median_s
-    ):
+    if is_warmup(summary):
+        assert summary.first_step_s is not None and summary.steady_median_s is not None
         gain = summary.first_step_s - summary.steady_median_s
         recs.append(
             Statement(
                 rule="warmup",
                 gain_s=gain,
                 figures={"first_step_s": summary.first_step_s, "steady_median_s": summary.steady_median_s},
-                text=f"The first step costs {gain:.2f} s more than a steady one "
-                f"({summary.first_step_s:.2f} s vs "
-                f"{summary.steady_median_s:.2f} s); a kept-alive process pays this once, not per run.",
+                text=f"The first step costs {secs(gain)} more than a steady one "
+                f"({secs(summary.first_step_s)} vs {secs(summary.steady_median_s)}); a kept-alive "
+                "process pays this once, not per run.",
             )
         )
     return sorted(recs, key=lambda r: -(r.gain_s or 0.0))

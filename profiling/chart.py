@@ -3,6 +3,10 @@
 matplotlib is optional: without it `draw_timeline` returns the reason and the report says the
 chart was skipped. Only measured series are drawn; a CPU-only run shows CPU % and RSS and says
 that the GPU series are unavailable (they are never drawn as zeros).
+
+Stage bands alternate in shade so that neighbouring steps stay apart; stages other than the
+steps are labelled in the band; an expert switch is a dashed vertical line. Both y axes start
+at 0 and print plain numbers (no offset such as `1e-6+4.3565e-1`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ _BAND_COLOURS = {
     "step-inference": "#cfe8ff",
     "decode": "#d4f5d4",
 }
+_BAND_ALPHA = (0.75, 0.4)  # alternating shades of neighbouring bands
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +34,10 @@ class ChartResult:
     path: Path | None
     skipped_reason: str | None
     series: tuple[str, ...] = ()
+    band_labels: tuple[str, ...] = ()  # stage names written in their bands (non-step stages)
+    markers: tuple[float, ...] = ()  # times of the expert-switch lines
+    y_offsets: tuple[str, ...] = ()  # axis offset texts as drawn (top, memory): "" = none
+    y_bottoms: tuple[float, ...] = ()
 
 
 def _values(samples: tuple[Sample, ...], attr: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
@@ -55,15 +64,50 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
     act_x, act_y = _values(samples, "activity_pct")
     gpu_measured = bool(act_x)
     label = activity_label(run.system.activity_metric)
-    fig, (ax_top, ax_mem) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    fig, (ax_top, ax_mem) = plt.subplots(2, 1, figsize=(13, 6), sharex=True)
     drawn: list[str] = []
+    labels: list[str] = []
+    markers: list[float] = []
     try:
-        for stage in run.top_level:
+        for i, stage in enumerate(s for s in run.top_level if not s.cached):
             colour = _BAND_COLOURS.get(stage.kind, "#eeeeee")
             for ax in (ax_top, ax_mem):
                 ax.axvspan(
-                    stage.start_s, max(stage.end_s, stage.start_s + 1e-9), color=colour, alpha=0.6, lw=0
+                    stage.start_s,
+                    max(stage.end_s, stage.start_s + 1e-9),
+                    color=colour,
+                    alpha=_BAND_ALPHA[i % 2],
+                    lw=0,
                 )
+            if not stage.kind.startswith("step-"):
+                labels.append(stage.name)
+                ax_top.text(
+                    0.5 * (stage.start_s + stage.end_s),
+                    0.98,
+                    stage.name,
+                    transform=ax_top.get_xaxis_transform(),
+                    rotation=90,
+                    ha="center",
+                    va="top",
+                    fontsize=7,
+                    color="#333333",
+                    clip_on=True,
+                )
+        for event in run.events:
+            if event.name != "expert_switch":
+                continue
+            markers.append(event.t_s)
+            for ax in (ax_top, ax_mem):
+                ax.axvline(event.t_s, color="#aa2222", ls="--", lw=1.0)
+            ax_top.text(
+                event.t_s,
+                0.02,
+                f" expert switch -> {event.facts.get('expert', '?')}",
+                transform=ax_top.get_xaxis_transform(),
+                fontsize=7,
+                color="#aa2222",
+                va="bottom",
+            )
         if gpu_measured:
             ax_top.step(act_x, act_y, where="pre", color="#1f5fbf", label=f"{label} (%)")
             drawn.append(label)
@@ -78,7 +122,8 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
             ax_top.step(cpu_x, cpu_y, where="pre", color="#bf5f1f", label="process CPU (% of one core)")
             drawn.append("CPU %")
             ax_top.set_ylabel("CPU %")
-        ax_top.legend(loc="upper right", fontsize=8)
+            ax_top.set_ylim(bottom=0)
+        ax_top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
         for attr, name, colour in (
             ("cuda_allocated_bytes", "CUDA allocated", "#1f8f3f"),
             ("cuda_reserved_bytes", "CUDA reserved", "#8fbf3f"),
@@ -90,8 +135,11 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
                 ax_mem.plot(xs, ys, label=name, color=colour, lw=1.0)
                 drawn.append(name)
         ax_mem.set_ylabel("GB")
+        ax_mem.set_ylim(bottom=0)
+        for ax in (ax_top, ax_mem):
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax_mem.set_xlabel("time since session start (s)")
-        ax_mem.legend(loc="upper right", fontsize=8)
+        ax_mem.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
         title = f"{run.context.case_name} on {run.system.gpu_name or 'CPU'}"
         if not gpu_measured:
             reason = run.system.activity_unavailable_reason or "no NVML samples"
@@ -105,6 +153,16 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
         tmp = path.with_name(path.name + ".tmp")
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)
+        offsets = tuple(ax.yaxis.get_major_formatter().get_offset() for ax in (ax_top, ax_mem))
+        bottoms = tuple(float(ax.get_ylim()[0]) for ax in (ax_top, ax_mem))
     finally:
         plt.close(fig)
-    return ChartResult(path=path, skipped_reason=None, series=tuple(drawn))
+    return ChartResult(
+        path=path,
+        skipped_reason=None,
+        series=tuple(drawn),
+        band_labels=tuple(labels),
+        markers=tuple(markers),
+        y_offsets=offsets,
+        y_bottoms=bottoms,
+    )

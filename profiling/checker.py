@@ -3,9 +3,15 @@
 `check_report(path_or_dict)` returns a list of problems (empty when consistent). It recomputes
 every derived figure from the raw records and fails on contradictions: an unmeasured value shown
 as a number, a statement about utilization the figures do not support, stage times that do not
-add up to the total within `SUM_MARGIN_PCT`, a memory verdict about another GPU (or a peak above
-the GPU's capacity), a step count that differs from the steps recorded, unnamed stages, and
-mis-encoded text (mojibake).
+account for the total (time outside every top-level stage above the margin of max(`SUM_MARGIN_PCT`
+% of the total, `SUM_MARGIN_ABS_S`) that the session did not record as outside time, overlapping
+top-level stages), a memory verdict about another GPU (or a peak above the GPU's capacity), a step
+count that differs from the steps recorded, unnamed stages, and mis-encoded text (mojibake).
+
+The Markdown beside a JSON file is checked against the records too: it must be exactly what
+`render_markdown` makes of them (chart lines aside), so a number edited in, an `n/a` turned into
+a figure or a mislabelled activity column fails; and each hardware group's and case's activity
+labels must fit the metric its own runs used.
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ from .analysis import (
     SUM_MARGIN_ABS_S,
     SUM_MARGIN_PCT,
     analyze_run,
+    covered_s,
+    sum_margin_s,
     summarize_run,
 )
+from .formatting import NA
 from .records import ACTIVITY_BUSY, REPORT_SCHEMA_VERSION, RunRecord, run_from_dict
+from .report import group_runs, render_markdown
 
+SUM_MARGIN_PCT_TEXT = f"{SUM_MARGIN_PCT:g} % of the total, {SUM_MARGIN_ABS_S:g} s"
 _MOJIBAKE = ("\u00c3", "\u00e2\u20ac", "\u00f0\u0178", "\ufffd", "\u00c2\u00a0")
 _LOW_UTIL = re.compile(r"\blow\b[^.]*\b(utili[sz]ation|activity|busy)", re.IGNORECASE)
 
@@ -72,9 +83,84 @@ def check_markdown(text: str, doc: dict[str, Any] | None = None) -> list[str]:
         problems.append("Markdown: a stage row is named 'Unknown'")
     if doc is not None:
         metrics = {r.get("system", {}).get("activity_metric") for r in doc.get("runs", [])}
-        if metrics == {ACTIVITY_BUSY} and re.search(r"SM Act|SM activity|SM\(%\)", text):
+        if metrics == {ACTIVITY_BUSY} and _SM_WORDS.search(text):
             problems.append("Markdown: NVML utilization (GPU busy) is labelled as SM activity")
+        try:
+            runs = [run_from_dict(r) for r in doc.get("runs", [])]
+        except (ValueError, TypeError, KeyError) as err:
+            return problems + [f"Markdown: cannot check it, the records do not parse: {err}"]
+        if runs:
+            problems += _check_labels(text, runs)
+            problems += _compare_rendered(text, runs)
     return problems
+
+
+_SM_WORDS = re.compile(r"SM Act|SM activity|SM\(%\)")
+_NUMBER = re.compile(r"^-?\d+(\.\d+)?(e[-+]?\d+)?$")
+
+
+def _sections(text: str, heading: str) -> dict[str, str]:
+    """Text of each section whose heading line starts with `heading`, up to the next `#`/`##` one."""
+    out: dict[str, str] = {}
+    parts = re.split(r"^(?=#{1,2} )", text, flags=re.MULTILINE)
+    for part in parts:
+        if part.startswith(heading):
+            out[part.splitlines()[0][len(heading) :].strip()] = part
+    return out
+
+
+def _check_labels(text: str, runs: list[RunRecord]) -> list[str]:
+    """Per hardware group and per case: a GPU-busy run is never labelled SM activity."""
+    problems: list[str] = []
+    groups = _sections(text, "## Hardware Group ")
+    for label, members in group_runs(runs).items():
+        section = next((v for k, v in groups.items() if k.split(": ", 1)[-1] == label), None)
+        if section is None:
+            problems.append(f"Markdown: no summary for hardware group {label!r}")
+            continue
+        busy = {r.system.activity_metric for r in members} == {ACTIVITY_BUSY}
+        if busy and _SM_WORDS.search(section):
+            problems.append(f"Markdown: group {label!r} measured GPU busy (NVML utilization) but is labelled SM")
+        if not busy and "Busy(%)" in section:
+            problems.append(f"Markdown: group {label!r} did not measure GPU busy but has a Busy(%) column")
+    cases = _sections(text, "## Case: ")
+    for run in runs:
+        heading = next((k for k in cases if k.startswith(f"{run.context.case_name} (")), None)
+        if heading is None:
+            problems.append(f"Markdown: no section for case {run.context.case_name!r}")
+        elif run.system.activity_metric == ACTIVITY_BUSY and _SM_WORDS.search(cases[heading]):
+            problems.append(
+                f"Markdown: case {run.context.case_name!r} measured GPU busy but is labelled SM activity"
+            )
+    return problems
+
+
+def _compare_rendered(text: str, runs: list[RunRecord]) -> list[str]:
+    """The Markdown must be what `render_markdown` makes of the records (chart lines aside)."""
+    lines = text.splitlines()
+    notes = [ln[len("- Note: ") :] for ln in lines[: _first_group_line(lines)] if ln.startswith("- Note: ")]
+    expected = render_markdown(runs, notes=notes).splitlines()
+    free = {i + 2 for i, ln in enumerate(expected) if ln == "### Timeline"}  # the chart line
+    for i, (want, got) in enumerate(zip(expected, lines, strict=False)):
+        if i in free or want == got:
+            continue
+        where = f"Markdown line {i + 1}"
+        if want.startswith("|") and got.startswith("|"):
+            w_cells, g_cells = want.split("|"), got.split("|")
+            if len(w_cells) == len(g_cells):
+                for w, g in zip(w_cells, g_cells, strict=True):
+                    if w.strip() == NA and _NUMBER.match(g.strip()):
+                        return [f"{where}: unmeasured value printed as the number {g.strip()!r} ({want.strip()})"]
+                    if w.strip() != g.strip():
+                        return [f"{where}: cell {g.strip()!r} differs from the records ({w.strip()!r})"]
+        return [f"{where}: {got!r} differs from what the records render ({want!r})"]
+    if len(expected) != len(lines):
+        return [f"Markdown: {len(lines)} lines, the records render {len(expected)}"]
+    return []
+
+
+def _first_group_line(lines: list[str]) -> int:
+    return next((i for i, ln in enumerate(lines) if ln.startswith("## ")), len(lines))
 
 
 def _check_run(data: dict[str, Any]) -> list[str]:
@@ -92,7 +178,7 @@ def _check_run(data: dict[str, Any]) -> list[str]:
         problems.append(f"{where}: no 'summary' block")
     else:
         problems += _compare(expected, stored, f"{where}: summary")
-        problems += _check_sum(stored, where)
+        problems += _check_sum(run, where)
         problems += _check_steps(run, stored, where)
     analysis = data.get("analysis")
     if analysis is None:
@@ -174,22 +260,35 @@ def _compare(expected: Any, stored: Any, where: str) -> list[str]:
     return [] if expected == stored else [f"{where}: {stored!r} disagrees with the records ({expected!r})"]
 
 
-def _check_sum(stored: dict[str, Any], where: str) -> list[str]:
-    total, stages, outside = stored.get("total_s"), stored.get("stage_sum_s"), stored.get("outside_s")
-    if not all(isinstance(v, (int, float)) for v in (total, stages, outside)):
-        return [f"{where}: stage sum, outside time or total is missing"]
-    margin = max(SUM_MARGIN_PCT / 100.0 * total, SUM_MARGIN_ABS_S)
+def _check_sum(run: RunRecord, where: str) -> list[str]:
+    """Top-level stages must account for Total_Execution: what they leave uncovered is either
+    within the margin or recorded by the session as outside time (interval by interval)."""
+    total = run.total.duration_s
+    margin = sum_margin_s(total)
+    top = [s for s in run.top_level if not s.cached]
+    covered = covered_s(top, total)
+    stage_sum = sum(s.duration_s for s in top)
+    uncovered = total - covered
+    recorded = sum(o.duration_s for o in run.outside)
     problems = []
-    if abs(stages + outside - total) > margin:
+    if stage_sum > covered + margin:
         problems.append(
-            f"{where}: stage times ({stages:.3f} s + {outside:.3f} s outside) do not add up to the "
-            f"total {total:.3f} s within {SUM_MARGIN_PCT} %"
+            f"{where}: top-level stages add up to {stage_sum:.3f} s but cover only {covered:.3f} s of the "
+            f"{total:.3f} s total: stages overlap"
         )
-    if outside < -margin:
+    if abs(uncovered - recorded) > margin:
         problems.append(
-            f"{where}: top-level stages ({stages:.3f} s) exceed the total ({total:.3f} s); "
-            "stages overlap or the total is wrong"
+            f"{where}: stage times do not add up to the total: {uncovered:.3f} s of the {total:.3f} s lie "
+            f"outside every top-level stage, but {recorded:.3f} s was recorded as outside time "
+            f"(margin {margin:.3f} s = max({SUM_MARGIN_PCT_TEXT}))"
         )
+    for o in run.outside:
+        inside = [s.name for s in top if s.start_s < o.end_s - 1e-9 and s.end_s > o.start_s + 1e-9]
+        if o.end_s < o.start_s or o.start_s < -1e-9 or o.end_s > total + 1e-9 or inside:
+            problems.append(
+                f"{where}: outside interval {o.start_s:.3f}-{o.end_s:.3f} s is not outside the stages "
+                f"({', '.join(inside) or 'it lies outside Total_Execution'})"
+            )
     return problems
 
 

@@ -7,6 +7,7 @@ read `n/a` in the report (never a guess).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -15,13 +16,13 @@ class GpuSpec:
     """One GPU model as the report knows it."""
 
     key: str  # short display name, e.g. "H100 SXM"
-    match: tuple[str, ...]  # all of these substrings (lower case) must occur in the device name
+    match: tuple[str, ...]  # all of these words (lower case) must occur in the device name
     dense_bf16_tflops: float
     memory_gb: float  # nominal memory (decimal GB) of the usual variant
     gpm: bool  # NVML GPU performance metrics (true SM activity) available (Hopper and newer)
 
 
-# Ordered: more specific names first ("H100 NVL" before "H100").
+# Order does not matter: `lookup_gpu` picks the most specific matching entry.
 KNOWN_GPUS: tuple[GpuSpec, ...] = (
     GpuSpec(key="H200 NVL", match=("h200", "nvl"), dense_bf16_tflops=835.5, memory_gb=141, gpm=True),
     GpuSpec(key="H200", match=("h200",), dense_bf16_tflops=989.4, memory_gb=141, gpm=True),
@@ -46,12 +47,22 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
 )
 
 
+def _matches(spec: GpuSpec, name: str) -> bool:
+    """Every match part occurs in `name` as whole words ("h200" is not found in "gh200")."""
+    return all(re.search(rf"(?<![a-z0-9]){re.escape(part)}(?![a-z0-9])", name) for part in spec.match)
+
+
 def lookup_gpu(device_name: str | None) -> GpuSpec | None:
-    """The table entry for an NVML/torch device name ("NVIDIA H100 80GB HBM3"), or None if unknown."""
+    """The table entry for an NVML/torch device name ("NVIDIA H100 80GB HBM3"), or None if unknown.
+
+    Parts match whole words, and among the entries that match, the most specific one (the most
+    matched characters) wins, so "NVIDIA GH200 480GB" is a GH200 and "H100 NVL" is not an H100 SXM
+    whatever the table order.
+    """
     if not device_name:
         return None
     name = device_name.lower()
-    for spec in KNOWN_GPUS:
-        if all(part in name for part in spec.match):
-            return spec
-    return None
+    found = [spec for spec in KNOWN_GPUS if _matches(spec, name)]
+    if not found:
+        return None
+    return max(found, key=lambda spec: sum(len(part) for part in spec.match))

@@ -146,6 +146,27 @@ class EventRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OutsideInterval:
+    """Time of the run that no top-level stage covers, with where it happened.
+
+    `after` / `before` name the top-level stages around it (None at the run's start or end);
+    `in_node` is True when the session was activated (a profiled node or the profiled block was
+    running its own code outside any stage), False when no profiled code ran (ComfyUI moving
+    between nodes, nodes without a profiler input such as video saving).
+    """
+
+    start_s: float
+    end_s: float
+    after: str | None
+    before: str | None
+    in_node: bool
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunRecord:
     """Everything one session measured. `total` is `Total_Execution`, timed from open to close."""
 
@@ -160,6 +181,8 @@ class RunRecord:
     events: tuple[EventRecord, ...] = ()
     sample_interval_s: float | None = None
     notes: tuple[str, ...] = ()
+    outside: tuple[OutsideInterval, ...] = ()  # the time no top-level stage covers, as recorded
+    run_id: str | None = None  # unique per session; merging the same run twice keeps it once
 
     @property
     def top_level(self) -> tuple[StageRecord, ...]:
@@ -176,6 +199,7 @@ def run_to_dict(run: RunRecord) -> dict[str, Any]:
     data["samples"] = list(data["samples"])
     data["events"] = list(data["events"])
     data["notes"] = list(data["notes"])
+    data["outside"] = list(data["outside"])
     return data
 
 
@@ -213,4 +237,5 @@ def run_from_dict(data: dict[str, Any]) -> RunRecord:
     d["samples"] = tuple(_build(Sample, s, "sample") for s in d["samples"])
     d["events"] = tuple(_build(EventRecord, e, "event") for e in d.get("events", ()))
     d["notes"] = tuple(d.get("notes", ()))
+    d["outside"] = tuple(_build(OutsideInterval, o, "outside interval") for o in d.get("outside", ()))
     return _build(RunRecord, d, "run")

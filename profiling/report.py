@@ -13,7 +13,8 @@ import string
 from collections.abc import Mapping, Sequence
 
 from .analysis import (
-    GB,
+    SUM_MARGIN_ABS_S,
+    SUM_MARGIN_PCT,
     RunAnalysis,
     RunSummary,
     activity_label,
@@ -24,11 +25,12 @@ from .analysis import (
     stage_tflops,
     summarize_run,
 )
+from .formatting import NA, fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops, with_unit
 from .gpus import lookup_gpu
-from .records import ACTIVITY_BUSY, ACTIVITY_SM, RunRecord, StageRecord
+from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
 
-NA = "n/a"
 TITLE = "# Wan2.2 Benchmark Report"
+__all__ = ["NA", "fmt_gb", "fmt_load", "fmt_pct", "fmt_s", "fmt_tflops", "render_markdown", "with_unit"]
 
 
 def legend(runs: Sequence[RunRecord]) -> str:
@@ -47,50 +49,14 @@ def legend(runs: Sequence[RunRecord]) -> str:
             "performance metrics; it does not count busy SMs)."
         )
     parts += [
+        "Summary columns: **Time(s)**, **Mem(GB)** (CUDA allocator peak) and **Load** cover the whole run "
+        "(Total_Execution); **s/step**, the activity column and **MFU(%)** cover the denoising steps only.",
         "**Load** = seconds x activity % (%-seconds).",
         "**s/step** = mean of Step_i_Loading + Step_i_Inference.",
-        "**MFU** = achieved FLOP/s / dense bf16 peak of the measured GPU (steps only).",
+        "**MFU** = achieved FLOP/s / dense bf16 peak of the measured GPU (steps on the GPU only).",
         "`n/a` = not measured.",
     ]
     return " ".join(parts)
-
-
-# --------------------------------------------------------------------------------------------
-# number formatting: None is n/a, never 0
-# --------------------------------------------------------------------------------------------
-def fmt_s(value: float | None) -> str:
-    if value is None:
-        return NA
-    if value != 0 and abs(value) < 0.0001:
-        return f"{value:.1e}"  # never "0.0000" for something that took time
-    if value != 0 and abs(value) < 0.01:
-        return f"{value:.4f}"
-    return f"{value:.2f}"
-
-
-def fmt_gb(value: int | float | None) -> str:
-    return NA if value is None else f"{value / GB:.2f}"
-
-
-def fmt_pct(value: float | None) -> str:
-    return NA if value is None else f"{value:.1f}"
-
-
-def fmt_load(value: float | None) -> str:
-    if value is None:
-        return NA
-    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2f}"
-
-
-def fmt_tflops(value: float | None) -> str:
-    if value is None:
-        return NA
-    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
-
-
-def with_unit(text: str, unit: str) -> str:
-    """ "12.3 GB" for a number, plain "n/a" when unmeasured."""
-    return text if text == NA else f"{text} {unit}"
 
 
 def _yes_no(value: bool | None) -> str:
@@ -109,30 +75,50 @@ def activity_header(metric: str | None) -> str:
 
 def _group_metric(runs: Sequence[RunRecord]) -> str | None:
     metrics = {r.system.activity_metric for r in runs}
+    if ACTIVITY_BUSY in metrics and ACTIVITY_SM in metrics:  # group_runs keeps them apart
+        raise ValueError("runs of one hardware group mix SM activity and GPU busy; report them separately")
     if metrics == {ACTIVITY_BUSY}:
         return ACTIVITY_BUSY
-    if ACTIVITY_BUSY in metrics and ACTIVITY_SM in metrics:
-        raise ValueError("runs of one hardware group mix SM activity and GPU busy; report them separately")
     return ACTIVITY_SM if ACTIVITY_SM in metrics else None
+
+
+_METRIC_NAMES = {ACTIVITY_SM: "SM activity", ACTIVITY_BUSY: "GPU busy", None: "no activity metric"}
 
 
 # --------------------------------------------------------------------------------------------
 # rendering
 # --------------------------------------------------------------------------------------------
 def group_runs(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Runs by hardware group (GPU name, or CPU), in first-seen order; cases sorted by name."""
-    groups: dict[str, list[RunRecord]] = {}
+    """Runs by hardware group (GPU name, or CPU), in first-seen order; cases sorted by name.
+
+    Runs of one GPU model measured with different activity metrics (GPM SM activity on one
+    machine, NVML utilization on another) form separate groups, labelled with their metric, so
+    a column never mixes the two.
+    """
+    keyed: dict[tuple[str, str | None], list[RunRecord]] = {}
     for run in runs:
-        groups.setdefault(summarize_run(run).group, []).append(run)
-    return {k: sorted(v, key=lambda r: r.context.case_name) for k, v in groups.items()}
+        keyed.setdefault((summarize_run(run).group, run.system.activity_metric), []).append(run)
+    names = [name for name, _ in keyed]
+    groups: dict[str, list[RunRecord]] = {}
+    for (name, metric), members in keyed.items():
+        label = f"{name} ({_METRIC_NAMES[metric]})" if names.count(name) > 1 else name
+        groups[label] = sorted(members, key=lambda r: r.context.case_name)
+    return groups
 
 
-def render_markdown(runs: Sequence[RunRecord], *, chart_notes: Mapping[str, str] | None = None) -> str:
-    """The whole report. `chart_notes` maps a case name to its chart line (image link or skip reason)."""
+def render_markdown(
+    runs: Sequence[RunRecord],
+    *,
+    chart_notes: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
+) -> str:
+    """The whole report. `chart_notes` maps a case name to its chart line (image link or skip
+    reason); `notes` are report-level remarks (e.g. duplicate runs dropped by a merge)."""
     if not runs:
         raise ValueError("render_markdown needs at least one run record")
     groups = group_runs(runs)
     lines = [TITLE, "", legend(runs), ""]
+    lines += [f"- Note: {n}" for n in notes] + ([""] if notes else [])
     for i, (group, members) in enumerate(groups.items()):
         letter = string.ascii_uppercase[i] if i < len(string.ascii_uppercase) else str(i + 1)
         lines += _group_summary(letter, group, members)
@@ -146,11 +132,24 @@ def render_markdown(runs: Sequence[RunRecord], *, chart_notes: Mapping[str, str]
 
 def _short(group: str) -> str:
     spec = lookup_gpu(group)
-    return spec.key if spec is not None else group
+    if spec is None:
+        return group
+    suffix = group[group.rindex(" (") :] if group.endswith(")") and " (" in group else ""
+    return spec.key + (suffix if any(v in suffix for v in _METRIC_NAMES.values()) else "")
 
 
-def _system_lines(run: RunRecord) -> list[str]:
-    s = run.system
+def _versions(runs: Sequence[RunRecord], attr: str) -> str:
+    """One version, or every differing one with the cases that ran it (never hidden by runs[0])."""
+    seen: dict[str, list[str]] = {}
+    for run in runs:
+        seen.setdefault(getattr(run.system, attr) or NA, []).append(run.context.case_name)
+    if len(seen) == 1:
+        return next(iter(seen))
+    return "differs: " + ", ".join(f"{v} ({', '.join(cases)})" for v, cases in seen.items())
+
+
+def _system_lines(runs: Sequence[RunRecord]) -> list[str]:
+    s = runs[0].system
     gpu = NA if s.gpu_name is None else f"{s.gpu_name} ({with_unit(fmt_gb(s.gpu_memory_bytes), 'GB')})"
     if s.activity_metric == ACTIVITY_SM:
         activity = "SM activity from NVML GPU performance metrics"
@@ -161,9 +160,9 @@ def _system_lines(run: RunRecord) -> list[str]:
     else:
         activity = f"unavailable ({s.activity_unavailable_reason or 'no NVML'})"
     return [
-        f"- **GPU**: {gpu}; driver {s.driver_version or NA}; CUDA {s.cuda_version or NA}; "
-        f"torch {s.torch_version or NA}",
-        f"- **CPU**: {s.cpu_name or NA}; host memory {with_unit(fmt_gb(s.host_memory_bytes), 'GB')}",
+        f"- **GPU**: {gpu}; driver {_versions(runs, 'driver_version')}; CUDA {_versions(runs, 'cuda_version')}; "
+        f"torch {_versions(runs, 'torch_version')}",
+        f"- **CPU**: {_versions(runs, 'cpu_name')}; host memory {with_unit(fmt_gb(s.host_memory_bytes), 'GB')}",
         f"- **Activity metric**: {activity}",
     ]
 
@@ -171,7 +170,7 @@ def _system_lines(run: RunRecord) -> list[str]:
 def _group_summary(letter: str, group: str, runs: list[RunRecord]) -> list[str]:
     metric = _group_metric(runs)
     lines = [f"## Hardware Group {letter}: {group}", ""]
-    lines += _system_lines(runs[0]) + [""]
+    lines += _system_lines(runs) + [""]
     rows = []
     for run in runs:
         sm = summarize_run(run)
@@ -246,10 +245,7 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         f"- **Run facts**: {'; '.join(facts)}",
         f"- **Status**: {run.status}",
         f"- **Total Duration**: {fmt_s(sm.total_s)} s",
-        f"- **Peak Memory**: {with_unit(fmt_gb(sm.peak_allocated_bytes), 'GB')} allocated, "
-        f"{with_unit(fmt_gb(sm.peak_reserved_bytes), 'GB')} reserved (CUDA allocator); "
-        f"{with_unit(fmt_gb(sm.device_used_max_bytes), 'GB')} used on the device (NVML); "
-        f"process RSS {with_unit(fmt_gb(sm.rss_max_bytes), 'GB')}",
+        _peak_memory_line(run, sm),
         f"- **Total Compute Load**: {fmt_load(sm.load)}",
     ]
     lines += [f"- Note: {n}" for n in run.notes]
@@ -264,6 +260,21 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         "",
     ]
     return lines
+
+
+def _peak_memory_line(run: RunRecord, sm: RunSummary) -> str:
+    rss = f"process RSS {with_unit(fmt_gb(sm.rss_max_bytes), 'GB')}"
+    if run.system.gpu_name is None and sm.peak_allocated_bytes is None:
+        return f"- **Peak Memory**: GPU memory not measured (CPU run); {rss}"
+    nvml = (
+        "device use not measured (no NVML)"
+        if sm.device_used_max_bytes is None
+        else f"{with_unit(fmt_gb(sm.device_used_max_bytes), 'GB')} used on the device (NVML, all processes)"
+    )
+    return (
+        f"- **Peak Memory**: {with_unit(fmt_gb(sm.peak_allocated_bytes), 'GB')} allocated, "
+        f"{with_unit(fmt_gb(sm.peak_reserved_bytes), 'GB')} reserved (CUDA allocator); {nvml}; {rss}"
+    )
 
 
 def _stage_row(stage: StageRecord, peak: float | None, label: str) -> list[str]:
@@ -292,6 +303,8 @@ def _stage_table(run: RunRecord, sm: RunSummary) -> list[str]:
         previous = stage.facts.get("measured_s")
         if stage.cached and isinstance(previous, (int, float)) and not isinstance(previous, bool):
             label += f" (took {fmt_s(float(previous))} s when it last ran)"
+        if stage.device != run.system.device and not stage.cached:
+            label += f" ({stage.device})"
         rows.append(_stage_row(stage, peak, label))
     rows.append(["(outside stages)", fmt_s(sm.outside_s)] + [NA] * 7)
     rows.append(_stage_row(run.total, peak, run.total.name))
@@ -307,13 +320,51 @@ def _stage_table(run: RunRecord, sm: RunSummary) -> list[str]:
         "MFU (%)",
     ]
     lines = _table(header, rows)
+    if sm.outside_within_margin:
+        cover = (
+            f"Top-level stages sum to {fmt_s(sm.stage_sum_s)} s of the {fmt_s(sm.total_s)} s total; the "
+            f"{fmt_s(sm.outside_s)} s outside them is within the {fmt_s(sm.sum_margin_s)} s margin "
+            f"(max of {SUM_MARGIN_PCT:g} % of the total and {fmt_s(SUM_MARGIN_ABS_S)} s)."
+        )
+    else:
+        share = 100.0 * sm.outside_s / sm.total_s if sm.total_s > 0 else 0.0
+        cover = (
+            f"Top-level stages sum to {fmt_s(sm.stage_sum_s)} s of the {fmt_s(sm.total_s)} s total: "
+            f"**{fmt_s(sm.outside_s)} s ({share:.1f} %) lies outside every stage**, more than the "
+            f"{fmt_s(sm.sum_margin_s)} s margin; it is listed below."
+        )
     lines += [
         "",
-        f"Top-level stages sum to {fmt_s(sm.stage_sum_s)} s; with {fmt_s(sm.outside_s)} s outside "
-        f"stages they make up the {fmt_s(sm.total_s)} s total (checked to within 1 %). Indented rows run "
-        "inside the row above and are not added again. Peak Mem is the CUDA allocator peak within the stage.",
+        cover + " Indented rows run inside the row above and are not added again. Peak Mem is the CUDA "
+        "allocator peak within the stage (weights included); a stage on another device than the run's "
+        "is marked with it and carries no GPU figures.",
     ]
+    if not sm.outside_within_margin:
+        lines += [""] + _outside_lines(run.outside, sm.sum_margin_s)
     return lines
+
+
+def _outside_lines(outside: Sequence[OutsideInterval], margin: float) -> list[str]:
+    """The uncovered intervals: each one above the margin by itself, the short ones summed."""
+    lines = ["Time outside stages:", ""]
+    short = [o for o in outside if o.duration_s < margin]
+    for o in outside:
+        if o.duration_s < margin:
+            continue
+        where = (
+            "profiled code outside any stage"
+            if o.in_node
+            else "no profiled code (graph execution between nodes, nodes without a profiler input)"
+        )
+        lines.append(
+            f"- {fmt_s(o.duration_s)} s at {fmt_s(o.start_s)}-{fmt_s(o.end_s)} s, "
+            f"after {o.after or 'the start'}, before {o.before or 'the end'}: {where}"
+        )
+    if short:
+        lines.append(
+            f"- {fmt_s(sum(o.duration_s for o in short))} s in {len(short)} shorter gap(s) between stages"
+        )
+    return lines + [""]
 
 
 def _inference_stats(run: RunRecord, sm: RunSummary) -> list[str]:
@@ -402,21 +453,46 @@ def _memory_trace(run: RunRecord) -> list[str]:
 
 def _memory_telemetry(run: RunRecord, sm: RunSummary) -> list[str]:
     capacity = sm.gpu_memory_bytes
-    headroom = (
-        None if capacity is None or sm.peak_reserved_bytes is None else capacity - sm.peak_reserved_bytes
-    )
 
     def gb(value: int | None) -> str:
         return with_unit(fmt_gb(value), "GB")
 
+    def on_device(kind: str, what: str) -> str:
+        stages = [s for s in run.top_level if s.kind == kind and not s.cached]
+        if not stages:
+            return f"- **{what}**: not run in this run"
+        devices = sorted({s.device for s in stages})
+        if all(not d.startswith("cuda") for d in devices):
+            return f"- **{what}**: ran on the {', '.join(devices)}; no GPU memory figures"
+        peak = sm.t5_peak_bytes if kind == "encode" else sm.vae_peak_bytes
+        growth = sm.t5_activation_bytes if kind == "encode" else sm.vae_activation_bytes
+        return (
+            f"- **{what}**: activation growth {gb(growth)} (allocator peak minus the allocation at the "
+            f"stage's start); allocator peak during the stage {gb(peak)} (weights and everything else "
+            "resident included)"
+        )
+
+    if run.system.gpu_name is None and sm.peak_allocated_bytes is None:
+        return [
+            "### Memory Telemetry",
+            "",
+            f"- **GPU memory**: not measured (CPU run); peak process RSS {gb(sm.rss_max_bytes)}",
+            "",
+        ]
+    free_what = {
+        "nvml": "capacity minus NVML's device-wide maximum",
+        "allocator": "capacity minus the CUDA reserved peak (NVML not available)",
+        None: "",
+    }[sm.free_source]
     return [
         "### Memory Telemetry",
         "",
         f"- **Resident at the first step** (weights + latents): {gb(sm.resident_at_first_step_bytes)}",
         f"- **DiT activation peak** (step peak above its start): {gb(sm.step_activation_peak_bytes)}",
-        f"- **T5 peak**: {gb(sm.t5_peak_bytes)}",
-        f"- **VAE peak**: {gb(sm.vae_peak_bytes)}",
-        f"- **Device capacity**: {gb(capacity)}; free at the reserved peak: {gb(headroom)}",
+        on_device("encode", "T5 encoding"),
+        on_device("decode", "VAE decoding"),
+        f"- **Device capacity**: {gb(capacity)}; free at the peak: {gb(sm.free_bytes)}"
+        + (f" ({free_what})" if free_what and sm.free_bytes is not None else ""),
         "",
     ] + _memory_trace(run)
 

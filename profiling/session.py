@@ -13,6 +13,16 @@ closes): `session.open()`, then `with session.activate(): ...` per node, then `s
 Nesting: a stage opened inside another is kept as its child (`parent`, `depth`); only top-level
 stages are compared with `Total_Execution`, which the session times itself from open to close.
 Peak memory is reset at each stage boundary; the peak seen by a child is folded into its parents.
+
+Consecutive top-level stages with the same name are one stage split across calls (ComfyUI runs
+each loader as its own node, and each records a `Model_Initialization` piece): `close()` joins
+them into one stage from the first piece's start to the last one's end, keeping every piece's
+children. The time no top-level stage covers is recorded as `RunRecord.outside`, each interval
+with the stages around it and whether profiled code was running (`activate()`), so the report
+shows it instead of hiding it in a sum.
+
+Device per stage: a stage that states `device=` (T5 on the CPU while the DiT runs on the GPU)
+is recorded on that device; a CPU stage carries no CUDA memory and no GPU activity.
 """
 
 from __future__ import annotations
@@ -20,8 +30,10 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -47,6 +59,7 @@ from .records import (
     EventRecord,
     FactValue,
     MemoryFigures,
+    OutsideInterval,
     RunContext,
     RunRecord,
     Sample,
@@ -131,6 +144,8 @@ class ProfileSession:
         self._host_start: HostReading | None = None
         self._alloc_start: AllocatorSnapshot | None = None
         self._used_start: int | None = None
+        self._active_since: list[float] = []  # open activate() calls (start times)
+        self._activations: list[tuple[float, float]] = []  # closed ones (start, end), session time
         self.record: RunRecord | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -185,20 +200,27 @@ class ProfileSession:
         end = self._clock.now()
         last = self._take_sample()
         total = self._total_record(end, last)
+        while self._active_since:
+            self._activations.append((self._active_since.pop(), total.end_s))
         if self._owns_gpu and self._gpu is not None:
             self._gpu.close()
         status = "completed" if error is None else f"failed: {type(error).__name__}"
+        stages = _join_split_stages(
+            sorted(self._stages, key=lambda st: st.index), self._samples, self._device.device
+        )
         self.record = RunRecord(
             created_utc=utc_now_iso(),
             status=status,
             system=self._system_info(),
             context=RunContext(case_name=self.case_name, **self._context),
             total=total,
-            stages=tuple(sorted(self._stages, key=lambda st: st.index)),
+            stages=tuple(stages),
             samples=tuple(self._samples),
             events=tuple(self._events),
             sample_interval_s=self.sample_interval_s,
             notes=tuple(self._notes),
+            outside=_outside_intervals(stages, total.end_s, self._activations),
+            run_id=uuid.uuid4().hex,
         )
         return self.record
 
@@ -206,6 +228,7 @@ class ProfileSession:
         self.open()
         self._tracer_scope = use_tracer(self)
         self._tracer_scope.__enter__()
+        self._active_since.append(0.0)  # the whole block is profiled code
         return self
 
     def __exit__(
@@ -223,8 +246,14 @@ class ProfileSession:
         """Install this session as the tracer for one call (e.g. one ComfyUI node's execution)."""
         if not self.is_open:
             raise RuntimeError(f"profile session {self.case_name!r} is not open; call open() first")
-        with use_tracer(self):
-            yield self
+        assert self._t0 is not None
+        self._active_since.append(self._clock.now() - self._t0)
+        try:
+            with use_tracer(self):
+                yield self
+        finally:
+            if self._active_since and self.is_open:
+                self._activations.append((self._active_since.pop(), self._clock.now() - self._t0))
 
     # ---------------------------------------------------------------- facts
     def set_context(self, **facts: Any) -> None:
@@ -240,7 +269,7 @@ class ProfileSession:
             raise TypeError(f"run fact compile must be a bool; got {facts['compile']!r}")
         if "case_name" in facts:
             self.case_name = str(facts.pop("case_name"))
-        self._context.update({k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in facts.items()})
+        self._context.update({k: (_dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in facts.items()})
 
     # ---------------------------------------------------------------- Tracer protocol
     def stage(self, name: str, kind: str, facts: dict[str, Any]) -> AbstractContextManager[None]:
@@ -269,7 +298,7 @@ class ProfileSession:
                 start_s=now,
                 end_s=now,
                 cached=True,
-                device=self._device.device,
+                device=_stage_device(facts.pop("device", None), self._device.device),
                 step=_step_of(name, facts),
                 facts=_clean_facts(facts),
             )
@@ -358,21 +387,26 @@ class ProfileSession:
         facts: dict[str, FactValue],
     ) -> StageRecord:
         window = self._samples[frame.first_sample :]  # samples from the stage's opening one onwards
-        activity = stage_activity(window, frame.start, end)
+        device = _stage_device(facts.pop("device", None), self._device.device)
+        on_session_device = device == self._device.device
+        activity = stage_activity(window if on_session_device else (), frame.start, end)
         used = [s.device_used_bytes for s in window if s.device_used_bytes is not None]
         rss = [s.rss_bytes for s in window if s.rss_bytes is not None]
         start = frame.alloc_start
-        memory = MemoryFigures(
-            allocated_start=None if start is None else start.allocated,
-            allocated_end=None if snap is None else snap.allocated,
-            allocated_peak=frame.peak_allocated,
-            reserved_start=None if start is None else start.reserved,
-            reserved_end=None if snap is None else snap.reserved,
-            reserved_peak=frame.peak_reserved,
-            device_used_start=frame.used_start,
-            device_used_end=used_end,
-            device_used_max=max(used) if used else None,
-        )
+        if on_session_device:
+            memory = MemoryFigures(
+                allocated_start=None if start is None else start.allocated,
+                allocated_end=None if snap is None else snap.allocated,
+                allocated_peak=frame.peak_allocated,
+                reserved_start=None if start is None else start.reserved,
+                reserved_end=None if snap is None else snap.reserved,
+                reserved_peak=frame.peak_reserved,
+                device_used_start=frame.used_start,
+                device_used_end=used_end,
+                device_used_max=max(used) if used else None,
+            )
+        else:  # a stage on another device (T5 on the CPU): the GPU's figures are not its own
+            memory = MemoryFigures()
         flops = facts.pop("flops", None)
         if flops is not None and (
             isinstance(flops, bool) or not isinstance(flops, (int, float)) or flops < 0
@@ -387,7 +421,7 @@ class ProfileSession:
             depth=frame.depth,
             start_s=frame.start,
             end_s=end,
-            device=self._device.device,
+            device=device,
             step=_step_of(frame.name, facts),
             expert=None if expert is None else str(expert),
             cfg_mode=None if cfg_mode is None else str(cfg_mode),
@@ -490,6 +524,142 @@ class ProfileSession:
         )
 
 
+def _stage_device(stated: Any, session_device: str) -> str:
+    """The device a stage ran on: what it states (`device=` fact), else the session's device.
+
+    "cuda" without an index means the session's CUDA device when the session measures one.
+    """
+    if stated is None:
+        return session_device
+    text = str(stated)
+    if text == "cuda" and session_device.startswith("cuda"):
+        return session_device
+    return text
+
+
+def _join_split_stages(
+    stages: list[StageRecord], samples: list[Sample], session_device: str
+) -> list[StageRecord]:
+    """Join consecutive top-level stages of the same name (one stage split across node calls).
+
+    The joined stage runs from the first piece's start to the last piece's end (time between the
+    pieces belongs to it: no other stage ran there); its children are every piece's children.
+    Indices are renumbered in order and parents remapped.
+    """
+    top = [s for s in stages if s.parent is None]
+    top.sort(key=lambda s: (s.start_s, s.index))
+    groups: list[list[StageRecord]] = []
+    for s in top:
+        last = groups[-1][-1] if groups else None
+        if (
+            last is not None
+            and last.name == s.name
+            and last.kind == s.kind
+            and last.device == s.device
+            and not last.cached
+            and not s.cached
+        ):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    if all(len(g) == 1 for g in groups):
+        return stages
+    replace: dict[int, StageRecord] = {}
+    alias: dict[int, int] = {}
+    for group in groups:
+        if len(group) == 1:
+            continue
+        joined = _joined(group, samples if group[0].device == session_device else [])
+        replace[group[0].index] = joined
+        for piece in group[1:]:
+            alias[piece.index] = group[0].index
+    kept = [replace.get(s.index, s) for s in stages if s.index not in alias]
+    new_index = {s.index: i for i, s in enumerate(kept)}
+    out = []
+    for s in kept:
+        parent = None if s.parent is None else new_index[alias.get(s.parent, s.parent)]
+        out.append(dataclasses.replace(s, index=new_index[s.index], parent=parent))
+    return out
+
+
+def _joined(pieces: list[StageRecord], samples: list[Sample]) -> StageRecord:
+    first, last = pieces[0], pieces[-1]
+    activity = stage_activity(samples, first.start_s, last.end_s)  # no samples: another device
+    busy = [p for p in pieces if p.duration_s > 0]
+    cpu = (
+        sum(p.cpu_pct * p.duration_s for p in busy) / sum(p.duration_s for p in busy)  # type: ignore[operator]
+        if busy and all(p.cpu_pct is not None for p in busy)
+        else None
+    )
+    flops = [p.flops for p in pieces if p.flops is not None]
+    m = [p.memory for p in pieces]
+    facts: dict[str, FactValue] = {}
+    for p in pieces:
+        facts.update(p.facts)
+    facts.pop("component", None)  # each piece's component is named by its child stage
+    facts["pieces"] = len(pieces)
+    return dataclasses.replace(
+        first,
+        end_s=last.end_s,
+        flops=sum(flops) if flops else None,
+        facts=facts,
+        memory=MemoryFigures(
+            allocated_start=m[0].allocated_start,
+            allocated_end=m[-1].allocated_end,
+            allocated_peak=_max_known([x.allocated_peak for x in m]),
+            reserved_start=m[0].reserved_start,
+            reserved_end=m[-1].reserved_end,
+            reserved_peak=_max_known([x.reserved_peak for x in m]),
+            device_used_start=m[0].device_used_start,
+            device_used_end=m[-1].device_used_end,
+            device_used_max=_max_known([x.device_used_max for x in m]),
+        ),
+        activity_mean_pct=activity.mean_pct,
+        activity_max_pct=activity.max_pct,
+        occupancy_mean_pct=activity.occupancy_mean_pct,
+        num_samples=activity.num_samples,
+        cpu_pct=cpu,
+        rss_end_bytes=last.rss_end_bytes,
+        rss_max_bytes=_max_known([p.rss_max_bytes for p in pieces]),
+    )
+
+
+def _max_known(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def _outside_intervals(
+    stages: list[StageRecord], total_end: float, activations: list[tuple[float, float]]
+) -> tuple[OutsideInterval, ...]:
+    """The parts of [0, total_end] that no top-level stage covers, in time order."""
+    top = sorted((s for s in stages if s.parent is None and not s.cached), key=lambda s: s.start_s)
+    out: list[OutsideInterval] = []
+    cursor, previous = 0.0, None
+    for s in [*top, None]:
+        start = total_end if s is None else s.start_s
+        if start > cursor:
+            # split where profiled code starts or stops, so each piece says where it went
+            cuts = sorted({cursor, start} | {t for a, b in activations for t in (a, b) if cursor < t < start})
+            for lo, hi in zip(cuts, cuts[1:]):
+                mid = 0.5 * (lo + hi)
+                in_node = any(a <= mid <= b for a, b in activations)
+                if out and out[-1].end_s == lo and out[-1].in_node == in_node:
+                    lo = out.pop().start_s
+                out.append(
+                    OutsideInterval(
+                        start_s=lo,
+                        end_s=hi,
+                        after=previous,
+                        before=None if s is None else s.name,
+                        in_node=in_node,
+                    )
+                )
+        if s is not None and s.end_s > cursor:
+            cursor, previous = s.end_s, s.name
+    return tuple(out)
+
+
 def _outermost_flops(stages: list[StageRecord]) -> float | None:
     """FLOPs of the run: stages that state FLOPs, not counting those inside one that already does."""
     by_index = {s.index: s for s in stages}
@@ -554,8 +724,16 @@ def _clean_facts(facts: dict[str, Any]) -> dict[str, FactValue]:
     """JSON-ready facts: primitives stay, dtypes/devices and other objects become their str()."""
     out: dict[str, FactValue] = {}
     for key, value in facts.items():
-        out[str(key)] = value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+        if isinstance(value, torch.dtype):
+            out[str(key)] = _dtype_name(value)
+        else:
+            out[str(key)] = value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
     return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """ "float32", not "torch.float32": the report prints dtypes by their bare names."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _cpu_pct(start: HostReading, end: HostReading, wall_s: float) -> float | None:

@@ -4,8 +4,8 @@ The three runs follow the reference reports' stage sequence:
 - `ti2v_5b_h100`: TI2V-5B 1280*704, 121 frames, 5 steps on an H100 (GPM SM activity), placement
   none, Model_Initialization with nested loader stages, batched CFG;
 - `t2v_a14b_l40s`: T2V-A14B 832*480, 81 frames, 6 steps on an L40S (no GPM: "GPU busy"),
-  placement `model`: the high-noise expert for steps 0-1, then an expert switch whose
-  Step_2_Loading moves the low-noise expert onto the GPU;
+  placement `model`: T5 on the CPU, the high-noise expert for steps 0-1, then an expert switch
+  whose Step_2_Loading moves the low-noise expert onto the GPU;
 - `cpu_tiny`: a tiny TI2V run on a machine with no GPU at all, T5_Encoding served from a cache.
 
 Run `python tests/make_golden_report.py` to rewrite `tests/golden_report/` after an intended
@@ -107,7 +107,9 @@ def pin_environment(run: RunRecord) -> RunRecord:
         host_memory_bytes=512 * GB,
         cuda_version=None if run.system.gpu_name is None else "12.8",
     )
-    return dataclasses.replace(run, created_utc="2026-01-01T00:00:00Z", system=system)
+    return dataclasses.replace(
+        run, created_utc="2026-01-01T00:00:00Z", system=system, run_id=f"golden-{run.context.case_name}"
+    )
 
 
 def run_ti2v_h100() -> RunRecord:
@@ -211,7 +213,7 @@ def run_t2v_l40s() -> RunRecord:
             rig.work(61.0, activity=(0.0,), cpu_pct=97.0, allocated=expert_bytes, used=30 * GB, rss=60 * GB)
         with trace.stage("TI2V_Preprocess", kind="preprocess"):
             rig.work(0.01, activity=(0.0,), cpu_pct=40.0)
-        with trace.stage("T5_Encoding", kind="encode", flops=UMT5_XXL_FLOPS):
+        with trace.stage("T5_Encoding", kind="encode", flops=UMT5_XXL_FLOPS, device="cpu"):
             rig.work(9.8, activity=(0.0, 0.0), cpu_pct=780.0, rss=71 * GB)
         for i in range(steps):
             expert = "high_noise_model" if i < 2 else "low_noise_model"

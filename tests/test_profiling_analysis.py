@@ -80,12 +80,29 @@ def test_a14b_offload_recommendation() -> None:
     assert sm.loading_total_s == pytest.approx(9.6 + 5 * 0.003)
     assert sm.activity_metric == "gpu_busy"
     assert sm.steps_tflops == pytest.approx(6 * T2V_A14B_STEP_FLOPS / sm.inference_total_s / 1e12)
-    analysis = analyze_run(run, sm)
-    rec = next(r for r in analysis.recommendations if r.rule == "placement_none")
-    assert rec.gain_s == pytest.approx(sm.loading_total_s)
-    assert f"{sm.loading_share_pct:.1f} %" in rec.text and "9.70 GB free" in rec.text
     assert any(e.name == "expert_switch" for e in run.events)
-    assert all("SM activity" not in f.text for f in analysis.findings)
+    assert all("SM activity" not in f.text for f in analyze_run(run, sm).findings)
+
+
+def test_placement_none_only_when_the_offloaded_expert_fits() -> None:
+    """L40S: 6.70 GB free (NVML saw 41 GB used of 47.70 GB), the other expert needs ~28.6 GB: no
+    recommendation, a finding that says by how much it does not fit. On a bigger GPU it fits."""
+    run = run_t2v_l40s()
+    sm = summarize_run(run)
+    assert sm.free_bytes == 47_697_362_944 - 41 * 10**9 and sm.free_source == "nvml"
+    analysis = analyze_run(run, sm)
+    assert not any(r.rule == "placement_none" for r in analysis.recommendations)
+    miss = next(f for f in analysis.findings if f.rule == "placement_none_does_not_fit")
+    assert miss.figures["needed_bytes"] == int(28.6e9)
+    assert "about 28.60 GB more weights" in miss.text and "only 6.70 GB was free" in miss.text
+    assert "does not fit by 21.90 GB" in miss.text
+    big = dataclasses.replace(
+        run, system=dataclasses.replace(run.system, gpu_name="NVIDIA H200", gpu_memory_bytes=141 * 10**9)
+    )
+    rec = next(r for r in analyze_run(big, summarize_run(big)).recommendations if r.rule == "placement_none")
+    assert rec.gain_s == pytest.approx(sm.loading_total_s)
+    assert "about 28.60 GB more weights would stay on the GPU and 100.00 GB was free, so they fit" in rec.text
+    assert f"{sm.loading_share_pct:.1f} %" in rec.text
 
 
 def test_cpu_run_makes_no_gpu_claims() -> None:
@@ -123,3 +140,57 @@ def test_noisy_steady_steps_are_flagged(h100) -> None:
 
 def analysis_rules(run):
     return analyze_run(run, summarize_run(run)).findings
+
+
+def _scripted(step_times: list[float], *, outside: float = 0.003):
+    """A GPU run (fake clock) whose inference steps take `step_times` seconds."""
+    from make_golden_report import Rig
+    from wanbench.profiling import FakeDevice, FakeNvml
+    from wanbench.wan_core import trace
+
+    rig = Rig(gpu=FakeNvml(name="NVIDIA H100 80GB HBM3", activity_metric="sm_activity"), device=FakeDevice(), rss=10**9)
+    s = rig.open("tiny_steps")
+    with s.activate():
+        s.set_context(steps=len(step_times), placement="none")
+        with trace.stage("Model_Initialization", kind="init"):
+            rig.work(0.004, activity=(10.0,), allocated=10**8)
+        for i, seconds in enumerate(step_times):
+            with trace.stage(f"Step_{i}_Loading", kind="step-loading", flops=0.0, step=i):
+                rig.work(0.0002, activity=(5.0,))
+            with trace.stage(f"Step_{i}_Inference", kind="step-inference", flops=1e12, step=i):
+                rig.work(seconds, activity=(95.0,), peak=2 * 10**8)
+        rig.work(outside, activity=(0.0,))
+    return s.close()
+
+
+def test_millisecond_steps_never_print_as_zero() -> None:
+    """Steps of ~5 ms: every time in findings and recommendations keeps its digits, and a
+    statement never says 0.00 s next to a gain of 0.0021 s."""
+    from wanbench.profiling import check_report, render_markdown, report_document
+
+    run = _scripted([0.0071, 0.0050, 0.0050, 0.0051, 0.0050])
+    sm = summarize_run(run)
+    analysis = analyze_run(run, sm)
+    warm = next(r for r in analysis.recommendations if r.rule == "warmup")
+    assert "costs 0.0021 s more than a steady one (0.0071 s vs 0.0050 s)" in warm.text
+    md = render_markdown([run])
+    assert "0.00 s" not in md and "(estimated gain 0.0021 s)" in md
+    for st in [*analysis.findings, *analysis.recommendations]:
+        assert "0.00 s" not in st.text, st.text
+    assert check_report(report_document([run])) == []
+
+
+@pytest.mark.parametrize(
+    ("steps", "flagged"),
+    [
+        ([0.30, 0.20, 0.20, 0.21, 0.20], True),  # slower than every steady step, quiet steps
+        ([0.21, 0.15, 0.59, 0.15, 0.16, 0.30], False),  # another step took 0.59 s (and noisy)
+        ([0.50, 0.20, 0.30, 0.20, 0.40], False),  # slowest, but the steady steps are noisy
+        ([0.23, 0.20, 0.22, 0.20, 0.20], False),  # not 1.2x the median
+    ],
+)
+def test_warmup_only_when_the_data_says_so(steps: list[float], flagged: bool) -> None:
+    run = _scripted(steps)
+    analysis = analyze_run(run, summarize_run(run))
+    assert ("warmup" in [f.rule for f in analysis.findings]) is flagged
+    assert ("warmup" in [r.rule for r in analysis.recommendations]) is flagged

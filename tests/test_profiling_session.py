@@ -129,7 +129,7 @@ def test_gpu_busy_metric_cached_stage_events_and_context() -> None:
     assert loading.activity_mean_pct == 5.0
     assert run.system.activity_metric == ACTIVITY_BUSY
     assert run.events[0].name == "expert_switch" and run.events[0].facts == {"step": 0, "expert": "low"}
-    assert run.context.dit_dtype == "torch.bfloat16" and run.context.offload is True
+    assert run.context.dit_dtype == "bfloat16" and run.context.offload is True  # bare dtype names
     assert run.context.resolution == "832*480"
 
 
@@ -272,6 +272,10 @@ def test_real_nvml_monitor_reads_the_gpu() -> None:
         ("NVIDIA GeForce RTX 4090", "RTX 4090"),
         ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", "RTX PRO 6000 Blackwell"),
         ("NVIDIA B200", "B200"),
+        ("NVIDIA GH200 480GB", "GH200"),  # contains "h200": the longer, whole-word match wins
+        ("NVIDIA H200 NVL", "H200 NVL"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA L40", "L40"),
     ],
 )
 def test_gpu_table_lookup(name: str, key: str) -> None:
@@ -351,3 +355,112 @@ def test_pynvml_monitor_reads_gpm_and_utilization() -> None:
     assert PynvmlMonitor(failing, handle=object(), use_gpm=True).read().activity_pct is None
     busy = PynvmlMonitor(_FakePynvml(), handle=object(), use_gpm=False).read()
     assert (busy.activity_pct, busy.occupancy_pct) == (64.0, None)
+
+
+def test_profiling_does_not_change_sampler_latents() -> None:
+    """The tiny A14B DiT pair through the real sampler (expert switch, batched CFG): the latents
+    with a ProfileSession (sampler thread running) are bit-identical to those without."""
+    from wanbench.wan_core.config import preset
+    from wanbench.wan_core.dit import WanDiT
+    from wanbench.wan_core.sampler import SamplerOptions, sample
+
+    task = preset("t2v-A14B", tiny=True)
+    torch.manual_seed(0)
+    high, low = WanDiT(task.dit).eval(), WanDiT(task.dit).eval()
+    g = torch.Generator().manual_seed(7)
+    contexts = {
+        "context": torch.randn(5, task.dit.text_dim, generator=g),
+        "context_null": torch.randn(9, task.dit.text_dim, generator=g),
+    }
+    opts = SamplerOptions(steps=4, shift=5.0, guide_scale=(3.0, 4.0), boundary=0.875, seed=3)
+
+    def run() -> torch.Tensor:
+        return sample([high, low], task, opts, latent_shape=(16, 2, 4, 4), device="cpu", **contexts)
+
+    plain = run()
+    with ProfileSession(case_name="bits", device="cpu", sample_interval_s=0.001) as session:
+        profiled = run()
+    assert torch.equal(plain, profiled)
+    inference = [s for s in session.record.stages if s.kind == "step-inference"]
+    assert len(inference) == 4 and {s.expert for s in inference} == {"high", "low"}
+
+
+def test_stage_device_comes_from_its_facts() -> None:
+    """T5 on the CPU inside a CUDA session: recorded on the CPU, without the GPU's memory or
+    activity, and without MFU; a stage stating plain "cuda" is the session's CUDA device."""
+    from wanbench.profiling import render_markdown, summarize_run
+    from wanbench.profiling.analysis import stage_mfu_pct
+
+    session, clock, gpu, dev, host = _rig()
+    with session:
+        with trace.stage("T5_Encoding", kind="encode", flops=1e12, device="cpu"):
+            gpu.set(activity_pct=50.0, used_bytes=5 * GB)
+            dev.spike(allocated=3 * GB)
+            clock.advance(2.0)
+        dev.set(allocated=1 * GB)
+        with trace.stage("VAE_Decoding", kind="decode", device="cuda"):
+            dev.spike(allocated=4 * GB)
+            gpu.set(activity_pct=90.0)
+            clock.advance(1.0)
+    t5, vae = session.record.stages
+    assert t5.device == "cpu" and vae.device == "cuda:0"
+    assert t5.memory.allocated_peak is None and t5.memory.device_used_max is None
+    assert t5.activity_mean_pct is None and t5.num_samples == 0
+    assert stage_mfu_pct(t5, 989.4) is None and t5.flops == 1e12
+    assert vae.memory.allocated_peak == 4 * GB and vae.activity_mean_pct == 90.0
+    sm = summarize_run(session.record)
+    assert sm.t5_peak_bytes is None and sm.vae_activation_bytes == 3 * GB
+    md = render_markdown([session.record])
+    assert "| T5_Encoding (cpu) | 2.00 | n/a | n/a |" in md
+    assert "- **T5 encoding**: ran on the cpu; no GPU memory figures" in md
+    assert "- **VAE decoding**: activation growth 3.00 GB" in md
+
+
+def test_split_stage_pieces_are_joined_and_gaps_recorded() -> None:
+    """Three loader nodes each record a Model_Initialization piece (with its loader as child):
+    consecutive pieces become one stage covering all three; time between nodes is recorded as
+    outside time, with where it happened."""
+    session, clock, gpu, dev, host = _rig()
+    session.open()
+    for child, seconds, alloc in (("DiT_Initialization", 3.0, 10), ("Text_Encoder_Initialization", 2.0, 15)):
+        with session.activate():
+            with trace.stage("Model_Initialization", kind="init"), trace.stage(child, kind="init"):
+                dev.set(allocated=alloc * GB)
+                clock.advance(seconds)
+            clock.advance(0.1)  # node code after its stage
+        clock.advance(0.2)  # between nodes
+    with session.activate(), trace.stage("T5_Encoding", kind="encode"):
+        clock.advance(1.0)
+    with session.activate(), trace.stage("Model_Initialization", kind="init"):
+        with trace.stage("VAE_Initialization", kind="init"):
+            clock.advance(0.5)
+    run = session.close()
+    names = [(s.index, s.name, s.parent) for s in run.stages]
+    assert names == [
+        (0, "Model_Initialization", None),
+        (1, "DiT_Initialization", 0),
+        (2, "Text_Encoder_Initialization", 0),
+        (3, "T5_Encoding", None),
+        (4, "Model_Initialization", None),  # not consecutive: a second piece, not hidden
+        (5, "VAE_Initialization", 4),
+    ]
+    init = run.stages[0]
+    assert (init.start_s, init.end_s) == (0.0, pytest.approx(5.3))  # 3 + 0.1 + 0.2 + 2
+    assert init.memory.allocated_start == 0 and init.memory.allocated_end == 15 * GB
+    assert init.facts["pieces"] == 2
+    gaps = [(o.after, o.before, o.in_node, round(o.duration_s, 6)) for o in run.outside]
+    assert gaps == [
+        ("Model_Initialization", "T5_Encoding", True, 0.1),  # the loader node's own code
+        ("Model_Initialization", "T5_Encoding", False, 0.2),  # no profiled code ran
+    ]
+
+
+def test_run_ids_are_unique() -> None:
+    a, b = ProfileSession(case_name="a", device="cpu", sample_interval_s=None), ProfileSession(
+        case_name="a", device="cpu", sample_interval_s=None
+    )
+    with a:
+        pass
+    with b:
+        pass
+    assert a.record.run_id and a.record.run_id != b.record.run_id

@@ -26,8 +26,16 @@ def _finding(run: dict[str, Any], rule: str) -> dict[str, Any]:
 
 
 def _set_total(run: dict[str, Any]) -> None:
-    run["summary"]["outside_s"] = 0.0
-    run["summary"]["total_s"] = run["summary"]["stage_sum_s"] * 1.5
+    run["total"]["end_s"] += 50.0  # 50 s outside every stage that the session never recorded
+
+
+def _overlap(run: dict[str, Any]) -> None:
+    step = next(s for s in run["stages"] if s["name"] == "Step_1_Inference")
+    step["end_s"] += 3.0  # runs into Step_2_Loading/Inference
+
+
+def _outside_over_a_stage(run: dict[str, Any]) -> None:
+    run["outside"][0]["start_s"] -= 5.0
 
 
 def _low_util_claim(run: dict[str, Any]) -> None:
@@ -86,6 +94,8 @@ def _zero_s_per_step(run: dict[str, Any]) -> None:
 
 CASES: list[tuple[str, str, Callable[[dict[str, Any]], None], str]] = [
     ("stage sum", "01", _set_total, "do not add up"),
+    ("overlapping stages", "01", _overlap, "stages overlap"),
+    ("outside interval over a stage", "02", _outside_over_a_stage, "is not outside the stages"),
     ("low utilization next to 97 %", "01", _low_util_claim, "claims low utilization"),
     ("verdict does not fit the figure", "01", _wrong_verdict, "does not fit"),
     ("memory verdict about another GPU", "01", _other_gpu, "memory verdict about 'NVIDIA L40S'"),
@@ -134,3 +144,74 @@ def test_checker_reads_files_and_the_markdown_beside_them(tmp_path: Any, golden:
     assert any("mojibake" in p for p in check_report(tmp_path / "r.json"))
     (tmp_path / "bad.json").write_bytes(b'{"schema": "\xff"}')
     assert "not UTF-8" in check_report(tmp_path / "bad.json")[0]
+
+
+def test_50_s_outside_stages_fails_even_with_a_consistent_summary() -> None:
+    """The rule itself: a record whose stages leave 50 s uncovered (not recorded as outside
+    time) fails, although its summary and Markdown were rendered from it."""
+    import dataclasses
+
+    from make_golden_report import run_ti2v_h100
+    from wanbench.profiling import render_markdown, report_document
+
+    run = run_ti2v_h100()
+    broken = dataclasses.replace(run, total=dataclasses.replace(run.total, end_s=run.total.end_s + 50.0))
+    doc = report_document([broken])
+    problems = check_report(doc)
+    assert any("50.050 s of the" in p and "do not add up" in p for p in problems), problems
+    assert "checked to within" not in render_markdown([broken])
+
+
+def test_recorded_outside_time_is_shown_and_never_called_within_margin() -> None:
+    """A pipeline with real uncovered time (50 s between stages) passes, because the session
+    recorded it, and the Markdown shows it as its own figure instead of claiming coverage."""
+    from wanbench.profiling import FakeClock, FakeHost, ProfileSession, render_markdown, report_document
+    from wanbench.profiling.memory import CpuDevice
+    from wanbench.wan_core import trace
+
+    clock = FakeClock()
+    session = ProfileSession(
+        case_name="gap", sample_interval_s=None, clock=clock, device_probe=CpuDevice(), host=FakeHost()
+    )
+    session.open()
+    with session.activate(), trace.stage("T5_Encoding", kind="encode"):
+        clock.advance(1.0)
+    clock.advance(50.0)  # e.g. an unprofiled node saving a video
+    with session.activate(), trace.stage("VAE_Decoding", kind="decode"):
+        clock.advance(2.0)
+    run = session.close()
+    assert [(o.after, o.before, o.in_node, o.duration_s) for o in run.outside] == [
+        ("T5_Encoding", "VAE_Decoding", False, 50.0)
+    ]
+    doc = report_document([run])
+    assert doc["runs"][0]["summary"]["outside_within_margin"] is False
+    assert check_report(doc) == []
+    md = render_markdown([run])
+    assert "**50.00 s (94.3 %) lies outside every stage**" in md
+    assert "50.00 s at 1.00-51.00 s, after T5_Encoding, before VAE_Decoding: no profiled code" in md
+    assert "is within the" not in md and "checked to within" not in md
+    assert check_markdown(md, doc) == []
+    lie = md.replace("**50.00 s (94.3 %) lies outside every stage**", "all time is inside the stages")
+    assert any("differs from what the records render" in p for p in check_markdown(lie, doc))
+
+
+def test_markdown_number_where_the_records_have_none_fails(golden: dict[str, Any]) -> None:
+    md = (GOLDEN_DIR / "report.md").read_text(encoding="utf-8")
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 03_cpu_tiny |"))
+    edited = md.replace(row, row.replace("| n/a | n/a | n/a | n/a |", "| 0.00 | 0.0 | 0 | 0.0 |"))
+    problems = check_markdown(edited, golden)
+    assert any("unmeasured value printed as the number '0.00'" in p for p in problems), problems
+    row = "| 01_ti2v_5b_704p | 1280*704 | 121 | 5 | No (none) |"
+    changed = md.replace(f"{row} 61.61 |", f"{row} 51.61 |")
+    assert any("'51.61' differs from the records ('61.61')" in p for p in check_markdown(changed, golden))
+
+
+def test_merged_report_with_a_mislabelled_busy_group_fails(golden: dict[str, Any]) -> None:
+    """H100 (SM activity) and L40S (GPU busy) in one report: each group is checked on its own."""
+    md = (GOLDEN_DIR / "report.md").read_text(encoding="utf-8")
+    start = md.index("## Hardware Group B: NVIDIA L40S")
+    end = md.index("## Hardware Group C")
+    wrong = md[:start] + md[start:end].replace("| Busy(%) |", "| SM(%) |") + md[end:]
+    problems = check_markdown(wrong, golden)
+    assert any("group 'NVIDIA L40S' measured GPU busy" in p for p in problems), problems
+    assert check_markdown(md, golden) == []

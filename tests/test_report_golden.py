@@ -56,7 +56,8 @@ def test_golden_report_shape() -> None:
         "| T5_Encoding (took 0.31 s when it last ran) | cached |",
         "high_noise_model: steps 0-1; low_noise_model: steps 2-5",
         "### Recommendations (ranked",
-        "placement `none` would save about 9.61 s",
+        "it does not fit by 21.90 GB",
+        "| T5_Encoding (cpu) | 9.80 | n/a |",
         "GPU activity was not measured (no GPU",
     ):
         assert needle in md, needle
@@ -186,3 +187,49 @@ def test_run_with_cached_sampler_counts_cached_steps(tmp_path: Path) -> None:
     assert "| Case | Res |" in files.markdown.read_text(encoding="utf-8")
     assert "| 0 + 2 cached |" in files.markdown.read_text(encoding="utf-8")
     assert check_report(files.json) == []
+
+
+def test_merge_same_gpu_with_sm_activity_and_gpu_busy(tmp_path: Path) -> None:
+    """Two H100 runs, one with GPM SM activity and one with only NVML utilization (and another
+    driver): two labelled groups instead of a ValueError; the differing versions are listed."""
+    h100 = run_ti2v_h100()
+    busy = dataclasses.replace(
+        h100,
+        run_id="other-machine",
+        context=dataclasses.replace(h100.context, case_name="01b_busy_only"),
+        system=dataclasses.replace(h100.system, activity_metric="gpu_busy", driver_version="535.1"),
+    )
+    a = write_report(h100, tmp_path / "a", basename="run", chart=False)["json"]
+    b = write_report(busy, tmp_path / "b", basename="run", chart=False)["json"]
+    merged = merge_reports([a, b])
+    assert "## Hardware Group A: NVIDIA H100 80GB HBM3 (SM activity)" in merged
+    assert "## Hardware Group B: NVIDIA H100 80GB HBM3 (GPU busy)" in merged
+    group_b = merged.split("## Hardware Group B")[1].split("# Detailed")[0]
+    assert "Busy(%)" in group_b and "SM(%)" not in group_b
+    same_group = dataclasses.replace(busy, system=dataclasses.replace(h100.system, driver_version="535.1"))
+    md = render_markdown([h100, same_group])
+    assert "driver differs: 570.86.15 (01_ti2v_5b_704p), 535.1 (01b_busy_only)" in md
+
+
+def test_merging_the_same_run_twice_keeps_it_once(tmp_path: Path) -> None:
+    h100 = run_ti2v_h100()
+    a = write_report(h100, tmp_path / "a", basename="run", chart=False)["json"]
+    merged = merge_reports([a, a])
+    assert merged.count("## Case:") == 1
+    assert f"- Note: run {h100.run_id} of case '01_ti2v_5b_704p' was given 2 times; it is reported once" in merged
+
+
+def test_chart_axes_bands_and_expert_switch(tmp_path: Path) -> None:
+    """RSS that barely moves (0.43565 GB +- bytes) prints plain numbers from 0, not an offset
+    like 1e-6+4.3565e-1; non-step stages are labelled; the expert switch is marked."""
+    pytest.importorskip("matplotlib")
+    from wanbench.profiling import draw_timeline
+
+    run = run_t2v_l40s()
+    samples = tuple(dataclasses.replace(s, rss_bytes=435_650_000 + i) for i, s in enumerate(run.samples))
+    result = draw_timeline(dataclasses.replace(run, samples=samples), tmp_path / "t.png")
+    assert result.path is not None and result.path.stat().st_size > 0
+    assert result.y_offsets == ("", "") and result.y_bottoms == (0.0, 0.0)
+    assert result.band_labels == ("Model_Initialization", "TI2V_Preprocess", "T5_Encoding", "VAE_Decoding")
+    switch = next(e for e in run.events if e.name == "expert_switch")
+    assert result.markers == (switch.t_s,)
