@@ -30,6 +30,13 @@ DEMO_WORKFLOW = "tiny_ti2v_5B_t2v.api.json"
 DEFAULT_OUT = Path("wanbench_out")
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through profiling.output's writer (a temporary file, then os.replace)."""
+    from .profiling.output import _atomic_write_text as write_text
+
+    write_text(path, text)
+
+
 def _say(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -125,8 +132,6 @@ def load_suite(path: Path) -> dict[str, Any]:
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
-    from .profiling import merge_reports
-
     path = _find_workflow(args.suite)
     suite = load_suite(path)
     out_dir = Path(args.out)
@@ -146,17 +151,32 @@ def cmd_suite(args: argparse.Namespace) -> int:
             if not files["reports"]:
                 raise RuntimeError("the case wrote no report JSON (is Wan Benchmark Report in the workflow?)")
             reports += files["reports"]
-        except Exception as err:  # noqa: BLE001 - a failed case is reported and the suite goes on
-            log.error("case %s failed: %s", case["name"], describe_error(err))
+        except Exception as err:  # noqa: BLE001 - deliberate: whatever one case raises (a server
+            # error, a bad override, a bug in a node) must not stop the other cases; the full
+            # traceback is logged and the case is listed as failed in the combined report.
+            log.error("case %s failed: %s", case["name"], describe_error(err), exc_info=err)
             failed.append((case["name"], describe_error(err)))
-    if reports:
+    if reports or failed:
         combined = out_dir / f"{suite.get('name', 'suite')}_report.md"
-        combined.write_text(merge_reports(reports), encoding="utf-8")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(combined, combined_report(reports, failed))
         _say(f"combined report: {combined}")
     for name, why in failed:
         _say(f"FAILED {name}: {why}")
     _say(f"{len(suite['cases']) - len(failed)}/{len(suite['cases'])} cases passed")
     return 1 if failed else 0
+
+
+def combined_report(reports: Sequence[str], failed: Sequence[tuple[str, str]]) -> str:
+    """The suite's Markdown: the merged runs, then a section listing every failed case and why."""
+    from .profiling import merge_reports
+
+    text = merge_reports(reports) if reports else "# Benchmark report\n\nNo case finished.\n"
+    if failed:
+        lines = ["", "## Failed cases", "", "| case | status | error |", "| --- | --- | --- |"]
+        lines += [f"| {name} | FAILED | {why.replace('|', '/')} |" for name, why in failed]
+        text = text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+    return text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,7 +187,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     text = merge_reports([Path(p) for p in args.runs])
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        _atomic_write_text(Path(args.output), text)
         _say(f"wrote {args.output}")
     else:
         sys.stdout.write(text)
@@ -208,8 +228,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     _say(f"demo finished in {time.perf_counter() - started:.1f} s; outputs are in {out_dir.resolve()}")
     for report in files["reports"]:
-        md = Path(report).with_suffix(".md")
-        _say(f"open {md} for the benchmark report (chart: {Path(report).with_suffix('.png')})")
+        md, chart = Path(report).with_suffix(".md"), Path(report).with_suffix(".png")
+        _say(f"open {md} for the benchmark report")
+        if chart.is_file():
+            _say(f"chart: {chart}")
+        else:
+            _say(
+                "chart: skipped (matplotlib is not installed); "
+                "pip install matplotlib (or the pack's [chart] extra) and run the demo again"
+            )
     return 0
 
 
@@ -272,13 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .runner import NODE_ERRORS
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         return int(args.func(args))
-    except (OSError, ValueError, TypeError, KeyError, ImportError, RuntimeError) as err:
+    except NODE_ERRORS as err:
         log.error("%s", describe_error(err), exc_info=args.verbose)
         return 2
 

@@ -32,6 +32,18 @@ class WorkflowError(WanError, ValueError):
 
 
 NODE_NOTE_PREFIX = "raised by node "  # exception note added by the runner: "raised by node 7 (Class)"
+# What nodes raise for a run that cannot go on (bad input, missing file or package, torch errors):
+# the runner adds the node note to these and the CLI prints them as one line. Anything else is a
+# bug and keeps its full traceback (whose frames show the node).
+NODE_ERRORS: tuple[type[Exception], ...] = (
+    WanError,
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    ImportError,
+    RuntimeError,
+)
 # Input types entered as widget values (everything else is a link from another node's output).
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 
@@ -213,7 +225,7 @@ def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], 
         kwargs[name] = {"UNIQUE_ID": node_id, "PROMPT": dict(prompt)}.get(kind)
     try:
         out = getattr(cls(), cls.FUNCTION)(**kwargs)
-    except Exception as err:
+    except NODE_ERRORS as err:
         # Same exception (callers and tests keep its type); the note names the node that raised.
         err.add_note(f"{NODE_NOTE_PREFIX}{node_id} ({class_type})")
         raise
@@ -404,21 +416,40 @@ def _http_json(method: str, url: str, body: Any = None, *, timeout_s: float = 60
             return err.code, payload.decode(errors="replace")
 
 
+def download_target(out_dir: Path, subfolder: str, filename: str) -> Path:
+    """Where a server output (`subfolder`/`filename` from the history) is saved under `out_dir`.
+
+    The names come from the server: one that is absolute or climbs out of `out_dir` (`..`) is
+    refused, so a server can never make the client write outside the folder it was given.
+    """
+    root = out_dir.resolve()
+    relative = Path(subfolder.replace("\\", "/")) / filename.replace("\\", "/")
+    target = (root / relative).resolve()
+    if relative.is_absolute() or not filename or root not in target.parents:
+        raise ServerError(
+            f"the server named an output outside --out: subfolder {subfolder!r}, filename {filename!r}; "
+            f"refusing to write it (expected a path inside {root})"
+        )
+    return target
+
+
 def _download(server: str, entry: Mapping[str, Any], out_dir: Path, *, timeout_s: float) -> Path:
     import urllib.parse
     import urllib.request
 
+    from .nodes.comfy_bridge import atomic_output
+
+    subfolder, filename = str(entry.get("subfolder", "")), str(entry["filename"])
+    target = download_target(out_dir, subfolder, filename)
     query = urllib.parse.urlencode(
-        {
-            "filename": entry["filename"],
-            "subfolder": entry.get("subfolder", ""),
-            "type": entry.get("type", "output"),
-        }
+        {"filename": filename, "subfolder": subfolder, "type": entry.get("type", "output")}
     )
-    target = out_dir / entry.get("subfolder", "") / entry["filename"]
     target.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(f"{server}/view?{query}", timeout=timeout_s) as response:
-        target.write_bytes(response.read())
+    with (
+        urllib.request.urlopen(f"{server}/view?{query}", timeout=timeout_s) as response,
+        atomic_output(target) as tmp,
+    ):
+        tmp.write_bytes(response.read())
     return target
 
 

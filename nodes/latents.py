@@ -177,7 +177,10 @@ class WanImageToVideo:
                 if isinstance(start_image, torch.Tensor)
                 else type(start_image).__name__
             )
-            raise ValueError(f"start_image must be an IMAGE (B, H, W, 3) in [0, 1]; got {got}")
+            raise ValueError(
+                f"start_image must be an IMAGE (B, H, W, 3) in [0, 1]; got {got}. "
+                "connect an IMAGE output (Load Image, Wan Test Image) to it"
+            )
         task = task_for_vae(vae, with_image=True)
         image = start_image[0]  # (H, W, 3): IMAGE -> one RGB image
         build = conditioning.ti2v_condition if task.dit.model_type == "ti2v" else conditioning.i2v_condition

@@ -8,7 +8,10 @@ stage node of the current graph that did not run in this prompt has its stages r
 *cached* (served from ComfyUI's cache, no time spent now), never as measured zeros.
 
 The handle outlives prompts (it is the cached output of the Wan Profiler node); a session is
-opened lazily by the first stage node that runs and closed by the report node.
+opened lazily by the first stage node that runs and closed by the report node. A stage node that
+raises (ComfyUI's interrupt included) closes the session as failed, so its sampler thread stops;
+a handle dropped with a session still open (ComfyUI evicted it from its cache) closes that session
+when it is garbage-collected.
 
 Shapes: none (no tensors).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +53,7 @@ class ProfilerHandle:
     _last_seconds: dict[str, float] = field(default_factory=dict)
     _prompt_id: str | None = None
     _runs_finished: int = 0
+    _finalizer: Any = None  # weakref.finalize that closes an open session if the handle is dropped
 
     # -- session lifetime ---------------------------------------------------------------------
     def _open_session(self) -> Any:
@@ -59,9 +64,7 @@ class ProfilerHandle:
                 "prompt %s did not reach Wan Benchmark Report; its measurements are discarded",
                 self._prompt_id,
             )
-            self._session.close(error=RuntimeError("the prompt ended before the report node ran"))
-            self._session = None
-            self._ran_this_run = set()
+            self._discard_session(RuntimeError("the prompt ended before the report node ran"))
         if self._session is None:
             self._prompt_id = prompt_id
             from ..profiling import ProfileSession
@@ -70,9 +73,27 @@ class ProfilerHandle:
                 case_name=self.settings.case_name, sample_interval_s=self.settings.sample_interval_ms / 1000.0
             )
             self._session.open()
+            # The finalizer holds the session, never the handle: a dropped handle is collected and
+            # its open session closed, so the session's sampler thread cannot outlive it.
+            self._finalizer = weakref.finalize(self, _close_abandoned_session, self._session)
             if self._context:
                 self._session.set_context(**self._context)
         return self._session
+
+    def _forget_session(self) -> None:
+        """Drop the (closed) session of this prompt and what it ran."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self._session = None
+        self._ran_this_run = set()
+
+    def _discard_session(self, error: BaseException) -> None:
+        """Close the open session as failed (its measurements are not reported) and forget it."""
+        session = self._session
+        self._forget_session()
+        if session is not None and session.is_open:
+            session.close(error=error)
 
     @property
     def session_open(self) -> bool:
@@ -91,8 +112,20 @@ class ProfilerHandle:
         the node can be reported as cached when ComfyUI skips it in a later prompt.
         """
         session = self._open_session()
-        with session.activate():
-            yield
+        try:
+            with session.activate():
+                yield
+        except BaseException as err:
+            # A failed or interrupted node ends this prompt: close the session now (stopping its
+            # sampler thread) instead of leaving it open until a later prompt or forever.
+            log.warning(
+                "node %s raised %s; the profiling session of prompt %s is closed as failed",
+                node_id,
+                type(err).__name__,
+                self._prompt_id,
+            )
+            self._discard_session(err)
+            raise
         self._ran_this_run.add(node_id)
         self._stages_by_node[node_id] = list(stages)
 
@@ -126,10 +159,16 @@ class ProfilerHandle:
         for stage in record.stages:
             if not stage.cached:
                 self._last_seconds[stage.name] = stage.duration_s
-        self._session = None
-        self._ran_this_run = set()
+        self._forget_session()
         self._runs_finished += 1
         return session
+
+
+def _close_abandoned_session(session: Any) -> None:
+    """weakref.finalize callback: close a session whose handle was garbage-collected while open."""
+    if session.is_open:
+        log.warning("a Wan Profiler was dropped with its session open; closing it")
+        session.close(error=RuntimeError("the Wan Profiler handle was dropped before its report ran"))
 
 
 @contextlib.contextmanager

@@ -194,9 +194,10 @@ class WanSampler:
         task = model.task
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if not isinstance(samples, torch.Tensor) or samples.dim() != 5:
+            got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
             raise ValueError(
-                "latent must be a video LATENT {'samples': (B, C, T, h, w)}; "
-                "use Wan Empty Latent or Wan Image To Video"
+                f"latent must be a video LATENT {{'samples': (B, C, T, h, w)}}; got {got} (an image "
+                "latent?). Feed it from Wan Empty Latent or Wan Image To Video"
             )
         if samples.shape[0] != 1 or samples.shape[1] != task.dit.out_dim:
             raise ValueError(

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = {"mp4 (h264)": ("mp4", "libx264"), "mp4 (mpeg4)": ("mp4", "mpeg4")}
 MAX_FPS = 120
+FPS_FROM_TASK = 0  # the fps widget value that means "the task's sample fps"
 MAX_CRF = 51
 
 
@@ -32,13 +33,20 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def write_mp4(frames: torch.Tensor, path: Path, *, fps: int, codec: str = "libx264", crf: int = 19) -> Path:
-    """Encode uint8 RGB frames (F, H, W, 3) into an mp4 (yuv420p; H and W must be even)."""
+    """Encode uint8 RGB frames (F, H, W, 3) into an mp4 (yuv420p; H and W must be even).
+
+    The file is encoded under a temporary name and renamed when complete: a failing encoder
+    leaves nothing at `path`.
+    """
     import av
 
     num_frames, height, width, _ = frames.shape
     if height % 2 or width % 2:
-        raise ValueError(f"mp4 (yuv420p) needs an even width and height; got {width}x{height}")
-    with av.open(str(path), mode="w") as container:
+        raise ValueError(
+            f"mp4 (yuv420p) needs an even width and height; got {width}x{height}. "
+            "Decode at an even size (every Wan size is a multiple of 16) or crop the frames"
+        )
+    with bridge.atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps, 1))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
@@ -50,6 +58,18 @@ def write_mp4(frames: torch.Tensor, path: Path, *, fps: int, codec: str = "libx2
             container.mux(packet)
     log.info("wrote %s (%d frames, %dx%d, %d fps)", path, num_frames, width, height, fps)
     return path
+
+
+def resolve_fps(fps: int, model: T.WanModel | None) -> int:
+    """The fps to encode with: `fps` itself, or the task's sample fps when `fps` is 0."""
+    if fps != FPS_FROM_TASK:
+        return fps
+    if not isinstance(model, T.WanModel):
+        raise ValueError(
+            "fps is 0 (= the task's fps) but no model is connected to Wan Save Video; connect Wan "
+            "Model Loader's model to its model input, or set fps (24 for TI2V-5B, 16 for A14B)"
+        )
+    return int(model.task.fps)
 
 
 class WanSaveVideo:
@@ -72,10 +92,11 @@ class WanSaveVideo:
                 "fps": (
                     "INT",
                     {
-                        "default": 24,
-                        "min": 1,
+                        "default": FPS_FROM_TASK,
+                        "min": FPS_FROM_TASK,
                         "max": MAX_FPS,
-                        "tooltip": "Frames per second: 24 for TI2V-5B, 16 for the A14B tasks.",
+                        "tooltip": "Frames per second. 0 = the task's fps, read from the model input "
+                        "(24 for TI2V-5B, 16 for the A14B tasks); any other value is used as is.",
                     },
                 ),
                 "filename_prefix": (
@@ -99,6 +120,12 @@ class WanSaveVideo:
                     },
                 ),
             },
+            "optional": {
+                "model": (
+                    T.MODEL,
+                    {"tooltip": "Wan Model Loader's model: with fps 0 the video gets its task's fps."},
+                ),
+            },
         }
 
     @classmethod
@@ -106,19 +133,26 @@ class WanSaveVideo:
         cls, fps: int | None = None, filename_prefix: str | None = None, crf: int | None = None
     ) -> bool | str:
         return first_problem(
-            check_int_range("fps", fps, 1, MAX_FPS),
+            check_int_range("fps", fps, FPS_FROM_TASK, MAX_FPS),
             check_prefix("filename_prefix", filename_prefix),
             check_int_range("crf", crf, 0, MAX_CRF),
         )
 
     def save(
-        self, images: torch.Tensor, fps: int, filename_prefix: str, format: str, crf: int
+        self,
+        images: torch.Tensor,
+        fps: int,
+        filename_prefix: str,
+        format: str,
+        crf: int,
+        model: T.WanModel | None = None,
     ) -> dict[str, Any]:
-        problem = check_prefix("filename_prefix", filename_prefix)
-        if problem:
+        problem = self.VALIDATE_INPUTS(fps=fps, filename_prefix=filename_prefix, crf=crf)
+        if problem is not True:
             raise ValueError(problem)
+        fps = resolve_fps(fps, model)
         if format not in FORMATS:
-            raise ValueError(f"format must be one of {list(FORMATS)}; got {format!r}")
+            raise ValueError(f"format must be one of {list(FORMATS)}; got {format!r}. Pick one of those")
         ext, codec = FORMATS[format]
         frames = images_to_uint8(images)
         folder, stem, counter, subfolder = bridge.save_path(

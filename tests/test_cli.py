@@ -119,11 +119,14 @@ def test_suite_runs_every_case_and_reports_failures(models: Path, tmp_path: Path
     assert "FAILED bad_case" in stdout and "length must be 4k+1" in stdout and "1/2 cases passed" in stdout
     combined = (out / "mini_report.md").read_text(encoding="utf-8")
     assert "good_case" in combined
+    failed = combined[combined.index("## Failed cases") :]
+    assert "| bad_case | FAILED |" in failed and "length must be 4k+1" in failed
 
     run_json = next((out / "good_case").rglob("*.json"))
     merged = tmp_path / "merged.md"
     assert main(["report", str(run_json), str(run_json), "-o", str(merged)]) == 0
     assert "good_case" in merged.read_text(encoding="utf-8")
+    assert sorted(p.name for p in tmp_path.glob("merged*")) == ["merged.md"]  # written atomically
     assert main(["check-report", str(run_json)]) == 0
     assert f"{run_json}: OK" in capsys.readouterr().out
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from wanbench.cli import main
-from wanbench.runner import ServerError, run_on_server
+from wanbench.cli import WORKFLOWS_DIR, main
+from wanbench.runner import ServerError, download_target, run_on_server
 
 PROMPT_ID = "p-123"
 FILES = {
@@ -39,8 +39,9 @@ def _text(message: dict) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
-    mode = "ok"  # "ok" | "refuse" | "error"
+    mode = "ok"  # "ok" | "refuse" | "error" | "escape" | "suite" (refuse prompts mentioning "bad")
     received: list = []
+    files: dict[str, bytes] = FILES
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
@@ -56,7 +57,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Handler.received.append(body)
-        if Handler.mode == "refuse":
+        if Handler.mode == "refuse" or (Handler.mode == "suite" and "bad" in json.dumps(body)):
             self._json(
                 400,
                 {
@@ -85,9 +86,11 @@ class Handler(BaseHTTPRequestHandler):
                     ],
                 },
             }
+            if Handler.mode == "escape":  # a server naming a file outside the client's --out
+                outputs["10"]["images"][0]["subfolder"] = "../../escaped"
             self._json(200, {PROMPT_ID: {"outputs": outputs}})
         elif url.path == "/view":
-            data = FILES[parse_qs(url.query)["filename"][0]]
+            data = Handler.files[parse_qs(url.query)["filename"][0]]
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -151,6 +154,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     Handler.received = []
+    Handler.files = FILES
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -175,6 +179,20 @@ def test_run_on_server_follows_progress_and_fetches_files(server: str, tmp_path:
     assert run.files["videos"] == [str(tmp_path / "wanbench" / "v_00001_.mp4")]
     assert run.files["reports"] == [str(tmp_path / "wanbench" / "r_00001_.json")]
     assert (tmp_path / "wanbench" / "r_00001_.md").read_bytes() == FILES["r_00001_.md"]
+    # Downloads are written to a temporary name and renamed: nothing else is left behind.
+    assert sorted(p.name for p in (tmp_path / "wanbench").iterdir()) == sorted(FILES)
+
+
+def test_download_refuses_a_path_outside_out(server: str, tmp_path: Path) -> None:
+    Handler.mode = "escape"
+    out = tmp_path / "a" / "b"
+    with pytest.raises(ServerError, match=r"outside --out: subfolder '\.\./\.\./escaped'.*refusing to write"):
+        run_on_server({"1": {"class_type": "X", "inputs": {}}}, server, out, timeout_s=20)
+    assert not (tmp_path / "escaped").exists()
+    for subfolder, filename in (("", "../x.mp4"), ("/etc", "x"), ("a", ""), ("", "/abs.mp4")):
+        with pytest.raises(ServerError, match="outside --out"):
+            download_target(out, subfolder, filename)
+    assert download_target(out, "wanbench/sub", "v.mp4") == (out / "wanbench" / "sub" / "v.mp4").resolve()
 
 
 def test_refused_prompt_and_failed_node_are_errors(server: str, tmp_path: Path) -> None:
@@ -206,3 +224,60 @@ def test_cli_run_with_server(server: str, tmp_path: Path, capsys) -> None:
     assert Handler.received[0]["prompt"]["8"]["inputs"]["steps"] == 2
     out = capsys.readouterr().out
     assert "node 8: 1/2" in out and "video: " in out and "report: " in out
+
+
+def _real_report_json(tmp_path: Path) -> bytes:
+    """A valid report JSON (one short CPU session), as the server's Wan Benchmark Report writes it."""
+    from wanbench.profiling import ProfileSession, write_report
+
+    with ProfileSession(case_name="served_case", sample_interval_s=None) as session:
+        pass
+    return write_report(session, tmp_path / "made", chart=False).json.read_bytes()
+
+
+def test_cli_suite_with_server_reports_a_failed_case(server: str, tmp_path: Path, capsys, caplog) -> None:
+    Handler.mode = "suite"
+    Handler.files = {**FILES, "r_00001_.json": _real_report_json(tmp_path)}
+    suite = {
+        "name": "served",
+        "cases": [
+            {
+                "name": "good_case",
+                "workflow": "../tiny_ti2v_5B_t2v.api.json",
+                "overrides": {"WanBenchProfiler.case_name": "good_case"},
+            },
+            {
+                "name": "bad_case",
+                "workflow": "../tiny_ti2v_5B_t2v.api.json",
+                "overrides": {"WanBenchProfiler.case_name": "bad_case"},
+            },
+            {
+                "name": "later_case",
+                "workflow": "../tiny_t2v_A14B.api.json",
+                "overrides": {"WanBenchProfiler.case_name": "later_case"},
+            },
+        ],
+    }
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "served.json").write_text(json.dumps(suite), encoding="utf-8")
+    for name in ("tiny_ti2v_5B_t2v.api.json", "tiny_t2v_A14B.api.json"):
+        (tmp_path / name).write_text((WORKFLOWS_DIR / name).read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["suite", str(suites / "served.json"), "--server", server, "--out", str(out)]) == 1
+
+    # Every case was posted (the failed one did not stop the suite), in order.
+    cases = [body["prompt"]["1"]["inputs"]["case_name"] for body in Handler.received]
+    assert cases == ["good_case", "bad_case", "later_case"]
+    stdout = capsys.readouterr().out
+    assert "FAILED bad_case: ServerError: the server refused the workflow (HTTP 400)" in stdout
+    assert "2/3 cases passed" in stdout
+    assert "Traceback" in caplog.text and "case bad_case failed" in caplog.text  # the full error is logged
+    for case in ("good_case", "later_case"):
+        assert (out / case / "wanbench" / "v_00001_.mp4").is_file()
+    combined = (out / "served_report.md").read_text(encoding="utf-8")
+    assert "served_case" in combined  # the merged runs
+    failed = combined[combined.index("## Failed cases") :]
+    assert "| bad_case | FAILED | ServerError: the server refused the workflow (HTTP 400)" in failed
+    assert "good_case" not in failed and "later_case" not in failed
+    assert not list(out.glob("*.tmp"))

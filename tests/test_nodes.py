@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import av
 import pytest
@@ -23,8 +24,8 @@ from wanbench.nodes.profiler_handle import ProfilerHandle, maybe_profile
 from wanbench.nodes.profiling import WanBenchmarkReport, WanProfiler
 from wanbench.nodes.sampling import WanSampler, step_stages
 from wanbench.nodes.text import WanTextEncode
-from wanbench.nodes.vae import video_to_images
-from wanbench.nodes.video import WanSaveVideo
+from wanbench.nodes.vae import WanVAEDecode, video_to_images
+from wanbench.nodes.video import FORMATS, WanSaveVideo, images_to_uint8, write_mp4
 from wanbench.wan_core import trace
 
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -129,7 +130,7 @@ def test_import_does_not_touch_comfyui() -> None:
             {"fps": 24, "filename_prefix": "../escape", "crf": 19},
             "relative path inside the output folder",
         ),
-        (WanSaveVideo, {"fps": 0, "filename_prefix": "a", "crf": 19}, "fps must be between 1 and 120; got 0"),
+        (WanSaveVideo, {"fps": -1, "filename_prefix": "a", "crf": 19}, "fps must be between 0 and 120; got -1"),
         (WanProfiler, {"case_name": "", "sample_interval_ms": 100}, "case_name must be a non-empty text"),
         (WanTestImage, {"width": 4, "height": 64}, "width must be between 8 and 4096; got 4"),
     ],
@@ -352,3 +353,225 @@ def test_profiler_discards_a_prompt_that_never_reached_the_report(monkeypatch) -
         ("T5_Encoding", True),
     ]
     assert "measured_s" not in record.stages[1].facts
+
+
+def test_node_raising_in_a_stage_closes_the_session_and_the_next_run_works(monkeypatch) -> None:
+    """An error (ComfyUI's interrupt included) inside a stage node closes the session: no sampler
+    thread keeps running, and the next prompt opens a fresh session and reports normally."""
+
+    class InterruptProcessingException(Exception):  # what ComfyUI raises on Cancel
+        pass
+
+    handle = _handle()
+    with pytest.raises(InterruptProcessingException):
+        with handle.stage_node("8", step_stages(1)):
+            with trace.stage("Step_0_Inference", kind="step-inference"):
+                raise InterruptProcessingException()
+    assert not handle.session_open
+    assert not _sampler_threads()
+    with handle.stage_node("2", [("Model_Initialization", "init")]):
+        with trace.stage("Model_Initialization", kind="init"):
+            pass
+    record = handle.finish_run(["2"]).record
+    assert record.status == "completed" and [s.name for s in record.stages] == ["Model_Initialization"]
+    assert not _sampler_threads()
+
+
+def test_dropped_handle_does_not_keep_a_sampler_thread_alive() -> None:
+    import gc
+
+    handle = _handle()
+    with handle.stage_node("2", [("Model_Initialization", "init")]):
+        pass
+    assert handle.session_open and _sampler_threads()
+    del handle  # ComfyUI evicted the profiler's cached output before a report ran
+    gc.collect()
+    assert not _sampler_threads()
+
+
+def _sampler_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "wanbench-profiler-sampler" and t.is_alive()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Nodes on the tiny models (real wan_core calls, CPU)
+# ------------------------------------------------------------------------------------------------
+TI2V_DIT = "wanbench_tiny_ti2v_5B_fp16.safetensors"
+T2V_HIGH = "wanbench_tiny_t2v_high_noise_14B_fp16.safetensors"
+T2V_LOW = "wanbench_tiny_t2v_low_noise_14B_fp16.safetensors"
+I2V_HIGH = "wanbench_tiny_i2v_high_noise_14B_fp16.safetensors"
+I2V_LOW = "wanbench_tiny_i2v_low_noise_14B_fp16.safetensors"
+VAE22, VAE21 = "wanbench_tiny_wan2.2_vae.safetensors", "wanbench_tiny_wan_2.1_vae.safetensors"
+SAMPLER_ARGS = {
+    "seed": 1,
+    "steps": 2,
+    "shift": 5.0,
+    "boundary": 0.875,
+    "guidance_high": 5.0,
+    "guidance_low": 3.0,
+    "resident_blocks": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny models (make_tiny_models) and a bridge onto them: loaded once for this module."""
+    from wanbench.nodes.loaders import WanTextEncoderLoader, WanVAELoader
+    from wanbench.tiny_models import make_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    make_tiny_models(root, seed=0)
+    bridge = Bridge.for_models_root(root, tmp_path_factory.mktemp("tiny_out"))
+    with use_bridge(bridge):
+        (encoder,) = WanTextEncoderLoader().load("wanbench_tiny_umt5_xxl_fp16.safetensors", "float32", "cpu")
+        (embeds,) = WanTextEncode().encode(encoder, "a fox in the snow", "")
+        loaded = types.SimpleNamespace(
+            bridge=bridge,
+            embeds=embeds,
+            ti2v=WanModelLoader().load(TI2V_DIT, "none", "float32", "sdpa", "cpu")[0],
+            i2v=WanModelLoader().load(I2V_HIGH, I2V_LOW, "float32", "sdpa", "cpu")[0],
+            vae22=WanVAELoader().load(VAE22, "float32", "cpu")[0],
+            vae21=WanVAELoader().load(VAE21, "float32", "cpu")[0],
+        )
+    return loaded
+
+
+def _sample(tiny, model, latent, *, solver="unipc", batched_cfg=True, placement="none") -> torch.Tensor:
+    (out,) = WanSampler().sample(
+        model, tiny.embeds, latent, solver=solver, batched_cfg=batched_cfg, placement=placement, **SAMPLER_ARGS
+    )
+    return out["samples"]
+
+
+def test_sampler_refuses_bad_latents_with_the_fix(tiny) -> None:
+    (latent,) = WanEmptyLatent().make(tiny.vae22, 32, 32, 5)
+    with pytest.raises(ValueError, match=r"must be a video LATENT .*got \(1, 4, 8, 8\).*Wan Empty Latent"):
+        _sample(tiny, tiny.ti2v, {"samples": torch.zeros(1, 4, 8, 8)})
+    with pytest.raises(ValueError, match=r"got NoneType.*Feed it from Wan Empty Latent"):
+        _sample(tiny, tiny.ti2v, {"noise": 1})
+    (wrong,) = WanEmptyLatent().make(tiny.vae21, 32, 32, 5)  # 16 channels for a 48-channel task
+    with pytest.raises(ValueError, match=r"latent channels; got a latent of shape \(1, 16, .*Use the VAE of the task"):
+        _sample(tiny, tiny.ti2v, wrong)
+    (t2v_latent,) = WanEmptyLatent().make(tiny.vae21, 32, 32, 5)
+    with pytest.raises(ValueError, match="needs a start image: feed the latent from Wan Image To Video"):
+        _sample(tiny, tiny.i2v, t2v_latent)
+    assert latent["samples"].shape == (1, 48, 2, 2, 2)
+
+
+def test_sampler_cfg_modes_solvers_and_placements(tiny) -> None:
+    (latent,) = WanEmptyLatent().make(tiny.vae22, 32, 32, 5)
+    reference = _sample(tiny, tiny.ti2v, latent)
+    assert reference.shape == (1, 48, 2, 2, 2) and torch.isfinite(reference).all()
+    # Batched CFG (one batch-2 forward) and two passes give the same numbers.
+    torch.testing.assert_close(_sample(tiny, tiny.ti2v, latent, batched_cfg=False), reference, atol=1e-4, rtol=1e-4)
+    for solver in ("dpm++", "euler"):
+        out = _sample(tiny, tiny.ti2v, latent, solver=solver)
+        assert out.shape == reference.shape and torch.isfinite(out).all()
+        assert not torch.allclose(out, reference), f"{solver} gave the UniPC result"
+    # Placement moves weights, never the numbers (on CPU the blocks stream from CPU to CPU).
+    for placement in ("blocks", "model"):
+        torch.testing.assert_close(_sample(tiny, tiny.ti2v, latent, placement=placement), reference)
+
+
+def test_ti2v_sizes_must_be_multiples_of_32(tiny) -> None:
+    assert WanEmptyLatent.VALIDATE_INPUTS(width=48, height=32, length=5) is True  # 16-grid: fine for A14B
+    with pytest.raises(ValueError, match=r"multiples of 32; got 48x32; the nearest valid size is 64x32"):
+        WanEmptyLatent().make(tiny.vae22, 48, 32, 5)
+    (latent,) = WanEmptyLatent().make(tiny.vae21, 48, 32, 5)  # the Wan2.1 VAE (A14B) takes it
+    assert latent["samples"].shape[-2:] == (4, 6)
+
+
+def test_vae_decode_refuses_a_wrong_latent_and_tiles_on_request(tiny) -> None:
+    wrong = r"samples \(B, 48, T, h, w\) for the wan2.2 VAE; got \(1, 16, 2, 4, 4\)"
+    with pytest.raises(ValueError, match=wrong):
+        WanVAEDecode().decode(tiny.vae22, {"samples": torch.zeros(1, 16, 2, 4, 4)}, "none")
+    with pytest.raises(ValueError, match="tiling must be one of"):
+        WanVAEDecode().decode(tiny.vae22, {"samples": torch.zeros(1, 48, 2, 2, 2)}, "always")
+    latent = {"samples": torch.randn(1, 48, 2, 2, 2, generator=torch.Generator().manual_seed(0))}
+    (whole,) = WanVAEDecode().decode(tiny.vae22, latent, "none")
+    (tiled,) = WanVAEDecode().decode(tiny.vae22, latent, "auto")
+    assert whole.shape == tiled.shape == (5, 32, 32, 3)
+    assert 0.0 <= tiled.min() and tiled.max() <= 1.0
+
+
+def test_image_to_video_refuses_a_bad_start_image(tiny) -> None:
+    bad_shape = r"start_image must be an IMAGE \(B, H, W, 3\) in \[0, 1\]; got \(32, 32, 3\)\."
+    with pytest.raises(ValueError, match=bad_shape):
+        WanImageToVideo().make(tiny.vae22, torch.zeros(32, 32, 3), 32, 32, 5)
+    with pytest.raises(ValueError, match=r"got \(1, 32, 32, 4\).*connect an IMAGE"):
+        WanImageToVideo().make(tiny.vae22, torch.zeros(1, 32, 32, 4), 32, 32, 5)
+    with pytest.raises(ValueError, match="got str"):
+        WanImageToVideo().make(tiny.vae22, "image.png", 32, 32, 5)  # type: ignore[arg-type]
+
+
+def test_model_loader_expert_count_errors(tiny) -> None:
+    with use_bridge(tiny.bridge):
+        two_experts = r"t2v-A14B needs two experts; got only .*Choose the low_noise file as model_low"
+        with pytest.raises(ValueError, match=two_experts):
+            WanModelLoader().load(T2V_HIGH, "none", "float32", "sdpa", "cpu")
+        # A second TI2V-5B file (a copy) as model_low: the task has one model only.
+        folder = tiny.bridge.model_dirs["diffusion_models"]
+        copy = folder / "ti2v_copy.safetensors"
+        copy.write_bytes((folder / TI2V_DIT).read_bytes())
+        try:
+            with pytest.raises(ValueError, match=r"ti2v-5B is a single model; set model_low to 'none'"):
+                WanModelLoader().load(TI2V_DIT, copy.name, "float32", "sdpa", "cpu")
+        finally:
+            copy.unlink()
+
+
+@pytest.mark.parametrize("size", [(33, 32), (32, 31)])
+def test_save_video_refuses_odd_sizes_with_the_fix(tmp_path, size) -> None:
+    width, height = size
+    with use_bridge(Bridge(output_dir=tmp_path)):
+        with pytest.raises(ValueError, match=rf"needs an even width and height; got {width}x{height}\. .*crop"):
+            WanSaveVideo().save(torch.rand(3, height, width, 3), 16, "odd/clip", "mp4 (h264)", 19)
+    assert not list(tmp_path.rglob("*.mp4"))
+
+
+@pytest.mark.parametrize("video_format", list(FORMATS))
+def test_save_video_each_format(tmp_path, video_format) -> None:
+    frames = torch.rand(5, 32, 48, 3, generator=torch.Generator().manual_seed(0))
+    with use_bridge(Bridge(output_dir=tmp_path)):
+        out = WanSaveVideo().save(frames, 16, "fmt/clip", video_format, 23)
+    path = out["result"][0]
+    assert path.endswith(".mp4")
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == {"mp4 (h264)": "h264", "mp4 (mpeg4)": "mpeg4"}[video_format]
+        assert sum(1 for _ in container.decode(stream)) == 5
+    assert [p.name for p in (tmp_path / "fmt").iterdir()] == [Path(path).name]  # no temporary left
+    with use_bridge(Bridge(output_dir=tmp_path)), pytest.raises(ValueError, match="format must be one of"):
+        WanSaveVideo().save(frames, 16, "fmt/clip", "gif", 23)
+
+
+def test_failing_encoder_leaves_no_file(tmp_path) -> None:
+    frames = images_to_uint8(torch.rand(3, 32, 32, 3))
+    target = tmp_path / "clip.mp4"
+    with pytest.raises(Exception) as caught:  # PyAV's error for an unknown codec
+        write_mp4(frames, target, fps=16, codec="no-such-codec")
+    assert "no-such-codec" in str(caught.value) or caught.type.__module__.startswith("av")
+    assert list(tmp_path.iterdir()) == []  # neither the video nor a temporary file
+
+
+def test_save_video_fps_from_the_task(tiny, tmp_path) -> None:
+    frames = torch.rand(5, 32, 32, 3)
+    fps_options = _inputs(WanSaveVideo)["fps"][1]
+    assert fps_options["default"] == 0 and "0 = the task's fps" in fps_options["tooltip"]
+    assert WanSaveVideo.VALIDATE_INPUTS(fps=0, filename_prefix="a", crf=19) is True
+
+    def saved_fps(**kwargs) -> float:
+        with use_bridge(Bridge(output_dir=tmp_path)):
+            out = WanSaveVideo().save(frames, filename_prefix="fps/clip", format="mp4 (h264)", crf=19, **kwargs)
+        path = out["result"][0]
+        with av.open(path) as container:
+            return float(container.streams.video[0].average_rate)
+
+    assert saved_fps(fps=0, model=tiny.ti2v) == 24  # TI2V-5B
+    assert saved_fps(fps=0, model=tiny.i2v) == 16  # A14B
+    assert saved_fps(fps=30, model=tiny.i2v) == 30  # an explicit fps wins
+    assert saved_fps(fps=12) == 12
+    with pytest.raises(ValueError, match="fps is 0 .* no model is connected.*connect Wan Model Loader's model"):
+        saved_fps(fps=0)

@@ -208,7 +208,37 @@ def test_suites_point_at_workflows_and_overrides_apply(suite: Path) -> None:
     if "tiny" not in suite.name:
         steps = [c["overrides"]["WanBenchSampler.steps"] for c in data["cases"]]
         assert steps == [5, 10, 10, 30, 50, 10]
-        assert data["cases"][2]["overrides"]["WanBenchSampler.placement"] == "none"
+        facts = {}
+        for case in data["cases"]:
+            prompt = apply_overrides(load_api_workflow(suite.parent / case["workflow"]), case["overrides"])
+            (sampler,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "WanBenchSampler"]
+            (latent,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "WanBenchEmptyLatent"]
+            (loader,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "WanBenchModelLoader"]
+            facts[case["name"]] = (
+                loader["model_high"],
+                latent["width"],
+                latent["height"],
+                sampler["steps"],
+                sampler["placement"],
+            )
+        ti2v = "wan2.2_ti2v_5B_fp16.safetensors"
+        # The TI2V-5B cases of the reports: 1280x704 at 5, 10, 10, 30, 50 steps; only case 03
+        # (Performance Mode) runs without offload (placement none), the others with placement model.
+        assert list(facts.values())[:5] == [
+            (ti2v, 1280, 704, 5, "model"),
+            (ti2v, 1280, 704, 10, "model"),
+            (ti2v, 1280, 704, 10, "none"),
+            (ti2v, 1280, 704, 30, "model"),
+            (ti2v, 1280, 704, 50, "model"),
+        ]
+        # Case 04 is T2V-A14B at 832x480.
+        assert facts["04_14B_Speed_Preview_480p"] == (
+            "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+            832,
+            480,
+            10,
+            "model",
+        )
 
 
 # ------------------------------------------------------------------------------------------------

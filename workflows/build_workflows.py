@@ -1,7 +1,7 @@
 """Writes every shipped workflow (UI format + API twin) and the benchmark suites from one description.
 
-Run `python workflows/build_workflows.py` (or `python -m wanbench.cli build-workflows`) after changing
-a node's inputs; the tests fail when the checked-in files differ from what this script writes.
+Run `python workflows/build_workflows.py` (or `python -m wanbench.workflows.build_workflows`) after
+changing a node's inputs; the tests fail when the checked-in files differ from what it writes.
 
 - UI format (drag-and-drop, litegraph version 0.4): `widgets_values` follow the order of each
   node's widget inputs in `INPUT_TYPES` (required, then optional), with the extra

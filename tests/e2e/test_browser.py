@@ -21,6 +21,8 @@ from .server import ComfyServer
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 SCRIPT = (Path(__file__).parent / "graph_to_prompt.js").read_text(encoding="utf-8")
+# Pack nodes with a model-file widget (their MODEL_FOLDERS name the ComfyUI folder of each).
+MODEL_FILE_LOADERS = frozenset(name for name, cls in NODE_CLASS_MAPPINGS.items() if getattr(cls, "MODEL_FOLDERS", None))
 APP_READY = "!!(window.app && window.app.graph && window.LiteGraph && window.app.extensionManager)"
 
 
@@ -114,7 +116,13 @@ def test_ui_workflow_converts_to_its_api_twin(page: CdpPage, ui_name: str, api_n
     assert twin_path.is_file(), f"{ui_name} has no API twin {api_name}"
     result = convert(page, workflow)
     assert result["declared"], f"{ui_name} declares no nodes"
-    assert result["missing"] == [] and result["unresolved"] == [], result
+    assert result["missing"] == [], result
+    if ui_name.startswith("tiny_"):
+        assert result["unresolved"] == [], result
+    else:
+        # The server has only the tiny models: current frontends (1.4x) flag the loaders of the
+        # real-size workflows, whose file names are not in its lists; nothing else may be flagged.
+        assert set(result["unresolved"]) <= MODEL_FILE_LOADERS, result["unresolved"]
     expected = without_meta(json.loads(twin_path.read_text(encoding="utf-8")))
     found = differences(without_meta(result["output"]), expected)
     assert not found, "\n".join(found)

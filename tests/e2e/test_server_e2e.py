@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from wanbench.nodes.latents import STAGE_PREPROCESS
+from wanbench.nodes.loaders import STAGE_DIT, STAGE_TEXT, STAGE_VAE
+from wanbench.nodes.text import STAGE_T5
 from wanbench.profiling import check_report
 from wanbench.runner import ServerError, run_on_server
 
@@ -63,6 +66,25 @@ def sampler_progress(messages: list[dict[str, Any]], sampler_id: str) -> list[tu
         for m in messages
         if m.get("type") == "progress" and str(m["data"].get("node")) == sampler_id
     ]
+
+
+def progress_is_throttled(server: ComfyServer) -> bool:
+    """Current ComfyUI (0.3.76+) throttles `progress` messages: the first and the last value of a bar
+    are always sent, those in between at most every 100 ms. 0.3.75 sends every value."""
+    utils = server.install.comfy_dir / "comfy" / "utils.py"
+    return "PROGRESS_THROTTLE_MIN_INTERVAL" in utils.read_text(encoding="utf-8")
+
+
+def assert_full_progress(progress: list[tuple[int, int]], total: int, *, throttled: bool) -> None:
+    """Progress of one bar of `total`: every value 1..total, or with throttling at least the first
+    and the last, in increasing order."""
+    values = [value for value, _ in progress]
+    assert {maximum for _, maximum in progress} == {total}, progress
+    if throttled:
+        assert values and values[0] == 1 and values[-1] == total, progress
+        assert values == sorted(set(values)), progress
+    else:
+        assert sorted(set(values)) == list(range(1, total + 1)), progress
 
 
 def wait_for_empty_queue(server: str, *, timeout_s: float) -> bool:
@@ -152,9 +174,13 @@ def test_tiny_workflow_runs(comfy_server: ComfyServer, tmp_path: Path, workflow:
     expected_steps = {f"Step_{i}_Inference" for i in range(steps)}  # 0-based, as in the reference reports
     assert expected_steps <= stage_names, sorted(stage_names)
 
-    progress = sampler_progress(run.messages, sampler_id)
-    assert sorted({value for value, _ in progress}) == list(range(1, steps + 1)), progress
-    assert {maximum for _, maximum in progress} == {steps}
+    throttled = progress_is_throttled(comfy_server)
+    assert_full_progress(sampler_progress(run.messages, sampler_id), steps, throttled=throttled)
+    # Wan VAE Decode reports one progress value per decoded chunk: 1..num_chunks of num_chunks.
+    decode_progress = sampler_progress(run.messages, only_node_of_type(prompt, "WanBenchVAEDecode"))
+    (num_chunks,) = {maximum for _, maximum in decode_progress} or {0}
+    assert num_chunks >= 1, decode_progress
+    assert_full_progress(decode_progress, num_chunks, throttled=throttled)
     kinds = [m["type"] for m in run.messages]
     assert "execution_success" in kinds and "execution_error" not in kinds
 
@@ -203,19 +229,25 @@ def test_full_size_workflow_fails_only_on_absent_models(comfy_server: ComfyServe
 
 
 def test_interrupt_during_sampling_then_next_prompt_runs(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    """The interrupt lands in Wan Sampler and stops it within one step (interrupts are checked after
+    every step): no sampler progress more than 2 steps past the one that triggered the interrupt."""
     prompt = load_api("tiny_ti2v_5B_t2v.api.json")
     sampler_id = only_node_of_type(prompt, "WanBenchSampler")
     long_prompt = copy.deepcopy(prompt)
     long_prompt[sampler_id]["inputs"].update(steps=INTERRUPT_STEPS, seed=1001)
-    seen: list[int] = []
+    seen: list[int] = []  # every sampler progress value, in arrival order
+    sent_at: list[int] = []  # the progress value that triggered the interrupt
 
     def interrupt_on_first_step(node: Any, value: Any, maximum: Any) -> None:
-        if str(node) == sampler_id and not seen:
-            seen.append(value)
+        if str(node) != sampler_id:
+            return
+        seen.append(int(value))
+        if not sent_at:
             status, _ = http_json("POST", comfy_server.url + "/interrupt", {})
             assert status == 200
+            sent_at.append(int(value))
 
-    with pytest.raises(ServerError, match="interrupted"):
+    with pytest.raises(ServerError, match=f"interrupted at node {sampler_id}$"):
         run_on_server(
             long_prompt,
             comfy_server.url,
@@ -223,7 +255,9 @@ def test_interrupt_during_sampling_then_next_prompt_runs(comfy_server: ComfyServ
             timeout_s=600,
             on_progress=interrupt_on_first_step,
         )
-    assert seen and seen[0] < INTERRUPT_STEPS
+    assert sent_at and sent_at[0] < INTERRUPT_STEPS
+    # The step running when the interrupt arrived may finish (and report); none after it may.
+    assert max(seen) <= sent_at[0] + 2, f"interrupt sent at step {sent_at[0]}; progress went on: {seen}"
 
     assert wait_for_empty_queue(comfy_server.url, timeout_s=60)
     status, history = http_json("GET", comfy_server.url + "/history")
@@ -235,14 +269,54 @@ def test_interrupt_during_sampling_then_next_prompt_runs(comfy_server: ComfyServ
     ]
     assert len(interrupted) == 1
     assert interrupted[0]["status"]["status_str"] == "error"
-    assert "execution_interrupted" in [message[0] for message in interrupted[0]["status"]["messages"]]
+    messages = dict((name, data) for name, data in interrupted[0]["status"]["messages"])
+    assert "execution_interrupted" in messages
+    assert str(messages["execution_interrupted"]["node_id"]) == sampler_id
+    assert messages["execution_interrupted"]["node_type"] == "WanBenchSampler"
 
     next_prompt = copy.deepcopy(prompt)
     next_prompt[sampler_id]["inputs"]["seed"] = 1002
     run = run_on_server(next_prompt, comfy_server.url, tmp_path / "next", timeout_s=600)
     assert len(run.files["videos"]) == 1
     steps = prompt[sampler_id]["inputs"]["steps"]
-    assert sorted({v for v, _ in sampler_progress(run.messages, sampler_id)}) == list(range(1, steps + 1))
+    assert_full_progress(
+        sampler_progress(run.messages, sampler_id), steps, throttled=progress_is_throttled(comfy_server)
+    )
+    assert len(run.files["reports"]) == 1 and check_report(run.files["reports"][0]) == []
+
+
+def _report_stages(run_files: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    (report_path,) = run_files["reports"]
+    (report_run,) = json.loads(Path(report_path).read_text(encoding="utf-8"))["runs"]
+    return {stage["name"]: stage for stage in report_run["stages"]}
+
+
+def test_second_run_reports_cached_stages(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    """Queued twice with only the seed changed: ComfyUI serves the loaders, the text encode and the
+    preprocess from its cache, so the second report marks them cached (with the time measured in the
+    first run), and measures the sampling steps and the decode again."""
+    prompt = load_api("tiny_ti2v_5B_t2v.api.json")
+    sampler_id = only_node_of_type(prompt, "WanBenchSampler")
+    steps = prompt[sampler_id]["inputs"]["steps"]
+    # A case name of its own: a fresh profiler, so the first run measures every stage.
+    prompt[only_node_of_type(prompt, "WanBenchProfiler")]["inputs"]["case_name"] = "e2e_cache_check"
+    prompt[sampler_id]["inputs"]["seed"] = 5001
+    first = _report_stages(run_on_server(prompt, comfy_server.url, tmp_path / "first", timeout_s=600).files)
+    prompt[sampler_id]["inputs"]["seed"] = 5002
+    second = _report_stages(run_on_server(prompt, comfy_server.url, tmp_path / "second", timeout_s=600).files)
+
+    # The stages each skipped node recorded when it ran (loaders: DiT, text encoder, VAE loads).
+    cached_names = [name for name, _ in (STAGE_DIT, STAGE_TEXT, STAGE_VAE, STAGE_T5, STAGE_PREPROCESS)]
+    for name in cached_names:
+        assert first[name]["cached"] is False, first[name]
+        stage = second[name]
+        assert stage["cached"] is True, (name, stage)
+        # Not a measured zero: the stage carries the time it took when it last ran.
+        measured = first[name]["end_s"] - first[name]["start_s"]
+        assert stage["facts"]["measured_s"] == pytest.approx(measured, abs=1e-3) and measured > 0
+    for name in [f"Step_{i}_Inference" for i in range(steps)] + ["VAE_Decoding"]:
+        stage = second[name]
+        assert stage["cached"] is False and stage["end_s"] > stage["start_s"], (name, stage)
 
 
 def test_pack_image_feeds_core_save_image(comfy_server: ComfyServer, tmp_path: Path) -> None:
@@ -260,6 +334,78 @@ def test_pack_image_feeds_core_save_image(comfy_server: ComfyServer, tmp_path: P
     outputs = history_outputs(comfy_server.url, run.prompt_id)
     images = outputs["900"]["images"]
     assert len(images) == geometry["length"]
+    first = Image.open(io.BytesIO(view_bytes(comfy_server.url, images[0])))
+    assert first.size == (geometry["width"], geometry["height"])
+
+
+def _widget_defaults(inputs: dict[str, Any], skip: set[str], prefix: str = "") -> dict[str, Any]:
+    """Values for a core node's required widget inputs (`/object_info` "input"): each input's default,
+    else the first choice of a list. Works whatever inputs this ComfyUI version gives the node:
+    0.3.75's plain combos, and current ComfyUI's dynamic combos (the chosen option's own inputs
+    are then sent as "<name>.<input>", as the frontend does)."""
+    values: dict[str, Any] = {}
+    for name, entry in inputs.get("required", {}).items():
+        if name in skip:
+            continue
+        kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+        key = prefix + name
+        if isinstance(kind, list):  # old-style combo: the list of choices
+            values[key] = opts.get("default", kind[0])
+        elif kind == "COMBO":  # new-style combo: choices in the options
+            values[key] = opts.get("default", opts["options"][0])
+        elif kind == "COMFY_DYNAMICCOMBO_V3":  # an option key; its own inputs follow under "name."
+            choices = {option["key"]: option for option in opts["options"]}
+            values[key] = opts.get("default", next(iter(choices)))
+            values.update(_widget_defaults(choices[values[key]]["inputs"], set(), prefix=f"{key}."))
+        elif "default" in opts:
+            values[key] = opts["default"]
+        else:
+            raise AssertionError(f"input {key} ({kind}) has no default; the test must set it")
+    return values
+
+
+def _decode_only_prompt(seed: int) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """The tiny TI2V text workflow without Wan Save Video and the report: (prompt, decode id, geometry)."""
+    prompt = load_api("tiny_ti2v_5B_t2v.api.json")
+    decode_id = only_node_of_type(prompt, "WanBenchVAEDecode")
+    geometry = prompt[geometry_node(prompt)]["inputs"]
+    for node_id in nodes_of_type(prompt, "WanBenchSaveVideo") + nodes_of_type(prompt, "WanBenchReport"):
+        del prompt[node_id]
+    prompt[only_node_of_type(prompt, "WanBenchSampler")]["inputs"]["seed"] = seed
+    return prompt, decode_id, geometry
+
+
+def test_pack_frames_feed_core_create_video_and_save_video(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    """Wan VAE Decode -> core CreateVideo -> core SaveVideo; widget values come from /object_info
+    (SaveVideo's inputs differ between 0.3.75 and current ComfyUI)."""
+    status, info = http_json("GET", comfy_server.url + "/object_info")
+    assert status == 200
+    prompt, decode_id, geometry = _decode_only_prompt(6001)
+    create = _widget_defaults(info["CreateVideo"]["input"], {"images"})
+    create["fps"] = 16.0
+    save = _widget_defaults(info["SaveVideo"]["input"], {"video"})
+    save["filename_prefix"] = "interop/core_video"
+    prompt["910"] = {"class_type": "CreateVideo", "inputs": {"images": [decode_id, 0], **create}}
+    prompt["911"] = {"class_type": "SaveVideo", "inputs": {"video": ["910", 0], **save}}
+    run = run_on_server(prompt, comfy_server.url, tmp_path, timeout_s=600)
+
+    outputs = history_outputs(comfy_server.url, run.prompt_id)
+    (entry,) = outputs["911"]["images"]
+    assert entry["type"] == "output" and entry["filename"].startswith("core_video")
+    assert len(run.files["videos"]) == 1, run.files
+    frames, width, height = decode_video(Path(run.files["videos"][0]))
+    assert (frames, width, height) == (geometry["length"], geometry["width"], geometry["height"])
+    with av.open(run.files["videos"][0]) as container:
+        assert float(container.streams.video[0].average_rate) == 16.0
+
+
+def test_pack_frames_feed_core_preview_image(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    prompt, decode_id, geometry = _decode_only_prompt(6002)
+    prompt["920"] = {"class_type": "PreviewImage", "inputs": {"images": [decode_id, 0]}}
+    run = run_on_server(prompt, comfy_server.url, tmp_path, timeout_s=600)
+    images = history_outputs(comfy_server.url, run.prompt_id)["920"]["images"]
+    assert len(images) == geometry["length"]
+    assert {image["type"] for image in images} == {"temp"}
     first = Image.open(io.BytesIO(view_bytes(comfy_server.url, images[0])))
     assert first.size == (geometry["width"], geometry["height"])
 
