@@ -1,14 +1,19 @@
 """Wan2.1 VAE decode: ours vs diffusers `AutoencoderKLWan` on identical weights, and peak memory vs tile.
 
 Both decoders hold the same random real-width Wan2.1 weights (ours converted to diffusers names),
-decode the same latent, and are timed interleaved after a warm-up (medians over repeats). Peak
+decode the same latent, and are timed interleaved after a warm-up (medians over repeats). Ours runs
+twice: with the default per-frame decode (`chunk_frames=1`, one latent frame per decoder call, as
+the official code) and with `chunk_frames=None` (the whole clip in one call: more memory, fewer
+calls). Peak
 memory is the growth of the process's resident set during one decode (sampled every 2 ms by a
 thread), measured in a fresh child process per variant (CPU has no allocator peak counter): the
 decode's own working set plus its output. Tiled variants are
-our decode with `VAETiling(tile_size=N, overlap=...)` at a larger frame size, so that the tiles
-actually cut it; their error against our untiled decode is recorded too.
+our decode with `VAETiling(tile_size=N, overlap=...)` for each N of `--tiles` at a larger frame
+size (`--sweep-frame-size`), so that the tiles actually cut it; their error against our untiled
+decode is recorded too.
 
-Run: `python -m bench.bench_vae [--size 32x32x5] [--tile-size 96x96x5] [--tiles 8] [--overlap 2]`.
+Run: `python -m bench.bench_vae [--size 32x32x5] [--sweep-frame-size 96x96x5] [--tiles 4 8 16]
+[--overlap 2]`.
 Writes bench/results/vae_decode.json.
 """
 
@@ -80,7 +85,13 @@ def latent_for(config: VAEConfig, size: tuple[int, int, int]) -> torch.Tensor:
     return torch.randn(1, config.z_dim, config.latent_frames(f), h // s, w // s)
 
 
+IMPLS = ("ours", "ours-whole-clip", "diffusers")
+IMPL_LABELS = {"ours": "ours (chunk 1 frame)", "ours-whole-clip": "ours (whole clip)", "diffusers": "diffusers"}
+
+
 def decoder_fn(impl: str, model: WanVAE, latent: torch.Tensor, tile: int | None, overlap: int):
+    """A no-argument decode: "ours" (one latent frame per call), "ours-whole-clip"
+    (`chunk_frames=None`) or "diffusers"."""
     if impl == "diffusers":
         twin = diffusers_twin(model)
 
@@ -90,7 +101,8 @@ def decoder_fn(impl: str, model: WanVAE, latent: torch.Tensor, tile: int | None,
 
         return run
     tiling = None if tile is None else VAETiling(tile_size=tile, overlap=overlap)
-    return lambda: model.decode(latent, tiling=tiling)
+    chunk_frames = None if impl == "ours-whole-clip" else 1
+    return lambda: model.decode(latent, tiling=tiling, chunk_frames=chunk_frames)
 
 
 def _rss_kib() -> int:
@@ -152,30 +164,38 @@ def measure_peak(impl: str, size: tuple[int, int, int], tile: int | None, overla
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=(32, 32, 5), help="ours vs diffusers: WxHxF")
-    parser.add_argument("--tile-size", type=parse_size, default=(96, 96, 5), help="tile sweep: WxHxF")
-    parser.add_argument("--tiles", type=int, nargs="*", default=[8], help="tile sizes in latent cells")
+    parser.add_argument("--sweep-frame-size", "--tile-size", dest="sweep_frame_size", type=parse_size,
+                        default=(96, 96, 5), help="video size (WxHxF) decoded in the tile sweep")
+    parser.add_argument("--tiles", type=int, nargs="*", default=[4, 8, 16],
+                        help="tile sizes of the sweep, in latent cells")
     parser.add_argument("--overlap", type=int, default=2, help="tile overlap in latent cells")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results-dir", type=Path, default=None, help="where vae_decode.json goes")
-    parser.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--child-tile", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    small = [tile for tile in args.tiles if not 0 <= args.overlap < tile]
+    if small:
+        parser.error(f"every tile size must exceed --overlap ({args.overlap}); got {small} "
+                     f"(e.g. --tiles 2 --overlap 1)")
     if args.child:
         print(json.dumps(child_peak(args.child, args.size, args.child_tile, args.overlap)))  # noqa: T201
         return {}
 
     model = random_vae(WAN21_VAE)
     latent = latent_for(model.config, args.size)
-    ours, theirs = decoder_fn("ours", model, latent, None, 0), decoder_fn("diffusers", model, latent, None, 0)
-    max_diff = (ours() - theirs().clamp(-1, 1)).abs().max().item()
-    times = interleaved({"ours": ours, "diffusers": theirs}, repeats=args.repeats, warmup=1)
+    runs = {impl: decoder_fn(impl, model, latent, None, 0) for impl in IMPLS}
+    reference = runs["diffusers"]().clamp(-1, 1)
+    max_diffs = {impl: (runs[impl]() - reference).abs().max().item() for impl in IMPLS if impl != "diffusers"}
+    times = interleaved(runs, repeats=args.repeats, warmup=1)
     flops = vae_flops(model.config, "decode", tuple(latent.shape))
     rows, results = [], []
-    for impl in ("ours", "diffusers"):
+    for impl in IMPLS:
         stats = summarize(times[impl])
         memory = measure_peak(impl, args.size, None, 0)
         entry = {
             "impl": impl,
+            "chunk_frames": None if impl == "ours-whole-clip" else 1,  # diffusers decodes frame by frame
             "size": args.size,
             "tile": None,
             "times_s": times[impl],
@@ -187,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results.append(entry)
         rows.append(
             [
-                impl,
+                IMPL_LABELS[impl],
                 "x".join(map(str, args.size)),
                 "none",
                 stats["median_s"],
@@ -196,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ]
         )
 
-    tile_latent = latent_for(model.config, args.tile_size)
+    tile_latent = latent_for(model.config, args.sweep_frame_size)
     reference: torch.Tensor | None = None
     for tile in [None, *args.tiles]:
         plan = None if tile is None else VAETiling(tile_size=tile, overlap=args.overlap)
@@ -206,10 +226,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         reference = out if reference is None else reference
         error = None if tile is None else (out - reference).abs()
-        memory = measure_peak("ours", args.tile_size, tile, args.overlap)
+        memory = measure_peak("ours", args.sweep_frame_size, tile, args.overlap)
         entry = {
             "impl": "ours",
-            "size": args.tile_size,
+            "chunk_frames": 1,
+            "size": args.sweep_frame_size,
             "tile": tile,
             "overlap": args.overlap if tile else None,
             "num_tiles": 1 if plan is None else len(plan.tiles(*tile_latent.shape[-2:])),
@@ -227,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results.append(entry)
         rows.append(
             [
-                "ours",
-                "x".join(map(str, args.tile_size)),
+                IMPL_LABELS["ours"],
+                "x".join(map(str, args.sweep_frame_size)),
                 "none" if tile is None else f"{tile}/{args.overlap}",
                 seconds,
                 None,
@@ -243,13 +264,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "dtype": "float32",
             "seed": SEED,
             "size": args.size,
-            "tile_size": args.tile_size,
+            "sweep_frame_size": args.sweep_frame_size,
             "tiles": args.tiles,
             "overlap": args.overlap,
             "repeats": args.repeats,
             "warmup": 1,
             "load_average": load_average(),
-            "max_abs_diff_ours_vs_diffusers": max_diff,
+            "max_abs_diff_ours_vs_diffusers": max_diffs["ours"],
+            "max_abs_diff_ours_whole_clip_vs_diffusers": max_diffs["ours-whole-clip"],
         },
         "results": results,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +12,17 @@ from safetensors.torch import load_file
 from test_sampler import dit_config, load_pipeline, weight_files
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.dit import WanDiT
-from wanbench.wan_core.placement import BlockSwap, cast_weights, make_placement, store_fp8, weight_dtype
+from wanbench.wan_core.placement import (
+    BlockSwap,
+    cast_weights,
+    fp8_scaled_weights,
+    make_placement,
+    store_fp8,
+    store_fp8_from_state_dict,
+    weight_dtype,
+)
 from wanbench.wan_core.sampler import sample
+from wanbench.wan_core.weights import COMFY_DIT_PREFIX, load_dit, save_dit
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -105,6 +115,20 @@ def test_bf16_weights_stay_close_to_fp32() -> None:
     assert rel < 2e-2 and cos > 0.999, (rel, cos)
 
 
+def test_fp16_weights_stay_close_to_fp32() -> None:
+    fixture = _t2v_fixture()
+    experts, io, opts = load_pipeline(fixture)
+    opts = dataclasses.replace(opts, steps=2)
+    reference = _run(experts, io, opts)
+    low = [cast_weights(m, weight_dtype("fp16")) for m in experts]
+    assert all(p.dtype == torch.float16 for m in low for p in m.parameters())
+    got = _run(low, io, opts)
+    assert bool(torch.isfinite(got).all())
+    rel = ((got - reference).abs().max() / reference.abs().max()).item()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0).item()
+    assert rel < 5e-3 and cos > 0.9999, (rel, cos)  # fp16 keeps 3 more mantissa bits than bf16
+
+
 def _fresh_experts(fixture: dict) -> list[WanDiT]:
     experts = []
     for file in weight_files(fixture):
@@ -173,3 +197,130 @@ def test_fp8_storage_close_to_fp32_and_placement_independent() -> None:
         handle.remove()
     assert weight.dtype == torch.float32
     assert all(not b._forward_pre_hooks and not b._forward_hooks for m in experts for b in m.blocks)
+
+
+def _tiny_dit_and_inputs(seed: int = 0) -> tuple[WanDiT, tuple]:
+    task = preset("t2v-A14B", tiny=True)
+    torch.manual_seed(seed)
+    model = WanDiT(task.dit).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = (torch.randn(1, 16, 1, 4, 4, generator=g), torch.tensor([500]),
+              [torch.randn(3, task.dit.text_dim, generator=g)])
+    return model, inputs
+
+
+def _raise_inside(module: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+    def boom(*_: object) -> None:
+        raise RuntimeError("simulated failure inside a block")
+    return module.register_forward_pre_hook(boom)
+
+
+@pytest.mark.parametrize("placement", ["none", "blocks"])
+def test_fp8_storage_survives_an_exception_inside_a_block(placement: str) -> None:
+    """A forward that raises mid-block leaves no weight dequantised, so the next forward is exact."""
+    model, inputs = _tiny_dit_and_inputs()
+    handle = store_fp8(model)
+    weight = model.blocks[0].self_attn.q.weight
+    fp8_bits = weight.data.view(torch.uint8).clone()
+    with torch.no_grad(), make_placement([model], placement, device="cpu") as policy:
+        active = policy.activate(0)
+        reference = active(*inputs)
+        for failing in (model.blocks[0].ffn[2], model.blocks[1].norm3):  # the first and a later block
+            boom = _raise_inside(failing)
+            with pytest.raises(RuntimeError, match="simulated failure"):
+                active(*inputs)
+            boom.remove()
+            assert weight.dtype == torch.float8_e4m3fn
+            assert torch.equal(weight.data.view(torch.uint8), fp8_bits)
+            assert torch.equal(active(*inputs), reference)
+    handle.remove()
+    assert weight.dtype == torch.float32
+
+
+def _fp8_file(tmp_path: Path) -> tuple[Path, WanDiT, tuple]:
+    model, inputs = _tiny_dit_and_inputs(seed=3)
+    path = save_dit(model, tmp_path / "tiny_fp8_scaled.safetensors", layout="comfy_prefixed",
+                    dtype=torch.float16, fp8_scaled=True)
+    return path, model, inputs
+
+
+def test_fp8_storage_from_an_fp8_scaled_file(tmp_path: Path) -> None:
+    """The fp8 tensors of the file are kept bit for bit and the forward equals the dequantised load."""
+    path, _, inputs = _fp8_file(tmp_path)
+    raw = load_file(str(path))
+    dequantised = load_dit(path)  # what the loader gives: fp8 * scale in float32
+    with torch.no_grad():
+        reference = dequantised(*inputs)
+    model = load_dit(path)
+    quantised = fp8_scaled_weights(raw)
+    assert set(quantised) == {k for k, v in dequantised.state_dict().items()
+                              if k.startswith("blocks.") and v.dim() == 2 and k.endswith(".weight")}
+    handle = store_fp8_from_state_dict(model, raw)
+    assert handle.bytes_fp8 == sum(q.numel() for q, _ in quantised.values())
+    for name, param in model.named_parameters():
+        if name in quantised:
+            stored = raw[COMFY_DIT_PREFIX + name]
+            assert param.dtype == torch.float8_e4m3fn
+            assert torch.equal(param.data.view(torch.uint8), stored.view(torch.uint8)), name
+        else:
+            assert param.dtype == torch.float32, name
+    with torch.no_grad():
+        got = model(*inputs)
+        streamed = None
+        with make_placement([model], "blocks", device="cpu", num_resident_blocks=1) as policy:
+            streamed = policy.activate(0)(*inputs)
+    assert torch.equal(got, reference) and torch.equal(streamed, reference)
+    handle.remove()
+    for name, value in dequantised.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_fp8_from_state_dict_rejects_what_does_not_fit(tmp_path: Path) -> None:
+    path, model, _ = _fp8_file(tmp_path)
+    with pytest.raises(ValueError, match="no fp8 block weights"):
+        store_fp8_from_state_dict(model, model.state_dict())
+    raw = load_file(str(path))
+    key = COMFY_DIT_PREFIX + "blocks.0.self_attn.q.weight"
+    raw[key] = raw[key][:, :-1]
+    with pytest.raises(ValueError, match="blocks.0.self_attn.q.weight"):
+        store_fp8_from_state_dict(load_dit(path), raw)
+
+
+@gpu
+@needs_cuda
+def test_block_swap_peak_memory_is_resident_plus_two_blocks() -> None:
+    """With `blocks`, the CUDA peak stays below the resident part + 2 streamed blocks + activations."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    task = preset("t2v-A14B", tiny=True)
+    config = dataclasses.replace(task.dit, dim=512, ffn_dim=2048, num_heads=8, num_layers=8)
+    torch.manual_seed(0)
+    model = WanDiT(config).eval()
+    block_bytes = max(sum(t.numel() * t.element_size() for t in [*b.parameters(), *b.buffers()])
+                      for b in model.blocks)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 16, 2, 8, 8, generator=g).cuda(), torch.tensor([500]).cuda()
+    ctx = [torch.randn(8, config.text_dim, generator=g).cuda()]
+    with torch.no_grad():
+        model.cuda()  # activations of one forward, all weights resident
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        reference = model(x, t, ctx)
+        torch.cuda.synchronize()
+        activations = torch.cuda.max_memory_allocated() - start
+        model.cpu()
+        del reference
+        with make_placement([model], "blocks", device="cuda", num_resident_blocks=2) as policy:
+            active = policy.activate(0)
+            torch.cuda.synchronize()
+            resident = torch.cuda.memory_allocated()  # inputs + embeddings, head, 2 resident blocks
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(2):
+                out = active(x, t, ctx)
+                del out
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+    slack = 2 * 2**20  # allocator rounding of many small tensors
+    assert peak <= resident + 2 * block_bytes + activations + slack, (
+        f"peak {peak} > resident {resident} + 2 blocks {2 * block_bytes} + activations {activations}")
+    assert peak > resident + block_bytes  # a streamed block really was on the device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from wanbench.wan_core.config import DiTConfig, preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.errors import SamplingInterrupted
 from wanbench.wan_core.sampler import SamplerOptions, guidance_for, make_noise, sample, select_expert
+from wanbench.wan_core.schedulers import FlowSchedule, UniPCScheduler, make_schedule
 from wanbench.wan_core.trace import use_tracer
 
 PIPELINES = manifest_fixtures(kind_prefix="pipeline")
@@ -122,7 +124,7 @@ def _pick(name: str) -> dict:
     return fixture
 
 
-@pytest.mark.parametrize("name", ["pipeline_t2v_tiny", "pipeline_ti2v_tiny_i2v"])
+@pytest.mark.parametrize("name", ["pipeline_t2v_tiny", "pipeline_i2v_tiny", "pipeline_ti2v_tiny_i2v"])
 def test_batched_cfg_equals_sequential(name: str) -> None:
     fixture = _pick(name)
     experts, io, opts = load_pipeline(fixture)
@@ -139,7 +141,7 @@ def test_batched_cfg_equals_sequential(name: str) -> None:
 class FlowModel(torch.nn.Module):
     """A cheap stand-in with the DiT forward contract: v depends on x, t, its own context and y.
 
-    Records the batch size of every forward.
+    Records the batch size and the timesteps of every forward.
     """
 
     def __init__(self, config: DiTConfig, scale: float = 1.0) -> None:
@@ -148,9 +150,11 @@ class FlowModel(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.tensor(scale))
         self.blocks = torch.nn.ModuleList([torch.nn.Linear(config.out_dim, config.out_dim) for _ in range(2)])
         self.batches: list[int] = []
+        self.timesteps: list[list[int]] = []
 
     def forward(self, x, t, context, *, seq_len=None, y=None):  # noqa: ANN001, ANN201
         self.batches.append(int(x.shape[0]))
+        self.timesteps.append(t.tolist())
         t_mean = t.float().reshape(t.shape[0], -1).mean(1).view(-1, 1, 1, 1, 1) / 1000
         ctx = torch.stack([c.mean() for c in context]).view(-1, 1, 1, 1, 1)
         h = x.movedim(1, -1)
@@ -206,9 +210,12 @@ def test_trace_stages_names_kinds_and_facts() -> None:
     kinds = {kind for _, kind, _ in tracer.stages}
     assert kinds == {"step-loading", "step-inference"}
     flops = task.dit.flops_forward(task.dit.num_tokens((1, 4, 4)), batch=2)
+    common = {"step", "expert", "cfg_mode", "flops", "timestep"}
     for _, kind, facts in tracer.stages:
-        assert set(facts) == {"step", "expert", "cfg_mode", "flops", "timestep"}
+        assert set(facts) == (common if kind == "step-inference" else common | {"placement", "placement_requested"})
         assert facts["flops"] == (flops if kind == "step-inference" else 0.0)
+        if kind == "step-loading":
+            assert facts["placement"] == facts["placement_requested"] == "none"
     assert [f["expert"] for _, k, f in tracer.stages if k == "step-inference"] == ["high", "high", "low"]
     assert [name for name, _ in tracer.events] == ["expert_switch"]
 
@@ -229,11 +236,28 @@ def test_noise_generator_matches_fixture_noise() -> None:
 
 
 def test_duplicate_timesteps_in_the_loop() -> None:
-    """UniPC, shift 12, 100 steps: repeated integer timesteps; the loop must finish."""
+    """UniPC, shift 12, 100 steps: repeated integer timesteps. The model sees every integer timestep
+    of the schedule (repeats included) and the result equals UniPC driven by the sigmas alone."""
     model, task = _fake_t2v()
     opts = SamplerOptions(steps=100, shift=12.0, guide_scale=(1.0, 1.0), boundary=0.875)
-    out = sample([model, model], task, opts, latent_shape=(16, 1, 2, 2), **_contexts(task))
+    contexts = _contexts(task)
+    out = sample([model, model], task, opts, latent_shape=(16, 1, 2, 2), **contexts)
     assert out.shape == (16, 1, 2, 2) and bool(torch.isfinite(out).all())
+    schedule = make_schedule("unipc", 100, 12.0)
+    expected_t = [int(s * 1000) for s in schedule.sigmas[:-1].double().tolist()]
+    assert expected_t[0] == expected_t[1] == 999  # the repeat the official UniPC trips over
+    assert [t[0] for t in model.timesteps] == schedule.timesteps.tolist() == expected_t
+
+    # The same solver over the same float32 sigmas with distinct placeholder timesteps, the model
+    # called by hand with the real integer timesteps: the same numbers, so repeats change nothing.
+    by_sigma = UniPCScheduler(FlowSchedule(solver="unipc", shift=12.0, timesteps=torch.arange(100, 0, -1),
+                                           sigmas=schedule.sigmas.clone()))
+    latent = make_noise((16, 1, 2, 2), opts.seed)
+    with torch.no_grad():
+        for t in schedule.timesteps:
+            v = model(latent[None], t.view(1), [contexts["context"]], seq_len=4)[0]
+            latent = by_sigma.step(v, latent)
+    assert torch.equal(out, latent)
 
 
 def test_interrupt_stops_within_one_step() -> None:
@@ -251,6 +275,63 @@ def test_interrupt_stops_within_one_step() -> None:
                **_contexts(task))
     assert seen == [0, 1] and counter.batches == [2, 2]
     assert all(not b._forward_pre_hooks and not b._forward_hooks for b in counter.blocks)
+
+
+def test_interrupt_on_the_last_step_discards_the_result() -> None:
+    """An interrupt always stops the run: with the last step's callback too, nothing is returned
+    (the callback has seen the final latent) and the placement is undone."""
+    model, task = _fake_t2v()
+    opts = SamplerOptions(steps=3, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9, placement="blocks")
+    finished = sample([model, model], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))
+    seen: list[torch.Tensor] = []
+
+    def callback(i: int, n: int, latent: torch.Tensor) -> None:
+        seen.append(latent.clone())
+        if i == n - 1:
+            raise SamplingInterrupted("stop")
+
+    with pytest.raises(SamplingInterrupted):
+        sample([model, model], task, opts, latent_shape=(16, 1, 4, 4), callback=callback, **_contexts(task))
+    assert len(seen) == 3 and torch.equal(seen[-1], finished)
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in model.blocks)
+
+
+@pytest.mark.parametrize(("device", "reason"), [(None, "no CUDA device"), ("cpu", "the compute device is the CPU")])
+@pytest.mark.parametrize("kind", ["model", "blocks"])
+def test_offload_placement_without_cuda_warns_and_is_recorded(
+        kind: str, device: str | None, reason: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, task = _fake_t2v()
+    tracer = RecordingTracer()
+    opts = SamplerOptions(steps=2, shift=5.0, guide_scale=3.0, boundary=0.9, placement=kind)
+    with use_tracer(tracer), caplog.at_level(logging.WARNING, logger="wanbench.wan_core.sampler"):
+        out = sample([model, model], task, opts, latent_shape=(16, 1, 4, 4), device=device, **_contexts(task))
+    assert out.device.type == "cpu"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"placement {kind!r} requested, 'none' applied: {reason}; every weight stays on the "
+                        "CPU, where the model runs (pass a CUDA device to offload)"]
+    loading = [facts for _, k, facts in tracer.stages if k == "step-loading"]
+    assert [(f["placement_requested"], f["placement"]) for f in loading] == [(kind, "none")] * 2
+    assert tracer.events[0] == ("placement_fallback", {"requested": kind, "applied": "none", "reason": reason})
+
+
+def test_placement_none_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    model, task = _fake_t2v()
+    opts = SamplerOptions(steps=1, shift=5.0, guide_scale=3.0, boundary=0.9)
+    with caplog.at_level(logging.WARNING, logger="wanbench.wan_core.sampler"):
+        sample([model, model], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_guide_scale_accepts_one_number_for_both_experts() -> None:
+    base = dict(steps=4, shift=5.0, boundary=0.9)
+    assert SamplerOptions(**base, guide_scale=3.0).guide_scale == (3.0, 3.0)
+    assert SamplerOptions(**base, guide_scale=5).guide_scale == (5.0, 5.0)
+    assert SamplerOptions(**base, guide_scale=[3, 4.5]).guide_scale == (3.0, 4.5)
+    for bad in ("3.0", (1.0, 2.0, 3.0), True, (float("inf"), 1.0), None):
+        with pytest.raises(ValueError, match=r"guide_scale must be a finite number \(both experts\) or two"):
+            SamplerOptions(**base, guide_scale=bad)
 
 
 def test_select_expert_and_guidance() -> None:

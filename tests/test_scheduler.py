@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_close_manifest, golden_dir, load_manifest, manifest_fixtures
 from safetensors.torch import load_file
-from wanbench.wan_core.schedulers import FlowSchedule, make_schedule, make_scheduler
+from wanbench.wan_core.schedulers import FlowSchedule, UniPCScheduler, make_schedule, make_scheduler
 
 SOLVER_NAMES = {"unipc": "unipc", "dpmpp": "dpm++"}
 
@@ -103,6 +103,29 @@ def test_unipc_duplicate_timesteps_run_to_the_end() -> None:
         assert bool(torch.isfinite(x).all()), f"non-finite sample after step {i}"
     assert scheduler.step_index == 100
     torch.testing.assert_close(x, x0, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize(("steps", "shift"), [(100, 12.0), (260, 5.0)])
+def test_unipc_duplicate_timesteps_equal_the_sigma_only_solver(steps: int, shift: float) -> None:
+    """With repeated integer timesteps, UniPC gives exactly what it gives when driven by the float32
+    sigmas alone (same sigmas, distinct placeholder timesteps): the repeats never reach the math.
+    The timesteps the model gets are trunc(sigma * 1000), repeats included."""
+    schedule = make_schedule("unipc", steps, shift)
+    expected_t = [int(s * 1000) for s in schedule.sigmas[:-1].double().tolist()]
+    assert schedule.timesteps.tolist() == expected_t and schedule.has_duplicate_timesteps()
+    repeats = [i for i in range(1, steps) if expected_t[i] == expected_t[i - 1]]
+    assert repeats and repeats[0] == 1  # the first two coincide: where the official UniPC starts late
+    assert bool((schedule.sigmas[1:] < schedule.sigmas[:-1]).all())  # the sigmas stay distinct
+    by_sigma = UniPCScheduler(FlowSchedule(solver="unipc", shift=shift, timesteps=torch.arange(steps, 0, -1),
+                                           sigmas=schedule.sigmas.clone()))
+    real = UniPCScheduler(schedule)
+    x0, noise = _straight_flow((3, 4), 3)
+    x_real, x_sigma = noise.clone(), noise.clone()
+    g = torch.Generator().manual_seed(4)
+    for i in range(steps):
+        v = noise - x0 + 0.05 * torch.randn(noise.shape, generator=g)
+        x_real, x_sigma = real.step(v, x_real), by_sigma.step(v, x_sigma)
+        assert torch.equal(x_real, x_sigma), f"step {i}"
 
 
 def test_step_past_the_end_and_reset() -> None:

@@ -137,12 +137,12 @@ def test_bf16_smoke(name: str) -> None:
     manifest = load_manifest(MANIFEST)
     entry = manifest["vaes"][name]
     bound = manifest["tolerance"]["bf16_smoke"]["rel_l2"]
+    decode_cases = [c for n, c in CASES if n == name and f"{c}.video_raw" in entry["tensors"]]
+    if not decode_cases:
+        pytest.skip(f"{name}: this fixture set has no decode case (no `<case>.video_raw` tensor)")
     vae = load_vae(golden_dir() / entry["weights_file"], dtype=torch.bfloat16)
     assert vae.dtype == torch.bfloat16
-    case = min(
-        (c for n, c in CASES if n == name and f"{c}.video_raw" in entry["tensors"]),
-        key=lambda c: math.prod(entry["tensors"][f"{c}.video_raw"]["shape"]),
-    )
+    case = min(decode_cases, key=lambda c: math.prod(entry["tensors"][f"{c}.video_raw"]["shape"]))
     t = _tensors(name, case)
     out = vae.decode(denormalize_latent(t["latent"], vae.config), clamp=False)
     assert out.dtype == torch.float32

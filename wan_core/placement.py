@@ -11,7 +11,9 @@ Policies (`make_placement(experts, kind, device=...)`):
            device is CUDA) and is copied in by a forward pre-hook right before it runs and dropped
            by a forward post-hook right after. On CUDA the copy of the next streamed block is issued
            on a side stream while the current block computes (prefetch), so transfers overlap
-           compute. The inactive expert is entirely on the CPU.
+           compute; before a prefetch the CPU waits until the device has finished the block
+           before, so at most two streamed blocks are on the device. The inactive expert is
+           entirely on the CPU. Streamed blocks stay in pinned host memory after `close()`.
 
 Numbers do not depend on the policy: the same tensors are used, only their location changes. No
 model code knows about placement; everything here is `.to()`, `.data` swaps and module hooks, and
@@ -22,22 +24,26 @@ Weight dtypes are chosen when loading (`load_dit(..., dtype=)`) or with `cast_we
 float8_e4m3fn with a per-tensor scale (as fp8-scaled checkpoints store them; re-quantising weights
 read from such a file gives back the same fp8 values) and dequantises one block at a time, right
 before it runs; it composes with every placement (`blocks` then streams fp8 bytes).
+`store_fp8_from_state_dict(model, raw)` does the same with the fp8 tensors and scales of an
+fp8-scaled checkpoint (its raw state dict, before the loader dequantises it), so the weights that
+the file stores in fp8 stay exactly those fp8 values.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .weights import quantise_fp8_scaled
+from .weights import COMFY_DIT_PREFIX, FP8_DTYPES, FP8_SCALE_SUFFIX, quantise_fp8_scaled
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PLACEMENTS", "WEIGHT_DTYPES", "Placement", "make_placement", "cast_weights", "weight_dtype",
-           "Fp8Storage", "store_fp8"]
+           "Fp8Storage", "store_fp8", "fp8_scaled_weights", "store_fp8_from_state_dict"]
 
 PLACEMENTS = ("none", "model", "blocks")
 WEIGHT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -127,10 +133,12 @@ class _StreamedBlock:
         self.stored = []
         for t in self.tensors:
             cpu = t.data.to(OFFLOAD_DEVICE)
-            self.stored.append(cpu.pin_memory() if pin else cpu)
+            # pinned copies stay the parameters' storage after close(), so a later run re-uses them
+            self.stored.append(cpu.pin_memory() if pin and not cpu.is_pinned() else cpu)
             t.data = self.stored[-1]
         self.staged: list[torch.Tensor] | None = None
         self.ready: torch.cuda.Event | None = None
+        self.done: torch.cuda.Event | None = None  # recorded after the device copy was released
 
 
 class BlockSwap(Placement):
@@ -150,6 +158,7 @@ class BlockSwap(Placement):
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._cuda = self.device.type == "cuda"
         self._side: torch.cuda.Stream | None = None
+        self._last_run: _StreamedBlock | None = None
         self.bytes_streamed = 0
 
     def open(self) -> None:
@@ -164,7 +173,7 @@ class BlockSwap(Placement):
                 # prepended: the weights must be on the device before any other pre-hook (fp8) sees them
                 pre_hook = self._pre_hook(entry, nxt)
                 self._hooks.append(entry.block.register_forward_pre_hook(pre_hook, prepend=True))
-                self._hooks.append(entry.block.register_forward_hook(self._post_hook(entry)))
+                self._hooks.append(entry.block.register_forward_hook(self._post_hook(entry), always_call=True))
         self._open = True
 
     def activate(self, index: int) -> nn.Module:
@@ -186,11 +195,12 @@ class BlockSwap(Placement):
             self._side.synchronize()
         for model in _unique(self.experts):
             for entry in self._streamed.get(id(model), []):
-                entry.staged, entry.ready = None, None
+                entry.staged, entry.ready, entry.done = None, None, None
                 for t, cpu in zip(entry.tensors, entry.stored, strict=False):
                     t.data = cpu
             model.to(OFFLOAD_DEVICE)
         self._streamed.clear()
+        self._last_run = None
         super().close()
 
     def _move_resident(self, model: nn.Module, device: torch.device) -> None:
@@ -227,6 +237,13 @@ class BlockSwap(Placement):
             for t, dev in zip(entry.tensors, entry.staged, strict=False):
                 t.data = dev
             if nxt is not entry:
+                # The previous block's device copy is freed only once the device has run it (the
+                # CPU may be ahead); wait for that before prefetching, so at most two streamed blocks
+                # (this one and the next) are ever on the device.
+                last = self._last_run
+                if last is not None and last.done is not None:
+                    last.done.synchronize()
+                    last.done = None
                 self._stage(nxt)
         return hook
 
@@ -235,54 +252,100 @@ class BlockSwap(Placement):
             for t, cpu in zip(entry.tensors, entry.stored, strict=False):
                 t.data = cpu
             entry.staged, entry.ready = None, None
+            if self._cuda:
+                entry.done = torch.cuda.Event()
+                entry.done.record(torch.cuda.current_stream(self.device))
+            self._last_run = entry
         return hook
 
 
-class Fp8Storage:
-    """Block matrices stored as float8_e4m3fn + per-tensor scale, dequantised per block forward.
+@dataclass(eq=False)
+class _Fp8Weight:
+    """One block matrix kept in fp8: the parameter, its scale and the dtype it computes in.
 
-    Between forwards each 2-D floating weight of `model.blocks` holds fp8 data; a forward
-    pre-hook replaces it by `fp8 * scale` in the compute dtype and a post-hook puts the fp8 data
-    back. `remove()` restores dequantised weights and removes the hooks.
+    `source` is the fp8 tensor while its block runs (None between forwards, when `param.data` itself
+    holds the fp8 tensor).
     """
 
-    def __init__(self, model: nn.Module, *, compute_dtype: torch.dtype | None = None) -> None:
+    param: nn.Parameter
+    scale: torch.Tensor
+    dtype: torch.dtype
+    source: torch.Tensor | None = None
+
+    def fp8_data(self) -> torch.Tensor:
+        """The fp8 values, wherever the current state keeps them (on the parameter's device)."""
+        data = self.param.data
+        if data.dtype in FP8_DTYPES:
+            return data
+        assert self.source is not None, "fp8 weight lost both its fp8 data and its source"
+        return self.source.to(data.device)
+
+    def dequantised(self) -> torch.Tensor:
+        return (self.fp8_data().float() * self.scale).to(self.dtype)
+
+
+class Fp8Storage:
+    """Block matrices stored as fp8 + per-tensor scale, dequantised per block forward.
+
+    Between forwards each managed 2-D weight of `model.blocks` holds fp8 data; a forward pre-hook
+    replaces it by `fp8 * scale` in the compute dtype and a post-hook (`always_call`, so it also
+    runs when the forward raises) puts the fp8 data back. The dequantised tensor is always computed
+    from the fp8 data (the parameter's own, or the kept source if a forward left it dequantised), so
+    no exception can make a later forward scale a weight twice. `remove()` restores dequantised
+    weights and removes the hooks.
+
+    `quantised` maps parameter names (`blocks.0.self_attn.q.weight`) to (fp8 tensor, scale) taken
+    from an fp8-scaled checkpoint: only those weights are stored in fp8, with the file's own
+    values. Without it every 2-D floating weight of the blocks is quantised here (absmax / 448).
+    """
+
+    def __init__(self, model: nn.Module, *, compute_dtype: torch.dtype | None = None,
+                 quantised: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
             raise TypeError(f"fp8 storage needs a model with a `blocks` ModuleList (WanDiT); got "
                             f"{type(model).__name__}")
+        if quantised is not None:
+            _check_quantised(model, quantised)
         self.model = model
-        self._entries: list[tuple[nn.Parameter, torch.Tensor, torch.dtype]] = []
+        self._entries: list[_Fp8Weight] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        for block in model.blocks:
+        for index, block in enumerate(model.blocks):
             entries = []
-            for p in block.parameters():
-                if p.dim() == 2 and p.is_floating_point():
-                    dtype = compute_dtype or p.dtype
+            for name, p in block.named_parameters():
+                full_name = f"blocks.{index}.{name}"
+                if quantised is not None:
+                    if full_name not in quantised:
+                        continue
+                    q, scale = quantised[full_name]
+                elif p.dim() == 2 and p.is_floating_point():
                     q, scale = quantise_fp8_scaled(p.data)
-                    p.data = q.to(p.device)
-                    entries.append((p, scale.cpu(), dtype))
+                else:
+                    continue
+                entries.append(_Fp8Weight(p, scale.detach().float().reshape(()).cpu(), compute_dtype or p.dtype))
+                p.data = q.detach().to(p.device)
             self._entries.extend(entries)
             pre, post = self._block_hooks(entries)
             self._hooks.append(block.register_forward_pre_hook(pre))
-            self._hooks.append(block.register_forward_hook(post))
+            self._hooks.append(block.register_forward_hook(post, always_call=True))
 
     @property
     def bytes_fp8(self) -> int:
-        return sum(p.numel() for p, _, _ in self._entries)
+        return sum(e.param.numel() for e in self._entries)
 
     @staticmethod
-    def _block_hooks(entries: list[tuple[nn.Parameter, torch.Tensor, torch.dtype]]):
-        stash: list[torch.Tensor] = []  # the fp8 tensors while the block runs
-
+    def _block_hooks(entries: list[_Fp8Weight]):
         def dequantise(module: nn.Module, args: object) -> None:
-            stash[:] = [p.data for p, _, _ in entries]
-            for p, scale, dtype in entries:
-                p.data = (p.data.float() * scale).to(dtype)
+            sources = [e.fp8_data() for e in entries]
+            values = [e.dequantised() for e in entries]  # all computed before any is swapped in
+            for e, q, value in zip(entries, sources, values, strict=True):
+                e.source = q
+                e.param.data = value
 
         def requantise(module: nn.Module, args: object, output: object) -> None:
-            for (p, _, _), q in zip(entries, stash, strict=False):
-                p.data = q
-            stash.clear()
+            for e in entries:
+                if e.source is not None:
+                    e.param.data = e.source
+                    e.source = None
 
         return dequantise, requantise
 
@@ -290,14 +353,62 @@ class Fp8Storage:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        for p, scale, dtype in self._entries:
-            p.data = (p.data.float() * scale).to(dtype)
+        for e in self._entries:
+            e.param.data = e.dequantised()
+            e.source = None
         self._entries.clear()
+
+
+def _check_quantised(model: nn.Module, quantised: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    for name, (q, scale) in quantised.items():
+        p = params.get(name)
+        if p is None or not name.startswith("blocks."):
+            raise ValueError(f"fp8 weight {name!r} is not a parameter of the model's blocks")
+        if q.dtype not in FP8_DTYPES or tuple(q.shape) != tuple(p.shape) or scale.numel() != 1:
+            raise ValueError(f"fp8 weight {name!r}: expected an fp8 tensor of shape {tuple(p.shape)} and "
+                             f"a one-value scale; got {q.dtype} {tuple(q.shape)} and a scale of "
+                             f"{scale.numel()} values")
 
 
 def store_fp8(model: nn.Module, *, compute_dtype: torch.dtype | None = None) -> Fp8Storage:
     """Keep the block matrices of `model` in fp8 (see `Fp8Storage`); returns the handle to undo it."""
     return Fp8Storage(model, compute_dtype=compute_dtype)
+
+
+def fp8_scaled_weights(raw: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The fp8 block weights of a raw (not dequantised) ComfyUI fp8-scaled DiT state dict.
+
+    Returns `{"blocks.i.<layer>.weight": (fp8 tensor, scale)}` for every 2-D fp8 tensor under
+    `blocks.`; the scale is `<layer>.scale_weight` (1 when the file has none). An optional
+    `model.diffusion_model.` prefix is stripped. Other fp8 tensors are left out (the loader's
+    dequantised values serve them).
+    """
+    prefix = COMFY_DIT_PREFIX if any(k.startswith(COMFY_DIT_PREFIX) for k in raw) else ""
+    sd = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, tensor in sd.items():
+        if key.startswith("blocks.") and key.endswith(".weight") and tensor.dtype in FP8_DTYPES \
+                and tensor.dim() == 2:
+            scale = sd.get(key[: -len(".weight")] + FP8_SCALE_SUFFIX)
+            out[key] = (tensor, torch.ones(()) if scale is None else scale.float().reshape(()))
+    return out
+
+
+def store_fp8_from_state_dict(model: nn.Module, raw: Mapping[str, torch.Tensor], *,
+                              compute_dtype: torch.dtype | None = None) -> Fp8Storage:
+    """Keep the block weights that an fp8-scaled checkpoint stores in fp8 in fp8, with its own values.
+
+    `model` is the DiT loaded from that file (its weights dequantised by the loader); `raw` is the
+    file's state dict as read, before dequantisation (fp8 tensors plus `.scale_weight` entries).
+    Forwards then give the same numbers as the dequantised model, with a quarter of the fp32 block
+    weight memory. Raises `ValueError` when the file holds no fp8 block weights or they do not fit.
+    """
+    quantised = fp8_scaled_weights(raw)
+    if not quantised:
+        raise ValueError("the state dict holds no fp8 block weights (expected `blocks.*.weight` in "
+                         "float8 with `.scale_weight` entries, as ComfyUI's fp8_scaled files store them)")
+    return Fp8Storage(model, compute_dtype=compute_dtype, quantised=quantised)
 
 
 def make_placement(experts: Sequence[nn.Module], kind: str, *, device: torch.device | str,

@@ -17,9 +17,14 @@ One call of `sample()` runs the official loop (spec section 6) over normalised l
   `seed` and then moves it to the device, so a seed gives the same noise on every device. (The
   official code draws on the GPU, so its seeds give other noise; pass `noise=` to reproduce a run.)
 * Hooks: `callback(step_index, num_steps, latent)` after every step (progress, preview, interrupt:
-  raise `SamplingInterrupted`); trace stages `Step_<i>_Loading` (placement, kind "step-loading")
-  and `Step_<i>_Inference` (forwards + solver, kind "step-inference") with facts step, expert,
-  cfg_mode, flops and timestep. Weight placement is delegated to `placement.py`.
+  raise `SamplingInterrupted`). An interrupt always stops the run and returns nothing, also when
+  it comes with the last step's callback: the user asked to stop, so no result flows on to the
+  decode (the callback has seen the final latent, e.g. for a preview). Trace stages
+  `Step_<i>_Loading` (placement, kind "step-loading") and `Step_<i>_Inference` (forwards + solver,
+  kind "step-inference") with facts step, expert, cfg_mode, flops and timestep; the loading stages
+  also carry `placement` (what took effect) and `placement_requested`. Weight placement is
+  delegated to `placement.py`; `model` / `blocks` on a CPU compute device move nothing, so they
+  apply as `none`, with a logged warning and a `placement_fallback` event.
 
 Shapes: latents (C, T, h, w) float32, C = the DiT's out_dim; contexts (S, text_dim).
 """
@@ -36,7 +41,7 @@ from torch import nn
 
 from .conditioning import first_frame_mask, pin_first_frame, token_timesteps
 from .config import NUM_TRAIN_TIMESTEPS, SOLVERS, SamplerConfig, WanConfig
-from .placement import PLACEMENTS, Placement, make_placement
+from .placement import OFFLOAD_DEVICE, PLACEMENTS, Placement, make_placement
 from .schedulers import FlowScheduler, make_scheduler
 from .trace import event, stage
 
@@ -51,7 +56,8 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 
 @dataclass(frozen=True, kw_only=True)
 class SamplerOptions:
-    """Settings of one sampling run. `guide_scale` is (low-noise, high-noise) as in the configs.
+    """Settings of one sampling run. `guide_scale` is (low-noise, high-noise) as in the configs, or
+    one number for both experts (stored as that number twice).
 
     `boundary` is the expert switch as a fraction of the 1000 training timesteps (None for
     single-model tasks). `placement` is "none" (all weights on the device), "model" (the expert not
@@ -61,7 +67,7 @@ class SamplerOptions:
     solver: str = "unipc"
     steps: int
     shift: float
-    guide_scale: tuple[float, float]
+    guide_scale: tuple[float, float] | float
     boundary: float | None = None
     seed: int = 0
     cfg_mode: str = "batched"
@@ -78,9 +84,7 @@ class SamplerOptions:
             raise ValueError(f"shift must be a finite number > 0 (e.g. 5.0); got {self.shift!r}")
         if self.boundary is not None and not (0.0 < self.boundary < 1.0):
             raise ValueError(f"boundary must lie in (0, 1) (e.g. 0.875); got {self.boundary}")
-        if len(self.guide_scale) != 2 or not all(math.isfinite(float(g)) for g in self.guide_scale):
-            raise ValueError(f"guide_scale must be two finite numbers (low-noise, high-noise); "
-                             f"got {self.guide_scale!r}")
+        object.__setattr__(self, "guide_scale", _guide_pair(self.guide_scale))
         if self.cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode must be one of {CFG_MODES}; got {self.cfg_mode!r}")
         if self.placement not in PLACEMENTS:
@@ -105,6 +109,17 @@ class SamplerOptions:
                    boundary=cfg.boundary if boundary is None else boundary,
                    seed=seed, cfg_mode=cfg_mode, placement=placement,
                    num_resident_blocks=num_resident_blocks, num_train_timesteps=cfg.num_train_timesteps)
+
+
+def _guide_pair(value: object) -> tuple[float, float]:
+    """(low-noise, high-noise) guidance from one number or a pair; a clear error otherwise."""
+    pair = (value, value) if isinstance(value, (int, float)) else value
+    if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
+            or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
+                       for g in pair)):
+        raise ValueError(f"guide_scale must be a finite number (both experts) or two finite numbers "
+                         f"(low-noise, high-noise), e.g. 5.0 or (3.0, 4.0); got {value!r}")
+    return float(pair[0]), float(pair[1])
 
 
 def make_noise(shape: Sequence[int], seed: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -155,7 +170,9 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     `device` (where the forwards run) defaults to the experts' device, or to CUDA when there is
     one and the placement is "model" or "blocks" (those keep experts on the CPU between runs).
     All arguments are checked before any compute. On exit (errors and interrupts included) the
-    placement's hooks are removed; with "model"/"blocks" every expert is back on the CPU.
+    placement's hooks are removed; with "model"/"blocks" every expert is back on the CPU. When the
+    compute device is the CPU (e.g. no CUDA device), "model"/"blocks" move nothing: a warning is
+    logged and the trace records placement "none" next to the requested one.
 
     Shapes: context (S, text_dim), context_null (S', text_dim); noise (C, T, h, w); i2v_y
     (in_dim - C, T, h, w) normalised mask + image latent; ti2v_z (C, 1, h, w) normalised.
@@ -165,8 +182,11 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     names = _expert_names(experts, task, opts)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable(step_index, num_steps, latent); got {type(callback)}")
+    requested_device = device
     if device is None:
         device = _default_device(experts[0], opts.placement)
+    applied, reason = _effective_placement(opts.placement, torch.device(device),
+                                           defaulted=requested_device is None)
     run = _prepare(experts, task, opts, context=context, context_null=context_null, noise=noise,
                    latent_shape=latent_shape, i2v_y=i2v_y, ti2v_z=ti2v_z, device=torch.device(device))
     scheduler = make_scheduler(opts.solver, opts.steps, opts.shift,
@@ -174,14 +194,19 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     if scheduler.schedule.has_duplicate_timesteps():
         log.info("%d %s steps at shift %g repeat some integer timesteps; the solver follows its own step "
                  "counter and the distinct float32 sigmas", opts.steps, opts.solver, opts.shift)
+    if reason is not None:
+        log.warning("placement %r requested, %r applied: %s; every weight stays on the CPU, where the "
+                    "model runs (pass a CUDA device to offload)", opts.placement, applied, reason)
+        event("placement_fallback", requested=opts.placement, applied=applied, reason=reason)
     placement = make_placement(experts, opts.placement, device=run.latent.device,
                                num_resident_blocks=opts.num_resident_blocks)
+    placement_facts = {"placement": applied, "placement_requested": opts.placement}
     with placement, torch.no_grad():
-        return _loop(placement, names, scheduler, run, opts, callback)
+        return _loop(placement, names, scheduler, run, opts, callback, placement_facts)
 
 
 def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run,
-          opts: SamplerOptions, callback: StepCallback | None) -> torch.Tensor:
+          opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str]) -> torch.Tensor:
     if run.z is not None:
         mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
         latent = pin_first_frame(run.latent, run.z, mask)
@@ -202,7 +227,7 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         if name != previous and previous is not None:
             event("expert_switch", step=i, expert=name, timestep=t_int)
         previous = name
-        with stage(f"Step_{i}_Loading", kind="step-loading", flops=0.0, **facts):
+        with stage(f"Step_{i}_Loading", kind="step-loading", flops=0.0, **facts, **placement_facts):
             model = placement.activate(names.index(name))
         with stage(f"Step_{i}_Inference", kind="step-inference", flops=passes * run.flops_one, **facts):
             if run.per_token_t:
@@ -261,6 +286,18 @@ def _default_device(module: nn.Module, placement: str) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _effective_placement(requested: str, device: torch.device, *, defaulted: bool) -> tuple[str, str | None]:
+    """(placement that takes effect, why it differs from the request or None).
+
+    `model` and `blocks` move weights between the CPU and the compute device; when the compute
+    device is the CPU itself they move nothing, so what applies is `none`.
+    """
+    if requested == "none" or device.type != OFFLOAD_DEVICE.type:
+        return requested, None
+    reason = "no CUDA device" if defaulted else f"the compute device is the {device.type.upper()}"
+    return "none", reason
 
 
 def _prepare(experts: list[nn.Module], task: WanConfig, opts: SamplerOptions, *, context: torch.Tensor,

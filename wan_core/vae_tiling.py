@@ -7,7 +7,11 @@ sum is divided by the summed weights. The tile decodes see a cut receptive field
 seams differ slightly from the untiled decode (see docs/vae.md for measured errors); tiling is
 opt-in and the untiled decode stays the reference.
 
-Peak memory: output buffer + the caches and working set of one tile and one temporal chunk.
+Peak memory: output buffer + the decoder's lower-part features for the whole clip
+((B, 4*dec_dim, T, h, w) at latent resolution; they feed the tiles and grow with the video) + the
+lower part's working set on one whole latent frame + the caches and working set of one tile and
+one temporal chunk of the upsampling stages. docs/vae.md gives the sizes and why the lower
+features are not streamed per chunk instead.
 
 Shapes: latent (B, z, T, h, w); output (B, 3, 1 + 4(T-1), h*s, w*s).
 """
@@ -34,7 +38,8 @@ class VAETiling:
     """Tile plan in latent cells: square tiles of `tile_size`, neighbours overlapping by `overlap`.
 
     Defaults (32 cells = 256 px for Wan2.1, 512 px for Wan2.2; overlap 8 cells) keep the error
-    against the untiled decode within the bound stated in docs/vae.md.
+    against the untiled decode within the bound stated in docs/vae.md (on a latent the tiles cut,
+    golden weights: mean abs <= 0.005, max abs <= 0.25).
     """
 
     tile_size: int = 32
@@ -125,7 +130,9 @@ def decode_tiled(
     )
     weight_sum = torch.zeros((h * s, w * s), dtype=torch.float32, device=x.device)
     rows, cols = plan.axis_tiles(h), plan.axis_tiles(w)
-    feats = vae.decode_lower(x, chunk_frames=chunk_frames)  # attention sees whole frames
+    # Attention sees whole frames, so the lower part runs untiled, once, and its features for the
+    # whole clip are kept: each tile then streams over time with one set of causal caches.
+    feats = vae.decode_lower(x, chunk_frames=chunk_frames)  # (B, 4*dec_dim, T, h, w)
     per_tile = len(chunk_ranges(t, chunk_frames))
     total = len(rows) * len(cols) * per_tile
     done = 0
