@@ -11,7 +11,8 @@ from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE, VAEConfig
 from wanbench.wan_core.errors import SamplingInterrupted
 from wanbench.wan_core.latents import normalize_latent
 from wanbench.wan_core.trace import use_tracer
-from wanbench.wan_core.vae import WanVAE, chunk_ranges, pixel_range, vae_flops
+from wanbench.wan_core import vae as vae_module
+from wanbench.wan_core.vae import WanVAE, chunk_ranges, load_vae, pixel_range, save_vae, vae_flops
 from wanbench.wan_core.vae_blocks import CausalConv3d
 
 TINY = {"wan2.1": WAN21_VAE.tiny(), "wan2.2": WAN22_VAE.tiny()}
@@ -141,6 +142,32 @@ def test_callback_progress_and_interrupt() -> None:
 def test_flops_match_spec_totals(cfg: VAEConfig, mode: str, shape: tuple[int, ...], tflop: float) -> None:
     got = vae_flops(cfg, mode, shape) / 1e12
     assert got == pytest.approx(tflop, rel=0.02)
+
+
+@pytest.mark.parametrize("variant", ["wan2.1", "wan2.2"])
+@pytest.mark.parametrize(
+    ("mode", "cells"),
+    [("decode", (1, 3, 2, 3)), ("decode", (2, 5, 4, 1)), ("encode", (1, 9, 3, 2)), ("encode", (2, 1, 1, 2))],
+)
+def test_flops_formula_equals_a_meta_run_at_full_shape(variant: str, mode: str, cells: tuple[int, ...]) -> None:
+    # vae_flops extrapolates from one-cell meta runs; it must equal counting the real shape
+    cfg = TINY[variant]
+    b, frames, h, w = cells
+    s = cfg.spatial_stride
+    shape = (b, 3, frames, h * s, w * s) if mode == "encode" else (b, cfg.z_dim, frames, h, w)
+    assert vae_flops(cfg, mode, shape) == sum(vae_module._meta_flops(cfg, mode, shape)) > 0
+
+
+def test_loading_under_a_profiler_counts_flops_inside_the_load(tmp_path: Any) -> None:
+    # the one-off meta runs happen while loading (inside the caller's stage), not at decode time
+    path = save_vae(_model("wan2.2"), tmp_path / "vae.safetensors", dtype=torch.float32)
+    vae_module._unit_flops.cache_clear()
+    with use_tracer(_Recorder()):
+        load_vae(path)
+    assert vae_module._unit_flops.cache_info().currsize == 4
+    vae_module._unit_flops.cache_clear()
+    load_vae(path)  # no profiler: nothing is counted
+    assert vae_module._unit_flops.cache_info().currsize == 0
 
 
 class _Recorder:

@@ -222,7 +222,7 @@ class WanVAE(nn.Module):
         b, _, t, h, w = raw.shape
         s = self.config.spatial_stride
         out_shape = (b, PIXEL_CHANNELS, self.config.pixel_frames(t), h * s, w * s)
-        flops = None  # computed (on the meta device) only when a profiler listens
+        flops = None  # counted only when a profiler listens (microseconds once the VAE is loaded)
         if current_tracer() is not None:
             flops = (
                 vae_flops(self.config, "decode", tuple(raw.shape))
@@ -337,26 +337,59 @@ def vae_flops(config: VAEConfig, mode: str, shape: tuple[int, ...]) -> float:
     """FLOPs (2 x multiply-adds) of convolutions and attention for one encode or decode.
 
     `mode` "encode" takes the video shape (B, 3, F, H, W), "decode" the latent shape
-    (B, z, T, h, w). Counted from the layer shapes of a run on the meta device (no data, no
-    compute); norms and activations are not counted (spec section 10).
+    (B, z, T, h, w). Norms and activations are not counted (spec section 10).
+
+    Counted from the layer shapes of runs on the meta device (no data, no compute), made cheap
+    for any size by the structure of the network: every layer's output has (frames) x (area)
+    elements with the area proportional to the latent area `a = h*w` and the frame count affine
+    in the latent frames T (the first frame is handled alone, every later one alike), and the
+    per-frame attention costs `a^2`. So FLOPs(B, T, a) = B * (conv(T) * a + attn(T) * a^2) with
+    conv and attn affine in T; both come from two meta runs on a one-cell latent (T = 1 and 2),
+    cached per config. Equal to a meta run at the full shape (tested).
     """
     if mode not in ("encode", "decode"):
         raise ValueError(f"mode must be 'encode' or 'decode'; got {mode!r}")
-    return _meta_flops(config, mode, tuple(int(v) for v in shape))
+    if len(shape) != 5:
+        raise ValueError(f"shape must be (B, C, frames, H, W); got {shape!r}")
+    b, _, frames, height, width = (int(v) for v in shape)
+    s = config.spatial_stride
+    if mode == "encode":
+        num_latent = config.latent_frames(frames)
+        area = (height // s) * (width // s)
+    else:
+        num_latent, area = frames, height * width
+    conv1, attn1 = _unit_flops(config, mode, 1)
+    conv2, attn2 = _unit_flops(config, mode, 2)
+    later = num_latent - 1
+    conv = conv1 + later * (conv2 - conv1)
+    attn = attn1 + later * (attn2 - attn1)
+    return float(b * (conv * area + attn * area * area))
 
 
-@functools.lru_cache(maxsize=64)
-def _meta_flops(config: VAEConfig, mode: str, shape: tuple[int, ...]) -> float:
+@functools.lru_cache(maxsize=16)
+def _unit_flops(config: VAEConfig, mode: str, latent_frames: int) -> tuple[float, float]:
+    """(conv FLOPs, attention FLOPs) of one sample on a one-cell latent with `latent_frames` frames."""
+    s = config.spatial_stride
+    if mode == "encode":
+        shape = (1, PIXEL_CHANNELS, config.pixel_frames(latent_frames), s, s)
+    else:
+        shape = (1, config.z_dim, latent_frames, 1, 1)
+    conv, attn = _meta_flops(config, mode, shape)
+    return conv, attn
+
+
+def _meta_flops(config: VAEConfig, mode: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(conv FLOPs, attention FLOPs) of one encode or decode of `shape`, run on the meta device."""
     model = WanVAE(config, device="meta")
-    counts: list[float] = []
+    counts = {"conv": 0.0, "attn": 0.0}
 
     def on_conv(module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-        counts.append(2.0 * output.numel() * per_output)
+        counts["conv"] += 2.0 * output.numel() * per_output
 
     def on_attention(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
         b, c, t, h, w = inputs[0].shape
-        counts.append(4.0 * b * t * (h * w) ** 2 * c)  # q k^T and attn v
+        counts["attn"] += 4.0 * b * t * (h * w) ** 2 * c  # q k^T and attn v
 
     handles = []
     for module in model.modules():
@@ -365,14 +398,16 @@ def _meta_flops(config: VAEConfig, mode: str, shape: tuple[int, ...]) -> float:
         elif isinstance(module, AttentionBlock):
             handles.append(module.register_forward_hook(on_attention))
     x = torch.empty(shape, device="meta")
-    with torch.no_grad():
-        if mode == "encode":
-            model._encode(x, None)
-        else:
-            model.decoder(model.conv2(x), first_chunk=True)
-    for handle in handles:
-        handle.remove()
-    return float(sum(counts))
+    try:
+        with torch.no_grad():
+            if mode == "encode":
+                model._encode(x, None)
+            else:
+                model.decoder(model.conv2(x), first_chunk=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts["conv"], counts["attn"]
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -541,6 +576,12 @@ def load_vae(
     config = detect_vae_config(sd)
     model = WanVAE(config, device="meta")
     load_vae_state_dict(model, sd)
+    if current_tracer() is not None:
+        # Count the per-cell FLOPs now (cached per config), inside the caller's loading stage,
+        # so that a profiled decode or encode later costs microseconds outside its own stage.
+        for mode in ("decode", "encode"):
+            _unit_flops(config, mode, 1)
+            _unit_flops(config, mode, 2)
     logger.info(
         "loaded %s VAE (dim %d, dec_dim %d) from %s", config.variant, config.dim, config.dec_dim, path
     )
