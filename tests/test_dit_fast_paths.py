@@ -17,7 +17,7 @@ from wanbench.wan_core.attention import attention
 from wanbench.wan_core.config import DiTConfig, UMT5Config
 from wanbench.wan_core.dit import WanDiT, WanPatchEmbedding, WanTextEmbedding, compact_text_keys, nonzero_rows
 from wanbench.wan_core.rope import RopeCache, apply_rope, apply_rope_complex, rotate
-from wanbench.wan_core.t5 import UMT5Encoder
+from wanbench.wan_core.t5 import UMT5Encoder, relative_position_bucket
 
 TINY_DIT = DiTConfig(model_type="t2v", in_dim=4, out_dim=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,
                      text_dim=24, freq_dim=16, text_len=16)
@@ -191,3 +191,26 @@ def test_t5_attention_through_sdpa_equals_the_explicit_softmax() -> None:
         logits = logits.masked_fill(mask[:, None, None, :] == 0, torch.finfo(x.dtype).min)
         exp = attn.o(torch.einsum("bnij,bjnc->binc", logits.softmax(-1), v).flatten(2))
     torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [1, 2, 9, 300])
+def test_t5_toeplitz_bias_equals_the_per_entry_lookup(length: int) -> None:
+    # the per-offset window must give exactly the table entry of bucket(j - i) for every (i, j)
+    emb = _randomize(UMT5Encoder(TINY_T5), seed=3).blocks[0].pos_embedding
+    rel = torch.arange(length)[None, :] - torch.arange(length)[:, None]
+    buckets = relative_position_bucket(rel, num_buckets=emb.num_buckets, max_distance=emb.max_distance)
+    with torch.no_grad():
+        exp = emb.embedding(buckets).permute(2, 0, 1)[None]  # (1, N, L, L)
+        got = emb(length, length)
+        assert torch.equal(got, exp) and got.is_contiguous()
+        rect = torch.arange(5)[None, :] - torch.arange(3)[:, None]  # 3 queries, 5 keys: the general path
+        rect_buckets = relative_position_bucket(rect, num_buckets=emb.num_buckets, max_distance=emb.max_distance)
+        assert torch.equal(emb(3, 5), emb.embedding(rect_buckets).permute(2, 0, 1)[None])
+
+
+def test_t5_full_mask_is_dropped_and_equals_no_mask() -> None:
+    # an all-ones mask takes the unmasked path; results equal the explicit mask-free run
+    encoder = _randomize(UMT5Encoder(TINY_T5), seed=4)
+    ids = torch.randint(1, TINY_T5.vocab_size, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(encoder(ids, torch.ones_like(ids)), encoder(ids, None))

@@ -113,12 +113,36 @@ class T5RelativeEmbedding(nn.Module):
         self.max_distance = max_distance
         self.embedding = nn.Embedding(num_buckets, num_heads)
 
+    def offset_buckets(self, length: int) -> torch.Tensor:
+        """Shapes: returns (2*length - 1,) int64, the bucket of key-minus-query offsets -(length-1) .. length-1.
+
+        Self-attention bias depends on the offset only, so these few values describe a whole
+        (length, length) bias; they are the same for every layer.
+        """
+        offsets = torch.arange(1 - length, length, device=self.embedding.weight.device)
+        return relative_position_bucket(offsets, num_buckets=self.num_buckets, max_distance=self.max_distance)
+
+    def lookup(self, offset_buckets: torch.Tensor) -> torch.Tensor:
+        """The (length, length) self-attention bias from `offset_buckets(length)`, head-major.
+
+        Entry [n, i, j] is the table value of offset j - i: per head a Toeplitz matrix, built as a
+        sliding window over the per-offset values (one gather of 2*length - 1 values per head,
+        one contiguous write) instead of a gather per entry.
+        Shapes: offset_buckets (2L-1,) -> (1, N, L, L) contiguous.
+        """
+        length = (offset_buckets.shape[0] + 1) // 2
+        per_offset = self.embedding.weight.t()[:, offset_buckets]  # (N, 2L-1), offsets ascending
+        # window a = L-1-i, position j holds offset a + j - (L-1) = j - i; flipping a orders rows by i
+        return per_offset.unfold(1, length, 1).flip(1).unsqueeze(0)  # (1, N, L, L)
+
     def forward(self, lq: int, lk: int) -> torch.Tensor:
         """Shapes: returns (1, N, lq, lk), entry [0, n, i, j] = bias for key j seen from query i."""
+        if lq == lk:
+            return self.lookup(self.offset_buckets(lq))
         device = self.embedding.weight.device
         rel = torch.arange(lk, device=device)[None, :] - torch.arange(lq, device=device)[:, None]  # (lq, lk)
         buckets = relative_position_bucket(rel, num_buckets=self.num_buckets, max_distance=self.max_distance)
-        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, N, lq, lk)
+        return self.embedding.weight.t()[:, buckets].unsqueeze(0)
 
 
 class T5Attention(nn.Module):
@@ -140,8 +164,9 @@ class T5Attention(nn.Module):
         k = self.k(x).view(b, s, self.num_heads, self.head_dim)
         v = self.v(x).view(b, s, self.num_heads, self.head_dim)
         bias = pos_bias.to(x.dtype)  # (1, N, S, S)
-        if mask is not None:
-            bias = bias.masked_fill(mask.view(b, 1, 1, s) == 0, torch.finfo(x.dtype).min)  # (B, N, S, S)
+        if mask is not None:  # padded keys get the lowest value, written in one pass
+            keep = mask.view(b, 1, 1, s) != 0
+            bias = torch.where(keep, bias, torch.finfo(x.dtype).min)  # (B, N, S, S)
         else:
             bias = bias.expand(b, -1, -1, -1)
         # softmax(q k^T + bias) v, unscaled; the fused kernel accumulates in float32
@@ -178,9 +203,13 @@ class T5Block(nn.Module):
         self.pos_embedding = T5RelativeEmbedding(config.num_buckets, config.num_heads,
                                                  max_distance=config.max_distance)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Shapes: x (B, S, D), mask (B, S) -> (B, S, D)."""
-        pos_bias = self.pos_embedding(x.size(1), x.size(1))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                offset_buckets: torch.Tensor | None = None) -> torch.Tensor:
+        """Shapes: x (B, S, D), mask (B, S), offset_buckets (2S-1,) from `pos_embedding.offset_buckets`
+        or None -> (B, S, D)."""
+        if offset_buckets is None:
+            offset_buckets = self.pos_embedding.offset_buckets(x.size(1))
+        pos_bias = self.pos_embedding.lookup(offset_buckets)
         x = _clamp_fp16(x + self.attn(self.norm1(x), mask, pos_bias))
         return _clamp_fp16(x + self.ffn(self.norm2(x)))
 
@@ -225,8 +254,12 @@ class UMT5Encoder(nn.Module):
         used = total if mask is None else max(1, int(nonzero_positions(mask)))
         x = self.token_embedding(ids[:, :used])  # (B, S', D)
         mask = None if mask is None else mask[:, :used]
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padded key left: attention needs no mask
+        # every layer has its own bias table but the same buckets: compute them once
+        buckets = self.blocks[0].pos_embedding.offset_buckets(used) if len(self.blocks) else None
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, buckets)
         x = self.norm(x)
         if used == total:
             return x
