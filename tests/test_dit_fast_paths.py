@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from wanbench.wan_core.attention import attention
 from wanbench.wan_core.config import DiTConfig, UMT5Config
-from wanbench.wan_core.dit import WanDiT, WanPatchEmbedding, WanTextEmbedding, compact_text_keys, nonzero_rows
+from wanbench.wan_core.dit import (
+    WanDiT,
+    WanPatchEmbedding,
+    WanRMSNorm,
+    WanTextEmbedding,
+    compact_text_keys,
+    nonzero_rows,
+)
 from wanbench.wan_core.rope import RopeCache, apply_rope, apply_rope_complex, rotate
 from wanbench.wan_core.t5 import UMT5Encoder, relative_position_bucket
 
@@ -214,3 +221,21 @@ def test_t5_full_mask_is_dropped_and_equals_no_mask() -> None:
     ids = torch.randint(1, TINY_T5.vocab_size, (2, 11))
     with torch.no_grad():
         assert torch.equal(encoder(ids, torch.ones_like(ids)), encoder(ids, None))
+
+
+def test_in_place_norm_and_rope_equal_the_allocating_forms() -> None:
+    # the inference path overwrites the projections' outputs; the numbers must not change
+    cache = RopeCache(16)
+    grid = (2, 3, 4)
+    x = torch.randn(2, 24, 4, 16)
+    tables = cache.tables(grid, torch.device("cpu"))
+    owned = x.clone()
+    got = rotate(owned, tables, inplace=True)
+    assert torch.equal(got, rotate(x, tables)) and got.data_ptr() == owned.data_ptr()
+    norm = WanRMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        y = torch.randn(3, 5, 64)
+        owned = y.clone()
+        got = norm(owned, inplace=True)
+        assert torch.equal(got, norm(y)) and got.data_ptr() == owned.data_ptr()

@@ -93,7 +93,7 @@ def test_dit_intermediates_match_official(fixture: dict) -> None:
     handles = []
     for name, module in hooks.items():
         def hook(_m, _inp, out, name=name):
-            captured.setdefault(name, out.detach())
+            captured.setdefault(name, out.detach().clone())  # q/k norms are rotated in place later
         handles.append(module.register_forward_hook(hook))
     try:
         run_case(model, io, 0)

@@ -71,14 +71,16 @@ class WanRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """`inplace=True` (the caller owns x, no autograd) overwrites x instead of allocating."""
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # sum of squares in one reduction (no squared copy), then two passes over x
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
             scale = (norm.square() / x.shape[-1] + self.eps).rsqrt()
             if torch.is_grad_enabled():
                 return x * scale * self.weight
-            return torch.mul(x, scale).mul_(self.weight)
+            out = x.mul_(scale) if inplace else torch.mul(x, scale)
+            return out.mul_(self.weight)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.to(x.dtype) * self.weight.to(x.dtype)
 
@@ -170,7 +172,11 @@ def compact_text_keys(context: torch.Tensor, rows: torch.Tensor) -> tuple[torch.
 
 
 class WanAttention(nn.Module):
-    """q/k/v/o projections with RMS-normed q and k over the full dim (before the head split)."""
+    """q/k/v/o projections with RMS-normed q and k over the full dim (before the head split).
+
+    Without autograd the q/k projections are normed and rotated in their own memory, so a forward
+    hook on `norm_q`/`norm_k` that keeps the output must clone it.
+    """
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -188,18 +194,20 @@ class WanAttention(nn.Module):
     def self_attention(self, x: torch.Tensor, rope: RopeTables | tuple[torch.Tensor, torch.Tensor],
                        backend: str) -> torch.Tensor:
         """Shapes: x (B, L, D) in the compute dtype, rope tables of `RopeCache` -> (B, L, D)."""
-        q = self._heads(self.norm_q(self.q(x)))
-        k = self._heads(self.norm_k(self.k(x)))
+        owned = not torch.is_grad_enabled()  # the projections' outputs are ours to overwrite
+        q = self._heads(self.norm_q(self.q(x), inplace=owned))
+        k = self._heads(self.norm_k(self.k(x), inplace=owned))
         v = self._heads(self.v(x))
-        q, k = rotate(q, rope).to(x.dtype), rotate(k, rope).to(x.dtype)
+        q, k = rotate(q, rope, inplace=owned).to(x.dtype), rotate(k, rope, inplace=owned).to(x.dtype)
         return self.o(attention(q, k, v, backend=backend).flatten(2))
 
     def cross_attention(self, x: torch.Tensor, context: torch.Tensor, backend: str, *,
                         key_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Shapes: x (B, L, D), context (B, S, D), both in the compute dtype, key_bias (B, S) additive
         float32 from `compact_text_keys` or None (no mask) -> (B, L, D)."""
-        q = self._heads(self.norm_q(self.q(x)))
-        k = self._heads(self.norm_k(self.k(context)))
+        owned = not torch.is_grad_enabled()
+        q = self._heads(self.norm_q(self.q(x), inplace=owned))
+        k = self._heads(self.norm_k(self.k(context), inplace=owned))
         v = self._heads(self.v(context))
         return self.o(attention(q, k, v, backend=backend, key_bias=key_bias).flatten(2))
 

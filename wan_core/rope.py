@@ -146,11 +146,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rotated, xf[:, num_true:]), dim=1)
 
 
-def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """Rotate the first `freqs.shape[0]` rows of `x` in float32 with one complex multiply.
 
+    `inplace=True` (the caller owns x and needs no gradient) rotates a float32 x in its own
+    memory when its layout allows, instead of allocating the result.
     Shapes: x (B, L, N, Dh), freqs (L_true, 1, Dh/2) complex64 from `RopeCache.freqs`, L_true <= L;
-    returns (B, L, N, Dh) float32, a new tensor (x is not modified).
+    returns (B, L, N, Dh) float32, a new tensor unless `inplace`.
     """
     num_true = freqs.shape[0]
     xf = x.float()
@@ -160,19 +162,24 @@ def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     if xf.stride(-1) != 1 or xf.stride(-2) != 2 or xf.storage_offset() % 2:
         xf = xf.contiguous()
     pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (B, L, N, Dh/2) complex64
+    if inplace:
+        return torch.view_as_real(pairs.mul_(freqs)).flatten(-2)
     return torch.view_as_real(pairs * freqs).flatten(-2)
 
 
-def rotate(x: torch.Tensor, rope: RopeTables | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def rotate(x: torch.Tensor, rope: RopeTables | tuple[torch.Tensor, torch.Tensor], *,
+           inplace: bool = False) -> torch.Tensor:
     """Apply RoPE with the fastest available form: the complex multiply in eager mode when
     `rope.freqs` is present, the real form (`apply_rope`) otherwise and while torch.compile traces
     (Inductor fuses the real form; complex tensors are not supported by every compiler backend).
+
+    `inplace=True` lets the complex form overwrite x (see `apply_rope_complex`).
 
     Shapes: x (B, L, N, Dh), rope tables of L_true <= L rows -> (B, L, N, Dh) float32.
     """
     freqs = rope.freqs if isinstance(rope, RopeTables) else None
     if freqs is not None and not torch.compiler.is_compiling():
-        return apply_rope_complex(x, freqs)
+        return apply_rope_complex(x, freqs, inplace=inplace)
     return apply_rope(x, rope[0], rope[1])
 
 
