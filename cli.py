@@ -30,13 +30,6 @@ DEMO_WORKFLOW = "tiny_ti2v_5B_t2v.api.json"
 DEFAULT_OUT = Path("wanbench_out")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through profiling.output's writer (a temporary file, then os.replace)."""
-    from .profiling.output import _atomic_write_text as write_text
-
-    write_text(path, text)
-
-
 def _say(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -132,6 +125,8 @@ def load_suite(path: Path) -> dict[str, Any]:
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
+    from .profiling.output import atomic_write_text
+
     path = _find_workflow(args.suite)
     suite = load_suite(path)
     out_dir = Path(args.out)
@@ -159,7 +154,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     if reports or failed:
         combined = out_dir / f"{suite.get('name', 'suite')}_report.md"
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(combined, combined_report(reports, failed))
+        atomic_write_text(combined, combined_report(reports, failed))
         _say(f"combined report: {combined}")
     for name, why in failed:
         _say(f"FAILED {name}: {why}")
@@ -184,10 +179,11 @@ def combined_report(reports: Sequence[str], failed: Sequence[tuple[str, str]]) -
 # ------------------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from .profiling import merge_reports
+    from .profiling.output import atomic_write_text
 
     text = merge_reports([Path(p) for p in args.runs])
     if args.output:
-        _atomic_write_text(Path(args.output), text)
+        atomic_write_text(Path(args.output), text)
         _say(f"wrote {args.output}")
     else:
         sys.stdout.write(text)

@@ -437,7 +437,7 @@ def _download(server: str, entry: Mapping[str, Any], out_dir: Path, *, timeout_s
     import urllib.parse
     import urllib.request
 
-    from .nodes.comfy_bridge import atomic_output
+    from .profiling.output import atomic_output
 
     subfolder, filename = str(entry.get("subfolder", "")), str(entry["filename"])
     target = download_target(out_dir, subfolder, filename)

@@ -8,12 +8,10 @@ given to `set_output_dir` (through a `Bridge` object, never a module global).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -151,24 +149,6 @@ def save_path(prefix: str, width: int, height: int) -> tuple[Path, str, int, str
         if p.stem.rsplit("_", 2)[-2].isdigit()
     ]
     return folder, stem, max(used, default=0) + 1, sub
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path` in one `os.replace`.
-
-    A writer that fails (or is interrupted) leaves no file at `path`, and its temporary file is
-    removed, so a half-written video or download is never taken for a finished one. Text files
-    use profiling.output's writer; this is for writers that need a path or write bytes.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def make_progress(total: int, label: str) -> Callable[[int], None]:

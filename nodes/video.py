@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..profiling.output import atomic_output
 from . import comfy_bridge as bridge
 from . import types as T
 from .validation import check_int_range, check_prefix, first_problem
@@ -46,7 +47,7 @@ def write_mp4(frames: torch.Tensor, path: Path, *, fps: int, codec: str = "libx2
             f"mp4 (yuv420p) needs an even width and height; got {width}x{height}. "
             "Decode at an even size (every Wan size is a multiple of 16) or crop the frames"
         )
-    with bridge.atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps, 1))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":

@@ -10,7 +10,16 @@ from .checker import check_markdown, check_report
 from .gpus import KNOWN_GPUS, GpuSpec, lookup_gpu
 from .memory import CpuDevice, CudaDevice, FakeDevice, FakeHost, ProcessProbe
 from .nvml import FakeNvml, GpuMonitor, GpuReading, open_gpu_monitor
-from .output import ReportFiles, load_runs, merge_reports, report_document, run_document, write_report
+from .output import (
+    ReportFiles,
+    atomic_output,
+    atomic_write_text,
+    load_runs,
+    merge_reports,
+    report_document,
+    run_document,
+    write_report,
+)
 from .records import (
     REPORT_SCHEMA_VERSION,
     SCHEMA_VERSION,
@@ -57,6 +66,8 @@ __all__ = [
     "Statement",
     "SystemInfo",
     "analyze_run",
+    "atomic_output",
+    "atomic_write_text",
     "check_markdown",
     "check_report",
     "draw_timeline",

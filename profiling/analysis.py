@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .formatting import GB, gbs, secs
+from .formatting import gbs, secs
 from .gpus import lookup_gpu
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, RunRecord, StageRecord
 from .stats import mean, percentile

@@ -11,11 +11,11 @@ at 0 and print plain numbers (no offset such as `1e-6+4.3565e-1`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis import GB, activity_label
+from .analysis import activity_label
+from .formatting import GB
 from .records import RunRecord, Sample
 
 _BAND_COLOURS = {
@@ -52,6 +52,8 @@ def _values(samples: tuple[Sample, ...], attr: str, scale: float = 1.0) -> tuple
 
 def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
     """Draw the run's timeline to `path` (written atomically)."""
+    from .output import atomic_output  # imported here: output.py imports this module
+
     try:
         import matplotlib
 
@@ -150,9 +152,8 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
             patches = [Patch(color=_BAND_COLOURS.get(k, "#eeeeee"), alpha=0.6, label=k) for k in kinds]
             fig.legend(handles=patches, loc="lower center", ncol=len(patches), fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
-        tmp = path.with_name(path.name + ".tmp")
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
         offsets = tuple(ax.yaxis.get_major_formatter().get_offset() for ax in (ax_top, ax_mem))
         bottoms = tuple(float(ax.get_ylim()[0]) for ax in (ax_top, ax_mem))
     finally:

@@ -1,14 +1,17 @@
 """Report files: the versioned JSON document, merging runs, and `write_report` (.md + .json + .png).
 
-All files are written atomically (a temporary file in the same folder, then `os.replace`).
+All files are written atomically through `atomic_output` (a uniquely named temporary file in the
+same folder, then `os.replace`); the nodes, the CLI and the runner write their files through it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +104,33 @@ class ReportFiles(dict[str, Path]):
         return self.get("png")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new temporary path beside `path`; on success it replaces `path` in one `os.replace`.
+
+    The temporary name is unique (`.<name>.<random>.tmp`), so concurrent writers of one target never
+    share it. A writer that raises (or is interrupted) leaves no file at `path` and its temporary
+    file is removed: a half-written report, video or download is never taken for a finished one.
+    The file is created empty with the usual permissions (0o666 minus the umask, as `open()`
+    gives), not mkstemp's private 0o600, so a server running as another user can read it; the
+    writer may write to the path, or replace or truncate it.
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` (UTF-8) to `path` through `atomic_output`; returns the path."""
+    target = Path(path)
+    with atomic_output(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return target
 
 
 def _as_runs(source: ProfileSession | RunRecord | Sequence[RunRecord]) -> list[RunRecord]:
@@ -150,8 +176,8 @@ def write_report(
         missing = "" if run.system.activity_metric else " GPU series are unavailable; it shows CPU % and RSS."
         notes[case] = f"![timeline of {case}]({name}){missing}"
     md_path, json_path = folder / f"{basename}.md", folder / f"{basename}.json"
-    _atomic_write_text(json_path, json.dumps(report_document(runs), indent=1, ensure_ascii=False) + "\n")
-    _atomic_write_text(md_path, render_markdown(runs, chart_notes=notes))
+    atomic_write_text(json_path, json.dumps(report_document(runs), indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(md_path, render_markdown(runs, chart_notes=notes))
     written["md"], written["json"] = md_path, json_path
     return written
 

@@ -179,7 +179,8 @@ class RunRecord:
     stages: tuple[StageRecord, ...]
     samples: tuple[Sample, ...]
     events: tuple[EventRecord, ...] = ()
-    sample_interval_s: float | None = None
+    sample_interval_s: float | None = None  # as requested
+    sample_interval_effective_s: float | None = None  # at the end: doubled each time the buffer halved
     notes: tuple[str, ...] = ()
     outside: tuple[OutsideInterval, ...] = ()  # the time no top-level stage covers, as recorded
     run_id: str | None = None  # unique per session; merging the same run twice keeps it once

@@ -23,17 +23,26 @@ shows it instead of hiding it in a sum.
 
 Device per stage: a stage that states `device=` (T5 on the CPU while the DiT runs on the GPU)
 is recorded on that device; a CPU stage carries no CUDA memory and no GPU activity.
+
+Bounded samples: the session keeps at most `max_samples` samples. When the buffer is full, the
+samples between the first and the last are merged in pairs (`merge_sample_pairs`) and the sampling
+interval doubles, so a run of any length keeps samples spread over all of it. Each halving is
+recorded: `RunRecord.sample_interval_effective_s` is the interval at the end and a note in the
+run (shown in the report) says when the interval changed and why.
+
+The sampler thread holds only a weak reference to the session: a session dropped without
+`close()` is collected as usual and its thread stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-import dataclasses
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -75,6 +84,8 @@ logger = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 _STEP_RE = re.compile(r"^Step_(\d+)_")
 _INT_CONTEXT = ("width", "height", "frames", "steps", "seed")
+DEFAULT_MAX_SAMPLES = 2048  # 3.4 min at 0.1 s before the first halving; about 0.5 MB of report JSON
+MIN_MAX_SAMPLES = 4  # the first and last samples are kept as they are; at least one pair merges
 
 
 @dataclass
@@ -102,6 +113,7 @@ class ProfileSession:
         case_name: the case label used in the report.
         device: the device to measure; default CUDA when available, else CPU.
         sample_interval_s: background sampling period; None samples only at stage boundaries.
+        max_samples: the most samples kept; when full, samples merge in pairs and the interval doubles.
         clock, gpu, device_probe, host: replace the real probes (tests pass fakes).
     """
 
@@ -111,6 +123,7 @@ class ProfileSession:
         case_name: str,
         device: str | torch.device | None = None,
         sample_interval_s: float | None = 0.1,
+        max_samples: int = DEFAULT_MAX_SAMPLES,
         clock: Clock | None = None,
         gpu: GpuMonitor | None = None,
         device_probe: DeviceProbe | None = None,
@@ -120,8 +133,13 @@ class ProfileSession:
             raise ValueError("case_name must be a non-empty label (e.g. '01_ti2v_720p')")
         if sample_interval_s is not None and not sample_interval_s > 0:
             raise ValueError(f"sample_interval_s must be > 0 or None; got {sample_interval_s}")
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < MIN_MAX_SAMPLES:
+            raise ValueError(f"max_samples must be an int >= {MIN_MAX_SAMPLES} (e.g. 2048); got {max_samples!r}")
         self.case_name = case_name
         self.sample_interval_s = sample_interval_s
+        self.max_samples = max_samples
+        self._interval_now_s = sample_interval_s  # doubles each time the sample buffer is halved
+        self._halvings: list[float] = []  # session times at which the buffer was halved
         self._clock = clock or MonotonicClock()
         self._host = host or ProcessProbe()
         self._device = device_probe or _default_device(device)
@@ -218,7 +236,8 @@ class ProfileSession:
             samples=tuple(self._samples),
             events=tuple(self._events),
             sample_interval_s=self.sample_interval_s,
-            notes=tuple(self._notes),
+            sample_interval_effective_s=self._interval_now_s,
+            notes=tuple(self._notes + self._halving_notes()),
             outside=_outside_intervals(stages, total.end_s, self._activations),
             run_id=uuid.uuid4().hex,
         )
@@ -495,7 +514,42 @@ class ProfileSession:
                 rss_bytes=host.rss_bytes,
             )
             self._samples.append(sample)
+            if len(self._samples) > self.max_samples:
+                self._halve_samples()
             return sample, host
+
+    def _halve_samples(self) -> None:
+        """Merge the samples between the first and the last in pairs; double the sampling interval.
+
+        Open stages keep pointing at the (merged) sample that holds their opening sample.
+        """
+        n = len(self._samples)
+        self._samples = merge_sample_pairs(self._samples)
+        for frame in self._stack:
+            i = frame.first_sample
+            frame.first_sample = 0 if i == 0 else len(self._samples) - 1 if i == n - 1 else 1 + (i - 1) // 2
+        self._halvings.append(self._samples[-1].t_s)
+        if self._interval_now_s is not None:
+            self._interval_now_s *= 2
+            if self._thread is not None:
+                self._thread.interval_s = self._interval_now_s
+
+    def _halving_notes(self) -> list[str]:
+        if not self._halvings:
+            return []
+        times = ", ".join(f"{t:.1f} s" for t in self._halvings)
+        if self.sample_interval_s is None:
+            change = "samples (taken at stage boundaries only) were thinned"
+        else:
+            change = (
+                f"the sampling interval went from {self.sample_interval_s:g} s to "
+                f"{self._interval_now_s:g} s (doubled at {times})"
+            )
+        return [
+            f"the sample buffer ({self.max_samples} samples) filled {len(self._halvings)} time(s): {change}; "
+            "earlier samples were merged in pairs (activity and CPU % averaged over the pair's time, "
+            "memory as the pair's maximum)"
+        ]
 
     def _take_sample_quietly(self) -> None:
         self._take_sample()
@@ -522,6 +576,50 @@ class ProfileSession:
             cpu_name=_cpu_name(),
             host_memory_bytes=host_memory_bytes(),
         )
+
+
+def merge_sample_pairs(samples: list[Sample]) -> list[Sample]:
+    """Halve a sample list: keep the first and the last sample, merge the ones between in pairs.
+
+    A merged sample sits at the later one's time and covers both intervals: activity, occupancy
+    and CPU % are their time-weighted mean (each sample covers the time since the previous one),
+    memory figures the larger of the two (so peaks survive). An unpaired sample stays as it is.
+    """
+    if len(samples) < 3:
+        return list(samples)
+    out = [samples[0]]
+    middle = samples[1:-1]
+    for k in range(0, len(middle) - 1, 2):
+        a, b = middle[k], middle[k + 1]
+        t_before = samples[k].t_s  # the sample just before `a` in the original list
+        out.append(_merged(a, b, a.t_s - t_before, b.t_s - a.t_s))
+    if len(middle) % 2:
+        out.append(middle[-1])
+    out.append(samples[-1])
+    return out
+
+
+def _merged(a: Sample, b: Sample, dt_a: float, dt_b: float) -> Sample:
+    def mean(x: float | None, y: float | None) -> float | None:
+        if x is None or y is None:
+            return y if x is None else x
+        if dt_a + dt_b <= 0:
+            return 0.5 * (x + y)
+        return (x * dt_a + y * dt_b) / (dt_a + dt_b)
+
+    def peak(x: int | None, y: int | None) -> int | None:
+        return y if x is None else x if y is None else max(x, y)
+
+    return Sample(
+        t_s=b.t_s,
+        activity_pct=mean(a.activity_pct, b.activity_pct),
+        occupancy_pct=mean(a.occupancy_pct, b.occupancy_pct),
+        device_used_bytes=peak(a.device_used_bytes, b.device_used_bytes),
+        cuda_allocated_bytes=peak(a.cuda_allocated_bytes, b.cuda_allocated_bytes),
+        cuda_reserved_bytes=peak(a.cuda_reserved_bytes, b.cuda_reserved_bytes),
+        cpu_pct=mean(a.cpu_pct, b.cpu_pct),
+        rss_bytes=peak(a.rss_bytes, b.rss_bytes),
+    )
 
 
 def _stage_device(stated: Any, session_device: str) -> str:
@@ -641,7 +739,7 @@ def _outside_intervals(
         if start > cursor:
             # split where profiled code starts or stops, so each piece says where it went
             cuts = sorted({cursor, start} | {t for a, b in activations for t in (a, b) if cursor < t < start})
-            for lo, hi in zip(cuts, cuts[1:]):
+            for lo, hi in zip(cuts, cuts[1:], strict=False):
                 mid = 0.5 * (lo + hi)
                 in_node = any(a <= mid <= b for a, b in activations)
                 if out and out[-1].end_s == lo and out[-1].in_node == in_node:

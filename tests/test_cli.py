@@ -83,6 +83,9 @@ def test_run_tiny_workflow_in_process(name: str, models: Path, tmp_path: Path, c
         *(f"Step_{i}_Inference" for i in range(steps)),
     ):
         assert expected in names, f"{expected} missing from {names}"
+    # the shipped graphs run every loader first: one Model_Initialization, then text, then latent
+    assert names[:3] == ["Model_Initialization", "T5_Encoding", "TI2V_Preprocess"], names
+    assert names[-1] == "VAE_Decoding", names
     assert not any(s["cached"] for s in run["stages"])
     assert check_report(reports[0]) == []
     assert reports[0].with_suffix(".md").is_file()

@@ -464,3 +464,109 @@ def test_run_ids_are_unique() -> None:
     with b:
         pass
     assert a.record.run_id and a.record.run_id != b.record.run_id
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampler thread lifetime and the bounded sample buffer
+# ------------------------------------------------------------------------------------------------
+def test_a_session_dropped_without_close_stops_its_thread_after_gc(caplog) -> None:
+    import gc
+    import weakref
+
+    session = ProfileSession(case_name="dropped", device="cpu", sample_interval_s=0.002).open()
+    thread = session._thread
+    assert thread is not None and thread.is_alive
+    ref = weakref.ref(session)
+    del session
+    deadline = time.perf_counter() + 5.0
+    while ref() is not None and time.perf_counter() < deadline:  # the thread may be mid-sample
+        gc.collect()
+        time.sleep(0.005)
+    assert ref() is None, "the sampler thread kept its session alive"
+    thread._thread.join(timeout=5.0)
+    assert not thread.is_alive
+    assert "garbage-collected without being closed" in caplog.text
+
+
+def test_a_closed_session_is_collected_and_its_thread_ended() -> None:
+    import gc
+    import weakref
+
+    session = ProfileSession(case_name="closed", device="cpu", sample_interval_s=0.002)
+    with session:
+        time.sleep(0.01)
+    thread = session._thread
+    assert thread is not None and not thread.is_alive
+    ref = weakref.ref(session)
+    del session
+    gc.collect()
+    assert ref() is None
+
+
+def test_merge_sample_pairs_weights_by_time_and_keeps_peaks() -> None:
+    from wanbench.profiling.records import Sample
+    from wanbench.profiling.session import merge_sample_pairs
+
+    samples = [
+        Sample(t_s=0.0, activity_pct=0.0, device_used_bytes=1),
+        Sample(t_s=1.0, activity_pct=10.0, cpu_pct=50.0, device_used_bytes=5, rss_bytes=7),
+        Sample(t_s=4.0, activity_pct=50.0, cpu_pct=100.0, device_used_bytes=3, rss_bytes=9),
+        Sample(t_s=5.0, activity_pct=20.0, device_used_bytes=2),
+        Sample(t_s=6.0, activity_pct=30.0, device_used_bytes=4),
+    ]
+    out = merge_sample_pairs(samples)
+    assert [s.t_s for s in out] == [0.0, 4.0, 5.0, 6.0]  # first and last kept; (1, 4) merged; 5 unpaired
+    merged = out[1]
+    assert merged.activity_pct == pytest.approx((10.0 * 1 + 50.0 * 3) / 4)  # covers (0, 4]
+    assert merged.cpu_pct == pytest.approx((50.0 * 1 + 100.0 * 3) / 4)
+    assert (merged.device_used_bytes, merged.rss_bytes) == (5, 9)  # memory: the pair's peak
+    assert out[0] == samples[0] and out[2] == samples[3] and out[3] == samples[4]
+    assert merge_sample_pairs(samples[:2]) == samples[:2]
+
+
+def test_a_long_run_keeps_at_most_max_samples_and_states_the_interval() -> None:
+    from wanbench.profiling import render_markdown
+
+    clock, gpu, dev, host = FakeClock(), FakeNvml(), FakeDevice(), FakeHost()
+    # The thread waits 10 s of real time: the test drives the samples itself, one per fake 10 s.
+    session = ProfileSession(
+        case_name="long", sample_interval_s=10.0, max_samples=8, clock=clock, gpu=gpu, device_probe=dev, host=host
+    )
+    with session:
+        with trace.stage("Step_0_Inference", kind="step-inference"):
+            for i in range(40):  # 400 s: about 5x the buffer at the requested interval
+                gpu.set(activity_pct=100.0 if i % 2 else 50.0, used_bytes=(i + 1) * GB)
+                clock.advance(10.0)
+                session.sample_now()
+                assert len(session._samples) <= 8
+            interval_during = session._thread.interval_s
+        clock.advance(1.0)
+    run = session.record
+    assert len(run.samples) <= 8
+    ts = [s.t_s for s in run.samples]
+    assert ts == sorted(ts) and ts[0] == 0.0 and ts[-1] == pytest.approx(run.total.end_s)  # spread over the run
+    halvings = round(math.log2(run.sample_interval_effective_s / 10.0))
+    assert halvings >= 3 and run.sample_interval_effective_s == pytest.approx(10.0 * 2**halvings)
+    assert interval_during == pytest.approx(run.sample_interval_effective_s)  # the thread slowed down too
+    assert run.sample_interval_s == 10.0  # as requested
+    (note,) = [n for n in run.notes if "sample buffer" in n]
+    assert f"went from 10 s to {run.sample_interval_effective_s:g} s" in note
+    assert f"filled {halvings} time(s)" in note
+    assert note in render_markdown([run])
+    (step,) = run.stages
+    assert step.activity_mean_pct == pytest.approx(75.0)  # alternating 50/100 %, equal intervals
+    assert step.activity_max_pct == 100.0
+    assert step.memory.device_used_max == 40 * GB  # the peak survives the merging
+
+
+def test_real_thread_halves_its_buffer_and_slows_down() -> None:
+    session = ProfileSession(case_name="real-long", device="cpu", sample_interval_s=0.001, max_samples=8)
+    with session:
+        deadline = time.perf_counter() + 5.0
+        while session._interval_now_s == 0.001 and time.perf_counter() < deadline:
+            time.sleep(0.002)
+        assert len(session._samples) <= 8
+    run = session.record
+    assert len(run.samples) <= 8
+    assert run.sample_interval_effective_s >= 0.002
+    assert any("went from 0.001 s to" in n for n in run.notes)

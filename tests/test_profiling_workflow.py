@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from wanbench.cli import DEMO_WORKFLOW, WORKFLOWS_DIR
 from wanbench.nodes.comfy_bridge import Bridge
@@ -12,38 +11,20 @@ from wanbench.profiling import check_report, load_runs
 from wanbench.runner import load_api_workflow, output_files, run_workflow
 from wanbench.tiny_models import make_tiny_models
 
-# The in-process runner executes nodes in node-id order (dependencies first). Renumbered so that
-# all three loaders run first, then the latent node, then the text encoder: the reference
-# reports' order. (The shipped workflow encodes text before the VAE loader runs; then the
-# session records a second Model_Initialization piece after T5_Encoding, shown as such.)
-RENUMBER = {"1": "1", "2": "2", "3": "3", "5": "4", "7": "5", "4": "6", "8": "8", "9": "9", "10": "10", "11": "11"}
-
-
-def _renumbered(prompt: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for node_id, node in prompt.items():
-        inputs = {
-            k: [RENUMBER[v[0]], v[1]] if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) else v
-            for k, v in node["inputs"].items()
-        }
-        out[RENUMBER[node_id]] = {**node, "inputs": inputs}
-    return out
-
 
 def test_tiny_workflow_stage_sequence(tmp_path: Path) -> None:
     models = make_tiny_models(tmp_path / "models", seed=0, overwrite=False)
-    prompt = load_api_workflow(WORKFLOWS_DIR / DEMO_WORKFLOW)
-    assert set(prompt) == set(RENUMBER)
+    prompt = load_api_workflow(WORKFLOWS_DIR / DEMO_WORKFLOW)  # as shipped: loaders have the first ids
     bridge = Bridge.for_models_root(models.root, tmp_path / "out")
-    files = output_files(run_workflow(_renumbered(prompt), bridge))
+    files = output_files(run_workflow(prompt, bridge))
     (report,) = files["reports"]
     (run,) = load_runs(report)
     steps = prompt["8"]["inputs"]["steps"]
     top = [s.name for s in run.top_level] + [run.total.name]
     assert top == [
         "Model_Initialization",
-        "TI2V_Preprocess",
         "T5_Encoding",
+        "TI2V_Preprocess",
         *(f"Step_{i}_{part}" for i in range(steps) for part in ("Loading", "Inference")),
         "VAE_Decoding",
         "Total_Execution",

@@ -155,10 +155,45 @@ def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
         assert order.index("1") < order.index("8") < order.index("11")
 
 
+# The run order of the shipped graphs, by node type: every loader, then text encode, then the image
+# and latent, sampler, decode, save, report. The in-process runner runs nodes by id (dependencies
+# first), so ids in this order give a report with one Model_Initialization, then T5_Encoding,
+# then TI2V_Preprocess.
+RUN_RANK = {
+    "WanBenchProfiler": 0,
+    "WanBenchModelLoader": 1,
+    "WanBenchTextEncoderLoader": 1,
+    "WanBenchVAELoader": 1,
+    "WanBenchTextEncode": 2,
+    "WanBenchTestImage": 3,
+    "LoadImage": 3,
+    "WanBenchImageToVideo": 3,
+    "WanBenchEmptyLatent": 3,
+    "WanBenchSampler": 4,
+    "WanBenchVAEDecode": 5,
+    "WanBenchSaveVideo": 6,
+    "WanBenchReport": 7,
+}
+
+
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.api.json")), ids=lambda p: p.name)
+def test_node_ids_follow_the_run_order(path: Path) -> None:
+    prompt = load_api_workflow(path)
+    by_id = sorted(prompt, key=int)
+    ranks = [RUN_RANK[prompt[k]["class_type"]] for k in by_id]
+    assert ranks == sorted(ranks), f"{path.name}: node types by id {[prompt[k]['class_type'] for k in by_id]}"
+    for node_id, node in prompt.items():
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert int(value[0]) < int(node_id), f"{path.name}: node {node_id} reads later node {value[0]}"
+    if all(v["class_type"] in NODE_CLASS_MAPPINGS for v in prompt.values()):
+        assert validate_workflow(prompt) == by_id
+
+
 def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
     ti2v = load_api_workflow(WORKFLOWS / "wan22_ti2v_5B_t2v.api.json")
     assert ti2v["2"]["inputs"]["model_high"] == "wan2.2_ti2v_5B_fp16.safetensors"
-    assert ti2v["5"]["inputs"]["vae"] == "wan2.2_vae.safetensors"
+    assert ti2v["4"]["inputs"]["vae"] == "wan2.2_vae.safetensors"
     assert ti2v["3"]["inputs"]["text_encoder"] == "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
     assert {k: ti2v["7"]["inputs"][k] for k in ("width", "height", "length")} == {
         "width": 1280,
@@ -172,7 +207,7 @@ def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
     )
     t2v = load_api_workflow(WORKFLOWS / "wan22_t2v_A14B.api.json")
     assert t2v["2"]["inputs"]["model_low"] == "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
-    assert t2v["5"]["inputs"]["vae"] == "wan_2.1_vae.safetensors"
+    assert t2v["4"]["inputs"]["vae"] == "wan_2.1_vae.safetensors"
     s = t2v["8"]["inputs"]
     assert (s["steps"], s["shift"], s["boundary"], s["guidance_high"], s["guidance_low"]) == (
         40,
@@ -252,8 +287,8 @@ def test_runner_rejects_foreign_nodes_bad_links_and_missing_inputs() -> None:
     with pytest.raises(WorkflowError, match="node type 'KSampler' is not a ComfyUI-WanBench node"):
         validate_workflow({**_tiny(), "99": {"class_type": "KSampler", "inputs": {}}})
     bad = _tiny()
-    bad["8"]["inputs"]["latent"] = ["5", 0]
-    with pytest.raises(WorkflowError, match="input 'latent' expects LATENT; node 5 output 0 is WAN22_VAE"):
+    bad["8"]["inputs"]["latent"] = ["4", 0]
+    with pytest.raises(WorkflowError, match="input 'latent' expects LATENT; node 4 output 0 is WAN22_VAE"):
         validate_workflow(bad)
     bad = _tiny()
     del bad["8"]["inputs"]["steps"]

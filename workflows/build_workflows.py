@@ -21,9 +21,11 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: import the installed package
     from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from wanbench.profiling.output import atomic_write_text
     from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
 else:
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from ..profiling.output import atomic_write_text
     from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
@@ -106,6 +108,9 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
         TINY_GEOMETRY[spec.model_type] if spec.tiny else (*task.default_size, task.frame_num)
     )
     dtype = "float32" if spec.tiny else "bfloat16"
+    # Node ids follow the run order (the in-process runner runs nodes by id, dependencies first):
+    # every loader (DiT, text encoder, VAE), then text encode, image and latent, sampler, decode,
+    # save, report. A report then lists one Model_Initialization, T5_Encoding, TI2V_Preprocess.
     nodes = [
         Node(1, "WanBenchProfiler", {"case_name": spec.name, "sample_interval_ms": 100}),
         Node(
@@ -126,18 +131,18 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
         ),
         Node(
             4,
+            "WanBenchVAELoader",
+            {"vae": vae_file, "dtype": "float32", "device": "auto"},
+            {"profiler": (1, 0)},
+        ),
+        Node(
+            5,
             "WanBenchTextEncode",
             {
                 "prompt": TINY_PROMPT if spec.tiny else PROMPT,
                 "negative_prompt": "" if spec.tiny else DEFAULT_NEGATIVE_PROMPT,
             },
             {"text_encoder": (3, 0), "profiler": (1, 0)},
-        ),
-        Node(
-            5,
-            "WanBenchVAELoader",
-            {"vae": vae_file, "dtype": "float32", "device": "auto"},
-            {"profiler": (1, 0)},
         ),
     ]
     geometry = {"width": width, "height": height, "length": frames}
@@ -157,11 +162,11 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 7,
                 "WanBenchImageToVideo",
                 geometry,
-                {"vae": (5, 0), "start_image": (6, 0), "profiler": (1, 0)},
+                {"vae": (4, 0), "start_image": (6, 0), "profiler": (1, 0)},
             )
         )
     else:
-        nodes.append(Node(7, "WanBenchEmptyLatent", geometry, {"vae": (5, 0), "profiler": (1, 0)}))
+        nodes.append(Node(7, "WanBenchEmptyLatent", geometry, {"vae": (4, 0), "profiler": (1, 0)}))
     g_low, g_high = sampler.guide_scale
     nodes += [
         Node(
@@ -179,10 +184,10 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "placement": "none" if spec.tiny or not task.is_moe else "model",
                 "resident_blocks": 0,
             },
-            {"model": (2, 0), "text_embeds": (4, 0), "latent": (7, 0), "profiler": (1, 0)},
+            {"model": (2, 0), "text_embeds": (5, 0), "latent": (7, 0), "profiler": (1, 0)},
         ),
         Node(
-            9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (5, 0), "latent": (8, 0), "profiler": (1, 0)}
+            9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (4, 0), "latent": (8, 0), "profiler": (1, 0)}
         ),
         Node(
             10,
@@ -395,7 +400,7 @@ def write_all(target: Path = WORKFLOWS_DIR) -> list[Path]:
     for rel, content in build_all().items():
         path = target / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(content), encoding="utf-8")
+        atomic_write_text(path, render(content))
         written.append(path)
     return written
 
