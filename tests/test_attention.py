@@ -76,15 +76,20 @@ def test_supports_gives_reasons_on_cpu() -> None:
     assert {"sdpa", "auto"} <= set(available_backends())
 
 
-def test_auto_picks_sdpa_on_cpu_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_picks_sdpa_on_cpu_and_logs_once(caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeated `auto` resolutions, directly and through `attention`, log the pick exactly once."""
     q, k, v = qkv()
-    assert resolve_backend("auto", q, k, v).name == "sdpa"
-    log = attn_mod._AutoPickLog()
+    monkeypatch.setattr(attn_mod, "_AUTO_LOG", attn_mod._AutoPickLog())  # as in a fresh process
     with caplog.at_level(logging.INFO, logger=attn_mod.__name__):
-        log.note("sdpa", "cpu")
-        log.note("sdpa", "cpu")
-    assert sum("picked 'sdpa'" in r.getMessage() for r in caplog.records) == 1
-    torch.testing.assert_close(attention(q, k, v, backend="auto"), attention(q, k, v))
+        for _ in range(3):
+            assert resolve_backend("auto", q, k, v).name == "sdpa"
+            auto = attention(q, k, v, backend="auto")
+        resolve_backend("auto", q[:1], k[:1], v[:1], k_lens=torch.tensor([2]))
+    picks = [r for r in caplog.records if r.name == attn_mod.__name__ and "'auto' picked" in r.getMessage()]
+    assert len(picks) == 1, [r.getMessage() for r in picks]
+    assert "picked 'sdpa'" in picks[0].getMessage() and picks[0].levelno == logging.INFO
+    torch.testing.assert_close(auto, attention(q, k, v))
 
 
 def test_bad_shapes_are_rejected() -> None:

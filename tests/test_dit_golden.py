@@ -12,14 +12,13 @@ from dataclasses import fields
 
 import pytest
 import torch
-from conftest import assert_close_manifest, golden_dir, manifest_fixtures
+from conftest import assert_close_manifest, fixture_params, golden_dir
 from safetensors.torch import load_file
 from wanbench.wan_core.config import DiTConfig
 from wanbench.wan_core.dit import WanDiT, sinusoidal_embedding
 from wanbench.wan_core.rope import apply_rope
 
-FIXTURES = manifest_fixtures(kind_prefix="dit_forward")
-IDS = [f["name"] for f in FIXTURES]
+FIXTURES = fixture_params(kind_prefix="dit_forward")
 
 
 def config_from_manifest(raw: dict) -> DiTConfig:
@@ -53,7 +52,7 @@ def run_case(model: WanDiT, io: dict[str, torch.Tensor], k: int) -> torch.Tensor
         return model(io[p + "x"], io[p + "t"], context, seq_len=int(io[p + "seq_len"]), y=io.get(p + "y"))
 
 
-@pytest.mark.parametrize("fixture", FIXTURES, ids=IDS)
+@pytest.mark.parametrize("fixture", FIXTURES)
 def test_dit_forward_matches_official(fixture: dict) -> None:
     model, io = build_model(fixture)
     tol = fixture["tolerance"]
@@ -65,7 +64,7 @@ def test_dit_forward_matches_official(fixture: dict) -> None:
                               what=f"{fixture['name']} case {k}")
 
 
-@pytest.mark.parametrize("fixture", FIXTURES, ids=IDS)
+@pytest.mark.parametrize("fixture", FIXTURES)
 def test_dit_padded_context_tensor_equals_list(fixture: dict) -> None:
     """The padded (B, S, text_dim) form with context_lens gives the same output as the list form."""
     model, io = build_model(fixture)
@@ -77,7 +76,7 @@ def test_dit_padded_context_tensor_equals_list(fixture: dict) -> None:
     torch.testing.assert_close(padded, run_case(model, io, k), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("fixture", FIXTURES, ids=IDS)
+@pytest.mark.parametrize("fixture", FIXTURES)
 def test_dit_intermediates_match_official(fixture: dict) -> None:
     model, io = build_model(fixture)
     cfg = model.config
@@ -128,7 +127,7 @@ def test_dit_intermediates_match_official(fixture: dict) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fixture", FIXTURES, ids=IDS)
+@pytest.mark.parametrize("fixture", FIXTURES)
 def test_dit_forward_matches_official_on_cuda(fixture: dict) -> None:
     """Same check on CUDA in float32 with TF32 off (cuDNN's TF32 convolutions differ by ~1e-4)."""
     if not torch.cuda.is_available():

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import golden_dir, manifest_fixtures
+from conftest import fixture_params, golden_dir
 from safetensors.torch import load_file
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.dit import WanDiT, sinusoidal_embedding
 from wanbench.wan_core.rope import RopeCache, apply_rope, apply_rope_fp64, rope_split, rope_table
 
-OPS = manifest_fixtures(kind_prefix="ops", name_prefix="dit_ops")
-OPS_IDS = [f["name"] for f in OPS]
+OPS = fixture_params(kind_prefix="ops", name_prefix="dit_ops")
 
 
 def ops_tensors(fixture: dict) -> dict[str, torch.Tensor]:
@@ -27,7 +28,7 @@ def max_err_bound(got: torch.Tensor, exp: torch.Tensor, atol: float, rtol: float
     return err, atol + rtol * exp.double().abs().max().item()
 
 
-@pytest.mark.parametrize("fixture", OPS, ids=OPS_IDS)
+@pytest.mark.parametrize("fixture", OPS)
 def test_sinusoid_matches_official(fixture: dict) -> None:
     d = ops_tensors(fixture)
     got = sinusoidal_embedding(fixture["config"]["freq_dim"], d["sinusoidal.positions"])
@@ -35,7 +36,7 @@ def test_sinusoid_matches_official(fixture: dict) -> None:
     assert (got - d["sinusoidal.expected"]).abs().max().item() <= atol
 
 
-@pytest.mark.parametrize("fixture", OPS, ids=OPS_IDS)
+@pytest.mark.parametrize("fixture", OPS)
 def test_rope_tables_match_official(fixture: dict) -> None:
     d = ops_tensors(fixture)
     cfg = fixture["config"]
@@ -48,7 +49,7 @@ def test_rope_tables_match_official(fixture: dict) -> None:
         assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
 
 
-@pytest.mark.parametrize("fixture", OPS, ids=OPS_IDS)
+@pytest.mark.parametrize("fixture", OPS)
 def test_rope_application_matches_official(fixture: dict) -> None:
     """Both the float64 reference and the float32-table path the model uses pass the fixture."""
     d = ops_tensors(fixture)
@@ -64,9 +65,20 @@ def test_rope_application_matches_official(fixture: dict) -> None:
     fast = torch.cat([apply_rope(x[b:b + 1], *cache.cos_sin(g, x.device)) for b, g in enumerate(grids)])
     err, bound = max_err_bound(fast, exp, tol["atol"], tol["rtol"])
     assert err <= bound, f"fp32 rope: {err:.3e} > {bound:.3e}"
-    num_true = grids[0][0] * grids[0][1] * grids[0][2]
-    assert torch.equal(fast[:, num_true:], x[:, num_true:]), "rows beyond the grid must pass through"
+    for b, (f, h, w) in enumerate(grids):  # each sample's own grid: samples may differ
+        num_true = f * h * w
+        assert torch.equal(fast[b, num_true:], x[b, num_true:]), f"sample {b}: rows beyond its grid must pass through"
     assert fast.dtype == torch.float32
+
+
+def test_rope_application_check_is_per_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixture whose samples have different grids (other token counts) passes the check above."""
+    grids = [(1, 2, 5), (2, 3, 4), (3, 2, 2)]  # 10, 24 and 12 tokens; sample 0 has the fewest
+    x = torch.randn(len(grids), 26, 2, 16, generator=torch.Generator().manual_seed(5))
+    tensors = {"rope.x": x, "rope.expected": apply_rope_fp64(x, grids), "rope.grid_sizes": torch.tensor(grids)}
+    fixture = {"config": {"head_dim": 16, "rope_theta": 10000}, "tolerance": {"rope": {"atol": 1e-5, "rtol": 1e-5}}}
+    monkeypatch.setattr(sys.modules[__name__], "ops_tensors", lambda _: tensors)
+    test_rope_application_matches_official(fixture)
 
 
 def test_rope_output_is_float32_for_bf16_input() -> None:

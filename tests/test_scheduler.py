@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_manifest, golden_dir, load_manifest, manifest_fixtures
+from conftest import assert_close_manifest, golden_dir, golden_params, load_manifest, manifest_fixtures
 from safetensors.torch import load_file
 from wanbench.wan_core.schedulers import FlowSchedule, UniPCScheduler, make_schedule, make_scheduler
 
@@ -19,7 +19,11 @@ def _scheduler_pairs() -> list[dict]:
     return pairs
 
 
-@pytest.mark.parametrize("pair", _scheduler_pairs(), ids=lambda p: f"{p['fixture']}:{p['key']}")
+SCHEDULER_PAIRS = golden_params(lambda: [pytest.param(p, id=f"{p['fixture']}:{p['key']}") for p in _scheduler_pairs()],
+                                fail_id="golden-missing-scheduler")
+
+
+@pytest.mark.parametrize("pair", SCHEDULER_PAIRS)
 def test_scheduler_golden(pair: dict) -> None:
     manifest = load_manifest()
     fixture = next(f for f in manifest["fixtures"] if f["name"] == pair["fixture"])
@@ -40,8 +44,7 @@ def test_scheduler_golden(pair: dict) -> None:
 
 
 def test_scheduler_fixture_is_listed() -> None:
-    if not (golden_dir() / "MANIFEST.json").is_file():
-        pytest.skip("no golden manifest")
+    load_manifest()  # a missing manifest fails here with the folder and WANBENCH_GOLDEN_DIR
     assert len(_scheduler_pairs()) >= 2
 
 

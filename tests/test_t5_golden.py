@@ -11,14 +11,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import assert_close_manifest, golden_dir, manifest_fixtures
+from conftest import assert_close_manifest, fixture_params, golden_dir, golden_params, manifest_fixtures
 from safetensors.torch import load_file
 from wanbench.wan_core.t5 import UMT5Encoder, detect_t5_config, read_t5_state_dict, relative_position_bucket
 
-T5_FIXTURES = manifest_fixtures(kind_prefix="umt5_encoder")
-BUCKET_FIXTURES = [f for f in manifest_fixtures(kind_prefix="ops")
-                   if any(t["name"].startswith("t5_bucket.")
-                          for file in f["files"] for t in file.get("tensors", []))]
+T5_FIXTURES = fixture_params(kind_prefix="umt5_encoder")
+BUCKET_FIXTURES = golden_params(
+    lambda: [pytest.param(f, id=f["name"]) for f in manifest_fixtures(kind_prefix="ops")
+             if any(t["name"].startswith("t5_bucket.") for file in f["files"] for t in file.get("tensors", []))],
+    fail_id="golden-missing-t5_bucket")
 
 
 def _file_with_role(fixture: dict, role: str) -> str:
@@ -54,7 +55,7 @@ def _assert_valid_rows(got: torch.Tensor, exp: torch.Tensor, seq_lens: torch.Ten
                               what=f"{fixture['name']} {what} sample {b}")
 
 
-@pytest.mark.parametrize("fixture", T5_FIXTURES, ids=[f["name"] for f in T5_FIXTURES])
+@pytest.mark.parametrize("fixture", T5_FIXTURES)
 def test_encoder_output_matches_golden(fixture: dict) -> None:
     encoder, io = _load_encoder(fixture)
     assert io["seq_lens"].tolist() == io["mask"].sum(1).tolist()
@@ -63,7 +64,7 @@ def test_encoder_output_matches_golden(fixture: dict) -> None:
     _assert_valid_rows(out, io["expected.out"], io["seq_lens"], fixture, "expected.out")
 
 
-@pytest.mark.parametrize("fixture", T5_FIXTURES, ids=[f["name"] for f in T5_FIXTURES])
+@pytest.mark.parametrize("fixture", T5_FIXTURES)
 def test_encoder_intermediates_match_golden(fixture: dict) -> None:
     encoder, io = _load_encoder(fixture)
     inter = {k: v for k, v in io.items() if k.startswith("inter.")}
@@ -80,7 +81,7 @@ def test_encoder_intermediates_match_golden(fixture: dict) -> None:
     assert checked == sum(1 for k in inter if k.count(".") == 1 and k.startswith("inter.block"))
 
 
-@pytest.mark.parametrize("fixture", T5_FIXTURES, ids=[f["name"] for f in T5_FIXTURES])
+@pytest.mark.parametrize("fixture", T5_FIXTURES)
 def test_layer0_bias_by_offset_matches_golden(fixture: dict) -> None:
     encoder, io = _load_encoder(fixture)
     exp = io["inter.block0.pos_bias_by_relpos"]  # (N, 2L-1), column r + L - 1 for offset r = key - query
@@ -93,7 +94,7 @@ def test_layer0_bias_by_offset_matches_golden(fixture: dict) -> None:
     assert_close_manifest(by_offset, exp, atol=tol["atol"], rtol=tol["rtol"], what="block0 bias by offset")
 
 
-@pytest.mark.parametrize("fixture", BUCKET_FIXTURES, ids=[f["name"] for f in BUCKET_FIXTURES])
+@pytest.mark.parametrize("fixture", BUCKET_FIXTURES)
 def test_bucket_map_matches_golden_exactly(fixture: dict) -> None:
     tensors = load_file(str(golden_dir() / fixture["files"][0]["file"]))
     rel = tensors["t5_bucket.rel_pos"]

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import golden_dir, manifest_fixtures
+from conftest import fixture_params, golden_dir
 from safetensors.torch import load_file, save_file
 from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, UMT5Config
 from wanbench.wan_core.tokenizer import SPIECE_TENSOR_KEY, WanTokenizer, clean_text, train_tiny_spiece
 
-TOKENIZER_FIXTURES = manifest_fixtures(kind_prefix="tokenizer")
-FIXTURE_IDS = [f["name"] for f in TOKENIZER_FIXTURES]
+TOKENIZER_FIXTURES = fixture_params(kind_prefix="tokenizer")
 
 
 def _spiece_path(fixture: dict) -> Path:
@@ -32,14 +31,14 @@ def tiny_spiece() -> bytes:
     return train_tiny_spiece(UMT5Config().tiny().vocab_size)
 
 
-@pytest.mark.parametrize("fixture", TOKENIZER_FIXTURES, ids=FIXTURE_IDS)
+@pytest.mark.parametrize("fixture", TOKENIZER_FIXTURES)
 def test_cleaning_matches_golden(fixture: dict) -> None:
     assert len(fixture["texts"]) == len(fixture["cleaned_texts"])
     for text, cleaned in zip(fixture["texts"], fixture["cleaned_texts"], strict=True):
         assert clean_text(text) == cleaned
 
 
-@pytest.mark.parametrize("fixture", TOKENIZER_FIXTURES, ids=FIXTURE_IDS)
+@pytest.mark.parametrize("fixture", TOKENIZER_FIXTURES)
 def test_raw_pieces_match_golden(fixture: dict) -> None:
     tokenizer = WanTokenizer.from_path(_spiece_path(fixture))
     assert tokenizer.vocab_size == fixture["config"]["spm_vocab_size"]
@@ -48,7 +47,7 @@ def test_raw_pieces_match_golden(fixture: dict) -> None:
         assert tokenizer.encode_pieces(text) == raw
 
 
-@pytest.mark.parametrize("fixture", TOKENIZER_FIXTURES, ids=FIXTURE_IDS)
+@pytest.mark.parametrize("fixture", TOKENIZER_FIXTURES)
 @pytest.mark.parametrize("source", ["folder", "file", "bytes"])
 def test_ids_and_mask_match_golden(fixture: dict, source: str, caplog: pytest.LogCaptureFixture) -> None:
     expected = _expected(fixture)

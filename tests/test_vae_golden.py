@@ -9,13 +9,12 @@ are named `<case>.<what>`: `.video` + `.mu` (encode), `.latent` (normalised), `.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 
 import pytest
 import torch
-from conftest import golden_dir, load_manifest
+from conftest import golden_dir, golden_params, load_manifest, read_manifest
 from safetensors.torch import load_file
 from wanbench.wan_core.latents import denormalize_latent, normalize_latent
 from wanbench.wan_core.vae import load_vae
@@ -25,18 +24,19 @@ MANIFEST = "MANIFEST_VAE.json"
 
 
 def _cases() -> list[tuple[str, str]]:
-    path = golden_dir() / MANIFEST
-    if not path.is_file():
-        return []
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    """(vae, case) of every case listed in the manifest; raises `GoldenSetError` if it is missing."""
     out = []
-    for vae_name, vae in manifest["vaes"].items():
+    for vae_name, vae in read_manifest(MANIFEST).get("vaes", {}).items():
         for case in dict.fromkeys(name.split(".", 1)[0] for name in vae["tensors"]):
             out.append((vae_name, case))
     return out
 
 
-CASES = _cases()
+# An empty or missing manifest gives one failing parameter (folder and WANBENCH_GOLDEN_DIR named).
+VAE_PARAMS = golden_params(lambda: [pytest.param(n, id=n) for n in dict.fromkeys(n for n, _ in _cases())],
+                           fail_id="golden-missing-vae")
+CASE_PARAMS = golden_params(lambda: [pytest.param(n, c, id=f"{n}-{c}") for n, c in _cases()],
+                            fail_id="golden-missing-vae-cases", num_args=2)
 _MODELS: dict[str, object] = {}
 
 
@@ -62,8 +62,7 @@ def _assert_allclose(got: torch.Tensor, exp: torch.Tensor, what: str) -> None:
     assert worst <= 0, f"{what}: max abs error {err.max().item():.3e} exceeds atol+rtol*|golden| somewhere"
 
 
-@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
-@pytest.mark.parametrize("name", sorted({n for n, _ in CASES}) or ["none"])
+@pytest.mark.parametrize("name", VAE_PARAMS)
 def test_config_detected_from_weights(name: str) -> None:
     entry = load_manifest(MANIFEST)["vaes"][name]
     cfg = _vae(name).config
@@ -84,8 +83,7 @@ def test_config_detected_from_weights(name: str) -> None:
         assert list(model.state_dict()[key].shape) == shape, key
 
 
-@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
-@pytest.mark.parametrize(("name", "case"), CASES or [("none", "none")])
+@pytest.mark.parametrize(("name", "case"), CASE_PARAMS)
 def test_golden_case(name: str, case: str) -> None:
     vae = _vae(name)
     cfg = vae.config
@@ -118,26 +116,25 @@ def test_golden_case(name: str, case: str) -> None:
     assert checked, f"{name}/{case}: no encode or decode tensors recognised in {sorted(t)}"
 
 
-@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
 def test_manifest_files_listed() -> None:
     manifest = load_manifest(MANIFEST)
+    assert manifest.get("vaes"), f"{MANIFEST} in {golden_dir()} lists no VAE (check WANBENCH_GOLDEN_DIR)"
     for vae in manifest["vaes"].values():
         for key in ("weights_file", "cases_file"):
             assert (golden_dir() / vae[key]).is_file(), vae[key]
     groups: dict[str, set[str]] = defaultdict(set)
-    for name, case in CASES:
+    for name, case in _cases():
         groups[name].add(case)
     assert all(groups.values())
 
 
-@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
-@pytest.mark.parametrize("name", sorted({n for n, _ in CASES}) or ["none"])
+@pytest.mark.parametrize("name", VAE_PARAMS)
 def test_bf16_smoke(name: str) -> None:
     """bf16 weights and activations (norms in fp32) against the fp32 golden: relative L2 only."""
     manifest = load_manifest(MANIFEST)
     entry = manifest["vaes"][name]
     bound = manifest["tolerance"]["bf16_smoke"]["rel_l2"]
-    decode_cases = [c for n, c in CASES if n == name and f"{c}.video_raw" in entry["tensors"]]
+    decode_cases = [c for n, c in _cases() if n == name and f"{c}.video_raw" in entry["tensors"]]
     if not decode_cases:
         pytest.skip(f"{name}: this fixture set has no decode case (no `<case>.video_raw` tensor)")
     vae = load_vae(golden_dir() / entry["weights_file"], dtype=torch.bfloat16)
@@ -152,8 +149,7 @@ def test_bf16_smoke(name: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.skipif(not CASES, reason="MANIFEST_VAE.json not found (set WANBENCH_GOLDEN_DIR)")
-@pytest.mark.parametrize(("name", "case"), CASES or [("none", "none")])
+@pytest.mark.parametrize(("name", "case"), CASE_PARAMS)
 def test_golden_case_cuda(name: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same parity on CUDA in float32 with TF32 off (the manifest's comparison rule)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

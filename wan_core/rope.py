@@ -7,9 +7,9 @@ The head dim `Dh` is split into three groups of real channels for the (f, h, w) 
 
 Two ways to apply it, equal within ~1e-7 relative (measured in the golden tests):
 - `apply_rope_fp64`: the reference, all arithmetic in float64 as the official code does.
-- `RopeCache` + `apply_rope`: cos/sin tables computed in float64 once per (grid, device) and stored
-  in float32, laid out per channel (cos repeated for both channels of a pair, sin with the sign of
-  each channel) so that the rotation is `x * cos + swap_pairs(x) * sin`: three float32 kernels.
+- `RopeCache.cos_sin` + `apply_rope`: cos/sin computed in float64 once per (grid, device), stored
+  in float32 and laid out per channel on request (cos repeated for both channels of a pair, sin with
+  the sign of each channel) so that the rotation is `x * cos + swap_pairs(x) * sin`: three kernels.
 - `RopeCache.freqs` + `apply_rope_complex`: the same rotation as one complex64 multiply per pair
   (`(x0 + i*x1) * (cos + i*sin)`), equal to `apply_rope` within float32 rounding (~1 ulp) and one
   kernel instead of three plus a copy. This is what `WanDiT` uses.
@@ -19,12 +19,14 @@ All return float32 (whatever the input dtype) and pass rows beyond the true toke
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 ROPE_THETA = 10000.0
+ROPE_CACHE_ENTRIES = 4  # grids kept per model: a run uses one; a server may alternate a few
 
 Grid = tuple[int, int, int]
 
@@ -75,59 +77,80 @@ def grid_angles(grid: Grid, head_dim: int, *, theta: float = ROPE_THETA) -> torc
 
 
 class RopeTables(NamedTuple):
-    """Everything `rotate` needs for one grid: the real tables and, optionally, the complex ones.
+    """The rotation of one grid, stored once: float32 (cos, sin) per pair and its complex64 view.
 
-    Shapes: cos, sin (L, 1, Dh) float32 (see `RopeCache.cos_sin`); freqs (L, 1, Dh/2) complex64 or None.
+    `rotate` multiplies by `freqs` in eager mode and expands `pairs` to the per-channel tables of
+    `apply_rope` (see `per_channel_cos_sin`) while torch.compile traces; no other copy is kept.
+    Shapes: pairs (L, 1, Dh/2, 2) float32; freqs (L, 1, Dh/2) complex64 sharing the memory of pairs.
     """
 
-    cos: torch.Tensor
-    sin: torch.Tensor
-    freqs: torch.Tensor | None = None
+    pairs: torch.Tensor
+    freqs: torch.Tensor
+
+
+def per_channel_cos_sin(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel tables for `apply_rope` from a (cos, sin) pair table (bit-equal to float64 -> float32).
+
+    Shapes: pairs (L, 1, Dh/2, 2) -> cos, sin, each (L, 1, Dh); for pair j, cos[..., 2j] = cos[..., 2j+1]
+    = cos(angle_j), sin[..., 2j] = -sin(angle_j), sin[..., 2j+1] = sin(angle_j).
+    """
+    cos, sin = pairs[..., 0], pairs[..., 1]  # (L, 1, Dh/2)
+    return (torch.stack((cos, cos), dim=-1).flatten(-2),
+            torch.stack((-sin, sin), dim=-1).flatten(-2))
 
 
 class RopeCache:
-    """float32 cos/sin tables per (grid, device), computed in float64. Owned by one model."""
+    """float32 rotation tables per (grid, device), computed in float64. Owned by one model.
 
-    def __init__(self, head_dim: int, *, theta: float = ROPE_THETA) -> None:
+    Holds at most `max_entries` grids (least recently used dropped first), so that a long-running
+    server that sees many sizes does not keep every table; one entry is one (L, Dh/2) complex64
+    table. The per-channel cos/sin tables of `cos_sin` are built from it only when asked for.
+    """
+
+    def __init__(self, head_dim: int, *, theta: float = ROPE_THETA,
+                 max_entries: int = ROPE_CACHE_ENTRIES) -> None:
         rope_split(head_dim)
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1; got {max_entries}")
         self.head_dim = head_dim
         self.theta = theta
-        self._tables: dict[tuple[Grid, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._freqs: dict[tuple[Grid, torch.device], torch.Tensor] = {}
+        self.max_entries = max_entries
+        self._tables: OrderedDict[tuple[Grid, torch.device], RopeTables] = OrderedDict()
 
-    def cos_sin(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel tables for `apply_rope`.
+    def __len__(self) -> int:
+        return len(self._tables)
 
-        Shapes: returns cos, sin, each (f*h*w, 1, head_dim) float32 on `device`; for pair j,
-        cos[..., 2j] = cos[..., 2j+1] = cos(angle_j), sin[..., 2j] = -sin(angle_j), sin[..., 2j+1] = sin(angle_j).
-        """
+    def tables(self, grid: Grid, device: torch.device) -> RopeTables:
+        """The rotation tables of one grid on `device`, for `rotate` (cached, LRU)."""
         key = (tuple(int(g) for g in grid), torch.device(device))
-        if key not in self._tables:
-            angles = grid_angles(key[0], self.head_dim, theta=self.theta)[:, None, :]  # (L, 1, Dh/2)
-            cos = torch.stack((angles.cos(), angles.cos()), dim=-1).flatten(-2)
-            sin = torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2)
-            self._tables[key] = (cos.float().to(device), sin.float().to(device))
-        return self._tables[key]
+        found = self._tables.get(key)
+        if found is not None:
+            self._tables.move_to_end(key)
+            return found
+        angles = grid_angles(key[0], self.head_dim, theta=self.theta)[:, None, :]  # (L, 1, Dh/2)
+        pairs = torch.stack((angles.cos(), angles.sin()), dim=-1).float().to(device)  # (L, 1, Dh/2, 2)
+        found = RopeTables(pairs, torch.view_as_complex(pairs))
+        self._tables[key] = found
+        while len(self._tables) > self.max_entries:
+            self._tables.popitem(last=False)
+        return found
 
     def freqs(self, grid: Grid, device: torch.device) -> torch.Tensor:
         """Unit complex rotations `exp(i*angle_j)` per token and pair for `apply_rope_complex`.
 
         Shapes: returns (f*h*w, 1, head_dim // 2) complex64 on `device` (angles and cos/sin in float64).
         """
-        key = (tuple(int(g) for g in grid), torch.device(device))
-        if key not in self._freqs:
-            angles = grid_angles(key[0], self.head_dim, theta=self.theta)[:, None, :]  # (L, 1, Dh/2)
-            rot = torch.complex(angles.cos().float(), angles.sin().float())
-            self._freqs[key] = rot.to(device)
-        return self._freqs[key]
+        return self.tables(grid, device).freqs
 
-    def tables(self, grid: Grid, device: torch.device) -> RopeTables:
-        """`cos_sin` and `freqs` of one grid together, for `rotate`."""
-        return RopeTables(*self.cos_sin(grid, device), self.freqs(grid, device))
+    def cos_sin(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel tables for `apply_rope`, built on each call from the cached pair table.
+
+        Shapes: returns cos, sin, each (f*h*w, 1, head_dim) float32 on `device` (see `per_channel_cos_sin`).
+        """
+        return per_channel_cos_sin(self.tables(grid, device).pairs)
 
     def clear(self) -> None:
         self._tables.clear()
-        self._freqs.clear()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -169,18 +192,20 @@ def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor, *, inplace: bool = 
 
 def rotate(x: torch.Tensor, rope: RopeTables | tuple[torch.Tensor, torch.Tensor], *,
            inplace: bool = False) -> torch.Tensor:
-    """Apply RoPE with the fastest available form: the complex multiply in eager mode when
-    `rope.freqs` is present, the real form (`apply_rope`) otherwise and while torch.compile traces
-    (Inductor fuses the real form; complex tensors are not supported by every compiler backend).
+    """Apply RoPE with the fastest available form: the complex multiply of `RopeTables.freqs` in
+    eager mode; the real form (`apply_rope`) for a (cos, sin) tuple and while torch.compile traces
+    (Inductor fuses the real form, including the expansion of `RopeTables.pairs`; complex tensors
+    are not supported by every compiler backend).
 
     `inplace=True` lets the complex form overwrite x (see `apply_rope_complex`).
 
     Shapes: x (B, L, N, Dh), rope tables of L_true <= L rows -> (B, L, N, Dh) float32.
     """
-    freqs = rope.freqs if isinstance(rope, RopeTables) else None
-    if freqs is not None and not torch.compiler.is_compiling():
-        return apply_rope_complex(x, freqs, inplace=inplace)
-    return apply_rope(x, rope[0], rope[1])
+    if not isinstance(rope, RopeTables):
+        return apply_rope(x, rope[0], rope[1])
+    if not torch.compiler.is_compiling():
+        return apply_rope_complex(x, rope.freqs, inplace=inplace)
+    return apply_rope(x, *per_channel_cos_sin(rope.pairs))
 
 
 def apply_rope_fp64(x: torch.Tensor, grid_sizes: Sequence[Grid], *,

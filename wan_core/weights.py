@@ -3,11 +3,12 @@
 The first half is generic and used by every component (DiT, text encoder, VAE):
 `read_state_dict` reads `.safetensors` (memory-mapped, one tensor at a time), sharded safetensors
 (an `*.index.json` or a folder of shards), and `.pth`/`.pt` pickles through
-`torch.load(weights_only=True, mmap=True)`; it strips prefixes and dequantises ComfyUI's
+`torch.load(weights_only=True, mmap=True)` (legacy non-zip files with `mmap=False`, still tensors
+only); it strips prefixes and dequantises ComfyUI's
 fp8 "scaled" files. `write_safetensors` writes atomically (temp file, then `os.replace`).
 
-The second half is the DiT: `detect_dit_config`, `load_dit`, `load_experts`, `save_dit` and the
-official <-> diffusers key map (spec section 3.10).
+The second half is the DiT: `detect_dit_config`, `read_dit_config` (from headers, no tensor data),
+`load_dit`, `load_experts`, `save_dit` and the official <-> diffusers key map (spec section 3.10).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 NUM_HEADS_METADATA_KEY = "wanbench.num_heads"
 OFFICIAL_CONFIG_NAME = "config.json"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+LEGACY_PICKLE_START = b"\x80"  # pickle protocol opcode: the legacy torch.save format
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,13 +170,26 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A tensors-only `torch.save` file: the zip format memory-mapped, the legacy format read whole."""
+    with open(file, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    is_legacy = head[:1] == LEGACY_PICKLE_START  # torch.save(..., _use_new_zipfile_serialization=False)
+    if head != ZIP_MAGIC and not is_legacy:
+        raise CheckpointError(f"file is truncated or corrupt: {file} is not a torch.save file (starts with "
+                              f"{head!r}; expected a zip archive {ZIP_MAGIC!r} or a legacy pickle "
+                              f"{LEGACY_PICKLE_START!r}); re-download it")
     try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=not is_legacy)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{file} holds Python objects other than tensors, which are refused for "
                               f"safety (torch.load weights_only=True: {str(e).splitlines()[0]}); "
                               "convert it to .safetensors or use a tensors-only file") from e
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, IndexError) as e:  # a truncated legacy file gives IndexError
+        if is_legacy:
+            raise CheckpointError(f"{file} is a legacy (non-zip, `_use_new_zipfile_serialization=False`) "
+                                  f"torch.save file that could not be read ({type(e).__name__}: {e}); it is "
+                                  "truncated or corrupt: re-download it, or re-save it with a current "
+                                  "torch.save or as .safetensors") from e
         raise _corrupt(file, e) from e
     if isinstance(obj, Mapping):
         for nested in ("state_dict", "model", "module"):
@@ -282,6 +298,9 @@ OFFICIAL_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_FILE_NAME = "diffusion_pytorch_model.safetensors"
 NUM_OFFICIAL_SHARDS = 2
 HEAD_DIM_OF_RELEASED_MODELS = 128
+# Key fragments of Wan2.1 I2V's image conditioning, official names and diffusers names.
+WAN21_IMAGE_KEY_MARKERS = ("img_emb.", ".k_img.", ".v_img.", "norm_k_img", "image_embedder.", ".add_k_proj.",
+                           ".add_v_proj.")
 
 # Official -> diffusers names outside the blocks (prefix match) and inside `blocks.N.`.
 _TOP_LEVEL_TO_DIFFUSERS = (
@@ -359,7 +378,10 @@ def detect_dit_config(sd: Mapping[str, torch.Tensor], *, num_heads: int | None =
 
     `extra` holds config values read beside the weights (official `config.json`, or the
     `wanbench.dit_config` metadata that `save_dit` writes); they must agree with the shapes.
+    A Wan2.1 I2V file (image-conditioning keys, `WAN21_IMAGE_KEY_MARKERS`) and a detected config
+    that `DiTConfig` rejects raise `CheckpointError`.
     """
+    _reject_wan21_i2v(sd)
     missing = [k for k in DIT_REQUIRED_KEYS if k not in sd]
     if missing:
         found = sorted(sd)[:6]
@@ -383,13 +405,21 @@ def detect_dit_config(sd: Mapping[str, torch.Tensor], *, num_heads: int | None =
                               f"in_dim {in_dim} / out_dim {out_dim}, which is {model_type!r}")
     heads = num_heads or extra.get("num_heads") or _default_num_heads(dim)
     layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
-    cfg = DiTConfig(
+    detected = dict(
         model_type=model_type, patch_size=patch_size, in_dim=in_dim, dim=dim, out_dim=out_dim,
         ffn_dim=int(sd["blocks.0.ffn.0.weight"].shape[0]),
         freq_dim=int(sd["time_embedding.0.weight"].shape[1]),
         text_dim=int(sd["text_embedding.0.weight"].shape[1]), num_heads=int(heads), num_layers=len(layers),
         text_len=int(extra.get("text_len", 512)), eps=float(extra.get("eps", 1e-6)),
     )
+    try:
+        cfg = DiTConfig(**detected)
+    except ValueError as e:
+        source = ("the num_heads argument" if num_heads else "config.json / file metadata"
+                  if "num_heads" in extra else "dim // 128")
+        raise CheckpointError(f"the weights give an invalid DiT config: {e}. Detected {detected} "
+                              f"(num_heads from {source}); pass num_heads=... that divides dim {dim} into an "
+                              "even head dim >= 6, or fix the checkpoint's config") from e
     for name in ("dim", "in_dim", "out_dim", "ffn_dim", "freq_dim", "num_layers"):
         if name in extra and int(extra[name]) != getattr(cfg, name):
             raise CheckpointError(f"config says {name}={extra[name]} but the weights give "
@@ -398,6 +428,20 @@ def detect_dit_config(sd: Mapping[str, torch.Tensor], *, num_heads: int | None =
         raise CheckpointError(f"block indices are not contiguous from 0: {sorted(layers)}; "
                               "the file is incomplete")
     return cfg
+
+
+def _reject_wan21_i2v(sd: Mapping[str, torch.Tensor]) -> None:
+    """Wan2.1 I2V/FLF2V DiTs add CLIP image conditioning (`img_emb.*`, `cross_attn.k_img/v_img`);
+    Wan2.2 has none. Their other keys are Wan2.2 names, so without this check they would fail later
+    as "unexpected keys"."""
+    found = [k for k in sd if any(marker in k for marker in WAN21_IMAGE_KEY_MARKERS)]
+    if found:
+        raise CheckpointError(
+            f"this is a Wan2.1 image-to-video DiT (CLIP image-conditioning keys such as {sorted(found)[:3]}); "
+            "this pack runs Wan2.2 models only. For image-to-video use the Wan2.2 I2V-A14B experts "
+            "(ComfyUI: wan2.2_i2v_high_noise_14B_*.safetensors + wan2.2_i2v_low_noise_14B_*.safetensors; "
+            "official: Wan2.2-I2V-A14B/high_noise_model + low_noise_model) or Wan2.2 TI2V-5B "
+            "(wan2.2_ti2v_5B_*.safetensors)")
 
 
 def _model_type_from_channels(in_dim: int, out_dim: int) -> str:
@@ -420,7 +464,7 @@ def _extra_config(path: Path) -> dict[str, object]:
     """Config values stored beside the weights: config.json of a folder/index, or file metadata."""
     folder = path if path.is_dir() else path.parent if path.name.endswith(".index.json") else None
     if folder is not None and (folder / OFFICIAL_CONFIG_NAME).is_file():
-        raw = json.loads((folder / OFFICIAL_CONFIG_NAME).read_text(encoding="utf-8"))
+        raw = _read_config_json(folder / OFFICIAL_CONFIG_NAME)
         if "num_attention_heads" in raw:  # diffusers config.json
             names = {"num_attention_heads": "num_heads", "num_layers": "num_layers", "eps": "eps",
                      "ffn_dim": "ffn_dim", "freq_dim": "freq_dim", "in_channels": "in_dim",
@@ -431,10 +475,27 @@ def _extra_config(path: Path) -> dict[str, object]:
     if path.is_file() and path.suffix == ".safetensors":
         meta = read_safetensors_metadata(path)
         if DIT_CONFIG_METADATA_KEY in meta:
-            return json.loads(meta[DIT_CONFIG_METADATA_KEY])
+            try:
+                return dict(json.loads(meta[DIT_CONFIG_METADATA_KEY]))
+            except (json.JSONDecodeError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: the '{DIT_CONFIG_METADATA_KEY}' metadata is not a JSON object "
+                                      f"({e}); re-save the file with save_dit or re-download it") from e
         if NUM_HEADS_METADATA_KEY in meta:
             return {"num_heads": int(meta[NUM_HEADS_METADATA_KEY])}
     return {}
+
+
+def _read_config_json(file: Path) -> dict[str, object]:
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); re-download the checkpoint's config.json, "
+                              "or delete it to detect the config from the weights (then pass num_heads=... "
+                              "if it cannot be told from the shapes)") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, expected an object of config "
+                              "values such as {\"dim\": 5120, \"num_heads\": 40}; re-download it")
+    return raw
 
 
 def _config_json(cfg: DiTConfig) -> dict[str, object]:
@@ -454,6 +515,33 @@ def read_dit_state_dict(path: PathLike | Sequence[PathLike], *, dtype: torch.dty
         sd = dit_from_diffusers(sd)
     first = Path(path) if isinstance(path, (str, os.PathLike)) else Path(path[0])
     return sd, detect_dit_config(sd, num_heads=num_heads, extra=_extra_config(first))
+
+
+def read_dit_config(path: PathLike | Sequence[PathLike], *, num_heads: int | None = None) -> DiTConfig:
+    """The detected config of a DiT file or folder from its key names and shapes, reading no tensor data.
+
+    safetensors headers give the shapes; `.pth` files are memory-mapped (legacy ones are read).
+    """
+    sd = _strip_prefixes({k: v for f in _resolve_files(path) for k, v in _read_shapes(f).items()},
+                         (COMFY_DIT_PREFIX,))
+    sd = {k: v for k, v in sd.items() if k != FP8_MARKER and not k.endswith((FP8_SCALE_SUFFIX, FP8_INPUT_SCALE_SUFFIX))}
+    if is_diffusers_dit(sd):
+        sd = dit_from_diffusers(sd)
+    first = Path(path) if isinstance(path, (str, os.PathLike)) else Path(path[0])
+    return detect_dit_config(sd, num_heads=num_heads, extra=_extra_config(first))
+
+
+def _read_shapes(file: Path) -> dict[str, torch.Tensor]:
+    """Meta tensors with the names and shapes of a file's tensors."""
+    if file.suffix != ".safetensors":
+        return {k: torch.empty(v.shape, device="meta") for k, v in _read_one_file(file).items()}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
+    except SafetensorError as e:
+        raise _corrupt(file, e) from e
 
 
 def load_dit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
@@ -485,18 +573,20 @@ def load_dit(path: PathLike | Sequence[PathLike], *, device: torch.device | str 
 
 def load_experts(high: PathLike, low: PathLike | None = None, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, num_heads: int | None = None) -> list[WanDiT]:
-    """One model (ti2v) or the high- and low-noise experts (A14B), checked to be of one task and size."""
-    models = [load_dit(high, device=device, dtype=dtype, num_heads=num_heads)]
-    if low is not None:
-        models.append(load_dit(low, device=device, dtype=dtype, num_heads=num_heads))
-        a, b = models[0].config, models[1].config
-        if a != b:
-            diff = {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in fields(a)
-                    if getattr(a, f.name) != getattr(b, f.name)}
-            raise CheckpointError(f"the two experts differ (high vs low): {diff}; expected the high- and "
-                                  f"low-noise models of one task (high is {a.model_type}, "
-                                  f"low is {b.model_type})")
-    return models
+    """One model (ti2v) or the high- and low-noise experts (A14B), checked to be of one task and size.
+
+    The check reads only key names and shapes (`read_dit_config`), so two mismatched 14B files fail
+    in a second instead of after both have been loaded.
+    """
+    paths = [high] if low is None else [high, low]
+    configs = [read_dit_config(p, num_heads=num_heads) for p in paths]
+    if len(configs) == 2 and configs[0] != configs[1]:
+        a, b = configs
+        diff = {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in fields(a)
+                if getattr(a, f.name) != getattr(b, f.name)}
+        raise CheckpointError(f"the two experts differ (high vs low): {diff}; expected the high- and "
+                              f"low-noise models of one task (high is {a.model_type}, low is {b.model_type})")
+    return [load_dit(p, device=device, dtype=dtype, num_heads=num_heads) for p in paths]
 
 
 def save_dit(state_dict_or_model: nn.Module | Mapping[str, torch.Tensor], path: PathLike, *,
