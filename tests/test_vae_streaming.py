@@ -199,3 +199,18 @@ def test_trace_stages_with_flops() -> None:
     assert enc["flops"] == vae_flops(model.config, "encode", (1, 3, 5, 8, 16)) > 0
     assert dec["flops"] == vae_flops(model.config, "decode", tuple(raw.shape)) > 0
     assert dec["output_shape"] == (1, 3, 5, 8, 16) and dec["tiling"] == "none"
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels"),
+    [((1, 8, 6, 24, 24), 8), ((1, 16, 3, 4, 4), 16), ((2, 8, 4, 5, 7), 4)],  # oneDNN / im2col / batch 2
+)
+def test_cpu_kernel_choice_equals_the_default_convolution(shape: tuple[int, ...], channels: int) -> None:
+    conv = CausalConv3d(shape[1], channels, 3, padding=1)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        got = conv(x)
+        padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 2, 0))
+        expected = torch.nn.functional.conv3d(padded, conv.weight, conv.bias, padding=(0, 1, 1))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.shape == expected.shape
