@@ -1,6 +1,7 @@
-"""Wan2.1 VAE decode: ours vs diffusers `AutoencoderKLWan` on identical weights, and peak memory vs tile.
+"""Wan2.1 / Wan2.2 VAE decode: ours vs diffusers `AutoencoderKLWan` on identical weights, and memory vs tile.
 
-Both decoders hold the same random real-width Wan2.1 weights (ours converted to diffusers names),
+For each VAE (`--vaes`) and video size (`--sizes`), both decoders hold the same random real-width
+weights (ours converted to diffusers names),
 decode the same latent, and are timed interleaved after a warm-up (medians over repeats). Ours runs
 twice: with the default per-frame decode (`chunk_frames=1`, one latent frame per decoder call, as
 the official code) and with `chunk_frames=None` (the whole clip in one call: more memory, fewer
@@ -12,7 +13,8 @@ our decode with `VAETiling(tile_size=N, overlap=...)` for each N of `--tiles` at
 size (`--sweep-frame-size`), so that the tiles actually cut it; their error against our untiled
 decode is recorded too.
 
-Run: `python -m bench.bench_vae [--size 32x32x5] [--sweep-frame-size 96x96x5] [--tiles 4 8 16]
+Run: `python -m bench.bench_vae [--vaes wan2.1 wan2.2] [--sizes 32x32x5 64x64x9] [--threads 1]
+[--sweep-frame-size 96x96x5] [--tiles 4 8 16]
 [--overlap 2]`.
 Writes bench/results/vae_decode.json.
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from wanbench.wan_core.config import WAN21_VAE, VAEConfig
+from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE, VAEConfig
 from wanbench.wan_core.vae import WanVAE, diffusers_config, to_diffusers, vae_flops
 from wanbench.wan_core.vae_tiling import VAETiling
 
@@ -112,9 +114,13 @@ def _rss_kib() -> int:
     raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
-def child_peak(impl: str, size: tuple[int, int, int], tile: int | None, overlap: int) -> dict[str, Any]:
+VAES = {"wan2.1": WAN21_VAE, "wan2.2": WAN22_VAE}
+
+
+def child_peak(impl: str, size: tuple[int, int, int], tile: int | None, overlap: int,
+               vae: str = "wan2.1") -> dict[str, Any]:
     """In a fresh process: highest resident set (sampled every 2 ms) minus the one before one decode."""
-    model = random_vae(WAN21_VAE)
+    model = random_vae(VAES[vae])
     latent = latent_for(model.config, size)
     run = decoder_fn(impl, model, latent, tile, overlap)
     gc.collect()
@@ -143,7 +149,8 @@ def child_peak(impl: str, size: tuple[int, int, int], tile: int | None, overlap:
     }
 
 
-def measure_peak(impl: str, size: tuple[int, int, int], tile: int | None, overlap: int) -> dict[str, Any]:
+def measure_peak(impl: str, size: tuple[int, int, int], tile: int | None, overlap: int,
+                 vae: str = "wan2.1") -> dict[str, Any]:
     cmd = [
         sys.executable,
         "-m",
@@ -154,6 +161,8 @@ def measure_peak(impl: str, size: tuple[int, int, int], tile: int | None, overla
         "x".join(map(str, size)),
         "--overlap",
         str(overlap),
+        "--vae",
+        vae,
     ] + (["--child-tile", str(tile)] if tile else [])
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -161,9 +170,47 @@ def measure_peak(impl: str, size: tuple[int, int, int], tile: int | None, overla
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def compare_at(model: WanVAE, size: tuple[int, int, int], *, repeats: int,
+               vae: str) -> tuple[list[dict[str, Any]], list[list[Any]], dict[str, float]]:
+    """Ours (frame by frame, and whole clip) vs diffusers at one video size, interleaved."""
+    latent = latent_for(model.config, size)
+    runs = {impl: decoder_fn(impl, model, latent, None, 0) for impl in IMPLS}
+    reference = runs["diffusers"]().clamp(-1, 1)
+    max_diffs = {impl: (runs[impl]() - reference).abs().max().item() for impl in IMPLS if impl != "diffusers"}
+    times = interleaved(runs, repeats=repeats, warmup=1)
+    flops = vae_flops(model.config, "decode", tuple(latent.shape))
+    theirs = summarize(times["diffusers"])["median_s"]
+    rows, results = [], []
+    for impl in IMPLS:
+        stats = summarize(times[impl])
+        memory = measure_peak(impl, size, None, 0, vae)
+        entry = {
+            "vae": vae,
+            "impl": impl,
+            "chunk_frames": None if impl == "ours-whole-clip" else 1,  # diffusers decodes frame by frame
+            "size": size,
+            "latent_shape": tuple(latent.shape),
+            "tile": None,
+            "times_s": times[impl],
+            **stats,
+            **memory,
+            "tflop": flops / 1e12,
+            "gflop_per_s": flops / stats["median_s"] / 1e9,
+            "speedup_vs_diffusers": theirs / stats["median_s"],
+        }
+        results.append(entry)
+        rows.append([vae, IMPL_LABELS[impl], "x".join(map(str, size)), "none", stats["median_s"],
+                     entry["speedup_vs_diffusers"], entry["gflop_per_s"], memory["peak_growth_gib"]])
+    return results, rows, max_diffs
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=parse_size, default=(32, 32, 5), help="ours vs diffusers: WxHxF")
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(32, 32, 5), (64, 64, 9)],
+                        help="ours vs diffusers at each video size WxHxF")
+    parser.add_argument("--size", type=parse_size, default=(32, 32, 5), help=argparse.SUPPRESS)  # child runs
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     parser.add_argument("--sweep-frame-size", "--tile-size", dest="sweep_frame_size", type=parse_size,
                         default=(96, 96, 5), help="video size (WxHxF) decoded in the tile sweep")
     parser.add_argument("--tiles", type=int, nargs="*", default=[4, 8, 16],
@@ -171,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--overlap", type=int, default=2, help="tile overlap in latent cells")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results-dir", type=Path, default=None, help="where vae_decode.json goes")
+    parser.add_argument("--vaes", nargs="+", choices=sorted(VAES), default=["wan2.1", "wan2.2"],
+                        help="VAEs compared with diffusers (the tile sweep uses wan2.1)")
+    parser.add_argument("--vae", choices=sorted(VAES), default="wan2.1", help=argparse.SUPPRESS)  # child runs
     parser.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--child-tile", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -178,43 +228,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if small:
         parser.error(f"every tile size must exceed --overlap ({args.overlap}); got {small} "
                      f"(e.g. --tiles 2 --overlap 1)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child_peak(args.child, args.size, args.child_tile, args.overlap)))  # noqa: T201
+        print(json.dumps(child_peak(args.child, args.size, args.child_tile, args.overlap, args.vae)))  # noqa: T201
         return {}
 
-    model = random_vae(WAN21_VAE)
-    latent = latent_for(model.config, args.size)
-    runs = {impl: decoder_fn(impl, model, latent, None, 0) for impl in IMPLS}
-    reference = runs["diffusers"]().clamp(-1, 1)
-    max_diffs = {impl: (runs[impl]() - reference).abs().max().item() for impl in IMPLS if impl != "diffusers"}
-    times = interleaved(runs, repeats=args.repeats, warmup=1)
-    flops = vae_flops(model.config, "decode", tuple(latent.shape))
-    rows, results = [], []
-    for impl in IMPLS:
-        stats = summarize(times[impl])
-        memory = measure_peak(impl, args.size, None, 0)
-        entry = {
-            "impl": impl,
-            "chunk_frames": None if impl == "ours-whole-clip" else 1,  # diffusers decodes frame by frame
-            "size": args.size,
-            "tile": None,
-            "times_s": times[impl],
-            **stats,
-            **memory,
-            "tflop": flops / 1e12,
-            "gflop_per_s": flops / stats["median_s"] / 1e9,
-        }
-        results.append(entry)
-        rows.append(
-            [
-                IMPL_LABELS[impl],
-                "x".join(map(str, args.size)),
-                "none",
-                stats["median_s"],
-                entry["gflop_per_s"],
-                memory["peak_growth_gib"],
-            ]
-        )
+    rows, results, max_diffs = [], [], {}
+    for vae in args.vaes:
+        model = random_vae(VAES[vae])
+        for size in args.sizes:
+            size_results, size_rows, size_diffs = compare_at(model, size, repeats=args.repeats, vae=vae)
+            results += size_results
+            rows += size_rows
+            max_diffs[f"{vae} " + "x".join(map(str, size))] = size_diffs
+    model = random_vae(WAN21_VAE)  # the tile sweep runs on the Wan2.1 VAE
 
     tile_latent = latent_for(model.config, args.sweep_frame_size)
     reference: torch.Tensor | None = None
@@ -228,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         error = None if tile is None else (out - reference).abs()
         memory = measure_peak("ours", args.sweep_frame_size, tile, args.overlap)
         entry = {
+            "vae": "wan2.1",
             "impl": "ours",
             "chunk_frames": 1,
             "size": args.sweep_frame_size,
@@ -248,30 +277,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results.append(entry)
         rows.append(
             [
+                "wan2.1",
                 IMPL_LABELS["ours"],
                 "x".join(map(str, args.sweep_frame_size)),
                 "none" if tile is None else f"{tile}/{args.overlap}",
                 seconds,
                 None,
+                None,
                 memory["peak_growth_gib"],
             ]
         )
 
-    print(format_table(["impl", "WxHxF", "tile/overlap", "median s", "GFLOP/s", "peak growth GiB"], rows))  # noqa: T201
+    print(format_table(["vae", "impl", "WxHxF", "tile/overlap", "median s", "vs diffusers", "GFLOP/s",  # noqa: T201
+                        "peak growth GiB"], rows))  # noqa: T201
     payload = {
         "settings": {
-            "vae": "wan2.1 real width, random weights",
+            "vae": "real-width Wan2.1 / Wan2.2 VAEs, random weights (tile sweep: Wan2.1)",
+            "vaes": args.vaes,
             "dtype": "float32",
             "seed": SEED,
-            "size": args.size,
+            "sizes": args.sizes,
+            "threads": torch.get_num_threads(),
             "sweep_frame_size": args.sweep_frame_size,
             "tiles": args.tiles,
             "overlap": args.overlap,
             "repeats": args.repeats,
             "warmup": 1,
             "load_average": load_average(),
-            "max_abs_diff_ours_vs_diffusers": max_diffs["ours"],
-            "max_abs_diff_ours_whole_clip_vs_diffusers": max_diffs["ours-whole-clip"],
+            "max_abs_diff_vs_diffusers": max_diffs,
         },
         "results": results,
     }

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 import torch
+from wanbench.wan_core import vae as vae_module
 from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE, VAEConfig
 from wanbench.wan_core.errors import SamplingInterrupted
 from wanbench.wan_core.latents import normalize_latent
 from wanbench.wan_core.trace import use_tracer
-from wanbench.wan_core import vae as vae_module
 from wanbench.wan_core.vae import WanVAE, chunk_ranges, load_vae, pixel_range, save_vae, vae_flops
 from wanbench.wan_core.vae_blocks import CausalConv3d
 
