@@ -14,7 +14,7 @@ stages with expert, cfg_mode and flops facts). Two measurements:
 It also checks that the final latents are bit-identical with and without profiling. Writes
 `bench/results/profiling_overhead.json`.
 
-Run: `python -m bench.bench_profiling [--steps 4] [--repeats 7] [--device cpu|cuda]`.
+Run: `python -m bench.bench_profiling [--steps 4] [--repeats 7] [--device cpu|cuda] [--latent 4x32x32]`.
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ LATENT_THW = (2, 16, 16)
 TEXT_TOKENS = 64
 
 
-def build(device: torch.device) -> tuple[WanDiT, dict[str, Any]]:
+def build(device: torch.device,
+          latent_thw: tuple[int, ...] = LATENT_THW) -> tuple[WanDiT, dict[str, Any]]:
     torch.manual_seed(0)
     config = replace(TI2V_5B.dit.tiny(), dim=256, ffn_dim=1024, num_heads=2, num_layers=2)
     model = WanDiT(config, device=device).eval()
     g = torch.Generator().manual_seed(1)
     inputs = {
-        "x": torch.randn(1, config.in_dim, *LATENT_THW, generator=g).to(device),
+        "x": torch.randn(1, config.in_dim, *latent_thw, generator=g).to(device),
         "context": [torch.randn(TEXT_TOKENS, config.text_dim, generator=g).to(device)],
     }
     return model, inputs
@@ -56,7 +57,7 @@ def build(device: torch.device) -> tuple[WanDiT, dict[str, Any]]:
 def denoise(model: WanDiT, inputs: dict[str, Any], steps: int) -> torch.Tensor:
     """A plain Euler loop over `steps` with the sampler's stage names and facts."""
     cfg = model.config
-    flops = cfg.flops_forward(cfg.num_tokens(LATENT_THW))
+    flops = cfg.flops_forward(cfg.num_tokens(tuple(inputs["x"].shape[2:])))
     x = inputs["x"].clone()
     for i in range(steps):
         t = torch.tensor([1000.0 * (1 - i / steps)], device=x.device)
@@ -106,10 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15, help="A/B pairs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--latent", default="x".join(map(str, LATENT_THW)),
+                        help="latent frames x height x width of the denoised clip (larger: longer steps)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
-    model, inputs = build(device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        latent_thw = tuple(int(v) for v in args.latent.lower().split("x"))
+    except ValueError:
+        parser.error(f"--latent must be TxHxW latent cells, e.g. 4x32x32; got {args.latent!r}")
+    if len(latent_thw) != 3:
+        parser.error(f"--latent must be TxHxW latent cells, e.g. 4x32x32; got {args.latent!r}")
+    model, inputs = build(device, latent_thw)
     off_times: list[float] = []
     on_times: list[float] = []
     sessions: list[ProfileSession] = []
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": {
                     "dim": model.config.dim,
                     "num_layers": model.config.num_layers,
-                    "latent_thw": LATENT_THW,
+                    "latent_thw": latent_thw,
                     "text_tokens": TEXT_TOKENS,
                 },
                 "sample_interval_s": recorded.sample_interval_s,
