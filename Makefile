@@ -18,10 +18,10 @@ demo: $(BIN)/.installed
 	$(BIN)/wanbench demo
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests
 
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not e2e and not browser"
+	$(BIN)/python -m pytest -q -m "not e2e and not browser" tests
 
 # ComfyUI 0.3.75 for the end-to-end tests, cached under .cache/comfyui (the e2e tests do this themselves).
 comfyui: $(BIN)/.installed
