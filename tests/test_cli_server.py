@@ -110,10 +110,12 @@ class Handler(BaseHTTPRequestHandler):
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         )
+        posted_before = len(Handler.received)
         self.wfile.write(_text({"type": "status", "data": {"status": {}}}))
-        # Wait for the prompt to be posted before sending its messages.
+        # Wait for this connection's prompt to be posted before sending its messages (in a suite
+        # earlier cases have posted already, so wait for one more than were there at connect).
         for _ in range(200):
-            if Handler.received:
+            if len(Handler.received) > posted_before:
                 break
             threading.Event().wait(0.01)
         data = {"prompt_id": PROMPT_ID}
