@@ -125,7 +125,7 @@ def load_suite(path: Path) -> dict[str, Any]:
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
-    from .profiling.output import atomic_write_text
+    from .util.atomic import atomic_write_text
 
     path = _find_workflow(args.suite)
     suite = load_suite(path)
@@ -179,7 +179,7 @@ def combined_report(reports: Sequence[str], failed: Sequence[tuple[str, str]]) -
 # ------------------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from .profiling import merge_reports
-    from .profiling.output import atomic_write_text
+    from .util.atomic import atomic_write_text
 
     text = merge_reports([Path(p) for p in args.runs])
     if args.output:

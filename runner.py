@@ -22,6 +22,7 @@ from typing import Any
 from .nodes import NODE_CLASS_MAPPINGS
 from .nodes.comfy_bridge import Bridge
 from .nodes.context import use_bridge
+from .util.atomic import atomic_output
 from .wan_core.errors import WanError
 
 log = logging.getLogger(__name__)
@@ -436,8 +437,6 @@ def download_target(out_dir: Path, subfolder: str, filename: str) -> Path:
 def _download(server: str, entry: Mapping[str, Any], out_dir: Path, *, timeout_s: float) -> Path:
     import urllib.parse
     import urllib.request
-
-    from .profiling.output import atomic_output
 
     subfolder, filename = str(entry.get("subfolder", "")), str(entry["filename"])
     target = download_target(out_dir, subfolder, filename)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..profiling.output import atomic_output
+from ..util.atomic import atomic_output
 from . import comfy_bridge as bridge
 from . import types as T
 from .validation import check_int_range, check_prefix, first_problem

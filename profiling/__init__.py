@@ -12,8 +12,6 @@ from .memory import CpuDevice, CudaDevice, FakeDevice, FakeHost, ProcessProbe
 from .nvml import FakeNvml, GpuMonitor, GpuReading, open_gpu_monitor
 from .output import (
     ReportFiles,
-    atomic_output,
-    atomic_write_text,
     load_runs,
     merge_reports,
     report_document,
@@ -66,8 +64,6 @@ __all__ = [
     "Statement",
     "SystemInfo",
     "analyze_run",
-    "atomic_output",
-    "atomic_write_text",
     "check_markdown",
     "check_report",
     "draw_timeline",

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..util.atomic import atomic_output
 from .analysis import activity_label
 from .formatting import GB
 from .records import RunRecord, Sample
@@ -52,8 +53,6 @@ def _values(samples: tuple[Sample, ...], attr: str, scale: float = 1.0) -> tuple
 
 def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
     """Draw the run's timeline to `path` (written atomically)."""
-    from .output import atomic_output  # imported here: output.py imports this module
-
     try:
         import matplotlib
 

@@ -1,20 +1,18 @@
 """Report files: the versioned JSON document, merging runs, and `write_report` (.md + .json + .png).
 
-All files are written atomically through `atomic_output` (a uniquely named temporary file in the
-same folder, then `os.replace`); the nodes, the CLI and the runner write their files through it too.
+All files are written atomically through the pack's one writer, `util.atomic`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..util.atomic import atomic_write_text
 from .analysis import analyze_run, summarize_run
 from .chart import draw_timeline
 from .records import REPORT_SCHEMA_VERSION, RunRecord, run_from_dict, run_to_dict
@@ -102,35 +100,6 @@ class ReportFiles(dict[str, Path]):
     def chart(self) -> Path | None:
         """The chart of a single-run report (None when it was skipped)."""
         return self.get("png")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a new temporary path beside `path`; on success it replaces `path` in one `os.replace`.
-
-    The temporary name is unique (`.<name>.<random>.tmp`), so concurrent writers of one target never
-    share it. A writer that raises (or is interrupted) leaves no file at `path` and its temporary
-    file is removed: a half-written report, video or download is never taken for a finished one.
-    The file is created empty with the usual permissions (0o666 minus the umask, as `open()`
-    gives), not mkstemp's private 0o600, so a server running as another user can read it; the
-    writer may write to the path, or replace or truncate it.
-    """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` (UTF-8) to `path` through `atomic_output`; returns the path."""
-    target = Path(path)
-    with atomic_output(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return target
 
 
 def _as_runs(source: ProfileSession | RunRecord | Sequence[RunRecord]) -> list[RunRecord]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..util.atomic import atomic_output, atomic_write_text
 from .config import VAEConfig
 from .errors import CheckpointError
 from .latents import denormalize_latent, normalize_latent
@@ -598,7 +599,7 @@ def save_vae(
     """Write a VAE: "comfy" = one safetensors file with official names; "official" = a `.pth` state
     dict; "diffusers" = a folder with `diffusion_pytorch_model.safetensors` and config.json (or one
     file if `path` ends in .safetensors). Files are written atomically. Returns what was written."""
-    from .weights import atomic_target, write_safetensors, write_text_atomic
+    from .weights import write_safetensors
 
     if layout not in VAE_LAYOUTS:
         raise ValueError(f"unknown VAE layout {layout!r}; expected one of {VAE_LAYOUTS}")
@@ -609,14 +610,14 @@ def save_vae(
     if layout == "comfy":
         return write_safetensors(tensors, target)
     if layout == "official":
-        with atomic_target(target) as tmp:
+        with atomic_output(target) as tmp:
             torch.save(tensors, tmp)
         return target
     tensors = to_diffusers(tensors, config)
     if target.suffix == ".safetensors":
         return write_safetensors(tensors, target)
     write_safetensors(tensors, target / DIFFUSERS_FILE_NAME)
-    write_text_atomic(json.dumps(diffusers_config(config), indent=2), target / "config.json")
+    atomic_write_text(target / "config.json", json.dumps(diffusers_config(config), indent=2))
     return target
 
 

@@ -13,20 +13,19 @@ The second half is the DiT: `detect_dit_config`, `read_dit_config` (from headers
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import pickle
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..util.atomic import atomic_output, atomic_write_text
 from .config import TASK_BY_MODEL_TYPE, DiTConfig
 from .dit import WanDiT
 from .errors import CheckpointError
@@ -238,42 +237,14 @@ def _dequantise_and_cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None)
 # --------------------------------------------------------------------------------------------
 # Generic writing
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_target(path: PathLike) -> Iterator[str]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed.
-
-    The file gets the usual permissions (0o666 minus the umask), not mkstemp's private 0o600, so
-    that a ComfyUI server running as another user can read the models it is given.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *,
                       metadata: Mapping[str, str] | None = None) -> Path:
     """Write tensors to `path` atomically (temp file in the same folder, then `os.replace`)."""
     from safetensors.torch import save_file
 
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_target(path) as tmp:
-        save_file(contiguous, tmp, metadata=dict(metadata) if metadata else None)
-    return Path(path)
-
-
-def write_text_atomic(text: str, path: PathLike) -> Path:
-    with atomic_target(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+    with atomic_output(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
     return Path(path)
 
 
@@ -649,12 +620,12 @@ def _save_official(tensors: dict[str, torch.Tensor], folder: Path, config: DiTCo
         weight_map.update({k: name for k in chunk})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    write_text_atomic(json.dumps(index, indent=2), folder / OFFICIAL_INDEX_NAME)
+    atomic_write_text(folder / OFFICIAL_INDEX_NAME, json.dumps(index, indent=2))
     official_cfg = {"_class_name": "WanModel", "model_type": config.model_type, "dim": config.dim,
                     "eps": config.eps, "ffn_dim": config.ffn_dim, "freq_dim": config.freq_dim,
                     "in_dim": config.in_dim, "num_heads": config.num_heads, "num_layers": config.num_layers,
                     "out_dim": config.out_dim, "text_len": config.text_len}
-    write_text_atomic(json.dumps(official_cfg, indent=2), folder / OFFICIAL_CONFIG_NAME)
+    atomic_write_text(folder / OFFICIAL_CONFIG_NAME, json.dumps(official_cfg, indent=2))
     return folder
 
 
@@ -672,5 +643,5 @@ def _save_diffusers(tensors: dict[str, torch.Tensor], target: Path, config: DiTC
         "text_len": config.text_len,  # not a diffusers field (its pipelines pad to 512); kept for reloading
     }
     write_safetensors(tensors, target / DIFFUSERS_FILE_NAME, metadata=metadata)
-    write_text_atomic(json.dumps(diffusers_cfg, indent=2), target / OFFICIAL_CONFIG_NAME)
+    atomic_write_text(target / OFFICIAL_CONFIG_NAME, json.dumps(diffusers_cfg, indent=2))
     return target

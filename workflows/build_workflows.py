@@ -21,11 +21,11 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: import the installed package
     from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from wanbench.profiling.output import atomic_write_text
+    from wanbench.util.atomic import atomic_write_text
     from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
 else:
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from ..profiling.output import atomic_write_text
+    from ..util.atomic import atomic_write_text
     from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent

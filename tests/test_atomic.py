@@ -1,13 +1,14 @@
-"""`atomic_output` / `atomic_write_text`: the one helper every report, chart, video and download goes through."""
+"""`util.atomic`: the one writer every checkpoint, report, chart, video and download goes through."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 import pytest
-from wanbench.profiling import atomic_output, atomic_write_text
+from wanbench.util.atomic import DiskFullError, atomic_output, atomic_write_text, temporary_name
 
 
 def _umask() -> int:
@@ -59,7 +60,7 @@ def test_a_writer_that_replaces_the_temp_path_works(tmp_path: Path) -> None:
 def test_temp_names_are_unique_per_write(tmp_path: Path) -> None:
     target = tmp_path / "same.txt"
     with atomic_output(target) as a, atomic_output(target) as b:
-        assert a != b and a.name.endswith(".tmp") and a.name.startswith(".same.txt.")
+        assert a != b and a.name.endswith(".tmp") and a.name.startswith(".wb-")
         a.write_text("first", encoding="utf-8")
         b.write_text("second", encoding="utf-8")
     assert list(tmp_path.iterdir()) == [target] and target.read_text(encoding="utf-8") == "first"
@@ -74,5 +75,32 @@ def test_atomic_write_text_writes_utf8_and_returns_the_path(tmp_path: Path) -> N
 def test_there_is_one_helper() -> None:
     from wanbench.nodes import comfy_bridge
     from wanbench.profiling import output
+    from wanbench.wan_core import weights
 
-    assert not hasattr(comfy_bridge, "atomic_output") and not hasattr(output, "_atomic_write_text")
+    for module in (comfy_bridge, output, weights):
+        assert not any(hasattr(module, name) for name in ("atomic_target", "write_text_atomic", "_atomic_write_text"))
+    assert output.atomic_write_text is atomic_write_text  # imported from util.atomic, not a copy
+
+
+def test_a_target_name_as_long_as_the_file_system_allows_is_written(tmp_path: Path) -> None:
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    target = tmp_path / ("n" * (limit - 4) + ".mp4")
+    with atomic_output(target) as tmp:
+        assert len(tmp.name) == len(temporary_name()) < limit
+        tmp.write_bytes(b"video")
+    assert target.read_bytes() == b"video"
+
+
+def test_a_full_disk_names_the_path_and_the_free_space(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "report.md"
+    with pytest.raises(DiskFullError) as info, atomic_output(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    message = str(info.value)
+    assert str(target) in message and "MiB free" in message and info.value.errno == errno.ENOSPC
+    assert list(target.parent.iterdir()) == []  # no half-written file, no temporary file
+
+
+def test_the_folder_is_created(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "c.txt"
+    assert atomic_write_text(target, "x").read_text(encoding="utf-8") == "x"

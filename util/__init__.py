@@ -1,0 +1,1 @@
+"""Small standard-library helpers shared by every layer of the pack (no torch, no ComfyUI)."""
