@@ -65,19 +65,20 @@ def run_one(
     workflow: Path, *, out_dir: Path, models: Path | None, server: str | None, overrides: dict[str, Any]
 ) -> dict[str, list[str]]:
     """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written."""
-    from .runner import apply_overrides, load_api_workflow, output_files, run_on_server, run_workflow
+    from .runner import apply_overrides, load_api_workflow, output_files, run_workflow
 
     prompt = apply_overrides(load_api_workflow(workflow), overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if server:
+        from .client import run_on_server
 
         def progress(node: Any, value: Any, maximum: Any) -> None:
             _say(f"  node {node}: {value}/{maximum}")
 
         files = run_on_server(prompt, server, out_dir, on_progress=progress).files
     else:
-        from .nodes.comfy_bridge import Bridge
+        from .nodes.context import Bridge
 
         bridge = Bridge.for_models_root(models if models is not None else out_dir / "models", out_dir)
         files = output_files(run_workflow(prompt, bridge))

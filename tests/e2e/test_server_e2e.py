@@ -17,23 +17,21 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+from wanbench.client import ServerError, http_json, run_on_server, view_bytes
 from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from wanbench.nodes.latents import STAGE_PREPROCESS
 from wanbench.nodes.loaders import STAGE_DIT, STAGE_TEXT, STAGE_VAE
 from wanbench.nodes.text import STAGE_T5
 from wanbench.profiling import check_report
-from wanbench.runner import ServerError, run_on_server
 
 from .comfy_api import (
     WORKFLOWS_DIR,
     geometry_node,
     history_outputs,
-    http_json,
     load_api,
     nodes_of_type,
     only_node_of_type,
     tiny_api_workflows,
-    view_bytes,
 )
 from .server import ComfyServer
 
