@@ -65,19 +65,20 @@ def run_one(
     workflow: Path, *, out_dir: Path, models: Path | None, server: str | None, overrides: dict[str, Any]
 ) -> dict[str, list[str]]:
     """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written."""
-    from .runner import apply_overrides, load_api_workflow, output_files, run_on_server, run_workflow
+    from .runner import apply_overrides, load_api_workflow, output_files, run_workflow
 
     prompt = apply_overrides(load_api_workflow(workflow), overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if server:
+        from .client import run_on_server
 
         def progress(node: Any, value: Any, maximum: Any) -> None:
             _say(f"  node {node}: {value}/{maximum}")
 
         files = run_on_server(prompt, server, out_dir, on_progress=progress).files
     else:
-        from .nodes.comfy_bridge import Bridge
+        from .nodes.context import Bridge
 
         bridge = Bridge.for_models_root(models if models is not None else out_dir / "models", out_dir)
         files = output_files(run_workflow(prompt, bridge))
@@ -236,6 +237,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """--models and --make-tiny-models, shared by `run` and `suite` (in-process runs only)."""
+    p.add_argument("--models", help="models folder for in-process runs (default OUT/models)")
+    p.add_argument(
+        "--make-tiny-models",
+        action="store_true",
+        help="first write the tiny models into the models folder (kept when present)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanbench", description="Wan2.2 runs and benchmark reports.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every node")
@@ -252,12 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workflow")
     p.add_argument("--server", help="ComfyUI URL, e.g. http://127.0.0.1:8188")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="where outputs go (and are fetched to)")
-    p.add_argument("--models", help="models folder for in-process runs (default OUT/models)")
-    p.add_argument(
-        "--make-tiny-models",
-        action="store_true",
-        help="first write the tiny models into the models folder (kept when present)",
-    )
+    _add_model_options(p)
     p.add_argument(
         "--set",
         action="append",
@@ -271,12 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     p.add_argument("--server")
     p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--models", help="models folder for in-process runs (default OUT/models)")
-    p.add_argument(
-        "--make-tiny-models",
-        action="store_true",
-        help="first write the tiny models into the models folder (kept when present)",
-    )
+    _add_model_options(p)
     p.set_defaults(func=cmd_suite)
 
     p = sub.add_parser("report", help="merge run JSON files into one Markdown report")

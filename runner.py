@@ -4,6 +4,8 @@ What ComfyUI's executor does, for a graph made only of this pack's nodes: check 
 exists, validate inputs against `INPUT_TYPES` (types of links, combo choices, min/max) and
 `VALIDATE_INPUTS`, order nodes by their links, fill the hidden inputs (UNIQUE_ID, PROMPT), call
 each node's FUNCTION once and collect the `ui` outputs. There is no cache: every node runs.
+Also here: loading API workflow files and applying `--set` overrides. Runs on a ComfyUI server
+(`--server`) go through `client.py` instead.
 
 Shapes: none (graph plumbing only).
 """
@@ -20,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .nodes import NODE_CLASS_MAPPINGS
-from .nodes.comfy_bridge import Bridge
-from .nodes.context import use_bridge
-from .util.atomic import atomic_output
+from .nodes.comfy_bridge import model_folder_description
+from .nodes.context import Bridge, use_bridge
 from .wan_core.errors import WanError
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,6 @@ def _model_folder_hint(cls: type, name: str) -> str:
     folder = getattr(cls, "MODEL_FOLDERS", {}).get(name)
     if folder is None:
         return ""
-    from .nodes.comfy_bridge import model_folder_description
-
     return (
         f"; model files are looked up in {model_folder_description(folder)}: put the file there, "
         "pass another models folder with --models, or pick one of the listed names"
@@ -284,239 +283,3 @@ def output_files(result: RunResult) -> dict[str, list[str]]:
         elif ui.get("animated"):
             files["videos"].append(str(result.outputs[node_id][0]))
     return files
-
-
-# ------------------------------------------------------------------------------------------------
-# A ComfyUI server: POST /prompt, follow /ws, read /history, fetch files with /view
-# ------------------------------------------------------------------------------------------------
-class ServerError(WanError, RuntimeError):
-    """The server refused the prompt or the prompt failed there."""
-
-
-class _WebSocket:
-    """A minimal RFC 6455 client over a plain TCP socket (text frames in, pongs and close out)."""
-
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        import base64
-        import os
-        import socket
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(url)
-        if parts.scheme != "ws":
-            raise ValueError(f"only ws:// URLs are supported (plain HTTP servers); got {url!r}")
-        self._sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout_s)
-        key = base64.b64encode(os.urandom(16)).decode()
-        path = parts.path + ("?" + parts.query if parts.query else "")
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port or 80}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        self._sock.sendall(request.encode())
-        self._buffer = b""
-        header = self._read_until(b"\r\n\r\n")
-        status = header.split(b"\r\n", 1)[0]
-        if b" 101 " not in status + b" ":
-            raise ServerError(f"websocket upgrade refused by {url}: {status.decode(errors='replace')}")
-
-    def _read_until(self, marker: bytes) -> bytes:
-        while marker not in self._buffer:
-            self._fill()
-        head, _, self._buffer = self._buffer.partition(marker)
-        return head
-
-    def _fill(self) -> None:
-        chunk = self._sock.recv(65536)
-        if not chunk:
-            raise ServerError("the server closed the websocket")
-        self._buffer += chunk
-
-    def _read(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            self._fill()
-        out, self._buffer = self._buffer[:n], self._buffer[n:]
-        return out
-
-    def _send(self, opcode: int, payload: bytes) -> None:
-        import os
-        import struct
-
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([0x80 | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 1 << 16:
-            head += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        self._sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def receive_text(self) -> str | None:
-        """The next text message (binary messages such as previews are skipped); None when closed."""
-        import struct
-
-        message, kind = b"", None
-        while True:
-            b0, b1 = self._read(2)
-            opcode, n = b0 & 0x0F, b1 & 0x7F
-            if n == 126:
-                n = struct.unpack(">H", self._read(2))[0]
-            elif n == 127:
-                n = struct.unpack(">Q", self._read(8))[0]
-            mask = self._read(4) if b1 & 0x80 else None
-            payload = self._read(n)
-            if mask:
-                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-            if opcode == 0x8:
-                return None
-            if opcode == 0x9:
-                self._send(0xA, payload)
-                continue
-            if opcode in (0x1, 0x2):
-                kind, message = opcode, payload
-            elif opcode == 0x0:
-                message += payload
-            if b0 & 0x80 and kind is not None:
-                if kind == 0x1:
-                    return message.decode("utf-8")
-                message, kind = b"", None
-
-    def close(self) -> None:
-        try:
-            self._send(0x8, b"")
-        finally:
-            self._sock.close()
-
-
-@dataclass
-class ServerRun:
-    """What a prompt produced on a server, with the files copied to `out_dir`."""
-
-    prompt_id: str
-    files: dict[str, list[str]]
-    messages: list[dict[str, Any]]
-
-
-def _http_json(method: str, url: str, body: Any = None, *, timeout_s: float = 60.0) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as err:
-        payload = err.read()
-        try:
-            return err.code, json.loads(payload)
-        except ValueError:
-            return err.code, payload.decode(errors="replace")
-
-
-def download_target(out_dir: Path, subfolder: str, filename: str) -> Path:
-    """Where a server output (`subfolder`/`filename` from the history) is saved under `out_dir`.
-
-    The names come from the server: one that is absolute or climbs out of `out_dir` (`..`) is
-    refused, so a server can never make the client write outside the folder it was given.
-    """
-    root = out_dir.resolve()
-    relative = Path(subfolder.replace("\\", "/")) / filename.replace("\\", "/")
-    target = (root / relative).resolve()
-    if relative.is_absolute() or not filename or root not in target.parents:
-        raise ServerError(
-            f"the server named an output outside --out: subfolder {subfolder!r}, filename {filename!r}; "
-            f"refusing to write it (expected a path inside {root})"
-        )
-    return target
-
-
-def _download(server: str, entry: Mapping[str, Any], out_dir: Path, *, timeout_s: float) -> Path:
-    import urllib.parse
-    import urllib.request
-
-    subfolder, filename = str(entry.get("subfolder", "")), str(entry["filename"])
-    target = download_target(out_dir, subfolder, filename)
-    query = urllib.parse.urlencode(
-        {"filename": filename, "subfolder": subfolder, "type": entry.get("type", "output")}
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        urllib.request.urlopen(f"{server}/view?{query}", timeout=timeout_s) as response,
-        atomic_output(target) as tmp,
-    ):
-        tmp.write_bytes(response.read())
-    return target
-
-
-def run_on_server(
-    prompt: Mapping[str, Any],
-    server: str,
-    out_dir: Path,
-    *,
-    timeout_s: float = 3600.0,
-    on_progress: Any = None,
-) -> ServerRun:
-    """Submit `prompt`, follow its progress on the websocket, then fetch its videos and report files."""
-    import uuid
-
-    server = server.rstrip("/")
-    if not server.startswith("http://"):
-        raise ValueError(
-            f"--server must be a plain http:// URL such as http://127.0.0.1:8188; got {server!r}"
-        )
-    client_id = uuid.uuid4().hex
-    try:
-        ws = _WebSocket(
-            server.replace("http://", "ws://", 1) + f"/ws?clientId={client_id}", timeout_s=timeout_s
-        )
-    except OSError as err:
-        raise ServerError(
-            f"cannot reach a ComfyUI server at {server} ({type(err).__name__}: {err}); start ComfyUI "
-            "(python main.py --listen 127.0.0.1 --port 8188) or fix the --server URL"
-        ) from err
-    messages: list[dict[str, Any]] = []
-    try:
-        status, answer = _http_json(
-            "POST", f"{server}/prompt", {"prompt": dict(prompt), "client_id": client_id}
-        )
-        if status != 200 or not isinstance(answer, dict) or answer.get("node_errors"):
-            raise ServerError(f"the server refused the workflow (HTTP {status}): {json.dumps(answer)[:2000]}")
-        prompt_id = answer["prompt_id"]
-        while True:
-            text = ws.receive_text()
-            if text is None:
-                raise ServerError("the server closed the websocket before the prompt finished")
-            message = json.loads(text)
-            data = message.get("data", {})
-            if data.get("prompt_id") not in (None, prompt_id):
-                continue
-            messages.append(message)
-            kind = message.get("type")
-            if kind == "progress" and on_progress is not None:
-                on_progress(data.get("node"), data.get("value"), data.get("max"))
-            elif kind == "execution_error":
-                raise ServerError(
-                    f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                    f"{data.get('exception_type')}: {data.get('exception_message')}"
-                )
-            elif kind == "execution_interrupted":
-                raise ServerError(f"the prompt was interrupted at node {data.get('node_id')}")
-            elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                break
-    finally:
-        ws.close()
-    status, history = _http_json("GET", f"{server}/history/{prompt_id}")
-    outputs = history.get(prompt_id, {}).get("outputs", {}) if isinstance(history, dict) else {}
-    files: dict[str, list[str]] = {"videos": [], "reports": [], "other": []}
-    for node_output in outputs.values():
-        for entry in node_output.get("wanbench_report", []):
-            path = _download(server, entry, out_dir, timeout_s=timeout_s)
-            files["reports" if path.suffix == ".json" else "other"].append(str(path))
-        for entry in node_output.get("images", []) + node_output.get("gifs", []):
-            path = _download(server, entry, out_dir, timeout_s=timeout_s)
-            files["videos" if path.suffix in (".mp4", ".webm", ".mov") else "other"].append(str(path))
-    return ServerRun(prompt_id=prompt_id, files=files, messages=messages)

@@ -3,26 +3,40 @@
 Nothing here imports ComfyUI at module import time. Inside a ComfyUI server every helper uses
 ComfyUI's own facilities; outside one (tests, the in-process runner of the CLI) model names are
 plain file paths, progress goes to the log, interrupts never happen and outputs go to the folder
-given to `set_output_dir` (through a `Bridge` object, never a module global).
+of the active `Bridge` (installed with `context.use_bridge`, never a module global).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .context import FOLDER_DIT, FOLDER_TEXT_ENCODERS, FOLDER_VAE, Bridge, current_bridge
+
 log = logging.getLogger(__name__)
 
-# ComfyUI model folder names used by the pack.
-FOLDER_DIT = "diffusion_models"
-FOLDER_TEXT_ENCODERS = "text_encoders"
-FOLDER_VAE = "vae"
+# The model folder names and `Bridge` live in `context` (the standalone environment); they are
+# named here too because the nodes reach all of ComfyUI's side through this module.
+__all__ = [
+    "FOLDER_DIT",
+    "FOLDER_TEXT_ENCODERS",
+    "FOLDER_VAE",
+    "Bridge",
+    "check_interrupt",
+    "current_prompt_id",
+    "inside_comfyui",
+    "list_models",
+    "make_progress",
+    "model_folder_description",
+    "output_directory",
+    "resolve_model",
+    "save_path",
+    "send_ui_message",
+]
 
 
 def _comfy_module(name: str) -> ModuleType | None:
@@ -40,41 +54,12 @@ def inside_comfyui() -> bool:
     return _comfy_module("folder_paths") is not None
 
 
-@dataclass
-class Bridge:
-    """Where standalone runs look for models and write outputs.
-
-    `model_dirs` maps a ComfyUI folder name ("diffusion_models", "text_encoders", "vae") to a
-    directory; `output_dir` receives saved files. Inside ComfyUI both are ignored.
-    """
-
-    output_dir: Path = field(default_factory=lambda: Path.cwd() / "wanbench_out")
-    model_dirs: dict[str, Path] = field(default_factory=dict)
-
-    @classmethod
-    def for_models_root(
-        cls, models_root: str | os.PathLike[str], output_dir: str | os.PathLike[str]
-    ) -> Bridge:
-        """A bridge whose model folders are `models_root/<folder>` (the layout of `make-tiny-models`)."""
-        root = Path(models_root)
-        return cls(
-            output_dir=Path(output_dir),
-            model_dirs={name: root / name for name in (FOLDER_DIT, FOLDER_TEXT_ENCODERS, FOLDER_VAE)},
-        )
-
-
-def _active_bridge() -> Bridge:
-    from . import context
-
-    return context.current_bridge()
-
-
 def list_models(folder: str) -> list[str]:
     """File names ComfyUI lists for `folder`; standalone: the files in the bridge's folder."""
     fp = _comfy_module("folder_paths")
     if fp is not None:
         return list(fp.get_filename_list(folder))
-    directory = _active_bridge().model_dirs.get(folder)
+    directory = current_bridge().model_dirs.get(folder)
     if directory is None or not directory.is_dir():
         return []
     return sorted(p.name for p in directory.iterdir() if p.is_file() or p.is_dir())
@@ -85,7 +70,7 @@ def model_folder_description(folder: str) -> str:
     server, the bridge's directory standalone."""
     if _comfy_module("folder_paths") is not None:
         return f"ComfyUI's models/{folder}/ folder"
-    directory = _active_bridge().model_dirs.get(folder)
+    directory = current_bridge().model_dirs.get(folder)
     return str(directory) if directory is not None else f"no {folder!r} folder (none configured)"
 
 
@@ -107,7 +92,7 @@ def resolve_model(folder: str, name: str) -> str:
     candidate = Path(name)
     if candidate.exists():
         return str(candidate)
-    directory = _active_bridge().model_dirs.get(folder)
+    directory = current_bridge().model_dirs.get(folder)
     if directory is not None and (directory / name).exists():
         return str(directory / name)
     where = str(directory) if directory is not None else "no models folder configured"
@@ -122,7 +107,7 @@ def output_directory() -> Path:
     fp = _comfy_module("folder_paths")
     if fp is not None:
         return Path(fp.get_output_directory())
-    return _active_bridge().output_dir
+    return current_bridge().output_dir
 
 
 def save_path(prefix: str, width: int, height: int) -> tuple[Path, str, int, str]:

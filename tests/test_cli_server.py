@@ -8,7 +8,9 @@ exercised by the end-to-end tests.
 from __future__ import annotations
 
 import json
+import socket
 import struct
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from wanbench.cli import WORKFLOWS_DIR, main
-from wanbench.runner import ServerError, download_target, run_on_server
+from wanbench.client import ServerError, download_target, run_on_server
 
 PROMPT_ID = "p-123"
 FILES = {
@@ -39,7 +41,9 @@ def _text(message: dict) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
-    mode = "ok"  # "ok" | "refuse" | "error" | "escape" | "suite" (refuse prompts mentioning "bad")
+    # "ok" | "refuse" | "error" | "escape" | "suite" (refuse prompts mentioning "bad") |
+    # "no_ws" (no websocket route) | "close" (closes the websocket early) | "silent" (sends nothing)
+    mode = "ok"
     received: list = []
     files: dict[str, bytes] = FILES
 
@@ -70,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
-        if url.path == "/ws":
+        if url.path == "/ws" and Handler.mode != "no_ws":
             self._websocket()
         elif url.path == f"/history/{PROMPT_ID}":
             outputs = {
@@ -127,7 +131,11 @@ class Handler(BaseHTTPRequestHandler):
         ]
         half = json.dumps({"type": "progress", "data": {**data, "node": "8", "value": 2, "max": 2}}).encode()
         frames += [_frame(0x1, half[:10], fin=False), _frame(0x0, half[10:])]
-        if Handler.mode == "error":
+        if Handler.mode == "silent":
+            frames = []
+        elif Handler.mode == "close":
+            frames = [frames[0], _frame(0x8, struct.pack(">H", 1000))]
+        elif Handler.mode == "error":
             frames.append(
                 _text(
                     {
@@ -204,6 +212,41 @@ def test_refused_prompt_and_failed_node_are_errors(server: str, tmp_path: Path) 
     Handler.mode = "error"
     with pytest.raises(ServerError, match="node 8 \\(WanBenchSampler\\) failed: ValueError: boom"):
         run_on_server({}, server, tmp_path, timeout_s=20)
+
+
+@pytest.mark.parametrize(
+    ("mode", "needle"),
+    [
+        ("no_ws", r"websocket upgrade refused by ws://127\.0\.0\.1:\d+/ws\?clientId=\w+: HTTP 404"),
+        ("close", "the server closed the websocket before the prompt finished"),
+        ("silent", "no message from the server for 0.5 s while the prompt ran"),
+    ],
+)
+def test_websocket_failures_are_server_errors(server: str, tmp_path: Path, mode: str, needle: str) -> None:
+    Handler.mode = mode
+    with pytest.raises(ServerError, match=needle):
+        run_on_server({"1": {"class_type": "X", "inputs": {}}}, server, tmp_path, timeout_s=0.5)
+    assert not list(tmp_path.iterdir())  # nothing fetched
+
+
+def test_unreachable_server_and_bad_url(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ServerError, match=f"cannot reach a ComfyUI server at http://127.0.0.1:{port} .*--server URL"):
+        run_on_server({}, f"http://127.0.0.1:{port}/", tmp_path, timeout_s=5)
+    with pytest.raises(ValueError, match="--server must be a plain http:// URL"):
+        run_on_server({}, "https://example.invalid", tmp_path, timeout_s=5)
+
+
+def test_cli_names_the_missing_websocket_package(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Without websocket-client, `run --server` fails with one line naming the package and the pip line."""
+    monkeypatch.setitem(sys.modules, "websocket", None)  # makes `import websocket` raise ImportError
+    monkeypatch.delitem(sys.modules, "wanbench.client")
+    argv = ["run", "tiny_ti2v_5B_t2v.api.json", "--server", "http://127.0.0.1:9", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "ImportError: `wanbench run --server` needs the websocket-client package" in caplog.text
+    assert "pip install 'websocket-client>=1.6'" in caplog.text
 
 
 def test_cli_run_with_server(server: str, tmp_path: Path, capsys) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 
 import websocket
 
+from .processes import stop_process
+
 logger = logging.getLogger(__name__)
 
 CHROMIUM_FLAGS = (
@@ -147,13 +149,7 @@ class Chromium:
         process, self._process = self._process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=timeout_s)
+        stop_process(process, timeout_s=timeout_s, name="chromium")
         try:
             os.killpg(process.pid, signal.SIGKILL)  # helpers left in the group chromium was started in
         except ProcessLookupError:

@@ -1,53 +1,20 @@
-"""Small HTTP helpers for talking to a ComfyUI server in the end-to-end tests.
+"""Test-only helpers for talking to a ComfyUI server in the end-to-end tests.
 
-Running a whole prompt (websocket included) goes through the pack's own client,
-``wanbench.runner.run_on_server``; these helpers cover what that client does not expose: raw
-answers to ``POST /prompt`` (for refused prompts), ``/object_info``, ``/history``, ``/view`` and
-``POST /interrupt``.
+HTTP requests and whole prompts (websocket included) go through the pack's own client,
+``wanbench.client`` (``http_json``, ``view_bytes``, ``run_on_server``); what is here the pack does
+not need: a strict ``/history`` lookup, the shipped workflow files and finding nodes in a prompt.
 """
 
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from wanbench.client import http_json
+
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
-
-
-def http_json(method: str, url: str, body: Any = None, *, timeout_s: float = 60.0) -> tuple[int, Any]:
-    """(status, parsed JSON body) of one request; HTTP error statuses are returned, not raised."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as err:
-        raw = err.read()
-        try:
-            return err.code, json.loads(raw)
-        except ValueError:
-            return err.code, raw.decode(errors="replace")
-
-
-def view_bytes(server: str, entry: Mapping[str, Any], *, timeout_s: float = 60.0) -> bytes:
-    """The file a history entry (``{"filename", "subfolder", "type"}``) names, through ``/view``."""
-    query = urllib.parse.urlencode(
-        {
-            "filename": entry["filename"],
-            "subfolder": entry.get("subfolder", ""),
-            "type": entry.get("type", "output"),
-        }
-    )
-    with urllib.request.urlopen(f"{server}/view?{query}", timeout=timeout_s) as response:
-        return response.read()
 
 
 def history_outputs(server: str, prompt_id: str) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -18,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .processes import stop_process
 from .provision import ComfyInstall
 
 logger = logging.getLogger(__name__)
@@ -122,17 +122,7 @@ class ComfyServer:
         process, self._process = self._process, None
         if process is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning(
-                    "ComfyUI pid %d ignored SIGTERM for %.0f s; sending SIGKILL", process.pid, timeout_s
-                )
-                process.kill()
-                process.wait(timeout=timeout_s)
-        return process.returncode
+        return stop_process(process, timeout_s=timeout_s, name="ComfyUI")
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None

@@ -17,23 +17,21 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+from wanbench.client import ServerError, http_json, run_on_server, view_bytes
 from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from wanbench.nodes.latents import STAGE_PREPROCESS
 from wanbench.nodes.loaders import STAGE_DIT, STAGE_TEXT, STAGE_VAE
 from wanbench.nodes.text import STAGE_T5
 from wanbench.profiling import check_report
-from wanbench.runner import ServerError, run_on_server
 
 from .comfy_api import (
     WORKFLOWS_DIR,
     geometry_node,
     history_outputs,
-    http_json,
     load_api,
     nodes_of_type,
     only_node_of_type,
     tiny_api_workflows,
-    view_bytes,
 )
 from .server import ComfyServer
 
@@ -319,13 +317,19 @@ def test_second_run_reports_cached_stages(comfy_server: ComfyServer, tmp_path: P
         assert stage["cached"] is False and stage["end_s"] > stage["start_s"], (name, stage)
 
 
-def test_pack_image_feeds_core_save_image(comfy_server: ComfyServer, tmp_path: Path) -> None:
+def _decode_only_prompt(seed: int) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """The tiny TI2V text workflow without Wan Save Video and the report: (prompt, decode id, geometry)."""
     prompt = load_api("tiny_ti2v_5B_t2v.api.json")
     decode_id = only_node_of_type(prompt, "WanBenchVAEDecode")
     geometry = prompt[geometry_node(prompt)]["inputs"]
     for node_id in nodes_of_type(prompt, "WanBenchSaveVideo") + nodes_of_type(prompt, "WanBenchReport"):
         del prompt[node_id]
-    prompt[only_node_of_type(prompt, "WanBenchSampler")]["inputs"]["seed"] = 2001
+    prompt[only_node_of_type(prompt, "WanBenchSampler")]["inputs"]["seed"] = seed
+    return prompt, decode_id, geometry
+
+
+def test_pack_image_feeds_core_save_image(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    prompt, decode_id, geometry = _decode_only_prompt(2001)
     prompt["900"] = {
         "class_type": "SaveImage",
         "inputs": {"images": [decode_id, 0], "filename_prefix": "interop/pack"},
@@ -362,17 +366,6 @@ def _widget_defaults(inputs: dict[str, Any], skip: set[str], prefix: str = "") -
         else:
             raise AssertionError(f"input {key} ({kind}) has no default; the test must set it")
     return values
-
-
-def _decode_only_prompt(seed: int) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """The tiny TI2V text workflow without Wan Save Video and the report: (prompt, decode id, geometry)."""
-    prompt = load_api("tiny_ti2v_5B_t2v.api.json")
-    decode_id = only_node_of_type(prompt, "WanBenchVAEDecode")
-    geometry = prompt[geometry_node(prompt)]["inputs"]
-    for node_id in nodes_of_type(prompt, "WanBenchSaveVideo") + nodes_of_type(prompt, "WanBenchReport"):
-        del prompt[node_id]
-    prompt[only_node_of_type(prompt, "WanBenchSampler")]["inputs"]["seed"] = seed
-    return prompt, decode_id, geometry
 
 
 def test_pack_frames_feed_core_create_video_and_save_video(comfy_server: ComfyServer, tmp_path: Path) -> None:
