@@ -505,7 +505,7 @@ def test_a_closed_session_is_collected_and_its_thread_ended() -> None:
 
 def test_merge_sample_pairs_weights_by_time_and_keeps_peaks() -> None:
     from wanbench.profiling.records import Sample
-    from wanbench.profiling.session import merge_sample_pairs
+    from wanbench.profiling.telemetry import merge_sample_pairs
 
     samples = [
         Sample(t_s=0.0, activity_pct=0.0, device_used_bytes=1),
