@@ -4,9 +4,10 @@ Knows nothing of Wan beyond the stage names and the FLOP counts it is given; nev
 comfy or the nodes.
 """
 
-from .analysis import RunAnalysis, RunSummary, Statement, analyze_run, summarize_run
 from .chart import ChartResult, draw_timeline
 from .checker import check_markdown, check_report
+from .figures import RunSummary, summarize_run
+from .findings import RunAnalysis, Statement, analyze_run
 from .gpus import KNOWN_GPUS, GpuSpec, lookup_gpu
 from .memory import CpuDevice, CudaDevice, FakeDevice, FakeHost, ProcessProbe
 from .nvml import FakeNvml, GpuMonitor, GpuReading, open_gpu_monitor

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..util.atomic import atomic_output
-from .analysis import activity_label
-from .formatting import GB
+from .formatting import GB, activity_label
 from .records import RunRecord, Sample
 
 _BAND_COLOURS = {

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..util.atomic import atomic_write_text
-from .analysis import analyze_run, summarize_run
 from .chart import draw_timeline
+from .figures import summarize_run
+from .findings import analyze_run
 from .records import REPORT_SCHEMA_VERSION, RunRecord, run_from_dict, run_to_dict
 from .report import render_markdown
 from .session import ProfileSession

@@ -389,7 +389,7 @@ def test_stage_device_comes_from_its_facts() -> None:
     """T5 on the CPU inside a CUDA session: recorded on the CPU, without the GPU's memory or
     activity, and without MFU; a stage stating plain "cuda" is the session's CUDA device."""
     from wanbench.profiling import render_markdown, summarize_run
-    from wanbench.profiling.analysis import stage_mfu_pct
+    from wanbench.profiling.figures import stage_mfu_pct
 
     session, clock, gpu, dev, host = _rig()
     with session:
