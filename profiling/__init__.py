@@ -10,15 +10,9 @@ from .figures import RunSummary, summarize_run
 from .findings import RunAnalysis, Statement, analyze_run
 from .gpus import KNOWN_GPUS, GpuSpec, lookup_gpu
 from .memory import CpuDevice, CudaDevice, FakeDevice, FakeHost, ProcessProbe
+from .merge import merge_reports
 from .nvml import FakeNvml, GpuMonitor, GpuReading, open_gpu_monitor
-from .output import (
-    ReportFiles,
-    load_runs,
-    merge_reports,
-    report_document,
-    run_document,
-    write_report,
-)
+from .output import ReportFiles, load_runs, report_document, run_document, write_report
 from .records import (
     REPORT_SCHEMA_VERSION,
     SCHEMA_VERSION,
