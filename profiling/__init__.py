@@ -1,7 +1,15 @@
 """Per-stage measurement (time, memory, SM activity) and the benchmark report.
 
 Knows nothing of Wan beyond the stage names and the FLOP counts it is given; never imports
-comfy or the nodes.
+comfy or the nodes. One job per module:
+
+- measuring: `session` (ProfileSession: lifetime, the wan_core tracer), `telemetry` (samples and
+  their bounded buffer; probes in `nvml`, `memory`, thread in `sampler_thread`), `assembly`
+  (records from what the session measured), `system` (device, NVML target, machine facts);
+- records: `records` (frozen records, JSON), `timers`, `stats`, `gpus`;
+- reporting: `figures` (RunSummary, per-stage figures), `findings` (statements, recommendations),
+  `formatting`, `report` (Markdown), `chart` (PNG), `output` (JSON document, `write_report`),
+  `merge` (several report files), `checker` (a report against its records).
 """
 
 from .chart import ChartResult, draw_timeline
