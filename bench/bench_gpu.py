@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from wanbench.profiling.analysis import summarize_run
 from wanbench.profiling.checker import check_report
+from wanbench.profiling.figures import summarize_run
 from wanbench.profiling.gpus import lookup_gpu
 from wanbench.profiling.output import write_report
 from wanbench.profiling.session import ProfileSession

@@ -1,23 +1,26 @@
 """Per-stage measurement (time, memory, SM activity) and the benchmark report.
 
 Knows nothing of Wan beyond the stage names and the FLOP counts it is given; never imports
-comfy or the nodes.
+comfy or the nodes. One job per module:
+
+- measuring: `session` (ProfileSession: lifetime, the wan_core tracer), `telemetry` (samples and
+  their bounded buffer; probes in `nvml`, `memory`, thread in `sampler_thread`), `assembly`
+  (records from what the session measured), `system` (device, NVML target, machine facts);
+- records: `records` (frozen records, JSON), `timers`, `stats`, `gpus`;
+- reporting: `figures` (RunSummary, per-stage figures), `findings` (statements, recommendations),
+  `formatting`, `report` (Markdown), `chart` (PNG), `output` (JSON document, `write_report`),
+  `merge` (several report files), `checker` (a report against its records).
 """
 
-from .analysis import RunAnalysis, RunSummary, Statement, analyze_run, summarize_run
 from .chart import ChartResult, draw_timeline
 from .checker import check_markdown, check_report
+from .figures import RunSummary, summarize_run
+from .findings import RunAnalysis, Statement, analyze_run
 from .gpus import KNOWN_GPUS, GpuSpec, lookup_gpu
 from .memory import CpuDevice, CudaDevice, FakeDevice, FakeHost, ProcessProbe
+from .merge import merge_reports
 from .nvml import FakeNvml, GpuMonitor, GpuReading, open_gpu_monitor
-from .output import (
-    ReportFiles,
-    load_runs,
-    merge_reports,
-    report_document,
-    run_document,
-    write_report,
-)
+from .output import ReportFiles, load_runs, report_document, run_document, write_report
 from .records import (
     REPORT_SCHEMA_VERSION,
     SCHEMA_VERSION,

@@ -24,16 +24,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .analysis import (
-    ACTIVITY_HIGH_PCT,
-    ACTIVITY_LOW_PCT,
-    SUM_MARGIN_ABS_S,
-    SUM_MARGIN_PCT,
-    analyze_run,
-    covered_s,
-    sum_margin_s,
-    summarize_run,
-)
+from .figures import SUM_MARGIN_ABS_S, SUM_MARGIN_PCT, covered_s, sum_margin_s, summarize_run
+from .findings import ACTIVITY_HIGH_PCT, ACTIVITY_LOW_PCT, analyze_run
 from .formatting import NA
 from .records import ACTIVITY_BUSY, REPORT_SCHEMA_VERSION, RunRecord, run_from_dict
 from .report import group_runs, render_markdown

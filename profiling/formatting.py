@@ -1,10 +1,13 @@
-"""Number formatting for the report and the statements it prints: None is `n/a`, never 0.
+"""How figures and metrics are written, for the report, the findings and the chart: None is `n/a`, never 0.
 
 Times keep significant digits when they are short (`0.0021`, `5.0e-05`), so a measured time never
-prints as `0.00` and a statement never contradicts the gain printed beside it.
+prints as `0.00` and a statement never contradicts the gain printed beside it. `fmt_*` give a
+table cell (the unit is in the header); `secs`, `gbs` and `pcts` give a figure inside a sentence.
 """
 
 from __future__ import annotations
+
+from .records import ACTIVITY_BUSY
 
 NA = "n/a"
 GB = 1e9
@@ -54,3 +57,13 @@ def secs(value: float | None) -> str:
 def gbs(value: int | float | None) -> str:
     """ "12.30 GB" or "n/a": memory inside a sentence."""
     return with_unit(fmt_gb(value), "GB")
+
+
+def pcts(value: float | None) -> str:
+    """ "12.3 %" or "n/a": a percentage inside a sentence."""
+    return with_unit(fmt_pct(value), "%")
+
+
+def activity_label(metric: str | None) -> str:
+    """How the activity figure is named: never "SM activity" unless it is GPM SM activity."""
+    return "GPU busy" if metric == ACTIVITY_BUSY else "SM activity"

@@ -181,13 +181,3 @@ class FakeHost:
     def read(self) -> HostReading:
         return HostReading(cpu_time_s=self.cpu_time_s, rss_bytes=self.rss_bytes)
 
-
-def host_memory_bytes() -> int | None:
-    """Physical memory of the machine, or None where it cannot be read."""
-    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    return None
-
-
-def utc_now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,6 +1,7 @@
-"""Report files: the versioned JSON document, merging runs, and `write_report` (.md + .json + .png).
+"""Report files: the versioned JSON document (written and read back) and `write_report` (.md + .json + .png).
 
-All files are written atomically through the pack's one writer, `util.atomic`.
+All files are written atomically through the pack's one writer, `util.atomic`. Merging several
+report files into one report is `merge.py`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..util.atomic import atomic_write_text
-from .analysis import analyze_run, summarize_run
 from .chart import draw_timeline
+from .figures import summarize_run
+from .findings import analyze_run
 from .records import REPORT_SCHEMA_VERSION, RunRecord, run_from_dict, run_to_dict
 from .report import render_markdown
 from .session import ProfileSession
@@ -46,43 +48,6 @@ def runs_from_document(doc: dict[str, Any], *, where: str = "report") -> list[Ru
     if doc.get("schema") != REPORT_SCHEMA_VERSION:
         raise ValueError(f"{where}: schema is {doc.get('schema')!r}; expected {REPORT_SCHEMA_VERSION!r}")
     return [run_from_dict(r) for r in doc["runs"]]
-
-
-def merge_reports(paths: Sequence[str | os.PathLike[str]]) -> str:
-    """One Markdown report from several runs' JSON files, grouped by GPU (and activity metric).
-
-    A run found more than once (same `run_id`, e.g. one file given twice or a merged report merged
-    again) is kept once, and the report says so.
-    """
-    if not paths:
-        raise ValueError("merge_reports needs at least one report JSON path")
-    runs: list[RunRecord] = []
-    for path in paths:
-        runs.extend(load_runs(path))
-    unique, notes = dedupe_runs(runs)
-    return render_markdown(unique, notes=notes)
-
-
-def dedupe_runs(runs: Sequence[RunRecord]) -> tuple[list[RunRecord], list[str]]:
-    """Runs with repeated ones dropped (same run id; without one, identical records), and notes."""
-    seen: dict[str, int] = {}
-    unique: list[RunRecord] = []
-    for run in runs:
-        key = run.run_id or json.dumps(run_to_dict(run), sort_keys=True)
-        if key in seen:
-            seen[key] += 1
-            continue
-        seen[key] = 1
-        unique.append(run)
-    notes = []
-    for run in unique:
-        count = seen[run.run_id or json.dumps(run_to_dict(run), sort_keys=True)]
-        if count > 1:
-            notes.append(
-                f"run {run.run_id or '(no id)'} of case {run.context.case_name!r} was given {count} times; "
-                "it is reported once"
-            )
-    return unique, notes
 
 
 class ReportFiles(dict[str, Path]):

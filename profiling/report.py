@@ -12,25 +12,22 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping, Sequence
 
-from .analysis import (
+from .figures import (
     SUM_MARGIN_ABS_S,
     SUM_MARGIN_PCT,
-    RunAnalysis,
     RunSummary,
-    activity_label,
-    analyze_run,
     peak_tflops_of,
     stage_load,
     stage_mfu_pct,
     stage_tflops,
     summarize_run,
 )
-from .formatting import NA, fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops, with_unit
+from .findings import RunAnalysis, analyze_run
+from .formatting import NA, activity_label, fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops, gbs, pcts, secs, with_unit
 from .gpus import lookup_gpu
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
 
 TITLE = "# Wan2.2 Benchmark Report"
-__all__ = ["NA", "fmt_gb", "fmt_load", "fmt_pct", "fmt_s", "fmt_tflops", "render_markdown", "with_unit"]
 
 
 def legend(runs: Sequence[RunRecord]) -> str:
@@ -150,7 +147,7 @@ def _versions(runs: Sequence[RunRecord], attr: str) -> str:
 
 def _system_lines(runs: Sequence[RunRecord]) -> list[str]:
     s = runs[0].system
-    gpu = NA if s.gpu_name is None else f"{s.gpu_name} ({with_unit(fmt_gb(s.gpu_memory_bytes), 'GB')})"
+    gpu = NA if s.gpu_name is None else f"{s.gpu_name} ({gbs(s.gpu_memory_bytes)})"
     if s.activity_metric == ACTIVITY_SM:
         activity = "SM activity from NVML GPU performance metrics"
     elif s.activity_metric == ACTIVITY_BUSY:
@@ -162,7 +159,7 @@ def _system_lines(runs: Sequence[RunRecord]) -> list[str]:
     return [
         f"- **GPU**: {gpu}; driver {_versions(runs, 'driver_version')}; CUDA {_versions(runs, 'cuda_version')}; "
         f"torch {_versions(runs, 'torch_version')}",
-        f"- **CPU**: {_versions(runs, 'cpu_name')}; host memory {with_unit(fmt_gb(s.host_memory_bytes), 'GB')}",
+        f"- **CPU**: {_versions(runs, 'cpu_name')}; host memory {gbs(s.host_memory_bytes)}",
         f"- **Activity metric**: {activity}",
     ]
 
@@ -263,17 +260,17 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
 
 
 def _peak_memory_line(run: RunRecord, sm: RunSummary) -> str:
-    rss = f"process RSS {with_unit(fmt_gb(sm.rss_max_bytes), 'GB')}"
+    rss = f"process RSS {gbs(sm.rss_max_bytes)}"
     if run.system.gpu_name is None and sm.peak_allocated_bytes is None:
         return f"- **Peak Memory**: GPU memory not measured (CPU run); {rss}"
     nvml = (
         "device use not measured (no NVML)"
         if sm.device_used_max_bytes is None
-        else f"{with_unit(fmt_gb(sm.device_used_max_bytes), 'GB')} used on the device (NVML, all processes)"
+        else f"{gbs(sm.device_used_max_bytes)} used on the device (NVML, all processes)"
     )
     return (
-        f"- **Peak Memory**: {with_unit(fmt_gb(sm.peak_allocated_bytes), 'GB')} allocated, "
-        f"{with_unit(fmt_gb(sm.peak_reserved_bytes), 'GB')} reserved (CUDA allocator); {nvml}; {rss}"
+        f"- **Peak Memory**: {gbs(sm.peak_allocated_bytes)} allocated, "
+        f"{gbs(sm.peak_reserved_bytes)} reserved (CUDA allocator); {nvml}; {rss}"
     )
 
 
@@ -375,22 +372,22 @@ def _inference_stats(run: RunRecord, sm: RunSummary) -> list[str]:
     experts = "; ".join(f"{name}: steps {_ranges(steps)}" for name, steps in sm.experts.items()) or NA
     lines += [
         f"- **Steps recorded**: {_steps_cell(sm)} (experts: {experts}; CFG: {', '.join(sm.cfg_modes) or NA})",
-        f"- **First step (warm-up)**: {with_unit(fmt_s(sm.first_step_s), 's')}",
-        f"- **Steady state** (steps after the first): mean {with_unit(fmt_s(sm.steady_mean_s), 's')}, median "
-        f"{with_unit(fmt_s(sm.steady_median_s), 's')}, p90 {with_unit(fmt_s(sm.steady_p90_s), 's')}, "
-        f"IQR {with_unit(fmt_s(sm.steady_iqr_s), 's')}",
-        f"- **Avg Time per Step** (loading + inference): {with_unit(fmt_s(sm.s_per_step), 's')}",
+        f"- **First step (warm-up)**: {secs(sm.first_step_s)}",
+        f"- **Steady state** (steps after the first): mean {secs(sm.steady_mean_s)}, median "
+        f"{secs(sm.steady_median_s)}, p90 {secs(sm.steady_p90_s)}, "
+        f"IQR {secs(sm.steady_iqr_s)}",
+        f"- **Avg Time per Step** (loading + inference): {secs(sm.s_per_step)}",
         f"- **Step loading**: {fmt_s(sm.loading_total_s)} s in total "
-        f"({with_unit(fmt_pct(sm.loading_share_pct), '%')} of step time)",
-        f"- **Avg {label}** (steps): {with_unit(fmt_pct(sm.step_activity_pct), '%')} "
-        f"(max {with_unit(fmt_pct(sm.step_activity_max_pct), '%')})",
+        f"({pcts(sm.loading_share_pct)} of step time)",
+        f"- **Avg {label}** (steps): {pcts(sm.step_activity_pct)} "
+        f"(max {pcts(sm.step_activity_max_pct)})",
         f"- **Total Inference Load**: {fmt_load(sm.inference_load)}",
         f"- **Throughput**: {with_unit(fmt_tflops(sm.steps_tflops), 'TFLOP/s')}; "
         + (
-            f"MFU {with_unit(fmt_pct(sm.mfu_pct), '%')} of a "
+            f"MFU {pcts(sm.mfu_pct)} of a "
             f"{with_unit(fmt_tflops(sm.peak_tflops), 'TFLOP/s')} peak; "
-            f"FLOP floor {with_unit(fmt_s(sm.steps_floor_s), 's')} for the steps (measured "
-            f"{fmt_s(sm.inference_total_s)} s), {with_unit(fmt_s(sm.total_floor_s), 's')} for the run"
+            f"FLOP floor {secs(sm.steps_floor_s)} for the steps (measured "
+            f"{fmt_s(sm.inference_total_s)} s), {secs(sm.total_floor_s)} for the run"
             if sm.peak_tflops is not None
             else f"MFU and FLOP floor n/a (no dense bf16 peak is known for this device); "
             f"steps measured {fmt_s(sm.inference_total_s)} s"
@@ -454,9 +451,6 @@ def _memory_trace(run: RunRecord) -> list[str]:
 def _memory_telemetry(run: RunRecord, sm: RunSummary) -> list[str]:
     capacity = sm.gpu_memory_bytes
 
-    def gb(value: int | None) -> str:
-        return with_unit(fmt_gb(value), "GB")
-
     def on_device(kind: str, what: str) -> str:
         stages = [s for s in run.top_level if s.kind == kind and not s.cached]
         if not stages:
@@ -467,8 +461,8 @@ def _memory_telemetry(run: RunRecord, sm: RunSummary) -> list[str]:
         peak = sm.t5_peak_bytes if kind == "encode" else sm.vae_peak_bytes
         growth = sm.t5_activation_bytes if kind == "encode" else sm.vae_activation_bytes
         return (
-            f"- **{what}**: activation growth {gb(growth)} (allocator peak minus the allocation at the "
-            f"stage's start); allocator peak during the stage {gb(peak)} (weights and everything else "
+            f"- **{what}**: activation growth {gbs(growth)} (allocator peak minus the allocation at the "
+            f"stage's start); allocator peak during the stage {gbs(peak)} (weights and everything else "
             "resident included)"
         )
 
@@ -476,7 +470,7 @@ def _memory_telemetry(run: RunRecord, sm: RunSummary) -> list[str]:
         return [
             "### Memory Telemetry",
             "",
-            f"- **GPU memory**: not measured (CPU run); peak process RSS {gb(sm.rss_max_bytes)}",
+            f"- **GPU memory**: not measured (CPU run); peak process RSS {gbs(sm.rss_max_bytes)}",
             "",
         ]
     free_what = {
@@ -487,11 +481,11 @@ def _memory_telemetry(run: RunRecord, sm: RunSummary) -> list[str]:
     return [
         "### Memory Telemetry",
         "",
-        f"- **Resident at the first step** (weights + latents): {gb(sm.resident_at_first_step_bytes)}",
-        f"- **DiT activation peak** (step peak above its start): {gb(sm.step_activation_peak_bytes)}",
+        f"- **Resident at the first step** (weights + latents): {gbs(sm.resident_at_first_step_bytes)}",
+        f"- **DiT activation peak** (step peak above its start): {gbs(sm.step_activation_peak_bytes)}",
         on_device("encode", "T5 encoding"),
         on_device("decode", "VAE decoding"),
-        f"- **Device capacity**: {gb(capacity)}; free at the peak: {gb(sm.free_bytes)}"
+        f"- **Device capacity**: {gbs(capacity)}; free at the peak: {gbs(sm.free_bytes)}"
         + (f" ({free_what})" if free_what and sm.free_bytes is not None else ""),
         "",
     ] + _memory_trace(run)
@@ -507,7 +501,3 @@ def _analysis_lines(analysis: RunAnalysis) -> list[str]:
         lines.append(f"{i}. {rec.text} (estimated gain {fmt_s(rec.gain_s)} s)")
     return lines + [""]
 
-
-def summary_for(run: RunRecord) -> tuple[RunSummary, RunAnalysis]:
-    sm = summarize_run(run)
-    return sm, analyze_run(run, sm)

@@ -1,9 +1,9 @@
-"""Small pure statistics used by the session and the report: time-weighted activity, percentiles."""
+"""Small pure statistics used by assembly and the figures: time-weighted means, percentiles, maxima."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .records import Sample
@@ -64,3 +64,18 @@ def mean(values: Sequence[float]) -> float:
     if not values:
         raise ValueError("mean of an empty sequence")
     return sum(values) / len(values)
+
+
+def time_weighted_mean(values: Iterable[tuple[float | None, float]]) -> float | None:
+    """Mean of (value, seconds) pairs weighted by their seconds; pairs with no value or no time
+    are left out, and with none left the mean is None (not measured), never 0."""
+    known = [(value, seconds) for value, seconds in values if value is not None and seconds > 0]
+    if not known:
+        return None
+    return sum(value * seconds for value, seconds in known) / sum(seconds for _, seconds in known)
+
+
+def max_known(values: Iterable[int | None]) -> int | None:
+    """The largest of the measured values, None when none was measured."""
+    known = [v for v in values if v is not None]
+    return max(known) if known else None

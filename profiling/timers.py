@@ -1,4 +1,5 @@
-"""Clocks for stage timing: the real monotonic clock and a fake one that tests advance by hand.
+"""Clocks for stage timing: the real monotonic clock and a fake one that tests advance by hand;
+`utc_now_iso` stamps the wall-clock time a run was recorded.
 
 Stage wall time is read from the clock after the device has been synchronised (see
 `memory.DeviceProbe.synchronize`), so queued GPU work is counted in the stage that issued it.
@@ -48,3 +49,7 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         time.sleep(min(seconds, 0.001))
+
+
+def utc_now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -389,7 +389,7 @@ def test_stage_device_comes_from_its_facts() -> None:
     """T5 on the CPU inside a CUDA session: recorded on the CPU, without the GPU's memory or
     activity, and without MFU; a stage stating plain "cuda" is the session's CUDA device."""
     from wanbench.profiling import render_markdown, summarize_run
-    from wanbench.profiling.analysis import stage_mfu_pct
+    from wanbench.profiling.figures import stage_mfu_pct
 
     session, clock, gpu, dev, host = _rig()
     with session:
@@ -505,7 +505,7 @@ def test_a_closed_session_is_collected_and_its_thread_ended() -> None:
 
 def test_merge_sample_pairs_weights_by_time_and_keeps_peaks() -> None:
     from wanbench.profiling.records import Sample
-    from wanbench.profiling.session import merge_sample_pairs
+    from wanbench.profiling.telemetry import merge_sample_pairs
 
     samples = [
         Sample(t_s=0.0, activity_pct=0.0, device_used_bytes=1),

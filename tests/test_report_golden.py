@@ -136,7 +136,7 @@ def test_busy_only_report_never_says_sm_activity() -> None:
 
 
 def test_formatting_never_turns_unmeasured_or_tiny_into_zero() -> None:
-    from wanbench.profiling.report import fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops
+    from wanbench.profiling.formatting import fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops
 
     assert {fmt_s(None), fmt_gb(None), fmt_pct(None), fmt_load(None), fmt_tflops(None)} == {"n/a"}
     assert fmt_s(3e-5) == "3.0e-05" and fmt_s(0.0042) == "0.0042" and fmt_s(12.345) == "12.35"

@@ -17,7 +17,8 @@ import torch
 from make_golden_report import run_cpu_tiny, run_t2v_l40s
 from wanbench.cli import describe_error, main
 from wanbench.nodes.comfy_bridge import Bridge
-from wanbench.profiling.analysis import analyze_run, stage_tflops, summarize_run
+from wanbench.profiling import analyze_run, summarize_run
+from wanbench.profiling.figures import stage_tflops
 from wanbench.runner import NODE_NOTE_PREFIX, WorkflowError, run_workflow
 from wanbench.wan_core.errors import CheckpointError
 
