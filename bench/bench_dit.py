@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from wanbench.wan_core.checkpoints.dit import dit_to_diffusers
 from wanbench.wan_core.config import DiTConfig
 from wanbench.wan_core.dit import WanDiT
-from wanbench.wan_core.weights import dit_to_diffusers
 
 from .bench_matmul import measure_matmul_ceiling
 from .common import format_table, interleaved, load_average, summarize, write_result

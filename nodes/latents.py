@@ -10,6 +10,7 @@ means the A14B tasks.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -170,6 +171,7 @@ class WanImageToVideo:
         unique_id: str | None = None,
     ) -> tuple[dict[str, Any]]:
         from ..wan_core import conditioning
+        from ..wan_core.vae_stages import encode_video
 
         if not isinstance(start_image, torch.Tensor) or start_image.dim() != 4 or start_image.shape[-1] != 3:
             got = (
@@ -188,7 +190,9 @@ class WanImageToVideo:
             maybe_profile(profiler, unique_id, [STAGE_PREPROCESS]),
             single_stage(*STAGE_PREPROCESS, mode=task.dit.model_type),
         ):
-            condition = build(image, num_frames=length, max_area=width * height, task=task, encode=vae.encode)
+            condition = build(
+                image, num_frames=length, max_area=width * height, task=task, encode=partial(encode_video, vae)
+            )
         shape = condition.latent_shape  # (C, T, h, w) of the noise
         samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)
         out_w, out_h = condition.pixel_size

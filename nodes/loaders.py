@@ -119,8 +119,8 @@ class WanModelLoader:
         unique_id: str | None = None,
     ) -> tuple[T.WanModel]:
         from ..wan_core.attention import get_backend
+        from ..wan_core.checkpoints.dit import load_experts
         from ..wan_core.config import TASK_BY_MODEL_TYPE
-        from ..wan_core.weights import load_experts
 
         if model_low == model_high:
             raise ValueError(
@@ -194,7 +194,7 @@ class WanTextEncoderLoader:
     def load(
         self, text_encoder: str, dtype: str, device: str, profiler: Any = None, unique_id: str | None = None
     ) -> tuple[Any]:
-        from ..wan_core.t5 import load_text_encoder
+        from ..wan_core.checkpoints.t5 import load_text_encoder
 
         path = bridge.resolve_model(bridge.FOLDER_TEXT_ENCODERS, text_encoder)
         with (
@@ -240,7 +240,7 @@ class WanVAELoader:
     def load(
         self, vae: str, dtype: str, device: str, profiler: Any = None, unique_id: str | None = None
     ) -> tuple[Any]:
-        from ..wan_core.vae import load_vae
+        from ..wan_core.vae_stages import load_vae_for_stages
 
         path = bridge.resolve_model(bridge.FOLDER_VAE, vae)
         with (
@@ -248,7 +248,7 @@ class WanVAELoader:
             single_stage(*STAGE_INIT),
             single_stage(*STAGE_VAE, component="vae"),
         ):
-            model = load_vae(path, device=resolve_device(device), dtype=DTYPES[dtype])
+            model = load_vae_for_stages(path, device=resolve_device(device), dtype=DTYPES[dtype])
         if profiler is not None:
             profiler.set_context(vae_dtype=dtype)
         return (model,)

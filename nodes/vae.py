@@ -83,12 +83,14 @@ class WanVAEDecode:
                 f"latent must be a video LATENT with samples (B, {z_dim}, T, h, w) for the "
                 f"{vae.config.variant} VAE; got {got}"
             )
+        from ..wan_core.vae_stages import decode_video
+
         frames = []
         for item in samples:  # one video at a time
-            # WanVAE.decode traces the VAE_Decoding stage itself.
+            # decode_video traces the VAE_Decoding stage.
             with maybe_profile(profiler, unique_id, [STAGE_DECODE]):
-                video = vae.decode(
-                    item[None], tiling=None if tiling == "none" else tiling, callback=_ChunkProgress()
+                video = decode_video(
+                    vae, item[None], tiling=None if tiling == "none" else tiling, callback=_ChunkProgress()
                 )
             frames.append(video_to_images(video))
         return (torch.cat(frames, dim=0),)

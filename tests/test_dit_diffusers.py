@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from wanbench.wan_core.checkpoints.dit import dit_from_diffusers, dit_to_diffusers
 from wanbench.wan_core.config import DiTConfig, preset
 from wanbench.wan_core.dit import WanDiT
-from wanbench.wan_core.weights import dit_from_diffusers, dit_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 

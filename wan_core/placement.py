@@ -19,7 +19,7 @@ Numbers do not depend on the policy: the same tensors are used, only their locat
 model code knows about placement; everything here is `.to()`, `.data` swaps and module hooks, and
 `close()` (also on errors and interrupts, through the context manager) removes every hook.
 
-Weight dtypes are chosen when loading (`load_dit(..., dtype=)`) or with `cast_weights`
+Weight dtypes are chosen when loading (`checkpoints.dit.load_dit(..., dtype=)`) or with `cast_weights`
 (fp32 / bf16 / fp16). `store_fp8(model)` keeps the matrices of every transformer block in
 float8_e4m3fn with a per-tensor scale (as fp8-scaled checkpoints store them; re-quantising weights
 read from such a file gives back the same fp8 values) and dequantises one block at a time, right
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .weights import COMFY_DIT_PREFIX, FP8_DTYPES, FP8_SCALE_SUFFIX, quantise_fp8_scaled
+from .checkpoints.io import COMFY_DIT_PREFIX, FP8_DTYPES, FP8_SCALE_SUFFIX, quantise_fp8_scaled
 
 log = logging.getLogger(__name__)
 
