@@ -15,17 +15,14 @@ from typing import Any
 
 import torch
 
+from ..wan_core.config import I2V_A14B, PREPROCESS_STAGE, T2V_A14B, TI2V_5B
 from . import types as T
 from .profiler_handle import maybe_profile, single_stage
 from .validation import FRAME_STEP, MAX_FRAMES, MAX_SIZE, SIZE_STEP, check_frames, check_size, first_problem
 
-STAGE_PREPROCESS = ("TI2V_Preprocess", "preprocess")
-
 
 def task_for_vae(vae: Any, *, with_image: bool) -> Any:
     """The task preset a VAE belongs to, with the loaded VAE's own config."""
-    from ..wan_core.config import I2V_A14B, T2V_A14B, TI2V_5B
-
     variant = vae.config.variant
     if variant == "wan2.2":
         base = TI2V_5B
@@ -116,8 +113,8 @@ class WanEmptyLatent:
     ) -> tuple[dict[str, Any]]:
         task = task_for_vae(vae, with_image=False)
         with (
-            maybe_profile(profiler, unique_id, [STAGE_PREPROCESS]),
-            single_stage(*STAGE_PREPROCESS, mode="t2v"),
+            maybe_profile(profiler, unique_id, [PREPROCESS_STAGE]),
+            single_stage(*PREPROCESS_STAGE, mode="t2v"),
         ):
             shape = task.latent_shape(width, height, length)  # (z, T, h, w); raises on bad geometry
             samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)
@@ -187,8 +184,8 @@ class WanImageToVideo:
         image = start_image[0]  # (H, W, 3): IMAGE -> one RGB image
         build = conditioning.ti2v_condition if task.dit.model_type == "ti2v" else conditioning.i2v_condition
         with (
-            maybe_profile(profiler, unique_id, [STAGE_PREPROCESS]),
-            single_stage(*STAGE_PREPROCESS, mode=task.dit.model_type),
+            maybe_profile(profiler, unique_id, [PREPROCESS_STAGE]),
+            single_stage(*PREPROCESS_STAGE, mode=task.dit.model_type),
         ):
             condition = build(
                 image, num_frames=length, max_area=width * height, task=task, encode=partial(encode_video, vae)

@@ -12,26 +12,29 @@ from typing import Any
 
 import torch
 
+from ..wan_core.config import (
+    BATCHED_CFG,
+    PLACEMENTS,
+    SEQUENTIAL_CFG,
+    SOLVERS,
+    T2V_A14B,
+    TI2V_5B,
+    sampling_stages,
+)
 from . import comfy_bridge as bridge
 from . import types as T
 from .profiler_handle import maybe_profile
 from .validation import check_int_range, check_open_unit, check_positive_float, first_problem
 
-SOLVERS = ("unipc", "dpm++", "euler")
-PLACEMENTS = ("none", "model", "blocks")
 MAX_STEPS = 1000
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_GUIDANCE = 30.0
 MAX_SHIFT = 100.0
 MAX_RESIDENT_BLOCKS = 64
-
-
-def step_stages(num_steps: int) -> list[tuple[str, str]]:
-    """The (name, kind) pairs one sampling run records, in order."""
-    stages: list[tuple[str, str]] = []
-    for i in range(num_steps):
-        stages += [(f"Step_{i}_Loading", "step-loading"), (f"Step_{i}_Inference", "step-inference")]
-    return stages
+# Widget defaults: the sampler preset of TI2V-5B (the task of the default 1280x704x121 latent);
+# the expert switch, which TI2V-5B does not use, defaults to T2V-A14B's.
+DEFAULTS = TI2V_5B.sampler
+DEFAULT_BOUNDARY = T2V_A14B.sampler.boundary
 
 
 class WanSampler:
@@ -69,7 +72,7 @@ class WanSampler:
                 "steps": (
                     "INT",
                     {
-                        "default": 50,
+                        "default": DEFAULTS.steps,
                         "min": 1,
                         "max": MAX_STEPS,
                         "tooltip": "Denoising steps: 50 for TI2V-5B, 40 for A14B.",
@@ -78,7 +81,7 @@ class WanSampler:
                 "shift": (
                     "FLOAT",
                     {
-                        "default": 5.0,
+                        "default": DEFAULTS.shift,
                         "min": 0.01,
                         "max": MAX_SHIFT,
                         "step": 0.01,
@@ -88,7 +91,7 @@ class WanSampler:
                 "boundary": (
                     "FLOAT",
                     {
-                        "default": 0.875,
+                        "default": DEFAULT_BOUNDARY,
                         "min": 0.001,
                         "max": 0.999,
                         "step": 0.001,
@@ -99,7 +102,7 @@ class WanSampler:
                 "guidance_high": (
                     "FLOAT",
                     {
-                        "default": 5.0,
+                        "default": DEFAULTS.guide_scale[1],
                         "min": 0.0,
                         "max": MAX_GUIDANCE,
                         "step": 0.1,
@@ -110,14 +113,14 @@ class WanSampler:
                 "guidance_low": (
                     "FLOAT",
                     {
-                        "default": 5.0,
+                        "default": DEFAULTS.guide_scale[0],
                         "min": 0.0,
                         "max": MAX_GUIDANCE,
                         "step": 0.1,
                         "tooltip": "CFG scale of the low-noise expert (3.0 T2V, 3.5 I2V). Unused by TI2V-5B.",
                     },
                 ),
-                "solver": (list(SOLVERS), {"default": "unipc", "tooltip": "Flow-matching solver."}),
+                "solver": (list(SOLVERS), {"default": DEFAULTS.solver, "tooltip": "Flow-matching solver."}),
                 "batched_cfg": (
                     "BOOLEAN",
                     {
@@ -129,7 +132,7 @@ class WanSampler:
                 "placement": (
                     list(PLACEMENTS),
                     {
-                        "default": "none",
+                        "default": PLACEMENTS[0],
                         "tooltip": "Weights placement: none = all on the GPU; "
                         "model = the expert not in use waits "
                         "on the CPU; blocks = stream transformer blocks from pinned CPU memory.",
@@ -217,7 +220,7 @@ class WanSampler:
             guide_scale=(guidance_low, guidance_high),
             boundary=boundary if task.is_moe else None,
             seed=seed,
-            cfg_mode="batched" if batched_cfg else "sequential",
+            cfg_mode=BATCHED_CFG if batched_cfg else SEQUENTIAL_CFG,
             placement=placement,
             num_resident_blocks=resident_blocks,
         )
@@ -237,7 +240,7 @@ class WanSampler:
             progress(index + 1)
             bridge.check_interrupt()
 
-        with maybe_profile(profiler, unique_id, step_stages(steps)):
+        with maybe_profile(profiler, unique_id, sampling_stages(steps)):
             out = sample(
                 list(model.experts),
                 task,

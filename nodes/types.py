@@ -46,8 +46,6 @@ class WanModel:
 
     experts: tuple[Any, ...]
     task: WanConfig
-    files: tuple[str, ...]
-    placement: str = "none"
     attention: str = "sdpa"
 
 

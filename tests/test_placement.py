@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_sampler import dit_config, load_pipeline, weight_files
 from wanbench.wan_core.checkpoints.dit import load_dit, save_dit
 from wanbench.wan_core.checkpoints.io import COMFY_DIT_PREFIX
-from wanbench.wan_core.config import preset
+from wanbench.wan_core.config import preset, weight_dtype
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.placement import (
     BlockSwap,
@@ -21,7 +21,6 @@ from wanbench.wan_core.placement import (
     make_placement,
     store_fp8,
     store_fp8_from_state_dict,
-    weight_dtype,
 )
 from wanbench.wan_core.sampler import sample
 

@@ -44,10 +44,15 @@ class RecordingTracer:
         self.events.append((name, facts))
 
 
+# Official config switches that every Wan2.2 model has on; WanDiT always builds them (no fields).
+ALWAYS_ON = ("qk_norm", "cross_attn_norm")
+
+
 def dit_config(model_config: dict) -> DiTConfig:
+    assert all(model_config.get(name, True) is True for name in ALWAYS_ON), model_config
     fields = {**model_config, "patch_size": tuple(model_config["patch_size"]),
               "window_size": tuple(model_config["window_size"])}
-    return DiTConfig(**fields)
+    return DiTConfig(**{k: v for k, v in fields.items() if k not in ALWAYS_ON})
 
 
 def weight_files(fixture: dict) -> list[str]:

@@ -24,13 +24,13 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from .config import HALF_DTYPES
 from .errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 SupportsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], "str | None"]
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,11 @@ BACKENDS: Mapping[str, AttentionBackend] = MappingProxyType({
     "sage": AttentionBackend("sage", _sage, _sage_supports, "sageattention",
                              "pip install sageattention", exact=False),
 })
+AUTO_BACKEND = "auto"  # picks the first exact backend of AUTO_ORDER that supports the inputs
 AUTO_ORDER = ("flash_attn", "sdpa")
+REFERENCE_BACKEND = "sdpa"
+# Every name a caller may choose (a node's widget lists them in this order: the reference first).
+BACKEND_CHOICES = (REFERENCE_BACKEND, AUTO_BACKEND, *(n for n in BACKENDS if n != REFERENCE_BACKEND))
 
 
 @dataclass

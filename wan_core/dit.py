@@ -430,7 +430,3 @@ class WanDiT(nn.Module):
         pt, ph, pw = self.config.patch_size
         return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
                          f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw).float()
-
-    def flops(self, latent_thw: tuple[int, int, int], *, batch: int = 1) -> float:
-        """Analytic FLOPs of one forward on a (T, h, w) latent (time MLP counted once per sample)."""
-        return self.config.flops_forward(self.config.num_tokens(latent_thw), batch=batch)

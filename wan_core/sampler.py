@@ -40,17 +40,25 @@ import torch
 from torch import nn
 
 from .conditioning import first_frame_mask, pin_first_frame, token_timesteps
-from .config import NUM_TRAIN_TIMESTEPS, SOLVERS, SamplerConfig, WanConfig
-from .placement import OFFLOAD_DEVICE, PLACEMENTS, Placement, make_placement
+from .config import (
+    BATCHED_CFG,
+    CFG_MODES,
+    CFG_OFF,
+    NUM_TRAIN_TIMESTEPS,
+    PLACEMENTS,
+    SOLVERS,
+    SamplerConfig,
+    WanConfig,
+    step_stages,
+)
+from .placement import OFFLOAD_DEVICE, Placement, make_placement
 from .schedulers import FlowScheduler, make_scheduler
 from .trace import event, stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CFG_MODES", "SamplerOptions", "StepCallback", "make_noise", "select_expert", "guidance_for",
-           "sample"]
+__all__ = ["SamplerOptions", "StepCallback", "make_noise", "select_expert", "guidance_for", "sample"]
 
-CFG_MODES = ("batched", "sequential")
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -70,7 +78,7 @@ class SamplerOptions:
     guide_scale: tuple[float, float] | float
     boundary: float | None = None
     seed: int = 0
-    cfg_mode: str = "batched"
+    cfg_mode: str = BATCHED_CFG
     placement: str = "none"
     num_resident_blocks: int = 0
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
@@ -99,7 +107,7 @@ class SamplerOptions:
     @classmethod
     def from_config(cls, cfg: SamplerConfig, *, solver: str | None = None, steps: int | None = None,
                     shift: float | None = None, guide_scale: tuple[float, float] | None = None,
-                    boundary: float | None = None, seed: int = 0, cfg_mode: str = "batched",
+                    boundary: float | None = None, seed: int = 0, cfg_mode: str = BATCHED_CFG,
                     placement: str = "none", num_resident_blocks: int = 0) -> SamplerOptions:
         """A task's sampler defaults with the given overrides (None keeps the default)."""
         return cls(solver=cfg.solver if solver is None else solver,
@@ -221,15 +229,16 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         t_int = int(t)
         name = select_expert(t_int, opts.boundary, num_train_timesteps=opts.num_train_timesteps)
         g = guidance_for(name, opts.guide_scale)
-        cfg_mode = "off" if g == 1.0 else opts.cfg_mode
-        passes = 1 if cfg_mode == "off" else 2
+        cfg_mode = CFG_OFF if g == 1.0 else opts.cfg_mode
+        passes = 1 if cfg_mode == CFG_OFF else 2
         facts = dict(step=i, expert=name, cfg_mode=cfg_mode, timestep=t_int)
         if name != previous and previous is not None:
             event("expert_switch", step=i, expert=name, timestep=t_int)
         previous = name
-        with stage(f"Step_{i}_Loading", kind="step-loading", flops=0.0, **facts, **placement_facts):
+        loading, inference = step_stages(i)
+        with stage(loading.name, kind=loading.kind, flops=0.0, **facts, **placement_facts):
             model = placement.activate(names.index(name))
-        with stage(f"Step_{i}_Inference", kind="step-inference", flops=passes * run.flops_one, **facts):
+        with stage(inference.name, kind=inference.kind, flops=passes * run.flops_one, **facts):
             if run.per_token_t:
                 t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
                                           seq_len=run.seq_len)  # (1, seq_len) float32
@@ -252,9 +261,9 @@ def _guided_prediction(model: nn.Module, latent: torch.Tensor, t_model: torch.Te
     """
     x = latent[None]  # (1, C, T, h, w)
     y = None if run.y is None else run.y[None]
-    if cfg_mode == "off":
+    if cfg_mode == CFG_OFF:
         return model(x, t_model, [run.context], seq_len=run.seq_len, y=y)[0].float()
-    if cfg_mode == "batched":
+    if cfg_mode == BATCHED_CFG:
         t2 = t_model.expand(2, *t_model.shape[1:])
         y2 = None if y is None else y.expand(2, -1, -1, -1, -1)
         out = model(x.expand(2, -1, -1, -1, -1), t2, [run.context, run.context_null], seq_len=run.seq_len,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DEFAULT_NEGATIVE_PROMPT, UMT5Config
+from .config import DEFAULT_NEGATIVE_PROMPT, T5_ENCODE_STAGE, UMT5Config
 from .errors import WanError
 from .tokenizer import WanTokenizer, check_prompts
 from .trace import stage
@@ -319,9 +319,9 @@ class TextEncoder:
         """
         check_prompts([prompt, negative], what="prompt and negative prompt")
         negative = DEFAULT_NEGATIVE_PROMPT if negative == "" else negative
-        cfg = self.config
-        with stage("T5_Encoding", kind="encode", flops=cfg.flops_forward(self.tokenizer.text_len, batch=2),
-                   device=str(self.device), dtype=str(self.encoder.token_embedding.weight.dtype)):
+        flops = self.config.flops_forward(self.tokenizer.text_len, batch=2)
+        with stage(T5_ENCODE_STAGE.name, kind=T5_ENCODE_STAGE.kind, flops=flops, device=str(self.device),
+                   dtype=str(self.encoder.token_embedding.weight.dtype)):
             context = self.encode([prompt], output_device=output_device)[0]
             context_null = self.encode([negative], output_device=output_device)[0]
         return context, context_null

@@ -18,6 +18,7 @@ import torch
 
 from .checkpoints.io import PathLike
 from .checkpoints.vae import load_vae
+from .config import NO_TILING, VAE_DECODE_STAGE, VAE_ENCODE_STAGE
 from .flops import count_vae_flops_ahead, vae_decode_flops, vae_flops
 from .trace import current_tracer, stage
 from .vae import ChunkCallback, WanVAE
@@ -46,7 +47,7 @@ def encode_video(vae: WanVAE, video: torch.Tensor, *, chunk_frames: int | None =
     s = cfg.spatial_stride
     latent_shape = (b, cfg.z_dim, cfg.latent_frames(f), h // s, w // s)
     flops = vae_flops(cfg, "encode", tuple(video.shape)) if current_tracer() is not None else None
-    with stage("VAE_Encoding", kind="preprocess", flops=flops, vae=cfg.variant,
+    with stage(VAE_ENCODE_STAGE.name, kind=VAE_ENCODE_STAGE.kind, flops=flops, vae=cfg.variant,
                input_shape=tuple(video.shape), latent_shape=latent_shape):
         return vae.encode(video, chunk_frames=chunk_frames)
 
@@ -65,6 +66,7 @@ def decode_video(vae: WanVAE, raw: torch.Tensor, *, tiling: VAETiling | str | No
     s = cfg.spatial_stride
     out_shape = (b, PIXEL_CHANNELS, cfg.pixel_frames(t), h * s, w * s)
     flops = vae_decode_flops(cfg, tuple(raw.shape), plan) if current_tracer() is not None else None
-    with stage("VAE_Decoding", kind="decode", flops=flops, vae=cfg.variant, latent_shape=tuple(raw.shape),
-               output_shape=out_shape, tiling="none" if plan is None else plan.describe()):
+    with stage(VAE_DECODE_STAGE.name, kind=VAE_DECODE_STAGE.kind, flops=flops, vae=cfg.variant,
+               latent_shape=tuple(raw.shape), output_shape=out_shape,
+               tiling=NO_TILING if plan is None else plan.describe()):
         return vae.decode(raw, tiling=plan, callback=callback, chunk_frames=chunk_frames, clamp=clamp)

@@ -24,11 +24,8 @@ from typing import Protocol
 
 import torch
 
-from .config import VAEConfig
+from .config import AUTO_TILING, NO_TILING, VAEConfig
 from .vae_blocks import PIXEL_CHANNELS, chunk_ranges
-
-AUTO = "auto"
-NO_TILING = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,11 +67,11 @@ def resolve_tiling(tiling: object) -> VAETiling | None:
     """None / "none" -> untiled; "auto" -> default `VAETiling()`; a `VAETiling` is used as is."""
     if tiling is None or tiling == NO_TILING:
         return None
-    if tiling == AUTO:
+    if tiling == AUTO_TILING:
         return VAETiling()
     if isinstance(tiling, VAETiling):
         return tiling
-    raise TypeError(f"tiling must be None, {NO_TILING!r}, {AUTO!r} or a VAETiling; got {tiling!r}")
+    raise TypeError(f"tiling must be None, {NO_TILING!r}, {AUTO_TILING!r} or a VAETiling; got {tiling!r}")
 
 
 def axis_weights(tiles: list[tuple[int, int]], index: int, scale: int) -> torch.Tensor:

@@ -404,7 +404,7 @@ def _save_diffusers(tensors: dict[str, torch.Tensor], target: Path, config: DiTC
         "num_attention_heads": config.num_heads, "attention_head_dim": config.head_dim,
         "in_channels": config.in_dim, "out_channels": config.out_dim, "text_dim": config.text_dim,
         "freq_dim": config.freq_dim, "ffn_dim": config.ffn_dim, "num_layers": config.num_layers,
-        "cross_attn_norm": config.cross_attn_norm, "qk_norm": "rms_norm_across_heads", "eps": config.eps,
+        "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": config.eps,
         "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
         "text_len": config.text_len,  # not a diffusers field (its pipelines pad to 512); kept for reloading
     }
