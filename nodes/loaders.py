@@ -52,7 +52,7 @@ class WanModelLoader:
     """Loads the DiT: one file (TI2V-5B) or the high-noise and low-noise experts (A14B)."""
 
     CATEGORY = T.CATEGORY
-    RETURN_TYPES = (T.MODEL,)
+    RETURN_TYPES = (T.DIT_EXPERTS,)
     RETURN_NAMES = ("model",)
     # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
     MODEL_FOLDERS: ClassVar[dict[str, str]] = {
@@ -116,7 +116,7 @@ class WanModelLoader:
         device: str,
         profiler: Any = None,
         unique_id: str | None = None,
-    ) -> tuple[T.WanModel]:
+    ) -> tuple[T.DiTExperts]:
         from ..wan_core.attention import get_backend
         from ..wan_core.checkpoints.dit import load_experts
         from ..wan_core.config import TASK_BY_MODEL_TYPE
@@ -151,7 +151,7 @@ class WanModelLoader:
             expert.attention_backend = attention
         if profiler is not None:
             profiler.set_context(task=task.name, dit_dtype=dtype, attention_backend=attention)
-        return (T.WanModel(experts=tuple(experts), task=task, attention=attention),)
+        return (T.DiTExperts(experts=tuple(experts), task=task, attention=attention),)
 
 
 class WanTextEncoderLoader:

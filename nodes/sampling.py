@@ -19,12 +19,13 @@ from ..wan_core.config import (
     SOLVERS,
     T2V_A14B,
     TI2V_5B,
+    GuideScale,
     sampling_stages,
 )
 from . import comfy_bridge as bridge
 from . import types as T
 from .profiler_handle import maybe_profile
-from .validation import check_int_range, check_open_unit, check_positive_float, first_problem
+from .validation import check_float_range, check_int_range, check_open_unit, first_problem
 
 MAX_STEPS = 1000
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -50,7 +51,7 @@ class WanSampler:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "model": (T.MODEL, {"tooltip": "From Wan Model Loader."}),
+                "model": (T.DIT_EXPERTS, {"tooltip": "From Wan Model Loader."}),
                 "text_embeds": (T.TEXT_EMBEDS, {"tooltip": "From Wan Text Encode."}),
                 "latent": (
                     T.LATENT,
@@ -102,7 +103,7 @@ class WanSampler:
                 "guidance_high": (
                     "FLOAT",
                     {
-                        "default": DEFAULTS.guide_scale[1],
+                        "default": DEFAULTS.guide_scale.high,
                         "min": 0.0,
                         "max": MAX_GUIDANCE,
                         "step": 0.1,
@@ -113,7 +114,7 @@ class WanSampler:
                 "guidance_low": (
                     "FLOAT",
                     {
-                        "default": DEFAULTS.guide_scale[0],
+                        "default": DEFAULTS.guide_scale.low,
                         "min": 0.0,
                         "max": MAX_GUIDANCE,
                         "step": 0.1,
@@ -163,15 +164,15 @@ class WanSampler:
     ) -> bool | str:
         return first_problem(
             check_int_range("steps", steps, 1, MAX_STEPS),
-            check_positive_float("shift", shift, 0.01, MAX_SHIFT),
+            check_float_range("shift", shift, 0.01, MAX_SHIFT),
             check_open_unit("boundary", boundary),
-            check_positive_float("guidance_high", guidance_high, 0.0, MAX_GUIDANCE),
-            check_positive_float("guidance_low", guidance_low, 0.0, MAX_GUIDANCE),
+            check_float_range("guidance_high", guidance_high, 0.0, MAX_GUIDANCE),
+            check_float_range("guidance_low", guidance_low, 0.0, MAX_GUIDANCE),
         )
 
     def sample(
         self,
-        model: T.WanModel,
+        model: T.DiTExperts,
         text_embeds: T.TextEmbeds,
         latent: dict[str, Any],
         seed: int,
@@ -213,12 +214,13 @@ class WanSampler:
                 f"{task.name} needs a start image: feed the latent from Wan Image To Video "
                 f"with the Wan2.1 VAE"
             )
-        opts = SamplerOptions(
+        opts = SamplerOptions.from_config(
+            task.sampler,  # the task's defaults; every widget value overrides its own
             solver=solver,
             steps=steps,
             shift=shift,
-            guide_scale=(guidance_low, guidance_high),
-            boundary=boundary if task.is_moe else None,
+            guide_scale=GuideScale(high=guidance_high, low=guidance_low),
+            boundary=boundary if task.is_moe else None,  # None keeps the preset's (None for TI2V-5B)
             seed=seed,
             cfg_mode=BATCHED_CFG if batched_cfg else SEQUENTIAL_CFG,
             placement=placement,

@@ -19,7 +19,7 @@ import torch
 from ..wan_core.config import WanConfig
 
 PROFILER = "WANBENCH_PROFILER"
-MODEL = "WAN22_DIT"
+DIT_EXPERTS = "WAN22_DIT"
 TEXT_ENCODER = "WAN22_TEXT_ENCODER"
 TEXT_EMBEDS = "WAN22_TEXT_EMBEDS"
 VAE = "WAN22_VAE"
@@ -38,10 +38,11 @@ HIDDEN_IDS: dict[str, str] = {"unique_id": "UNIQUE_ID"}
 
 
 @dataclass(frozen=True)
-class WanModel:
-    """The DiT expert(s) of one task, as loaded by Wan Model Loader.
+class DiTExperts:
+    """The DiT expert(s) of one task as loaded by Wan Model Loader (socket `WAN22_DIT`).
 
-    `experts` is `[high_noise, low_noise]` for A14B tasks and `[model]` for TI2V-5B.
+    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B; `attention`
+    is the backend they were built with (reported in the profile).
     """
 
     experts: tuple[Any, ...]

@@ -61,7 +61,8 @@ def check_size(name: str, value: int | None, multiple: int = SIZE_STEP) -> str |
     return None
 
 
-def check_positive_float(name: str, value: float | None, lo: float, hi: float) -> str | None:
+def check_float_range(name: str, value: float | None, lo: float, hi: float) -> str | None:
+    """A number in the closed range [lo, hi] (lo may be 0, e.g. a guidance scale)."""
     if value is None:  # linked input: checked when the node runs
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):

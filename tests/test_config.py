@@ -83,8 +83,8 @@ def _field(cfg: WanConfig, name: str) -> object:
         "num_heads": dit.num_heads, "head_dim": dit.head_dim, "num_layers": dit.num_layers,
         "in_dim": dit.in_dim, "out_dim": dit.out_dim, "text_dim": dit.text_dim, "text_len": dit.text_len,
         "eps": dit.eps, "window_size": tuple(dit.window_size), "sample_shift": sampler.shift,
-        "sample_steps": sampler.steps, "boundary": sampler.boundary, "sample_guide_scale": tuple(sampler.guide_scale),
-        "frame_num": cfg.frame_num, "sample_fps": cfg.fps,
+        "sample_steps": sampler.steps, "boundary": sampler.boundary,
+        "sample_guide_scale": sampler.guide_scale.official(), "frame_num": cfg.frame_num, "sample_fps": cfg.fps,
         "vae": (cfg.vae.variant, cfg.vae.stride, cfg.vae.z_dim), "supported_sizes": set(cfg.sizes),
     }[name]
 

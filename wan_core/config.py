@@ -14,7 +14,7 @@ Shapes: F pixel frames, T latent frames (F = 4(T-1)+1), H/W pixel size, h/w late
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import NamedTuple
@@ -313,20 +313,54 @@ def sampling_stages(num_steps: int) -> list[Stage]:
 # --------------------------------------------------------------------------------------------
 # Sampler
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class GuideScale:
+    """The classifier-free guidance scale of each expert, by name (no order to remember).
+
+    The official configs write `sample_guide_scale = (low, high)`, the reverse of the expert order
+    [high_noise, low_noise]; `from_official` and `official` convert. A single-model task (no
+    boundary) runs its one model with `low`; its presets give both experts the same scale.
+    """
+
+    high: float
+    low: float
+
+    def __post_init__(self) -> None:
+        for name in ("high", "low"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"guide_scale must be finite numbers; got {name}={value!r}")
+            object.__setattr__(self, name, float(value))
+
+    @classmethod
+    def same(cls, scale: float) -> GuideScale:
+        """One scale for both experts (and for a single model)."""
+        return cls(high=scale, low=scale)
+
+    @classmethod
+    def from_official(cls, low_high: Sequence[float]) -> GuideScale:
+        """From the official `(low, high)` pair."""
+        low, high = low_high
+        return cls(high=high, low=low)
+
+    def official(self) -> tuple[float, float]:
+        """The official `(low, high)` pair."""
+        return self.low, self.high
+
+    def for_expert(self, expert: str) -> float:
+        """The scale of expert 'high' or 'low'; 'model' (a single-model task) uses `low`."""
+        return self.high if expert == "high" else self.low
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplerConfig:
-    """Defaults of the denoising loop (spec sections 1, 5, 6).
-
-    `guide_scale` is (low-noise, high-noise) as in the official configs; for a single-model
-    task both entries are equal. `boundary` is None for single-model tasks.
-    """
+    """Defaults of the denoising loop (spec sections 1, 5, 6). `boundary` is None for single-model
+    tasks."""
 
     solver: str = "unipc"
     steps: int
     shift: float
-    guide_scale: tuple[float, float]
+    guide_scale: GuideScale
     boundary: float | None = None
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
 
@@ -339,8 +373,8 @@ class SamplerConfig:
             raise ValueError(f"shift must be > 0; got {self.shift}")
         if self.boundary is not None and not 0.0 < self.boundary < 1.0:
             raise ValueError(f"boundary must lie in (0, 1); got {self.boundary}")
-        if any(math.isnan(g) for g in self.guide_scale):
-            raise ValueError(f"guide_scale must be numbers; got {self.guide_scale}")
+        if not isinstance(self.guide_scale, GuideScale):
+            raise TypeError(f"guide_scale must be a GuideScale(high=..., low=...); got {self.guide_scale!r}")
 
     @property
     def boundary_timestep(self) -> float | None:
@@ -431,7 +465,7 @@ T2V_A14B = WanConfig(
     dit=DiTConfig(model_type="t2v", in_dim=16, dim=5120, ffn_dim=13824, out_dim=16, num_heads=40, num_layers=40),
     t5=UMT5_XXL,
     vae=WAN21_VAE,
-    sampler=SamplerConfig(steps=40, shift=12.0, guide_scale=(3.0, 4.0), boundary=0.875),
+    sampler=SamplerConfig(steps=40, shift=12.0, guide_scale=GuideScale(high=4.0, low=3.0), boundary=0.875),
     num_experts=2,
     frame_num=81,
     fps=16,
@@ -443,7 +477,7 @@ I2V_A14B = WanConfig(
     dit=DiTConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, out_dim=16, num_heads=40, num_layers=40),
     t5=UMT5_XXL,
     vae=WAN21_VAE,
-    sampler=SamplerConfig(steps=40, shift=5.0, guide_scale=(3.5, 3.5), boundary=0.900),
+    sampler=SamplerConfig(steps=40, shift=5.0, guide_scale=GuideScale.same(3.5), boundary=0.900),
     num_experts=2,
     frame_num=81,
     fps=16,
@@ -455,7 +489,7 @@ TI2V_5B = WanConfig(
     dit=DiTConfig(model_type="ti2v", in_dim=48, dim=3072, ffn_dim=14336, out_dim=48, num_heads=24, num_layers=30),
     t5=UMT5_XXL,
     vae=WAN22_VAE,
-    sampler=SamplerConfig(steps=50, shift=5.0, guide_scale=(5.0, 5.0), boundary=None),
+    sampler=SamplerConfig(steps=50, shift=5.0, guide_scale=GuideScale.same(5.0), boundary=None),
     num_experts=1,
     frame_num=121,
     fps=24,

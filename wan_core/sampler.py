@@ -47,6 +47,7 @@ from .config import (
     NUM_TRAIN_TIMESTEPS,
     PLACEMENTS,
     SOLVERS,
+    GuideScale,
     SamplerConfig,
     WanConfig,
     step_stages,
@@ -57,15 +58,15 @@ from .trace import event, stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SamplerOptions", "StepCallback", "make_noise", "select_expert", "guidance_for", "sample"]
+__all__ = ["SamplerOptions", "StepCallback", "make_noise", "select_expert", "sample"]
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplerOptions:
-    """Settings of one sampling run. `guide_scale` is (low-noise, high-noise) as in the configs, or
-    one number for both experts (stored as that number twice).
+    """Settings of one sampling run. `guide_scale` is a `GuideScale(high=..., low=...)`, or one
+    number for both experts (stored as `GuideScale.same(number)`).
 
     `boundary` is the expert switch as a fraction of the 1000 training timesteps (None for
     single-model tasks). `placement` is "none" (all weights on the device), "model" (the expert not
@@ -75,7 +76,7 @@ class SamplerOptions:
     solver: str = "unipc"
     steps: int
     shift: float
-    guide_scale: tuple[float, float] | float
+    guide_scale: GuideScale | float
     boundary: float | None = None
     seed: int = 0
     cfg_mode: str = BATCHED_CFG
@@ -92,7 +93,7 @@ class SamplerOptions:
             raise ValueError(f"shift must be a finite number > 0 (e.g. 5.0); got {self.shift!r}")
         if self.boundary is not None and not (0.0 < self.boundary < 1.0):
             raise ValueError(f"boundary must lie in (0, 1) (e.g. 0.875); got {self.boundary}")
-        object.__setattr__(self, "guide_scale", _guide_pair(self.guide_scale))
+        object.__setattr__(self, "guide_scale", _guide_scale(self.guide_scale))
         if self.cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode must be one of {CFG_MODES}; got {self.cfg_mode!r}")
         if self.placement not in PLACEMENTS:
@@ -106,28 +107,28 @@ class SamplerOptions:
 
     @classmethod
     def from_config(cls, cfg: SamplerConfig, *, solver: str | None = None, steps: int | None = None,
-                    shift: float | None = None, guide_scale: tuple[float, float] | None = None,
+                    shift: float | None = None, guide_scale: GuideScale | float | None = None,
                     boundary: float | None = None, seed: int = 0, cfg_mode: str = BATCHED_CFG,
                     placement: str = "none", num_resident_blocks: int = 0) -> SamplerOptions:
         """A task's sampler defaults with the given overrides (None keeps the default)."""
         return cls(solver=cfg.solver if solver is None else solver,
                    steps=cfg.steps if steps is None else steps,
                    shift=cfg.shift if shift is None else shift,
-                   guide_scale=tuple(cfg.guide_scale if guide_scale is None else guide_scale),
+                   guide_scale=cfg.guide_scale if guide_scale is None else guide_scale,
                    boundary=cfg.boundary if boundary is None else boundary,
                    seed=seed, cfg_mode=cfg_mode, placement=placement,
                    num_resident_blocks=num_resident_blocks, num_train_timesteps=cfg.num_train_timesteps)
 
 
-def _guide_pair(value: object) -> tuple[float, float]:
-    """(low-noise, high-noise) guidance from one number or a pair; a clear error otherwise."""
-    pair = (value, value) if isinstance(value, (int, float)) else value
-    if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
-            or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
-                       for g in pair)):
-        raise ValueError(f"guide_scale must be a finite number (both experts) or two finite numbers "
-                         f"(low-noise, high-noise), e.g. 5.0 or (3.0, 4.0); got {value!r}")
-    return float(pair[0]), float(pair[1])
+def _guide_scale(value: object) -> GuideScale:
+    """A `GuideScale` as given, or one number for both experts; a clear error otherwise (a bare pair
+    is refused: its order could be read either way)."""
+    if isinstance(value, GuideScale):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return GuideScale.same(value)
+    raise ValueError(f"guide_scale must be a finite number (both experts) or two finite numbers as "
+                     f"GuideScale(high=..., low=...), e.g. 5.0 or GuideScale(high=4.0, low=3.0); got {value!r}")
 
 
 def make_noise(shape: Sequence[int], seed: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -144,11 +145,6 @@ def select_expert(t: int, boundary: float | None, *, num_train_timesteps: int = 
     if boundary is None:
         return "model"
     return "high" if t >= boundary * num_train_timesteps else "low"
-
-
-def guidance_for(expert: str, guide_scale: tuple[float, float]) -> float:
-    """The guidance scale of an expert: guide_scale is (low-noise, high-noise)."""
-    return float(guide_scale[1] if expert == "high" else guide_scale[0])
 
 
 @dataclass(frozen=True)
@@ -228,7 +224,7 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         t = scheduler.timesteps[i]
         t_int = int(t)
         name = select_expert(t_int, opts.boundary, num_train_timesteps=opts.num_train_timesteps)
-        g = guidance_for(name, opts.guide_scale)
+        g = opts.guide_scale.for_expert(name)
         cfg_mode = CFG_OFF if g == 1.0 else opts.cfg_mode
         passes = 1 if cfg_mode == CFG_OFF else 2
         facts = dict(step=i, expert=name, cfg_mode=cfg_mode, timestep=t_int)
