@@ -10,10 +10,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..wan_core.attention import BACKEND_CHOICES
+from ..wan_core.attention import BACKEND_CHOICES, check_backend_name
 from ..wan_core.config import (
     DIT_INIT_STAGE,
     MODEL_INIT_STAGE,
+    TASK_BY_MODEL_TYPE,
     TEXT_ENCODER_INIT_STAGE,
     VAE_INIT_STAGE,
     WEIGHT_DTYPES,
@@ -117,9 +118,7 @@ class WanModelLoader:
         profiler: Any = None,
         unique_id: str | None = None,
     ) -> tuple[T.DiTExperts]:
-        from ..wan_core.attention import get_backend
         from ..wan_core.checkpoints.dit import load_experts
-        from ..wan_core.config import TASK_BY_MODEL_TYPE
 
         if model_low == model_high:
             raise ValueError(
@@ -128,8 +127,7 @@ class WanModelLoader:
             )
         if attention not in BACKEND_CHOICES:
             raise ValueError(f"attention must be one of {BACKEND_CHOICES}; got {attention!r}")
-        if attention != "auto":
-            get_backend(attention)  # raises with the install hint when the package is missing
+        check_backend_name(attention)  # raises with the install hint when the package is missing
         high = bridge.resolve_model(bridge.FOLDER_DIT, model_high)
         low = None if model_low == NONE_FILE else bridge.resolve_model(bridge.FOLDER_DIT, model_low)
         with (
@@ -137,7 +135,9 @@ class WanModelLoader:
             single_stage(*MODEL_INIT_STAGE),
             single_stage(*DIT_INIT_STAGE, component="dit"),
         ):
-            experts = load_experts(high, low, device=resolve_device(device), dtype=weight_dtype(dtype))
+            experts = load_experts(
+                high, low, device=resolve_device(device), dtype=weight_dtype(dtype), attention=attention
+            )
         model_type = experts[0].config.model_type
         task = TASK_BY_MODEL_TYPE[model_type]
         if task.is_moe and len(experts) != 2:
@@ -147,11 +147,9 @@ class WanModelLoader:
             )
         if not task.is_moe and len(experts) != 1:
             raise ValueError(f"{task.name} is a single model; set model_low to 'none' (got {model_low!r})")
-        for expert in experts:
-            expert.attention_backend = attention
         if profiler is not None:
             profiler.set_context(task=task.name, dit_dtype=dtype, attention_backend=attention)
-        return (T.DiTExperts(experts=tuple(experts), task=task, attention=attention),)
+        return (T.DiTExperts(experts=tuple(experts), task=task),)
 
 
 class WanTextEncoderLoader:

@@ -41,13 +41,16 @@ HIDDEN_IDS: dict[str, str] = {"unique_id": "UNIQUE_ID"}
 class DiTExperts:
     """The DiT expert(s) of one task as loaded by Wan Model Loader (socket `WAN22_DIT`).
 
-    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B; `attention`
-    is the backend they were built with (reported in the profile).
+    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B.
     """
 
     experts: tuple[Any, ...]
     task: WanConfig
-    attention: str = "sdpa"
+
+    @property
+    def attention(self) -> str:
+        """The attention backend the experts were built with (reported in the profile)."""
+        return self.experts[0].attention_backend
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ...util.atomic import atomic_write_text
+from ..attention import REFERENCE_BACKEND, check_backend_name
 from ..config import TASK_BY_MODEL_TYPE, DiTConfig
 from ..dit import WanDiT
 from ..errors import CheckpointError
@@ -304,23 +305,28 @@ def load_dit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> Non
 
 
 def load_dit(path: PathLike | Sequence[PathLike], *, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, num_heads: int | None = None) -> WanDiT:
-    """Build a `WanDiT` from a file, a shard index or a folder in any supported layout."""
+             dtype: torch.dtype = torch.float32, num_heads: int | None = None,
+             attention: str = REFERENCE_BACKEND) -> WanDiT:
+    """Build a `WanDiT` (with attention backend `attention`) from a file, a shard index or a folder
+    in any supported layout."""
+    check_backend_name(attention)  # before reading any tensor
     sd, cfg = read_dit_state_dict(path, dtype=dtype, num_heads=num_heads)
     with torch.device("meta"):
-        model = WanDiT(cfg)
+        model = WanDiT(cfg, attention=attention)
     load_dit_state_dict(model, sd)
     logger.info("loaded %s DiT (%d layers, dim %d) from %s", cfg.model_type, cfg.num_layers, cfg.dim, path)
     return model.to(device=device).eval().requires_grad_(False)
 
 
 def load_experts(high: PathLike, low: PathLike | None = None, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, num_heads: int | None = None) -> list[WanDiT]:
+                 dtype: torch.dtype = torch.float32, num_heads: int | None = None,
+                 attention: str = REFERENCE_BACKEND) -> list[WanDiT]:
     """One model (ti2v) or the high- and low-noise experts (A14B), checked to be of one task and size.
 
     The check reads only key names and shapes (`read_dit_config`), so two mismatched 14B files fail
-    in a second instead of after both have been loaded.
+    in a second instead of after both have been loaded. Every expert uses attention backend `attention`.
     """
+    check_backend_name(attention)
     paths = [high] if low is None else [high, low]
     configs = [read_dit_config(p, num_heads=num_heads) for p in paths]
     if len(configs) == 2 and configs[0] != configs[1]:
@@ -329,7 +335,7 @@ def load_experts(high: PathLike, low: PathLike | None = None, *, device: torch.d
                 if getattr(a, f.name) != getattr(b, f.name)}
         raise CheckpointError(f"the two experts differ (high vs low): {diff}; expected the high- and "
                               f"low-noise models of one task (high is {a.model_type}, low is {b.model_type})")
-    return [load_dit(p, device=device, dtype=dtype, num_heads=num_heads) for p in paths]
+    return [load_dit(p, device=device, dtype=dtype, num_heads=num_heads, attention=attention) for p in paths]
 
 
 def save_dit(state_dict_or_model: nn.Module | Mapping[str, torch.Tensor], path: PathLike, *,
