@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ...util.atomic import atomic_output
 from ..errors import CheckpointError
@@ -90,8 +92,6 @@ def read_shapes(path_or_paths: PathLike | Sequence[PathLike], *,
 def _read_file_shapes(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix != ".safetensors":
         return {k: torch.empty(v.shape, device="meta") for k, v in _read_one_file(file).items()}
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
@@ -101,8 +101,6 @@ def _read_file_shapes(file: Path) -> dict[str, torch.Tensor]:
 
 def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
     """The `__metadata__` string map of a safetensors file (empty when it has none)."""
-    from safetensors import SafetensorError, safe_open
-
     file = Path(path)
     _check_exists(file)
     try:
@@ -180,8 +178,6 @@ def _read_one_file(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
@@ -266,8 +262,6 @@ def _dequantise_and_cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None)
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *,
                       metadata: Mapping[str, str] | None = None) -> Path:
     """Write tensors to `path` atomically (`util.atomic`: temp file in the same folder, then `os.replace`)."""
-    from safetensors.torch import save_file
-
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_output(path) as tmp:
         save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
