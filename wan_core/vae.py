@@ -89,9 +89,6 @@ class WanVAE(nn.Module):
         Shapes: video (B, 3, F, H, W) -> mu (B, z, 1 + (F-1)//4, H/s, W/s), float32.
         """
         video = self.check_video(video, drop_trailing_frames=drop_trailing_frames)
-        return self._encode(video, chunk_frames)
-
-    def _encode(self, video: torch.Tensor, chunk_frames: int | None) -> torch.Tensor:
         x = patchify(video.to(device=self.device, dtype=self.dtype), self.config.patch_size)
         parts = []
         with streaming(self.encoder):
