@@ -14,6 +14,7 @@ import torch
 
 from ..wan_core.config import (
     BATCHED_CFG,
+    I2V_A14B,
     PLACEMENTS,
     SEQUENTIAL_CFG,
     SOLVERS,
@@ -33,9 +34,10 @@ MAX_GUIDANCE = 30.0
 MAX_SHIFT = 100.0
 MAX_RESIDENT_BLOCKS = 64
 # Widget defaults: the sampler preset of TI2V-5B (the task of the default 1280x704x121 latent);
-# the expert switch, which TI2V-5B does not use, defaults to T2V-A14B's.
-DEFAULTS = TI2V_5B.sampler
-DEFAULT_BOUNDARY = T2V_A14B.sampler.boundary
+# the expert switch, which TI2V-5B does not use, defaults to T2V-A14B's. Tooltips quote the presets.
+TI2V, I2V, T2V = TI2V_5B.sampler, I2V_A14B.sampler, T2V_A14B.sampler
+DEFAULTS = TI2V
+DEFAULT_BOUNDARY = T2V.boundary
 
 
 class WanSampler:
@@ -76,7 +78,7 @@ class WanSampler:
                         "default": DEFAULTS.steps,
                         "min": 1,
                         "max": MAX_STEPS,
-                        "tooltip": "Denoising steps: 50 for TI2V-5B, 40 for A14B.",
+                        "tooltip": f"Denoising steps: {TI2V.steps} for TI2V-5B, {T2V.steps} for A14B.",
                     },
                 ),
                 "shift": (
@@ -86,7 +88,8 @@ class WanSampler:
                         "min": 0.01,
                         "max": MAX_SHIFT,
                         "step": 0.01,
-                        "tooltip": "Flow-matching sigma shift: 5.0 for TI2V-5B and I2V, 12.0 for T2V.",
+                        "tooltip": f"Flow-matching sigma shift: {TI2V.shift} for TI2V-5B, {I2V.shift} for I2V, "
+                        f"{T2V.shift} for T2V.",
                     },
                 ),
                 "boundary": (
@@ -97,7 +100,7 @@ class WanSampler:
                         "max": 0.999,
                         "step": 0.001,
                         "tooltip": "A14B expert switch: steps with t >= boundary x 1000 use the "
-                        "high-noise expert (0.875 T2V, 0.900 I2V). Unused by TI2V-5B.",
+                        f"high-noise expert ({T2V.boundary:.3f} T2V, {I2V.boundary:.3f} I2V). Unused by TI2V-5B.",
                     },
                 ),
                 "guidance_high": (
@@ -118,7 +121,8 @@ class WanSampler:
                         "min": 0.0,
                         "max": MAX_GUIDANCE,
                         "step": 0.1,
-                        "tooltip": "CFG scale of the low-noise expert (3.0 T2V, 3.5 I2V). Unused by TI2V-5B.",
+                        "tooltip": f"CFG scale of the low-noise expert ({T2V.guide_scale.low} T2V, "
+                        f"{I2V.guide_scale.low} I2V). Unused by TI2V-5B.",
                     },
                 ),
                 "solver": (list(SOLVERS), {"default": DEFAULTS.solver, "tooltip": "Flow-matching solver."}),
