@@ -90,7 +90,7 @@ class WanEmptyLatent:
         return {
             "required": {
                 "vae": (T.VAE, {"tooltip": "The VAE of the task: sets channels and stride."}),
-                **_geometry_inputs(1280, 704, 121),
+                **_geometry_inputs(*TI2V_5B.default_size, TI2V_5B.frame_num),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
@@ -145,7 +145,7 @@ class WanImageToVideo:
                     T.IMAGE,
                     {"tooltip": "First frame of the video (the first image of a batch)."},
                 ),
-                **_geometry_inputs(1280, 704, 121),
+                **_geometry_inputs(*TI2V_5B.default_size, TI2V_5B.frame_num),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
