@@ -78,11 +78,13 @@ def make_tiny_models(root: str | Path, *, seed: int = 0, overwrite: bool = True)
 
     Existing files are kept when `overwrite` is False (they were written by the same code).
     """
+    from .wan_core.checkpoints.dit import save_dit
+    from .wan_core.checkpoints.t5 import save_text_encoder
+    from .wan_core.checkpoints.vae import save_vae
     from .wan_core.dit import WanDiT
-    from .wan_core.t5 import UMT5Encoder, save_text_encoder
+    from .wan_core.t5 import UMT5Encoder
     from .wan_core.tokenizer import train_tiny_spiece
-    from .wan_core.vae import WanVAE, save_vae
-    from .wan_core.weights import save_dit
+    from .wan_core.vae import WanVAE
 
     root = Path(root)
     folders = {name: root / name for name in (FOLDER_DIT, FOLDER_TEXT_ENCODERS, FOLDER_VAE)}

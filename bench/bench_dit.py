@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from wanbench.wan_core.attention import resolve_backend_for
+from wanbench.wan_core.checkpoints.dit import dit_to_diffusers
 from wanbench.wan_core.config import DiTConfig
 from wanbench.wan_core.dit import WanDiT
-from wanbench.wan_core.weights import dit_to_diffusers
 
 from .bench_matmul import measure_matmul_ceiling
 from .common import format_table, interleaved, load_average, summarize, write_result
@@ -227,7 +228,9 @@ def component_fns(ours: WanDiT, theirs: nn.Module, case: DiTCase,
         temb = theirs.condition_embedder(t, ctx_raw)[1].unflatten(1, (6, -1))
         h = tokens.to(dtype)
     ob, tb = ours.blocks[0], theirs.blocks[0]
-    backend = ours.attention_backend
+    cfg = ours.config
+    backend = resolve_backend_for(ours.attention_backend, device=tokens.device, dtype=dtype,
+                                  num_heads=cfg.num_heads, head_dim=cfg.head_dim)  # as WanDiT.forward does
 
     def wrap(fn: Any) -> Any:
         def run() -> Any:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from wanbench.wan_core.config import DiTConfig, preset
+from wanbench.wan_core.config import DiTConfig, GuideScale, preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.sampler import SamplerOptions, make_noise, sample
 
@@ -48,7 +48,7 @@ def build_case(args: argparse.Namespace) -> tuple[list[WanDiT], object, dict, Di
 
 def variants(args: argparse.Namespace) -> dict[str, SamplerOptions]:
     # shift 12 with 4 steps: steps 0-2 high-noise, step 3 low-noise, so "model" placement swaps once
-    base = SamplerOptions(steps=args.steps, shift=12.0, guide_scale=(3.0, 4.0), boundary=0.875)
+    base = SamplerOptions(steps=args.steps, shift=12.0, guide_scale=GuideScale(high=4.0, low=3.0), boundary=0.875)
     out = {
         "cfg=batched placement=none": base,
         "cfg=sequential placement=none": replace(base, cfg_mode="sequential"),

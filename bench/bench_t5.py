@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from wanbench.wan_core.checkpoints.t5 import official_to_hf
 from wanbench.wan_core.config import UMT5_XXL, UMT5Config
-from wanbench.wan_core.t5 import UMT5Encoder, official_to_hf
+from wanbench.wan_core.t5 import UMT5Encoder
 
 from .bench_dit import random_init_
 from .common import format_table, interleaved, load_average, summarize, write_result

@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from wanbench.wan_core.checkpoints.vae import diffusers_config, to_diffusers
 from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE, VAEConfig
-from wanbench.wan_core.vae import WanVAE, diffusers_config, to_diffusers, vae_flops
+from wanbench.wan_core.flops import vae_flops
+from wanbench.wan_core.vae import WanVAE
 from wanbench.wan_core.vae_tiling import VAETiling
 
 from .common import format_table, interleaved, load_average, summarize, write_result

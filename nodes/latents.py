@@ -10,21 +10,19 @@ means the A14B tasks.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 
+from ..wan_core.config import I2V_A14B, PREPROCESS_STAGE, T2V_A14B, TI2V_5B
 from . import types as T
 from .profiler_handle import maybe_profile, single_stage
 from .validation import FRAME_STEP, MAX_FRAMES, MAX_SIZE, SIZE_STEP, check_frames, check_size, first_problem
 
-STAGE_PREPROCESS = ("TI2V_Preprocess", "preprocess")
-
 
 def task_for_vae(vae: Any, *, with_image: bool) -> Any:
     """The task preset a VAE belongs to, with the loaded VAE's own config."""
-    from ..wan_core.config import I2V_A14B, T2V_A14B, TI2V_5B
-
     variant = vae.config.variant
     if variant == "wan2.2":
         base = TI2V_5B
@@ -92,7 +90,7 @@ class WanEmptyLatent:
         return {
             "required": {
                 "vae": (T.VAE, {"tooltip": "The VAE of the task: sets channels and stride."}),
-                **_geometry_inputs(1280, 704, 121),
+                **_geometry_inputs(*TI2V_5B.default_size, TI2V_5B.frame_num),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
@@ -115,8 +113,8 @@ class WanEmptyLatent:
     ) -> tuple[dict[str, Any]]:
         task = task_for_vae(vae, with_image=False)
         with (
-            maybe_profile(profiler, unique_id, [STAGE_PREPROCESS]),
-            single_stage(*STAGE_PREPROCESS, mode="t2v"),
+            maybe_profile(profiler, unique_id, [PREPROCESS_STAGE]),
+            single_stage(*PREPROCESS_STAGE, mode="t2v"),
         ):
             shape = task.latent_shape(width, height, length)  # (z, T, h, w); raises on bad geometry
             samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)
@@ -147,7 +145,7 @@ class WanImageToVideo:
                     T.IMAGE,
                     {"tooltip": "First frame of the video (the first image of a batch)."},
                 ),
-                **_geometry_inputs(1280, 704, 121),
+                **_geometry_inputs(*TI2V_5B.default_size, TI2V_5B.frame_num),
             },
             "optional": dict(T.PROFILER_INPUT),
             "hidden": dict(T.HIDDEN_IDS),
@@ -170,6 +168,7 @@ class WanImageToVideo:
         unique_id: str | None = None,
     ) -> tuple[dict[str, Any]]:
         from ..wan_core import conditioning
+        from ..wan_core.vae_stages import encode_video
 
         if not isinstance(start_image, torch.Tensor) or start_image.dim() != 4 or start_image.shape[-1] != 3:
             got = (
@@ -185,10 +184,12 @@ class WanImageToVideo:
         image = start_image[0]  # (H, W, 3): IMAGE -> one RGB image
         build = conditioning.ti2v_condition if task.dit.model_type == "ti2v" else conditioning.i2v_condition
         with (
-            maybe_profile(profiler, unique_id, [STAGE_PREPROCESS]),
-            single_stage(*STAGE_PREPROCESS, mode=task.dit.model_type),
+            maybe_profile(profiler, unique_id, [PREPROCESS_STAGE]),
+            single_stage(*PREPROCESS_STAGE, mode=task.dit.model_type),
         ):
-            condition = build(image, num_frames=length, max_area=width * height, task=task, encode=vae.encode)
+            condition = build(
+                image, num_frames=length, max_area=width * height, task=task, encode=partial(encode_video, vae)
+            )
         shape = condition.latent_shape  # (C, T, h, w) of the noise
         samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)
         out_w, out_h = condition.pixel_size

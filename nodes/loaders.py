@@ -10,27 +10,27 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..wan_core.attention import BACKEND_CHOICES, check_backend_name
+from ..wan_core.config import (
+    DIT_INIT_STAGE,
+    MODEL_INIT_STAGE,
+    TASK_BY_MODEL_TYPE,
+    TEXT_ENCODER_INIT_STAGE,
+    VAE_INIT_STAGE,
+    WEIGHT_DTYPES,
+    weight_dtype,
+)
 from . import comfy_bridge as bridge
 from . import types as T
 from .profiler_handle import maybe_profile, single_stage
 
 NONE_FILE = "none"
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
 DEVICES = ("auto", "cuda", "cpu")
-ATTENTION_BACKENDS = ("sdpa", "auto", "flash_attn", "sage")
 
 # Each loader records one piece of `Model_Initialization` with its own load as the child stage;
 # the profiling session joins consecutive pieces into one Model_Initialization (the total init
 # time) and keeps the per-loader children. A loader served from ComfyUI's cache is reported by
 # its child stage name.
-STAGE_INIT = ("Model_Initialization", "init")
-STAGE_DIT = ("DiT_Initialization", "init")
-STAGE_TEXT = ("Text_Encoder_Initialization", "init")
-STAGE_VAE = ("VAE_Initialization", "init")
 
 
 def resolve_device(device: str) -> str:
@@ -53,7 +53,7 @@ class WanModelLoader:
     """Loads the DiT: one file (TI2V-5B) or the high-noise and low-noise experts (A14B)."""
 
     CATEGORY = T.CATEGORY
-    RETURN_TYPES = (T.MODEL,)
+    RETURN_TYPES = (T.DIT_EXPERTS,)
     RETURN_NAMES = ("model",)
     # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
     MODEL_FOLDERS: ClassVar[dict[str, str]] = {
@@ -83,7 +83,7 @@ class WanModelLoader:
                     },
                 ),
                 "dtype": (
-                    list(DTYPES),
+                    list(WEIGHT_DTYPES),
                     {
                         "default": "bfloat16",
                         "tooltip": "Compute dtype of the DiT weights (fp8 files are dequantised "
@@ -91,7 +91,7 @@ class WanModelLoader:
                     },
                 ),
                 "attention": (
-                    list(ATTENTION_BACKENDS),
+                    list(BACKEND_CHOICES),
                     {
                         "default": "sdpa",
                         "tooltip": "Attention backend: sdpa (always available, the reference), "
@@ -117,28 +117,27 @@ class WanModelLoader:
         device: str,
         profiler: Any = None,
         unique_id: str | None = None,
-    ) -> tuple[T.WanModel]:
-        from ..wan_core.attention import get_backend
-        from ..wan_core.config import TASK_BY_MODEL_TYPE
-        from ..wan_core.weights import load_experts
+    ) -> tuple[T.DiTExperts]:
+        from ..wan_core.checkpoints.dit import load_experts
 
         if model_low == model_high:
             raise ValueError(
                 f"model_low must differ from model_high (got {model_low!r} twice); "
                 f"choose the low_noise file, or 'none' for TI2V-5B"
             )
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}; got {attention!r}")
-        if attention != "auto":
-            get_backend(attention)  # raises with the install hint when the package is missing
+        if attention not in BACKEND_CHOICES:
+            raise ValueError(f"attention must be one of {BACKEND_CHOICES}; got {attention!r}")
+        check_backend_name(attention)  # raises with the install hint when the package is missing
         high = bridge.resolve_model(bridge.FOLDER_DIT, model_high)
         low = None if model_low == NONE_FILE else bridge.resolve_model(bridge.FOLDER_DIT, model_low)
         with (
-            maybe_profile(profiler, unique_id, [STAGE_DIT]),
-            single_stage(*STAGE_INIT),
-            single_stage(*STAGE_DIT, component="dit"),
+            maybe_profile(profiler, unique_id, [DIT_INIT_STAGE]),
+            single_stage(*MODEL_INIT_STAGE),
+            single_stage(*DIT_INIT_STAGE, component="dit"),
         ):
-            experts = load_experts(high, low, device=resolve_device(device), dtype=DTYPES[dtype])
+            experts = load_experts(
+                high, low, device=resolve_device(device), dtype=weight_dtype(dtype), attention=attention
+            )
         model_type = experts[0].config.model_type
         task = TASK_BY_MODEL_TYPE[model_type]
         if task.is_moe and len(experts) != 2:
@@ -148,12 +147,9 @@ class WanModelLoader:
             )
         if not task.is_moe and len(experts) != 1:
             raise ValueError(f"{task.name} is a single model; set model_low to 'none' (got {model_low!r})")
-        for expert in experts:
-            expert.attention_backend = attention
-        files = tuple(p for p in (high, low) if p is not None)
         if profiler is not None:
             profiler.set_context(task=task.name, dit_dtype=dtype, attention_backend=attention)
-        return (T.WanModel(experts=tuple(experts), task=task, files=files, attention=attention),)
+        return (T.DiTExperts(experts=tuple(experts), task=task),)
 
 
 class WanTextEncoderLoader:
@@ -176,7 +172,7 @@ class WanTextEncoderLoader:
                     {"tooltip": "UMT5-XXL file from models/text_encoders (e.g. umt5_xxl_fp8_e4m3fn_scaled)."},
                 ),
                 "dtype": (
-                    list(DTYPES),
+                    list(WEIGHT_DTYPES),
                     {
                         "default": "bfloat16",
                         "tooltip": "Compute dtype of the encoder (the official run uses bf16).",
@@ -194,15 +190,15 @@ class WanTextEncoderLoader:
     def load(
         self, text_encoder: str, dtype: str, device: str, profiler: Any = None, unique_id: str | None = None
     ) -> tuple[Any]:
-        from ..wan_core.t5 import load_text_encoder
+        from ..wan_core.checkpoints.t5 import load_text_encoder
 
         path = bridge.resolve_model(bridge.FOLDER_TEXT_ENCODERS, text_encoder)
         with (
-            maybe_profile(profiler, unique_id, [STAGE_TEXT]),
-            single_stage(*STAGE_INIT),
-            single_stage(*STAGE_TEXT, component="t5"),
+            maybe_profile(profiler, unique_id, [TEXT_ENCODER_INIT_STAGE]),
+            single_stage(*MODEL_INIT_STAGE),
+            single_stage(*TEXT_ENCODER_INIT_STAGE, component="t5"),
         ):
-            encoder = load_text_encoder(path, device=resolve_device(device), dtype=DTYPES[dtype])
+            encoder = load_text_encoder(path, device=resolve_device(device), dtype=weight_dtype(dtype))
         if profiler is not None:
             profiler.set_context(t5_dtype=dtype)
         return (encoder,)
@@ -228,7 +224,7 @@ class WanVAELoader:
                     {"tooltip": "VAE file from models/vae: wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B."},
                 ),
                 "dtype": (
-                    list(DTYPES),
+                    list(WEIGHT_DTYPES),
                     {"default": "float32", "tooltip": "VAE dtype; the official pipelines run it in float32."},
                 ),
                 "device": (list(DEVICES), {"default": "auto", "tooltip": "Where the VAE runs."}),
@@ -240,15 +236,15 @@ class WanVAELoader:
     def load(
         self, vae: str, dtype: str, device: str, profiler: Any = None, unique_id: str | None = None
     ) -> tuple[Any]:
-        from ..wan_core.vae import load_vae
+        from ..wan_core.vae_stages import load_vae_for_stages
 
         path = bridge.resolve_model(bridge.FOLDER_VAE, vae)
         with (
-            maybe_profile(profiler, unique_id, [STAGE_VAE]),
-            single_stage(*STAGE_INIT),
-            single_stage(*STAGE_VAE, component="vae"),
+            maybe_profile(profiler, unique_id, [VAE_INIT_STAGE]),
+            single_stage(*MODEL_INIT_STAGE),
+            single_stage(*VAE_INIT_STAGE, component="vae"),
         ):
-            model = load_vae(path, device=resolve_device(device), dtype=DTYPES[dtype])
+            model = load_vae_for_stages(path, device=resolve_device(device), dtype=weight_dtype(dtype))
         if profiler is not None:
             profiler.set_context(vae_dtype=dtype)
         return (model,)

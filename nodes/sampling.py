@@ -12,26 +12,32 @@ from typing import Any
 
 import torch
 
+from ..wan_core.config import (
+    BATCHED_CFG,
+    I2V_A14B,
+    PLACEMENTS,
+    SEQUENTIAL_CFG,
+    SOLVERS,
+    T2V_A14B,
+    TI2V_5B,
+    GuideScale,
+    sampling_stages,
+)
 from . import comfy_bridge as bridge
 from . import types as T
 from .profiler_handle import maybe_profile
-from .validation import check_int_range, check_open_unit, check_positive_float, first_problem
+from .validation import check_float_range, check_int_range, check_open_unit, first_problem
 
-SOLVERS = ("unipc", "dpm++", "euler")
-PLACEMENTS = ("none", "model", "blocks")
 MAX_STEPS = 1000
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_GUIDANCE = 30.0
 MAX_SHIFT = 100.0
 MAX_RESIDENT_BLOCKS = 64
-
-
-def step_stages(num_steps: int) -> list[tuple[str, str]]:
-    """The (name, kind) pairs one sampling run records, in order."""
-    stages: list[tuple[str, str]] = []
-    for i in range(num_steps):
-        stages += [(f"Step_{i}_Loading", "step-loading"), (f"Step_{i}_Inference", "step-inference")]
-    return stages
+# Widget defaults: the sampler preset of TI2V-5B (the task of the default 1280x704x121 latent);
+# the expert switch, which TI2V-5B does not use, defaults to T2V-A14B's. Tooltips quote the presets.
+TI2V, I2V, T2V = TI2V_5B.sampler, I2V_A14B.sampler, T2V_A14B.sampler
+DEFAULTS = TI2V
+DEFAULT_BOUNDARY = T2V.boundary
 
 
 class WanSampler:
@@ -47,7 +53,7 @@ class WanSampler:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "model": (T.MODEL, {"tooltip": "From Wan Model Loader."}),
+                "model": (T.DIT_EXPERTS, {"tooltip": "From Wan Model Loader."}),
                 "text_embeds": (T.TEXT_EMBEDS, {"tooltip": "From Wan Text Encode."}),
                 "latent": (
                     T.LATENT,
@@ -69,37 +75,38 @@ class WanSampler:
                 "steps": (
                     "INT",
                     {
-                        "default": 50,
+                        "default": DEFAULTS.steps,
                         "min": 1,
                         "max": MAX_STEPS,
-                        "tooltip": "Denoising steps: 50 for TI2V-5B, 40 for A14B.",
+                        "tooltip": f"Denoising steps: {TI2V.steps} for TI2V-5B, {T2V.steps} for A14B.",
                     },
                 ),
                 "shift": (
                     "FLOAT",
                     {
-                        "default": 5.0,
+                        "default": DEFAULTS.shift,
                         "min": 0.01,
                         "max": MAX_SHIFT,
                         "step": 0.01,
-                        "tooltip": "Flow-matching sigma shift: 5.0 for TI2V-5B and I2V, 12.0 for T2V.",
+                        "tooltip": f"Flow-matching sigma shift: {TI2V.shift} for TI2V-5B, {I2V.shift} for I2V, "
+                        f"{T2V.shift} for T2V.",
                     },
                 ),
                 "boundary": (
                     "FLOAT",
                     {
-                        "default": 0.875,
+                        "default": DEFAULT_BOUNDARY,
                         "min": 0.001,
                         "max": 0.999,
                         "step": 0.001,
                         "tooltip": "A14B expert switch: steps with t >= boundary x 1000 use the "
-                        "high-noise expert (0.875 T2V, 0.900 I2V). Unused by TI2V-5B.",
+                        f"high-noise expert ({T2V.boundary:.3f} T2V, {I2V.boundary:.3f} I2V). Unused by TI2V-5B.",
                     },
                 ),
                 "guidance_high": (
                     "FLOAT",
                     {
-                        "default": 5.0,
+                        "default": DEFAULTS.guide_scale.high,
                         "min": 0.0,
                         "max": MAX_GUIDANCE,
                         "step": 0.1,
@@ -110,14 +117,15 @@ class WanSampler:
                 "guidance_low": (
                     "FLOAT",
                     {
-                        "default": 5.0,
+                        "default": DEFAULTS.guide_scale.low,
                         "min": 0.0,
                         "max": MAX_GUIDANCE,
                         "step": 0.1,
-                        "tooltip": "CFG scale of the low-noise expert (3.0 T2V, 3.5 I2V). Unused by TI2V-5B.",
+                        "tooltip": f"CFG scale of the low-noise expert ({T2V.guide_scale.low} T2V, "
+                        f"{I2V.guide_scale.low} I2V). Unused by TI2V-5B.",
                     },
                 ),
-                "solver": (list(SOLVERS), {"default": "unipc", "tooltip": "Flow-matching solver."}),
+                "solver": (list(SOLVERS), {"default": DEFAULTS.solver, "tooltip": "Flow-matching solver."}),
                 "batched_cfg": (
                     "BOOLEAN",
                     {
@@ -129,7 +137,7 @@ class WanSampler:
                 "placement": (
                     list(PLACEMENTS),
                     {
-                        "default": "none",
+                        "default": PLACEMENTS[0],
                         "tooltip": "Weights placement: none = all on the GPU; "
                         "model = the expert not in use waits "
                         "on the CPU; blocks = stream transformer blocks from pinned CPU memory.",
@@ -160,15 +168,15 @@ class WanSampler:
     ) -> bool | str:
         return first_problem(
             check_int_range("steps", steps, 1, MAX_STEPS),
-            check_positive_float("shift", shift, 0.01, MAX_SHIFT),
+            check_float_range("shift", shift, 0.01, MAX_SHIFT),
             check_open_unit("boundary", boundary),
-            check_positive_float("guidance_high", guidance_high, 0.0, MAX_GUIDANCE),
-            check_positive_float("guidance_low", guidance_low, 0.0, MAX_GUIDANCE),
+            check_float_range("guidance_high", guidance_high, 0.0, MAX_GUIDANCE),
+            check_float_range("guidance_low", guidance_low, 0.0, MAX_GUIDANCE),
         )
 
     def sample(
         self,
-        model: T.WanModel,
+        model: T.DiTExperts,
         text_embeds: T.TextEmbeds,
         latent: dict[str, Any],
         seed: int,
@@ -210,14 +218,15 @@ class WanSampler:
                 f"{task.name} needs a start image: feed the latent from Wan Image To Video "
                 f"with the Wan2.1 VAE"
             )
-        opts = SamplerOptions(
+        opts = SamplerOptions.from_config(
+            task.sampler,  # the task's defaults; every widget value overrides its own
             solver=solver,
             steps=steps,
             shift=shift,
-            guide_scale=(guidance_low, guidance_high),
-            boundary=boundary if task.is_moe else None,
+            guide_scale=GuideScale(high=guidance_high, low=guidance_low),
+            boundary=boundary if task.is_moe else None,  # None keeps the preset's (None for TI2V-5B)
             seed=seed,
-            cfg_mode="batched" if batched_cfg else "sequential",
+            cfg_mode=BATCHED_CFG if batched_cfg else SEQUENTIAL_CFG,
             placement=placement,
             num_resident_blocks=resident_blocks,
         )
@@ -237,7 +246,7 @@ class WanSampler:
             progress(index + 1)
             bridge.check_interrupt()
 
-        with maybe_profile(profiler, unique_id, step_stages(steps)):
+        with maybe_profile(profiler, unique_id, sampling_stages(steps)):
             out = sample(
                 list(model.experts),
                 task,

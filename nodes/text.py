@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..wan_core.config import T5_ENCODE_STAGE
 from . import types as T
 from .profiler_handle import maybe_profile
 
-STAGE_T5 = ("T5_Encoding", "encode")
 MAX_PROMPT_CHARS = 20000
 
 
@@ -73,7 +73,7 @@ class WanTextEncode:
     ) -> tuple[T.TextEmbeds]:
         if not prompt.strip():
             raise ValueError("prompt is empty; describe the video to generate")
-        with maybe_profile(profiler, unique_id, [STAGE_T5]):  # encode_pair traces T5_Encoding itself
+        with maybe_profile(profiler, unique_id, [T5_ENCODE_STAGE]):  # encode_pair traces T5_Encoding itself
             context, context_null = text_encoder.encode_pair(prompt, negative_prompt)
         return (
             T.TextEmbeds(

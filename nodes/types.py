@@ -19,7 +19,7 @@ import torch
 from ..wan_core.config import WanConfig
 
 PROFILER = "WANBENCH_PROFILER"
-MODEL = "WAN22_DIT"
+DIT_EXPERTS = "WAN22_DIT"
 TEXT_ENCODER = "WAN22_TEXT_ENCODER"
 TEXT_EMBEDS = "WAN22_TEXT_EMBEDS"
 VAE = "WAN22_VAE"
@@ -38,17 +38,19 @@ HIDDEN_IDS: dict[str, str] = {"unique_id": "UNIQUE_ID"}
 
 
 @dataclass(frozen=True)
-class WanModel:
-    """The DiT expert(s) of one task, as loaded by Wan Model Loader.
+class DiTExperts:
+    """The DiT expert(s) of one task as loaded by Wan Model Loader (socket `WAN22_DIT`).
 
-    `experts` is `[high_noise, low_noise]` for A14B tasks and `[model]` for TI2V-5B.
+    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B.
     """
 
     experts: tuple[Any, ...]
     task: WanConfig
-    files: tuple[str, ...]
-    placement: str = "none"
-    attention: str = "sdpa"
+
+    @property
+    def attention(self) -> str:
+        """The attention backend the experts were built with (reported in the profile)."""
+        return self.experts[0].attention_backend
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,10 @@ from typing import Any
 
 import torch
 
+from ..wan_core.config import NO_TILING, TILINGS, VAE_DECODE_STAGE
 from . import comfy_bridge as bridge
 from . import types as T
 from .profiler_handle import maybe_profile
-
-STAGE_DECODE = ("VAE_Decoding", "decode")
-TILINGS = ("none", "auto")
 
 
 def video_to_images(video: torch.Tensor) -> torch.Tensor:
@@ -55,7 +53,7 @@ class WanVAEDecode:
                 "tiling": (
                     list(TILINGS),
                     {
-                        "default": "none",
+                        "default": NO_TILING,
                         "tooltip": "Spatial tiling of the decode: none = whole frames "
                         "(exact); auto = overlapping tiles that bound memory.",
                     },
@@ -83,12 +81,12 @@ class WanVAEDecode:
                 f"latent must be a video LATENT with samples (B, {z_dim}, T, h, w) for the "
                 f"{vae.config.variant} VAE; got {got}"
             )
+        from ..wan_core.vae_stages import decode_video
+
         frames = []
         for item in samples:  # one video at a time
-            # WanVAE.decode traces the VAE_Decoding stage itself.
-            with maybe_profile(profiler, unique_id, [STAGE_DECODE]):
-                video = vae.decode(
-                    item[None], tiling=None if tiling == "none" else tiling, callback=_ChunkProgress()
-                )
+            # decode_video traces the VAE_Decoding stage.
+            with maybe_profile(profiler, unique_id, [VAE_DECODE_STAGE]):
+                video = decode_video(vae, item[None], tiling=tiling, callback=_ChunkProgress())
             frames.append(video_to_images(video))
         return (torch.cat(frames, dim=0),)

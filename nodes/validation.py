@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 
-# Pixel-size step of the widgets: the smallest multiple any task accepts (Wan2.1 VAE stride 8 x
-# patch 2). TI2V-5B needs multiples of 32, which the node checks once it knows the VAE.
-SIZE_STEP = 16
-FRAME_STEP = 4
+from ..wan_core.config import PRESETS
+
+# Pixel-size step of the widgets: the smallest multiple any task accepts (16: Wan2.1 VAE stride 8
+# x patch 2). TI2V-5B needs multiples of 32, which the node checks once it knows the VAE.
+SIZE_STEP = min(task.size_multiple for task in PRESETS.values())
+FRAME_STEP = min(task.vae.temporal_stride for task in PRESETS.values())  # frame counts are 4k+1
 MAX_SIZE = 4096
 MAX_FRAMES = 1025
 
@@ -61,7 +63,8 @@ def check_size(name: str, value: int | None, multiple: int = SIZE_STEP) -> str |
     return None
 
 
-def check_positive_float(name: str, value: float | None, lo: float, hi: float) -> str | None:
+def check_float_range(name: str, value: float | None, lo: float, hi: float) -> str | None:
+    """A number in the closed range [lo, hi] (lo may be 0, e.g. a guidance scale)."""
     if value is None:  # linked input: checked when the node runs
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):

@@ -61,11 +61,11 @@ def write_mp4(frames: torch.Tensor, path: Path, *, fps: int, codec: str = "libx2
     return path
 
 
-def resolve_fps(fps: int, model: T.WanModel | None) -> int:
+def resolve_fps(fps: int, model: T.DiTExperts | None) -> int:
     """The fps to encode with: `fps` itself, or the task's sample fps when `fps` is 0."""
     if fps != FPS_FROM_TASK:
         return fps
-    if not isinstance(model, T.WanModel):
+    if not isinstance(model, T.DiTExperts):
         raise ValueError(
             "fps is 0 (= the task's fps) but no model is connected to Wan Save Video; connect Wan "
             "Model Loader's model to its model input, or set fps (24 for TI2V-5B, 16 for A14B)"
@@ -123,7 +123,7 @@ class WanSaveVideo:
             },
             "optional": {
                 "model": (
-                    T.MODEL,
+                    T.DIT_EXPERTS,
                     {"tooltip": "Wan Model Loader's model: with fps 0 the video gets its task's fps."},
                 ),
             },
@@ -146,7 +146,7 @@ class WanSaveVideo:
         filename_prefix: str,
         format: str,
         crf: int,
-        model: T.WanModel | None = None,
+        model: T.DiTExperts | None = None,
     ) -> dict[str, Any]:
         problem = self.VALIDATE_INPUTS(fps=fps, filename_prefix=filename_prefix, crf=crf)
         if problem is not True:

@@ -75,9 +75,9 @@ def test_atomic_write_text_writes_utf8_and_returns_the_path(tmp_path: Path) -> N
 def test_there_is_one_helper() -> None:
     from wanbench.nodes import comfy_bridge
     from wanbench.profiling import output
-    from wanbench.wan_core import weights
+    from wanbench.wan_core.checkpoints import io
 
-    for module in (comfy_bridge, output, weights):
+    for module in (comfy_bridge, output, io):
         assert not any(hasattr(module, name) for name in ("atomic_target", "write_text_atomic", "_atomic_write_text"))
     assert output.atomic_write_text is atomic_write_text  # imported from util.atomic, not a copy
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from typing import Any
 
 import pytest
 import torch
 from wanbench.wan_core import attention as attn_mod
+from wanbench.wan_core import dit as dit_mod
 from wanbench.wan_core.attention import BACKENDS, attention, available_backends, resolve_backend
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.dit import WanDiT
@@ -107,8 +110,72 @@ def test_model_runs_with_auto_backend() -> None:
     x = torch.randn(1, 48, 2, 4, 4)
     ctx = [torch.randn(4, model.config.text_dim)]
     ref = model(x, torch.tensor([500]), ctx)
-    model.attention_backend = "auto"
-    torch.testing.assert_close(model(x, torch.tensor([500]), ctx), ref)
+    auto = WanDiT(model.config, attention="auto").eval()
+    auto.load_state_dict(model.state_dict())
+    assert (model.attention_backend, auto.attention_backend) == ("sdpa", "auto")
+    torch.testing.assert_close(auto(x, torch.tensor([500]), ctx), ref)
+
+
+def _counting(backend: attn_mod.AttentionBackend, *, key_bias: bool,
+              calls: dict[str, int]) -> attn_mod.AttentionBackend:
+    """`backend` with its functions counted; without its key-bias function when `key_bias` is False."""
+    def fn(*args: Any) -> torch.Tensor:
+        calls["fn"] += 1
+        return backend.fn(*args)
+
+    def key_bias_fn(*args: Any) -> torch.Tensor:
+        calls["key_bias_fn"] += 1
+        return backend.key_bias_fn(*args)
+
+    return dataclasses.replace(backend, name=f"counted_{backend.name}", fn=fn,
+                               key_bias_fn=key_bias_fn if key_bias else None)
+
+
+@pytest.mark.parametrize("key_bias", [True, False], ids=["with_key_bias", "without_key_bias"])
+@torch.no_grad()
+def test_model_resolves_once_per_forward_and_runs_every_attention_through_it(
+        key_bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One resolution per forward; self-attention, and the compacted cross-attention keys with their
+    key bias, all run through the resolved backend. A backend without a key bias gets the full
+    padded context instead (same result up to rounding)."""
+    torch.manual_seed(0)
+    model = WanDiT(preset("t2v", tiny=True).dit).eval()
+    x, t = torch.randn(1, 16, 2, 4, 4), torch.tensor([500])
+    ctx = [torch.randn(4, model.config.text_dim)]
+    ref = model(x, t, ctx)
+    calls = {"resolve": 0, "fn": 0, "key_bias_fn": 0}
+
+    def resolve(name: str, **spec: Any) -> attn_mod.AttentionBackend:
+        calls["resolve"] += 1
+        assert name == "sdpa" and spec["dtype"] == torch.float32, (name, spec)
+        return _counting(BACKENDS["sdpa"], key_bias=key_bias, calls=calls)
+
+    monkeypatch.setattr(dit_mod, "resolve_backend_for", resolve)
+    monkeypatch.setattr(attn_mod, "resolve_backend", None)  # nothing may look a backend up again
+    out = model(x, t, ctx)
+    layers = model.config.num_layers
+    assert calls == {"resolve": 1, "fn": layers if key_bias else 2 * layers,
+                     "key_bias_fn": layers if key_bias else 0}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_key_bias_needs_a_backend_that_has_one() -> None:
+    q, k, v = qkv()
+    bias = torch.zeros(q.shape[0], k.shape[1])
+    no_bias = dataclasses.replace(BACKENDS["sdpa"], name="plain", key_bias_fn=None)
+    with pytest.raises(ValueError, match="key_bias is supported by the 'sdpa' backend only.*got backend 'plain'"):
+        attention(q, k, v, backend=no_bias, key_bias=bias)
+    torch.testing.assert_close(attention(q, k, v, backend=BACKENDS["sdpa"], key_bias=bias), attention(q, k, v))
+
+
+def test_unknown_or_missing_backend_fails_at_construction() -> None:
+    cfg = preset("ti2v", tiny=True).dit
+    with pytest.raises(ValueError, match="unknown attention backend 'magic'"):
+        WanDiT(cfg, attention="magic")
+    for name in ("flash_attn", "sage"):
+        if not BACKENDS[name].is_installed():
+            with pytest.raises(BackendUnavailableError, match=BACKENDS[name].install_hint):
+                WanDiT(cfg, attention=name)
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ from wanbench.wan_core.config import (
     WanConfig,
     preset,
 )
-from wanbench.wan_core.dit import WanDiT
+from wanbench.wan_core.dit import WanBlock, WanDiT, WanRMSNorm
 
 # Spec section 1, one row per field of the table: (t2v-A14B, i2v-A14B, ti2v-5B).
 SPEC_TABLE: dict[str, tuple[object, object, object]] = {
@@ -61,18 +61,30 @@ SPEC_NEGATIVE_PROMPT = (
 )
 
 
+def _block_norms(cfg: WanConfig) -> tuple[bool, bool]:
+    """(qk_norm, cross_attn_norm) as the model implements them: RMS norms on q and k of both
+    attentions, and an affine (weight and bias) LayerNorm before the cross-attention."""
+    with torch.device("meta"):
+        block = WanBlock(cfg.dit)
+    qk_norm = all(isinstance(attn.norm_q, WanRMSNorm) and isinstance(attn.norm_k, WanRMSNorm)
+                  for attn in (block.self_attn, block.cross_attn))
+    cross_attn_norm = block.norm3.weight is not None and block.norm3.bias is not None
+    return qk_norm, cross_attn_norm
+
+
 def _field(cfg: WanConfig, name: str) -> object:
     """The preset's value of one row of the spec table."""
     dit, sampler = cfg.dit, cfg.sampler
+    if name in ("qk_norm", "cross_attn_norm"):  # not config fields: always present in Wan2.2
+        return _block_norms(cfg)[name == "cross_attn_norm"]
     return {
         "model_type": dit.model_type, "num_experts": cfg.num_experts, "expert_names": cfg.expert_names,
         "patch_size": dit.patch_size, "dim": dit.dim, "ffn_dim": dit.ffn_dim, "freq_dim": dit.freq_dim,
         "num_heads": dit.num_heads, "head_dim": dit.head_dim, "num_layers": dit.num_layers,
         "in_dim": dit.in_dim, "out_dim": dit.out_dim, "text_dim": dit.text_dim, "text_len": dit.text_len,
-        "eps": dit.eps, "window_size": tuple(dit.window_size), "qk_norm": dit.qk_norm,
-        "cross_attn_norm": dit.cross_attn_norm, "sample_shift": sampler.shift, "sample_steps": sampler.steps,
-        "boundary": sampler.boundary, "sample_guide_scale": tuple(sampler.guide_scale),
-        "frame_num": cfg.frame_num, "sample_fps": cfg.fps,
+        "eps": dit.eps, "window_size": tuple(dit.window_size), "sample_shift": sampler.shift,
+        "sample_steps": sampler.steps, "boundary": sampler.boundary,
+        "sample_guide_scale": sampler.guide_scale.official(), "frame_num": cfg.frame_num, "sample_fps": cfg.fps,
         "vae": (cfg.vae.variant, cfg.vae.stride, cfg.vae.z_dim), "supported_sizes": set(cfg.sizes),
     }[name]
 
@@ -177,9 +189,9 @@ def test_flops_formula_by_hand() -> None:
 def test_tiny_twin_keeps_the_structure(cfg: WanConfig) -> None:
     tiny = cfg.tiny()
     assert preset(cfg.name, tiny=True) == tiny
-    for name in ("model_type", "in_dim", "out_dim", "patch_size", "text_len", "window_size", "qk_norm",
-                 "cross_attn_norm", "eps"):
+    for name in ("model_type", "in_dim", "out_dim", "patch_size", "text_len", "window_size", "eps"):
         assert getattr(tiny.dit, name) == getattr(cfg.dit, name), name
+    assert _block_norms(tiny) == _block_norms(cfg)
     assert (tiny.num_experts, tiny.expert_names, tiny.sampler.boundary) == \
         (cfg.num_experts, cfg.expert_names, cfg.sampler.boundary)
     assert (tiny.vae.variant, tiny.vae.z_dim, tiny.vae.stride) == (cfg.vae.variant, cfg.vae.z_dim, cfg.vae.stride)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from wanbench.wan_core.checkpoints.dit import dit_from_diffusers, dit_to_diffusers
 from wanbench.wan_core.config import DiTConfig, preset
 from wanbench.wan_core.dit import WanDiT
-from wanbench.wan_core.weights import dit_from_diffusers, dit_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -22,7 +22,7 @@ def diffusers_model(cfg: DiTConfig) -> torch.nn.Module:
     return diffusers.WanTransformer3DModel(
         patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
         in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=cfg.eps).eval()
 
 

@@ -22,6 +22,8 @@ FIXTURES = fixture_params(kind_prefix="dit_forward")
 
 
 def config_from_manifest(raw: dict) -> DiTConfig:
+    # qk_norm and cross_attn_norm are on in every Wan2.2 model and always built by WanDiT
+    assert raw.get("qk_norm", True) is True and raw.get("cross_attn_norm", True) is True, raw
     names = {f.name for f in fields(DiTConfig)}
     return DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
 

@@ -10,17 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from wanbench.wan_core.checkpoints.dit import detect_dit_config, load_dit, load_experts, save_dit
+from wanbench.wan_core.checkpoints.io import read_state_dict, write_safetensors
 from wanbench.wan_core.config import I2V_A14B, T2V_A14B, TI2V_5B, preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.errors import CheckpointError
-from wanbench.wan_core.weights import (
-    detect_dit_config,
-    load_dit,
-    load_experts,
-    read_state_dict,
-    save_dit,
-    write_safetensors,
-)
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,12 @@ from wanbench.nodes.latents import WanEmptyLatent, WanImageToVideo
 from wanbench.nodes.loaders import WanModelLoader, resolve_device
 from wanbench.nodes.profiler_handle import ProfilerHandle, maybe_profile
 from wanbench.nodes.profiling import WanBenchmarkReport, WanProfiler
-from wanbench.nodes.sampling import WanSampler, step_stages
+from wanbench.nodes.sampling import WanSampler
 from wanbench.nodes.text import WanTextEncode
 from wanbench.nodes.vae import WanVAEDecode, video_to_images
 from wanbench.nodes.video import FORMATS, WanSaveVideo, images_to_uint8, write_mp4
 from wanbench.wan_core import trace
+from wanbench.wan_core.config import sampling_stages
 
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
@@ -305,7 +306,7 @@ def test_profiler_marks_skipped_nodes_cached() -> None:
 
 
 def test_sampler_stage_names() -> None:
-    assert step_stages(2) == [
+    assert sampling_stages(2) == [
         ("Step_0_Loading", "step-loading"),
         ("Step_0_Inference", "step-inference"),
         ("Step_1_Loading", "step-loading"),
@@ -364,7 +365,7 @@ def test_node_raising_in_a_stage_closes_the_session_and_the_next_run_works(monke
 
     handle = _handle()
     with pytest.raises(InterruptProcessingException):
-        with handle.stage_node("8", step_stages(1)):
+        with handle.stage_node("8", sampling_stages(1)):
             with trace.stage("Step_0_Inference", kind="step-inference"):
                 raise InterruptProcessingException()
     assert not handle.session_open

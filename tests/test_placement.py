@@ -10,7 +10,9 @@ import torch
 from conftest import golden_dir, manifest_fixtures
 from safetensors.torch import load_file
 from test_sampler import dit_config, load_pipeline, weight_files
-from wanbench.wan_core.config import preset
+from wanbench.wan_core.checkpoints.dit import load_dit, save_dit
+from wanbench.wan_core.checkpoints.io import COMFY_DIT_PREFIX
+from wanbench.wan_core.config import preset, weight_dtype
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.placement import (
     BlockSwap,
@@ -19,10 +21,8 @@ from wanbench.wan_core.placement import (
     make_placement,
     store_fp8,
     store_fp8_from_state_dict,
-    weight_dtype,
 )
 from wanbench.wan_core.sampler import sample
-from wanbench.wan_core.weights import COMFY_DIT_PREFIX, load_dit, save_dit
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

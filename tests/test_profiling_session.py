@@ -360,7 +360,7 @@ def test_pynvml_monitor_reads_gpm_and_utilization() -> None:
 def test_profiling_does_not_change_sampler_latents() -> None:
     """The tiny A14B DiT pair through the real sampler (expert switch, batched CFG): the latents
     with a ProfileSession (sampler thread running) are bit-identical to those without."""
-    from wanbench.wan_core.config import preset
+    from wanbench.wan_core.config import GuideScale, preset
     from wanbench.wan_core.dit import WanDiT
     from wanbench.wan_core.sampler import SamplerOptions, sample
 
@@ -372,7 +372,7 @@ def test_profiling_does_not_change_sampler_latents() -> None:
         "context": torch.randn(5, task.dit.text_dim, generator=g),
         "context_null": torch.randn(9, task.dit.text_dim, generator=g),
     }
-    opts = SamplerOptions(steps=4, shift=5.0, guide_scale=(3.0, 4.0), boundary=0.875, seed=3)
+    opts = SamplerOptions(steps=4, shift=5.0, guide_scale=GuideScale(high=4.0, low=3.0), boundary=0.875, seed=3)
 
     def run() -> torch.Tensor:
         return sample([high, low], task, opts, latent_shape=(16, 2, 4, 4), device="cpu", **contexts)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import assert_close_manifest, fixture_params, golden_dir, manifest_fixtures
 from safetensors.torch import load_file
-from wanbench.wan_core.config import DiTConfig, preset
+from wanbench.wan_core.config import DiTConfig, GuideScale, preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.errors import SamplingInterrupted
-from wanbench.wan_core.sampler import SamplerOptions, guidance_for, make_noise, sample, select_expert
+from wanbench.wan_core.sampler import SamplerOptions, make_noise, sample, select_expert
 from wanbench.wan_core.schedulers import FlowSchedule, UniPCScheduler, make_schedule
 from wanbench.wan_core.trace import use_tracer
 
@@ -44,10 +44,15 @@ class RecordingTracer:
         self.events.append((name, facts))
 
 
+# Official config switches that every Wan2.2 model has on; WanDiT always builds them (no fields).
+ALWAYS_ON = ("qk_norm", "cross_attn_norm")
+
+
 def dit_config(model_config: dict) -> DiTConfig:
+    assert all(model_config.get(name, True) is True for name in ALWAYS_ON), model_config
     fields = {**model_config, "patch_size": tuple(model_config["patch_size"]),
               "window_size": tuple(model_config["window_size"])}
-    return DiTConfig(**fields)
+    return DiTConfig(**{k: v for k, v in fields.items() if k not in ALWAYS_ON})
 
 
 def weight_files(fixture: dict) -> list[str]:
@@ -70,7 +75,7 @@ def load_pipeline(fixture: dict) -> tuple[list[WanDiT], dict[str, torch.Tensor],
     io = load_file(golden_dir() / f"{fixture['name']}.io.safetensors")
     guide = cfg.get("guide_scale_low_high") or [cfg["guide_scale"], cfg["guide_scale"]]
     opts = SamplerOptions(solver=SOLVER_NAMES[cfg["solver"]], steps=cfg["steps"], shift=cfg["shift"],
-                          guide_scale=tuple(guide), boundary=cfg.get("boundary"))
+                          guide_scale=GuideScale.from_official(guide), boundary=cfg.get("boundary"))
     return experts, io, opts
 
 
@@ -189,7 +194,7 @@ def test_guidance_one_skips_the_unconditional_pass() -> None:
     high, task = _fake_t2v(1.0)
     low, _ = _fake_t2v(0.5)
     tracer = RecordingTracer()
-    opts = SamplerOptions(steps=4, shift=12.0, guide_scale=(3.0, 1.0), boundary=0.875)
+    opts = SamplerOptions(steps=4, shift=12.0, guide_scale=GuideScale(high=1.0, low=3.0), boundary=0.875)
     with use_tracer(tracer):
         sample([high, low], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))
     modes = [(f["expert"], f["cfg_mode"]) for _, kind, f in tracer.stages if kind == "step-inference"]
@@ -203,7 +208,7 @@ def test_guidance_one_skips_the_unconditional_pass() -> None:
 def test_trace_stages_names_kinds_and_facts() -> None:
     model, task = _fake_t2v()
     tracer = RecordingTracer()
-    opts = SamplerOptions(steps=3, shift=5.0, guide_scale=(2.0, 2.0), boundary=0.9)
+    opts = SamplerOptions(steps=3, shift=5.0, guide_scale=GuideScale.same(2.0), boundary=0.9)
     with use_tracer(tracer):
         sample([model, model], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))
     names = [name for name, _, _ in tracer.stages]
@@ -223,7 +228,7 @@ def test_trace_stages_names_kinds_and_facts() -> None:
 
 def test_single_step_and_seeded_noise() -> None:
     model, task = _tiny_t2v()
-    opts = SamplerOptions(steps=1, shift=5.0, guide_scale=(3.0, 4.0), boundary=0.875, seed=11)
+    opts = SamplerOptions(steps=1, shift=5.0, guide_scale=GuideScale(high=4.0, low=3.0), boundary=0.875, seed=11)
     by_seed = sample([model, model], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))
     by_noise = sample([model, model], task, opts, noise=make_noise((16, 1, 4, 4), 11), **_contexts(task))
     assert torch.equal(by_seed, by_noise) and bool(torch.isfinite(by_seed).all())
@@ -240,7 +245,7 @@ def test_duplicate_timesteps_in_the_loop() -> None:
     """UniPC, shift 12, 100 steps: repeated integer timesteps. The model sees every integer timestep
     of the schedule (repeats included) and the result equals UniPC driven by the sigmas alone."""
     model, task = _fake_t2v()
-    opts = SamplerOptions(steps=100, shift=12.0, guide_scale=(1.0, 1.0), boundary=0.875)
+    opts = SamplerOptions(steps=100, shift=12.0, guide_scale=GuideScale.same(1.0), boundary=0.875)
     contexts = _contexts(task)
     out = sample([model, model], task, opts, latent_shape=(16, 1, 2, 2), **contexts)
     assert out.shape == (16, 1, 2, 2) and bool(torch.isfinite(out).all())
@@ -270,7 +275,7 @@ def test_interrupt_stops_within_one_step() -> None:
         if i == 1:
             raise SamplingInterrupted("stop")
 
-    opts = SamplerOptions(steps=5, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9, placement="blocks")
+    opts = SamplerOptions(steps=5, shift=5.0, guide_scale=GuideScale.same(3.0), boundary=0.9, placement="blocks")
     with pytest.raises(SamplingInterrupted):
         sample([counter, counter], task, opts, latent_shape=(16, 1, 4, 4), callback=callback,
                **_contexts(task))
@@ -282,7 +287,7 @@ def test_interrupt_on_the_last_step_discards_the_result() -> None:
     """An interrupt always stops the run: with the last step's callback too, nothing is returned
     (the callback has seen the final latent) and the placement is undone."""
     model, task = _fake_t2v()
-    opts = SamplerOptions(steps=3, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9, placement="blocks")
+    opts = SamplerOptions(steps=3, shift=5.0, guide_scale=GuideScale.same(3.0), boundary=0.9, placement="blocks")
     finished = sample([model, model], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))
     seen: list[torch.Tensor] = []
 
@@ -327,26 +332,32 @@ def test_placement_none_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_guide_scale_accepts_one_number_for_both_experts() -> None:
     base = dict(steps=4, shift=5.0, boundary=0.9)
-    assert SamplerOptions(**base, guide_scale=3.0).guide_scale == (3.0, 3.0)
-    assert SamplerOptions(**base, guide_scale=5).guide_scale == (5.0, 5.0)
-    assert SamplerOptions(**base, guide_scale=[3, 4.5]).guide_scale == (3.0, 4.5)
-    for bad in ("3.0", (1.0, 2.0, 3.0), True, (float("inf"), 1.0), None):
+    assert SamplerOptions(**base, guide_scale=3.0).guide_scale == GuideScale(high=3.0, low=3.0)
+    assert SamplerOptions(**base, guide_scale=5).guide_scale == GuideScale(high=5.0, low=5.0)
+    assert SamplerOptions(**base, guide_scale=GuideScale(low=3, high=4.5)).guide_scale == \
+        GuideScale(high=4.5, low=3.0)
+    assert GuideScale.from_official([3, 4.5]) == GuideScale(high=4.5, low=3.0)
+    assert GuideScale(high=4.5, low=3.0).official() == (3.0, 4.5)
+    for bad in ("3.0", (1.0, 2.0, 3.0), True, (float("inf"), 1.0), None, float("nan"), (3.0, 4.0)):
         with pytest.raises(ValueError, match=r"guide_scale must be a finite number \(both experts\) or two"):
-            SamplerOptions(**base, guide_scale=bad)
+            SamplerOptions(**base, guide_scale=bad)  # a bare pair too: its order could be read either way
+    with pytest.raises(ValueError, match="guide_scale must be finite numbers; got high=nan"):
+        GuideScale(high=float("nan"), low=3.0)
 
 
 def test_select_expert_and_guidance() -> None:
     assert select_expert(875, 0.875) == "high" and select_expert(874, 0.875) == "low"
     assert select_expert(900, 0.9) == "high" and select_expert(899, 0.9) == "low"
     assert select_expert(999, None) == "model"
-    assert guidance_for("high", (3.0, 4.0)) == 4.0 and guidance_for("low", (3.0, 4.0)) == 3.0
+    scale = GuideScale.from_official((3.0, 4.0))
+    assert scale.for_expert("high") == 4.0 and scale.for_expert("low") == 3.0
 
 
 def test_options_from_config_with_overrides() -> None:
     task = preset("t2v-A14B")
     opts = SamplerOptions.from_config(task.sampler, steps=8, boundary=0.8, cfg_mode="sequential")
     got = (opts.solver, opts.steps, opts.shift, opts.guide_scale, opts.boundary)
-    assert got == ("unipc", 8, 12.0, (3.0, 4.0), 0.8)
+    assert got == ("unipc", 8, 12.0, GuideScale(high=4.0, low=3.0), 0.8)
     assert opts.boundary_timestep == 800.0 and opts.cfg_mode == "sequential"
 
 
@@ -361,7 +372,7 @@ def test_options_from_config_with_overrides() -> None:
     ("solver", "ddim", "solver must be"),
 ])
 def test_invalid_options(field: str, value: Any, match: str) -> None:
-    base = dict(steps=4, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9)
+    base = dict(steps=4, shift=5.0, guide_scale=GuideScale.same(3.0), boundary=0.9)
     with pytest.raises(ValueError, match=match):
         SamplerOptions(**{**base, field: value})
 
@@ -389,7 +400,7 @@ class ExplodingModel(torch.nn.Module):
 def test_invalid_arguments_fail_before_compute(case: str, match: str) -> None:
     task = preset("i2v-A14B" if case == "no_image" else "t2v-A14B", tiny=True)
     model = ExplodingModel(task.dit)
-    opts = SamplerOptions(steps=2, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9)
+    opts = SamplerOptions(steps=2, shift=5.0, guide_scale=GuideScale.same(3.0), boundary=0.9)
     kwargs: dict[str, Any] = dict(latent_shape=(16, 1, 4, 4), **_contexts(task))
     experts = [model, model]
     if case == "channels":
@@ -411,6 +422,6 @@ def test_invalid_arguments_fail_before_compute(case: str, match: str) -> None:
 def test_expert_of_another_task_is_rejected() -> None:
     task = preset("t2v-A14B", tiny=True)
     wrong = ExplodingModel(preset("ti2v-5B", tiny=True).dit)
-    opts = SamplerOptions(steps=2, shift=5.0, guide_scale=(3.0, 3.0), boundary=0.9)
+    opts = SamplerOptions(steps=2, shift=5.0, guide_scale=GuideScale.same(3.0), boundary=0.9)
     with pytest.raises(ValueError, match="does not fit task"):
         sample([wrong, wrong], task, opts, latent_shape=(16, 1, 4, 4), **_contexts(task))

@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import assert_close_manifest, fixture_params, golden_dir, golden_params, manifest_fixtures
 from safetensors.torch import load_file
-from wanbench.wan_core.t5 import UMT5Encoder, detect_t5_config, read_t5_state_dict, relative_position_bucket
+from wanbench.wan_core.checkpoints.t5 import detect_t5_config, read_t5_state_dict
+from wanbench.wan_core.t5 import UMT5Encoder, relative_position_bucket
 
 T5_FIXTURES = fixture_params(kind_prefix="umt5_encoder")
 BUCKET_FIXTURES = golden_params(

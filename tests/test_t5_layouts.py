@@ -10,20 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
-from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, UMT5Config
-from wanbench.wan_core.errors import CheckpointError, WanError
-from wanbench.wan_core.t5 import (
-    TextEncoder,
-    UMT5Encoder,
+from wanbench.wan_core.checkpoints.t5 import (
     detect_t5_config,
     hf_to_official,
     load_text_encoder,
     load_umt5_encoder,
     official_to_hf,
-    pad_text_embeds,
     read_t5_state_dict,
     save_text_encoder,
 )
+from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, UMT5Config
+from wanbench.wan_core.errors import CheckpointError, WanError
+from wanbench.wan_core.t5 import TextEncoder, UMT5Encoder, pad_text_embeds
 from wanbench.wan_core.tokenizer import WanTokenizer, train_tiny_spiece
 from wanbench.wan_core.trace import use_tracer
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import golden_dir, golden_params, load_manifest, read_manifest
 from safetensors.torch import load_file
+from wanbench.wan_core.checkpoints.vae import load_vae
 from wanbench.wan_core.latents import denormalize_latent, normalize_latent
-from wanbench.wan_core.vae import load_vae
 from wanbench.wan_core.vae_blocks import patchify
 
 MANIFEST = "MANIFEST_VAE.json"

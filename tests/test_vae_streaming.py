@@ -7,13 +7,16 @@ from typing import Any
 
 import pytest
 import torch
-from wanbench.wan_core import vae as vae_module
+from wanbench.wan_core import flops as flops_module
+from wanbench.wan_core.checkpoints.vae import save_vae
 from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE, VAEConfig
 from wanbench.wan_core.errors import SamplingInterrupted
+from wanbench.wan_core.flops import vae_flops
 from wanbench.wan_core.latents import normalize_latent
 from wanbench.wan_core.trace import use_tracer
-from wanbench.wan_core.vae import WanVAE, chunk_ranges, load_vae, pixel_range, save_vae, vae_flops
-from wanbench.wan_core.vae_blocks import CausalConv3d
+from wanbench.wan_core.vae import WanVAE
+from wanbench.wan_core.vae_blocks import CausalConv3d, chunk_ranges, pixel_range
+from wanbench.wan_core.vae_stages import decode_video, encode_video, load_vae_for_stages
 
 TINY = {"wan2.1": WAN21_VAE.tiny(), "wan2.2": WAN22_VAE.tiny()}
 _MODELS: dict[str, WanVAE] = {}
@@ -155,19 +158,19 @@ def test_flops_formula_equals_a_meta_run_at_full_shape(variant: str, mode: str, 
     b, frames, h, w = cells
     s = cfg.spatial_stride
     shape = (b, 3, frames, h * s, w * s) if mode == "encode" else (b, cfg.z_dim, frames, h, w)
-    assert vae_flops(cfg, mode, shape) == sum(vae_module._meta_flops(cfg, mode, shape)) > 0
+    assert vae_flops(cfg, mode, shape) == sum(flops_module._meta_flops(cfg, mode, shape)) > 0
 
 
 def test_loading_under_a_profiler_counts_flops_inside_the_load(tmp_path: Any) -> None:
     # the one-off meta runs happen while loading (inside the caller's stage), not at decode time
     path = save_vae(_model("wan2.2"), tmp_path / "vae.safetensors", dtype=torch.float32)
-    vae_module._unit_flops.cache_clear()
+    flops_module._unit_flops.cache_clear()
     with use_tracer(_Recorder()):
-        load_vae(path)
-    assert vae_module._unit_flops.cache_info().currsize == 4
-    vae_module._unit_flops.cache_clear()
-    load_vae(path)  # no profiler: nothing is counted
-    assert vae_module._unit_flops.cache_info().currsize == 0
+        load_vae_for_stages(path)
+    assert flops_module._unit_flops.cache_info().currsize == 4
+    flops_module._unit_flops.cache_clear()
+    load_vae_for_stages(path)  # no profiler: nothing is counted
+    assert flops_module._unit_flops.cache_info().currsize == 0
 
 
 class _Recorder:
@@ -187,8 +190,8 @@ def test_trace_stages_with_flops() -> None:
     recorder = _Recorder()
     raw = _latent(model.config, 2)
     with use_tracer(recorder):
-        model.encode(_video(model.config, 5))
-        model.decode(raw)
+        encode_video(model, _video(model.config, 5))
+        decode_video(model, raw)
     (enc_name, enc_kind, enc), (dec_name, dec_kind, dec) = recorder.stages
     assert (enc_name, enc_kind, dec_name, dec_kind) == (
         "VAE_Encoding",

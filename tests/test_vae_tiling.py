@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import golden_dir
 from safetensors.torch import load_file
+from wanbench.wan_core.checkpoints.vae import load_vae
 from wanbench.wan_core.config import WAN21_VAE
-from wanbench.wan_core.vae import WanVAE, load_vae
+from wanbench.wan_core.vae import WanVAE
 from wanbench.wan_core.vae_blocks import AttentionBlock
 from wanbench.wan_core.vae_tiling import VAETiling, axis_weights, resolve_tiling
 

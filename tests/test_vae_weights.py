@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE
-from wanbench.wan_core.errors import CheckpointError
-from wanbench.wan_core.vae import (
-    WanVAE,
+from wanbench.wan_core.checkpoints.io import write_safetensors
+from wanbench.wan_core.checkpoints.vae import (
     detect_vae_config,
     diffusers_config,
     from_diffusers,
@@ -18,7 +16,9 @@ from wanbench.wan_core.vae import (
     save_vae,
     to_diffusers,
 )
-from wanbench.wan_core.weights import write_safetensors
+from wanbench.wan_core.config import WAN21_VAE, WAN22_VAE
+from wanbench.wan_core.errors import CheckpointError
+from wanbench.wan_core.vae import WanVAE
 
 TINY = {"wan2.1": WAN21_VAE.tiny(), "wan2.2": WAN22_VAE.tiny()}
 

@@ -10,20 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from wanbench.wan_core import weights
-from wanbench.wan_core.config import preset
-from wanbench.wan_core.dit import WanDiT
-from wanbench.wan_core.errors import CheckpointError
-from wanbench.wan_core.weights import (
-    OFFICIAL_CONFIG_NAME,
+from wanbench.wan_core.checkpoints import io as checkpoint_io
+from wanbench.wan_core.checkpoints.dit import (
     detect_dit_config,
     dit_to_diffusers,
     load_dit,
     load_experts,
     read_dit_config,
-    read_state_dict,
     save_dit,
 )
+from wanbench.wan_core.checkpoints.io import COMFY_DIT_PREFIX, OFFICIAL_CONFIG_NAME, read_state_dict
+from wanbench.wan_core.config import preset
+from wanbench.wan_core.dit import WanDiT
+from wanbench.wan_core.errors import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +119,7 @@ def test_expert_mismatch_is_found_before_loading(tmp_path: Path, t2v: WanDiT, i2
         raise AssertionError(f"tensor data of {file} was read before the experts were compared")
 
     with monkeypatch.context() as patch:
-        patch.setattr(weights, "_read_safetensors", no_tensor_reads)
+        patch.setattr(checkpoint_io, "_read_safetensors", no_tensor_reads)
         with pytest.raises(CheckpointError, match="experts differ.*high is t2v, low is i2v"):
             load_experts(high, low)
         assert read_dit_config(high) == t2v.config
@@ -161,7 +160,7 @@ def _wan21_i2v_state_dict(i2v: WanDiT) -> dict[str, torch.Tensor]:
 def test_wan21_i2v_file_is_named_as_such(tmp_path: Path, i2v: WanDiT, variant: str) -> None:
     sd = _wan21_i2v_state_dict(i2v)
     if variant == "comfy_prefixed":
-        sd = {weights.COMFY_DIT_PREFIX + k: v for k, v in sd.items()}
+        sd = {COMFY_DIT_PREFIX + k: v for k, v in sd.items()}
     elif variant == "diffusers":
         sd = dit_to_diffusers(i2v.state_dict())
         sd["condition_embedder.image_embedder.ff.net.0.proj.weight"] = torch.zeros(4, 4)

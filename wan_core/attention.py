@@ -8,8 +8,13 @@ are imported only when they are asked for. `auto` picks the first exact backend 
 inputs (flash_attn, then sdpa) and logs its pick once per process; it never picks `sage`.
 
 `k_lens` limits the keys of sample b to its first `k_lens[b]` rows (key padding); queries are never
-masked. `key_bias` adds a float per key to the scores before the softmax (sdpa only; used by the
-DiT to stand one key for many identical ones). Scale is 1/sqrt(Dh); no dropout, no causal mask.
+masked. `key_bias` adds a float per key to the scores before the softmax; a backend declares
+whether it can (`key_bias_fn`: sdpa can, as an additive mask; flash_attn and sage cannot). The DiT
+uses it to stand one key for many identical ones. Scale is 1/sqrt(Dh); no dropout, no causal mask.
+
+A model chooses its backend by name once (`WanDiT(config, attention=...)`), resolves it once per
+forward with `resolve_backend_for` (device, dtype and head dim decide), and passes the resolved
+`AttentionBackend` to every `attention` call, which then runs it without looking it up again.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from .config import HALF_DTYPES
 from .errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+KeyBiasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SupportsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], "str | None"]
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class AttentionBackend:
     module: str | None  # Python package that must be importable (None: part of torch)
     install_hint: str
     exact: bool  # True when it computes softmax attention without approximation
+    key_bias_fn: KeyBiasFn | None = None  # fn(q, k, v, key_bias) when it can add a bias per key
 
     def is_installed(self) -> bool:
         return self.module is None or _module_installed(self.module)
@@ -71,6 +78,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Tenso
     mask = _key_padding_mask(k_lens, k.shape[1], q.device) if _needs_mask(k_lens, k.shape[1]) else None
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask)  # (B, N, Lq, Dh)
+    return out.transpose(1, 2)
+
+
+def _sdpa_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """Shapes: q (B, Lq, N, Dh), k/v (B, Lk, N, Dh), key_bias (B, Lk) -> (B, Lq, N, Dh)."""
+    mask = key_bias.to(q.dtype)[:, None, None, :]  # (B, 1, 1, Lk)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask)
     return out.transpose(1, 2)
 
 
@@ -129,13 +144,18 @@ def _sage_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 BACKENDS: Mapping[str, AttentionBackend] = MappingProxyType({
-    "sdpa": AttentionBackend("sdpa", _sdpa, _sdpa_supports, None, "part of torch", exact=True),
+    "sdpa": AttentionBackend("sdpa", _sdpa, _sdpa_supports, None, "part of torch", exact=True,
+                             key_bias_fn=_sdpa_key_bias),
     "flash_attn": AttentionBackend("flash_attn", _flash, _flash_supports, "flash_attn",
                                    "pip install flash-attn --no-build-isolation", exact=True),
     "sage": AttentionBackend("sage", _sage, _sage_supports, "sageattention",
                              "pip install sageattention", exact=False),
 })
+AUTO_BACKEND = "auto"  # picks the first exact backend of AUTO_ORDER that supports the inputs
 AUTO_ORDER = ("flash_attn", "sdpa")
+REFERENCE_BACKEND = "sdpa"
+# Every name a caller may choose (a node's widget lists them in this order: the reference first).
+BACKEND_CHOICES = (REFERENCE_BACKEND, AUTO_BACKEND, *(n for n in BACKENDS if n != REFERENCE_BACKEND))
 
 
 @dataclass
@@ -155,13 +175,21 @@ _AUTO_LOG = _AutoPickLog()
 
 def available_backends() -> list[str]:
     """Names of the backends whose packages are installed (`sdpa` always), plus `auto`."""
-    return [name for name, b in BACKENDS.items() if b.is_installed()] + ["auto"]
+    return [name for name, b in BACKENDS.items() if b.is_installed()] + [AUTO_BACKEND]
+
+
+def check_backend_name(name: str) -> str:
+    """`name` when it can be chosen: `auto` or a known backend whose package is installed."""
+    if name != AUTO_BACKEND:
+        get_backend(name)
+    return name
 
 
 def get_backend(name: str) -> AttentionBackend:
     """The backend called `name`; raises if it is unknown or its package is not installed."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; expected one of {sorted(BACKENDS) + ['auto']}")
+        raise ValueError(f"unknown attention backend {name!r}; expected one of "
+                         f"{sorted(BACKENDS) + [AUTO_BACKEND]}")
     backend = BACKENDS[name]
     if not backend.is_installed():
         raise BackendUnavailableError(f"attention backend {name!r} is not available: package "
@@ -171,12 +199,16 @@ def get_backend(name: str) -> AttentionBackend:
 
 
 def resolve_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_lens: torch.Tensor | None = None) -> AttentionBackend:
-    """The backend that will run these inputs: `name` itself (checked), or the pick of `auto`."""
-    if name == "auto":
+                    k_lens: torch.Tensor | None = None, *, key_bias: bool = False) -> AttentionBackend:
+    """The backend that will run these inputs: `name` itself (checked), or the pick of `auto`.
+
+    With `key_bias`, `auto` picks among the backends that can add a bias per key.
+    """
+    if name == AUTO_BACKEND:
         for candidate in AUTO_ORDER:
             backend = BACKENDS[candidate]
-            if backend.is_installed() and backend.supports(q, k, v, k_lens) is None:
+            if (backend.is_installed() and backend.supports(q, k, v, k_lens) is None
+                    and (backend.key_bias_fn is not None or not key_bias)):
                 _AUTO_LOG.note(candidate, f"{q.device.type}, {q.dtype}")
                 return backend
         raise AssertionError("sdpa supports every input")  # pragma: no cover
@@ -184,23 +216,27 @@ def resolve_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     reason = backend.supports(q, k, v, k_lens)
     if reason is not None:
         raise ValueError(f"attention backend {name!r} cannot run these inputs: {reason}; "
-                         "use backend 'sdpa' or 'auto'")
+                         f"use backend {REFERENCE_BACKEND!r} or {AUTO_BACKEND!r}")
     return backend
 
 
-def _sdpa_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-    """Shapes: q (B, Lq, N, Dh), k/v (B, Lk, N, Dh), key_bias (B, Lk) -> (B, Lq, N, Dh)."""
-    mask = key_bias.to(q.dtype)[:, None, None, :]  # (B, 1, 1, Lk)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask)
-    return out.transpose(1, 2)
+def resolve_backend_for(name: str, *, device: torch.device, dtype: torch.dtype, num_heads: int,
+                        head_dim: int) -> AttentionBackend:
+    """`resolve_backend` for the inputs a model will pass, told by their device, dtype and head shape
+    (what every backend's `supports` looks at besides key padding, which models resolved this way
+    do not use). Models call it once per forward and pass the result down."""
+    probe = torch.empty((1, 0, num_heads, head_dim), device=device, dtype=dtype)  # no elements
+    return resolve_backend(name, probe, probe, probe)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa",
-              k_lens: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              backend: str | AttentionBackend = REFERENCE_BACKEND, k_lens: torch.Tensor | None = None,
+              key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention over keys `k_lens[b]` of each sample, scale 1/sqrt(Dh), plus an optional
-    additive per-key bias (backends `sdpa` and `auto` only; not combined with `k_lens`).
+    additive per-key bias (backends with a `key_bias_fn`, and `auto`; not combined with `k_lens`).
 
+    `backend` is a name, looked up and checked against these inputs, or an `AttentionBackend` that
+    the caller resolved for them (`resolve_backend_for`), which runs as it is.
     Shapes: q (B, Lq, N, Dh), k/v (B, Lk, N, Dh), k_lens (B,) ints or None, key_bias (B, Lk) float
     or None; returns (B, Lq, N, Dh) in q's dtype.
     """
@@ -211,15 +247,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if k_lens is not None and k_lens.shape != (q.shape[0],):
         raise ValueError(f"k_lens must have shape ({q.shape[0]},); got {tuple(k_lens.shape)}")
     if key_bias is not None:
-        if backend not in ("sdpa", "auto"):
-            raise ValueError(f"key_bias is supported by the 'sdpa' backend only (and 'auto', which then "
-                             f"runs sdpa); got backend {backend!r}; drop key_bias or use 'sdpa'")
-        if k_lens is not None:
-            raise ValueError("key_bias and k_lens cannot be combined; fold the padding into key_bias "
-                             "(-inf for masked keys)")
-        if key_bias.shape != (q.shape[0], k.shape[1]):
-            raise ValueError(f"key_bias must have shape (B, Lk) = ({q.shape[0]}, {k.shape[1]}); "
-                             f"got {tuple(key_bias.shape)}")
-        return _sdpa_key_bias(q, k, v, key_bias).to(q.dtype)
-    chosen = resolve_backend(backend, q, k, v, k_lens)
+        _check_key_bias(q, k, backend, k_lens, key_bias)
+    chosen = backend if isinstance(backend, AttentionBackend) else resolve_backend(
+        backend, q, k, v, k_lens, key_bias=key_bias is not None)
+    if key_bias is not None:
+        return chosen.key_bias_fn(q, k, v, key_bias).to(q.dtype)
     return chosen.fn(q, k, v, k_lens).to(q.dtype)
+
+
+def _check_key_bias(q: torch.Tensor, k: torch.Tensor, backend: str | AttentionBackend,
+                    k_lens: torch.Tensor | None, key_bias: torch.Tensor) -> None:
+    chosen = backend if isinstance(backend, AttentionBackend) else BACKENDS.get(backend)
+    if chosen is not None and chosen.key_bias_fn is None:
+        able = " or ".join(repr(n) for n, b in BACKENDS.items() if b.key_bias_fn is not None)
+        raise ValueError(f"key_bias is supported by the {able} backend only (and {AUTO_BACKEND!r}, which then "
+                         f"picks it); got backend {chosen.name!r}; drop key_bias or use {able}")
+    if k_lens is not None:
+        raise ValueError("key_bias and k_lens cannot be combined; fold the padding into key_bias "
+                         "(-inf for masked keys)")
+    if key_bias.shape != (q.shape[0], k.shape[1]):
+        raise ValueError(f"key_bias must have shape (B, Lk) = ({q.shape[0]}, {k.shape[1]}); "
+                         f"got {tuple(key_bias.shape)}")

@@ -28,13 +28,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .config import COMPILE_STAGE
 from .trace import event, stage
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-COMPILE_STAGE = "Compile"
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -121,7 +121,7 @@ class CompiledRegions:
         """Run `fn` (the first forward) as the `Compile` stage, time it and return its result."""
         if not self._installed:
             raise RuntimeError("these compiled regions were removed; call apply_compile again")
-        with stage(COMPILE_STAGE, kind="init", backend=self.config.backend, mode=self.config.mode,
+        with stage(COMPILE_STAGE.name, kind=COMPILE_STAGE.kind, backend=self.config.backend, mode=self.config.mode,
                    num_regions=self.num_regions):
             t0 = time.perf_counter()
             result = fn()

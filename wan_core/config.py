@@ -1,8 +1,12 @@
-"""Configuration of the Wan2.2 components and the three task presets.
+"""Configuration of the Wan2.2 components, the three task presets, and every shared vocabulary.
 
 Every value comes from the reference spec (`spec/WAN22_DIT_T5_SAMPLER.md` section 1 and
 `spec/WAN_VAE.md` sections 1 and 6). Each preset has a `tiny()` twin with the same structure
 (channel counts that other components depend on are kept) and sizes that run in seconds on a CPU.
+
+The vocabularies that nodes, workflows, the CLI and the profiling report share are spelled here
+once: solvers, CFG modes, placements, tilings, weight dtypes and stage names (with their kinds).
+Attention backend names belong to the registry in `attention.py`.
 
 Shapes: F pixel frames, T latent frames (F = 4(T-1)+1), H/W pixel size, h/w latent size.
 """
@@ -10,7 +14,12 @@ Shapes: F pixel frames, T latent frames (F = 4(T-1)+1), H/W pixel size, h/w late
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import NamedTuple
+
+import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -54,7 +63,11 @@ MODEL_TYPES = ("t2v", "i2v", "ti2v")
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class DiTConfig:
-    """One Wan2.2 diffusion transformer (`WanModel`). Field names follow the official config."""
+    """One Wan2.2 diffusion transformer (`WanModel`). Field names follow the official config.
+
+    The official `qk_norm` and `cross_attn_norm` are True in every Wan2.2 model, so they are not
+    fields: `WanDiT` always has the RMS norms of q and k and the affine cross-attention pre-norm.
+    """
 
     model_type: str
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -68,8 +81,6 @@ class DiTConfig:
     num_heads: int
     num_layers: int
     window_size: tuple[int, int] = (-1, -1)
-    qk_norm: bool = True
-    cross_attn_norm: bool = True
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -240,23 +251,116 @@ WAN22_VAE = VAEConfig(variant="wan2.2", dim=160, dec_dim=256, z_dim=48, patch_si
 
 
 # --------------------------------------------------------------------------------------------
-# Sampler
+# Vocabularies (the values nodes, workflows and the CLI store: never renamed without an alias)
 # --------------------------------------------------------------------------------------------
 SOLVERS = ("unipc", "dpm++", "euler")
+BATCHED_CFG = "batched"  # cond and uncond as one forward of batch 2
+SEQUENTIAL_CFG = "sequential"  # cond and uncond as two forwards of batch 1
+CFG_MODES = (BATCHED_CFG, SEQUENTIAL_CFG)
+CFG_OFF = "off"  # what a step reports when its guidance scale is 1: the conditional pass alone
+PLACEMENTS = ("none", "model", "blocks")  # where DiT weights live while sampling (placement.py)
+NO_TILING = "none"
+AUTO_TILING = "auto"
+TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling object for the rest)
+
+# Weight dtypes by torch's names (what workflows store); the short names are accepted aliases.
+WEIGHT_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+})
+WEIGHT_DTYPE_ALIASES: Mapping[str, str] = MappingProxyType({
+    "bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
+})
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def weight_dtype(name: str) -> torch.dtype:
+    """A weight dtype by name: 'bfloat16' | 'float16' | 'float32', or 'bf16' | 'fp16' | 'fp32'."""
+    dtype = WEIGHT_DTYPES.get(WEIGHT_DTYPE_ALIASES.get(name, name))
+    if dtype is None:
+        raise ValueError(f"weight dtype must be one of {list(WEIGHT_DTYPES)} (or {list(WEIGHT_DTYPE_ALIASES)}); "
+                         f"got {name!r}")
+    return dtype
+
+
+class Stage(NamedTuple):
+    """A profiling stage: its name in the report and its kind (`trace.STAGE_KINDS`)."""
+
+    name: str
+    kind: str
+
+
+MODEL_INIT_STAGE = Stage("Model_Initialization", "init")  # joins the loaders' pieces below
+DIT_INIT_STAGE = Stage("DiT_Initialization", "init")
+TEXT_ENCODER_INIT_STAGE = Stage("Text_Encoder_Initialization", "init")
+VAE_INIT_STAGE = Stage("VAE_Initialization", "init")
+COMPILE_STAGE = Stage("Compile", "init")
+PREPROCESS_STAGE = Stage("TI2V_Preprocess", "preprocess")
+VAE_ENCODE_STAGE = Stage("VAE_Encoding", "preprocess")
+T5_ENCODE_STAGE = Stage("T5_Encoding", "encode")
+VAE_DECODE_STAGE = Stage("VAE_Decoding", "decode")
+
+
+def step_stages(index: int) -> tuple[Stage, Stage]:
+    """The two stages of denoising step `index`: moving weights into place, then the step itself."""
+    return Stage(f"Step_{index}_Loading", "step-loading"), Stage(f"Step_{index}_Inference", "step-inference")
+
+
+def sampling_stages(num_steps: int) -> list[Stage]:
+    """Every stage one sampling run records, in order."""
+    return [stage for i in range(num_steps) for stage in step_stages(i)]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class GuideScale:
+    """The classifier-free guidance scale of each expert, by name (no order to remember).
+
+    The official configs write `sample_guide_scale = (low, high)`, the reverse of the expert order
+    [high_noise, low_noise]; `from_official` and `official` convert. A single-model task (no
+    boundary) runs its one model with `low`; its presets give both experts the same scale.
+    """
+
+    high: float
+    low: float
+
+    def __post_init__(self) -> None:
+        for name in ("high", "low"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"guide_scale must be finite numbers; got {name}={value!r}")
+            object.__setattr__(self, name, float(value))
+
+    @classmethod
+    def same(cls, scale: float) -> GuideScale:
+        """One scale for both experts (and for a single model)."""
+        return cls(high=scale, low=scale)
+
+    @classmethod
+    def from_official(cls, low_high: Sequence[float]) -> GuideScale:
+        """From the official `(low, high)` pair."""
+        low, high = low_high
+        return cls(high=high, low=low)
+
+    def official(self) -> tuple[float, float]:
+        """The official `(low, high)` pair."""
+        return self.low, self.high
+
+    def for_expert(self, expert: str) -> float:
+        """The scale of expert 'high' or 'low'; 'model' (a single-model task) uses `low`."""
+        return self.high if expert == "high" else self.low
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplerConfig:
-    """Defaults of the denoising loop (spec sections 1, 5, 6).
-
-    `guide_scale` is (low-noise, high-noise) as in the official configs; for a single-model
-    task both entries are equal. `boundary` is None for single-model tasks.
-    """
+    """Defaults of the denoising loop (spec sections 1, 5, 6). `boundary` is None for single-model
+    tasks."""
 
     solver: str = "unipc"
     steps: int
     shift: float
-    guide_scale: tuple[float, float]
+    guide_scale: GuideScale
     boundary: float | None = None
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
 
@@ -269,8 +373,8 @@ class SamplerConfig:
             raise ValueError(f"shift must be > 0; got {self.shift}")
         if self.boundary is not None and not 0.0 < self.boundary < 1.0:
             raise ValueError(f"boundary must lie in (0, 1); got {self.boundary}")
-        if any(math.isnan(g) for g in self.guide_scale):
-            raise ValueError(f"guide_scale must be numbers; got {self.guide_scale}")
+        if not isinstance(self.guide_scale, GuideScale):
+            raise TypeError(f"guide_scale must be a GuideScale(high=..., low=...); got {self.guide_scale!r}")
 
     @property
     def boundary_timestep(self) -> float | None:
@@ -361,7 +465,7 @@ T2V_A14B = WanConfig(
     dit=DiTConfig(model_type="t2v", in_dim=16, dim=5120, ffn_dim=13824, out_dim=16, num_heads=40, num_layers=40),
     t5=UMT5_XXL,
     vae=WAN21_VAE,
-    sampler=SamplerConfig(steps=40, shift=12.0, guide_scale=(3.0, 4.0), boundary=0.875),
+    sampler=SamplerConfig(steps=40, shift=12.0, guide_scale=GuideScale(high=4.0, low=3.0), boundary=0.875),
     num_experts=2,
     frame_num=81,
     fps=16,
@@ -373,7 +477,7 @@ I2V_A14B = WanConfig(
     dit=DiTConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, out_dim=16, num_heads=40, num_layers=40),
     t5=UMT5_XXL,
     vae=WAN21_VAE,
-    sampler=SamplerConfig(steps=40, shift=5.0, guide_scale=(3.5, 3.5), boundary=0.900),
+    sampler=SamplerConfig(steps=40, shift=5.0, guide_scale=GuideScale.same(3.5), boundary=0.900),
     num_experts=2,
     frame_num=81,
     fps=16,
@@ -385,7 +489,7 @@ TI2V_5B = WanConfig(
     dit=DiTConfig(model_type="ti2v", in_dim=48, dim=3072, ffn_dim=14336, out_dim=48, num_heads=24, num_layers=30),
     t5=UMT5_XXL,
     vae=WAN22_VAE,
-    sampler=SamplerConfig(steps=50, shift=5.0, guide_scale=(5.0, 5.0), boundary=None),
+    sampler=SamplerConfig(steps=50, shift=5.0, guide_scale=GuideScale.same(5.0), boundary=None),
     num_experts=1,
     frame_num=121,
     fps=24,
@@ -393,10 +497,6 @@ TI2V_5B = WanConfig(
     default_size=(1280, 704),
     expert_names=("model",),
 )
-
-WAN22_T2V_A14B = T2V_A14B
-WAN22_I2V_A14B = I2V_A14B
-WAN22_TI2V_5B = TI2V_5B
 
 PRESETS: dict[str, WanConfig] = {c.name: c for c in (T2V_A14B, I2V_A14B, TI2V_5B)}
 TASK_BY_MODEL_TYPE: dict[str, WanConfig] = {c.dit.model_type: c for c in (T2V_A14B, I2V_A14B, TI2V_5B)}

@@ -16,11 +16,12 @@ Differences from the official code that do not change results:
 - The patch embedding (a Conv3d whose kernel equals its stride) runs as one matmul over the
   gathered patches (same weights, same sums).
 - Trailing all-zero text rows (the zero padding up to `text_len`) all embed to the same row. The
-  text MLP runs on the distinct rows only, and in float32 the cross-attention keeps one copy of the
-  padding row per sample with an additive key bias `log(copies represented)`: softmax over keys
-  that are exact duplicates equals softmax over one copy weighted by the count, so the result is
-  the same up to float rounding while the text projections and cross-attention shrink from
-  `text_len` keys to the real rows plus one.
+  text MLP runs on the distinct rows only, and in float32, when the attention backend can add a
+  bias per key (sdpa), the cross-attention keeps one copy of the padding row per sample with an
+  additive key bias `log(copies represented)`: softmax over keys that are exact duplicates equals
+  softmax over one copy weighted by the count, so the result is the same up to float rounding
+  while the text projections and cross-attention shrink from `text_len` keys to the real rows
+  plus one.
 - Without autograd (`torch.no_grad()`/`torch.inference_mode()`), residual updates and the FFN
   activation run in place; with autograd enabled every op is out of place.
 """
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import attention
+from .attention import REFERENCE_BACKEND, AttentionBackend, attention, check_backend_name, resolve_backend_for
 from .config import DiTConfig
 from .rope import RopeCache, RopeTables, rotate
 
@@ -192,7 +193,7 @@ class WanAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, N, Dh)
 
     def self_attention(self, x: torch.Tensor, rope: RopeTables | tuple[torch.Tensor, torch.Tensor],
-                       backend: str) -> torch.Tensor:
+                       backend: AttentionBackend) -> torch.Tensor:
         """Shapes: x (B, L, D) in the compute dtype, rope tables of `RopeCache` -> (B, L, D)."""
         owned = not torch.is_grad_enabled()  # the projections' outputs are ours to overwrite
         q = self._heads(self.norm_q(self.q(x), inplace=owned))
@@ -201,7 +202,7 @@ class WanAttention(nn.Module):
         q, k = rotate(q, rope, inplace=owned).to(x.dtype), rotate(k, rope, inplace=owned).to(x.dtype)
         return self.o(attention(q, k, v, backend=backend).flatten(2))
 
-    def cross_attention(self, x: torch.Tensor, context: torch.Tensor, backend: str, *,
+    def cross_attention(self, x: torch.Tensor, context: torch.Tensor, backend: AttentionBackend, *,
                         key_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Shapes: x (B, L, D), context (B, S, D), both in the compute dtype, key_bias (B, S) additive
         float32 from `compact_text_keys` or None (no mask) -> (B, L, D)."""
@@ -240,7 +241,7 @@ class WanBlock(nn.Module):
         self.modulation = _modulation_parameter(6, d)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
-                rope: RopeTables | tuple[torch.Tensor, torch.Tensor], backend: str, *,
+                rope: RopeTables | tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend, *,
                 context_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Shapes: x (B, L, D) float32, e0 (B, Lt, 6, D) float32 with Lt in {1, L}, context (B, S, D),
         context_bias (B, S) float32 key bias of a compacted context or None -> (B, L, D) float32.
@@ -281,16 +282,19 @@ class WanHead(nn.Module):
 class WanDiT(nn.Module):
     """Wan2.2 DiT for t2v, i2v and ti2v.
 
+    `attention` names the attention backend (`attention.BACKEND_CHOICES`; `sdpa`, the reference,
+    by default). It is chosen here, resolved once per forward and handed to every block.
+
     Shapes: x (B, C, T, h, w) latent; y (B, C_y, T, h, w) for i2v (C + C_y = in_dim); t (B,) or
     (B, seq_len) timesteps in [0, 1000]; context a list of B (S_i, text_dim) tensors or a padded
     (B, S, text_dim) tensor (with `context_lens`); returns (B, out_dim, T, h, w) float32.
     """
 
-    def __init__(self, config: DiTConfig, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: DiTConfig, *, attention: str = REFERENCE_BACKEND,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config = config
-        self.attention_backend = "sdpa"
+        self._attention_backend = check_backend_name(attention)
         d = config.dim
         self.patch_embedding = WanPatchEmbedding(config.in_dim, d, config.patch_size)
         self.text_embedding = WanTextEmbedding(config.text_dim, d)
@@ -301,6 +305,11 @@ class WanDiT(nn.Module):
         self.rope = RopeCache(config.head_dim)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend chosen at construction (a name; `auto` resolves per forward)."""
+        return self._attention_backend
 
     # ----------------------------------------------------------------------------------------
     # pieces, public so that tests and tools can look at intermediates
@@ -419,18 +428,17 @@ class WanDiT(nn.Module):
                 t = t[:, :1]  # every token of a sample shares its timestep: compute once, broadcast
         e, e0 = self.embed_time(t)  # (B, Lt, D), (B, Lt, 6, D)
 
+        cfg = self.config
+        backend = resolve_backend_for(self._attention_backend, device=tokens.device, dtype=dtype,
+                                      num_heads=cfg.num_heads, head_dim=cfg.head_dim)  # once per forward
         ctx, rows = self._embed_text(context, context_lens)
         ctx, ctx_bias = ctx.to(dtype), None  # (B, text_len, D)
-        if dtype == torch.float32 and self.attention_backend in ("sdpa", "auto"):
+        if dtype == torch.float32 and backend.key_bias_fn is not None:
             ctx, ctx_bias = compact_text_keys(ctx, rows)  # (B, S' <= text_len, D)
         rope = self.rope.tables(grid, tokens.device)
         for block in self.blocks:
-            tokens = block(tokens, e0, ctx, rope, self.attention_backend, context_bias=ctx_bias)
+            tokens = block(tokens, e0, ctx, rope, backend, context_bias=ctx_bias)
         out = self.head(tokens, e)  # (B, L, prod(patch)*out_dim)
-        pt, ph, pw = self.config.patch_size
+        pt, ph, pw = cfg.patch_size
         return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
                          f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw).float()
-
-    def flops(self, latent_thw: tuple[int, int, int], *, batch: int = 1) -> float:
-        """Analytic FLOPs of one forward on a (T, h, w) latent (time MLP counted once per sample)."""
-        return self.config.flops_forward(self.config.num_tokens(latent_thw), batch=batch)

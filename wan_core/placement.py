@@ -19,14 +19,14 @@ Numbers do not depend on the policy: the same tensors are used, only their locat
 model code knows about placement; everything here is `.to()`, `.data` swaps and module hooks, and
 `close()` (also on errors and interrupts, through the context manager) removes every hook.
 
-Weight dtypes are chosen when loading (`load_dit(..., dtype=)`) or with `cast_weights`
-(fp32 / bf16 / fp16). `store_fp8(model)` keeps the matrices of every transformer block in
-float8_e4m3fn with a per-tensor scale (as fp8-scaled checkpoints store them; re-quantising weights
-read from such a file gives back the same fp8 values) and dequantises one block at a time, right
-before it runs; it composes with every placement (`blocks` then streams fp8 bytes).
-`store_fp8_from_state_dict(model, raw)` does the same with the fp8 tensors and scales of an
-fp8-scaled checkpoint (its raw state dict, before the loader dequantises it), so the weights that
-the file stores in fp8 stay exactly those fp8 values.
+Weight dtypes (`config.WEIGHT_DTYPES`: float32 / bfloat16 / float16) are chosen when loading
+(`checkpoints.dit.load_dit(..., dtype=)`) or with `cast_weights`. `store_fp8(model)` keeps the
+matrices of every transformer block in float8_e4m3fn with a per-tensor scale (as fp8-scaled
+checkpoints store them; re-quantising weights read from such a file gives back the same fp8
+values) and dequantises one block at a time, right before it runs; it composes with every
+placement (`blocks` then streams fp8 bytes). `store_fp8_from_state_dict(model, raw)` does the
+same with the fp8 tensors and scales of an fp8-scaled checkpoint (its raw state dict, before the
+loader dequantises it), so the weights that the file stores in fp8 stay exactly those fp8 values.
 """
 
 from __future__ import annotations
@@ -38,23 +38,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .weights import COMFY_DIT_PREFIX, FP8_DTYPES, FP8_SCALE_SUFFIX, quantise_fp8_scaled
+from .checkpoints.io import COMFY_DIT_PREFIX, FP8_DTYPES, FP8_SCALE_SUFFIX, quantise_fp8_scaled
+from .config import PLACEMENTS, WEIGHT_DTYPES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PLACEMENTS", "WEIGHT_DTYPES", "Placement", "make_placement", "cast_weights", "weight_dtype",
+__all__ = ["Placement", "make_placement", "cast_weights",
            "Fp8Storage", "store_fp8", "fp8_scaled_weights", "store_fp8_from_state_dict"]
 
-PLACEMENTS = ("none", "model", "blocks")
-WEIGHT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OFFLOAD_DEVICE = torch.device("cpu")
-
-
-def weight_dtype(name: str) -> torch.dtype:
-    """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
-    if name not in WEIGHT_DTYPES:
-        raise ValueError(f"weight dtype must be one of {sorted(WEIGHT_DTYPES)}; got {name!r}")
-    return WEIGHT_DTYPES[name]
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:

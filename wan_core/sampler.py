@@ -40,24 +40,33 @@ import torch
 from torch import nn
 
 from .conditioning import first_frame_mask, pin_first_frame, token_timesteps
-from .config import NUM_TRAIN_TIMESTEPS, SOLVERS, SamplerConfig, WanConfig
-from .placement import OFFLOAD_DEVICE, PLACEMENTS, Placement, make_placement
+from .config import (
+    BATCHED_CFG,
+    CFG_MODES,
+    CFG_OFF,
+    NUM_TRAIN_TIMESTEPS,
+    PLACEMENTS,
+    SOLVERS,
+    GuideScale,
+    SamplerConfig,
+    WanConfig,
+    step_stages,
+)
+from .placement import OFFLOAD_DEVICE, Placement, make_placement
 from .schedulers import FlowScheduler, make_scheduler
 from .trace import event, stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CFG_MODES", "SamplerOptions", "StepCallback", "make_noise", "select_expert", "guidance_for",
-           "sample"]
+__all__ = ["SamplerOptions", "StepCallback", "make_noise", "select_expert", "sample"]
 
-CFG_MODES = ("batched", "sequential")
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplerOptions:
-    """Settings of one sampling run. `guide_scale` is (low-noise, high-noise) as in the configs, or
-    one number for both experts (stored as that number twice).
+    """Settings of one sampling run. `guide_scale` is a `GuideScale(high=..., low=...)`, or one
+    number for both experts (stored as `GuideScale.same(number)`).
 
     `boundary` is the expert switch as a fraction of the 1000 training timesteps (None for
     single-model tasks). `placement` is "none" (all weights on the device), "model" (the expert not
@@ -67,10 +76,10 @@ class SamplerOptions:
     solver: str = "unipc"
     steps: int
     shift: float
-    guide_scale: tuple[float, float] | float
+    guide_scale: GuideScale | float
     boundary: float | None = None
     seed: int = 0
-    cfg_mode: str = "batched"
+    cfg_mode: str = BATCHED_CFG
     placement: str = "none"
     num_resident_blocks: int = 0
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
@@ -84,7 +93,7 @@ class SamplerOptions:
             raise ValueError(f"shift must be a finite number > 0 (e.g. 5.0); got {self.shift!r}")
         if self.boundary is not None and not (0.0 < self.boundary < 1.0):
             raise ValueError(f"boundary must lie in (0, 1) (e.g. 0.875); got {self.boundary}")
-        object.__setattr__(self, "guide_scale", _guide_pair(self.guide_scale))
+        object.__setattr__(self, "guide_scale", _guide_scale(self.guide_scale))
         if self.cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode must be one of {CFG_MODES}; got {self.cfg_mode!r}")
         if self.placement not in PLACEMENTS:
@@ -98,28 +107,28 @@ class SamplerOptions:
 
     @classmethod
     def from_config(cls, cfg: SamplerConfig, *, solver: str | None = None, steps: int | None = None,
-                    shift: float | None = None, guide_scale: tuple[float, float] | None = None,
-                    boundary: float | None = None, seed: int = 0, cfg_mode: str = "batched",
+                    shift: float | None = None, guide_scale: GuideScale | float | None = None,
+                    boundary: float | None = None, seed: int = 0, cfg_mode: str = BATCHED_CFG,
                     placement: str = "none", num_resident_blocks: int = 0) -> SamplerOptions:
         """A task's sampler defaults with the given overrides (None keeps the default)."""
         return cls(solver=cfg.solver if solver is None else solver,
                    steps=cfg.steps if steps is None else steps,
                    shift=cfg.shift if shift is None else shift,
-                   guide_scale=tuple(cfg.guide_scale if guide_scale is None else guide_scale),
+                   guide_scale=cfg.guide_scale if guide_scale is None else guide_scale,
                    boundary=cfg.boundary if boundary is None else boundary,
                    seed=seed, cfg_mode=cfg_mode, placement=placement,
                    num_resident_blocks=num_resident_blocks, num_train_timesteps=cfg.num_train_timesteps)
 
 
-def _guide_pair(value: object) -> tuple[float, float]:
-    """(low-noise, high-noise) guidance from one number or a pair; a clear error otherwise."""
-    pair = (value, value) if isinstance(value, (int, float)) else value
-    if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
-            or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
-                       for g in pair)):
-        raise ValueError(f"guide_scale must be a finite number (both experts) or two finite numbers "
-                         f"(low-noise, high-noise), e.g. 5.0 or (3.0, 4.0); got {value!r}")
-    return float(pair[0]), float(pair[1])
+def _guide_scale(value: object) -> GuideScale:
+    """A `GuideScale` as given, or one number for both experts; a clear error otherwise (a bare pair
+    is refused: its order could be read either way)."""
+    if isinstance(value, GuideScale):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return GuideScale.same(value)
+    raise ValueError(f"guide_scale must be a finite number (both experts) or two finite numbers as "
+                     f"GuideScale(high=..., low=...), e.g. 5.0 or GuideScale(high=4.0, low=3.0); got {value!r}")
 
 
 def make_noise(shape: Sequence[int], seed: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -136,11 +145,6 @@ def select_expert(t: int, boundary: float | None, *, num_train_timesteps: int = 
     if boundary is None:
         return "model"
     return "high" if t >= boundary * num_train_timesteps else "low"
-
-
-def guidance_for(expert: str, guide_scale: tuple[float, float]) -> float:
-    """The guidance scale of an expert: guide_scale is (low-noise, high-noise)."""
-    return float(guide_scale[1] if expert == "high" else guide_scale[0])
 
 
 @dataclass(frozen=True)
@@ -220,16 +224,17 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         t = scheduler.timesteps[i]
         t_int = int(t)
         name = select_expert(t_int, opts.boundary, num_train_timesteps=opts.num_train_timesteps)
-        g = guidance_for(name, opts.guide_scale)
-        cfg_mode = "off" if g == 1.0 else opts.cfg_mode
-        passes = 1 if cfg_mode == "off" else 2
+        g = opts.guide_scale.for_expert(name)
+        cfg_mode = CFG_OFF if g == 1.0 else opts.cfg_mode
+        passes = 1 if cfg_mode == CFG_OFF else 2
         facts = dict(step=i, expert=name, cfg_mode=cfg_mode, timestep=t_int)
         if name != previous and previous is not None:
             event("expert_switch", step=i, expert=name, timestep=t_int)
         previous = name
-        with stage(f"Step_{i}_Loading", kind="step-loading", flops=0.0, **facts, **placement_facts):
+        loading, inference = step_stages(i)
+        with stage(loading.name, kind=loading.kind, flops=0.0, **facts, **placement_facts):
             model = placement.activate(names.index(name))
-        with stage(f"Step_{i}_Inference", kind="step-inference", flops=passes * run.flops_one, **facts):
+        with stage(inference.name, kind=inference.kind, flops=passes * run.flops_one, **facts):
             if run.per_token_t:
                 t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
                                           seq_len=run.seq_len)  # (1, seq_len) float32
@@ -252,9 +257,9 @@ def _guided_prediction(model: nn.Module, latent: torch.Tensor, t_model: torch.Te
     """
     x = latent[None]  # (1, C, T, h, w)
     y = None if run.y is None else run.y[None]
-    if cfg_mode == "off":
+    if cfg_mode == CFG_OFF:
         return model(x, t_model, [run.context], seq_len=run.seq_len, y=y)[0].float()
-    if cfg_mode == "batched":
+    if cfg_mode == BATCHED_CFG:
         t2 = t_model.expand(2, *t_model.shape[1:])
         y2 = None if y is None else y.expand(2, -1, -1, -1, -1)
         out = model(x.expand(2, -1, -1, -1, -1), t2, [run.context, run.context_null], seq_len=run.seq_len,

@@ -1,4 +1,4 @@
-"""UMT5-XXL text encoder (encoder only), its checkpoint layouts and the prompt -> embedding wrapper.
+"""UMT5-XXL text encoder (encoder only) and the prompt -> embedding wrapper.
 
 Spec section 4. The model follows the official module names, so the official checkpoint
 (`models_t5_umt5-xxl-enc-bf16.pth`) loads without renaming:
@@ -8,9 +8,8 @@ Spec section 4. The model follows the official module names, so the official che
                x += fc2(fc1(h) * gelu_tanh(gate(h))) with h = RMS(x) * g2
     out = RMS(x) * g_final
 
-The Hugging Face / ComfyUI layout (`shared.weight`, `encoder.block.N.layer.0.SelfAttention.q.weight`,
-...) is mapped to these names by `hf_to_official` (spec 4.1); the layout is detected from the keys.
-ComfyUI's fp8 "scaled" files are dequantised while reading (`weights.read_state_dict`).
+Checkpoint layouts (official, Hugging Face / ComfyUI, fp8 "scaled"), detection, loading and saving
+live in `checkpoints/t5.py` (`load_text_encoder`, `save_text_encoder`).
 
 `TextEncoder` ties a `UMT5Encoder` to a `WanTokenizer`: `encode(prompts)` returns the trimmed
 `[L_i, dim]` rows the DiT consumes (true lengths, EOS included), `encode_pair(prompt, negative)`
@@ -23,36 +22,17 @@ Shapes: B batch, S text positions (text_len, 512), D model dim, N heads, Dh head
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DEFAULT_NEGATIVE_PROMPT, UMT5Config
-from .errors import CheckpointError, WanError
-from .tokenizer import (
-    DEFAULT_TEXT_LEN,
-    SPIECE_TENSOR_KEY,
-    WanTokenizer,
-    check_prompts,
-    find_spiece_model,
-    searched_places,
-)
+from .config import DEFAULT_NEGATIVE_PROMPT, T5_ENCODE_STAGE, UMT5Config
+from .errors import WanError
+from .tokenizer import WanTokenizer, check_prompts
 from .trace import stage
-from .weights import FP8_MARKER, FP8_SCALE_SUFFIX, quantise_fp8_scaled, read_state_dict, write_safetensors
-
-logger = logging.getLogger(__name__)
-
-PathLike = str | os.PathLike
-LAYOUTS = ("comfy", "official")
-TOKENIZER_SUBFOLDER = "google/umt5-xxl"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,181 +260,6 @@ def nonzero_positions(mask: torch.Tensor) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoint layouts
-# ------------------------------------------------------------------------------------------------
-# (official name, Hugging Face / ComfyUI name); "{i}" is the block index.
-_BLOCK_KEY_PAIRS = (
-    ("blocks.{i}.norm1.weight", "encoder.block.{i}.layer.0.layer_norm.weight"),
-    ("blocks.{i}.attn.q.weight", "encoder.block.{i}.layer.0.SelfAttention.q.weight"),
-    ("blocks.{i}.attn.k.weight", "encoder.block.{i}.layer.0.SelfAttention.k.weight"),
-    ("blocks.{i}.attn.v.weight", "encoder.block.{i}.layer.0.SelfAttention.v.weight"),
-    ("blocks.{i}.attn.o.weight", "encoder.block.{i}.layer.0.SelfAttention.o.weight"),
-    ("blocks.{i}.pos_embedding.embedding.weight",
-     "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"),
-    ("blocks.{i}.norm2.weight", "encoder.block.{i}.layer.1.layer_norm.weight"),
-    ("blocks.{i}.ffn.gate.0.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight"),
-    ("blocks.{i}.ffn.fc1.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight"),
-    ("blocks.{i}.ffn.fc2.weight", "encoder.block.{i}.layer.1.DenseReluDense.wo.weight"),
-)
-_GLOBAL_KEY_PAIRS = (
-    ("token_embedding.weight", "shared.weight"),
-    ("norm.weight", "encoder.final_layer_norm.weight"),
-)
-_HF_EMBED_ALIAS = "encoder.embed_tokens.weight"
-_HF_IGNORED_PREFIXES = ("decoder.", "lm_head.")
-# Keys whose presence identifies a layout, and that locate a prefix in front of the encoder.
-_OFFICIAL_ANCHOR = "blocks.0.attn.q.weight"
-_HF_ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"
-_FP8_LINEAR = re.compile(r"\.(q|k|v|o|wi_0|wi_1|wo|fc1|fc2|gate\.0)\.weight$")
-
-
-def _pattern(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
-
-
-_OFFICIAL_TO_HF = [(_pattern(o), h) for o, h in _BLOCK_KEY_PAIRS]
-_HF_TO_OFFICIAL = [(_pattern(h), o) for o, h in _BLOCK_KEY_PAIRS]
-
-
-def _rename(key: str, table: list[tuple[re.Pattern[str], str]], globals_: dict[str, str]) -> str | None:
-    if key in globals_:
-        return globals_[key]
-    for pattern, template in table:
-        match = pattern.match(key)
-        if match:
-            return template.replace("{i}", match.group(1))
-    return None
-
-
-def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face / ComfyUI UMT5 encoder keys -> official keys (spec 4.1).
-
-    `encoder.embed_tokens.weight` (a tied copy of `shared.weight`) stands in when `shared.weight`
-    is absent; decoder and lm_head tensors of a full seq2seq file are dropped. Unknown keys raise.
-    """
-    sd = dict(sd)
-    alias = sd.pop(_HF_EMBED_ALIAS, None)
-    if "shared.weight" not in sd and alias is not None:
-        sd["shared.weight"] = alias
-    dropped = [k for k in sd if k.startswith(_HF_IGNORED_PREFIXES)]
-    if dropped:
-        logger.info("ignoring %d decoder/lm_head tensors (only the encoder is used)", len(dropped))
-    out: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    hf_globals = {h: o for o, h in _GLOBAL_KEY_PAIRS}
-    for key, tensor in sd.items():
-        if key.startswith(_HF_IGNORED_PREFIXES):
-            continue
-        name = _rename(key, _HF_TO_OFFICIAL, hf_globals)
-        if name is None:
-            unknown.append(key)
-        else:
-            out[name] = tensor
-    if unknown:
-        raise CheckpointError(f"unexpected tensors in a Hugging Face/ComfyUI UMT5 encoder file: {unknown[:6]}"
-                              f"{' ...' if len(unknown) > 6 else ''}; expected only shared.weight, "
-                              "encoder.block.N.layer.{0,1}.* and encoder.final_layer_norm.weight")
-    return out
-
-
-def official_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official UMT5 encoder keys -> Hugging Face / ComfyUI keys (the inverse of `hf_to_official`)."""
-    out: dict[str, torch.Tensor] = {}
-    official_globals = dict(_GLOBAL_KEY_PAIRS)
-    for key, tensor in sd.items():
-        name = _rename(key, _OFFICIAL_TO_HF, official_globals)
-        if name is None:
-            raise CheckpointError(f"{key!r} is not an official UMT5 encoder key; expected "
-                                  "token_embedding.weight, blocks.N.* or norm.weight")
-        out[name] = tensor
-    return out
-
-
-def _select_encoder(sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Find the layout by its anchor key, strip any prefix in front of it. Returns (sd, layout)."""
-    for anchor, layout in ((_OFFICIAL_ANCHOR, "official"), (_HF_ANCHOR, "hf")):
-        hits = [k for k in sd if k == anchor or k.endswith("." + anchor)]
-        if hits:
-            prefix = min(hits, key=len)[: -len(anchor)]
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, layout
-    sample = sorted(sd)[:5]
-    hint = ""
-    if any("diffusion_model" in k or "patch_embedding" in k for k in sd):
-        hint = " (this looks like a Wan DiT; load it as a diffusion model)"
-    elif any(k.startswith(("encoder.conv", "decoder.conv", "conv1")) for k in sd):
-        hint = " (this looks like a VAE)"
-    raise CheckpointError(f"{source} is not a UMT5 text encoder{hint}: no {_OFFICIAL_ANCHOR!r} "
-                          f"(official layout) or {_HF_ANCHOR!r} (Hugging Face/ComfyUI layout) key; "
-                          f"first keys: {sample}. "
-                          "Expected models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_*.safetensors")
-
-
-def detect_t5_config(sd: dict[str, torch.Tensor], *, text_len: int = 512) -> UMT5Config:
-    """UMT5Config from official-layout shapes: vocab/dim (embedding), dim_attn (q), heads and buckets
-    (relative bias [buckets, N]), dim_ffn (fc1), layers (block count). `max_distance` stays 128."""
-    required = ("token_embedding.weight", "norm.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
-                "blocks.0.pos_embedding.embedding.weight")
-    missing = [k for k in required if k not in sd]
-    if missing:
-        raise CheckpointError(f"UMT5 encoder weights are incomplete: missing {missing}; the file is "
-                              "truncated or is not a UMT5 encoder")
-    vocab, dim = sd["token_embedding.weight"].shape
-    num_buckets, num_heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
-    layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
-    if layers != list(range(len(layers))):
-        raise CheckpointError(f"UMT5 encoder blocks are not numbered 0..N-1: got {layers}")
-    no_bias = [i for i in layers if f"blocks.{i}.pos_embedding.embedding.weight" not in sd]
-    if no_bias:
-        raise CheckpointError(f"blocks {no_bias[:4]} have no relative-position bias: this is a T5 v1.1 "
-                              "encoder (one shared bias, e.g. t5xxl for Flux/SD3), not UMT5; "
-                              "use umt5_xxl_*.safetensors")
-    return UMT5Config(vocab_size=int(vocab), dim=int(dim),
-                      dim_attn=int(sd["blocks.0.attn.q.weight"].shape[0]),
-                      dim_ffn=int(sd["blocks.0.ffn.fc1.weight"].shape[0]), num_heads=int(num_heads),
-                      num_layers=len(layers), num_buckets=int(num_buckets), text_len=text_len)
-
-
-def read_t5_state_dict(path: PathLike, *, dtype: torch.dtype | None = None
-                       ) -> tuple[dict[str, torch.Tensor], bytes | None]:
-    """Read a UMT5 encoder file in any supported layout -> (official-key state dict, embedded spiece bytes).
-
-    Files: `.pth`/`.pt` (official, memory-mapped pickle), `.safetensors` (ComfyUI, fp16/bf16/fp8
-    scaled), sharded folders/indexes. Tensors are cast to `dtype` one by one while reading.
-    """
-    raw = read_state_dict(path, dtype=dtype, strip_prefixes=())
-    spiece_keys = [k for k in raw if k == SPIECE_TENSOR_KEY or k.endswith("." + SPIECE_TENSOR_KEY)]
-    spiece = raw.pop(spiece_keys[0]).numpy().tobytes() if spiece_keys else None
-    sd, layout = _select_encoder(raw, str(path))
-    if layout == "hf":
-        sd = hf_to_official(sd)
-    logger.info("read UMT5 encoder %s (%s layout, %d tensors%s)", path, layout, len(sd),
-                ", embedded tokenizer" if spiece else "")
-    return sd, spiece
-
-
-def load_umt5_encoder(path: PathLike, *, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.bfloat16) -> UMT5Encoder:
-    """Build a `UMT5Encoder` from a checkpoint without a random init or a float32 staging copy."""
-    sd, _ = read_t5_state_dict(path, dtype=dtype)
-    return _encoder_from_state_dict(sd, device=device, dtype=dtype, source=str(path))
-
-
-def _encoder_from_state_dict(sd: dict[str, torch.Tensor], *, device: torch.device | str, dtype: torch.dtype,
-                             source: str) -> UMT5Encoder:
-    config = detect_t5_config(sd)
-    with torch.device("meta"):
-        encoder = UMT5Encoder(config)
-    for key in list(sd):
-        sd[key] = sd[key].to(device=device, dtype=dtype)  # one tensor at a time
-    try:
-        encoder.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{source} does not match a UMT5 encoder of detected config {config}: "
-                              f"{str(e).splitlines()[0]}") from e
-    return encoder.eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------------
 # Prompt -> embeddings
 # ------------------------------------------------------------------------------------------------
 class TextEncoder:
@@ -514,9 +319,9 @@ class TextEncoder:
         """
         check_prompts([prompt, negative], what="prompt and negative prompt")
         negative = DEFAULT_NEGATIVE_PROMPT if negative == "" else negative
-        cfg = self.config
-        with stage("T5_Encoding", kind="encode", flops=cfg.flops_forward(self.tokenizer.text_len, batch=2),
-                   device=str(self.device), dtype=str(self.encoder.token_embedding.weight.dtype)):
+        flops = self.config.flops_forward(self.tokenizer.text_len, batch=2)
+        with stage(T5_ENCODE_STAGE.name, kind=T5_ENCODE_STAGE.kind, flops=flops, device=str(self.device),
+                   dtype=str(self.encoder.token_embedding.weight.dtype)):
             context = self.encode([prompt], output_device=output_device)[0]
             context_null = self.encode([negative], output_device=output_device)[0]
         return context, context_null
@@ -547,87 +352,3 @@ def pad_text_embeds(embeds: Sequence[torch.Tensor], text_len: int = 512) -> tupl
     for b, e in enumerate(embeds):
         out[b, : e.shape[0]] = e
     return out, torch.tensor([e.shape[0] for e in embeds], dtype=torch.int64)
-
-
-def load_text_encoder(path: PathLike, *, tokenizer_path: PathLike | None = None,
-                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                      text_len: int = DEFAULT_TEXT_LEN) -> TextEncoder:
-    """Load encoder weights and find the tokenizer (padding prompts to `text_len`, 512 as in Wan).
-
-    Tokenizer, first found: `tokenizer_path`; the `spiece_model` tensor embedded in the file
-    (ComfyUI); next to the file (`google/umt5-xxl/spiece.model` etc., the official release).
-    Raises FileNotFoundError naming every place it looked.
-    """
-    sd, spiece = read_t5_state_dict(path, dtype=dtype)
-    if tokenizer_path is not None:
-        tokenizer = WanTokenizer.from_path(tokenizer_path, text_len=text_len)
-    elif spiece is not None:
-        tokenizer = WanTokenizer.from_spiece_bytes(spiece, text_len=text_len,
-                                                   source=f"{path}:{SPIECE_TENSOR_KEY}")
-    else:
-        folder = Path(path) if Path(path).is_dir() else Path(path).parent
-        found = find_spiece_model(folder)
-        if found is None:
-            raise FileNotFoundError(f"no tokenizer for {path}: it has no embedded '{SPIECE_TENSOR_KEY}' "
-                                    f"tensor and none of {searched_places(folder)} exists; pass "
-                                    f"tokenizer_path (the {TOKENIZER_SUBFOLDER} folder of the official "
-                                    "release or its spiece.model)")
-        tokenizer = WanTokenizer.from_path(found, text_len=text_len)
-    encoder = _encoder_from_state_dict(sd, device=device, dtype=dtype, source=str(path))
-    logger.info("loaded UMT5 encoder %s (%d layers, dim %d, %s) on %s; tokenizer %s", path,
-                encoder.config.num_layers, encoder.config.dim, dtype, device, tokenizer.source)
-    return TextEncoder(encoder, tokenizer, device=device)
-
-
-# ------------------------------------------------------------------------------------------------
-# Saving
-# ------------------------------------------------------------------------------------------------
-def save_text_encoder(encoder_or_sd: UMT5Encoder | dict[str, torch.Tensor], path: PathLike, *,
-                      spiece_bytes: bytes | None = None, layout: str = "comfy",
-                      dtype: torch.dtype = torch.bfloat16, fp8_scaled: bool = False) -> Path:
-    """Write a UMT5 encoder (a model, or a state dict in either layout) in ComfyUI's or the official layout.
-
-    - "comfy": Hugging Face keys in a `.safetensors`; `spiece_bytes` go in as the uint8 `spiece_model` tensor.
-    - "official": official keys, `.pth` (torch.save) or `.safetensors` by suffix; `spiece_bytes` are
-      written to `<folder>/google/umt5-xxl/spiece.model` as in the official release.
-    - `fp8_scaled`: linear weights in float8 e4m3fn with `<name>.scale_weight` and a `scaled_fp8`
-      marker, as ComfyUI's fp8-scaled files; embeddings and norms stay in `dtype`.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
-    target = Path(path)
-    sd = encoder_or_sd.state_dict() if isinstance(encoder_or_sd, nn.Module) else dict(encoder_or_sd)
-    if _HF_ANCHOR in sd:
-        sd = hf_to_official(sd)
-    detect_t5_config(sd)  # refuses anything that is not a complete official-layout UMT5 encoder
-    if layout == "comfy" and target.suffix != ".safetensors":
-        raise ValueError(f"the comfy layout is a .safetensors file; got {target.name}")
-    if target.suffix not in (".safetensors", ".pth", ".pt"):
-        raise ValueError(f"unsupported file type {target.suffix!r}; use .safetensors, .pth or .pt")
-    out = official_to_hf(sd) if layout == "comfy" else sd
-    tensors: dict[str, torch.Tensor] = {}
-    for key, tensor in out.items():
-        tensor = tensor.detach().cpu()
-        if fp8_scaled and _FP8_LINEAR.search(key):
-            tensors[key], tensors[key[: -len(".weight")] + FP8_SCALE_SUFFIX] = quantise_fp8_scaled(tensor)
-        else:
-            tensors[key] = tensor.to(dtype).contiguous()
-    if fp8_scaled:
-        tensors[FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    if spiece_bytes is not None and layout == "comfy":
-        tensors[SPIECE_TENSOR_KEY] = torch.frombuffer(bytearray(spiece_bytes), dtype=torch.uint8).clone()
-    if target.suffix == ".safetensors":
-        write_safetensors(tensors, target)
-    else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tensors, target)
-    if spiece_bytes is not None and layout == "official":
-        folder = target.parent / TOKENIZER_SUBFOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "spiece.model").write_bytes(spiece_bytes)
-        (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "eos_token": "</s>", "pad_token": "<pad>",
-             "unk_token": "<unk>"}, indent=1), encoding="utf-8")
-    logger.info("saved UMT5 encoder to %s (%s layout, %s%s)", target, layout, dtype,
-                ", fp8 scaled" if fp8_scaled else "")
-    return target

@@ -7,6 +7,8 @@ only need to know whether a chunk is the first of its stream (`first_chunk`), be
 special (it passes the temporal resampling unchanged, spec section 11.2).
 
 Module and parameter names follow the official checkpoints so state dicts load unchanged.
+`streaming`, `chunk_ranges` and `pixel_range` are the temporal-chunking helpers that the VAE and
+its tiled decode share.
 
 Shapes: B batch, C channels, T frames (pixel or latent, whatever the stage sees), H/W size.
 All 5-D tensors are (B, C, T, H, W).
@@ -14,7 +16,9 @@ All 5-D tensors are (B, C, T, H, W).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -497,3 +501,34 @@ def unpatchify(video: torch.Tensor, patch: int) -> torch.Tensor:
     if patch == 1:
         return video
     return rearrange(video, "b (c r q) f h w -> b c f (h q) (w r)", q=patch, r=patch)
+
+
+# ------------------------------------------------------------------------------------------ streaming
+@contextlib.contextmanager
+def streaming(module: nn.Module) -> Iterator[None]:
+    """Treat the calls inside the block as consecutive chunks of one stream (fresh caches)."""
+    caches = [m.cache for m in module.modules() if isinstance(m, CausalConv3d)]
+    for cache in caches:
+        cache.start()
+    try:
+        yield
+    finally:
+        for cache in caches:
+            cache.stop()
+
+
+def chunk_ranges(num_latent_frames: int, chunk_frames: int | None) -> list[tuple[int, int]]:
+    """Latent frame ranges [a, b) of the temporal chunks; None means one chunk."""
+    if chunk_frames is None:
+        return [(0, num_latent_frames)]
+    if chunk_frames < 1:
+        raise ValueError(
+            f"chunk_frames must be >= 1 latent frame (or None for the whole clip); got {chunk_frames}"
+        )
+    return [(a, min(a + chunk_frames, num_latent_frames)) for a in range(0, num_latent_frames, chunk_frames)]
+
+
+def pixel_range(config: VAEConfig, start: int, stop: int) -> tuple[int, int]:
+    """Pixel frames [f0, f1) that latent frames [start, stop) cover (frame 0 maps to one frame)."""
+    ts = config.temporal_stride
+    return (0 if start == 0 else 1 + ts * (start - 1)), 1 + ts * (stop - 1)

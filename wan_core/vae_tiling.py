@@ -20,17 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from .config import VAEConfig
-
-if TYPE_CHECKING:
-    from .vae import WanVAE
-
-AUTO = "auto"
-NO_TILING = "none"
+from .config import AUTO_TILING, NO_TILING, VAEConfig
+from .vae_blocks import PIXEL_CHANNELS, chunk_ranges
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,15 +59,6 @@ class VAETiling:
         """(y0, y1, x0, x1) latent boxes covering an h x w latent."""
         return [(y0, y1, x0, x1) for y0, y1 in self.axis_tiles(h) for x0, x1 in self.axis_tiles(w)]
 
-    def flops(self, config: VAEConfig, latent_shape: tuple[int, ...]) -> float:
-        """Decode FLOPs summed over the tiles (overlaps are decoded twice)."""
-        from .vae import vae_flops
-
-        b, z, t, h, w = latent_shape
-        return sum(
-            vae_flops(config, "decode", (b, z, t, y1 - y0, x1 - x0)) for y0, y1, x0, x1 in self.tiles(h, w)
-        )
-
     def describe(self) -> str:
         return f"tiles {self.tile_size}x{self.tile_size} latent, overlap {self.overlap}"
 
@@ -81,11 +67,11 @@ def resolve_tiling(tiling: object) -> VAETiling | None:
     """None / "none" -> untiled; "auto" -> default `VAETiling()`; a `VAETiling` is used as is."""
     if tiling is None or tiling == NO_TILING:
         return None
-    if tiling == AUTO:
+    if tiling == AUTO_TILING:
         return VAETiling()
     if isinstance(tiling, VAETiling):
         return tiling
-    raise TypeError(f"tiling must be None, {NO_TILING!r}, {AUTO!r} or a VAETiling; got {tiling!r}")
+    raise TypeError(f"tiling must be None, {NO_TILING!r}, {AUTO_TILING!r} or a VAETiling; got {tiling!r}")
 
 
 def axis_weights(tiles: list[tuple[int, int]], index: int, scale: int) -> torch.Tensor:
@@ -107,8 +93,20 @@ def axis_weights(tiles: list[tuple[int, int]], index: int, scale: int) -> torch.
     return weight
 
 
+class TileDecoder(Protocol):
+    """What `decode_tiled` needs of the VAE (`vae.WanVAE` implements it)."""
+
+    config: VAEConfig
+
+    def decode_lower(self, x: torch.Tensor, *, chunk_frames: int | None) -> torch.Tensor: ...
+
+    def decode_into(self, x: torch.Tensor, out: torch.Tensor, *, chunk_frames: int | None,
+                    callback: Callable[[int, int], None] | None = None, weight: torch.Tensor | None = None,
+                    progress: tuple[int, int] | None = None, upper_only: bool = False) -> None: ...
+
+
 def decode_tiled(
-    vae: WanVAE,
+    vae: TileDecoder,
     x: torch.Tensor,
     plan: VAETiling,
     *,
@@ -120,8 +118,6 @@ def decode_tiled(
     `callback(done, total)` counts chunks over all tiles (total = tiles x temporal chunks).
     Shapes: x (B, z, T, h, w) -> (B, 3, 1 + 4(T-1), h*s, w*s), float32.
     """
-    from .vae import PIXEL_CHANNELS, chunk_ranges
-
     cfg = vae.config
     b, _, t, h, w = x.shape
     s = cfg.spatial_stride

@@ -167,7 +167,6 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
         )
     else:
         nodes.append(Node(7, "WanBenchEmptyLatent", geometry, {"vae": (4, 0), "profiler": (1, 0)}))
-    g_low, g_high = sampler.guide_scale
     nodes += [
         Node(
             8,
@@ -177,8 +176,8 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "steps": cfg.sampler.steps,
                 "shift": sampler.shift,
                 "boundary": sampler.boundary if sampler.boundary is not None else 0.875,
-                "guidance_high": g_high,
-                "guidance_low": g_low,
+                "guidance_high": sampler.guide_scale.high,
+                "guidance_low": sampler.guide_scale.low,
                 "solver": "unipc",
                 "batched_cfg": True,
                 "placement": "none" if spec.tiny or not task.is_moe else "model",

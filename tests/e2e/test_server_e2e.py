@@ -19,10 +19,14 @@ import pytest
 from PIL import Image
 from wanbench.client import ServerError, http_json, run_on_server, view_bytes
 from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from wanbench.nodes.latents import STAGE_PREPROCESS
-from wanbench.nodes.loaders import STAGE_DIT, STAGE_TEXT, STAGE_VAE
-from wanbench.nodes.text import STAGE_T5
 from wanbench.profiling import check_report
+from wanbench.wan_core.config import (
+    DIT_INIT_STAGE,
+    PREPROCESS_STAGE,
+    T5_ENCODE_STAGE,
+    TEXT_ENCODER_INIT_STAGE,
+    VAE_INIT_STAGE,
+)
 
 from .comfy_api import (
     WORKFLOWS_DIR,
@@ -304,7 +308,8 @@ def test_second_run_reports_cached_stages(comfy_server: ComfyServer, tmp_path: P
     second = _report_stages(run_on_server(prompt, comfy_server.url, tmp_path / "second", timeout_s=600).files)
 
     # The stages each skipped node recorded when it ran (loaders: DiT, text encoder, VAE loads).
-    cached_names = [name for name, _ in (STAGE_DIT, STAGE_TEXT, STAGE_VAE, STAGE_T5, STAGE_PREPROCESS)]
+    cached = (DIT_INIT_STAGE, TEXT_ENCODER_INIT_STAGE, VAE_INIT_STAGE, T5_ENCODE_STAGE, PREPROCESS_STAGE)
+    cached_names = [name for name, _ in cached]
     for name in cached_names:
         assert first[name]["cached"] is False, first[name]
         stage = second[name]

@@ -1,14 +1,11 @@
-"""Checkpoint files: reading, writing, key maps and config detection.
+"""DiT checkpoints: the official <-> diffusers key map, config detection, loading and saving.
 
-The first half is generic and used by every component (DiT, text encoder, VAE):
-`read_state_dict` reads `.safetensors` (memory-mapped, one tensor at a time), sharded safetensors
-(an `*.index.json` or a folder of shards), and `.pth`/`.pt` pickles through
-`torch.load(weights_only=True, mmap=True)` (legacy non-zip files with `mmap=False`, still tensors
-only); it strips prefixes and dequantises ComfyUI's
-fp8 "scaled" files. `write_safetensors` writes atomically (temp file, then `os.replace`).
-
-The second half is the DiT: `detect_dit_config`, `read_dit_config` (from headers, no tensor data),
-`load_dit`, `load_experts`, `save_dit` and the official <-> diffusers key map (spec section 3.10).
+Layouts (`DIT_LAYOUTS`): the official release (a folder of shards with an index and config.json),
+ComfyUI's single files (official names, optionally under `model.diffusion_model.`, optionally fp8
+"scaled") and diffusers' `WanTransformer3DModel` (spec section 3.10). Files are read through
+`io.read_state_dict`; `detect_dit_config` tells the `DiTConfig` from key names and shapes,
+`read_dit_config` does it from the headers alone (no tensor data). `load_dit`, `load_experts` and
+`save_dit` build and write `WanDiT` models.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import json
 import logging
 import math
 import os
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -25,248 +21,36 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..util.atomic import atomic_output, atomic_write_text
-from .config import TASK_BY_MODEL_TYPE, DiTConfig
-from .dit import WanDiT
-from .errors import CheckpointError
+from ...util.atomic import atomic_write_text
+from ..attention import REFERENCE_BACKEND, check_backend_name
+from ..config import TASK_BY_MODEL_TYPE, DiTConfig
+from ..dit import WanDiT
+from ..errors import CheckpointError
+from .io import (
+    COMFY_DIT_PREFIX,
+    DIFFUSERS_FILE_NAME,
+    OFFICIAL_CONFIG_NAME,
+    PathLike,
+    fp8_scaled_state_dict,
+    read_safetensors_metadata,
+    read_shapes,
+    read_state_dict,
+    write_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
-COMFY_DIT_PREFIX = "model.diffusion_model."
-FP8_MARKER = "scaled_fp8"
-FP8_SCALE_SUFFIX = ".scale_weight"
-FP8_INPUT_SCALE_SUFFIX = ".scale_input"
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-NUM_HEADS_METADATA_KEY = "wanbench.num_heads"
-OFFICIAL_CONFIG_NAME = "config.json"
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
-LEGACY_PICKLE_START = b"\x80"  # pickle protocol opcode: the legacy torch.save format
-
-
 # --------------------------------------------------------------------------------------------
-# Generic reading
-# --------------------------------------------------------------------------------------------
-def read_state_dict(
-    path_or_paths: PathLike | Sequence[PathLike],
-    *,
-    dtype: torch.dtype | None = None,
-    strip_prefixes: Sequence[str] = (COMFY_DIT_PREFIX,),
-) -> dict[str, torch.Tensor]:
-    """Read a checkpoint (one file, several files, an index or a folder) into a flat state dict.
-
-    - `dtype`: floating tensors are cast to it one by one while reading (integer tensors are kept).
-      fp8 tensors are always dequantised: to `dtype`, or to float32 when `dtype` is None.
-    - fp8 "scaled" files (ComfyUI): `<name>.weight` in fp8 times `<name>.scale_weight`; the
-      `scaled_fp8` marker and the `.scale_weight` / `.scale_input` entries are dropped.
-    - `strip_prefixes`: for each prefix in order, when some keys start with it, only those keys are
-      kept, without the prefix (a ComfyUI all-in-one file keeps its diffusion model part).
-
-    Raises `CheckpointError` for a missing, truncated or corrupt file, a pickle holding other
-    objects than tensors, and a key present in two shards.
-    """
-    files = _resolve_files(path_or_paths)
-    raw: dict[str, torch.Tensor] = {}
-    for file in files:
-        for key, tensor in _read_one_file(file).items():
-            if key in raw:
-                raise CheckpointError(f"tensor {key!r} appears in more than one file ({file}); "
-                                      "pass the shards of one checkpoint only")
-            raw[key] = tensor
-    sd = _strip_prefixes(raw, strip_prefixes)
-    return _dequantise_and_cast(sd, dtype)
-
-
-def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
-    """The `__metadata__` string map of a safetensors file (empty when it has none)."""
-    from safetensors import SafetensorError, safe_open
-
-    file = Path(path)
-    _check_exists(file)
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except SafetensorError as e:
-        raise _corrupt(file, e) from e
-
-
-def _check_exists(file: Path) -> None:
-    if not file.exists():
-        raise CheckpointError(f"checkpoint not found: {file}; check the path (expected a .safetensors, "
-                              ".pth or .pt file, an *.index.json or a folder of shards)")
-
-
-def _corrupt(file: Path, error: BaseException) -> CheckpointError:
-    return CheckpointError(f"file is truncated or corrupt: {file} ({error}); re-download it")
-
-
-def _resolve_files(path_or_paths: PathLike | Sequence[PathLike]) -> list[Path]:
-    if isinstance(path_or_paths, (str, os.PathLike)):
-        paths = [Path(path_or_paths)]
-    else:
-        paths = [Path(p) for p in path_or_paths]
-        if not paths:
-            raise CheckpointError("no checkpoint files given; pass a file, an index or a folder")
-    files: list[Path] = []
-    for path in paths:
-        _check_exists(path)
-        if path.is_dir():
-            files.extend(_files_in_folder(path))
-        elif path.name.endswith(".index.json"):
-            files.extend(_files_of_index(path))
-        else:
-            files.append(path)
-    return files
-
-
-def _files_in_folder(folder: Path) -> list[Path]:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        raise CheckpointError(f"folder {folder} holds {len(indexes)} shard indexes "
-                              f"({[i.name for i in indexes]}); pass the index file you mean")
-    if indexes:
-        return _files_of_index(indexes[0])
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        shards = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if not shards:
-        raise CheckpointError(f"folder {folder} holds no .safetensors, .pth or .pt files; "
-                              "pass the folder that contains the checkpoint shards")
-    return shards
-
-
-def _files_of_index(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"shard index {index} is not a valid *.index.json with a 'weight_map' "
-                              f"({e}); re-download it") from e
-    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
-    for file in files:
-        if not file.exists():
-            raise CheckpointError(f"shard {file.name} listed in {index} is missing; download all shards")
-    return files
-
-
-def _read_one_file(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        return _read_safetensors(file)
-    if file.suffix in PICKLE_SUFFIXES:
-        return _read_pickle(file)
-    raise CheckpointError(f"unsupported checkpoint file type {file.suffix!r} ({file}); expected "
-                          f".safetensors or one of {PICKLE_SUFFIXES}")
-
-
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except SafetensorError as e:
-        raise _corrupt(file, e) from e
-
-
-def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
-    """A tensors-only `torch.save` file: the zip format memory-mapped, the legacy format read whole."""
-    with open(file, "rb") as handle:
-        head = handle.read(len(ZIP_MAGIC))
-    is_legacy = head[:1] == LEGACY_PICKLE_START  # torch.save(..., _use_new_zipfile_serialization=False)
-    if head != ZIP_MAGIC and not is_legacy:
-        raise CheckpointError(f"file is truncated or corrupt: {file} is not a torch.save file (starts with "
-                              f"{head!r}; expected a zip archive {ZIP_MAGIC!r} or a legacy pickle "
-                              f"{LEGACY_PICKLE_START!r}); re-download it")
-    try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=not is_legacy)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{file} holds Python objects other than tensors, which are refused for "
-                              f"safety (torch.load weights_only=True: {str(e).splitlines()[0]}); "
-                              "convert it to .safetensors or use a tensors-only file") from e
-    except (RuntimeError, EOFError, OSError, IndexError) as e:  # a truncated legacy file gives IndexError
-        if is_legacy:
-            raise CheckpointError(f"{file} is a legacy (non-zip, `_use_new_zipfile_serialization=False`) "
-                                  f"torch.save file that could not be read ({type(e).__name__}: {e}); it is "
-                                  "truncated or corrupt: re-download it, or re-save it with a current "
-                                  "torch.save or as .safetensors") from e
-        raise _corrupt(file, e) from e
-    if isinstance(obj, Mapping):
-        for nested in ("state_dict", "model", "module"):
-            if isinstance(obj.get(nested), Mapping) and len(obj) <= 2:
-                obj = obj[nested]
-                break
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{file} holds a {type(obj).__name__}, expected a dict of tensors")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{file} is not a flat state dict: entries {bad[:5]} are not tensors; "
-                              "expected a dict of name -> tensor")
-    return dict(obj)
-
-
-def _strip_prefixes(sd: dict[str, torch.Tensor], prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
-    for prefix in prefixes:
-        if not prefix or not any(k.startswith(prefix) for k in sd):
-            continue
-        kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        if len(kept) != len(sd):
-            logger.info("kept the %d tensors under %r and dropped %d others", len(kept), prefix,
-                        len(sd) - len(kept))
-        sd = kept
-    return sd
-
-
-def _dequantise_and_cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in sd.items():
-        if key == FP8_MARKER or key.endswith(FP8_SCALE_SUFFIX) or key.endswith(FP8_INPUT_SCALE_SUFFIX):
-            continue
-        if tensor.dtype in FP8_DTYPES:
-            owner = key.rsplit(".", 1)[0] if "." in key else key
-            scale = sd.get(owner + FP8_SCALE_SUFFIX)
-            value = tensor.float()
-            if scale is not None:
-                value = value * scale.float()
-            tensor = value.to(dtype or torch.float32)
-        elif dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        out[key] = tensor
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Generic writing
-# --------------------------------------------------------------------------------------------
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *,
-                      metadata: Mapping[str, str] | None = None) -> Path:
-    """Write tensors to `path` atomically (temp file in the same folder, then `os.replace`)."""
-    from safetensors.torch import save_file
-
-    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_output(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
-    return Path(path)
-
-
-def quantise_fp8_scaled(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor fp8 e4m3fn quantisation: (weight / scale in fp8, scale) with scale = absmax / 448."""
-    w = weight.detach().float()
-    absmax = w.abs().max()
-    scale = (absmax / torch.finfo(torch.float8_e4m3fn).max).clamp_min(torch.finfo(torch.float32).tiny)
-    return (w / scale).to(torch.float8_e4m3fn), scale.reshape(())
-
-
-# --------------------------------------------------------------------------------------------
-# DiT: key maps
+# Key maps
 # --------------------------------------------------------------------------------------------
 DIT_REQUIRED_KEYS = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
                      "blocks.0.self_attn.q.weight", "blocks.0.ffn.0.weight", "head.head.weight")
 DIFFUSERS_MARKER = "condition_embedder."
 DIT_LAYOUTS = ("official", "comfy", "comfy_prefixed", "diffusers")
 DIT_CONFIG_METADATA_KEY = "wanbench.dit_config"
+NUM_HEADS_METADATA_KEY = "wanbench.num_heads"
 OFFICIAL_SHARD_NAME = "diffusion_pytorch_model-{:05d}-of-{:05d}.safetensors"
 OFFICIAL_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-DIFFUSERS_FILE_NAME = "diffusion_pytorch_model.safetensors"
 NUM_OFFICIAL_SHARDS = 2
 HEAD_DIM_OF_RELEASED_MODELS = 128
 # Key fragments of Wan2.1 I2V's image conditioning, official names and diffusers names.
@@ -326,7 +110,7 @@ def is_diffusers_dit(sd: Mapping[str, torch.Tensor]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# DiT: config detection
+# Config detection
 # --------------------------------------------------------------------------------------------
 def detect_dit_config(sd: Mapping[str, torch.Tensor], *, num_heads: int | None = None,
                       extra: Mapping[str, object] | None = None) -> DiTConfig:
@@ -476,16 +260,13 @@ def _config_json(cfg: DiTConfig) -> dict[str, object]:
 
 
 # --------------------------------------------------------------------------------------------
-# DiT: loading and saving
+# Loading and saving
 # --------------------------------------------------------------------------------------------
 def read_dit_state_dict(path: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
                         num_heads: int | None = None) -> tuple[dict[str, torch.Tensor], DiTConfig]:
     """Official-named state dict and detected config of any supported DiT file or folder."""
-    sd = read_state_dict(path, dtype=dtype)
-    if is_diffusers_dit(sd):
-        sd = dit_from_diffusers(sd)
-    first = Path(path) if isinstance(path, (str, os.PathLike)) else Path(path[0])
-    return sd, detect_dit_config(sd, num_heads=num_heads, extra=_extra_config(first))
+    sd = _official_names(read_state_dict(path, dtype=dtype, strip_prefixes=(COMFY_DIT_PREFIX,)))
+    return sd, _detect(sd, path, num_heads)
 
 
 def read_dit_config(path: PathLike | Sequence[PathLike], *, num_heads: int | None = None) -> DiTConfig:
@@ -493,26 +274,18 @@ def read_dit_config(path: PathLike | Sequence[PathLike], *, num_heads: int | Non
 
     safetensors headers give the shapes; `.pth` files are memory-mapped (legacy ones are read).
     """
-    sd = _strip_prefixes({k: v for f in _resolve_files(path) for k, v in _read_shapes(f).items()},
-                         (COMFY_DIT_PREFIX,))
-    sd = {k: v for k, v in sd.items() if k != FP8_MARKER and not k.endswith((FP8_SCALE_SUFFIX, FP8_INPUT_SCALE_SUFFIX))}
-    if is_diffusers_dit(sd):
-        sd = dit_from_diffusers(sd)
+    sd = _official_names(read_shapes(path, strip_prefixes=(COMFY_DIT_PREFIX,)))
+    return _detect(sd, path, num_heads)
+
+
+def _official_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dit_from_diffusers(sd) if is_diffusers_dit(sd) else sd
+
+
+def _detect(sd: Mapping[str, torch.Tensor], path: PathLike | Sequence[PathLike],
+            num_heads: int | None) -> DiTConfig:
     first = Path(path) if isinstance(path, (str, os.PathLike)) else Path(path[0])
     return detect_dit_config(sd, num_heads=num_heads, extra=_extra_config(first))
-
-
-def _read_shapes(file: Path) -> dict[str, torch.Tensor]:
-    """Meta tensors with the names and shapes of a file's tensors."""
-    if file.suffix != ".safetensors":
-        return {k: torch.empty(v.shape, device="meta") for k, v in _read_one_file(file).items()}
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
-    except SafetensorError as e:
-        raise _corrupt(file, e) from e
 
 
 def load_dit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
@@ -532,23 +305,28 @@ def load_dit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> Non
 
 
 def load_dit(path: PathLike | Sequence[PathLike], *, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, num_heads: int | None = None) -> WanDiT:
-    """Build a `WanDiT` from a file, a shard index or a folder in any supported layout."""
+             dtype: torch.dtype = torch.float32, num_heads: int | None = None,
+             attention: str = REFERENCE_BACKEND) -> WanDiT:
+    """Build a `WanDiT` (with attention backend `attention`) from a file, a shard index or a folder
+    in any supported layout."""
+    check_backend_name(attention)  # before reading any tensor
     sd, cfg = read_dit_state_dict(path, dtype=dtype, num_heads=num_heads)
     with torch.device("meta"):
-        model = WanDiT(cfg)
+        model = WanDiT(cfg, attention=attention)
     load_dit_state_dict(model, sd)
     logger.info("loaded %s DiT (%d layers, dim %d) from %s", cfg.model_type, cfg.num_layers, cfg.dim, path)
     return model.to(device=device).eval().requires_grad_(False)
 
 
 def load_experts(high: PathLike, low: PathLike | None = None, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, num_heads: int | None = None) -> list[WanDiT]:
+                 dtype: torch.dtype = torch.float32, num_heads: int | None = None,
+                 attention: str = REFERENCE_BACKEND) -> list[WanDiT]:
     """One model (ti2v) or the high- and low-noise experts (A14B), checked to be of one task and size.
 
     The check reads only key names and shapes (`read_dit_config`), so two mismatched 14B files fail
-    in a second instead of after both have been loaded.
+    in a second instead of after both have been loaded. Every expert uses attention backend `attention`.
     """
+    check_backend_name(attention)
     paths = [high] if low is None else [high, low]
     configs = [read_dit_config(p, num_heads=num_heads) for p in paths]
     if len(configs) == 2 and configs[0] != configs[1]:
@@ -557,7 +335,7 @@ def load_experts(high: PathLike, low: PathLike | None = None, *, device: torch.d
                 if getattr(a, f.name) != getattr(b, f.name)}
         raise CheckpointError(f"the two experts differ (high vs low): {diff}; expected the high- and "
                               f"low-noise models of one task (high is {a.model_type}, low is {b.model_type})")
-    return [load_dit(p, device=device, dtype=dtype, num_heads=num_heads) for p in paths]
+    return [load_dit(p, device=device, dtype=dtype, num_heads=num_heads, attention=attention) for p in paths]
 
 
 def save_dit(state_dict_or_model: nn.Module | Mapping[str, torch.Tensor], path: PathLike, *,
@@ -592,21 +370,15 @@ def save_dit(state_dict_or_model: nn.Module | Mapping[str, torch.Tensor], path: 
     if layout == "diffusers":
         return _save_diffusers(dit_to_diffusers(tensors), target, config, metadata)
     if fp8_scaled:
-        tensors = _fp8_scaled(sd, dtype)
+        tensors = fp8_scaled_state_dict(sd, is_quantised=_is_fp8_block_weight, dtype=dtype)
     if layout == "comfy_prefixed":
         tensors = {COMFY_DIT_PREFIX + k: v for k, v in tensors.items()}
     return write_safetensors(tensors, target, metadata=metadata)
 
 
-def _fp8_scaled(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.startswith("blocks.") and key.endswith(".weight") and value.ndim == 2:
-            out[key], out[key[: -len(".weight")] + FP8_SCALE_SUFFIX] = quantise_fp8_scaled(value)
-        else:
-            out[key] = value.detach().to(dtype) if value.is_floating_point() else value
-    out[FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    return out
+def _is_fp8_block_weight(key: str, value: torch.Tensor) -> bool:
+    """The matrices of the transformer blocks: what ComfyUI's fp8 "scaled" DiT files store in fp8."""
+    return key.startswith("blocks.") and key.endswith(".weight") and value.ndim == 2
 
 
 def _save_official(tensors: dict[str, torch.Tensor], folder: Path, config: DiTConfig) -> Path:
@@ -638,7 +410,7 @@ def _save_diffusers(tensors: dict[str, torch.Tensor], target: Path, config: DiTC
         "num_attention_heads": config.num_heads, "attention_head_dim": config.head_dim,
         "in_channels": config.in_dim, "out_channels": config.out_dim, "text_dim": config.text_dim,
         "freq_dim": config.freq_dim, "ffn_dim": config.ffn_dim, "num_layers": config.num_layers,
-        "cross_attn_norm": config.cross_attn_norm, "qk_norm": "rms_norm_across_heads", "eps": config.eps,
+        "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": config.eps,
         "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
         "text_len": config.text_len,  # not a diffusers field (its pipelines pad to 512); kept for reloading
     }
