@@ -223,7 +223,9 @@ class WanSampler:
             solver=solver,
             steps=steps,
             shift=shift,
-            guide_scale=GuideScale(high=guidance_high, low=guidance_low),
+            # a single-model task (TI2V-5B) has one scale: the high-noise widget, as its tooltip says
+            guide_scale=GuideScale(high=guidance_high, low=guidance_low) if task.is_moe
+            else GuideScale.same(guidance_high),
             boundary=boundary if task.is_moe else None,  # None keeps the preset's (None for TI2V-5B)
             seed=seed,
             cfg_mode=BATCHED_CFG if batched_cfg else SEQUENTIAL_CFG,

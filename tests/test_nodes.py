@@ -576,3 +576,18 @@ def test_save_video_fps_from_the_task(tiny, tmp_path) -> None:
     assert saved_fps(fps=12) == 12
     with pytest.raises(ValueError, match="fps is 0 .* no model is connected.*connect Wan Model Loader's model"):
         saved_fps(fps=0)
+
+
+def test_single_model_task_uses_the_high_noise_guidance_widget(tiny) -> None:
+    """TI2V-5B has one scale: `guidance_high` (its tooltip says so); `guidance_low` is unused."""
+    (latent,) = WanEmptyLatent().make(tiny.vae22, 32, 32, 5)
+    args = {**SAMPLER_ARGS, "guidance_high": 5.0}
+    runs = [
+        WanSampler().sample(tiny.ti2v, tiny.embeds, latent, solver="unipc", batched_cfg=True, placement="none",
+                            **{**args, "guidance_low": low})[0]["samples"]
+        for low in (3.0, 7.0)
+    ]
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+    (other,) = WanSampler().sample(tiny.ti2v, tiny.embeds, latent, solver="unipc", batched_cfg=True,
+                                   placement="none", **{**args, "guidance_high": 2.0})
+    assert not torch.equal(other["samples"], runs[0])
