@@ -25,15 +25,21 @@ One call of `sample()` runs the official loop (spec section 6) over normalised l
   also carry `placement` (what took effect) and `placement_requested`. Weight placement is
   delegated to `placement.py`; `model` / `blocks` on a CPU compute device move nothing, so they
   apply as `none`, with a logged warning and a `placement_fallback` event.
+* Parallel runs: inside one rank of a parallel run (`runtime/distributed.py`) the loop is the
+  same on every rank; the plan wraps the guided prediction (CFG-parallel) and the experts
+  (Ulysses token split, sharded weights) for the duration of the run, and records each step's
+  communication as a `communication` event.
 
 Shapes: latents (C, T, h, w) float32, C = the DiT's out_dim; contexts (S, text_dim).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +59,8 @@ from .config import (
     step_stages,
 )
 from .placement import OFFLOAD_DEVICE, Placement, make_placement
+from .runtime.cfg_parallel import GuidedPrediction
+from .runtime.distributed import active_parallel, parallel_sampling
 from .schedulers import FlowScheduler, make_scheduler
 from .trace import event, stage
 
@@ -205,12 +213,23 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     placement = make_placement(experts, opts.placement, device=run.latent.device,
                                num_resident_blocks=opts.num_resident_blocks)
     placement_facts = {"placement": applied, "placement_requested": opts.placement}
-    with placement, torch.no_grad():
-        return _loop(placement, names, scheduler, run, opts, callback, placement_facts)
+    with _parallel_scope(experts, opts) as guided, placement, torch.no_grad():
+        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, guided)
+
+
+def _parallel_scope(experts: list[nn.Module], opts: SamplerOptions) -> AbstractContextManager[GuidedPrediction]:
+    """The guided prediction of this run: the sampler's own, or, inside a parallel run (a rank
+    started by `wanbench run --nproc N`), the plan's (`runtime/distributed.py`), which applies
+    itself to the experts until the run ends."""
+    runtime = active_parallel()
+    if runtime is None:
+        return contextlib.nullcontext(_guided_prediction)
+    return parallel_sampling(runtime, experts, placement=opts.placement, single=_guided_prediction)
 
 
 def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run,
-          opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str]) -> torch.Tensor:
+          opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str],
+          guided: GuidedPrediction) -> torch.Tensor:
     if run.z is not None:
         mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
         latent = pin_first_frame(run.latent, run.z, mask)
@@ -240,7 +259,7 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
                                           seq_len=run.seq_len)  # (1, seq_len) float32
             else:
                 t_model = t.view(1).to(latent.device)  # (1,) int64
-            pred = _guided_prediction(model, latent, t_model, run, g, cfg_mode)
+            pred = guided(model, latent, t_model, run, g, cfg_mode)
             latent = scheduler.step(pred, latent)
             if run.z is not None:
                 latent = pin_first_frame(latent, run.z, mask)

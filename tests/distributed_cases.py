@@ -1,0 +1,112 @@
+"""Worker functions for the multi-process tests (imported by the processes the launcher spawns).
+
+Every rank builds the same tiny seeded models and inputs, samples once as a single process (the
+reference) and once per parallel plan, and returns the largest difference per plan. Nothing here
+asserts: the test process compares what the ranks return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from wanbench.wan_core.config import COMM_KINDS, COMMUNICATION_EVENT, GuideScale, preset
+from wanbench.wan_core.dit import WanDiT
+from wanbench.wan_core.runtime.distributed import init_from_environment, use_parallel
+from wanbench.wan_core.runtime.sharding import is_sharded
+from wanbench.wan_core.sampler import SamplerOptions, make_noise, sample, select_expert
+from wanbench.wan_core.schedulers import make_scheduler
+from wanbench.wan_core.trace import use_tracer
+
+
+@dataclass(frozen=True)
+class Case:
+    """One tiny sampling run: task, latent (T, h, w), guidance per expert, with or without an image."""
+
+    name: str
+    task: str
+    thw: tuple[int, int, int]
+    guide: GuideScale
+    image: bool = False
+    steps: int = 2
+    shift: float = 1.0  # with 2 steps: t = 999 (high-noise expert) then 499 (low-noise expert)
+
+
+# Token counts 18, 12, 15 and 12: a 4-way split pads 18 and 15 (masked padding), the others divide.
+CASES = (
+    Case(name="t2v-A14B", task="t2v-A14B", thw=(2, 6, 6), guide=GuideScale(high=4.0, low=1.0)),
+    Case(name="i2v-A14B", task="i2v-A14B", thw=(3, 4, 4), guide=GuideScale.same(3.5)),
+    Case(name="ti2v-5B-text", task="ti2v-5B", thw=(3, 2, 10), guide=GuideScale.same(5.0)),
+    Case(name="ti2v-5B-image", task="ti2v-5B", thw=(3, 4, 4), guide=GuideScale.same(5.0), image=True),
+)
+
+
+def experts_used(case: Case) -> list[str]:
+    """The expert of each step (the tests check that both A14B experts run)."""
+    task = preset(case.task, tiny=True)
+    scheduler = make_scheduler("unipc", case.steps, case.shift)
+    return [select_expert(int(t), task.sampler.boundary) for t in scheduler.timesteps]
+
+
+class CommCounter:
+    """A tracer that counts the communication events of each kind (stages are not measured)."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, int] = {}
+
+    def stage(self, name: str, kind: str, facts: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def event(self, name: str, facts: dict[str, Any]) -> None:
+        if name == COMMUNICATION_EVENT:
+            for kind in COMM_KINDS:
+                if facts.get(f"{kind}_bytes"):
+                    self.kinds[kind] = self.kinds.get(kind, 0) + 1
+
+
+def run_case(case: Case, *, seed: int = 0) -> tuple[torch.Tensor, list[torch.nn.Module]]:
+    """Sample `case` from freshly built models (the same on every rank for a seed); the latent and
+    the experts."""
+    task = preset(case.task, tiny=True)
+    cfg = task.dit
+    torch.manual_seed(seed)
+    experts = [WanDiT(cfg).eval() for _ in range(task.num_experts)]
+    generator = torch.Generator().manual_seed(seed + 1)
+    context = torch.randn(7, cfg.text_dim, generator=generator)
+    context_null = torch.randn(5, cfg.text_dim, generator=generator)
+    shape = (cfg.out_dim, *case.thw)
+    i2v_y = torch.randn(cfg.in_dim - cfg.out_dim, *case.thw, generator=generator) if cfg.model_type == "i2v" else None
+    ti2v_z = torch.randn(cfg.out_dim, 1, *case.thw[1:], generator=generator) if case.image else None
+    opts = SamplerOptions.from_config(task.sampler, steps=case.steps, shift=case.shift, guide_scale=case.guide,
+                                      seed=seed)
+    out = sample(experts, task, opts, context=context, context_null=context_null,
+                 noise=make_noise(shape, seed), i2v_y=i2v_y, ti2v_z=ti2v_z)
+    return out, experts
+
+
+def _local_fraction(experts: list[torch.nn.Module]) -> float | None:
+    """The share of the weights this rank holds (None when the experts are not sharded)."""
+    if not all(is_sharded(m) for m in experts):
+        return None
+    local = sum(p.to_local().numel() for m in experts for p in m.parameters())
+    return local / sum(p.numel() for m in experts for p in m.parameters())
+
+
+def equivalence_worker(plans: list[tuple[str, bool]]) -> dict[str, dict[str, Any]]:
+    """Per case and plan (mode, sharded weights), on this rank: max |parallel - single-process|, the
+    kinds of communication recorded, and the share of the weights held here when sharded."""
+    torch.set_num_threads(1)
+    found: dict[str, dict[str, Any]] = {}
+    runtimes = {plan: init_from_environment(plan[0], shard_weights=plan[1], timeout_s=120) for plan in plans}
+    for case in CASES:
+        reference, _ = run_case(case)
+        for (mode, shard), runtime in runtimes.items():
+            counter = CommCounter()
+            with use_parallel(runtime), use_tracer(counter):
+                out, experts = run_case(case)
+            found[f"{case.name} {mode}{' sharded' if shard else ''}"] = {
+                "diff": float((out - reference).abs().max()), "scale": float(reference.abs().max()),
+                "kinds": sorted(counter.kinds), "local_fraction": _local_fraction(experts)}
+    return found
