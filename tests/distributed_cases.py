@@ -55,12 +55,15 @@ class CommCounter:
 
     def __init__(self) -> None:
         self.kinds: dict[str, int] = {}
+        self.first_step_bytes: dict[str, int] | None = None
 
     def stage(self, name: str, kind: str, facts: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def event(self, name: str, facts: dict[str, Any]) -> None:
         if name == COMMUNICATION_EVENT:
+            if self.first_step_bytes is None:
+                self.first_step_bytes = {k: int(facts.get(f"{k}_bytes", 0)) for k in COMM_KINDS}
             for kind in COMM_KINDS:
                 if facts.get(f"{kind}_bytes"):
                     self.kinds[kind] = self.kinds.get(kind, 0) + 1
@@ -108,5 +111,6 @@ def equivalence_worker(plans: list[tuple[str, bool]]) -> dict[str, dict[str, Any
                 out, experts = run_case(case)
             found[f"{case.name} {mode}{' sharded' if shard else ''}"] = {
                 "diff": float((out - reference).abs().max()), "scale": float(reference.abs().max()),
-                "kinds": sorted(counter.kinds), "local_fraction": _local_fraction(experts)}
+                "kinds": sorted(counter.kinds), "local_fraction": _local_fraction(experts),
+                "first_step_bytes": counter.first_step_bytes}
     return found

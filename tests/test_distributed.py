@@ -37,6 +37,7 @@ from wanbench.wan_core.runtime.distributed import (
     init_from_environment,
     parallel_sampling,
     to_cpu,
+    weights_fingerprint,
 )
 from wanbench.wan_core.runtime.ulysses import UlyssesShard
 
@@ -112,6 +113,16 @@ def test_joining_without_a_launcher_says_how_to_start(monkeypatch) -> None:
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(DistributedError, match="--nproc N"):
         init_from_environment("ulysses")
+
+
+def test_weights_fingerprint_tells_different_model_files_apart() -> None:
+    torch.manual_seed(0)
+    a = WanDiT(TI2V_5B.dit.tiny())
+    torch.manual_seed(0)
+    b = WanDiT(TI2V_5B.dit.tiny())
+    torch.manual_seed(1)
+    c = WanDiT(TI2V_5B.dit.tiny())
+    assert weights_fingerprint([a]) == weights_fingerprint([b]) != weights_fingerprint([c])
 
 
 def test_outside_a_parallel_run_gather_returns_the_value_itself() -> None:

@@ -22,6 +22,9 @@ from distributed_cases import CASES, equivalence_worker, experts_used
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from wanbench.cli import main
 from wanbench.profiling import check_report, load_runs
+from wanbench.wan_core.config import preset
+from wanbench.wan_core.runtime.distributed import ParallelPlan
+from wanbench.wan_core.runtime.volume import step_volume
 
 pytestmark = pytest.mark.slow
 
@@ -38,11 +41,24 @@ def _launch(nproc: int, plans: list[tuple[str, bool]]) -> dict[int, dict]:
     return elastic_launch(config, equivalence_worker)(plans)
 
 
+def _expected_bytes(case_name: str, mode: str, world: int, sharded: bool) -> dict[str, int]:
+    """What the analytic volume says one rank sends in the first (guided) step of a case."""
+    case = next(c for c in CASES if c.name == case_name)
+    plan = ParallelPlan(world_size=world, mode=mode, shard_weights=sharded)
+    volume = step_volume(preset(case.task, tiny=True).dit, case.thw, cfg_degree=plan.cfg_degree,
+                         ulysses_degree=plan.ulysses_degree, dtype_bytes=4)  # the tiny models run in float32
+    return {"all_to_all": volume.all_to_all, "all_gather": volume.all_gather, "cfg_combine": volume.cfg_combine}
+
+
 def _check_equivalence(results: dict[int, dict], plans: list[tuple[str, bool]]) -> None:
     expected_keys = {f"{c.name} {m}{' sharded' if s else ''}" for c in CASES for m, s in plans}
     for rank, found in results.items():
         assert set(found) == expected_keys
         for key, figures in found.items():
+            case_name, mode = key.split(" ")[:2]
+            if figures["first_step_bytes"] is not None:  # the meter counts what the analytic volume says
+                sent = {k: v for k, v in figures["first_step_bytes"].items() if k != "weight_gather"}
+                assert sent == _expected_bytes(case_name, mode, len(results), key.endswith("sharded")), (rank, key)
             assert figures["diff"] <= TOLERANCE * max(1.0, figures["scale"]), (rank, key, figures)
             mode, sharded = key.split(" ")[1], key.endswith("sharded")
             if "cfg" in mode and "t2v" not in key.split(" ")[0]:
@@ -105,7 +121,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_cfg_parallel_run_writes_one_report_from_rank_0(models: Path, single_video: bytes,
+def test_cli_cfg_parallel_run_writes_one_report_from_rank_0(models: Path, single_run: Path, single_video: bytes,
                                                             tmp_path: Path) -> None:
     done = _wanbench("run", WORKFLOW, "--out", str(tmp_path), "--models", str(models), *STEPS,
                      "--nproc", "2", "--parallel", "cfg")
@@ -123,6 +139,10 @@ def test_cli_cfg_parallel_run_writes_one_report_from_rank_0(models: Path, single
     assert "## Parallel run: tiny_ti2v_5B_t2v (cfg 2; 2 ranks)" in text and "cfg_combine(s)" in text
     assert {s.name for s in runs[1].stages} >= {"Step_0_Inference", "Step_1_Inference"}
     assert "T5_Encoding" not in {s.name for s in runs[1].stages}  # the text encoder ran on rank 0 only
+    single = load_runs(next(single_run.rglob("*.json")))[0]
+    step = next(s for s in single.stages if s.name == "Step_0_Inference")
+    for run in runs:  # each rank records the half of the step it computed
+        assert next(s for s in run.stages if s.name == "Step_0_Inference").flops == pytest.approx(step.flops / 2)
 
 
 def test_torchrun_runs_the_same_command_and_the_report_merges_for_scaling(

@@ -59,8 +59,7 @@ from .config import (
     step_stages,
 )
 from .placement import OFFLOAD_DEVICE, Placement, make_placement
-from .runtime.cfg_parallel import GuidedPrediction
-from .runtime.distributed import active_parallel, parallel_sampling
+from .runtime.distributed import Denoiser, active_parallel, parallel_sampling
 from .schedulers import FlowScheduler, make_scheduler
 from .trace import event, stage
 
@@ -213,23 +212,23 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     placement = make_placement(experts, opts.placement, device=run.latent.device,
                                num_resident_blocks=opts.num_resident_blocks)
     placement_facts = {"placement": applied, "placement_requested": opts.placement}
-    with _parallel_scope(experts, opts) as guided, placement, torch.no_grad():
-        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, guided)
+    with _parallel_scope(experts, opts) as denoiser, placement, torch.no_grad():
+        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, denoiser)
 
 
-def _parallel_scope(experts: list[nn.Module], opts: SamplerOptions) -> AbstractContextManager[GuidedPrediction]:
+def _parallel_scope(experts: list[nn.Module], opts: SamplerOptions) -> AbstractContextManager[Denoiser]:
     """The guided prediction of this run: the sampler's own, or, inside a parallel run (a rank
     started by `wanbench run --nproc N`), the plan's (`runtime/distributed.py`), which applies
-    itself to the experts until the run ends."""
+    itself to the experts until the run ends and says which share of each step this rank computes."""
     runtime = active_parallel()
     if runtime is None:
-        return contextlib.nullcontext(_guided_prediction)
+        return contextlib.nullcontext(Denoiser(_guided_prediction))
     return parallel_sampling(runtime, experts, placement=opts.placement, single=_guided_prediction)
 
 
 def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run,
           opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str],
-          guided: GuidedPrediction) -> torch.Tensor:
+          denoiser: Denoiser) -> torch.Tensor:
     if run.z is not None:
         mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
         latent = pin_first_frame(run.latent, run.z, mask)
@@ -253,13 +252,14 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         loading, inference = step_stages(i)
         with stage(loading.name, kind=loading.kind, flops=0.0, **facts, **placement_facts):
             model = placement.activate(names.index(name))
-        with stage(inference.name, kind=inference.kind, flops=passes * run.flops_one, **facts):
+        flops = passes * run.flops_one * denoiser.share(cfg_mode)  # this process's share of the step
+        with stage(inference.name, kind=inference.kind, flops=flops, **facts):
             if run.per_token_t:
                 t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
                                           seq_len=run.seq_len)  # (1, seq_len) float32
             else:
                 t_model = t.view(1).to(latent.device)  # (1,) int64
-            pred = guided(model, latent, t_model, run, g, cfg_mode)
+            pred = denoiser.predict(model, latent, t_model, run, g, cfg_mode)
             latent = scheduler.step(pred, latent)
             if run.z is not None:
                 latent = pin_first_frame(latent, run.z, mask)

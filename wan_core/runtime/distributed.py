@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
 import logging
 import os
 import uuid
@@ -44,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import (
+    CFG_OFF,
     CFG_PARALLEL,
     CFG_ULYSSES_PARALLEL,
     COMMUNICATION_EVENT,
@@ -56,13 +58,13 @@ from ..errors import DistributedError
 from ..trace import event
 from .cfg_parallel import GuidedPrediction, cfg_parallel_prediction
 from .comm import CommMeter, collective_failed
-from .sharding import shard_experts
+from .sharding import is_sharded, shard_experts
 from .ulysses import ulysses_layout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TIMEOUT_S", "ParallelPlan", "ParallelRuntime", "active_parallel", "broadcast_object",
-           "gather_to_root", "init_from_environment", "parallel_sampling", "use_parallel"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Denoiser", "ParallelPlan", "ParallelRuntime", "active_parallel",
+           "broadcast_object", "gather_to_root", "init_from_environment", "parallel_sampling", "use_parallel"]
 
 DEFAULT_TIMEOUT_S = 600.0  # a collective waits this long for the other ranks before the run fails
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -323,10 +325,24 @@ def agree(runtime: ParallelRuntime, what: str, value: str) -> None:
 # --------------------------------------------------------------------------------------------
 # sampling under a plan
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Denoiser:
+    """The guided prediction a sampling run uses, and the share of a step's FLOPs this process
+    computes (what its `Step_<i>_Inference` stage records): with guidance, and without (the
+    conditional pass alone, which every rank of a CFG pair runs)."""
+
+    predict: GuidedPrediction
+    flops_share: float = 1.0
+    unguided_flops_share: float = 1.0
+
+    def share(self, cfg_mode: str) -> float:
+        return self.unguided_flops_share if cfg_mode == CFG_OFF else self.flops_share
+
+
 @contextlib.contextmanager
 def parallel_sampling(runtime: ParallelRuntime, experts: Sequence[nn.Module], *, placement: str,
-                      single: GuidedPrediction) -> Iterator[GuidedPrediction]:
-    """Apply the plan to `experts` for one sampling run; yields the guided prediction to use.
+                      single: GuidedPrediction) -> Iterator[Denoiser]:
+    """Apply the plan to `experts` for one sampling run; yields the denoiser to use.
 
     Enter it before the placement: sharded weights come first (FSDP2 moves each rank's shards to
     its device, so placement `none` then moves nothing big); the Ulysses layout is set on every
@@ -337,11 +353,12 @@ def parallel_sampling(runtime: ParallelRuntime, experts: Sequence[nn.Module], *,
     plan = runtime.plan
     for k, expert in enumerate(experts):
         plan.check_heads(expert.config.num_heads, what=f"expert {k}")
+    if plan.shard_weights and placement != "none":
+        raise ValueError(f"--shard-weights keeps each rank's share of the weights on its GPU; placement "
+                         f"{placement!r} moves whole experts or blocks between CPU and GPU and cannot be "
+                         "combined with it. Set the sampler's placement to 'none'")
+    agree(runtime, "DiT weights (the model files)", weights_fingerprint(experts))
     if plan.shard_weights:
-        if placement != "none":
-            raise ValueError(f"--shard-weights keeps each rank's share of the weights on its GPU; placement "
-                             f"{placement!r} moves whole experts or blocks between CPU and GPU and cannot be "
-                             "combined with it. Set the sampler's placement to 'none'")
         shard_experts(experts, world_size=runtime.world_size, device=runtime.device, meter=runtime.meter)
     event(PARALLEL_PLAN_EVENT, **runtime.facts())
     guided = single
@@ -351,7 +368,20 @@ def parallel_sampling(runtime: ParallelRuntime, experts: Sequence[nn.Module], *,
     with ulysses_layout(experts, group=runtime.ulysses_group, degree=plan.ulysses_degree,
                         index=runtime.ulysses_index, meter=runtime.meter):
         runtime.meter.take()  # nothing before the first step counts toward it
-        yield _metered(guided, runtime.meter)
+        yield Denoiser(_metered(guided, runtime.meter), flops_share=1.0 / (plan.cfg_degree * plan.ulysses_degree),
+                       unguided_flops_share=1.0 / plan.ulysses_degree)
+
+
+def weights_fingerprint(experts: Sequence[nn.Module]) -> str:
+    """A short hash of the first values of every weight of the experts (the same files give the same
+    hash on every rank; sharded weights are fingerprinted by their shapes only)."""
+    digest = hashlib.sha256()
+    for model in experts:
+        for name, param in model.named_parameters():
+            digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+            if not is_sharded(model):
+                digest.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _metered(guided: GuidedPrediction, meter: CommMeter) -> GuidedPrediction:
