@@ -7,6 +7,7 @@ Slow (each test starts 2-4 Python processes that import torch): marked `slow`, n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -195,10 +196,13 @@ def test_nodes_started_with_different_workflows_refuse_to_run(models: Path, tmp_
     assert not list(tmp_path.rglob("*.mp4")) and not list(tmp_path.rglob("*.json"))
 
 
-def test_a_rank_killed_mid_run_fails_the_run_cleanly(models: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "says"), [(signal.SIGKILL, "died with signal SIGKILL"),
+                                          (signal.SIGSTOP, "did not answer within the process-group timeout")])
+def test_a_rank_that_dies_or_hangs_mid_run_fails_the_run_cleanly(sig: int, says: str, models: Path,
+                                                                  tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "wanbench", "-v", "run", WORKFLOW, "--out", str(tmp_path),
                              "--models", str(models), "--set", "WanBenchSampler.steps=1000", "--nproc", "2",
-                             "--parallel", "cfg", "--timeout", "30"],
+                             "--parallel", "cfg", "--timeout", "10"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines, pid = [], None
@@ -211,11 +215,15 @@ def test_a_rank_killed_mid_run_fails_the_run_cleanly(models: Path, tmp_path: Pat
             break
     assert pid is not None, "".join(lines[-20:])
     time.sleep(0.3)  # into the loop (1000 steps take several seconds here)
-    killed_at = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=90)
-    assert time.monotonic() - killed_at < 60  # no hang: well within the 30 s timeout plus shutdown
+    signalled_at = time.monotonic()
+    os.kill(pid, sig)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # a stopped rank the launcher could not reap
+    # no hang: the 10 s timeout, then the launcher's 30 s grace before it kills the ranks still there
+    assert time.monotonic() - signalled_at < 90
     assert proc.returncode == 2
-    assert "rank 1" in stderr and "SIGKILL" in stderr, stderr[-3000:]
-    assert not list(tmp_path.rglob("*.mp4")) and not list(tmp_path.rglob("*.json"))  # nothing written
-    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".safetensors",)]
+    assert says in stderr, stderr[-3000:]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written, not even in part
