@@ -104,6 +104,8 @@ def _prepare_models(args: argparse.Namespace) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from .launch import launched_by_torchrun
 
+    if args.nproc < 1 or args.nnodes < 1:
+        raise ValueError(f"--nproc and --nnodes must be >= 1; got {args.nproc} and {args.nnodes}")
     if launched_by_torchrun() or args.nproc > 1 or args.nnodes > 1:
         return _run_parallel(args)
     if args.parallel is not None or args.shard_weights:
@@ -127,6 +129,9 @@ def _run_parallel(args: argparse.Namespace) -> int:
 
     if args.server:
         raise ValueError("--nproc runs the workflow in this machine's processes; it cannot be combined with --server")
+    if launched_by_torchrun() and args.make_tiny_models:
+        raise ValueError("--make-tiny-models under torchrun would have every rank write the same files; make "
+                         "them first with `wanbench make-tiny-models DIR` and pass --models DIR")
     job = RankJob(
         workflow=_find_workflow(args.workflow).resolve(),
         out_dir=Path(args.out).resolve(),

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .wan_core.config import NO_PARALLEL, ULYSSES_PARALLEL
+from .wan_core.config import ULYSSES_PARALLEL
 from .wan_core.errors import DistributedError
-from .wan_core.runtime.distributed import init_from_environment, launched_by_torchrun, shutdown
+from .wan_core.runtime.distributed import ParallelPlan, init_from_environment, launched_by_torchrun, shutdown
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class RankJob:
     shard_weights: bool = False
     timeout_s: float = 600.0
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ValueError(f"--timeout must be > 0 seconds (e.g. 600); got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -102,14 +106,13 @@ def _rank_logging(verbose: bool) -> None:
 
 def launch_run(job: RankJob, options: LaunchOptions) -> dict[str, list[str]] | None:
     """Start the ranks of this machine and wait for them; the files rank 0 wrote, or None when rank 0
-    ran on another machine (its launcher lists them)."""
+    ran on another machine (its launcher lists them). The plan is checked against the world size
+    before anything starts."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if job.parallel == NO_PARALLEL and not job.shard_weights and options.nproc * options.nnodes > 1:
-        raise ValueError("--parallel none on several ranks would compute every step on each of them; choose "
-                         "--parallel cfg, ulysses or cfg+ulysses, or add --shard-weights")
+    ParallelPlan(world_size=options.nproc * options.nnodes, mode=job.parallel, shard_weights=job.shard_weights)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc)))
     config = LaunchConfig(
         min_nodes=options.nnodes, max_nodes=options.nnodes, nproc_per_node=options.nproc,

@@ -288,3 +288,14 @@ def test_parallel_runs_cannot_go_to_a_server(tmp_path: Path, caplog) -> None:
 def test_several_machines_need_an_endpoint_and_a_run_id() -> None:
     with pytest.raises(ValueError, match="--rdzv-endpoint HOST:PORT .* --rdzv-id"):
         LaunchOptions(nproc=1, nnodes=2)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--nproc", "0"], "--nproc and --nnodes must be >= 1"),
+    (["--nproc", "3", "--parallel", "cfg"], "exactly 2 ranks"),
+    (["--nproc", "2", "--parallel", "none"], "would all compute the same step"),
+    (["--nproc", "2", "--timeout", "0"], "--timeout must be > 0"),
+])
+def test_bad_parallel_options_fail_before_any_process_starts(args, message, tmp_path: Path, caplog) -> None:
+    assert main(["run", "tiny_ti2v_5B_t2v.api.json", "--out", str(tmp_path), "--models", str(tmp_path), *args]) == 2
+    assert message in caplog.text
