@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from wanbench.wan_core.config import COMM_KINDS, COMMUNICATION_EVENT, GuideScale, preset
 from wanbench.wan_core.dit import WanDiT
-from wanbench.wan_core.runtime.distributed import init_from_environment, use_parallel
+from wanbench.wan_core.errors import DistributedError
+from wanbench.wan_core.runtime.distributed import agree, init_from_environment, use_parallel
 from wanbench.wan_core.runtime.sharding import is_sharded
 from wanbench.wan_core.sampler import SamplerOptions, make_noise, sample, select_expert
 from wanbench.wan_core.schedulers import make_scheduler
@@ -113,4 +114,22 @@ def equivalence_worker(plans: list[tuple[str, bool]]) -> dict[str, dict[str, Any
                 "diff": float((out - reference).abs().max()), "scale": float(reference.abs().max()),
                 "kinds": sorted(counter.kinds), "local_fraction": _local_fraction(experts),
                 "first_step_bytes": counter.first_step_bytes}
+    return found
+
+
+def disagreement_worker() -> dict[str, str]:
+    """Ranks that ask for different plans, then hold different values: the errors each rank gets."""
+    import os
+
+    rank = int(os.environ["RANK"])
+    found: dict[str, str] = {}
+    try:
+        init_from_environment("cfg" if rank == 0 else "ulysses", timeout_s=60)
+    except DistributedError as err:
+        found["plan"] = str(err)
+    runtime = init_from_environment("cfg", timeout_s=60)
+    try:
+        agree(runtime, "model files", f"file-{rank}")
+    except DistributedError as err:
+        found["value"] = str(err)
     return found

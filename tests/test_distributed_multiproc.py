@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from distributed_cases import CASES, equivalence_worker, experts_used
+from distributed_cases import CASES, disagreement_worker, equivalence_worker, experts_used
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from wanbench.cli import main
 from wanbench.profiling import check_report, load_runs
@@ -35,11 +35,11 @@ STEPS = ["--set", "WanBenchSampler.steps=2"]
 RUN_TIMEOUT_S = 240
 
 
-def _launch(nproc: int, plans: list[tuple[str, bool]]) -> dict[int, dict]:
+def _launch(nproc: int, worker, *args) -> dict[int, dict]:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                           monitor_interval=0.1, start_method="spawn")
-    return elastic_launch(config, equivalence_worker)(plans)
+    return elastic_launch(config, worker)(*args)
 
 
 def _expected_bytes(case_name: str, mode: str, world: int, sharded: bool) -> dict[str, int]:
@@ -80,12 +80,19 @@ def test_the_tiny_cases_use_both_experts_and_guidance_off() -> None:
 
 def test_two_ranks_cfg_ulysses_and_sharded_weights_match_one_process() -> None:
     plans = [("cfg", False), ("ulysses", False), ("none", True), ("cfg", True)]
-    _check_equivalence(_launch(2, plans), plans)
+    _check_equivalence(_launch(2, equivalence_worker, plans), plans)
+
+
+def test_ranks_that_ask_for_different_plans_or_hold_different_values_stop_with_an_error() -> None:
+    for rank, found in _launch(2, disagreement_worker).items():
+        assert "disagree on the parallel plan (--parallel, --shard-weights): rank 0 has 'cfg/False', ranks [1] " \
+               "have ['ulysses/False']" in found["plan"], rank
+        assert "disagree on the model files: rank 0 has 'file-0', ranks [1] have ['file-1']" in found["value"], rank
 
 
 def test_four_ranks_ulysses_cfg_ulysses_and_sharded_match_one_process() -> None:
     plans = [("ulysses", False), ("cfg+ulysses", False), ("cfg+ulysses", True)]
-    _check_equivalence(_launch(4, plans), plans)
+    _check_equivalence(_launch(4, equivalence_worker, plans), plans)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -208,12 +208,13 @@ def init_from_environment(mode: str, *, shard_weights: bool = False,
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    _agree(control, plan.world_size, "parallel plan (--parallel, --shard-weights)",
+           f"{plan.mode}/{plan.shard_weights}")  # before the subgroups, which depend on it
     cfg_group, ulysses_group = _subgroups(plan, rank, timeout)
     run_group = _broadcast_value(uuid.uuid4().hex[:12], control)
     runtime = ParallelRuntime(plan=plan, rank=rank, device=device, backend=backend, timeout_s=timeout_s,
                               run_group=run_group, cfg_group=cfg_group, ulysses_group=ulysses_group,
                               control_group=control, meter=CommMeter(device))
-    agree(runtime, "parallel plan (--parallel, --shard-weights)", f"{plan.mode}/{plan.shard_weights}")
     log.info("rank %d of %d joined as pid %d (%s, %s on %s)", rank, plan.world_size, os.getpid(), plan.describe(),
              backend, device)
     return runtime
@@ -310,11 +311,15 @@ def gather_to_root(value: Any) -> list[Any] | None:
 
 def agree(runtime: ParallelRuntime, what: str, value: str) -> None:
     """Fail the run, naming the ranks, unless every rank holds the same `value` for `what`."""
-    values: list[Any] = [None] * runtime.world_size
+    _agree(runtime.control_group, runtime.world_size, what, value)
+
+
+def _agree(group: dist.ProcessGroup, world_size: int, what: str, value: str) -> None:
+    values: list[Any] = [None] * world_size
     try:
-        dist.all_gather_object(values, value, group=runtime.control_group)
+        dist.all_gather_object(values, value, group=group)
     except RuntimeError as err:
-        raise collective_failed(f"comparing the {what}", runtime.control_group, err) from err
+        raise collective_failed(f"comparing the {what}", group, err) from err
     differing = [r for r, v in enumerate(values) if v != values[0]]
     if differing:
         raise DistributedError(f"the ranks of this run disagree on the {what}: rank 0 has {values[0]!r}, "
