@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..config import COMM_WEIGHTS
 from .comm import CommMeter
@@ -41,12 +39,18 @@ __all__ = ["is_sharded", "shard_experts"]
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 sharded `model` (its class became an FSDP subclass)."""
+    from torch.distributed.fsdp import FSDPModule  # FSDP takes ~1.5 s to import: only in parallel runs
+
     return isinstance(model, FSDPModule)
 
 
 def shard_experts(experts: Sequence[nn.Module], *, world_size: int, device: torch.device,
                   meter: CommMeter) -> None:
     """Shard every block (then the rest) of each expert not sharded yet; collective on all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     models = [m for m in {id(m): m for m in experts}.values() if not is_sharded(m)]
     if not models:
         return
@@ -104,6 +108,6 @@ def _owned_by(module: nn.Module, name: str) -> bool:
     owner: nn.Module = module
     for part in name.split(".")[:-1]:
         owner = getattr(owner, part)
-        if isinstance(owner, FSDPModule):
+        if is_sharded(owner):
             return False
     return True
