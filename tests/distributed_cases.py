@@ -35,12 +35,13 @@ class Case:
     shift: float = 1.0  # with 2 steps: t = 999 (high-noise expert) then 499 (low-noise expert)
 
 
-# Token counts 18, 12, 15 and 12: a 4-way split pads 18 and 15 (masked padding), the others divide.
+# Token counts 18, 3, 15 and 18. 2-way splits: 18 divides, 3 and 15 pad one row (masked as keys).
+# 4-way splits: every case pads; with 3 tokens the fourth rank holds only padding.
 CASES = (
     Case(name="t2v-A14B", task="t2v-A14B", thw=(2, 6, 6), guide=GuideScale(high=4.0, low=1.0)),
-    Case(name="i2v-A14B", task="i2v-A14B", thw=(3, 4, 4), guide=GuideScale.same(3.5)),
+    Case(name="i2v-A14B", task="i2v-A14B", thw=(1, 2, 6), guide=GuideScale.same(3.5)),
     Case(name="ti2v-5B-text", task="ti2v-5B", thw=(3, 2, 10), guide=GuideScale.same(5.0)),
-    Case(name="ti2v-5B-image", task="ti2v-5B", thw=(3, 4, 4), guide=GuideScale.same(5.0), image=True),
+    Case(name="ti2v-5B-image", task="ti2v-5B", thw=(3, 4, 6), guide=GuideScale.same(5.0), image=True),
 )
 
 
