@@ -67,7 +67,6 @@ class LaunchOptions:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
     start_method: str = "spawn"
-    log_dir: Path | None = None  # per-rank stdout/stderr files (None: the launcher's temporary folder)
 
     def __post_init__(self) -> None:
         if self.nproc < 1 or self.nnodes < 1:
@@ -107,8 +106,7 @@ def _rank_logging(verbose: bool) -> None:
 def launch_run(job: RankJob, options: LaunchOptions) -> dict[str, list[str]] | None:
     """Start the ranks of this machine and wait for them; the files rank 0 wrote, or None when rank 0
     ran on another machine (its launcher lists them). The plan is checked against the world size
-    before anything starts."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    before anything starts; OMP_NUM_THREADS, when unset, becomes this machine's cores / nproc."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -119,7 +117,6 @@ def launch_run(job: RankJob, options: LaunchOptions) -> dict[str, list[str]] | N
         run_id=options.rdzv_id or uuid.uuid4().hex, rdzv_backend="c10d",
         rdzv_endpoint=options.rdzv_endpoint or LOCAL_ENDPOINT, rdzv_timeout=int(job.timeout_s),
         max_restarts=0, monitor_interval=0.1, start_method=options.start_method,
-        logs_specs=DefaultLogsSpecs(log_dir=None if options.log_dir is None else str(options.log_dir)),
     )
     if not job.verbose:  # the one-line error below says it all; -v keeps the launcher's own traceback log
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
