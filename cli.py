@@ -149,7 +149,11 @@ def _run_parallel(args: argparse.Namespace) -> int:
         files = run_rank(job)
     else:
         options = LaunchOptions(
-            nproc=args.nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id
+            nproc=args.nproc,
+            nnodes=args.nnodes,
+            rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_id=args.rdzv_id,
+            local_addr=args.local_addr,
         )
         files = launch_run(job, options)
         if files is None:
@@ -319,6 +323,7 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nnodes", type=int, default=1, help="machines taking part (each runs the same command)")
     g.add_argument("--rdzv-endpoint", help="HOST:PORT where the machines meet (c10d rendezvous); with --nnodes > 1")
     g.add_argument("--rdzv-id", help="the same run name on every machine; with --nnodes > 1")
+    g.add_argument("--local-addr", help="this machine's address as the other machines reach it (default: host name)")
     g.add_argument(
         "--timeout",
         type=float,

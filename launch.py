@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class LaunchOptions:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
     start_method: str = "spawn"
+    local_addr: str | None = None  # this machine's address as the others reach it (default: its host name)
 
     def __post_init__(self) -> None:
         if self.nproc < 1 or self.nnodes < 1:
@@ -83,6 +85,7 @@ def run_rank(job: RankJob) -> dict[str, list[str]]:
     from .runner import apply_overrides, load_api_workflow, output_files
 
     _rank_logging(job.verbose)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the launcher stops ranks with SIGTERM: unwind cleanly
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit():
         import torch
@@ -95,6 +98,12 @@ def run_rank(job: RankJob) -> dict[str, list[str]]:
         return output_files(result) if runtime.is_root else {"videos": [], "reports": []}
     finally:
         shutdown(runtime)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (the launcher stopping the ranks after a failure) as an exception, so that every
+    `finally` runs: a file being written is removed, never left half-written."""
+    raise SystemExit(f"rank {os.environ.get('RANK', '?')} stopped by the launcher (another rank failed)")
 
 
 def _rank_logging(verbose: bool) -> None:
@@ -115,8 +124,8 @@ def launch_run(job: RankJob, options: LaunchOptions) -> dict[str, list[str]] | N
     config = LaunchConfig(
         min_nodes=options.nnodes, max_nodes=options.nnodes, nproc_per_node=options.nproc,
         run_id=options.rdzv_id or uuid.uuid4().hex, rdzv_backend="c10d",
-        rdzv_endpoint=options.rdzv_endpoint or LOCAL_ENDPOINT, rdzv_timeout=int(job.timeout_s),
-        max_restarts=0, monitor_interval=0.1, start_method=options.start_method,
+        rdzv_endpoint=options.rdzv_endpoint or LOCAL_ENDPOINT, rdzv_configs={"join_timeout": job.timeout_s},
+        max_restarts=0, monitor_interval=0.1, start_method=options.start_method, local_addr=options.local_addr,
     )
     if not job.verbose:  # the one-line error below says it all; -v keeps the launcher's own traceback log
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
