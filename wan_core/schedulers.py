@@ -114,12 +114,14 @@ def make_schedule(solver: str, steps: int, shift: float, *, num_train_timesteps:
                          "timesteps or sigmas, list the lower noise levels you want (or use start_step)")
     if sigmas is not None:
         values = _explicit_values("sigmas", sigmas, steps + 1, upper=1.0, allow_zero_last=True)
-        return _schedule(solver, shift, torch.tensor(values, dtype=torch.float32), num_train_timesteps)
+        return _schedule(solver, shift, values, num_train_timesteps)
     if timesteps is not None:
         values = _explicit_values("timesteps", timesteps, steps, upper=float(num_train_timesteps))
-        unshifted = torch.tensor(values, dtype=torch.float32) / num_train_timesteps
-        shifted = _shift_float32(unshifted, float(shift))
-        return _schedule(solver, shift, torch.cat([shifted, shifted.new_zeros(1)]), num_train_timesteps)
+        if solver in FLOAT_TIMESTEP_SOLVERS:  # float32 arithmetic, as LightX2V's step-distill scheduler
+            shifted = _shift_float32(torch.tensor(values, dtype=torch.float32) / num_train_timesteps, float(shift))
+            return _schedule(solver, shift, torch.cat([shifted, shifted.new_zeros(1)]), num_train_timesteps)
+        shifted64 = [shift_sigma(v / num_train_timesteps, float(shift)) for v in values]
+        return _schedule(solver, shift, [*shifted64, 0.0], num_train_timesteps)
     if denoise <= FULL_DENOISE:
         full = make_schedule(solver, int(steps / denoise), shift, num_train_timesteps=num_train_timesteps)
         return FlowSchedule(solver=solver, shift=float(shift), timesteps=full.timesteps[-steps:],
@@ -152,15 +154,22 @@ def _shift_float32(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def _schedule(solver: str, shift: float, sigmas: torch.Tensor, num_train_timesteps: int) -> FlowSchedule:
-    """A schedule from its float32 sigmas (N + 1 values); model timesteps by the solver's rule."""
-    _check_decreasing(sigmas, "the sigmas", "give strictly decreasing values")
-    scaled = sigmas[:-1] * num_train_timesteps  # float32
+def _schedule(solver: str, shift: float, sigmas: torch.Tensor | Sequence[float],
+              num_train_timesteps: int) -> FlowSchedule:
+    """A schedule from its N + 1 sigmas: float32 values, or Python floats (float64) cast to float32.
+
+    Model timesteps by the solver's rule: float32 sigma * 1000, or trunc(sigma * 1000) as int64
+    computed from the float64 values when given (the official rule: 0.7 gives 700, not 699).
+    """
+    sigmas32 = sigmas if isinstance(sigmas, torch.Tensor) else torch.tensor(list(sigmas), dtype=torch.float32)
+    _check_decreasing(sigmas32, "the sigmas", "give strictly decreasing values")
     if solver in FLOAT_TIMESTEP_SOLVERS:
-        model_t = scaled
+        model_t = sigmas32[:-1] * num_train_timesteps  # float32
+    elif isinstance(sigmas, torch.Tensor):
+        model_t = (sigmas32[:-1].double() * num_train_timesteps).to(torch.int64)
     else:
-        model_t = (sigmas[:-1].double() * num_train_timesteps).to(torch.int64)  # trunc, as the official code
-    return FlowSchedule(solver=solver, shift=float(shift), timesteps=model_t, sigmas=sigmas)
+        model_t = torch.tensor([int(s * num_train_timesteps) for s in list(sigmas)[:-1]], dtype=torch.int64)
+    return FlowSchedule(solver=solver, shift=float(shift), timesteps=model_t, sigmas=sigmas32)
 
 
 def _check_decreasing(sigmas: torch.Tensor, what: str, fix: str) -> None:
