@@ -127,6 +127,12 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> No
 T2V_FILES = [name for name, spec in LORA_FILES.items() if spec.task is T2V_A14B]
 
 
+def layout_lora(tmp_path: Path, layout: str, seed: int, name: str = "lora.safetensors") -> Path:
+    """The tiny-model tool's LoRA of `layout` ("kohya", "comfy_peft", "diffusers", "peft", "bare")."""
+    return write_tiny_lora(tmp_path / name, TINY_LAYOUT_LORAS[f"wanbench_tiny_t2v_lora_{layout}.safetensors"],
+                           seed=seed)
+
+
 @pytest.mark.parametrize("name", T2V_FILES)
 def test_patched_output_equals_hand_merged_checkpoint(tmp_path: Path, name: str) -> None:
     spec = LORA_FILES[name]
@@ -156,19 +162,19 @@ def test_every_layout_and_dtype_is_covered() -> None:
 
 
 def test_distill_lora_reports_its_parts(tmp_path: Path) -> None:
-    file = write_tiny_lora(tmp_path / "d.safetensors", DISTILL_LORAS["wanbench_tiny_t2v_4steps_lora_high_noise.safetensors"],
-                           seed=2)
+    spec = DISTILL_LORAS["wanbench_tiny_t2v_4steps_lora_high_noise.safetensors"]
+    file = write_tiny_lora(tmp_path / "d.safetensors", spec, seed=2)
     model = tiny_dit()
     lora = load_expert_lora(file, [model], [1.0])
     assert lora.lora.kinds == ("lora_up/lora_down", "diff", "diff_b", "diff_m")
     assert "blocks.0.modulation" in lora.lora.targets and "head.modulation" in lora.lora.targets
     text = lora.describe(["model"])
-    assert text.startswith("d.safetensors (model 1; comfy:") and f"{lora.lora.num_keys} of {lora.lora.num_keys} keys" in text
+    assert text.startswith("d.safetensors (model 1; comfy:")
+    assert f"{lora.lora.num_keys} of {lora.lora.num_keys} keys" in text
 
 
 def test_strength_zero_is_bit_identical_and_patches_nothing(tmp_path: Path) -> None:
-    file = write_tiny_lora(tmp_path / "k.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_kohya.safetensors"],
-                           seed=5)
+    file = layout_lora(tmp_path, "kohya", 5, "k.safetensors")
     model = tiny_dit()
     base = forward(model)
     with LoraPatches([model], [load_expert_lora(file, [model], [0.0])]) as patches:
@@ -177,8 +183,7 @@ def test_strength_zero_is_bit_identical_and_patches_nothing(tmp_path: Path) -> N
 
 
 def test_apply_change_remove_returns_exact_base_weights(tmp_path: Path) -> None:
-    file = write_tiny_lora(tmp_path / "c.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_bare.safetensors"],
-                           seed=6)
+    file = layout_lora(tmp_path, "bare", 6, "c.safetensors")
     model = tiny_dit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     storages = {k: v.data_ptr() for k, v in model.state_dict().items()}
@@ -194,8 +199,8 @@ def test_apply_change_remove_returns_exact_base_weights(tmp_path: Path) -> None:
 
 
 def test_two_chained_loras_equal_their_sum_in_any_order(tmp_path: Path) -> None:
-    a = write_tiny_lora(tmp_path / "a.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_kohya.safetensors"], seed=7)
-    b = write_tiny_lora(tmp_path / "b.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_peft.safetensors"], seed=8)
+    a = layout_lora(tmp_path, "kohya", 7, "a.safetensors")
+    b = layout_lora(tmp_path, "peft", 8, "b.safetensors")
     model = tiny_dit()
     sd_a, _ = hand_merge(model, a, "kohya", 0.8)
     partial = merged_model(model, sd_a)
@@ -211,8 +216,7 @@ def test_two_chained_loras_equal_their_sum_in_any_order(tmp_path: Path) -> None:
 
 
 def test_fp8_storage_then_lora_adds_the_delta_to_the_dequantised_weights(tmp_path: Path) -> None:
-    file = write_tiny_lora(tmp_path / "f.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_comfy_peft.safetensors"],
-                           seed=9)
+    file = layout_lora(tmp_path, "comfy_peft", 9, "f.safetensors")
     model = tiny_dit()
     lora = load_expert_lora(file, [model], [1.0])
     storage = store_fp8(model)
@@ -235,8 +239,7 @@ def test_fp8_storage_then_lora_adds_the_delta_to_the_dequantised_weights(tmp_pat
 @pytest.mark.parametrize("with_fp8", [False, True], ids=["bf32", "fp8"])
 def test_block_streaming_composes_with_lora(tmp_path: Path, with_fp8: bool) -> None:
     """The `blocks` placement hooks (run on the CPU here: same swaps, no copies) + fp8 + LoRA."""
-    file = write_tiny_lora(tmp_path / "s.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_kohya.safetensors"],
-                           seed=10)
+    file = layout_lora(tmp_path, "kohya", 10, "s.safetensors")
     model = tiny_dit()
     storage = store_fp8(model) if with_fp8 else None
     lora = load_expert_lora(file, [model], [1.0])
@@ -262,24 +265,23 @@ def _experts_and_options(steps: int = 3):
 
 
 def test_sampler_applies_per_expert_strengths_only_during_the_run(tmp_path: Path) -> None:
-    file = write_tiny_lora(tmp_path / "x.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_diffusers.safetensors"],
-                           seed=12)
+    file = layout_lora(tmp_path, "diffusers", 12, "x.safetensors")
     experts, opts, ctx, null = _experts_and_options()
     before = [{k: v.clone() for k, v in e.state_dict().items()} for e in experts]
     lora = load_expert_lora(file, experts, [1.0, 0.25])
     got = sample(experts, T2V, opts, context=ctx, context_null=null, latent_shape=LATENT, loras=[lora])
-    merged = [merged_model(e, hand_merge(e, file, "diffusers", s)[0]) for e, s in zip(experts, (1.0, 0.25))]
+    strengths = (1.0, 0.25)
+    merged = [merged_model(e, hand_merge(e, file, "diffusers", s)[0]) for e, s in zip(experts, strengths, strict=True)]
     want = sample(merged, T2V, opts, context=ctx, context_null=null, latent_shape=LATENT)
     assert_close(got, want, rel=1e-4)
     plain = sample(experts, T2V, opts, context=ctx, context_null=null, latent_shape=LATENT)
     assert not torch.allclose(plain, got, atol=1e-3)
-    for e, sd in zip(experts, before):
+    for e, sd in zip(experts, before, strict=True):
         assert all(torch.equal(v, e.state_dict()[k]) for k, v in sd.items())
 
 
 def test_interrupted_run_leaves_base_weights_and_no_hooks(tmp_path: Path) -> None:
-    file = write_tiny_lora(tmp_path / "i.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_kohya.safetensors"],
-                           seed=13)
+    file = layout_lora(tmp_path, "kohya", 13, "i.safetensors")
     experts, opts, ctx, null = _experts_and_options()
     before = [{k: v.clone() for k, v in e.state_dict().items()} for e in experts]
     lora = load_expert_lora(file, experts, [1.0, 1.0])
@@ -288,14 +290,15 @@ def test_interrupted_run_leaves_base_weights_and_no_hooks(tmp_path: Path) -> Non
         raise SamplingInterrupted("stop")
 
     with pytest.raises(SamplingInterrupted):
-        sample(experts, T2V, opts, context=ctx, context_null=null, latent_shape=LATENT, loras=[lora], callback=stop)
-    for e, sd in zip(experts, before):
+        sample(experts, T2V, opts, context=ctx, context_null=null, latent_shape=LATENT, loras=[lora],
+               callback=stop)
+    for e, sd in zip(experts, before, strict=True):
         assert all(torch.equal(v, e.state_dict()[k]) for k, v in sd.items())
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in e.modules())
 
 
 def test_same_model_for_both_experts_needs_equal_strengths(tmp_path: Path) -> None:
-    file = write_tiny_lora(tmp_path / "m.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_bare.safetensors"], seed=1)
+    file = layout_lora(tmp_path, "bare", 1, "m.safetensors")
     model = tiny_dit()
     with pytest.raises(ValueError, match="same model"):
         LoraPatches([model, model], [load_expert_lora(file, [model, model], [1.0, 0.5])])
@@ -350,7 +353,8 @@ def test_unmatched_keys_are_counted_listed_and_refused_below_90_percent(tmp_path
     assert lora.num_matched == 32 and lora.unmatched == (extra,)
     assert "32 of 33 keys" in lora.summary()
     few = {**_pair("blocks.0.self_attn.q"), **_pair("blocks.1.self_attn.k"),
-           **{f"lora_te_text_model_encoder_layers_{i}_mlp_fc1.lora_up.weight": torch.randn(8, 2) for i in range(3)}}
+           **{f"lora_te_text_model_encoder_layers_{i}_mlp_fc1.lora_up.weight": torch.randn(8, 2)
+              for i in range(3)}}
     with pytest.raises(CheckpointError) as e:
         read_lora(_write(tmp_path, few, "few.safetensors"), _shapes(tiny_dit()))
     text = str(e.value)
@@ -414,7 +418,7 @@ def test_wan_fun_double_underscore_and_kohya_alpha_zero(tmp_path: Path) -> None:
 
 
 def test_expert_lora_with_wrong_strength_count_is_refused(tmp_path: Path) -> None:
-    file = write_tiny_lora(tmp_path / "w.safetensors", TINY_LAYOUT_LORAS["wanbench_tiny_t2v_lora_bare.safetensors"], seed=1)
+    file = layout_lora(tmp_path, "bare", 1, "w.safetensors")
     model = tiny_dit()
     with pytest.raises(ValueError, match="one strength per expert"):
         load_expert_lora(file, [model, model], [1.0])
@@ -423,3 +427,20 @@ def test_expert_lora_with_wrong_strength_count_is_refused(tmp_path: Path) -> Non
     lora = load_expert_lora(file, [model], [1.0])
     with pytest.raises(ValueError, match="strengths"):
         LoraPatches([model, tiny_dit(1)], [ExpertLora(lora=lora.lora, strengths=(1.0,))])
+
+
+def test_lora_on_compiled_blocks_is_refused(tmp_path: Path) -> None:
+    """torch.compile traces the hooks into the block graph, which then outlives them; refused."""
+    from wanbench.wan_core.compile import CompileConfig, apply_compile
+
+    file = layout_lora(tmp_path, "kohya", 14)
+    model = tiny_dit()
+    lora = load_expert_lora(file, [model], [1.0])
+    regions = apply_compile(model, CompileConfig(backend="eager"))  # lazy: nothing is compiled here
+    try:
+        with pytest.raises(ValueError, match="cannot be applied to a compiled WanBlock"):
+            LoraPatches([model], [lora]).open()
+    finally:
+        regions.remove()
+    with LoraPatches([model], [lora]) as patches:
+        assert patches.num_patched > 0

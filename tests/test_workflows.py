@@ -249,7 +249,8 @@ def test_four_step_lora_workflows_follow_comfyui_templates(task: str, lora_high:
     assert (sampler["solver"], sampler["steps"], sampler["shift"], sampler["guidance_high"], sampler["guidance_low"],
             sampler["boundary"]) == ("euler_distill", 4, 5.0, 1.0, 1.0, boundary)
     assert api[sampler["model"][0]]["class_type"] == "WanBenchLora"
-    (latent,) = [n["inputs"] for n in api.values() if n["class_type"] in ("WanBenchEmptyLatent", "WanBenchImageToVideo")]
+    latent_types = ("WanBenchEmptyLatent", "WanBenchImageToVideo")
+    (latent,) = [n["inputs"] for n in api.values() if n["class_type"] in latent_types]
     assert (latent["width"], latent["height"], latent["length"]) == (640, 640, 81)
     ui = _load(WORKFLOWS / f"wan22_{task}_A14B_4steps_lora.json")
     urls = {m["name"]: (m["directory"], m["url"]) for n in ui["nodes"] for m in n["properties"].get("models", [])}

@@ -86,8 +86,8 @@ FULL_LORAS = {
             "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors"),
 }
 TINY_LORAS = {
-    "t2v": ("wanbench_tiny_t2v_4steps_lora_high_noise.safetensors", "wanbench_tiny_t2v_4steps_lora_low_noise.safetensors"),
-    "i2v": ("wanbench_tiny_i2v_4steps_lora_high_noise.safetensors", "wanbench_tiny_i2v_4steps_lora_low_noise.safetensors"),
+    task: tuple(f"wanbench_tiny_{task}_4steps_lora_{expert}_noise.safetensors" for expert in ("high", "low"))
+    for task in ("t2v", "i2v")
 }
 FOUR_STEP_GEOMETRY = (640, 640, 81)  # the templates' 4-step path: 640x640, 81 frames
 # Where ComfyUI's templates download each file (node `properties.models`, shown by the frontend).

@@ -5,8 +5,10 @@ Layouts (`config.LORA_LAYOUTS`, told from each key's prefix):
 
 | layout | example key | made by |
 | --- | --- | --- |
-| kohya | `lora_unet_blocks_0_self_attn_q.lora_down.weight` (+ `.alpha`) | musubi-tuner, kohya; `lora_unet__` (Wan-Fun), `lora_transformer_`, `lycoris_` |
-| comfy | `diffusion_model.blocks.0.self_attn.q.lora_up.weight` | ComfyUI, Wan2.2-Lightning, LightX2V, ai-toolkit, diffusion-pipe |
+| kohya | `lora_unet_blocks_0_self_attn_q.lora_down.weight` (+ `.alpha`) | musubi-tuner, kohya (also |
+|       | `lora_unet__...` (Wan-Fun), `lora_transformer_...`, `lycoris_...`) | |
+| comfy | `diffusion_model.blocks.0.self_attn.q.lora_up.weight` | ComfyUI, Wan2.2-Lightning, LightX2V, |
+|       | | ai-toolkit, diffusion-pipe |
 | diffusers | `transformer.blocks.0.attn1.to_q.lora_A.weight` | diffusers `save_lora_weights` |
 | peft | `base_model.model.blocks.0.self_attn.q.lora_A.weight` | PEFT `get_peft_model_state_dict` |
 | bare | `blocks.0.self_attn.q.lora_down.weight` | early Lightning files, LightX2V internals |

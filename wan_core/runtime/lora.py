@@ -133,6 +133,13 @@ class LoraPatches:
                                              f"cannot have different strengths on them ({item.strengths})")
 
     def open(self) -> None:
+        try:
+            self._open()
+        except BaseException:
+            self.close()  # no hook of a half-done open stays behind
+            raise
+
+    def _open(self) -> None:
         done: set[int] = set()
         for index, model in enumerate(self.experts):
             if id(model) in done:
@@ -140,6 +147,7 @@ class LoraPatches:
             done.add(id(model))
             by_owner = self._entries_by_owner(model, index)
             for owner, entries in by_owner.values():
+                _refuse_compiled(owner)
                 self._entries.extend(entries)
                 pre, post = self._hooks_for(entries, index)
                 self._hooks.append(owner.register_forward_pre_hook(pre))
@@ -222,6 +230,15 @@ class LoraPatches:
         if copy is None or copy.device != device:
             copy = cache[id(tensor)] = tensor.to(device=device, dtype=torch.float32)
         return copy
+
+
+def _refuse_compiled(module: nn.Module) -> None:
+    """`nn.Module.compile` traces a module's hooks into its graph, and the graph outlives the hooks:
+    after the patches are removed it would keep computing with them. Refused until supported."""
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        raise ValueError(f"LoRA patches cannot be applied to a compiled {type(module).__name__} (torch.compile "
+                         "keeps the patched weights in its graph after the LoRA is removed); run the LoRA "
+                         "without compile, or remove the compiled regions first (CompiledRegions.remove())")
 
 
 def _owner(model: nn.Module, name: str) -> nn.Module:
