@@ -444,3 +444,37 @@ def test_lora_on_compiled_blocks_is_refused(tmp_path: Path) -> None:
         regions.remove()
     with LoraPatches([model], [lora]) as patches:
         assert patches.num_patched > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_weights_get_the_merged_value_to_one_rounding(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Half-precision weights: the update is summed in float32 and added with one rounding, so the
+    patched weight is the exactly merged value (float64 here) rounded to the nearest bf16/fp16."""
+    file = layout_lora(tmp_path, "comfy_peft", 15)
+    model = tiny_dit().to(dtype)
+    lora = load_expert_lora(file, [model], [0.6])
+    want, _ = hand_merge(model, file, "comfy", 0.6)  # float64 sums of the half weights, then cast
+    seen: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def grab(module, args):
+        for p in module.parameters():
+            seen[names[id(p)]] = p.data.clone()
+
+    with LoraPatches([model], [lora]):
+        hooks = [model.blocks[0].register_forward_pre_hook(grab), model.head.register_forward_pre_hook(grab)]
+        got = forward(model)
+        for h in hooks:
+            h.remove()
+    base = {k: v.double() for k, v in model.state_dict().items()}
+    exact, _ = hand_merge(model.double(), file, "comfy", 0.6)
+    model.to(dtype)
+    assert set(seen) >= {"blocks.0.self_attn.q.weight", "blocks.0.modulation", "head.head.weight"}
+    for name, value in seen.items():
+        assert value.dtype == dtype
+        # one rounding to nearest: at most half a step of the dtype at the merged value
+        bound = torch.finfo(dtype).eps * exact[name].abs() / 2 * (1 + 1e-3) + torch.finfo(dtype).tiny
+        assert ((value.double() - exact[name]).abs() <= bound).all(), name
+        assert not torch.equal(value.double(), base[name]), name
+    ref = forward(merged_model(model, want).to(dtype))
+    assert_close(got.float(), ref.float(), rel=5e-2)

@@ -2,20 +2,24 @@
 
 The base weights are never modified. `LoraPatches(experts, loras)` (a context manager; the sampler
 opens it around the denoising loop) registers, on each module that owns patched parameters, a
-forward pre-hook that computes, in float32,
+forward pre-hook that computes
 
     W' = W + sum_i strength_i * (scale_i * up_i @ down_i + diff_i)
 
-casts it to W's dtype and swaps it into `param.data`, and a forward post-hook (`always_call`, so
-it also runs when the forward raises) that puts the original tensor back. Leaving the context
-removes every hook. So:
+and swaps it into `param.data`, and a forward post-hook (`always_call`, so it also runs when the
+forward raises) that puts the original tensor back. Leaving the context removes every hook.
+Precision: the sum of all updates is formed in float32 (the strength times alpha/rank goes on the
+small `up` factor) and added to W in float32 arithmetic with a single rounding to W's dtype, also
+for several LoRAs on one weight. Traffic per weight and forward: the float32 delta written and read
+once, W read and W' written once (12 bytes per bf16 weight), the part of the patch that grows with
+the model (docs/performance.md). So:
 
 * taking a LoRA off, or changing its strength in a later run, gives the exact base weights back
   (the original tensors are restored, never recomputed), and nothing is ever applied twice;
 * no copy of the model is made: at any time one module's patched weights exist next to the base
   ones (one transformer block, or the embedding/head module);
-* the cost per forward is one `(out, rank) @ (rank, in)` product per patched matrix and an
-  elementwise pass over the block's weights, roughly rank / tokens of the block's matmul work.
+* the cost per forward is one `(out, rank) @ (rank, in)` product per patched matrix (about
+  rank / tokens of the block's matmul work) and one pass over the block's weights.
 
 Owners: transformer block `blocks.N` for its parameters (modulation included), `patch_embedding`,
 `text_embedding` and `head` for theirs, the model itself for `time_embedding` and `time_projection`
@@ -49,7 +53,7 @@ import torch
 from torch import nn
 
 from ..checkpoints.io import PathLike
-from ..checkpoints.lora import LoraFile, LoraPair, LoraTerms, param_shapes, read_lora
+from ..checkpoints.lora import LoraFile, LoraTerms, param_shapes, read_lora
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +113,7 @@ class LoraPatches:
         self._check_shared_experts()
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._entries: list[_Patched] = []
-        self._cache: dict[int, dict[int, torch.Tensor]] = {}  # expert -> id(cpu tensor) -> device copy
+        self._cache: dict[int, dict[int, torch.Tensor]] = {}  # expert -> id(CPU tensor) -> float32 device copy
 
     def __enter__(self) -> LoraPatches:
         self.open()
@@ -205,25 +209,27 @@ class LoraPatches:
         return patch, restore
 
     def _patched(self, entry: _Patched, base: torch.Tensor, index: int) -> torch.Tensor:
-        """`base` plus every update of `entry`, computed in float32 and cast to base's dtype."""
-        w = base.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        """`base` plus the float32 sum of every update of `entry`, rounded once to base's dtype."""
+        delta: torch.Tensor | None = None  # (out, in) float32
         for strength, terms in entry.terms:
             for pair in terms.pairs:
-                up, down = self._on(pair, base.device, index)
-                w.view(up.shape[0], -1).addmm_(up, down, alpha=strength * pair.scale)
+                up = self._fetch(pair.up, base.device, index).flatten(1)  # (out, r)
+                down = self._fetch(pair.down, base.device, index).flatten(1)  # (r, in)
+                alpha = strength * pair.scale
+                if delta is None:
+                    delta = torch.mm(up * alpha, down)  # the scale goes on the small factor
+                else:
+                    delta.addmm_(up, down, alpha=alpha)
             for diff in terms.diffs:
-                w.add_(self._fetch(diff, base.device, index), alpha=strength)
-        return w.to(base.dtype)
-
-    def _on(self, pair: LoraPair, device: torch.device, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self._fetch(pair.up, device, index).flatten(1),  # (out, r)
-                self._fetch(pair.down, device, index).flatten(1))  # (r, in)
+                d = self._fetch(diff, base.device, index).reshape(base.shape[0], -1)
+                delta = d * strength if delta is None else delta.add_(d, alpha=strength)
+        assert delta is not None, "a patched parameter always has an update"
+        # computed in float32 (type promotion), written once in base's dtype
+        return torch.add(base, delta.view(base.shape), out=torch.empty_like(base))
 
     def _fetch(self, tensor: torch.Tensor, device: torch.device, index: int) -> torch.Tensor:
-        """`tensor` as float32 on `device` (cached per expert when `keep_on_device`)."""
-        if tensor.device == device:
-            return tensor.float()
-        if not self.keep_on_device:
+        """`tensor` as float32 on `device` (cached per expert when it has to move and `keep_on_device`)."""
+        if tensor.device == device or not self.keep_on_device:
             return tensor.to(device=device, dtype=torch.float32)
         cache = self._cache.setdefault(index, {})
         copy = cache.get(id(tensor))
