@@ -5,7 +5,8 @@ Every value comes from the reference spec (`spec/WAN22_DIT_T5_SAMPLER.md` sectio
 (channel counts that other components depend on are kept) and sizes that run in seconds on a CPU.
 
 The vocabularies that nodes, workflows, the CLI and the profiling report share are spelled here
-once: solvers, CFG modes, placements, tilings, weight dtypes and stage names (with their kinds).
+once: solvers (and which get float timesteps), CFG modes, placements, tilings, weight dtypes, LoRA
+key layouts and stage names (with their kinds); also the 4-step distilled recipe.
 Attention backend names belong to the registry in `attention.py`.
 
 Shapes: F pixel frames, T latent frames (F = 4(T-1)+1), H/W pixel size, h/w latent size.

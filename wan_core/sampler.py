@@ -64,7 +64,7 @@ from .config import (
 )
 from .placement import OFFLOAD_DEVICE, Placement, make_placement
 from .runtime.lora import ExpertLora, LoraPatches
-from .schedulers import FlowSchedule, FlowScheduler, make_schedule, make_scheduler
+from .schedulers import FULL_DENOISE, FlowSchedule, FlowScheduler, make_schedule, make_scheduler
 from .trace import event, stage
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ class SamplerOptions:
     @property
     def starts_from_noise(self) -> bool:
         """Whether the run starts at the top of the solver's full schedule (its input is pure noise)."""
-        return self.start_step == 0 and self.denoise == 1.0 and self.timesteps is None and self.sigmas is None
+        return (self.start_step == 0 and self.denoise > FULL_DENOISE and self.timesteps is None
+                and self.sigmas is None)
 
     def schedule(self) -> FlowSchedule:
         """The schedule these options describe (`schedulers.make_schedule`)."""

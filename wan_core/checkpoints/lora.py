@@ -123,10 +123,10 @@ class LoraFile:
     num_image_keys: int  # Wan2.1 image-conditioning keys, skipped
     dtype: str
 
-    def summary(self) -> str:
-        """'file.safetensors (comfy: lora_up/lora_down, diff; 1200 of 1200 keys)'."""
+    def summary(self, prefix: str = "") -> str:
+        """'file.safetensors (<prefix>comfy: lora_up/lora_down, diff; 1200 of 1200 keys)'."""
         skipped = f", {self.num_image_keys} Wan2.1 image keys skipped" if self.num_image_keys else ""
-        return (f"{self.name} ({self.layout}: {', '.join(self.kinds)}; {self.num_matched} of "
+        return (f"{self.name} ({prefix}{self.layout}: {', '.join(self.kinds)}; {self.num_matched} of "
                 f"{self.num_keys - self.num_image_keys} keys{skipped})")
 
 

@@ -74,7 +74,7 @@ class ExpertLora:
     def describe(self, expert_names: Sequence[str]) -> str:
         """'file.safetensors (high 1, low 0; comfy: lora_up/lora_down; 1200 of 1200 keys)'."""
         strengths = ", ".join(f"{n} {s:g}" for n, s in zip(expert_names, self.strengths, strict=True))
-        return self.lora.summary().replace(" (", f" ({strengths}; ", 1)
+        return self.lora.summary(prefix=f"{strengths}; ")
 
 
 def load_expert_lora(path: PathLike, experts: Sequence[nn.Module], strengths: Sequence[float]) -> ExpertLora:
