@@ -2,7 +2,7 @@
 
 One call of `sample()` runs the official loop (spec section 6) over normalised latents:
 
-    for each step i with integer timestep t and float32 sigma:
+    for each step i with timestep t (integer; float for euler_distill) and float32 sigma:
         expert = high-noise if t >= boundary * 1000 else low-noise   (single-model tasks: "model")
         pred   = uncond + g_expert * (cond - uncond)                   (one pass when g == 1)
         latent = solver.step(pred, latent)

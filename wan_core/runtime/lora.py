@@ -86,6 +86,9 @@ def load_expert_lora(path: PathLike, experts: Sequence[nn.Module], strengths: Se
             raise ValueError(f"LoRA strengths must be finite numbers; got {list(strengths)}")
     lora = read_lora(path, param_shapes(experts[0]))
     log.info("LoRA %s", lora.summary())
+    if lora.unmatched:
+        log.warning("LoRA %s: %d keys match no parameter of this model and are not applied, e.g. %s",
+                    lora.name, len(lora.unmatched), ", ".join(lora.unmatched[:5]))
     return ExpertLora(lora=lora, strengths=tuple(float(s) for s in strengths))
 
 
