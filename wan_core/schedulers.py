@@ -199,7 +199,7 @@ def _explicit_values(what: str, values: Sequence[float], count: int, *, upper: f
     return numbers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class SolverState:
     """Where a run that stopped early is, to continue it exactly (`FlowScheduler.resume`).
 

@@ -84,7 +84,7 @@ _IMAGE_FRAGMENTS = ("img_emb", "k_img", "v_img", "image_embedder", "add_k_proj",
 _PAIR_NAMES = {"lora_up": (".lora_up.weight", ".lora_down.weight"), "lora_B": (".lora_B.weight", ".lora_A.weight")}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class LoraPair:
     """One low-rank update: delta = scale * up.flatten(1) @ down.flatten(1), reshaped to the weight.
 
@@ -100,7 +100,7 @@ class LoraPair:
         return int(self.down.shape[0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class LoraTerms:
     """Everything one LoRA file adds to one parameter: low-rank pairs and full deltas (summed)."""
 
@@ -108,7 +108,7 @@ class LoraTerms:
     diffs: tuple[torch.Tensor, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class LoraFile:
     """A LoRA file read and matched against a model: `targets` maps official parameter names
     (`blocks.0.self_attn.q.weight`) to what the file adds to them."""

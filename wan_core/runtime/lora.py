@@ -63,7 +63,7 @@ __all__ = ["ExpertLora", "LoraPatches", "load_expert_lora"]
 OWNER_CHILDREN = ("patch_embedding", "text_embedding", "head")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class ExpertLora:
     """One LoRA file on a task's experts: its patches and one strength per expert (high, low), or
     one for a single-model task."""
