@@ -42,10 +42,24 @@ class DiTExperts:
     """The DiT expert(s) of one task as loaded by Wan Model Loader (socket `WAN22_DIT`).
 
     `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B.
+    Immutable: ComfyUI caches it and several branches of a graph may share it. `loras` are
+    `wan_core.runtime.lora.ExpertLora` entries added by Wan LoRA nodes; they are applied to the
+    shared modules only while a sampler runs, so a bundle with LoRAs and the bundle it came from
+    never affect each other.
     """
 
     experts: tuple[Any, ...]
     task: WanConfig
+    loras: tuple[Any, ...] = ()
+
+    def with_lora(self, lora: Any) -> DiTExperts:
+        """A new bundle with the same modules and one more LoRA."""
+        return DiTExperts(experts=self.experts, task=self.task, loras=(*self.loras, lora))
+
+    def lora_descriptions(self) -> list[str]:
+        """One line per LoRA (file, strength per expert, layout, matched keys) for the report."""
+        names = ("high", "low") if self.task.is_moe else ("model",)
+        return [lora.describe(names) for lora in self.loras]
 
     @property
     def attention(self) -> str:

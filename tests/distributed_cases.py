@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from wanbench.wan_core.checkpoints.lora import LoraFile, LoraPair, LoraTerms
 from wanbench.wan_core.config import COMM_KINDS, COMMUNICATION_EVENT, GuideScale, preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.errors import DistributedError
 from wanbench.wan_core.runtime.distributed import agree, init_from_environment, use_parallel
+from wanbench.wan_core.runtime.lora import ExpertLora
 from wanbench.wan_core.runtime.sharding import is_sharded
 from wanbench.wan_core.sampler import SamplerOptions, make_noise, sample, select_expert
 from wanbench.wan_core.schedulers import make_scheduler
@@ -31,6 +33,7 @@ class Case:
     thw: tuple[int, int, int]
     guide: GuideScale
     image: bool = False
+    lora: bool = False  # a LoRA on two weights of each expert (strengths 1.0 high, 0.5 low)
     steps: int = 2
     shift: float = 1.0  # with 2 steps: t = 999 (high-noise expert) then 499 (low-noise expert)
 
@@ -42,7 +45,25 @@ CASES = (
     Case(name="i2v-A14B", task="i2v-A14B", thw=(1, 2, 6), guide=GuideScale.same(3.5)),
     Case(name="ti2v-5B-text", task="ti2v-5B", thw=(3, 2, 10), guide=GuideScale.same(5.0)),
     Case(name="ti2v-5B-image", task="ti2v-5B", thw=(3, 4, 6), guide=GuideScale.same(5.0), image=True),
+    Case(name="t2v-A14B-lora", task="t2v-A14B", thw=(2, 6, 6), guide=GuideScale(high=4.0, low=3.0), lora=True),
 )
+LORA_TARGETS = ("blocks.0.self_attn.q.weight", "blocks.1.ffn.0.weight")
+
+
+def tiny_lora(experts: list[torch.nn.Module], seed: int) -> ExpertLora:
+    """A seeded rank-2 LoRA on `LORA_TARGETS` (the same on every rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(experts[0].named_parameters())
+    targets = {}
+    for name in LORA_TARGETS:
+        out_dim, in_dim = params[name].shape
+        up, down = torch.randn(out_dim, 2, generator=generator), torch.randn(2, in_dim, generator=generator)
+        pair = LoraPair(up=up, down=down, scale=0.05)
+        targets[name] = LoraTerms(pairs=(pair,))
+    file = LoraFile(name="tiny.safetensors", layout="test", kinds=("lora_up/lora_down",), targets=targets,
+                    num_keys=2 * len(targets), num_matched=2 * len(targets), unmatched=(), num_image_keys=0,
+                    dtype="float32")
+    return ExpertLora(lora=file, strengths=(1.0, 0.5)[: len(experts)])
 
 
 def experts_used(case: Case) -> list[str]:
@@ -86,8 +107,9 @@ def run_case(case: Case, *, seed: int = 0) -> tuple[torch.Tensor, list[torch.nn.
     ti2v_z = torch.randn(cfg.out_dim, 1, *case.thw[1:], generator=generator) if case.image else None
     opts = SamplerOptions.from_config(task.sampler, steps=case.steps, shift=case.shift, guide_scale=case.guide,
                                       seed=seed)
+    loras = [tiny_lora(experts, seed + 2)] if case.lora else []
     out = sample(experts, task, opts, context=context, context_null=context_null,
-                 noise=make_noise(shape, seed), i2v_y=i2v_y, ti2v_z=ti2v_z)
+                 noise=make_noise(shape, seed), i2v_y=i2v_y, ti2v_z=ti2v_z, loras=loras)
     return out, experts
 
 
@@ -109,6 +131,13 @@ def equivalence_worker(plans: list[tuple[str, bool]]) -> dict[str, dict[str, Any
         reference, _ = run_case(case)
         for (mode, shard), runtime in runtimes.items():
             counter = CommCounter()
+            if case.lora and shard:  # refused before anything runs
+                try:
+                    with use_parallel(runtime):
+                        run_case(case)
+                except ValueError as err:
+                    found[f"{case.name} {mode} sharded"] = {"refused": str(err)}
+                continue
             with use_parallel(runtime), use_tracer(counter):
                 out, experts = run_case(case)
             found[f"{case.name} {mode}{' sharded' if shard else ''}"] = {

@@ -346,7 +346,7 @@ class Denoiser:
 
 @contextlib.contextmanager
 def parallel_sampling(runtime: ParallelRuntime, experts: Sequence[nn.Module], *, placement: str,
-                      single: GuidedPrediction) -> Iterator[Denoiser]:
+                      single: GuidedPrediction, has_loras: bool = False) -> Iterator[Denoiser]:
     """Apply the plan to `experts` for one sampling run; yields the denoiser to use.
 
     Enter it before the placement: sharded weights come first (FSDP2 moves each rank's shards to
@@ -362,6 +362,10 @@ def parallel_sampling(runtime: ParallelRuntime, experts: Sequence[nn.Module], *,
         raise ValueError(f"--shard-weights keeps each rank's share of the weights on its GPU; placement "
                          f"{placement!r} moves whole experts or blocks between CPU and GPU and cannot be "
                          "combined with it. Set the sampler's placement to 'none'")
+    if plan.shard_weights and has_loras:
+        raise ValueError("--shard-weights cannot be combined with LoRAs (the LoRA patches change whole weights, "
+                         "FSDP holds 1/N of each); drop --shard-weights, or the Wan LoRA node (--parallel cfg and "
+                         "ulysses work with LoRAs)")
     agree(runtime, "DiT weights (the model files)", weights_fingerprint(experts))
     if plan.shard_weights:
         shard_experts(experts, world_size=runtime.world_size, device=runtime.device, meter=runtime.meter)
