@@ -248,7 +248,7 @@ class WanBlock(nn.Module):
 
         x itself is never modified; without autograd the new residual is updated in place.
         """
-        dtype = self.ffn[0].weight.dtype
+        dtype = self.ffn[0].bias.dtype  # the compute dtype (a weight may be held in a compact form)
         inplace = not torch.is_grad_enabled()
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
         h = torch.addcmul(shift_sa, self.norm1(x), 1 + scale_sa).to(dtype)
