@@ -194,6 +194,7 @@ class WanSampler:
     ) -> tuple[dict[str, Any]]:
         from ..wan_core.conditioning import I2VCondition, TI2VCondition
         from ..wan_core.latents import denormalize_latent
+        from ..wan_core.runtime.execution import applied
         from ..wan_core.sampler import SamplerOptions, sample
 
         problem = self.VALIDATE_INPUTS(steps, shift, boundary, guidance_high, guidance_low)
@@ -248,7 +249,7 @@ class WanSampler:
             progress(index + 1)
             bridge.check_interrupt()
 
-        with maybe_profile(profiler, unique_id, sampling_stages(steps)):
+        with maybe_profile(profiler, unique_id, sampling_stages(steps)), applied(model.experts, model.execution):
             out = sample(
                 list(model.experts),
                 task,

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from ..wan_core.config import WanConfig
+from ..wan_core.config import DEFAULT_STORAGE, WanConfig
+from ..wan_core.runtime.compact import resident_bytes
+from ..wan_core.runtime.execution import ExecutionOptions
 
 PROFILER = "WANBENCH_PROFILER"
 DIT_EXPERTS = "WAN22_DIT"
@@ -41,11 +43,19 @@ HIDDEN_IDS: dict[str, str] = {"unique_id": "UNIQUE_ID"}
 class DiTExperts:
     """The DiT expert(s) of one task as loaded by Wan Model Loader (socket `WAN22_DIT`).
 
-    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B.
+    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B. `storage`
+    is how their block matrices are kept (`config.WEIGHT_STORAGES`, applied at load); `execution`
+    holds what is turned on only while sampling (TF32, regional compile: `runtime/execution.py`).
     """
 
     experts: tuple[Any, ...]
     task: WanConfig
+    storage: str = DEFAULT_STORAGE
+    execution: ExecutionOptions = ExecutionOptions()
+
+    def resident_bytes(self) -> list[int]:
+        """Bytes each expert holds now, compact weights at their stored size (for memory plans)."""
+        return [resident_bytes(expert) for expert in self.experts]
 
     @property
     def attention(self) -> str:

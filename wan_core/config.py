@@ -290,6 +290,7 @@ COMPILE_CHOICES = (COMPILE_OFF, "default", "max-autotune-no-cudagraphs")  # regi
 # Trace event names (the report reads them).
 ATTENTION_CHOICE_EVENT = "attention_choice"  # `auto` attention: the kernel measured fastest for a shape
 RECOMPILE_EVENT = "Recompile"  # torch.compile recompiled a region after its warm-up
+COMPILE_SUMMARY_EVENT = "compile_summary"  # a compiled run's compile time, compiles and recompiles
 
 
 def weight_dtype(name: str) -> torch.dtype:
