@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import math
+import re
 from typing import Any
 
 import pytest
 import torch
 from wanbench.wan_core import attention as attn_mod
 from wanbench.wan_core import dit as dit_mod
-from wanbench.wan_core.attention import BACKENDS, attention, available_backends, resolve_backend
+from wanbench.wan_core.attention import BACKENDS, attention, available_backends
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.errors import BackendUnavailableError

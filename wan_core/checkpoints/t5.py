@@ -27,7 +27,7 @@ from ..runtime.compact import block_matrix_names, compact_weights, split_for_sto
 from ..t5 import TextEncoder, UMT5Encoder
 from ..tokenizer import DEFAULT_TEXT_LEN, SPIECE_TENSOR_KEY, WanTokenizer, find_spiece_model, searched_places
 from .fp8 import QuantizedTensor, fp8_scaled_state_dict
-from .gguf import is_gguf, quantised_state_dict, read_gguf_fields, write_gguf
+from .gguf import is_gguf, quantised_state_dict, read_gguf, write_gguf
 from .gguf_quants import GGUFQuant
 from .gguf_tokenizer import fields_from_spiece, spiece_from_fields
 from .io import PathLike, read_raw_state_dict, write_safetensors, write_torch_file
@@ -266,11 +266,13 @@ def read_t5_state_dict(path: PathLike, *, dtype: torch.dtype | None = None
 
 def read_t5_raw_state_dict(path: PathLike) -> tuple[dict[str, TensorLike], bytes | None]:
     """(official-key tensors as stored: fp8 and GGUF values as `QuantizedTensor`s, spiece bytes)."""
-    raw = read_raw_state_dict(path, strip_prefixes=())
-    spiece_keys = [k for k in raw if k == SPIECE_TENSOR_KEY or k.endswith("." + SPIECE_TENSOR_KEY)]
-    spiece = raw.pop(spiece_keys[0]).numpy().tobytes() if spiece_keys else None
-    if is_gguf(path):
-        spiece = spiece_from_fields(read_gguf_fields(path))
+    if is_gguf(path):  # one pass over the file: the gguf reader parses all metadata on opening (slow for a vocabulary)
+        found = read_gguf(path)
+        raw, spiece = dict(found.tensors), spiece_from_fields(found.fields)
+    else:
+        raw = read_raw_state_dict(path, strip_prefixes=())
+        spiece_keys = [k for k in raw if k == SPIECE_TENSOR_KEY or k.endswith("." + SPIECE_TENSOR_KEY)]
+        spiece = raw.pop(spiece_keys[0]).numpy().tobytes() if spiece_keys else None
     sd, layout = _select_encoder(raw, str(path))
     if layout == "hf":
         sd = hf_to_official(sd)
