@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from wanbench.wan_core.checkpoints.dit import load_dit, save_dit
 from wanbench.wan_core.config import DiTConfig
 from wanbench.wan_core.dit import WanDiT
