@@ -18,6 +18,7 @@ from wanbench.nodes.latents import WanEmptyLatent
 from wanbench.nodes.loaders import WanModelLoader, WanTextEncoderLoader, WanVAELoader
 from wanbench.nodes.sampling import WanSampler
 from wanbench.nodes.text import WanTextEncode
+from wanbench.profiling import check_report
 from wanbench.wan_core import trace
 from wanbench.wan_core.compile import CompileConfig
 from wanbench.wan_core.config import COMPILE_STAGE, COMPILE_SUMMARY_EVENT, preset
@@ -258,6 +259,7 @@ def test_cli_in_process_run_with_kernel_flags(tmp_path: Path, eager_compile: Non
                      "--compile", "default", "--weight-dtype", "fp8_e4m3fn_scaled", "--attention", "auto"])
     assert code == 0
     (report,) = (tmp_path / "wanbench").glob("*_report_*.md")
+    assert check_report(report.with_suffix(".json")) == []  # the Compile stage inside a step is consistent
     text = report.read_text()
     assert "DiT weights fp8_e4m3fn_scaled" in text and "attention auto" in text
     assert "compile yes (" in text and "**Attention kernel**" in text
