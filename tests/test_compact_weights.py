@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import golden_dir
 from safetensors.torch import load_file
+from wanbench.tiny_models import tiny_lora_targets
 from wanbench.wan_core.checkpoints.dit import load_dit, save_dit
 from wanbench.wan_core.checkpoints.fp8 import (
     QUANT_METADATA_KEY,
@@ -20,6 +21,7 @@ from wanbench.wan_core.checkpoints.fp8 import (
     split_fp8,
 )
 from wanbench.wan_core.checkpoints.io import read_raw_state_dict, read_state_dict, write_safetensors
+from wanbench.wan_core.checkpoints.lora import save_lora
 from wanbench.wan_core.checkpoints.t5 import load_text_encoder, read_t5_state_dict, save_text_encoder
 from wanbench.wan_core.config import T2V_A14B, WEIGHT_STORAGES, preset
 from wanbench.wan_core.dit import WanDiT
@@ -33,6 +35,7 @@ from wanbench.wan_core.runtime.compact import (  # _stored_form: the storage's o
     resident_bytes,
     weight_bytes_estimate,
 )
+from wanbench.wan_core.runtime.lora import LoraPatches, load_expert_lora
 from wanbench.wan_core.t5 import UMT5Encoder
 from wanbench.wan_core.tokenizer import train_tiny_spiece
 
@@ -282,3 +285,41 @@ def test_resident_bytes_and_the_a14b_estimate(files: dict[str, Path]) -> None:
     assert 14.0 < fp8_gb < 14.8 and 28.0 < bf16_gb < 29.0, (fp8_gb, bf16_gb)
     q8 = weight_bytes_estimate(a14b, "as_stored", torch.bfloat16, gguf_bytes_per_weight=34 / 32) / 1e9
     assert fp8_gb < q8 < bf16_gb
+
+
+# --------------------------------------------------------------------------------------------
+# with the LoRA patches of runtime/lora.py
+# --------------------------------------------------------------------------------------------
+def lora_file(tmp_path: Path) -> Path:
+    """A kohya-layout LoRA with pairs on every block matrix of the CFG model (tiny-model tool content)."""
+    with torch.device("meta"):
+        params = {name: tuple(p.shape) for name, p in WanDiT(CFG).named_parameters()}
+    return save_lora(tiny_lora_targets(params, "lightning", seed=4), tmp_path / "l.safetensors", layout="kohya")
+
+
+@torch.no_grad()
+def test_lora_on_gguf_weights_equals_lora_on_the_decoded_model(tmp_path: Path, files: dict[str, Path]) -> None:
+    """GGUF blocks decoded per block, then the LoRA delta (per block, added after the decode): the
+    same output as the LoRA on a plain model holding the decoded weights; blocks again after."""
+    pytest.importorskip("gguf")
+    file = lora_file(tmp_path)
+    compact = load_dit(files["gguf"])
+    dense = WanDiT(CFG).eval()
+    dense.load_state_dict(read_state_dict(files["gguf"]))
+    args = inputs()
+    with LoraPatches([compact], [load_expert_lora(file, [compact], [0.8])]):
+        got = compact(*args)
+    with LoraPatches([dense], [load_expert_lora(file, [dense], [0.8])]):
+        want = dense(*args)
+    assert torch.equal(got, want) and not torch.equal(got, compact(*args))
+    assert compact.blocks[0].self_attn.q.weight.dtype == torch.uint8
+
+
+def test_lora_is_refused_on_fp8_matmul_weights(tmp_path: Path, files: dict[str, Path]) -> None:
+    file = lora_file(tmp_path)
+    model = load_dit(files["fp8"], dtype=torch.bfloat16, storage="fp8_e4m3fn_scaled_mm")
+    with pytest.raises(ValueError, match="LoRA cannot be applied to expert 0.*load it with weight_dtype "
+                                         "'fp8_e4m3fn_scaled'"):
+        with LoraPatches([model], [load_expert_lora(file, [model], [1.0])]):
+            pass
+    assert all(not b._forward_pre_hooks or len(b._forward_pre_hooks) == 1 for b in model.blocks)  # storage only

@@ -263,3 +263,15 @@ def test_cli_in_process_run_with_kernel_flags(tmp_path: Path, eager_compile: Non
     text = report.read_text()
     assert "DiT weights fp8_e4m3fn_scaled" in text and "attention auto" in text
     assert "compile yes (" in text and "**Attention kernel**" in text
+
+
+def test_compile_with_loras_is_refused_before_sampling(tiny: Any) -> None:
+    from wanbench.wan_core.runtime.execution import check_with_loras
+
+    with use_bridge(tiny.bridge):
+        (model,) = WanModelLoader().load(TI2V_DIT, "none", "float32", "sdpa", "cpu", compile="default")
+    with_lora = model.with_lora(object())  # the sampler checks before it touches the LoRA
+    assert with_lora.execution == model.execution and with_lora.storage == model.storage
+    with pytest.raises(ValueError, match="cannot be combined with LoRAs.*Set compile to 'off'"):
+        _sample(tiny, with_lora)
+    check_with_loras(ExecutionOptions(), 2)  # no compile: LoRAs are fine

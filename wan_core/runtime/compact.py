@@ -52,7 +52,7 @@ from ..config import (
 log = logging.getLogger(__name__)
 
 __all__ = ["CastFormat", "CompactWeights", "compact_weights", "split_for_storage", "block_matrix_names",
-           "add_weight_transform", "compact_weights_of", "resident_bytes", "weight_bytes_estimate",
+           "add_weight_transform", "compact_weights_of", "logical_shapes", "resident_bytes", "weight_bytes_estimate",
            "store_fp8", "store_fp8_from_state_dict", "fp8_scaled_weights"]
 
 Hook = Callable[..., object]
@@ -231,6 +231,16 @@ def compact_weights(model: nn.Module, stored: Mapping[str, QuantizedTensor], *,
 def compact_weights_of(model: nn.Module) -> CompactWeights | None:
     """The compact-weights handle installed on `model` (None when its weights are all plain)."""
     return _HANDLES.get(model)
+
+
+def logical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> the shape of the value it stands for (a compact weight's logical shape, not
+    the shape of its stored bytes): what weight patches must match."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    handle = compact_weights_of(model)
+    for entry in [] if handle is None else handle._entries:
+        shapes[entry.name] = tuple(entry.format.shape(entry.stored()))
+    return shapes
 
 
 def add_weight_transform(block: nn.Module, pre: Hook, post: Hook) -> list[torch.utils.hooks.RemovableHandle]:

@@ -145,6 +145,15 @@ def _compiled(experts: Sequence[nn.Module], options: ExecutionOptions,
             handle.remove()
 
 
+def check_with_loras(options: ExecutionOptions, num_loras: int) -> None:
+    """Refuse compile together with LoRA patches: the compiled graph would keep the patched weights
+    after the patches are removed (`runtime/lora.py` refuses compiled blocks for the same reason)."""
+    if options.compiles and num_loras:
+        raise ValueError(f"compile {options.compile_mode!r} (Wan Model Loader) cannot be combined with LoRAs "
+                         f"({num_loras} on this model): torch.compile would keep the patched weights in its graph. "
+                         "Set compile to 'off' on the loader, or remove the Wan LoRA nodes")
+
+
 @contextlib.contextmanager
 def applied(experts: Sequence[nn.Module], options: ExecutionOptions) -> Iterator[ExecutionRecord]:
     """Turn `options` on for the experts inside the block; everything is undone on exit."""
