@@ -46,6 +46,7 @@ from ..config import (
     SCALED_FP8_STORAGE,
     STORED_STORAGE,
     WEIGHT_STORAGES,
+    DiTConfig,
     weight_dtype,
 )
 
@@ -167,7 +168,8 @@ class CompactWeights:
         return sum(e.stored().numel() * e.stored().element_size() for e in self._entries)
 
     @property
-    def bytes_fp8(self) -> int:  # the name of the first fp8 storage's figure
+    def bytes_fp8(self) -> int:
+        """Bytes of the weights kept in fp8 (one per weight)."""
         return sum(e.param.numel() for e in self._entries if isinstance(e.format, Fp8Scaled))
 
     # ---------------------------------------------------------------- hooks
@@ -287,19 +289,21 @@ def _stored_form(value: torch.Tensor | QuantizedTensor, storage: str,
     return QuantizedTensor(value, CastFormat(stored))
 
 
-def split_for_storage(raw: Mapping[str, torch.Tensor | QuantizedTensor], matrices: set[str], storage: str, *,
+def split_for_storage(raw: dict[str, torch.Tensor | QuantizedTensor], matrices: set[str], storage: str, *,
                       compute_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
     """(plain tensors in the compute dtype, compact block matrices) of a raw state dict.
 
     `raw` comes from `checkpoints.io.read_raw_state_dict`; `matrices` are the names the storage
     applies to (`block_matrix_names`). With `default` every tensor is plain; quantised tensors
-    outside `matrices` are decoded here. Consumes `raw` one tensor at a time (it is not modified).
+    outside `matrices` are decoded here. `raw` is consumed: each entry is taken out as it is
+    converted, so the stored and the converted copy of the whole model never coexist.
     """
     if storage not in WEIGHT_STORAGES:
         raise ValueError(f"weight storage must be one of {WEIGHT_STORAGES}; got {storage!r}")
     plain: dict[str, torch.Tensor] = {}
     compact: dict[str, QuantizedTensor] = {}
-    for key, value in raw.items():
+    for key in list(raw):
+        value = raw.pop(key)
         stored = None
         if storage != DEFAULT_STORAGE and key in matrices:
             stored = _stored_form(value, storage, compute_dtype)
@@ -326,9 +330,9 @@ def resident_bytes(module: nn.Module) -> int:
 _STORAGE_BYTES = {FP8_STORAGE: 1.0, SCALED_FP8_STORAGE: 1.0, FP8_MATMUL_STORAGE: 1.0}
 
 
-def weight_bytes_estimate(config: object, storage: str, compute_dtype: torch.dtype, *,
+def weight_bytes_estimate(config: DiTConfig, storage: str, compute_dtype: torch.dtype, *,
                           gguf_bytes_per_weight: float | None = None) -> int:
-    """Resident bytes of one DiT (`config`: a `DiTConfig`) under a storage choice, before loading.
+    """Resident bytes of one DiT under a storage choice, before loading (for memory plans).
 
     Block matrices at the storage's size (fp8: 1 byte; bf16/fp16: 2; `as_stored`/`default` of a GGUF
     file: `gguf_bytes_per_weight`, e.g. 34/32 for Q8_0); every other parameter in the compute dtype.
@@ -366,9 +370,9 @@ def fp8_scaled_weights(raw: Mapping[str, torch.Tensor]) -> dict[str, QuantizedTe
     """The fp8 block matrices of a raw (not dequantised) fp8-scaled DiT state dict, with their
     scales (1 when the file has none); an optional `model.diffusion_model.` prefix is stripped."""
     prefix = "model.diffusion_model."
-    sd = {k.removeprefix(prefix): v for k, v in raw.items() if k.startswith(prefix) or not any(
-        key.startswith(prefix) for key in raw)}
-    _, fp8 = split_fp8(sd)
+    if any(k.startswith(prefix) for k in raw):
+        raw = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    _, fp8 = split_fp8(raw)
     return {k: v for k, v in fp8.items() if k.startswith("blocks.") and k.endswith(".weight") and v.raw.dim() == 2}
 
 
