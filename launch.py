@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,13 @@ LOCAL_ENDPOINT = "127.0.0.1:0"  # one machine: the rendezvous picks a free port
 
 @dataclass(frozen=True)
 class RankJob:
-    """What every rank runs (picklable: it is sent to the spawned processes)."""
+    """What every rank runs (picklable: it is sent to the spawned processes). `prompt` is the API
+    workflow with the command line's overrides applied."""
 
-    workflow: Path
+    workflow_name: str
+    prompt: dict[str, Any]
     out_dir: Path
     models: Path
-    overrides: dict[str, Any] = field(default_factory=dict)
     parallel: str = DEFAULT_PARALLEL
     shard_weights: bool = False
     timeout_s: float = 600.0
@@ -82,7 +83,7 @@ def run_rank(job: RankJob) -> dict[str, list[str]]:
     """One rank of a parallel run; returns the files written (rank 0) or no files (other ranks)."""
     from .nodes.context import Bridge
     from .rank_runner import run_workflow_on_rank
-    from .runner import apply_overrides, load_api_workflow, output_files
+    from .runner import output_files
 
     _rank_logging(job.verbose)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the launcher stops ranks with SIGTERM: unwind cleanly
@@ -93,8 +94,7 @@ def run_rank(job: RankJob) -> dict[str, list[str]]:
         torch.set_num_threads(int(threads))
     runtime = init_from_environment(job.parallel, shard_weights=job.shard_weights, timeout_s=job.timeout_s)
     try:
-        prompt = apply_overrides(load_api_workflow(job.workflow), job.overrides)
-        result = run_workflow_on_rank(prompt, Bridge.for_models_root(job.models, job.out_dir), runtime)
+        result = run_workflow_on_rank(job.prompt, Bridge.for_models_root(job.models, job.out_dir), runtime)
         return output_files(result) if runtime.is_root else {"videos": [], "reports": []}
     finally:
         shutdown(runtime)
