@@ -114,6 +114,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 # Suites
 # ------------------------------------------------------------------------------------------------
 def load_suite(path: Path) -> dict[str, Any]:
+    """A suite: {'name', 'cases': [{'name', 'workflow', 'overrides'}], 'comparisons' (optional):
+    [{'title', 'baseline', 'candidate'}] naming two cases that run the same job}."""
+    from .compare import check_comparisons
+
     suite = json.loads(path.read_text(encoding="utf-8"))
     cases = suite.get("cases") if isinstance(suite, dict) else None
     if not isinstance(cases, list) or not cases:
@@ -122,6 +126,7 @@ def load_suite(path: Path) -> dict[str, Any]:
         missing = {"name", "workflow"} - set(case)
         if missing:
             raise ValueError(f"{path}: case {case.get('name', '?')!r} lacks {sorted(missing)}")
+    suite["comparisons"] = check_comparisons(suite, str(path))
     return suite
 
 
@@ -134,6 +139,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     models = None if args.server else _prepare_models(args)
     reports: list[str] = []
     failed: list[tuple[str, str]] = []
+    case_files: dict[str, dict[str, list[str]]] = {}
     for case in suite["cases"]:
         _say(f"== case {case['name']}")
         try:
@@ -147,6 +153,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
             if not files["reports"]:
                 raise RuntimeError("the case wrote no report JSON (is Wan Benchmark Report in the workflow?)")
             reports += files["reports"]
+            case_files[case["name"]] = files
         except Exception as err:  # noqa: BLE001 - deliberate: whatever one case raises (a server
             # error, a bad override, a bug in a node) must not stop the other cases; the full
             # traceback is logged and the case is listed as failed in the combined report.
@@ -155,12 +162,36 @@ def cmd_suite(args: argparse.Namespace) -> int:
     if reports or failed:
         combined = out_dir / f"{suite.get('name', 'suite')}_report.md"
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(combined, combined_report(reports, failed))
+        text = combined_report(reports, failed)
+        if suite["comparisons"]:
+            text = text.rstrip("\n") + "\n\n" + comparison_section(suite["comparisons"], case_files)
+        atomic_write_text(combined, text)
         _say(f"combined report: {combined}")
     for name, why in failed:
         _say(f"FAILED {name}: {why}")
     _say(f"{len(suite['cases']) - len(failed)}/{len(suite['cases'])} cases passed")
     return 1 if failed else 0
+
+
+def comparison_section(specs: Sequence[dict[str, str]], case_files: dict[str, dict[str, list[str]]]) -> str:
+    """The suite's side-by-side section; a pair whose case failed is listed with the reason."""
+    from .compare import compare_cases
+    from .profiling.comparison import render_comparisons
+
+    made, missing = [], []
+    for spec in specs:
+        try:
+            result = compare_cases(spec, case_files)
+        except (ValueError, OSError) as err:  # an unreadable report or video: say so, keep the rest
+            result = f"{spec['title']}: {type(err).__name__}: {err}"
+        if isinstance(result, str):
+            missing.append(result)
+        else:
+            made.append(result)
+    text = render_comparisons(made) if made else "## Runtimes side by side\n\n"
+    if missing:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(f"- Not compared: {m}" for m in missing) + "\n"
+    return text
 
 
 def combined_report(reports: Sequence[str], failed: Sequence[tuple[str, str]]) -> str:

@@ -3,7 +3,10 @@
 What ComfyUI's executor does, for a graph made only of this pack's nodes: check every node type
 exists, validate inputs against `INPUT_TYPES` (types of links, combo choices, min/max) and
 `VALIDATE_INPUTS`, order nodes by their links, fill the hidden inputs (UNIQUE_ID, PROMPT), call
-each node's FUNCTION once and collect the `ui` outputs. There is no cache: every node runs.
+each node's FUNCTION once (an async one to completion) and collect the `ui` outputs. There is no
+cache: every node runs. Wan Profiler nodes run first and Wan Benchmark Report nodes last, as in
+ComfyUI; the workflow observer is told when each node starts and finishes (`observer.InProcessPrompt`),
+so a profiler needs no wires here either.
 Also here: loading API workflow files and applying `--set` overrides. Runs on a ComfyUI server
 (`--server`) go through `client.py` instead.
 
@@ -12,10 +15,12 @@ Shapes: none (graph plumbing only).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
 import math
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,7 @@ from typing import Any
 from .nodes import NODE_CLASS_MAPPINGS
 from .nodes.comfy_bridge import model_folder_description
 from .nodes.context import Bridge, use_bridge
+from .nodes.observer import InProcessPrompt, in_process_prompt
 from .wan_core.errors import WanError
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,8 @@ NODE_ERRORS: tuple[type[Exception], ...] = (
 )
 # Input types entered as widget values (everything else is a link from another node's output).
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+RUN_FIRST = ("WanBenchProfiler",)  # output nodes without needed inputs ComfyUI starts first
+RUN_LAST = ("WanBenchReport",)  # the report waits for every other node
 
 
 @dataclass
@@ -200,7 +208,9 @@ def _topological_order(prompt: Mapping[str, Any]) -> list[str]:
 
     for node_id in sorted(prompt, key=lambda k: (len(k), k)):
         visit(node_id, ())
-    return order
+    first = [n for n in order if prompt[n]["class_type"] in RUN_FIRST]
+    last = [n for n in order if prompt[n]["class_type"] in RUN_LAST]
+    return first + [n for n in order if n not in first and n not in last] + last
 
 
 def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], result: RunResult) -> None:
@@ -225,6 +235,8 @@ def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], 
         kwargs[name] = {"UNIQUE_ID": node_id, "PROMPT": dict(prompt)}.get(kind)
     try:
         out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        if inspect.iscoroutine(out):
+            out = asyncio.run(out)
     except NODE_ERRORS as err:
         # Same exception (callers and tests keep its type); the note names the node that raised.
         err.add_note(f"{NODE_NOTE_PREFIX}{node_id} ({class_type})")
@@ -238,11 +250,21 @@ def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], 
 def run_workflow(prompt: Mapping[str, Any], bridge: Bridge) -> RunResult:
     """Validate and run `prompt` with `bridge`'s model folders and output folder."""
     result = RunResult()
-    with use_bridge(bridge):
+    observed = InProcessPrompt(prompt_id=uuid.uuid4().hex, nodes=prompt, node_classes=NODE_CLASS_MAPPINGS)
+    with use_bridge(bridge), in_process_prompt(observed):
         result.order = validate_workflow(prompt)
-        for node_id in result.order:
-            log.info("running node %s (%s)", node_id, prompt[node_id]["class_type"])
-            _run_node(node_id, prompt[node_id], prompt, result)
+        error: BaseException | None = None
+        try:
+            for node_id in result.order:
+                log.info("running node %s (%s)", node_id, prompt[node_id]["class_type"])
+                observed.node_started(node_id)
+                _run_node(node_id, prompt[node_id], prompt, result)
+                observed.node_finished(node_id)
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            observed.ended(error)
     return result
 
 

@@ -22,7 +22,7 @@ from ..wan_core.config import (
 )
 from . import comfy_bridge as bridge
 from . import types as T
-from .profiler_handle import maybe_profile, single_stage
+from .profiler_handle import maybe_profile, record_context, single_stage
 
 NONE_FILE = "none"
 DEVICES = ("auto", "cuda", "cpu")
@@ -61,6 +61,7 @@ class WanModelLoader:
         "model_low": bridge.FOLDER_DIT,
     }
     FUNCTION = "load"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Loads Wan2.2 DiT weights (ComfyUI, official or diffusers layouts; fp16/bf16/fp8-scaled)."
 
     @classmethod
@@ -147,8 +148,7 @@ class WanModelLoader:
             )
         if not task.is_moe and len(experts) != 1:
             raise ValueError(f"{task.name} is a single model; set model_low to 'none' (got {model_low!r})")
-        if profiler is not None:
-            profiler.set_context(task=task.name, dit_dtype=dtype, attention_backend=attention)
+        record_context(profiler, task=task.name, dit_dtype=dtype, attention_backend=attention)
         return (T.DiTExperts(experts=tuple(experts), task=task),)
 
 
@@ -161,6 +161,7 @@ class WanTextEncoderLoader:
     # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
     MODEL_FOLDERS: ClassVar[dict[str, str]] = {"text_encoder": bridge.FOLDER_TEXT_ENCODERS}
     FUNCTION = "load"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Loads the UMT5-XXL text encoder (the tokenizer comes from the file's spiece_model)."
 
     @classmethod
@@ -199,8 +200,7 @@ class WanTextEncoderLoader:
             single_stage(*TEXT_ENCODER_INIT_STAGE, component="t5"),
         ):
             encoder = load_text_encoder(path, device=resolve_device(device), dtype=weight_dtype(dtype))
-        if profiler is not None:
-            profiler.set_context(t5_dtype=dtype)
+        record_context(profiler, t5_dtype=dtype)
         return (encoder,)
 
 
@@ -213,6 +213,7 @@ class WanVAELoader:
     # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
     MODEL_FOLDERS: ClassVar[dict[str, str]] = {"vae": bridge.FOLDER_VAE}
     FUNCTION = "load"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Loads a Wan video VAE (wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B)."
 
     @classmethod
@@ -245,6 +246,5 @@ class WanVAELoader:
             single_stage(*VAE_INIT_STAGE, component="vae"),
         ):
             model = load_vae_for_stages(path, device=resolve_device(device), dtype=weight_dtype(dtype))
-        if profiler is not None:
-            profiler.set_context(vae_dtype=dtype)
+        record_context(profiler, vae_dtype=dtype)
         return (model,)

@@ -25,7 +25,7 @@ from ..wan_core.config import (
 )
 from . import comfy_bridge as bridge
 from . import types as T
-from .profiler_handle import maybe_profile
+from .profiler_handle import maybe_profile, record_context
 from .validation import check_float_range, check_int_range, check_open_unit, first_problem
 
 MAX_STEPS = 1000
@@ -47,6 +47,7 @@ class WanSampler:
     RETURN_TYPES = (T.LATENT,)
     RETURN_NAMES = ("latent",)
     FUNCTION = "sample"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Denoises from seeded noise with the Wan2.2 flow-matching solvers (UniPC by default)."
 
     @classmethod
@@ -232,16 +233,16 @@ class WanSampler:
             placement=placement,
             num_resident_blocks=resident_blocks,
         )
-        if profiler is not None:
-            profiler.set_context(
-                task=task.name,
-                steps=steps,
-                placement=placement,
-                solver=solver,
-                seed=seed,
-                cfg_mode=opts.cfg_mode,
-                attention_backend=model.attention,
-            )
+        record_context(
+            profiler,
+            task=task.name,
+            steps=steps,
+            placement=placement,
+            solver=solver,
+            seed=seed,
+            cfg_mode=opts.cfg_mode,
+            attention_backend=model.attention,
+        )
         progress = bridge.make_progress(steps, "Wan Sampler")
 
         def on_step(index: int, num_steps: int, current: torch.Tensor) -> None:

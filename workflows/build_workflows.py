@@ -1,5 +1,8 @@
 """Writes every shipped workflow (UI format + API twin) and the benchmark suites from one description.
 
+Also ComfyUI's own Wan2.2 graphs with the profiler dropped in (API format) and the suite that runs
+them beside this pack's workflows (`native_workflows.py`).
+
 Run `python workflows/build_workflows.py` (or `python -m wanbench.workflows.build_workflows`) after
 changing a node's inputs; the tests fail when the checked-in files differ from what it writes.
 
@@ -23,10 +26,12 @@ if __package__ in (None, ""):  # run as a script: import the installed package
     from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from wanbench.util.atomic import atomic_write_text
     from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
+    from wanbench.workflows.native_workflows import NATIVE_NAMES, comparison_suite, native_graph
 else:
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from ..util.atomic import atomic_write_text
     from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
+    from .native_workflows import NATIVE_NAMES, comparison_suite, native_graph
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -111,13 +116,13 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
     # Node ids follow the run order (the in-process runner runs nodes by id, dependencies first):
     # every loader (DiT, text encoder, VAE), then text encode, image and latent, sampler, decode,
     # save, report. A report then lists one Model_Initialization, T5_Encoding, TI2V_Preprocess.
+    # No profiler wires: Wan Profiler and Wan Benchmark Report measure the whole prompt by themselves.
     nodes = [
         Node(1, "WanBenchProfiler", {"case_name": spec.name, "sample_interval_ms": 100}),
         Node(
             2,
             "WanBenchModelLoader",
-            {"model_high": high, "model_low": low, "dtype": dtype, "attention": "sdpa", "device": "auto"},
-            {"profiler": (1, 0)},
+            {"model_high": high, "model_low": low, "dtype": dtype, "attention": "sdpa", "device": "auto"}
         ),
         Node(
             3,
@@ -126,14 +131,12 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "text_encoder": TINY_TEXT_ENCODER if spec.tiny else FULL_TEXT_ENCODER,
                 "dtype": dtype,
                 "device": "auto",
-            },
-            {"profiler": (1, 0)},
+            }
         ),
         Node(
             4,
             "WanBenchVAELoader",
-            {"vae": vae_file, "dtype": "float32", "device": "auto"},
-            {"profiler": (1, 0)},
+            {"vae": vae_file, "dtype": "float32", "device": "auto"}
         ),
         Node(
             5,
@@ -142,7 +145,7 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "prompt": TINY_PROMPT if spec.tiny else PROMPT,
                 "negative_prompt": "" if spec.tiny else DEFAULT_NEGATIVE_PROMPT,
             },
-            {"text_encoder": (3, 0), "profiler": (1, 0)},
+            {"text_encoder": (3, 0)},
         ),
     ]
     geometry = {"width": width, "height": height, "length": frames}
@@ -162,11 +165,11 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 7,
                 "WanBenchImageToVideo",
                 geometry,
-                {"vae": (4, 0), "start_image": (6, 0), "profiler": (1, 0)},
+                {"vae": (4, 0), "start_image": (6, 0)},
             )
         )
     else:
-        nodes.append(Node(7, "WanBenchEmptyLatent", geometry, {"vae": (4, 0), "profiler": (1, 0)}))
+        nodes.append(Node(7, "WanBenchEmptyLatent", geometry, {"vae": (4, 0)}))
     nodes += [
         Node(
             8,
@@ -183,10 +186,10 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "placement": "none" if spec.tiny or not task.is_moe else "model",
                 "resident_blocks": 0,
             },
-            {"model": (2, 0), "text_embeds": (5, 0), "latent": (7, 0), "profiler": (1, 0)},
+            {"model": (2, 0), "text_embeds": (5, 0), "latent": (7, 0)},
         ),
         Node(
-            9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (4, 0), "latent": (8, 0), "profiler": (1, 0)}
+            9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (4, 0), "latent": (8, 0)}
         ),
         Node(
             10,
@@ -198,7 +201,6 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
             11,
             "WanBenchReport",
             {"filename_prefix": f"wanbench/{spec.name}_report"},
-            {"profiler": (1, 0), "video_path": (10, 0)},
         ),
     ]
     return nodes
@@ -387,6 +389,9 @@ def build_all() -> dict[str, Any]:
         files[f"{spec.name}.api.json"] = to_api(graph)
     files["suites/wan22_benchmark.json"] = _suite(tiny=False)
     files["suites/wan22_benchmark_tiny.json"] = _suite(tiny=True)
+    for model_type, name in NATIVE_NAMES.items():  # ComfyUI's own nodes: API format only
+        files[f"{name}.api.json"] = native_graph(model_type, PROMPT, DEFAULT_NEGATIVE_PROMPT)
+    files["suites/wan22_native_vs_pack.json"] = comparison_suite()
     return files
 
 
