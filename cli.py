@@ -62,12 +62,24 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 # One workflow
 # ------------------------------------------------------------------------------------------------
 def run_one(
-    workflow: Path, *, out_dir: Path, models: Path | None, server: str | None, overrides: dict[str, Any]
+    workflow: Path,
+    *,
+    out_dir: Path,
+    models: Path | None,
+    server: str | None,
+    overrides: dict[str, Any],
+    frames_case: str | None = None,
 ) -> dict[str, list[str]]:
-    """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written."""
+    """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written.
+
+    `frames_case`: on a server, also save the decoded frames as PNG for a suite comparison."""
     from .runner import apply_overrides, load_api_workflow, output_files, run_workflow
 
     prompt = apply_overrides(load_api_workflow(workflow), overrides)
+    if frames_case is not None and server:
+        from .compare import add_frame_saver
+
+        prompt = add_frame_saver(prompt, frames_case)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if server:
@@ -140,6 +152,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     reports: list[str] = []
     failed: list[tuple[str, str]] = []
     case_files: dict[str, dict[str, list[str]]] = {}
+    compared = {name for spec in suite["comparisons"] for name in (spec["baseline"], spec["candidate"])}
     for case in suite["cases"]:
         _say(f"== case {case['name']}")
         try:
@@ -149,6 +162,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
                 models=models,
                 server=args.server,
                 overrides=dict(case.get("overrides", {})),
+                frames_case=case["name"] if case["name"] in compared else None,
             )
             if not files["reports"]:
                 raise RuntimeError("the case wrote no report JSON (is Wan Benchmark Report in the workflow?)")

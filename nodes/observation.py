@@ -37,6 +37,11 @@ class PromptStopped(RuntimeError):
     """The prompt ended before every node that started had finished (an error or an interrupt)."""
 
 
+class OutputsNotRun(RuntimeError):
+    """Output nodes of the workflow did not run: ComfyUI dropped them (an invalid input upstream)
+    or they were not among the nodes queued; the profile covers only part of the workflow."""
+
+
 @dataclass(frozen=True)
 class RememberedStage:
     name: str
@@ -340,6 +345,20 @@ class PromptObservation:
         cached += [n for n in self._cached_finished if n not in self._nodes]
         return sorted(set(cached), key=lambda n: (len(n), n))
 
+    def outputs_not_run(self) -> list[str]:
+        """Output nodes of the prompt that sent no event at all (ComfyUI runs, or finishes from its
+        cache, every output node it keeps)."""
+        seen = set(self._nodes) | self._cached_finished | set(self._before)
+        missing = []
+        for node_id in self.graph.nodes:
+            class_type = self.graph.class_type(node_id)
+            node_class = self.graph.node_class(class_type)
+            if node_id in seen or getattr(node_class, "OUTPUT_NODE", False) is not True:
+                continue
+            if roles.role_of(class_type).role != roles.APPARATUS:
+                missing.append(node_id)
+        return missing
+
     def finish(self, *, error: BaseException | None = None, stopped: bool = False) -> Any:
         """Close the session: cached nodes recorded, unfinished nodes noted, memory updated.
 
@@ -358,6 +377,14 @@ class PromptObservation:
         elif stopped and error is None:
             error = PromptStopped("ComfyUI ended the prompt early (an error or an interrupt)")
             self.note(str(error))
+        dropped = self.outputs_not_run()
+        if dropped:
+            names = ", ".join(f"{n} ({self.graph.class_type(n)})" for n in dropped)
+            self.note(
+                f"output node(s) {names} did not run: ComfyUI dropped them (an invalid input upstream) or "
+                "they were not queued; this profile covers only part of the workflow"
+            )
+            error = error or OutputsNotRun(names)
         for r in unfinished:
             if r.progress is not None:
                 r.progress.end()

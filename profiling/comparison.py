@@ -43,6 +43,7 @@ class OutputDifference:
     psnr_db: float  # inf when identical
     max_abs: int
     num_frames: int
+    source: str = "videos"  # "frames": lossless PNG frames; "videos": the saved videos (lossy)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,10 +124,12 @@ def _output_line(c: Comparison) -> str:
         return f"- **Output difference**: n/a ({c.output_na_reason or 'not measured'})"
     o = c.output
     psnr = "identical (PSNR inf)" if math.isinf(o.psnr_db) else f"PSNR {o.psnr_db:.2f} dB"
-    return (
-        f"- **Output difference** ({o.num_frames} frames of the saved videos, 8-bit, lossy encoding "
-        f"included): {psnr}, max abs {o.max_abs} of 255"
+    what = (
+        "decoded frames saved as PNG, 8-bit, lossless"
+        if o.source == "frames"
+        else "frames of the saved videos, 8-bit, lossy encoding included"
     )
+    return f"- **Output difference** ({o.num_frames} {what}): {psnr}, max abs {o.max_abs} of 255"
 
 
 def _comparison_lines(c: Comparison) -> list[str]:

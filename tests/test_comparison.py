@@ -98,8 +98,40 @@ def test_video_difference(tmp_path: Path) -> None:
     assert math.isinf(same.psnr_db) and same.max_abs == 0 and same.num_frames == 5
     other = video_difference(a, _video(tmp_path / "c.mp4", 255 - frames))
     assert other.psnr_db < 10 and other.max_abs > 100
-    with pytest.raises(ValueError, match="the videos differ in shape"):
+    with pytest.raises(ValueError, match="the outputs differ in shape"):
         video_difference(a, _video(tmp_path / "d.mp4", frames[:, :16]))
+
+
+def test_frame_saver_and_lossless_frames(tmp_path: Path) -> None:
+    from PIL import Image
+    from wanbench.compare import FRAMES_FOLDER, add_frame_saver, frames_of
+
+    prompt = {"8": {"class_type": "VAEDecode", "inputs": {}}, "9": {"class_type": "SaveVideo", "inputs": {}}}
+    out = add_frame_saver(prompt, "native")
+    saver = out["wanbench_compare_frames"]
+    assert saver["class_type"] == "SaveImage" and saver["inputs"]["images"] == ["8", 0]
+    assert (
+        saver["inputs"]["filename_prefix"] == f"{FRAMES_FOLDER}/native/frame"
+        and "wanbench_compare_frames" not in prompt
+    )
+    two = {**prompt, "10": {"class_type": "WanBenchVAEDecode", "inputs": {}}}
+    assert add_frame_saver(two, "x") == two  # which decode is the output is not clear: nothing added
+    files = {}
+    for case, level in (("native", 100), ("pack", 103)):
+        folder = tmp_path / FRAMES_FOLDER / case
+        folder.mkdir(parents=True)
+        paths = []
+        for i in range(3):
+            path = folder / f"frame_{i:05}_.png"
+            Image.new("RGB", (8, 6), (level, level, level)).save(path)
+            paths.append(str(path))
+        files[case] = {"reports": [], "videos": [], "other": list(reversed(paths)) + [str(tmp_path / "x.png")]}
+    assert [Path(p).name for p in frames_of(files["native"], "native")] == [f"frame_{i:05}_.png" for i in range(3)]
+    from wanbench.compare import _output_difference
+
+    diff = _output_difference({"baseline": "native", "candidate": "pack"}, files)
+    assert diff.source == "frames" and diff.max_abs == 3 and diff.num_frames == 3
+    assert diff.psnr_db == pytest.approx(10 * math.log10(255**2 / 9))
 
 
 def test_compare_cases_reads_reports_and_videos(tmp_path: Path) -> None:

@@ -397,6 +397,9 @@ def test_native_vs_pack_suite_runs_the_same_job_twice() -> None:
             assert a["split"] == high and a["cfg"] == [b["guidance_high"], b["guidance_low"]]
         else:
             assert a["cfg"] == [b["guidance_high"]]
+        texts = [n["inputs"]["text"] for n in native.values() if n["class_type"] == "CLIPTextEncode"]
+        (encode,) = [n["inputs"] for n in pack.values() if n["class_type"] == "WanBenchTextEncode"]
+        assert texts == [encode["prompt"], encode["negative_prompt"]]  # positive first, as in the templates
         assert native["1"]["inputs"]["case_name"] == native_case["name"]
         assert pack["1"]["inputs"]["case_name"] == pack_case["name"]
 

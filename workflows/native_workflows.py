@@ -23,6 +23,9 @@ from ..wan_core.schedulers import make_schedule
 SOLVER = "euler"
 COMFY_SAMPLER, COMFY_SCHEDULER = "euler", "simple"
 SEED = 42
+# Core SaveVideo encodes h264 (yuv420p) at libx264's default quality, crf 23; the pack's twin saves
+# with the same crf so that the two videos differ by their frames, not by their encoder settings.
+COMFY_SAVE_VIDEO_CRF = 23
 NATIVE_FILES = {
     "ti2v": ("wan2.2_ti2v_5B_fp16.safetensors",),
     "t2v": (
@@ -143,6 +146,7 @@ def pack_overrides(model_type: str, case_name: str) -> dict[str, Any]:
         "WanBenchSampler.shift": s.shift,
         "WanBenchSampler.guidance_high": s.guide_scale.high,
         "WanBenchSampler.guidance_low": s.guide_scale.low,
+        "WanBenchSaveVideo.crf": COMFY_SAVE_VIDEO_CRF,
     }
 
 
