@@ -282,6 +282,10 @@ class ProgressRun:
         if self._frame is not None:
             if self.done == 0:
                 self.cancel()  # no update at all: the node's time stays in the node, not in a step
+                self.sink.note(
+                    f"sampler node {self.node_id} sent no progress update: its time is not split into steps "
+                    "(it shows as time inside a node, outside the stages)"
+                )
             else:
                 frame, self._frame = self._frame, None
                 self.sink.session.close_stage(frame, unconfirmed=True, sampler_node=self.node_id)

@@ -30,7 +30,6 @@ from ..wan_core.config import (
     EXPERT_HIGH,
     EXPERT_LOW,
     LORA_INIT_STAGE,
-    MODEL_INIT_STAGE,
     PREPROCESS_STAGE,
     T5_ENCODE_STAGE,
     TEXT_ENCODER_INIT_STAGE,
@@ -88,9 +87,7 @@ _STAGES: dict[str, Stage] = {
     "WanVideoDecode": VAE_DECODE_STAGE,
 }
 CORE_SAMPLERS = frozenset({"KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"})
-_PROGRESS_SAMPLERS = frozenset(
-    {"WanVideoSampler", "WanVideoSamplerv2", "WanVideoSamplerFromSettings", "WanVideoSamplerSettings"}
-)
+_PROGRESS_SAMPLERS = frozenset({"WanVideoSampler", "WanVideoSamplerv2", "WanVideoSamplerFromSettings"})
 # Inputs that name the model file a model source node loads (first one found is used).
 MODEL_FILE_INPUTS = ("unet_name", "ckpt_name", "model", "model_name")
 _HIGH = re.compile(r"high[\s_.-]*noise", re.IGNORECASE)
@@ -122,10 +119,6 @@ def role_of(class_type: str, node_class: Any = None) -> NodeRole:
     if class_type in _PROGRESS_SAMPLERS:
         return NodeRole(PROGRESS_SAMPLER)
     return NodeRole(OTHER, Stage(stage_name_for_class(class_type), OTHER_KIND))
-
-
-def model_init_piece() -> Stage:
-    return MODEL_INIT_STAGE
 
 
 def stage_name_for_class(class_type: str) -> str:

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import comfy_bridge
-from .observation import NodeMemory, PromptGraph, PromptObservation
+from .observation import PromptObservation
+from .observed_graph import NodeMemory, PromptGraph
 from .profiler_settings import DEFAULT_INTERVAL_MS, ProfilerSettings, check_profiler_settings
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,12 @@ class InProcessPrompt:
         _feed(self.prompt_id, "node_finished", node_id)
 
     def ended(self, error: BaseException | None) -> None:
-        """The runner finished the prompt: an observation no report closed is closed now."""
+        """The runner finished the prompt: an observation no report closed is closed now, and forgotten."""
         active = _ACTIVE.get(self.prompt_id)
         if active is not None and not active.observation.closed:
             end_observation(active.observation, error=error, reason="the workflow ended before its report")
+        with _LOCK:
+            _ACTIVE.pop(self.prompt_id, None)
 
 
 _IN_PROCESS: contextvars.ContextVar[InProcessPrompt | None] = contextvars.ContextVar(
@@ -163,15 +166,13 @@ def observe_current_prompt(settings: ProfilerSettings | None = None) -> PromptOb
         raise RuntimeError(
             "the Wan Profiler can only measure a prompt that ComfyUI (or `wanbench run`) executes; no prompt is running"
         )
-    with _LOCK:
-        active = _ACTIVE.get(prompt_id)
-    if active is not None:
-        if active.observation.closed:
-            raise RuntimeError(f"the profiling of prompt {prompt_id} already ended (its report was written)")
-        return active.observation
-    _end_stale(prompt_id)
     in_process = _IN_PROCESS.get()
     registry = None if in_process is not None else _progress_registry()
+    with _LOCK:
+        active = _ACTIVE.get(prompt_id)
+    if active is not None and (registry is None or active.registry is registry):
+        return active.observation  # possibly closed already (another report node wrote it)
+    _end_stale(prompt_id, registry)
     graph = in_process.graph() if in_process is not None else _graph_of(registry)
     settings = settings or settings_from_graph(graph.nodes)
     from ..profiling import ProfileSession
@@ -327,9 +328,12 @@ def end_observation(
     reason: str | None = None,
     stopped: bool = False,
 ) -> Any:
-    """Close an observation (idempotent); returns its run record, None if it was already closed."""
+    """Close an observation (idempotent); returns its run record, None if it was already closed.
+
+    A closed observation stays known for its prompt (a second report node of the prompt writes the
+    same record) until another prompt opens one, or the in-process runner ends its prompt."""
     with _LOCK:
-        active = _ACTIVE.pop(observation.prompt_id, None)
+        active = _ACTIVE.get(observation.prompt_id)
     if observation.closed:
         return None
     if reason:
@@ -352,15 +356,18 @@ def _remove_handler(active: _Active) -> None:
         registry.unregister_handler(HANDLER_NAME)
 
 
-def _end_stale(prompt_id: str) -> None:
-    """Close observations of earlier prompts that are still open (backstop: a lost end signal).
-    ComfyUI runs one prompt at a time; in-process runs end their own observation."""
+def _end_stale(prompt_id: str, registry: Any) -> None:
+    """Forget earlier prompts' observations (and one of an earlier run that reused this prompt id),
+    closing any still open (backstop: a lost end signal). ComfyUI runs one prompt at a time; the
+    in-process runner ends and forgets its own observation."""
     if _IN_PROCESS.get() is not None:
         return
     with _LOCK:
-        stale = [a.observation for pid, a in _ACTIVE.items() if pid != prompt_id]
+        stale = [a.observation for pid, a in _ACTIVE.items() if pid != prompt_id or a.registry is not registry]
     for observation in stale:
         end_observation(observation, error=None, reason="a later prompt started before its end")
+        with _LOCK:
+            _ACTIVE.pop(observation.prompt_id, None)
 
 
 def open_prompt_ids() -> list[str]:

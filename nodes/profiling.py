@@ -144,15 +144,17 @@ class WanBenchmarkReport:
         if problem:
             raise ValueError(problem)
         observation = observer.observe_current_prompt(None if profiler is None else profiler.settings)
-        try:
-            await observer.wait_until_quiet(observation, me=unique_id)
-        except asyncio.CancelledError:  # the prompt failed or was interrupted meanwhile
-            record = observer.end_observation(observation, error=None, stopped=True)
-            if record is not None:
-                written = _write(record, filename_prefix)
-                log.warning("the prompt stopped; the report of what ran is %s", written[0])
-            raise
-        record = observer.end_observation(observation, error=None)
+        if not observation.closed:
+            try:
+                await observer.wait_until_quiet(observation, me=unique_id)
+            except asyncio.CancelledError:  # the prompt failed or was interrupted meanwhile
+                record = observer.end_observation(observation, error=None, stopped=True)
+                if record is not None:
+                    written = _write(record, filename_prefix)
+                    log.warning("the prompt stopped; the report of what ran is %s", written[0])
+                raise
+        # another report node of this prompt may have closed it first: it wrote the same record
+        record = observer.end_observation(observation, error=None) or observation.record
         if record is None:
             raise RuntimeError("the profiling session of this prompt was closed before the report ran")
         markdown, files, chart, subfolder = _write(record, filename_prefix)

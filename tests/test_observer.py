@@ -12,7 +12,8 @@ import torch
 from wanbench.nodes import NODE_CLASS_MAPPINGS
 from wanbench.nodes import observed_stages as roles
 from wanbench.nodes.model_tap import dit_config_of, forward_flops
-from wanbench.nodes.observation import NodeMemory, PromptGraph, PromptObservation
+from wanbench.nodes.observation import PromptObservation
+from wanbench.nodes.observed_graph import NodeMemory, PromptGraph
 from wanbench.nodes.observed_sampling import ModelLabel, RunSpan, StepNumbering, _Eval, cfg_mode_of
 from wanbench.nodes.prompt_rewrite import TAP_CLASS, insert_model_taps, model_output_slots, on_prompt
 from wanbench.profiling import FakeClock, FakeDevice, FakeHost, ProfileSession, check_report, write_report

@@ -200,3 +200,11 @@ def test_report_without_a_profiler_says_what_to_add(comfy) -> None:
     prompt = {k: v for k, v in PROMPT.items() if k != "8"}
     with pytest.raises(ValueError, match="found no Wan Profiler in this workflow; add a Wan Profiler node"):
         comfy.run("p1", prompt, ["9", "1"])
+
+
+def test_two_report_nodes_write_the_same_run(comfy, tmp_path) -> None:
+    prompt = {**PROMPT, "10": {"class_type": "WanBenchReport", "inputs": {"filename_prefix": "reports/run"}}}
+    comfy.run("p1", prompt, ["9", "10", "8", "1", "2", "3", "4"])
+    first, second = _reports(tmp_path)
+    runs = [json.loads(p.read_text(encoding="utf-8"))["runs"][0] for p in (first, second)]
+    assert runs[0]["run_id"] == runs[1]["run_id"] and check_report(second) == []

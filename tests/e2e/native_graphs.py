@@ -58,8 +58,11 @@ def pack_twin_overrides(*, steps: int, seed: int, case_name: str) -> dict[str, A
     """Overrides that make the pack's tiny T2V-A14B workflow run `tiny_native("t2v", ...)`'s job."""
     width, height, length = T2V_SIZE
     s = T2V_A14B.sampler
-    texts = [n["inputs"]["text"] for n in load_api(f"{NATIVE_NAMES['t2v']}.api.json").values()
-             if n["class_type"] == "CLIPTextEncode"]
+    texts = [
+        n["inputs"]["text"]
+        for n in load_api(f"{NATIVE_NAMES['t2v']}.api.json").values()
+        if n["class_type"] == "CLIPTextEncode"
+    ]
     return {
         "WanBenchTextEncode.prompt": texts[0],
         "WanBenchTextEncode.negative_prompt": texts[1],

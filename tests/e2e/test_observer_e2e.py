@@ -40,9 +40,7 @@ def _report(files: dict[str, list[str]]) -> dict[str, Any]:
 
 
 def _steps(run: dict[str, Any], *, cached: bool = False) -> dict[int, dict[str, Any]]:
-    return {
-        s["step"]: s for s in run["stages"] if s["kind"] == "step-inference" and s["cached"] is cached
-    }
+    return {s["step"]: s for s in run["stages"] if s["kind"] == "step-inference" and s["cached"] is cached}
 
 
 def _top(run: dict[str, Any]) -> list[str]:
@@ -182,22 +180,37 @@ def test_native_vs_pack_suite_runs_headless(comfy_server: ComfyServer, tmp_path:
         "name": "native_vs_pack_tiny",
         "cases": [
             {"name": "native_t2v", "workflow": "native.api.json", "overrides": {}},
-            {"name": "pack_t2v", "workflow": str(pack_workflow),
-             "overrides": pack_twin_overrides(steps=STEPS, seed=21, case_name="pack_t2v")},
+            {
+                "name": "pack_t2v",
+                "workflow": str(pack_workflow),
+                "overrides": pack_twin_overrides(steps=STEPS, seed=21, case_name="pack_t2v"),
+            },
         ],
         "comparisons": [{"title": "tiny T2V-A14B", "baseline": "native_t2v", "candidate": "pack_t2v"}],
     }
     (workflows / "suite.json").write_text(json.dumps(suite), encoding="utf-8")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "wanbench", "suite", str(workflows / "suite.json"), "--server", comfy_server.url,
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=900, check=False,
+        [
+            sys.executable,
+            "-m",
+            "wanbench",
+            "suite",
+            str(workflows / "suite.json"),
+            "--server",
+            comfy_server.url,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = (out / "native_vs_pack_tiny_report.md").read_text(encoding="utf-8")
     assert "| native_t2v |" in text and "| pack_t2v |" in text  # both rows of the summary table
-    section = text[text.index("## Runtimes side by side"):]
+    section = text[text.index("## Runtimes side by side") :]
     assert "| Step inference |" in section and "| **Total_Execution** |" in section
     assert "Not the same job" not in section, section
     output = next(line for line in section.splitlines() if line.startswith("- **Output difference**"))
