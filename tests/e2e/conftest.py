@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from .native_models import make_core_tiny_models
-from .provision import ComfyInstall, install_from_env, provision, repo_root
+from .provision import ComfyInstall, ensure_optional_packages, install_from_env, provision, repo_root
 from .server import ComfyServer
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,10 @@ TEST_PACK_LINK_NAME = "wanbench_test_pack"  # test-only nodes (tests/e2e/native_
 @pytest.fixture(scope="session")
 def comfy_install() -> ComfyInstall:
     """The ComfyUI tree and interpreter (provisioned and cached under .cache/comfyui, or COMFYUI_DIR)."""
-    install = install_from_env() or provision()
+    from_env = install_from_env()
+    install = from_env or provision()
+    if from_env is None:  # the cached install: top up gguf, which the GGUF e2e tests need in the server
+        ensure_optional_packages(install)
     if install.reused:
         logger.info("using ComfyUI %s at %s", install.version, install.comfy_dir)
     else:
@@ -43,9 +46,9 @@ def comfy_install() -> ComfyInstall:
 
 
 def make_tiny_models(models_dir: Path) -> None:
-    """Run ``wanbench make-tiny-models DIR`` with the project's interpreter."""
+    """Run ``wanbench make-tiny-models DIR --gguf`` with the project's interpreter (GGUF files too)."""
     result = subprocess.run(
-        [sys.executable, "-m", "wanbench", "make-tiny-models", str(models_dir)],
+        [sys.executable, "-m", "wanbench", "make-tiny-models", str(models_dir), "--gguf"],
         capture_output=True,
         text=True,
         check=False,
