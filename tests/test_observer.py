@@ -63,6 +63,7 @@ def test_pack_stage_nodes_record_their_own_stages() -> None:
     own = {k for k, cls in NODE_CLASS_MAPPINGS.items() if roles.role_of(k, cls).role == roles.SELF}
     assert own == {
         "WanBenchModelLoader",
+        "WanBenchLora",
         "WanBenchTextEncoderLoader",
         "WanBenchVAELoader",
         "WanBenchTextEncode",
