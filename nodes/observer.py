@@ -181,12 +181,20 @@ def observe_current_prompt(settings: ProfilerSettings | None = None) -> PromptOb
     session.open()
     observation = PromptObservation(prompt_id=prompt_id, session=session, graph=graph, memory=_MEMORY)
     active = _Active(observation)
-    if registry is not None:
-        observation.seed({str(k): _state(v) for k, v in getattr(registry, "nodes", {}).items()})
-        _add_handler(active, registry)
-    with _LOCK:
-        _ACTIVE[prompt_id] = active
-    active.watcher = _start_watcher(observation)
+    try:
+        if registry is not None:
+            observation.seed({str(k): _state(v) for k, v in getattr(registry, "nodes", {}).items()})
+            _add_handler(active, registry)
+        with _LOCK:
+            _ACTIVE[prompt_id] = active
+        active.watcher = _start_watcher(observation)
+    except BaseException as err:  # never leave a session (and its sampler thread) behind half-opened
+        with _LOCK:
+            _ACTIVE.pop(prompt_id, None)
+        if not observation.closed:
+            observation.finish(error=err)
+        _remove_handler(active)
+        raise
     log.info("profiling prompt %s as case %r", prompt_id, settings.case_name)
     return observation
 
