@@ -97,12 +97,19 @@ def run_one(
     models: Path | None,
     server: str | None,
     overrides: dict[str, Any],
+    frames_case: str | None = None,
     loader_options: dict[str, Any] | None = None,
 ) -> dict[str, list[str]]:
-    """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written."""
+    """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written.
+
+    `frames_case`: on a server, also save the decoded frames as PNG for a suite comparison."""
     from .runner import apply_overrides, load_api_workflow, output_files, run_workflow
 
     prompt = apply_model_options(apply_overrides(load_api_workflow(workflow), overrides), loader_options or {})
+    if frames_case is not None and server:
+        from .compare import add_frame_saver
+
+        prompt = add_frame_saver(prompt, frames_case)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if server:
@@ -211,6 +218,10 @@ def _run_parallel(args: argparse.Namespace) -> int:
 # Suites
 # ------------------------------------------------------------------------------------------------
 def load_suite(path: Path) -> dict[str, Any]:
+    """A suite: {'name', 'cases': [{'name', 'workflow', 'overrides'}], 'comparisons' (optional):
+    [{'title', 'baseline', 'candidate'}] naming two cases that run the same job}."""
+    from .compare import check_comparisons
+
     suite = json.loads(path.read_text(encoding="utf-8"))
     cases = suite.get("cases") if isinstance(suite, dict) else None
     if not isinstance(cases, list) or not cases:
@@ -219,6 +230,7 @@ def load_suite(path: Path) -> dict[str, Any]:
         missing = {"name", "workflow"} - set(case)
         if missing:
             raise ValueError(f"{path}: case {case.get('name', '?')!r} lacks {sorted(missing)}")
+    suite["comparisons"] = check_comparisons(suite, str(path))
     return suite
 
 
@@ -231,6 +243,8 @@ def cmd_suite(args: argparse.Namespace) -> int:
     models = None if args.server else _prepare_models(args)
     reports: list[str] = []
     failed: list[tuple[str, str]] = []
+    case_files: dict[str, dict[str, list[str]]] = {}
+    compared = {name for spec in suite["comparisons"] for name in (spec["baseline"], spec["candidate"])}
     for case in suite["cases"]:
         _say(f"== case {case['name']}")
         try:
@@ -240,11 +254,13 @@ def cmd_suite(args: argparse.Namespace) -> int:
                 models=models,
                 server=args.server,
                 overrides=dict(case.get("overrides", {})),
+                frames_case=case["name"] if case["name"] in compared else None,
                 loader_options=model_options(args),
             )
             if not files["reports"]:
                 raise RuntimeError("the case wrote no report JSON (is Wan Benchmark Report in the workflow?)")
             reports += files["reports"]
+            case_files[case["name"]] = files
         except Exception as err:  # noqa: BLE001 - deliberate: whatever one case raises (a server
             # error, a bad override, a bug in a node) must not stop the other cases; the full
             # traceback is logged and the case is listed as failed in the combined report.
@@ -253,12 +269,36 @@ def cmd_suite(args: argparse.Namespace) -> int:
     if reports or failed:
         combined = out_dir / f"{suite.get('name', 'suite')}_report.md"
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(combined, combined_report(reports, failed))
+        text = combined_report(reports, failed)
+        if suite["comparisons"]:
+            text = text.rstrip("\n") + "\n\n" + comparison_section(suite["comparisons"], case_files)
+        atomic_write_text(combined, text)
         _say(f"combined report: {combined}")
     for name, why in failed:
         _say(f"FAILED {name}: {why}")
     _say(f"{len(suite['cases']) - len(failed)}/{len(suite['cases'])} cases passed")
     return 1 if failed else 0
+
+
+def comparison_section(specs: Sequence[dict[str, str]], case_files: dict[str, dict[str, list[str]]]) -> str:
+    """The suite's side-by-side section; a pair whose case failed is listed with the reason."""
+    from .compare import compare_cases
+    from .profiling.comparison import render_comparisons
+
+    made, missing = [], []
+    for spec in specs:
+        try:
+            result = compare_cases(spec, case_files)
+        except (ValueError, OSError) as err:  # an unreadable report or video: say so, keep the rest
+            result = f"{spec['title']}: {type(err).__name__}: {err}"
+        if isinstance(result, str):
+            missing.append(result)
+        else:
+            made.append(result)
+    text = render_comparisons(made) if made else "## Runtimes side by side\n\n"
+    if missing:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(f"- Not compared: {m}" for m in missing) + "\n"
+    return text
 
 
 def combined_report(reports: Sequence[str], failed: Sequence[tuple[str, str]]) -> str:

@@ -1,6 +1,8 @@
 """ComfyUI node classes of the pack. Importing this never imports ComfyUI.
 
-Node ids (the keys below) are stored in workflows and never change.
+Node ids (the keys below) are stored in workflows and never change. Inside a running ComfyUI
+server, importing this also registers the profiler's on-prompt hook (`prompt_rewrite.install`),
+which inserts Wan Model Tap nodes into prompts that hold a Wan Profiler or Wan Benchmark Report.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from .images import WanTestImage
 from .latents import WanEmptyLatent, WanImageToVideo
 from .loaders import WanModelLoader, WanTextEncoderLoader, WanVAELoader
 from .lora import WanLora
+from .model_tap import WanModelTap
 from .profiling import WanBenchmarkReport, WanProfiler
+from .prompt_rewrite import install as _install_prompt_hook
 from .sampling import WanSampler
 from .text import WanTextEncode
 from .vae import WanVAEDecode
@@ -29,6 +33,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "WanBenchVAEDecode": WanVAEDecode,
     "WanBenchSaveVideo": WanSaveVideo,
     "WanBenchReport": WanBenchmarkReport,
+    "WanBenchModelTap": WanModelTap,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -45,6 +50,9 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "WanBenchVAEDecode": "Wan VAE Decode",
     "WanBenchSaveVideo": "Wan Save Video",
     "WanBenchReport": "Wan Benchmark Report",
+    "WanBenchModelTap": "Wan Model Tap (internal)",
 }
+
+_install_prompt_hook()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -17,7 +17,7 @@ import torch
 
 from ..wan_core.config import I2V_A14B, PREPROCESS_STAGE, T2V_A14B, TI2V_5B
 from . import types as T
-from .profiler_handle import maybe_profile, single_stage
+from .profiler_handle import maybe_profile, record_context, single_stage
 from .validation import FRAME_STEP, MAX_FRAMES, MAX_SIZE, SIZE_STEP, check_frames, check_size, first_problem
 
 
@@ -83,6 +83,7 @@ class WanEmptyLatent:
     RETURN_TYPES = (T.LATENT,)
     RETURN_NAMES = ("latent",)
     FUNCTION = "make"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Empty video latent for text-to-video; its shape follows the VAE (Wan2.1 or Wan2.2)."
 
     @classmethod
@@ -118,8 +119,7 @@ class WanEmptyLatent:
         ):
             shape = task.latent_shape(width, height, length)  # (z, T, h, w); raises on bad geometry
             samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)
-        if profiler is not None:
-            profiler.set_context(width=width, height=height, frames=length)
+        record_context(profiler, width=width, height=height, frames=length)
         return ({"samples": samples},)
 
 
@@ -130,6 +130,7 @@ class WanImageToVideo:
     RETURN_TYPES = (T.LATENT,)
     RETURN_NAMES = ("latent",)
     FUNCTION = "make"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = (
         "Encodes a start image. With the Wan2.2 VAE (TI2V-5B) the output size is the 32-grid "
         "size of width x height pixels closest to the image's aspect; with the Wan2.1 VAE "
@@ -193,6 +194,5 @@ class WanImageToVideo:
         shape = condition.latent_shape  # (C, T, h, w) of the noise
         samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)
         out_w, out_h = condition.pixel_size
-        if profiler is not None:
-            profiler.set_context(width=out_w, height=out_h, frames=length)
+        record_context(profiler, width=out_w, height=out_h, frames=length)
         return ({"samples": samples, "wan_condition": condition},)

@@ -27,7 +27,7 @@ from ..wan_core.config import (
 from ..wan_core.config import weight_dtype as _dtype  # `weight_dtype` names the storage input below
 from . import comfy_bridge as bridge
 from . import types as T
-from .profiler_handle import maybe_profile, single_stage
+from .profiler_handle import maybe_profile, record_context, single_stage
 
 NONE_FILE = "none"
 DEVICES = ("auto", "cuda", "cpu")
@@ -80,6 +80,7 @@ class WanModelLoader:
         "model_low": bridge.FOLDER_DIT,
     }
     FUNCTION = "load"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Loads Wan2.2 DiT weights (ComfyUI, official or diffusers layouts; fp16/bf16/fp8-scaled)."
 
     @classmethod
@@ -203,9 +204,15 @@ class WanModelLoader:
             )
         if not task.is_moe and len(experts) != 1:
             raise ValueError(f"{task.name} is a single model; set model_low to 'none' (got {model_low!r})")
-        if profiler is not None:
-            profiler.set_context(task=task.name, dit_dtype=dtype, attention_backend=attention,
-                                 weight_dtype=weight_dtype, compile=execution.compiles, tf32=execution.tf32)
+        record_context(
+            profiler,
+            task=task.name,
+            dit_dtype=dtype,
+            attention_backend=attention,
+            weight_dtype=weight_dtype,
+            compile=execution.compiles,
+            tf32=execution.tf32,
+        )
         return (T.DiTExperts(experts=tuple(experts), task=task, storage=weight_dtype, execution=execution),)
 
 
@@ -218,6 +225,7 @@ class WanTextEncoderLoader:
     # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
     MODEL_FOLDERS: ClassVar[dict[str, str]] = {"text_encoder": bridge.FOLDER_TEXT_ENCODERS}
     FUNCTION = "load"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Loads the UMT5-XXL text encoder (the tokenizer comes from the file's spiece_model)."
 
     @classmethod
@@ -271,8 +279,7 @@ class WanTextEncoderLoader:
             encoder = load_text_encoder(
                 path, device=resolve_device(device), dtype=_dtype(dtype), storage=weight_dtype
             )
-        if profiler is not None:
-            profiler.set_context(t5_dtype=dtype)
+        record_context(profiler, t5_dtype=dtype)
         return (encoder,)
 
 
@@ -285,6 +292,7 @@ class WanVAELoader:
     # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
     MODEL_FOLDERS: ClassVar[dict[str, str]] = {"vae": bridge.FOLDER_VAE}
     FUNCTION = "load"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Loads a Wan video VAE (wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B)."
 
     @classmethod
@@ -317,6 +325,5 @@ class WanVAELoader:
             single_stage(*VAE_INIT_STAGE, component="vae"),
         ):
             model = load_vae_for_stages(path, device=resolve_device(device), dtype=_dtype(dtype))
-        if profiler is not None:
-            profiler.set_context(vae_dtype=dtype)
+        record_context(profiler, vae_dtype=dtype)
         return (model,)

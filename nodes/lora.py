@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from ..wan_core.config import LORA_INIT_STAGE, MODEL_INIT_STAGE
 from . import comfy_bridge as bridge
 from . import types as T
-from .profiler_handle import maybe_profile, single_stage
+from .profiler_handle import maybe_profile, record_context, single_stage
 from .validation import check_float_range, first_problem
 
 MAX_STRENGTH = 100.0  # ComfyUI's LoraLoader range
@@ -28,6 +28,7 @@ class WanLora:
     # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
     MODEL_FOLDERS: ClassVar[dict[str, str]] = {"lora_name": bridge.FOLDER_LORAS}
     FUNCTION = "apply"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = ("Adds a LoRA (kohya, ComfyUI, diffusers/PEFT or LightX2V layout) to the Wan2.2 experts, "
                    "with a strength per expert. Chain several; the weights are patched only while sampling.")
 
@@ -99,6 +100,5 @@ class WanLora:
         ):
             lora = load_expert_lora(path, model.experts, strengths)
         out = model.with_lora(lora)
-        if profiler is not None:
-            profiler.set_context(loras=out.lora_descriptions())
+        record_context(profiler, loras=out.lora_descriptions())
         return (out,)

@@ -29,7 +29,7 @@ from ..wan_core.config import (
 )
 from . import comfy_bridge as bridge
 from . import types as T
-from .profiler_handle import maybe_profile
+from .profiler_handle import maybe_profile, record_context
 from .schedule_inputs import END_OF_SCHEDULE, SCHEDULE_INPUTS, check_list_length
 from .validation import (
     check_float_range,
@@ -61,6 +61,7 @@ class WanSampler:
     RETURN_TYPES = (T.LATENT,)
     RETURN_NAMES = ("latent",)
     FUNCTION = "sample"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Denoises from seeded noise with the Wan2.2 flow-matching solvers (UniPC by default)."
 
     @classmethod
@@ -279,17 +280,17 @@ class WanSampler:
             timesteps=explicit_t,
             sigmas=explicit_sigmas,
         )
-        if profiler is not None:
-            profiler.set_context(
-                task=task.name,
-                steps=steps,
-                placement=placement,
-                solver=solver,
-                seed=seed,
-                cfg_mode=opts.cfg_mode,
-                attention_backend=model.attention,
-                loras=model.lora_descriptions() or None,
-            )
+        record_context(
+            profiler,
+            task=task.name,
+            steps=steps,
+            placement=placement,
+            solver=solver,
+            seed=seed,
+            cfg_mode=opts.cfg_mode,
+            attention_backend=model.attention,
+            loras=model.lora_descriptions() or None,
+        )
         first, last = opts.start_step, opts.last_step
         progress = bridge.make_progress(last - first, "Wan Sampler")
 

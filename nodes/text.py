@@ -18,6 +18,7 @@ class WanTextEncode:
     RETURN_TYPES = (T.TEXT_EMBEDS,)
     RETURN_NAMES = ("text_embeds",)
     FUNCTION = "encode"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "UMT5 embeddings of the prompt and the negative prompt, for Wan Sampler."
 
     @classmethod

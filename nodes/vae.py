@@ -42,6 +42,7 @@ class WanVAEDecode:
     RETURN_TYPES = (T.IMAGE,)
     RETURN_NAMES = ("images",)
     FUNCTION = "decode"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Decodes raw video latents into frames (IMAGE), so core image/video nodes can follow."
 
     @classmethod

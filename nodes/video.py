@@ -82,7 +82,8 @@ class WanSaveVideo:
     FUNCTION = "save"
     OUTPUT_NODE = True
     DESCRIPTION = (
-        "Writes an mp4 (PyAV) into ComfyUI's output folder; wire video_path into Wan Benchmark Report."
+        "Writes an mp4 (PyAV) into ComfyUI's output folder and outputs its path; Wan Benchmark Report "
+        "needs no wire from it."
     )
 
     @classmethod

@@ -160,7 +160,7 @@ class OutsideInterval:
     `after` / `before` name the top-level stages around it (None at the run's start or end);
     `in_node` is True when the session was activated (a profiled node or the profiled block was
     running its own code outside any stage), False when no profiled code ran (ComfyUI moving
-    between nodes, nodes without a profiler input such as video saving).
+    between nodes, or the report confirming that the prompt is done).
     """
 
     start_s: float

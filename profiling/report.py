@@ -390,7 +390,8 @@ def _outside_lines(outside: Sequence[OutsideInterval], margin: float) -> list[st
         where = (
             "profiled code outside any stage"
             if o.in_node
-            else "no profiled code (graph execution between nodes, nodes without a profiler input)"
+            else "no node was being measured (ComfyUI between nodes; at the end, the report confirming "
+            "the prompt is done)"
         )
         lines.append(
             f"- {fmt_s(o.duration_s)} s at {fmt_s(o.start_s)}-{fmt_s(o.end_s)} s, "

@@ -107,6 +107,7 @@ class ProfileSession:
         self._context: dict[str, Any] = {}
         self._lock = threading.RLock()
         self._stack: list[StageFrame] = []
+        self._detached: list[StageFrame] = []  # stages opened with open_stage(), closed in any order
         self._next_index = 0
         self._stages: list[StageRecord] = []
         self._events: list[EventRecord] = []
@@ -159,6 +160,9 @@ class ProfileSession:
             frame = self._stack[-1]
             self._notes.append(f"stage {frame.name!r} was still open when the session closed")
             self._finish(frame, unfinished=True)
+        for frame in list(self._detached):
+            self._notes.append(f"stage {frame.name!r} was still open when the session closed")
+            self.close_stage(frame, unfinished=True)
         self._device.synchronize()
         end = self._clock.now()
         last = self._take_sample()
@@ -266,6 +270,87 @@ class ProfileSession:
             self._stages.append(record)
         return record
 
+    # ---------------------------------------------------------------- stages opened from outside
+    def elapsed_s(self) -> float:
+        """Seconds since the session opened (the time base of every record)."""
+        self._require_open()
+        assert self._t0 is not None
+        return self._clock.now() - self._t0
+
+    def add_activation(self, start_s: float, end_s: float) -> None:
+        """Mark [start_s, end_s] (session time) as time profiled code ran, e.g. one graph node an
+        observer watched: time there outside every stage is then reported as inside a node."""
+        self._require_open()
+        if end_s < start_s:
+            raise ValueError(f"activation ends before it starts ({start_s} > {end_s})")
+        with self._lock:
+            self._activations.append((float(start_s), float(end_s)))
+
+    def add_note(self, text: str) -> None:
+        """A remark about the run for the report (e.g. what an observer could not measure)."""
+        with self._lock:
+            if text not in self._notes:
+                self._notes.append(text)
+
+    def open_stage(self, name: str, kind: str, *, parent: StageFrame | None = None, **facts: Any) -> StageFrame:
+        """Open a stage that is closed with `close_stage`, in any order relative to other stages.
+
+        For callers that see a stage begin and end as two events (a node starting and finishing,
+        a sampler step boundary) rather than as one block: such stages may overlap and are not
+        parents of the tracer's stages. `parent` makes it a child of another open stage of this
+        kind. The name and facts can still be completed when it closes.
+        """
+        self._require_open()
+        _check_stage(name, kind)
+        if parent is not None and parent not in self._detached:
+            raise RuntimeError(f"parent stage {parent.name!r} is not open")
+        self._device.synchronize()
+        with self._lock:
+            snap, sample, host = self._boundary()
+            frame = StageFrame(
+                index=self._new_index(),
+                name=name,
+                kind=kind,
+                parent=None if parent is None else parent.index,
+                depth=0 if parent is None else parent.depth + 1,
+                start=sample.t_s,
+                facts=dict(facts),
+                alloc_start=snap,
+                host_start=host,
+                used_start=sample.device_used_bytes,
+                mark=self._telemetry.mark(),
+            )
+            self._detached.append(frame)
+        return frame
+
+    def close_stage(
+        self, frame: StageFrame, *, name: str | None = None, unfinished: bool = False, **facts: Any
+    ) -> StageRecord:
+        """Close a stage opened with `open_stage`; `name` renames it (e.g. once a step count is known),
+        `facts` are added (facts known only at the end: CFG mode, FLOPs, an error)."""
+        self._require_open()
+        if frame not in self._detached:
+            raise RuntimeError(f"stage {frame.name!r} is not open (opened with open_stage and closed once?)")
+        if name is not None:
+            _check_stage(name, frame.kind)
+            frame.name = name
+        frame.facts.update(facts)
+        self._device.synchronize()
+        with self._lock:
+            boundary = self._boundary()  # while the frame is open: its peak includes the last reading
+            self._detached.remove(frame)
+            frame.extra["done"] = True
+            return self._record(frame, boundary, unfinished=unfinished)
+
+    def discard_stage(self, frame: StageFrame) -> None:
+        """Forget a stage opened with `open_stage` without recording it (it turned out to be
+        measured another way, e.g. a sampler's steps timed from its callbacks)."""
+        with self._lock:
+            if frame in self._detached:
+                self._detached.remove(frame)
+                assert frame.mark is not None
+                self._telemetry.release(frame.mark)
+
     def sample_now(self) -> Sample:
         """Take one telemetry sample now (the thread does this every `sample_interval_s`)."""
         self._require_open()
@@ -318,31 +403,43 @@ class ProfileSession:
     def _finish(self, frame: StageFrame, *, unfinished: bool = False) -> None:
         self._device.synchronize()
         with self._lock:
-            snap, sample, host = self._boundary()
+            boundary = self._boundary()  # while the frame is open: its peak includes the last reading
             frame.extra["done"] = True
             if self._stack and self._stack[-1] is frame:
                 self._stack.pop()
             else:
                 raise RuntimeError(f"stage {frame.name!r} ended out of order; stages must nest")
-            facts = clean_facts(frame.facts)
-            if unfinished:
-                facts["unfinished"] = True
-            if "error" in frame.extra and frame.extra["error"] is not None:
-                facts["error"] = frame.extra["error"]
-            assert frame.mark is not None
-            window = self._telemetry.window(frame.mark)  # from the stage's opening sample onwards
-            self._telemetry.release(frame.mark)
-            record = stage_record(
-                frame,
-                end=sample.t_s,
-                snap=snap,
-                host=host,
-                used_end=sample.device_used_bytes,
-                facts=facts,
-                window=window,
-                session_device=self._device.device,
-            )
-            self._stages.append(record)
+            self._record(frame, boundary, unfinished=unfinished)
+
+    def _record(
+        self,
+        frame: StageFrame,
+        boundary: tuple[AllocatorSnapshot | None, Sample, HostReading],
+        *,
+        unfinished: bool,
+    ) -> StageRecord:
+        """The record of a frame that just ended (lock held), from the boundary readings at its end."""
+        snap, sample, host = boundary
+        facts = clean_facts(frame.facts)
+        if unfinished:
+            facts["unfinished"] = True
+        if "error" in frame.extra and frame.extra["error"] is not None:
+            facts["error"] = frame.extra["error"]
+        assert frame.mark is not None
+        window = self._telemetry.window(frame.mark)  # from the stage's opening sample onwards
+        self._telemetry.release(frame.mark)
+        record = stage_record(
+            frame,
+            end=sample.t_s,
+            snap=snap,
+            host=host,
+            used_end=sample.device_used_bytes,
+            facts=facts,
+            window=window,
+            session_device=self._device.device,
+        )
+        self._stages.append(record)
+        return record
 
     def _total_record(self, end_abs: float, last: Sample) -> StageRecord:
         assert self._t0 is not None and self._host_start is not None
@@ -388,7 +485,7 @@ class ProfileSession:
     def _fold_peak(self, snap: AllocatorSnapshot | None) -> None:
         if snap is None:
             return
-        for frame in self._stack:
+        for frame in (*self._stack, *self._detached):
             frame.peak_allocated = max(frame.peak_allocated or 0, snap.peak_allocated)
             frame.peak_reserved = max(frame.peak_reserved or 0, snap.peak_reserved)
         a, r = self._session_peak

@@ -13,11 +13,12 @@ import pytest
 import torch
 from wanbench.cli import WORKFLOWS_DIR, main
 from wanbench.launch import LaunchOptions
+from wanbench.nodes import NODE_CLASS_MAPPINGS
 from wanbench.profiling import FakeClock, ProfileSession, check_report, render_markdown, report_document
 from wanbench.profiling.ranks import check_parallel, label_ranks, step_communication
 from wanbench.profiling.records import RunRecord
-from wanbench.rank_runner import rank_schedule
-from wanbench.runner import load_api_workflow
+from wanbench.rank_runner import observed_view, rank_schedule
+from wanbench.runner import load_api_workflow, validate_workflow
 from wanbench.wan_core import trace
 from wanbench.wan_core.config import (
     COMMUNICATION_EVENT,
@@ -179,8 +180,40 @@ def test_other_ranks_run_the_profiler_model_loader_sampler_and_report(name: str)
     sent = {prompt[src]["class_type"] for src, _ in schedule.sent[sampler]}
     latent = "WanBenchImageToVideo" if name in ("tiny_ti2v_5B_i2v", "tiny_i2v_A14B") else "WanBenchEmptyLatent"
     assert sent == {"WanBenchTextEncode", latent}  # the text embeddings and the latent come from rank 0
+    profiler = next(n for n in prompt if prompt[n]["class_type"] == "WanBenchProfiler")
     report = next(n for n in prompt if prompt[n]["class_type"] == "WanBenchReport")
+    assert profiler not in schedule.sent and report not in schedule.sent  # no wires: nothing to send
+
+
+def test_a_workflow_that_wires_the_profiler_is_scheduled_the_same_way() -> None:
+    """Saved workflows from before the wire-free profiler: the profiler wired into every stage node
+    and the report, the saved video's path into the report (which rank 0 then sends)."""
+    prompt = load_api_workflow(WORKFLOWS_DIR / "tiny_ti2v_5B_t2v.api.json")
+    profiler = next(n for n in prompt if prompt[n]["class_type"] == "WanBenchProfiler")
+    save = next(n for n in prompt if prompt[n]["class_type"] == "WanBenchSaveVideo")
+    report = next(n for n in prompt if prompt[n]["class_type"] == "WanBenchReport")
+    for node in prompt.values():
+        if "profiler" in NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES().get("optional", {}):
+            node["inputs"]["profiler"] = [profiler, 0]
+    prompt[report]["inputs"]["video_path"] = [save, 0]
+    validate_workflow(prompt)
+    schedule = rank_schedule(prompt)
+    kinds = {prompt[n]["class_type"] for n in schedule.every_rank}
+    assert kinds == {"WanBenchProfiler", "WanBenchModelLoader", "WanBenchSampler", "WanBenchReport"}
     assert {prompt[src]["class_type"] for src, _ in schedule.sent[report]} == {"WanBenchSaveVideo"}
+
+
+def test_another_rank_observes_only_the_nodes_it_runs() -> None:
+    prompt = load_api_workflow(WORKFLOWS_DIR / "tiny_i2v_A14B.api.json")
+    schedule = rank_schedule(prompt)
+    assert observed_view(prompt, schedule, is_root=True) is prompt  # rank 0 runs (and observes) everything
+    view = observed_view(prompt, schedule, is_root=False)
+    assert set(view) == set(schedule.every_rank)
+    sampler = next(n for n in view if view[n]["class_type"] == "WanBenchSampler")
+    links = {name: v for name, v in view[sampler]["inputs"].items() if isinstance(v, list)}
+    assert set(links) == {"model"} and links["model"][0] in view  # embeddings and latent come from rank 0
+    assert view[sampler]["inputs"]["steps"] == prompt[sampler]["inputs"]["steps"]
+    assert "text_embeds" in prompt[sampler]["inputs"]  # the workflow itself is not changed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +302,38 @@ def test_report_json_round_trips_the_rank_facts(tmp_path: Path) -> None:
     runs = load_runs(written.json)
     assert [r.context.rank for r in runs] == [0, 1] and check_report(written.json) == []
     assert json.loads(written.json.read_text())["runs"][1]["context"]["parallel"] == "cfg 2"
+
+
+PROFILED_ONLY = {
+    "1": {"class_type": "WanBenchProfiler", "inputs": {"case_name": "par", "sample_interval_ms": 20}},
+    "2": {"class_type": "WanBenchReport", "inputs": {"filename_prefix": "wanbench/report"}},
+}
+
+
+def test_the_report_node_of_another_rank_sends_its_record_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    import wanbench.wan_core.runtime.distributed as distributed
+    from wanbench.nodes.context import Bridge
+    from wanbench.runner import run_workflow
+
+    sent: list[RunRecord] = []
+    monkeypatch.setattr(distributed, "gather_to_root", lambda record: sent.append(record))  # not rank 0: None
+    result = run_workflow(PROFILED_ONLY, Bridge(output_dir=tmp_path))
+    assert result.outputs["2"] == ("", "") and result.ui["2"] == {}
+    assert [r.context.case_name for r in sent] == ["par"] and sent[0].status == "completed"
+    assert list(tmp_path.rglob("*.json")) == [] and list(tmp_path.rglob("*.md")) == []
+
+
+def test_the_report_node_of_rank_0_writes_every_rank_s_record(tmp_path: Path, monkeypatch) -> None:
+    import wanbench.wan_core.runtime.distributed as distributed
+    from wanbench.nodes.context import Bridge
+    from wanbench.profiling import load_runs
+    from wanbench.runner import run_workflow
+
+    monkeypatch.setattr(distributed, "gather_to_root", lambda record: [record, _rank_run(1)])
+    result = run_workflow(PROFILED_ONLY, Bridge(output_dir=tmp_path))
+    runs = load_runs(result.outputs["2"][1])
+    assert [r.context.case_name for r in runs] == ["par", "par [rank 1/2]"]
+    assert "par [rank 1/2]" in result.outputs["2"][0]  # the summary is the merged report
 
 
 # ------------------------------------------------------------------------------------------------

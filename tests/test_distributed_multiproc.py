@@ -151,6 +151,10 @@ def test_cli_cfg_parallel_run_writes_one_report_from_rank_0(models: Path, single
     assert "## Parallel run: tiny_ti2v_5B_t2v (cfg 2; 2 ranks)" in text and "cfg_combine(s)" in text
     assert {s.name for s in runs[1].stages} >= {"Step_0_Inference", "Step_1_Inference"}
     assert "T5_Encoding" not in {s.name for s in runs[1].stages}  # the text encoder ran on rank 0 only
+    # each rank's observer sees the nodes that rank runs: rank 0's nodes are not "cached" on rank 1
+    assert [r.status for r in runs] == ["completed", "completed"]
+    assert "Model_Initialization" in {s.name for s in runs[1].stages}
+    assert not [s.name for r in runs for s in r.stages if s.cached]
     single = load_runs(next(single_run.rglob("*.json")))[0]
     step = next(s for s in single.stages if s.name == "Step_0_Inference")
     for run in runs:  # each rank records the half of the step it computed

@@ -570,3 +570,42 @@ def test_real_thread_halves_its_buffer_and_slows_down() -> None:
     assert len(run.samples) <= 8
     assert run.sample_interval_effective_s >= 0.002
     assert any("went from 0.001 s to" in n for n in run.notes)
+
+
+def test_stages_opened_from_outside_may_overlap_be_renamed_and_discarded() -> None:
+    """`open_stage` / `close_stage`: what an observer of graph nodes uses (a node's start and finish
+    are two events): such stages may overlap, nest by `parent`, take their name and facts when they
+    close, see the memory peak inside them, and are closed as unfinished with the session."""
+    session, clock, gpu, dev, host = _rig()
+    session.open()
+    outer = session.open_stage("Model_Initialization", "init")
+    child = session.open_stage("DiT_Initialization", "init", parent=outer, node_id="2")
+    clock.advance(1.0)
+    step = session.open_stage("Step_0_Inference", "step-inference")  # provisional name
+    dev.spike(allocated=7 * GB)  # while both are open
+    clock.advance(0.5)
+    session.close_stage(child)
+    session.close_stage(outer)
+    clock.advance(0.5)
+    session.close_stage(step, name="Step_3_Inference", cfg_mode="batched", flops=2e9)
+    dropped = session.open_stage("Step_4_Inference", "step-inference")
+    session.discard_stage(dropped)
+    session.add_activation(0.0, 2.0)
+    session.add_note("seen from outside")
+    left = session.open_stage("VAE_Decoding", "decode")
+    clock.advance(0.25)
+    run = session.close()
+    by_name = {s.name: s for s in run.stages}
+    assert set(by_name) == {"Model_Initialization", "DiT_Initialization", "Step_3_Inference", "VAE_Decoding"}
+    assert by_name["DiT_Initialization"].parent == by_name["Model_Initialization"].index
+    assert by_name["DiT_Initialization"].facts["node_id"] == "2"
+    assert by_name["Model_Initialization"].memory.allocated_peak == 7 * GB
+    s = by_name["Step_3_Inference"]
+    assert (s.step, s.cfg_mode, s.flops) == (3, "batched", 2e9) and s.duration_s == pytest.approx(1.0)
+    assert s.memory.allocated_peak == 7 * GB  # it was open when the peak happened
+    assert by_name["VAE_Decoding"].facts["unfinished"] is True
+    assert "seen from outside" in run.notes
+    with pytest.raises(RuntimeError, match="is not open"):
+        session.close_stage(left)
+    with pytest.raises(ValueError, match="unknown stage kind"):
+        ProfileSession(case_name="x", sample_interval_s=None).open().open_stage("A", "bogus")

@@ -179,7 +179,11 @@ RUN_RANK = {
 }
 
 
-@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.api.json")), ids=lambda p: p.name)
+PACK_API_FILES = sorted(p for p in WORKFLOWS.glob("*.api.json") if not p.name.startswith("native_"))
+NATIVE_API_FILES = sorted(WORKFLOWS.glob("native_*.api.json"))
+
+
+@pytest.mark.parametrize("path", PACK_API_FILES, ids=lambda p: p.name)
 def test_node_ids_follow_the_run_order(path: Path) -> None:
     prompt = load_api_workflow(path)
     by_id = sorted(prompt, key=int)
@@ -263,7 +267,7 @@ def test_four_step_lora_workflows_follow_comfyui_templates(task: str, lora_high:
     assert not any(n["properties"].get("models") for n in tiny["nodes"]), "tiny files are made locally"
 
 
-@pytest.mark.parametrize("suite", sorted((WORKFLOWS / "suites").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("suite", sorted((WORKFLOWS / "suites").glob("wan22_benchmark*.json")), ids=lambda p: p.name)
 def test_suites_point_at_workflows_and_overrides_apply(suite: Path) -> None:
     data = _load(suite)
     names = [c["name"] for c in data["cases"]]
@@ -347,3 +351,106 @@ def test_overrides_must_match() -> None:
     with pytest.raises(WorkflowError, match="has no input 'stepz'"):
         apply_overrides(_tiny(), {"WanBenchSampler.stepz": 3})
     assert apply_overrides(_tiny(), {"8.steps": 3})["8"]["inputs"]["steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI's own Wan graphs with the profiler dropped in, and the native-vs-pack suite
+# ------------------------------------------------------------------------------------------------
+NATIVE_CORE_TYPES = {
+    "UNETLoader",
+    "CLIPLoader",
+    "VAELoader",
+    "ModelSamplingSD3",
+    "CLIPTextEncode",
+    "Wan22ImageToVideoLatent",
+    "EmptyHunyuanLatentVideo",
+    "KSampler",
+    "KSamplerAdvanced",
+    "VAEDecode",
+    "CreateVideo",
+    "SaveVideo",
+}
+
+
+@pytest.mark.parametrize("path", NATIVE_API_FILES, ids=lambda p: p.name)
+def test_native_workflows_are_core_nodes_with_an_unwired_profiler(path: Path) -> None:
+    prompt = load_api_workflow(path)
+    types = {n["class_type"] for n in prompt.values()}
+    assert types - NATIVE_CORE_TYPES == {"WanBenchProfiler", "WanBenchReport"}
+    apparatus = {k for k, n in prompt.items() if n["class_type"] in ("WanBenchProfiler", "WanBenchReport")}
+    for node_id, node in prompt.items():
+        links = [v for v in node["inputs"].values() if isinstance(v, list)]
+        assert all(v[0] in prompt for v in links), f"{path.name} node {node_id} links to a missing node"
+        assert not any(v[0] in apparatus for v in links), "nothing is wired to the profiler or the report"
+        if node_id in apparatus:
+            assert not links
+
+
+def _job_of_native(prompt: dict) -> dict:
+    latents = ("Wan22ImageToVideoLatent", "EmptyHunyuanLatentVideo")
+    (latent,) = [n["inputs"] for n in prompt.values() if n["class_type"] in latents]
+    samplers = [n["inputs"] for n in prompt.values() if n["class_type"] in ("KSampler", "KSamplerAdvanced")]
+    shifts = {n["inputs"]["shift"] for n in prompt.values() if n["class_type"] == "ModelSamplingSD3"}
+    first = samplers[0]
+    return {
+        "size": (latent["width"], latent["height"], latent["length"]),
+        "steps": first["steps"],
+        "seed": first.get("noise_seed", first.get("seed")),
+        "solver": {(s["sampler_name"], s["scheduler"]) for s in samplers},
+        "shift": shifts,
+        "cfg": [s["cfg"] for s in samplers],
+        "split": first.get("end_at_step"),
+    }
+
+
+def _job_of_pack(prompt: dict) -> dict:
+    (latent,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "WanBenchEmptyLatent"]
+    (sampler,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "WanBenchSampler"]
+    return {"size": (latent["width"], latent["height"], latent["length"]), **sampler}
+
+
+def test_native_vs_pack_suite_runs_the_same_job_twice() -> None:
+    from wanbench.cli import load_suite
+    from wanbench.wan_core.config import preset
+    from wanbench.wan_core.sampler import select_expert
+    from wanbench.wan_core.schedulers import make_schedule
+
+    suite_path = WORKFLOWS / "suites" / "wan22_native_vs_pack.json"
+    suite = load_suite(suite_path)
+    cases = {c["name"]: c for c in suite["cases"]}
+    assert len(suite["comparisons"]) == 2
+    for comparison in suite["comparisons"]:
+        native_case, pack_case = cases[comparison["baseline"]], cases[comparison["candidate"]]
+        native_file = suite_path.parent / native_case["workflow"]
+        native = apply_overrides(load_api_workflow(native_file), native_case["overrides"])
+        pack = apply_overrides(load_api_workflow(suite_path.parent / pack_case["workflow"]), pack_case["overrides"])
+        a, b = _job_of_native(native), _job_of_pack(pack)
+        assert a["size"] == b["size"] and a["steps"] == b["steps"] and a["seed"] == b["seed"]
+        assert a["solver"] == {("euler", "simple")} and b["solver"] == "euler"
+        assert a["shift"] == {b["shift"]}
+        task = preset(pack_case["name"].removeprefix("pack_"))
+        if task.is_moe:  # the high-noise expert runs the same steps in both
+            schedule = make_schedule("euler", b["steps"], b["shift"])
+            high = sum(select_expert(int(t), b["boundary"]) == "high" for t in schedule.timesteps)
+            assert a["split"] == high and a["cfg"] == [b["guidance_high"], b["guidance_low"]]
+        else:
+            assert a["cfg"] == [b["guidance_high"]]
+        texts = [n["inputs"]["text"] for n in native.values() if n["class_type"] == "CLIPTextEncode"]
+        (encode,) = [n["inputs"] for n in pack.values() if n["class_type"] == "WanBenchTextEncode"]
+        assert texts == [encode["prompt"], encode["negative_prompt"]]  # positive first, as in the templates
+        assert native["1"]["inputs"]["case_name"] == native_case["name"]
+        assert pack["1"]["inputs"]["case_name"] == pack_case["name"]
+
+
+def test_suite_comparisons_must_name_cases(tmp_path: Path) -> None:
+    from wanbench.cli import load_suite
+
+    bad = {
+        "name": "x",
+        "cases": [{"name": "a", "workflow": "w.json"}],
+        "comparisons": [{"baseline": "a", "candidate": "b"}],
+    }
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps(bad), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"names no case \['b'\]"):
+        load_suite(path)

@@ -263,6 +263,9 @@ BATCHED_CFG = "batched"  # cond and uncond as one forward of batch 2
 SEQUENTIAL_CFG = "sequential"  # cond and uncond as two forwards of batch 1
 CFG_MODES = (BATCHED_CFG, SEQUENTIAL_CFG)
 CFG_OFF = "off"  # what a step reports when its guidance scale is 1: the conditional pass alone
+CFG_MIXED = "mixed"  # a step observed from outside that ran some evaluations batched, some not
+# Expert names a step reports: the two A14B experts, and the single model of TI2V-5B.
+EXPERT_HIGH, EXPERT_LOW, EXPERT_SINGLE = "high", "low", "model"
 PLACEMENTS = ("none", "model", "blocks")  # where DiT weights live while sampling (placement.py)
 # Parallel runs (runtime/distributed.py): how the ranks share each denoising step. "cfg" puts the
 # conditional and unconditional passes on two ranks; "ulysses" splits the video tokens across the
@@ -339,7 +342,8 @@ MODEL_INIT_STAGE = Stage("Model_Initialization", "init")  # joins the loaders' p
 DIT_INIT_STAGE = Stage("DiT_Initialization", "init")
 TEXT_ENCODER_INIT_STAGE = Stage("Text_Encoder_Initialization", "init")
 VAE_INIT_STAGE = Stage("VAE_Initialization", "init")
-LORA_INIT_STAGE = Stage("LoRA_Initialization", "init")  # reading a LoRA file (Wan LoRA node)
+LORA_INIT_STAGE = Stage("LoRA_Initialization", "init")  # reading a LoRA file (Wan LoRA node, core LoRA loaders)
+CLIP_VISION_INIT_STAGE = Stage("CLIP_Vision_Initialization", "init")
 COMPILE_STAGE = Stage("Compile", "init")
 PREPROCESS_STAGE = Stage("TI2V_Preprocess", "preprocess")
 VAE_ENCODE_STAGE = Stage("VAE_Encoding", "preprocess")

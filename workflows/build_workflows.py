@@ -1,5 +1,8 @@
 """Writes every shipped workflow (UI format + API twin) and the benchmark suites from one description.
 
+Also ComfyUI's own Wan2.2 graphs with the profiler dropped in (API format) and the suite that runs
+them beside this pack's workflows (`native_workflows.py`).
+
 Run `python workflows/build_workflows.py` (or `python -m wanbench.workflows.build_workflows`) after
 changing a node's inputs; the tests fail when the checked-in files differ from what it writes.
 
@@ -23,10 +26,12 @@ if __package__ in (None, ""):  # run as a script: import the installed package
     from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from wanbench.util.atomic import atomic_write_text
     from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
+    from wanbench.workflows.native_workflows import NATIVE_NAMES, comparison_suite, native_graph
 else:
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from ..util.atomic import atomic_write_text
     from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
+    from .native_workflows import NATIVE_NAMES, comparison_suite, native_graph
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -146,6 +151,7 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
     # Node ids follow the run order (the in-process runner runs nodes by id, dependencies first):
     # every loader (DiT, text encoder, VAE), then text encode, image and latent, sampler, decode,
     # save, report. A report then lists one Model_Initialization, T5_Encoding, TI2V_Preprocess.
+    # No profiler wires: Wan Profiler and Wan Benchmark Report measure the whole prompt by themselves.
     nodes = [
         Node(1, "WanBenchProfiler", {"case_name": spec.name, "sample_interval_ms": 100}),
         Node(
@@ -163,7 +169,7 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "compile": "off",
                 "tf32": False,
             },
-            {"profiler": (1, 0)},
+            {},
             _models(spec.tiny, "diffusion_models", high, low),
         ),
         Node(
@@ -175,14 +181,14 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "device": "auto",
                 "weight_dtype": "default",
             },
-            {"profiler": (1, 0)},
+            {},
             _models(spec.tiny, "text_encoders", FULL_TEXT_ENCODER),
         ),
         Node(
             4,
             "WanBenchVAELoader",
             {"vae": vae_file, "dtype": "float32", "device": "auto"},
-            {"profiler": (1, 0)},
+            {},
             _models(spec.tiny, "vae", vae_file),
         ),
         Node(
@@ -192,7 +198,7 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "prompt": TINY_PROMPT if spec.tiny else PROMPT,
                 "negative_prompt": "" if spec.tiny else DEFAULT_NEGATIVE_PROMPT,
             },
-            {"text_encoder": (3, 0), "profiler": (1, 0)},
+            {"text_encoder": (3, 0)},
         ),
     ]
     geometry = {"width": width, "height": height, "length": frames}
@@ -212,11 +218,11 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 7,
                 "WanBenchImageToVideo",
                 geometry,
-                {"vae": (4, 0), "start_image": (6, 0), "profiler": (1, 0)},
+                {"vae": (4, 0), "start_image": (6, 0)},
             )
         )
     else:
-        nodes.append(Node(7, "WanBenchEmptyLatent", geometry, {"vae": (4, 0), "profiler": (1, 0)}))
+        nodes.append(Node(7, "WanBenchEmptyLatent", geometry, {"vae": (4, 0)}))
     nodes += [
         Node(
             8,
@@ -234,10 +240,10 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "resident_blocks": 0,
                 **FULL_RUN_WINDOW,
             },
-            {"model": (2, 0), "text_embeds": (5, 0), "latent": (7, 0), "profiler": (1, 0)},
+            {"model": (2, 0), "text_embeds": (5, 0), "latent": (7, 0)},
         ),
         Node(
-            9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (4, 0), "latent": (8, 0), "profiler": (1, 0)}
+            9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (4, 0), "latent": (8, 0)}
         ),
         Node(
             10,
@@ -249,7 +255,6 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
             11,
             "WanBenchReport",
             {"filename_prefix": f"wanbench/{spec.name}_report"},
-            {"profiler": (1, 0), "video_path": (10, 0)},
         ),
     ]
     return nodes
@@ -267,11 +272,10 @@ def _four_step_graph(spec: WorkflowSpec) -> list[Node]:
     lora_high, lora_low = (TINY_LORAS if spec.tiny else FULL_LORAS)[spec.model_type]
     width, height, frames = TINY_GEOMETRY[spec.model_type] if spec.tiny else FOUR_STEP_GEOMETRY
     geometry = {"width": width, "height": height, "length": frames}
-    profiler = {"profiler": (1, 0)}
 
     def lora(node_id: int, source: int, name: str, high: float, low: float) -> Node:
         return Node(node_id, "WanBenchLora", {"lora_name": name, "strength_high": high, "strength_low": low},
-                    {"model": (source, 0), **profiler}, _models(spec.tiny, "loras", name))
+                    {"model": (source, 0)}, _models(spec.tiny, "loras", name))
 
     def moved(node_type: str, node_id: int, **links: tuple[int, int]) -> Node:
         node = base[node_type]
@@ -290,9 +294,9 @@ def _four_step_graph(spec: WorkflowSpec) -> list[Node]:
         image = moved("WanBenchTestImage" if spec.tiny else "LoadImage", 8)
         if spec.tiny:
             image.widgets.update(width=width + width // 4, height=height)
-        nodes += [image, Node(9, "WanBenchImageToVideo", geometry, {"vae": (6, 0), "start_image": (8, 0), **profiler})]
+        nodes += [image, Node(9, "WanBenchImageToVideo", geometry, {"vae": (6, 0), "start_image": (8, 0)})]
     else:
-        nodes.append(Node(9, "WanBenchEmptyLatent", geometry, {"vae": (6, 0), **profiler}))
+        nodes.append(Node(9, "WanBenchEmptyLatent", geometry, {"vae": (6, 0)}))
     sampler = moved("WanBenchSampler", 10, model=(4, 0), text_embeds=(7, 0), latent=(9, 0))
     sampler.widgets.update(steps=recipe.steps, shift=recipe.shift, boundary=recipe.boundary,
                            guidance_high=recipe.guide_scale.high, guidance_low=recipe.guide_scale.low,
@@ -301,7 +305,7 @@ def _four_step_graph(spec: WorkflowSpec) -> list[Node]:
         sampler,
         moved("WanBenchVAEDecode", 11, vae=(6, 0), latent=(10, 0)),
         moved("WanBenchSaveVideo", 12, images=(11, 0)),
-        moved("WanBenchReport", 13, video_path=(12, 0)),
+        moved("WanBenchReport", 13),
     ]
     return nodes
 
@@ -493,6 +497,9 @@ def build_all() -> dict[str, Any]:
         files[f"{spec.name}.api.json"] = to_api(graph)
     files["suites/wan22_benchmark.json"] = _suite(tiny=False)
     files["suites/wan22_benchmark_tiny.json"] = _suite(tiny=True)
+    for model_type, name in NATIVE_NAMES.items():  # ComfyUI's own nodes: API format only
+        files[f"{name}.api.json"] = native_graph(model_type, PROMPT, DEFAULT_NEGATIVE_PROMPT)
+    files["suites/wan22_native_vs_pack.json"] = comparison_suite()
     return files
 
 
