@@ -26,6 +26,7 @@ from .findings import RunAnalysis, analyze_run
 from .formatting import NA, activity_label, fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops, gbs, pcts, secs, with_unit
 from .gpus import lookup_gpu
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
+from .report_sections import memory_plan_lines, unmeasured_lines
 
 TITLE = "# Wan2.2 Benchmark Report"
 
@@ -245,9 +246,10 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         _peak_memory_line(run, sm),
         f"- **Total Compute Load**: {fmt_load(sm.load)}",
     ]
-    lines += [f"- Note: {n}" for n in run.notes]
+    lines += [f"- Note: {n}" for n in run.notes] + unmeasured_lines(run)
     lines += ["", "### Stage Breakdown", ""] + _stage_table(run, sm) + [""]
-    lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + _analysis_lines(analysis)
+    lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + memory_plan_lines(run)
+    lines += _analysis_lines(analysis)
     lines += [
         "### Timeline",
         "",
