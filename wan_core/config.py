@@ -258,10 +258,12 @@ BATCHED_CFG = "batched"  # cond and uncond as one forward of batch 2
 SEQUENTIAL_CFG = "sequential"  # cond and uncond as two forwards of batch 1
 CFG_MODES = (BATCHED_CFG, SEQUENTIAL_CFG)
 CFG_OFF = "off"  # what a step reports when its guidance scale is 1: the conditional pass alone
-PLACEMENTS = ("none", "model", "blocks")  # where DiT weights live while sampling (placement.py)
+AUTO_PLACEMENT = "auto"  # the memory planner picks none / model / blocks (runtime/planner.py)
+PLACEMENTS = (AUTO_PLACEMENT, "none", "model", "blocks")  # where DiT weights live while sampling (placement.py)
 NO_TILING = "none"
 AUTO_TILING = "auto"
-TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling object for the rest)
+TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling object for the rest); in the
+# pipeline's decode stage `auto` is the memory planner's choice (whole frames when they fit)
 
 # Weight dtypes by torch's names (what workflows store); the short names are accepted aliases.
 WEIGHT_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
