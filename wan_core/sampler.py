@@ -187,9 +187,10 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     one and the placement is "model" or "blocks" (those keep experts on the CPU between runs).
     All arguments are checked and the memory plan is made (`memory`: how the application reports
     and frees memory; `on_plan(plan)` hears the decision) before any compute or large allocation.
-    On exit (errors and interrupts included) the placement's hooks are removed; with "model"/"blocks" every expert is back on the CPU. When the
-    compute device is the CPU (e.g. no CUDA device), "model"/"blocks" move nothing: a warning is
-    logged and the trace records placement "none" next to the requested one.
+    On exit (errors and interrupts included) the placement's hooks are removed; with
+    "model"/"blocks" every expert is back on the CPU. When the compute device is the CPU (e.g. no
+    CUDA device), "model"/"blocks" move nothing: a warning is logged and the trace records
+    placement "none" next to the requested one.
 
     Shapes: context (S, text_dim), context_null (S', text_dim); noise (C, T, h, w); i2v_y
     (in_dim - C, T, h, w) normalised mask + image latent; ti2v_z (C, 1, h, w) normalised.

@@ -4,8 +4,8 @@ Reading: `read_state_dict` reads `.safetensors` (memory-mapped, one tensor at a 
 safetensors (an `*.index.json` or a folder of shards), and `.pth`/`.pt` pickles through
 `torch.load(weights_only=True, mmap=True)` (legacy non-zip files with `mmap=False`, still tensors
 only); it strips prefixes and dequantises ComfyUI's fp8 "scaled" files. `read_shapes` gives the
-names, shapes and stored dtypes of the same files without reading tensor data (meta tensors); `read_safetensors_metadata` the
-string metadata of one file.
+names, shapes and stored dtypes of the same files without reading tensor data (meta tensors);
+`read_safetensors_metadata` the string metadata of one file.
 
 Writing: `write_safetensors` and `write_torch_file` write atomically (through `util.atomic`);
 `quantise_fp8_scaled` / `fp8_scaled_state_dict` produce ComfyUI's fp8 "scaled" layout.
