@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..wan_core.config import (
+    AUTO_PLACEMENT,
     BATCHED_CFG,
     I2V_A14B,
     PLACEMENTS,
@@ -24,6 +25,7 @@ from ..wan_core.config import (
     sampling_stages,
 )
 from . import comfy_bridge as bridge
+from . import memory
 from . import types as T
 from .profiler_handle import maybe_profile
 from .validation import check_float_range, check_int_range, check_open_unit, first_problem
@@ -137,10 +139,11 @@ class WanSampler:
                 "placement": (
                     list(PLACEMENTS),
                     {
-                        "default": PLACEMENTS[0],
-                        "tooltip": "Weights placement: none = all on the GPU; "
-                        "model = the expert not in use waits "
-                        "on the CPU; blocks = stream transformer blocks from pinned CPU memory.",
+                        "default": AUTO_PLACEMENT,
+                        "tooltip": "Weights placement: auto = the fastest that fits in free GPU memory "
+                        "(planned before anything is allocated); none = all on the GPU; model = the expert "
+                        "not in use waits on the CPU; blocks = stream transformer blocks from pinned CPU "
+                        "memory. A choice that cannot fit is refused with the estimate and what would fit.",
                     },
                 ),
                 "resident_blocks": (
@@ -248,6 +251,10 @@ class WanSampler:
             progress(index + 1)
             bridge.check_interrupt()
 
+        def on_plan(plan: Any) -> None:  # the placement the memory plan chose (before any allocation)
+            if profiler is not None:
+                profiler.set_context(placement=plan.placement)
+
         with maybe_profile(profiler, unique_id, sampling_stages(steps)):
             out = sample(
                 list(model.experts),
@@ -259,6 +266,13 @@ class WanSampler:
                 i2v_y=condition.y if isinstance(condition, I2VCondition) else None,
                 ti2v_z=condition.z if isinstance(condition, TI2VCondition) else None,
                 callback=on_step,
+                device=model.device,
+                memory=memory.PackMemory(),
+                on_plan=on_plan,
             )
+        for expert in model.experts:  # experts left on the GPU (placement none): ComfyUI may move them off
+            resident = memory.resident_of(expert)
+            if resident is not None:
+                memory.note_loaded(resident)
         raw = denormalize_latent(out.float().cpu(), task.vae)[None]  # (1, C, T, h, w)
         return ({"samples": raw},)

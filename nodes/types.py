@@ -41,11 +41,14 @@ HIDDEN_IDS: dict[str, str] = {"unique_id": "UNIQUE_ID"}
 class DiTExperts:
     """The DiT expert(s) of one task as loaded by Wan Model Loader (socket `WAN22_DIT`).
 
-    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B.
+    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B. `device` is
+    where they compute ("cuda" or "cpu"; None: where their weights are); with a GPU the loader
+    keeps the weights in host memory and the sampler's memory plan moves them.
     """
 
     experts: tuple[Any, ...]
     task: WanConfig
+    device: str | None = None
 
     @property
     def attention(self) -> str:

@@ -38,12 +38,14 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..errors import MemoryPlanError
-from .estimates import WeightBytes
+
+if TYPE_CHECKING:  # the estimates import the model modules; the planner itself stays light
+    from .estimates import WeightBytes
 
 log = logging.getLogger(__name__)
 
