@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .context import FOLDER_DIT, FOLDER_TEXT_ENCODERS, FOLDER_VAE, Bridge, current_bridge
+from .context import FOLDER_DIT, FOLDER_LORAS, FOLDER_TEXT_ENCODERS, FOLDER_VAE, Bridge, current_bridge
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # named here too because the nodes reach all of ComfyUI's side through this module.
 __all__ = [
     "FOLDER_DIT",
+    "FOLDER_LORAS",
     "FOLDER_TEXT_ENCODERS",
     "FOLDER_VAE",
     "Bridge",

@@ -11,7 +11,7 @@ nodes can be mixed in:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,14 +41,28 @@ HIDDEN_IDS: dict[str, str] = {"unique_id": "UNIQUE_ID"}
 class DiTExperts:
     """The DiT expert(s) of one task as loaded by Wan Model Loader (socket `WAN22_DIT`).
 
-    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B. `device` is
-    where they compute ("cuda" or "cpu"; None: where their weights are); with a GPU the loader
-    keeps the weights in host memory and the sampler's memory plan moves them.
+    `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B.
+    Immutable: ComfyUI caches it and several branches of a graph may share it. `loras` are
+    `wan_core.runtime.lora.ExpertLora` entries added by Wan LoRA nodes; they are applied to the
+    shared modules only while a sampler runs, so a bundle with LoRAs and the bundle it came from
+    never affect each other. `device` is where the experts compute ("cuda" or "cpu"; None: where
+    their weights are); with a GPU the loader keeps the weights in host memory and the sampler's
+    memory plan moves them.
     """
 
     experts: tuple[Any, ...]
     task: WanConfig
+    loras: tuple[Any, ...] = ()
     device: str | None = None
+
+    def with_lora(self, lora: Any) -> DiTExperts:
+        """A new bundle with the same modules (and device) and one more LoRA."""
+        return replace(self, loras=(*self.loras, lora))
+
+    def lora_descriptions(self) -> list[str]:
+        """One line per LoRA (file, strength per expert, layout, matched keys) for the report."""
+        names = ("high", "low") if self.task.is_moe else ("model",)
+        return [lora.describe(names) for lora in self.loras]
 
     @property
     def attention(self) -> str:

@@ -146,6 +146,7 @@ class RunContext:
     cfg_mode: str | None = None
     solver: str | None = None
     seed: int | None = None
+    loras: tuple[str, ...] | None = None  # one line per LoRA: file, strength per expert, layout, matched keys
 
     @property
     def offload(self) -> bool | None:
@@ -256,7 +257,10 @@ def run_from_dict(data: dict[str, Any]) -> RunRecord:
         )
     d = {k: v for k, v in data.items() if k not in ("summary", "analysis")}
     d["system"] = _build(SystemInfo, d["system"], "system")
-    d["context"] = _build(RunContext, d["context"], "context")
+    context = dict(d["context"])
+    if context.get("loras") is not None:
+        context["loras"] = tuple(context["loras"])
+    d["context"] = _build(RunContext, context, "context")
     d["total"] = _stage_from_dict(d["total"])
     d["stages"] = tuple(_stage_from_dict(s) for s in d["stages"])
     d["samples"] = tuple(_build(Sample, s, "sample") for s in d["samples"])

@@ -239,6 +239,8 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
     ]
     if c.solver:
         facts.append(f"solver {c.solver}")
+    if c.loras:
+        facts.append(f"LoRAs {' + '.join(c.loras)}")
     lines += [
         f"- **Run facts**: {'; '.join(facts)}",
         f"- **Status**: {run.status}",

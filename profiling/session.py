@@ -239,6 +239,11 @@ class ProfileSession:
                 raise TypeError(f"run fact {key} must be an int; got {value!r}")
         if "compile" in facts and facts["compile"] is not None and not isinstance(facts["compile"], bool):
             raise TypeError(f"run fact compile must be a bool; got {facts['compile']!r}")
+        if "loras" in facts and facts["loras"] is not None:
+            loras = facts["loras"]
+            if isinstance(loras, str) or not all(isinstance(item, str) for item in loras):
+                raise TypeError(f"run fact loras must be a list of strings (one per LoRA); got {loras!r}")
+            facts["loras"] = tuple(loras)
         if "case_name" in facts:
             self.case_name = str(facts.pop("case_name"))
         self._context.update({k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in facts.items()})

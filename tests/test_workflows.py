@@ -14,7 +14,7 @@ from wanbench.nodes import NODE_CLASS_MAPPINGS
 from wanbench.runner import WorkflowError, apply_overrides, load_api_workflow, validate_workflow
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-FILE_INPUTS = ("model_high", "model_low", "text_encoder", "vae")
+FILE_INPUTS = ("model_high", "model_low", "text_encoder", "vae", "lora_name")
 UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
 
 
@@ -152,7 +152,9 @@ def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
             assert validate(**{k: v for k, v in constants.items() if k in wanted}) is True
     if all(v["class_type"] in NODE_CLASS_MAPPINGS for v in prompt.values()):
         order = validate_workflow(prompt)
-        assert order.index("1") < order.index("8") < order.index("11")
+        of_type = {v["class_type"]: k for k, v in prompt.items()}
+        assert order.index(of_type["WanBenchProfiler"]) < order.index(of_type["WanBenchSampler"]) \
+            < order.index(of_type["WanBenchReport"])
 
 
 # The run order of the shipped graphs, by node type: every loader, then text encode, then the image
@@ -162,6 +164,7 @@ def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
 RUN_RANK = {
     "WanBenchProfiler": 0,
     "WanBenchModelLoader": 1,
+    "WanBenchLora": 1,
     "WanBenchTextEncoderLoader": 1,
     "WanBenchVAELoader": 1,
     "WanBenchTextEncode": 2,
@@ -223,6 +226,41 @@ def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
         16,
     )
     assert i2v["6"]["class_type"] == "LoadImage" and i2v["7"]["inputs"]["start_image"] == ["6", 0]
+
+
+REPACKAGED = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/"
+
+
+@pytest.mark.parametrize("task,lora_high,lora_low,boundary", [
+    ("t2v", "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+     "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors", 0.875),
+    ("i2v", "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+     "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors", 0.9),
+])
+def test_four_step_lora_workflows_follow_comfyui_templates(task: str, lora_high: str, lora_low: str,
+                                                           boundary: float) -> None:
+    """ComfyUI's 14B templates (4-step path): the lightx2v LoRA of each expert at strength 1, 4 steps,
+    cfg 1, shift 5, euler, 640x640x81 at 16 fps; the UI file names each file's download URL."""
+    api = load_api_workflow(WORKFLOWS / f"wan22_{task}_A14B_4steps_lora.api.json")
+    loras = [n["inputs"] for n in api.values() if n["class_type"] == "WanBenchLora"]
+    assert [(x["lora_name"], x["strength_high"], x["strength_low"]) for x in loras] == [
+        (lora_high, 1.0, 0.0), (lora_low, 0.0, 1.0)]
+    (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "WanBenchSampler"]
+    assert (sampler["solver"], sampler["steps"], sampler["shift"], sampler["guidance_high"], sampler["guidance_low"],
+            sampler["boundary"]) == ("euler_distill", 4, 5.0, 1.0, 1.0, boundary)
+    assert api[sampler["model"][0]]["class_type"] == "WanBenchLora"
+    latent_types = ("WanBenchEmptyLatent", "WanBenchImageToVideo")
+    (latent,) = [n["inputs"] for n in api.values() if n["class_type"] in latent_types]
+    assert (latent["width"], latent["height"], latent["length"]) == (640, 640, 81)
+    ui = _load(WORKFLOWS / f"wan22_{task}_A14B_4steps_lora.json")
+    urls = {m["name"]: (m["directory"], m["url"]) for n in ui["nodes"] for m in n["properties"].get("models", [])}
+    assert urls[lora_high] == ("loras", REPACKAGED + "loras/" + lora_high)
+    assert urls[lora_low] == ("loras", REPACKAGED + "loras/" + lora_low)
+    high_dit = f"wan2.2_{task}_high_noise_14B_fp8_scaled.safetensors"
+    assert urls[high_dit] == ("diffusion_models", REPACKAGED + "diffusion_models/" + high_dit)
+    assert urls["umt5_xxl_fp8_e4m3fn_scaled.safetensors"][0] == "text_encoders"
+    tiny = _load(WORKFLOWS / f"tiny_{task}_A14B_4steps_lora.json")
+    assert not any(n["properties"].get("models") for n in tiny["nodes"]), "tiny files are made locally"
 
 
 @pytest.mark.parametrize("suite", sorted((WORKFLOWS / "suites").glob("*.json")), ids=lambda p: p.name)

@@ -5,7 +5,8 @@ Every value comes from the reference spec (`spec/WAN22_DIT_T5_SAMPLER.md` sectio
 (channel counts that other components depend on are kept) and sizes that run in seconds on a CPU.
 
 The vocabularies that nodes, workflows, the CLI and the profiling report share are spelled here
-once: solvers, CFG modes, placements, tilings, weight dtypes and stage names (with their kinds).
+once: solvers (and which get float timesteps), CFG modes, placements, tilings, weight dtypes, LoRA
+key layouts and stage names (with their kinds); also the 4-step distilled recipe.
 Attention backend names belong to the registry in `attention.py`.
 
 Shapes: F pixel frames, T latent frames (F = 4(T-1)+1), H/W pixel size, h/w latent size.
@@ -253,7 +254,11 @@ WAN22_VAE = VAEConfig(variant="wan2.2", dim=160, dec_dim=256, z_dim=48, patch_si
 # --------------------------------------------------------------------------------------------
 # Vocabularies (the values nodes, workflows and the CLI store: never renamed without an alias)
 # --------------------------------------------------------------------------------------------
-SOLVERS = ("unipc", "dpm++", "euler")
+DISTILL_SOLVER = "euler_distill"  # Euler over the step-distilled schedule (docs/sampler.md)
+SOLVERS = ("unipc", "dpm++", "euler", DISTILL_SOLVER)
+# Solvers whose model timesteps are the float sigma * 1000 (the others truncate to integers, as the
+# official code does). The distilled recipes feed t = 937.5, 833.33..., the values they were trained on.
+FLOAT_TIMESTEP_SOLVERS = (DISTILL_SOLVER,)
 BATCHED_CFG = "batched"  # cond and uncond as one forward of batch 2
 SEQUENTIAL_CFG = "sequential"  # cond and uncond as two forwards of batch 1
 CFG_MODES = (BATCHED_CFG, SEQUENTIAL_CFG)
@@ -264,6 +269,11 @@ NO_TILING = "none"
 AUTO_TILING = "auto"
 TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling object for the rest); in the
 # pipeline's decode stage `auto` is the memory planner's choice (whole frames when they fit)
+# Key layouts of LoRA files (`checkpoints/lora.py`), named after the key prefix they use:
+# kohya `lora_unet_blocks_0_self_attn_q.*`; comfy `diffusion_model.blocks.0.self_attn.q.*`;
+# diffusers `transformer.blocks.0.attn1.to_q.*`; peft `base_model.model.blocks.0.self_attn.q.*`;
+# bare `blocks.0.self_attn.q.*` (no prefix).
+LORA_LAYOUTS = ("kohya", "comfy", "diffusers", "peft", "bare")
 
 # Weight dtypes by torch's names (what workflows store); the short names are accepted aliases.
 WEIGHT_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
@@ -295,6 +305,7 @@ MODEL_INIT_STAGE = Stage("Model_Initialization", "init")  # joins the loaders' p
 DIT_INIT_STAGE = Stage("DiT_Initialization", "init")
 TEXT_ENCODER_INIT_STAGE = Stage("Text_Encoder_Initialization", "init")
 VAE_INIT_STAGE = Stage("VAE_Initialization", "init")
+LORA_INIT_STAGE = Stage("LoRA_Initialization", "init")  # reading a LoRA file (Wan LoRA node)
 COMPILE_STAGE = Stage("Compile", "init")
 PREPROCESS_STAGE = Stage("TI2V_Preprocess", "preprocess")
 VAE_ENCODE_STAGE = Stage("VAE_Encoding", "preprocess")
@@ -307,9 +318,9 @@ def step_stages(index: int) -> tuple[Stage, Stage]:
     return Stage(f"Step_{index}_Loading", "step-loading"), Stage(f"Step_{index}_Inference", "step-inference")
 
 
-def sampling_stages(num_steps: int) -> list[Stage]:
-    """Every stage one sampling run records, in order."""
-    return [stage for i in range(num_steps) for stage in step_stages(i)]
+def sampling_stages(num_steps: int, *, first: int = 0) -> list[Stage]:
+    """Every stage one sampling run of steps `first` .. `num_steps - 1` records, in order."""
+    return [stage for i in range(first, num_steps) for stage in step_stages(i)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,6 +510,19 @@ TI2V_5B = WanConfig(
     default_size=(1280, 704),
     expert_names=("model",),
 )
+
+# The few-step recipe of the Wan2.2-Lightning / LightX2V 4-step distill LoRAs (docs/sampler.md):
+# 4 steps at shift 5 (sigmas 1, 0.9375, 0.8333, 0.625, 0), Euler, guidance 1 (no uncond pass) for both
+# experts, the expert switch at the task's boundary (both split the 4 steps 2 + 2).
+DISTILL_STEPS = 4
+DISTILL_SHIFT = 5.0
+
+
+def distilled_sampler(task: WanConfig) -> SamplerConfig:
+    """The task's sampler settings for the 4-step distilled recipe (boundary kept from the task)."""
+    return replace(task.sampler, solver=DISTILL_SOLVER, steps=DISTILL_STEPS, shift=DISTILL_SHIFT,
+                   guide_scale=GuideScale.same(1.0))
+
 
 PRESETS: dict[str, WanConfig] = {c.name: c for c in (T2V_A14B, I2V_A14B, TI2V_5B)}
 TASK_BY_MODEL_TYPE: dict[str, WanConfig] = {c.dit.model_type: c for c in (T2V_A14B, I2V_A14B, TI2V_5B)}

@@ -22,11 +22,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: import the installed package
     from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from wanbench.util.atomic import atomic_write_text
-    from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
+    from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
 else:
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from ..util.atomic import atomic_write_text
-    from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
+    from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -78,6 +78,30 @@ FULL_FILES = {
 }
 FULL_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 FULL_VAE = {"wan2.2": "wan2.2_vae.safetensors", "wan2.1": "wan_2.1_vae.safetensors"}
+# The 4-step distill LoRAs of ComfyUI's Wan2.2 14B templates (high-noise file, low-noise file).
+FULL_LORAS = {
+    "t2v": ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+            "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"),
+    "i2v": ("wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+            "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors"),
+}
+TINY_LORAS = {
+    task: tuple(f"wanbench_tiny_{task}_4steps_lora_{expert}_noise.safetensors" for expert in ("high", "low"))
+    for task in ("t2v", "i2v")
+}
+FOUR_STEP_GEOMETRY = (640, 640, 81)  # the templates' 4-step path: 640x640, 81 frames
+# Where ComfyUI's templates download each file (node `properties.models`, shown by the frontend).
+REPACKAGED_22 = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
+REPACKAGED_21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+MODEL_URL_ROOTS = {
+    "diffusion_models": REPACKAGED_22 + "/diffusion_models",
+    "text_encoders": REPACKAGED_21 + "/text_encoders",
+    "vae": REPACKAGED_22 + "/vae",
+    "loras": REPACKAGED_22 + "/loras",
+}
+# Sampler widgets added after the first release (optional inputs): the values of a plain full run.
+FULL_RUN_WINDOW = {"denoise": 1.0, "start_step": 0, "end_step": 10000, "add_noise": True, "timesteps": "",
+                   "sigmas": ""}
 
 
 @dataclass
@@ -86,19 +110,30 @@ class Node:
     type: str
     widgets: dict[str, Any]
     links: dict[str, tuple[int, int]] = field(default_factory=dict)
+    models: list[dict[str, str]] = field(default_factory=list)  # UI `properties.models` (download info)
 
 
 @dataclass(frozen=True)
 class WorkflowSpec:
-    """One shipped workflow: task, mode (text or image) and size class."""
+    """One shipped workflow: task, mode (text or image), size class, and the 4-step LoRA recipe."""
 
     name: str
     model_type: str  # "ti2v" | "t2v" | "i2v"
     with_image: bool
     tiny: bool
+    four_step: bool = False  # the 4-step distill LoRAs (A14B), as in ComfyUI's 14B templates
+
+
+def _models(tiny: bool, folder: str, *names: str) -> list[dict[str, str]]:
+    """The `properties.models` entries of a loader for real files (none for the tiny ones)."""
+    if tiny:
+        return []
+    return [{"name": n, "url": f"{MODEL_URL_ROOTS[folder]}/{n}", "directory": folder} for n in names if n != "none"]
 
 
 def _graph(spec: WorkflowSpec) -> list[Node]:
+    if spec.four_step:
+        return _four_step_graph(spec)
     task = {"ti2v": TI2V_5B, "t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
     cfg = task.tiny() if spec.tiny else task
     sampler = task.sampler
@@ -118,6 +153,7 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
             "WanBenchModelLoader",
             {"model_high": high, "model_low": low, "dtype": dtype, "attention": "sdpa", "device": "auto"},
             {"profiler": (1, 0)},
+            _models(spec.tiny, "diffusion_models", high, low),
         ),
         Node(
             3,
@@ -128,12 +164,14 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "device": "auto",
             },
             {"profiler": (1, 0)},
+            _models(spec.tiny, "text_encoders", FULL_TEXT_ENCODER),
         ),
         Node(
             4,
             "WanBenchVAELoader",
             {"vae": vae_file, "dtype": "float32", "device": "auto"},
             {"profiler": (1, 0)},
+            _models(spec.tiny, "vae", vae_file),
         ),
         Node(
             5,
@@ -182,6 +220,7 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "batched_cfg": True,
                 "placement": "auto",  # the memory planner picks none / model / blocks to fit
                 "resident_blocks": 0,
+                **FULL_RUN_WINDOW,
             },
             {"model": (2, 0), "text_embeds": (5, 0), "latent": (7, 0), "profiler": (1, 0)},
         ),
@@ -200,6 +239,57 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
             {"filename_prefix": f"wanbench/{spec.name}_report"},
             {"profiler": (1, 0), "video_path": (10, 0)},
         ),
+    ]
+    return nodes
+
+
+def _four_step_graph(spec: WorkflowSpec) -> list[Node]:
+    """The A14B graph with the 4-step distill LoRAs: Wan LoRA (high-noise file on the high expert),
+    Wan LoRA (low-noise file on the low expert), then one Wan Sampler with the distilled recipe
+    (euler_distill, 4 steps, shift 5, guidance 1; it switches experts at the boundary itself, where
+    the templates need two KSamplerAdvanced nodes). Ids follow the run order, as in `_graph`.
+    """
+    task = {"t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
+    recipe = distilled_sampler(task)
+    base = {n.type: n for n in _graph(WorkflowSpec(spec.name, spec.model_type, spec.with_image, spec.tiny))}
+    lora_high, lora_low = (TINY_LORAS if spec.tiny else FULL_LORAS)[spec.model_type]
+    width, height, frames = TINY_GEOMETRY[spec.model_type] if spec.tiny else FOUR_STEP_GEOMETRY
+    geometry = {"width": width, "height": height, "length": frames}
+    profiler = {"profiler": (1, 0)}
+
+    def lora(node_id: int, source: int, name: str, high: float, low: float) -> Node:
+        return Node(node_id, "WanBenchLora", {"lora_name": name, "strength_high": high, "strength_low": low},
+                    {"model": (source, 0), **profiler}, _models(spec.tiny, "loras", name))
+
+    def moved(node_type: str, node_id: int, **links: tuple[int, int]) -> Node:
+        node = base[node_type]
+        return Node(node_id, node.type, dict(node.widgets), {**node.links, **links}, node.models)
+
+    nodes = [
+        Node(1, "WanBenchProfiler", {"case_name": spec.name, "sample_interval_ms": 100}),
+        moved("WanBenchModelLoader", 2),
+        lora(3, 2, lora_high, 1.0, 0.0),
+        lora(4, 3, lora_low, 0.0, 1.0),
+        moved("WanBenchTextEncoderLoader", 5),
+        moved("WanBenchVAELoader", 6),
+        moved("WanBenchTextEncode", 7, text_encoder=(5, 0)),
+    ]
+    if spec.with_image:
+        image = moved("WanBenchTestImage" if spec.tiny else "LoadImage", 8)
+        if spec.tiny:
+            image.widgets.update(width=width + width // 4, height=height)
+        nodes += [image, Node(9, "WanBenchImageToVideo", geometry, {"vae": (6, 0), "start_image": (8, 0), **profiler})]
+    else:
+        nodes.append(Node(9, "WanBenchEmptyLatent", geometry, {"vae": (6, 0), **profiler}))
+    sampler = moved("WanBenchSampler", 10, model=(4, 0), text_embeds=(7, 0), latent=(9, 0))
+    sampler.widgets.update(steps=recipe.steps, shift=recipe.shift, boundary=recipe.boundary,
+                           guidance_high=recipe.guide_scale.high, guidance_low=recipe.guide_scale.low,
+                           solver=recipe.solver)
+    nodes += [
+        sampler,
+        moved("WanBenchVAEDecode", 11, vae=(6, 0), latent=(10, 0)),
+        moved("WanBenchSaveVideo", 12, images=(11, 0)),
+        moved("WanBenchReport", 13, video_path=(12, 0)),
     ]
     return nodes
 
@@ -315,7 +405,7 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
                 "mode": 0,
                 "inputs": inputs,
                 "outputs": outputs,
-                "properties": {"Node name for S&R": node.type},
+                "properties": {"Node name for S&R": node.type, **({"models": node.models} if node.models else {})},
                 "widgets_values": [_widget_value(node, name) for name in layout["widgets"]],
             }
         )
@@ -344,6 +434,10 @@ WORKFLOWS = (
     WorkflowSpec("tiny_ti2v_5B_i2v", "ti2v", with_image=True, tiny=True),
     WorkflowSpec("tiny_t2v_A14B", "t2v", with_image=False, tiny=True),
     WorkflowSpec("tiny_i2v_A14B", "i2v", with_image=True, tiny=True),
+    WorkflowSpec("wan22_t2v_A14B_4steps_lora", "t2v", with_image=False, tiny=False, four_step=True),
+    WorkflowSpec("wan22_i2v_A14B_4steps_lora", "i2v", with_image=True, tiny=False, four_step=True),
+    WorkflowSpec("tiny_t2v_A14B_4steps_lora", "t2v", with_image=False, tiny=True, four_step=True),
+    WorkflowSpec("tiny_i2v_A14B_4steps_lora", "i2v", with_image=True, tiny=True, four_step=True),
 )
 
 # The cases of the existing benchmark reports: (name, workflow, steps, placement, width, height).

@@ -90,9 +90,22 @@ def _rename(key: str, table: Iterable[tuple[str, str]], reverse: bool) -> str:
 
 def _convert_key(key: str, reverse: bool) -> str:
     if key.startswith("blocks."):
-        _, index, rest = key.split(".", 2)
+        parts = key.split(".", 2)
+        if len(parts) < 3:  # "blocks." itself: no block index, nothing to rename
+            return key
+        _, index, rest = parts
         return f"blocks.{index}." + _rename(rest, _BLOCK_TO_DIFFUSERS, reverse)
     return _rename(key, _TOP_LEVEL_TO_DIFFUSERS, reverse)
+
+
+def dit_key_to_diffusers(key: str) -> str:
+    """One official DiT name (parameter or module path followed by '.') -> its diffusers name."""
+    return _convert_key(key, reverse=False)
+
+
+def dit_key_from_diffusers(key: str) -> str:
+    """One diffusers `WanTransformer3DModel` name -> the official name (unknown names unchanged)."""
+    return _convert_key(key, reverse=True)
 
 
 def dit_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

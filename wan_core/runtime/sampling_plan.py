@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,13 +83,29 @@ def working_parts(model: nn.Module, shape: SamplingShape, device: torch.device, 
     return ((f"DiT forward (batch {b}, {kernel.name})", forward), latents)
 
 
+def lora_parts(loras: Sequence[Any], weights: Sequence[WeightBytes]) -> tuple[tuple[str, int], ...]:
+    """LoRA patches on the compute device (`runtime.lora`): the files' factors (kept there for the
+    run), and while a block runs its patched weights next to the base ones plus one float32 delta."""
+    if not loras:
+        return ()
+    factors = sum(t.numel() * t.element_size() for lora in loras for terms in lora.lora.targets.values()
+                  for t in [*(x for p in terms.pairs for x in (p.up, p.down)), *terms.diffs])
+    largest = max((w.largest_block for w in weights), default=0)
+    # a patched block next to the base one, plus the float32 delta of its largest matrix: at most 3x
+    return (("LoRA factors", factors), ("LoRA-patched block and its float32 delta (bound)", 3 * largest))
+
+
 def plan_sampling(experts: Sequence[nn.Module], shape: SamplingShape, *, device: torch.device | str,
-                  placement: str, num_resident_blocks: int, memory: MemoryEnvironment) -> PlacementPlan:
-    """The placement of this run on `device` (see the module docstring); raises `MemoryPlanError`."""
+                  placement: str, num_resident_blocks: int, memory: MemoryEnvironment,
+                  loras: Sequence[Any] = ()) -> PlacementPlan:
+    """The placement of this run on `device` (see the module docstring); raises `MemoryPlanError`.
+
+    `loras` (`runtime.lora.ExpertLora`) add their factors and one patched block to the estimate.
+    """
     device = torch.device(device)
     models = _unique(experts)
     weights = [WeightBytes.of_module(m) for m in models]
-    working = working_parts(models[0], shape, device)
+    working = (*working_parts(models[0], shape, device), *lora_parts(loras, weights))
     what = "DiT sampling"
     options = placement_estimates(weights, working=working, device=str(device), what=what)
     wanted_option = next((e for p, n, e in options if placement in (AUTO_PLACEMENT, p)
