@@ -101,11 +101,13 @@ class Resident:
 
 
 class ComfyModelAdapter:
-    """What `comfy.model_management.LoadedModel` uses of a ModelPatcher, for one `Resident`.
+    """What `comfy.model_management.LoadedModel` uses of a ModelPatcher, for one `Resident`
+    (checked against ComfyUI 0.3.75's `load_models_gpu`, `free_memory` and `unload_all_models`).
 
     ComfyUI keeps weak references to it; the resident (kept by the list while its model lives)
     holds it. `detach` (ComfyUI unloading the model) moves the model to the CPU; a partial unload
-    frees nothing, so ComfyUI unloads it whole.
+    frees nothing, so ComfyUI unloads it whole. `is_clone` is true for the same model, as a
+    ModelPatcher's is, so that loading a listed model again replaces its entry instead of adding one.
     """
 
     parent = None
@@ -140,7 +142,8 @@ class ComfyModelAdapter:
         return []
 
     def is_clone(self, other: object) -> bool:
-        return False
+        """Same model (ComfyUI re-lists a loaded model through this: it pops the old entry first)."""
+        return getattr(other, "model", None) is self.model
 
     def lowvram_patch_counter(self) -> int:
         return 0
@@ -154,6 +157,10 @@ class ComfyModelAdapter:
         return 0
 
     def detach(self, unpatch_all: bool = True) -> None:
+        """ComfyUI unloading the model (`unpatch_all`): move it off the device. Without
+        `unpatch_all` (ComfyUI re-listing a model it is about to load again) nothing moves."""
+        if not unpatch_all:
+            return
         freed = self.resident.release()
         log.info("ComfyUI unloaded %s (%.2f GB moved off %s)", self.resident.name, freed / 1e9, self.load_device)
 

@@ -218,7 +218,7 @@ def test_decode_tiling_auto_follows_the_free_memory() -> None:
     assert isinstance(squeezed.tiling, VAETiling) and squeezed.estimate.needed < whole
     with pytest.raises(MemoryPlanError, match="Options that fit: tiling 'auto' with tiles"):
         plan_decode(vae, raw.shape, tiling="none", memory=FixedMemory({"cpu": short}))
-    with pytest.raises(MemoryPlanError, match="No placement or tiling fits; choose a smaller size"):
+    with pytest.raises(MemoryPlanError, match="To fix: choose a smaller size or fewer frames"):
         plan_decode(vae, raw.shape, tiling="auto", memory=FixedMemory({"cpu": 1}))
 
 

@@ -161,7 +161,9 @@ def refusal(estimate: Estimate, budget: MemoryBudget, options: Sequence[tuple[st
             fitting.append(f"{label} (needs {gb(e.needed)})")
     if fitting:
         return f"{text} Options that fit: {'; '.join(fitting)}."
-    return f"{text} No placement or tiling fits; {fix}."
+    if options:
+        return f"{text} None of the other options fits either ({len(options)} checked); {fix}."
+    return f"{text} To fix: {fix}."
 
 
 # --------------------------------------------------------------------------------------------
