@@ -37,7 +37,6 @@ from ..attention import BACKENDS, REFERENCE_BACKEND
 from ..config import DiTConfig, UMT5Config, VAEConfig
 from ..dit import WanDiT
 from ..rope import RopeTables
-from ..t5 import T5Block
 from ..vae import WanVAE
 from .meta_memory import AttentionKernel, sdpa_kernel, trace_peak
 
@@ -256,6 +255,8 @@ def t5_encode_bytes(cfg: UMT5Config, dtype: torch.dtype, *, device_type: str, ba
     """Peak working set of one UMT5 encode at the full text length on a device of `device_type`:
     the token embeddings, one block's working set (blocks run one after the other, each with its
     (B, N, S, S) position bias) and the output rows."""
+    from ..t5 import T5Block  # here, not at the top: t5 needs the tokenizer's packages (ftfy), sampling does not
+
     with META:
         block = T5Block(cfg).to(dtype)
     length = cfg.text_len
