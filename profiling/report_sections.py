@@ -60,6 +60,20 @@ def _measured(stage: StageRecord, device: str) -> tuple[int | None, str]:
     return stage.rss_max_bytes, "process RSS max"
 
 
+def _rows(stages: Sequence[StageRecord]) -> list[tuple[str, list[StageRecord]]]:
+    """One row per stage, the denoising steps together (their estimate is one; the row shows the
+    largest measured peak among them)."""
+    steps = [s for s in stages if s.kind == "step-inference"]
+    rows: list[tuple[str, list[StageRecord]]] = []
+    for s in stages:
+        if s.kind != "step-inference":
+            rows.append((s.name, [s]))
+        elif s is steps[0]:
+            rows.append((f"{s.name} .. {steps[-1].name} ({len(steps)} steps)" if len(steps) > 1 else s.name,
+                         steps))
+    return rows
+
+
 def memory_plan_lines(run: RunRecord) -> list[str]:
     """The memory plan section (empty when the run carries no plan and no estimate)."""
     plans = [e for e in run.events if e.name == PLAN_EVENT]
@@ -71,11 +85,12 @@ def memory_plan_lines(run: RunRecord) -> list[str]:
     if stages:
         lines += ["", "| Stage | Device | Estimated peak (GB) | Measured peak (GB) | Measured as |",
                   "| :--- | :--- | :--- | :--- | :--- |"]
-        for s in stages:
-            device = str(s.facts.get(ESTIMATE_DEVICE_FACT) or s.device)
-            measured, what = _measured(s, device)
-            lines.append(f"| {s.name} | {device} | {fmt_gb(_int(s.facts.get(ESTIMATE_FACT)))} | "
-                         f"{fmt_gb(measured)} | {what} |")
+        for label, group in _rows(stages):
+            device = str(group[0].facts.get(ESTIMATE_DEVICE_FACT) or group[0].device)
+            measured = [m for m in (_measured(s, device)[0] for s in group) if m is not None]
+            estimate = max(_int(s.facts.get(ESTIMATE_FACT)) or 0 for s in group)
+            lines.append(f"| {label} | {device} | {fmt_gb(estimate)} | "
+                         f"{fmt_gb(max(measured) if measured else None)} | {_measured(group[0], device)[1]} |")
         lines += ["", "The estimate counts the bytes the job holds at the stage's peak (weights resident on "
                   "the device plus the working set); the process RSS also holds the Python runtime and "
                   "libraries, so on the CPU it reads higher by that base."]

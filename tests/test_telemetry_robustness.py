@@ -46,6 +46,13 @@ def _work(steps: int = 3, first: int = 0) -> torch.Tensor:
     return x
 
 
+def _wait_until(condition, timeout_s: float = 10.0) -> None:  # noqa: ANN001 - a zero-argument callable
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the sampler thread did not take its readings in time"
+        time.sleep(0.005)
+
+
 def test_nvml_errors_at_boundaries_and_in_the_thread_never_stop_or_change_the_run() -> None:
     expected = _work()
     gpu, host = FakeNvml(), FailingHost()
@@ -55,9 +62,12 @@ def test_nvml_errors_at_boundaries_and_in_the_thread_never_stop_or_change_the_ru
     with session:
         gpu.fail(RuntimeError("NVML_ERROR_GPU_IS_LOST"), on="memory")  # every stage boundary
         first = _work(1, first=3)
+        _wait_until(lambda: gpu.num_activity_reads >= 3)  # the thread has read activity
         gpu.fail(RuntimeError("NVML_ERROR_UNKNOWN"), on="activity")  # every thread reading
         host.failing = True
+        reads = gpu.num_reads
         rest = _work()
+        _wait_until(lambda: gpu.num_reads >= reads + 3)  # the thread went on reading (and failing)
         gpu.fail(None)
         host.failing = False
     run = session.record
@@ -72,7 +82,7 @@ def test_nvml_errors_at_boundaries_and_in_the_thread_never_stop_or_change_the_ru
     assert "stopped early" not in notes  # the thread kept sampling through the failures
     failing = [s for s in run.samples if s.rss_bytes is None]
     assert failing and all(s.cpu_pct is None for s in failing)
-    assert gpu.num_activity_reads > 3  # the thread went on reading after the errors
+    assert gpu.num_activity_reads >= 3
 
 
 def test_a_probe_failing_while_the_session_opens_and_closes_is_noted() -> None:
@@ -200,3 +210,26 @@ def test_a_starved_sampler_thread_shows_up_as_a_gap() -> None:
     run = session.record
     assert run.sampler_gaps and max(g.duration_s for g in run.sampler_gaps) >= 0.2
     assert any("sampler thread was starved" in n for n in run.notes)
+
+
+def test_memory_plan_section_shows_estimates_beside_measured_peaks(tmp_path) -> None:
+    clock, dev = FakeClock(), FakeDevice()
+    session = ProfileSession(case_name="plan", sample_interval_s=None, clock=clock, gpu=FakeNvml(),
+                             device_probe=dev, host=FakeHost())
+    estimate = {"memory_estimate_bytes": 30 * GB, "memory_estimate_device": "cuda:0"}
+    with session:
+        trace.event("memory_plan", what="DiT sampling", placement_requested="auto", placement="model",
+                    resident_blocks=0, device="cuda:0", estimate_bytes=30 * GB, margin_bytes=6 * GB,
+                    free_bytes=79 * GB, checked=True)
+        for i, peak in enumerate((20, 25)):
+            with trace.stage(f"Step_{i}_Inference", kind="step-inference", **estimate):
+                dev.spike(allocated=peak * GB)
+                clock.advance(1.0)
+    path = write_report(session.record, tmp_path, basename="r")["json"]
+    text = path.with_suffix(".md").read_text(encoding="utf-8")
+    assert "### Memory Plan" in text
+    assert ("- DiT sampling: placement_requested auto; placement model; resident_blocks 0; device cuda:0; "
+            "checked True (estimate 30.00 GB, free 79.00 GB, margin 6.00 GB)") in text
+    assert ("| Step_0_Inference .. Step_1_Inference (2 steps) | cuda:0 | 30.00 | 25.00 | CUDA allocator peak |"
+            in text)
+    assert check_report(path) == []
