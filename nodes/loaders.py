@@ -170,8 +170,8 @@ class WanModelLoader:
         if profiler is not None:
             profiler.set_context(task=task.name, dit_dtype=dtype, attention_backend=attention)
         compute = resolve_device(device)
-        for name, expert in zip(task.expert_names, experts, strict=False):
-            memory.track_module(expert, name=f"Wan DiT {name}", device=compute)
+        memory.note_loaded(*(memory.track_module(expert, name=f"Wan DiT {name}", device=compute)
+                             for name, expert in zip(task.expert_names, experts, strict=False)))
         return (T.DiTExperts(experts=tuple(experts), task=task, device=compute),)
 
 
@@ -230,8 +230,9 @@ class WanTextEncoderLoader:
             )
         if profiler is not None:
             profiler.set_context(t5_dtype=dtype)
-        memory.track(encoder, name=f"Wan text encoder {text_encoder}", device=resolve_device(device),
-                     modules=_encoder_modules, move=_move_encoder, may_run_on_cpu=device == "auto")
+        memory.note_loaded(memory.track(encoder, name=f"Wan text encoder {text_encoder}",
+                                        device=resolve_device(device), modules=_encoder_modules,
+                                        move=_move_encoder, may_run_on_cpu=device == "auto"))
         return (encoder,)
 
 
@@ -279,7 +280,7 @@ class WanVAELoader:
             model = load_vae_checked(path, device=compute, dtype=weight_dtype(dtype), memory=memory.PackMemory())
         if profiler is not None:
             profiler.set_context(vae_dtype=dtype)
-        memory.track_module(model, name=f"Wan VAE {vae}", device=compute)
+        memory.note_loaded(memory.track_module(model, name=f"Wan VAE {vae}", device=compute))
         return (model,)
 
 

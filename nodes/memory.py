@@ -173,14 +173,13 @@ _RESIDENTS: weakref.WeakKeyDictionary[object, Resident] = weakref.WeakKeyDiction
 def track(owner: object, *, name: str, device: torch.device | str,
           modules: Callable[[Any], Sequence[nn.Module]], move: Callable[[Any, torch.device], None],
           may_run_on_cpu: bool = False) -> Resident:
-    """The resident entry of `owner`, made on first use (registered with ComfyUI's memory manager
-    when the model is already on its device)."""
+    """The resident entry of `owner`, made on first use (list it with ComfyUI through
+    `note_loaded` once it is on its device)."""
     resident = _RESIDENTS.get(owner)
     if resident is None:
         resident = Resident(owner, name=name, device=device, modules=modules, move=move,
                             may_run_on_cpu=may_run_on_cpu)
         _RESIDENTS[owner] = resident
-    note_loaded(resident)
     return resident
 
 
@@ -211,12 +210,16 @@ def load(resident: Resident, *, working_bytes: int) -> None:
         resident.load()
 
 
-def note_loaded(resident: Resident) -> None:
-    """Tell ComfyUI's memory manager that `resident` is on its device now (after the core moved it)."""
-    resident.last_used = next(_CLOCK)
+def note_loaded(*residents: Resident) -> None:
+    """Tell ComfyUI's memory manager that these models are on their devices now (after the core
+    moved them). One call for all of them: ComfyUI never moves a model off to make room for another
+    one of the same call."""
+    for resident in residents:
+        resident.last_used = next(_CLOCK)
     mm = bridge.model_management()
-    if mm is not None and resident.bytes_on(resident.device):
-        mm.load_models_gpu([resident.adapter])
+    placed = [r.adapter for r in residents if r.bytes_on(r.device)]
+    if mm is not None and placed:
+        mm.load_models_gpu(placed)
 
 
 def bring_back(owner: object) -> None:

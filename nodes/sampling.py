@@ -321,10 +321,8 @@ class WanSampler:
                 memory=memory.PackMemory(),
                 on_plan=on_plan,
             )
-        for expert in model.experts:  # experts left on the GPU (placement none): ComfyUI may move them off
-            resident = memory.resident_of(expert)
-            if resident is not None:
-                memory.note_loaded(resident)
+        # experts left on the GPU (placement none) are listed with ComfyUI, which may move them off later
+        memory.note_loaded(*(r for r in map(memory.resident_of, model.experts) if r is not None))
         out: dict[str, Any] = {"samples": result.samples}  # (1, C, T, h, w) raw
         if condition is not None:
             out[LATENT_CONDITION] = condition  # a second sampler (split run) needs it too
