@@ -38,6 +38,7 @@ from ..config import DiTConfig, UMT5Config, VAEConfig
 from ..dit import WanDiT
 from ..rope import RopeTables
 from ..vae import WanVAE
+from .compact import compact_weights_of, logical_shapes
 from .meta_memory import AttentionKernel, sdpa_kernel, trace_peak
 
 META = torch.device("meta")
@@ -52,7 +53,8 @@ class WeightBytes:
     """Bytes of one model's weights: all of it, its transformer blocks one by one, the rest.
 
     `dequant_block_bytes`: the largest temporary one block needs when its weights are kept compact
-    (fp8) and dequantised to the compute dtype right before it runs (0 when stored as computed).
+    (`runtime.compact`: fp8, GGUF, bf16 storage) and decoded to the compute dtype right before it
+    runs (0 when stored as computed).
     """
 
     total: int
@@ -76,12 +78,21 @@ class WeightBytes:
         if not isinstance(blocks, nn.ModuleList):
             return cls(total=total)
         per_block = tuple(_tensor_bytes(b) for b in blocks)
-        dequant = 0
-        compute = _compute_itemsize(module)
-        for block in blocks:
-            compact = sum(p.numel() for p in block.parameters() if p.is_floating_point() and p.element_size() < compute)
-            dequant = max(dequant, compact * compute)
-        return cls(total=total, blocks=per_block, dequant_block_bytes=dequant)
+        return cls(total=total, blocks=per_block, dequant_block_bytes=_dequant_block_bytes(module))
+
+
+def _dequant_block_bytes(module: nn.Module) -> int:
+    """The largest per-block temporary of weights kept compact (`runtime.compact`): the block's
+    managed matrices decoded to the compute dtype (their logical shapes; GGUF blocks are bytes)."""
+    if compact_weights_of(module) is None:
+        return 0
+    compute = _compute_itemsize(module)
+    per_block: dict[str, int] = {}
+    for name, shape in logical_shapes(module).items():
+        if name.startswith("blocks."):
+            block = name.split(".", 2)[1]
+            per_block[block] = per_block.get(block, 0) + math.prod(shape) * compute
+    return max(per_block.values(), default=0)
 
 
 def _tensor_bytes(module: nn.Module) -> int:
@@ -96,7 +107,11 @@ def _tensor_bytes(module: nn.Module) -> int:
 
 
 def _compute_itemsize(module: nn.Module) -> int:
-    """Bytes per element of the compute dtype: the widest floating dtype among the weights."""
+    """Bytes per element of the compute dtype: that of the patch embedding (never kept compact), else
+    the widest floating dtype among the weights."""
+    embedding = getattr(module, "patch_embedding", None)
+    if embedding is not None:
+        return embedding.weight.element_size()
     sizes = [p.element_size() for p in module.parameters() if p.is_floating_point()]
     return max(sizes, default=4)
 
