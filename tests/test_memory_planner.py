@@ -271,3 +271,27 @@ def test_standalone_make_room_moves_the_least_recently_used_models_off(monkeypat
     pack_memory.PackMemory().make_room(torch.device("cuda:0"), 1 << 60, keep=[owners[2]])
     assert [m for m, _ in moves if m in ("m0", "m1", "m2")][:2] == ["m1", "m0"]  # oldest first, m2 kept
     assert all(d == "cpu" for _, d in moves)
+
+
+def test_compact_weights_count_at_their_stored_size_with_a_decoded_block() -> None:
+    from wanbench.wan_core.runtime.compact import store_fp8
+
+    torch.manual_seed(0)
+    model = WanDiT(TI2V_5B.tiny().dit).eval()
+    plain = WeightBytes.of_module(model)
+    store_fp8(model)  # block matrices as fp8 + scale, decoded per block forward
+    compact = WeightBytes.of_module(model)
+    matrices = sum(p.numel() for n, p in model.blocks[0].named_parameters() if p.dim() == 2)
+    assert compact.total < plain.total and compact.blocks[0] < plain.blocks[0]
+    assert compact.dequant_block_bytes >= matrices * 4  # one block decoded to float32 while it runs
+
+
+def test_loading_check_counts_the_storage_the_loader_keeps(tmp_path: Path) -> None:
+    from wanbench.wan_core.runtime.compact import weight_bytes_estimate
+    from wanbench.wan_core.runtime.loading import dit_weight_bytes
+
+    cfg = TI2V_5B.tiny().dit
+    path = save_dit(WanDiT(cfg), tmp_path / "dit.safetensors", dtype=torch.float16)
+    fp8 = dit_weight_bytes(path, torch.bfloat16, "fp8_e4m3fn_scaled")
+    assert fp8.total == weight_bytes_estimate(cfg, "fp8_e4m3fn_scaled", torch.bfloat16)
+    assert fp8.total < dit_weight_bytes(path, torch.bfloat16).total  # compact blocks hold less
