@@ -44,7 +44,10 @@ def unmeasured_lines(run: RunRecord) -> list[str]:
 
 def _plan_line(event: EventRecord) -> str:
     f = event.facts
-    parts = [f"{k} {v}" for k, v in f.items() if k not in ("what", "estimate_bytes", "free_bytes", "margin_bytes")]
+    hidden = ("what", "estimate_bytes", "free_bytes", "margin_bytes", "free_source")
+    parts = [f"{k} {v}" for k, v in f.items() if k not in hidden]
+    if f.get("checked") is False and f.get("free_source"):
+        parts.append(f"not checked: {f['free_source']}")
     budget = (f"estimate {fmt_gb(_int(f.get('estimate_bytes')))} GB, free {fmt_gb(_int(f.get('free_bytes')))} GB, "
               f"margin {fmt_gb(_int(f.get('margin_bytes')))} GB")
     return f"- {f.get('what', 'plan')}: {'; '.join(parts)} ({budget})"

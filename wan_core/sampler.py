@@ -41,15 +41,21 @@ One call of `sample()` runs the official loop (spec section 6) over normalised l
   (`FlowScheduler.resume`), so a split run equals one run; after the call it holds the state.
 * LoRAs: `loras=` (`runtime.lora.ExpertLora`) are applied to the experts' weights for the duration
   of the run only (`runtime.lora.LoraPatches`), after placement and fp8 storage.
+* Parallel runs: inside one rank of a parallel run (`runtime/distributed.py`) the loop is the
+  same on every rank; the plan wraps the guided prediction (CFG-parallel) and the experts
+  (Ulysses token split, sharded weights) for the duration of the run, and records each step's
+  communication as a `communication` event.
 
 Shapes: latents (C, T, h, w) float32, C = the DiT's out_dim; contexts (S, text_dim).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import torch
@@ -71,8 +77,9 @@ from .config import (
     step_stages,
 )
 from .placement import OFFLOAD_DEVICE, Placement, make_placement
+from .runtime.distributed import Denoiser, active_parallel, parallel_sampling
 from .runtime.lora import ExpertLora, LoraPatches
-from .runtime.planner import MemoryEnvironment, PlacementPlan, SystemMemory
+from .runtime.planner import MemoryEnvironment, PlacementPlan, SystemMemory, UncheckedMemory
 from .runtime.sampling_plan import SamplingShape, plan_sampling
 from .schedulers import FULL_DENOISE, FlowSchedule, FlowScheduler, make_schedule, make_scheduler
 from .trace import event, stage
@@ -275,6 +282,8 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     requested_device = device
     if device is None:
         device = _default_device(experts[0], opts.placement)
+    if active_parallel() is not None:  # each rank holds a share: the single-process estimate does not apply
+        memory = UncheckedMemory("a parallel run: per-rank memory is not estimated (placement auto is 'none')")
     plan = _memory_plan(experts, task, opts, torch.device(device), memory or SystemMemory(), noise=noise,
                         latent_shape=latent_shape, contexts=(context, context_null), image=ti2v_z, loras=loras)
     if on_plan is not None:
@@ -299,8 +308,22 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
                                num_resident_blocks=opts.num_resident_blocks)
     placement_facts = {"placement": applied, "placement_requested": plan.requested}
     patches = LoraPatches(experts, loras, keep_on_device=applied != "blocks")
-    with placement, patches, torch.no_grad():  # LoRA hooks go on after placement's (module docstring)
-        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, plan.estimate.facts())
+    # the parallel plan first (sharded weights before placement), LoRA hooks after placement's
+    with _parallel_scope(experts, opts, loras) as denoiser, placement, patches, torch.no_grad():
+        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, denoiser,
+                     plan.estimate.facts())
+
+
+def _parallel_scope(experts: list[nn.Module], opts: SamplerOptions,
+                    loras: Sequence[ExpertLora]) -> AbstractContextManager[Denoiser]:
+    """The guided prediction of this run: the sampler's own, or, inside a parallel run (a rank
+    started by `wanbench run --nproc N`), the plan's (`runtime/distributed.py`), which applies
+    itself to the experts until the run ends and says which share of each step this rank computes."""
+    runtime = active_parallel()
+    if runtime is None:
+        return contextlib.nullcontext(Denoiser(_guided_prediction))
+    return parallel_sampling(runtime, experts, placement=opts.placement, single=_guided_prediction,
+                             has_loras=bool(loras))
 
 
 def _run_scheduler(scheduler: FlowScheduler | None, opts: SamplerOptions) -> FlowScheduler:
@@ -317,9 +340,9 @@ def _run_scheduler(scheduler: FlowScheduler | None, opts: SamplerOptions) -> Flo
     return scheduler
 
 
-def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run, opts: SamplerOptions,
-          callback: StepCallback | None, placement_facts: dict[str, str],
-          estimate_facts: dict[str, int | str]) -> torch.Tensor:
+def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run,
+          opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str],
+          denoiser: Denoiser, estimate_facts: dict[str, int | str]) -> torch.Tensor:
     if run.z is not None:
         mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
         latent = pin_first_frame(run.latent, run.z, mask)
@@ -344,13 +367,14 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         loading, inference = step_stages(i)
         with stage(loading.name, kind=loading.kind, flops=0.0, **facts, **placement_facts):
             model = placement.activate(names.index(name))
-        with stage(inference.name, kind=inference.kind, flops=passes * run.flops_one, **facts, **estimate_facts):
+        flops = passes * run.flops_one * denoiser.share(cfg_mode)  # this process's share of the step
+        with stage(inference.name, kind=inference.kind, flops=flops, **facts, **estimate_facts):
             if run.per_token_t:
                 t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
                                           seq_len=run.seq_len)  # (1, seq_len) float32
             else:
                 t_model = t.view(1).to(latent.device)  # (1,) int64, float32 for float-timestep solvers
-            pred = _guided_prediction(model, latent, t_model, run, g, cfg_mode)
+            pred = denoiser.predict(model, latent, t_model, run, g, cfg_mode)
             latent = scheduler.step(pred, latent)
             if run.z is not None:
                 latent = pin_first_frame(latent, run.z, mask)

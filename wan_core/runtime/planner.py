@@ -189,7 +189,8 @@ class PlacementPlan:
         return {"what": "DiT sampling", "placement_requested": self.requested, "placement": self.placement,
                 "resident_blocks": self.num_resident_blocks, "device": self.estimate.device,
                 "estimate_bytes": self.estimate.total, "margin_bytes": self.estimate.margin,
-                "free_bytes": self.budget.free_bytes, "checked": self.budget.free_bytes is not None}
+                "free_bytes": self.budget.free_bytes, "checked": self.budget.free_bytes is not None,
+                "free_source": self.budget.source}
 
 
 def placement_label(placement: str, num_resident_blocks: int) -> str:
@@ -276,7 +277,7 @@ class TilingPlan:
         return {"what": "VAE decode", "tiling_requested": self.requested, "tiling": described,
                 "device": self.estimate.device, "estimate_bytes": self.estimate.total,
                 "margin_bytes": self.estimate.margin, "free_bytes": self.budget.free_bytes,
-                "checked": self.budget.free_bytes is not None}
+                "checked": self.budget.free_bytes is not None, "free_source": self.budget.source}
 
 
 def plan_tiling(candidates: Sequence[tuple[str, object, Callable[[], Estimate]]], *, requested: str,
@@ -325,6 +326,19 @@ class SystemMemory:
     def make_room(self, device: torch.device, nbytes: int, *, keep: Sequence[object]) -> None:
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+class UncheckedMemory:
+    """No free-memory figure, with the reason (a plan made with it checks nothing and says why)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def budget(self, device: torch.device) -> MemoryBudget:
+        return MemoryBudget(str(torch.device(device)), None, self.reason)
+
+    def make_room(self, device: torch.device, nbytes: int, *, keep: Sequence[object]) -> None:
+        return None
 
 
 class FixedMemory:
