@@ -33,6 +33,7 @@ __all__ = [
     "list_models",
     "make_progress",
     "model_folder_description",
+    "model_management",
     "output_directory",
     "resolve_model",
     "save_path",
@@ -166,6 +167,11 @@ def make_progress(total: int, label: str) -> Callable[[int], None]:
         log.info("%s: %d/%d", label, done, total)
 
     return log_progress
+
+
+def model_management() -> ModuleType | None:
+    """ComfyUI's `comfy.model_management` inside a server (its memory manager), else None."""
+    return _comfy_module("comfy.model_management")
 
 
 def check_interrupt() -> None:

@@ -1,7 +1,14 @@
 """Loader nodes: Wan Model Loader (DiT experts), Wan Text Encoder Loader, Wan VAE Loader.
 
-Each makes one wan_core load call; files come from ComfyUI's model folders (plain paths outside
-ComfyUI). With a profiler wired, the load is recorded as an `init` stage.
+Each makes one wan_core load call, which first checks from the file headers that the weights fit
+where they go (`runtime.loading`: refused with the figures otherwise, before anything is read);
+files come from ComfyUI's model folders (plain paths outside ComfyUI). With a profiler wired, the
+load is recorded as an `init` stage.
+
+Device "auto" with a GPU: the DiT and the text encoder are read into host memory and move to the
+GPU when their stage runs (the sampler's memory plan decides how, for the DiT); the VAE is loaded
+onto the GPU. Every loaded model is listed with ComfyUI's memory manager (`memory.py`), which
+moves it off the GPU when memory is needed, or on `POST /free`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from ..wan_core.config import (
 )
 from ..wan_core.config import weight_dtype as _dtype  # `weight_dtype` names the storage input below
 from . import comfy_bridge as bridge
+from . import memory
 from . import types as T
 from .profiler_handle import maybe_profile, record_context, single_stage
 
@@ -36,6 +44,12 @@ DEVICES = ("auto", "cuda", "cpu")
 # the profiling session joins consecutive pieces into one Model_Initialization (the total init
 # time) and keeps the per-loader children. A loader served from ComfyUI's cache is reported by
 # its child stage name.
+
+
+def load_device(device: str) -> str:
+    """Where a loader puts weights that compute on `resolve_device(device)`: host memory for "auto"
+    (they move when their stage runs), else that device."""
+    return "cpu" if device == "auto" else resolve_device(device)
 
 
 def resolve_device(device: str) -> str:
@@ -121,7 +135,12 @@ class WanModelLoader:
                 ),
                 "device": (
                     list(DEVICES),
-                    {"default": "auto", "tooltip": "Where the weights are loaded: auto = GPU if present."},
+                    {
+                        "default": "auto",
+                        "tooltip": "Where the DiT computes: auto = the GPU if present (the weights wait in "
+                        "host memory and the sampler's placement moves them); cuda = loaded onto the GPU; "
+                        "cpu = everything on the CPU.",
+                    },
                 ),
             },
             "optional": {
@@ -167,8 +186,8 @@ class WanModelLoader:
         compile: str = COMPILE_OFF,
         tf32: bool = False,
     ) -> tuple[T.DiTExperts]:
-        from ..wan_core.checkpoints.dit import load_experts
         from ..wan_core.runtime.execution import ExecutionOptions
+        from ..wan_core.runtime.loading import load_experts_checked
 
         if model_low == model_high:
             raise ValueError(
@@ -187,13 +206,14 @@ class WanModelLoader:
             single_stage(*MODEL_INIT_STAGE),
             single_stage(*DIT_INIT_STAGE, component="dit"),
         ):
-            experts = load_experts(
+            experts = load_experts_checked(
                 high,
                 low,
-                device=resolve_device(device),
+                device=load_device(device),
                 dtype=_dtype(dtype),
                 attention=attention,
                 storage=weight_dtype,
+                memory=memory.PackMemory(),
             )
         model_type = experts[0].config.model_type
         task = TASK_BY_MODEL_TYPE[model_type]
@@ -213,7 +233,11 @@ class WanModelLoader:
             compile=execution.compiles,
             tf32=execution.tf32,
         )
-        return (T.DiTExperts(experts=tuple(experts), task=task, storage=weight_dtype, execution=execution),)
+        compute = resolve_device(device)
+        memory.note_loaded(*(memory.track_module(expert, name=f"Wan DiT {name}", device=compute)
+                             for name, expert in zip(task.expert_names, experts, strict=False)))
+        return (T.DiTExperts(experts=tuple(experts), task=task, storage=weight_dtype, execution=execution,
+                             device=compute),)
 
 
 class WanTextEncoderLoader:
@@ -245,7 +269,11 @@ class WanTextEncoderLoader:
                 ),
                 "device": (
                     list(DEVICES),
-                    {"default": "auto", "tooltip": "Where the encoder runs; cpu keeps ~11 GB off the GPU."},
+                    {
+                        "default": "auto",
+                        "tooltip": "Where the encoder runs: auto = the GPU when it fits there (else the CPU), "
+                        "moved off it when other models need the memory; cpu keeps ~11 GB off the GPU.",
+                    },
                 ),
             },
             "optional": {
@@ -267,7 +295,7 @@ class WanTextEncoderLoader:
         unique_id: str | None = None,
         weight_dtype: str = DEFAULT_STORAGE,
     ) -> tuple[Any]:
-        from ..wan_core.checkpoints.t5 import load_text_encoder
+        from ..wan_core.runtime.loading import load_text_encoder_checked
 
         _check_choice("weight_dtype", weight_dtype, TEXT_ENCODER_STORAGES)
         path = bridge.resolve_model(bridge.FOLDER_TEXT_ENCODERS, text_encoder)
@@ -276,10 +304,14 @@ class WanTextEncoderLoader:
             single_stage(*MODEL_INIT_STAGE),
             single_stage(*TEXT_ENCODER_INIT_STAGE, component="t5"),
         ):
-            encoder = load_text_encoder(
-                path, device=resolve_device(device), dtype=_dtype(dtype), storage=weight_dtype
+            encoder = load_text_encoder_checked(
+                path, device=load_device(device), dtype=_dtype(dtype), storage=weight_dtype,
+                memory=memory.PackMemory(),
             )
         record_context(profiler, t5_dtype=dtype)
+        memory.note_loaded(memory.track(encoder, name=f"Wan text encoder {text_encoder}",
+                                        device=resolve_device(device), modules=_encoder_modules,
+                                        move=_move_encoder, may_run_on_cpu=device == "auto"))
         return (encoder,)
 
 
@@ -316,7 +348,7 @@ class WanVAELoader:
     def load(
         self, vae: str, dtype: str, device: str, profiler: Any = None, unique_id: str | None = None
     ) -> tuple[Any]:
-        from ..wan_core.vae_stages import load_vae_for_stages
+        from ..wan_core.runtime.loading import load_vae_checked
 
         path = bridge.resolve_model(bridge.FOLDER_VAE, vae)
         with (
@@ -324,6 +356,16 @@ class WanVAELoader:
             single_stage(*MODEL_INIT_STAGE),
             single_stage(*VAE_INIT_STAGE, component="vae"),
         ):
-            model = load_vae_for_stages(path, device=resolve_device(device), dtype=_dtype(dtype))
+            compute = resolve_device(device)
+            model = load_vae_checked(path, device=compute, dtype=_dtype(dtype), memory=memory.PackMemory())
         record_context(profiler, vae_dtype=dtype)
+        memory.note_loaded(memory.track_module(model, name=f"Wan VAE {vae}", device=compute))
         return (model,)
+
+
+def _encoder_modules(encoder: Any) -> list[Any]:
+    return [encoder.encoder]
+
+
+def _move_encoder(encoder: Any, device: torch.device) -> None:
+    encoder.to(device)

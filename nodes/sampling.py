@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..wan_core.config import (
+    AUTO_PLACEMENT,
     BATCHED_CFG,
     I2V_A14B,
     PLACEMENTS,
@@ -28,6 +29,7 @@ from ..wan_core.config import (
     sampling_stages,
 )
 from . import comfy_bridge as bridge
+from . import memory
 from . import types as T
 from .profiler_handle import maybe_profile, record_context
 from .schedule_inputs import END_OF_SCHEDULE, SCHEDULE_INPUTS, check_list_length
@@ -159,10 +161,11 @@ class WanSampler:
                 "placement": (
                     list(PLACEMENTS),
                     {
-                        "default": PLACEMENTS[0],
-                        "tooltip": "Weights placement: none = all on the GPU; "
-                        "model = the expert not in use waits "
-                        "on the CPU; blocks = stream transformer blocks from pinned CPU memory.",
+                        "default": AUTO_PLACEMENT,
+                        "tooltip": "Weights placement: auto = the fastest that fits in free GPU memory "
+                        "(planned before anything is allocated); none = all on the GPU; model = the expert "
+                        "not in use waits on the CPU; blocks = stream transformer blocks from pinned CPU "
+                        "memory. A choice that cannot fit is refused with the estimate and what would fit.",
                     },
                 ),
                 "resident_blocks": (
@@ -298,6 +301,9 @@ class WanSampler:
             progress(index - first + 1)
             bridge.check_interrupt()
 
+        def on_plan(plan: Any) -> None:  # the placement the memory plan chose (before any allocation)
+            record_context(profiler, placement=plan.placement)
+
         continuation = latent.get(LATENT_CONTINUATION)
         with maybe_profile(profiler, unique_id, sampling_stages(last, first=first)), applied(
             model.experts, model.execution
@@ -315,7 +321,12 @@ class WanSampler:
                 ti2v_z=condition.z if isinstance(condition, TI2VCondition) else None,
                 callback=on_step,
                 loras=model.loras,
+                device=model.device,
+                memory=memory.PackMemory(),
+                on_plan=on_plan,
             )
+        # experts left on the GPU (placement none) are listed with ComfyUI, which may move them off later
+        memory.note_loaded(*(r for r in map(memory.resident_of, model.experts) if r is not None))
         out: dict[str, Any] = {"samples": result.samples}  # (1, C, T, h, w) raw
         if condition is not None:
             out[LATENT_CONDITION] = condition  # a second sampler (split run) needs it too

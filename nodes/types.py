@@ -49,7 +49,9 @@ class DiTExperts:
     holds what is turned on only while sampling (TF32, regional compile: `runtime/execution.py`);
     `loras` are `wan_core.runtime.lora.ExpertLora` entries added by Wan LoRA nodes. Execution
     options and LoRAs act on the shared modules only while a sampler runs, so a bundle with them
-    and the bundle it came from never affect each other.
+    and the bundle it came from never affect each other. `device` is where the experts compute
+    ("cuda" or "cpu"; None: where their weights are); with a GPU the loader keeps the weights in
+    host memory and the sampler's memory plan moves them.
     """
 
     experts: tuple[Any, ...]
@@ -57,9 +59,10 @@ class DiTExperts:
     storage: str = DEFAULT_STORAGE
     execution: ExecutionOptions = ExecutionOptions()
     loras: tuple[Any, ...] = ()
+    device: str | None = None
 
     def with_lora(self, lora: Any) -> DiTExperts:
-        """A new bundle with the same modules, options and LoRAs, and one more LoRA."""
+        """A new bundle with the same modules, options, device and LoRAs, and one more LoRA."""
         return replace(self, loras=(*self.loras, lora))
 
     def lora_descriptions(self) -> list[str]:

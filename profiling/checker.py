@@ -6,7 +6,8 @@ as a number, a statement about utilization the figures do not support, stage tim
 account for the total (time outside every top-level stage above the margin of max(`SUM_MARGIN_PCT`
 % of the total, `SUM_MARGIN_ABS_S`) that the session did not record as outside time, overlapping
 top-level stages), a memory verdict about another GPU (or a peak above the GPU's capacity), a step
-count that differs from the steps recorded, unnamed stages, and mis-encoded text (mojibake).
+count that differs from the steps recorded, a CPU % above 100 x the logical cores the system facts
+record, unnamed stages, and mis-encoded text (mojibake).
 
 The Markdown beside a JSON file is checked against the records too: it must be exactly what
 `render_markdown` makes of them (chart lines aside), so a number edited in, an `n/a` turned into
@@ -219,6 +220,7 @@ def _check_records(run: RunRecord, where: str) -> list[str]:
             problems.append(f"{label}: CUDA memory {s.memory.allocated_peak} shown for a CPU run")
         if s.cached and (s.duration_s != 0 or s.activity_mean_pct is not None):
             problems.append(f"{label}: marked cached but carries measurements")
+    problems += _check_cpu(run, where)
     capacity = run.system.gpu_memory_bytes
     for figure in (run.total.memory.reserved_peak, run.total.memory.device_used_max):
         if capacity is not None and figure is not None and figure > capacity:
@@ -228,6 +230,24 @@ def _check_records(run: RunRecord, where: str) -> list[str]:
             )
     if run.system.gpu_name is None and capacity is not None:
         problems.append(f"{where}: GPU capacity given without a GPU")
+    return problems
+
+
+def _check_cpu(run: RunRecord, where: str) -> list[str]:
+    """Process CPU % can never exceed 100 x the logical cores (nor be negative)."""
+    cores = run.system.cpu_logical_cores
+    top = None if cores is None else 100.0 * cores
+    problems = []
+    figures = [(f"stage {s.name!r}", s.cpu_pct) for s in (*run.stages, run.total)]
+    figures += [(f"sample at {x.t_s:.3f} s", x.cpu_pct) for x in run.samples]
+    for label, value in figures:
+        if value is None:
+            continue
+        if value < -1e-9:
+            problems.append(f"{where}: {label}: CPU {value:.1f} % is negative")
+        elif top is not None and value > top + 1e-6:
+            problems.append(f"{where}: {label}: CPU {value:.1f} % exceeds the {top:.0f} % that "
+                            f"{cores} logical cores allow")
     return problems
 
 

@@ -29,13 +29,34 @@ class Sample:
     """One telemetry sample. Activity covers the interval since the previous sample."""
 
     t_s: float  # seconds since the session opened
-    activity_pct: float | None = None
+    activity_pct: float | None = None  # covers (activity_since_s, t_s]
     occupancy_pct: float | None = None
     device_used_bytes: int | None = None  # NVML: memory used on the whole device
     cuda_allocated_bytes: int | None = None
     cuda_reserved_bytes: int | None = None
     cpu_pct: float | None = None  # process CPU time / wall time since the previous sample (100 = 1 core)
     rss_bytes: int | None = None
+    # Start of the interval the activity reading covers: the previous activity reading (taken by
+    # the sampler thread), not the previous sample of any kind. None in files written before it
+    # was recorded (then the previous sample's time is used).
+    activity_since_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerGap:
+    """Time the sampler thread did not sample although it should have (starved under load).
+
+    `expected_s` is the interval it was set to; the activity reading that ended the gap covers all
+    of it, so stages inside a gap get that average (or `n/a` when they are too short for it).
+    """
+
+    start_s: float
+    end_s: float
+    expected_s: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +124,7 @@ class SystemInfo:
     activity_unavailable_reason: str | None = None
     cpu_name: str | None = None
     host_memory_bytes: int | None = None
+    cpu_logical_cores: int | None = None  # CPU % can reach at most 100 x this
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,6 +214,7 @@ class RunRecord:
     notes: tuple[str, ...] = ()
     outside: tuple[OutsideInterval, ...] = ()  # the time no top-level stage covers, as recorded
     run_id: str | None = None  # unique per session; merging the same run twice keeps it once
+    sampler_gaps: tuple[SamplerGap, ...] = ()  # the sampler thread's late readings, in time order
 
     @property
     def top_level(self) -> tuple[StageRecord, ...]:
@@ -209,6 +232,7 @@ def run_to_dict(run: RunRecord) -> dict[str, Any]:
     data["events"] = list(data["events"])
     data["notes"] = list(data["notes"])
     data["outside"] = list(data["outside"])
+    data["sampler_gaps"] = list(data["sampler_gaps"])
     return data
 
 
@@ -250,4 +274,5 @@ def run_from_dict(data: dict[str, Any]) -> RunRecord:
     d["events"] = tuple(_build(EventRecord, e, "event") for e in d.get("events", ()))
     d["notes"] = tuple(d.get("notes", ()))
     d["outside"] = tuple(_build(OutsideInterval, o, "outside interval") for o in d.get("outside", ()))
+    d["sampler_gaps"] = tuple(_build(SamplerGap, g, "sampler gap") for g in d.get("sampler_gaps", ()))
     return _build(RunRecord, d, "run")

@@ -28,6 +28,7 @@ from .formatting import NA, activity_label, fmt_gb, fmt_load, fmt_pct, fmt_s, fm
 from .gpus import lookup_gpu
 from .ranks import parallel_sections
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
+from .report_sections import memory_plan_lines, unmeasured_lines
 
 TITLE = "# Wan2.2 Benchmark Report"
 
@@ -253,9 +254,10 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         f"- **Total Compute Load**: {fmt_load(sm.load)}",
     ]
     lines += _kernel_lines(run)
-    lines += [f"- Note: {n}" for n in run.notes]
+    lines += [f"- Note: {n}" for n in run.notes] + unmeasured_lines(run)
     lines += ["", "### Stage Breakdown", ""] + _stage_table(run, sm) + [""]
-    lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + _analysis_lines(analysis)
+    lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + memory_plan_lines(run)
+    lines += _analysis_lines(analysis)
     lines += [
         "### Timeline",
         "",

@@ -21,6 +21,10 @@ sampler thread to `telemetry`, the records (joined split stages, time outside st
 
 The sampler thread holds only a weak reference to the session: a session dropped without
 `close()` is collected as usual and its thread stops.
+
+Measuring never changes the run: every probe read goes through `Telemetry`, which turns a failing
+NVML, allocator or host read into an unmeasured figure and a note (the device synchronisation at
+stage boundaries is the run's own work and is not guarded).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from .nvml import GpuMonitor
 from .records import CONTEXT_FIELDS, TOTAL_STAGE, EventRecord, FactValue, RunContext, RunRecord, Sample, StageRecord
 from .sampler_thread import SamplerThread
 from .system import default_device, monitor_for, system_info
+from .system import logical_cores as machine_logical_cores
 from .telemetry import Telemetry
 from .timers import Clock, MonotonicClock
 
@@ -70,6 +75,8 @@ class ProfileSession:
         sample_interval_s: background sampling period; None samples only at stage boundaries.
         max_samples: the most samples kept; when full, samples merge in pairs and the interval doubles.
         clock, gpu, device_probe, host: replace the real probes (tests pass fakes).
+        logical_cores: the machine's logical CPU count (CPU % is refused above 100 x this); default:
+            read from the machine (tests scripting another machine pass its count).
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class ProfileSession:
         gpu: GpuMonitor | None = None,
         device_probe: DeviceProbe | None = None,
         host: HostProbe | None = None,
+        logical_cores: int | None = None,
     ) -> None:
         if not case_name or not case_name.strip():
             raise ValueError("case_name must be a non-empty label (e.g. '01_ti2v_720p')")
@@ -95,12 +103,14 @@ class ProfileSession:
         self.max_samples = max_samples
         self._clock = clock or MonotonicClock()
         self._device = device_probe or default_device(device)
+        self._logical_cores = logical_cores if logical_cores is not None else machine_logical_cores()
         self._telemetry = Telemetry(
             device=self._device,
             host=host or ProcessProbe(),
             gpu=gpu,
             max_samples=max_samples,
             interval_s=sample_interval_s,
+            logical_cores=self._logical_cores,
         )
         self._owns_gpu = False
         self._gpu_reason: str | None = None
@@ -139,12 +149,12 @@ class ProfileSession:
             self._owns_gpu = result.monitor is not None
         self._device.synchronize()
         self._t0 = self._clock.now()
-        self._alloc_start = self._device.snapshot()
-        self._device.reset_peak()
-        self._host_start = self._telemetry.host.read()
+        self._alloc_start = self._telemetry.allocator(0.0)
+        self._telemetry.reset_peak(0.0)
+        self._host_start = self._telemetry.host_reading(0.0)
         first = self._take_sample()
         self._used_start = first.device_used_bytes
-        self._telemetry.start(self._take_sample_quietly, self._clock)
+        self._telemetry.start(self._take_thread_sample, self._clock)
         return self
 
     def close(self, *, error: BaseException | None = None) -> RunRecord:
@@ -165,17 +175,18 @@ class ProfileSession:
             self.close_stage(frame, unfinished=True)
         self._device.synchronize()
         end = self._clock.now()
+        self._final_activity_reading(end - self._t0)
         last = self._take_sample()
         total = self._total_record(end, last)
         while self._active_since:
             self._activations.append((self._active_since.pop(), total.end_s))
         gpu = self._telemetry.gpu
-        if self._owns_gpu and gpu is not None:
-            gpu.close()
+        if self._owns_gpu:
+            self._telemetry.close_gpu(total.end_s)
         telemetry = self._telemetry
         self.record = assemble_run(
             status="completed" if error is None else f"failed: {type(error).__name__}",
-            system=system_info(self._device, gpu, self._gpu_reason),
+            system=system_info(self._device, gpu, self._gpu_reason, cores=self._logical_cores),
             context=RunContext(case_name=self.case_name, **self._context),
             total=total,
             stages=self._stages,
@@ -185,6 +196,7 @@ class ProfileSession:
             sample_interval_effective_s=telemetry.interval_now_s,
             notes=self._notes + telemetry.notes(),
             activations=self._activations,
+            sampler_gaps=telemetry.gaps,
         )
         return self.record
 
@@ -352,9 +364,11 @@ class ProfileSession:
                 self._telemetry.release(frame.mark)
 
     def sample_now(self) -> Sample:
-        """Take one telemetry sample now (the thread does this every `sample_interval_s`)."""
+        """Take one activity reading now, as the sampler thread does every `sample_interval_s`."""
         self._require_open()
-        return self._take_sample()
+        with self._lock:
+            assert self._t0 is not None
+            return self._telemetry.take(self._clock.now() - self._t0, activity=True)[0]
 
     # ---------------------------------------------------------------- stages
     def _require_open(self) -> None:
@@ -437,6 +451,7 @@ class ProfileSession:
             facts=facts,
             window=window,
             session_device=self._device.device,
+            max_cpu_pct=self._telemetry.max_cpu_pct,
         )
         self._stages.append(record)
         return record
@@ -444,7 +459,7 @@ class ProfileSession:
     def _total_record(self, end_abs: float, last: Sample) -> StageRecord:
         assert self._t0 is not None and self._host_start is not None
         end = end_abs - self._t0
-        snap = self._device.snapshot()
+        snap = self._telemetry.allocator(end)
         self._fold_peak(snap)
         frame = StageFrame(
             index=-1,
@@ -466,20 +481,23 @@ class ProfileSession:
             frame,
             end=max(end, last.t_s),
             snap=snap,
-            host=self._telemetry.host.read(),
+            host=self._telemetry.host_reading(end),
             used_end=last.device_used_bytes,
             facts=facts,
             window=self._telemetry.samples,
             session_device=self._device.device,
+            max_cpu_pct=self._telemetry.max_cpu_pct,
         )
 
     def _boundary(self) -> tuple[AllocatorSnapshot | None, Sample, HostReading]:
         """At a stage boundary (device synchronised): the allocator snapshot, whose peak is folded
         into the open stages and then reset, and a sample."""
         with self._lock:
-            snap = self._device.snapshot()
+            assert self._t0 is not None
+            t = self._clock.now() - self._t0
+            snap = self._telemetry.allocator(t)
             self._fold_peak(snap)
-            self._device.reset_peak()
+            self._telemetry.reset_peak(t)
             return (snap, *self._sample_with_host())
 
     def _fold_peak(self, snap: AllocatorSnapshot | None) -> None:
@@ -495,13 +513,27 @@ class ProfileSession:
     def _take_sample(self) -> Sample:
         return self._sample_with_host()[0]
 
-    def _take_sample_quietly(self) -> None:
-        self._take_sample()
+    def _final_activity_reading(self, t: float) -> None:
+        """At close, one more activity reading when the thread's last one is at least half an
+        interval old, so the last stage's tail is covered (a shorter one would not be meaningful)."""
+        interval = self._telemetry.interval_now_s
+        readings = [s.t_s for s in self._telemetry.samples if s.activity_since_s is not None]
+        last = readings[-1] if readings else 0.0  # the session's opening sample starts the first one
+        if interval is not None and t - last >= 0.5 * interval:
+            with self._lock:
+                self._telemetry.take(t, activity=True)
 
-    def _sample_with_host(self) -> tuple[Sample, HostReading]:
+    def _take_thread_sample(self) -> None:
+        """The sampler thread's reading: activity included, its timing checked for gaps."""
         with self._lock:
             assert self._t0 is not None
-            return self._telemetry.take(self._clock.now() - self._t0)
+            self._telemetry.take(self._clock.now() - self._t0, activity=True, from_thread=True)
+
+    def _sample_with_host(self) -> tuple[Sample, HostReading]:
+        """A boundary reading (memory and host; no activity: GPM samples must stay far apart)."""
+        with self._lock:
+            assert self._t0 is not None
+            return self._telemetry.take(self._clock.now() - self._t0, activity=False)
 
     # read-only views of the telemetry, for inspection while the session runs
     @property

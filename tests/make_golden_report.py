@@ -40,6 +40,7 @@ GB = 10**9
 TI2V_5B_STEP_FLOPS = 1041309565452288.0  # TI2V_5B.dit.flops_forward(27280 tokens, batch=2, per-token time)
 T2V_A14B_STEP_FLOPS = 3356740566384640.0  # T2V_A14B.flops_per_step(832, 480, 81)
 UMT5_XXL_FLOPS = 9689446219776.0  # UMT5_XXL.flops_forward(512, batch=2)
+GOLDEN_LOGICAL_CORES = 64  # the scripted machines' core count (CPU % is judged against it)
 TINY_STEP_FLOPS = 118407168.0  # TI2V_5B.tiny() DiT, 128*96, 17 frames, batch 2
 
 
@@ -62,6 +63,7 @@ class Rig:
             gpu=self.gpu,
             device_probe=self.device,
             host=self.host,
+            logical_cores=GOLDEN_LOGICAL_CORES,
         )
         return self.session.open()
 
@@ -84,7 +86,7 @@ class Rig:
         if rss is not None:
             self.host.set(rss_bytes=rss)
         part = seconds / len(activity)
-        for i, value in enumerate(activity):
+        for value in activity:
             if self.gpu is not None:
                 self.gpu.set(
                     activity_pct=value,
@@ -93,9 +95,8 @@ class Rig:
                 )
             self.clock.advance(part)
             self.host.set(cpu_time_s=self.host.cpu_time_s + part * cpu_pct / 100.0)
-            if i < len(activity) - 1:
-                assert self.session is not None
-                self.session.sample_now()
+            assert self.session is not None
+            self.session.sample_now()  # the sampler thread's reading (activity is never read at boundaries)
 
 
 def pin_environment(run: RunRecord) -> RunRecord:

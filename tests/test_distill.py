@@ -134,7 +134,10 @@ def test_recipe_runs_two_high_then_two_low_steps_with_one_pass_each(task) -> Non
     inference = [facts for name, facts in tracer.stages if name.endswith("_Inference")]
     assert [f["cfg_mode"] for f in inference] == ["off"] * 4
     assert [f["timestep"] for f in inference] == LIGHTNING_TIMESTEPS
-    assert tracer.events == [("expert_switch", {"step": 2, "expert": "low", "timestep": LIGHTNING_TIMESTEPS[2]})]
+    switches = [e for e in tracer.events if e[0] != "memory_plan"]  # the memory plan comes first
+    assert switches == [("expert_switch", {"step": 2, "expert": "low", "timestep": LIGHTNING_TIMESTEPS[2]})]
+    (plan,) = [facts for name, facts in tracer.events if name == "memory_plan"]
+    assert plan["placement"] == "none" and plan["device"] == "cpu"
 
 
 def test_explicit_lists_are_checked() -> None:

@@ -5,6 +5,7 @@ FLOP count and the on-prompt graph rewrite."""
 from __future__ import annotations
 
 import json
+import time
 import types
 
 import pytest
@@ -16,7 +17,15 @@ from wanbench.nodes.observation import PromptObservation
 from wanbench.nodes.observed_graph import NodeMemory, PromptGraph
 from wanbench.nodes.observed_sampling import ModelLabel, RunSpan, StepNumbering, _Eval, cfg_mode_of
 from wanbench.nodes.prompt_rewrite import TAP_CLASS, insert_model_taps, model_output_slots, on_prompt
-from wanbench.profiling import FakeClock, FakeDevice, FakeHost, ProfileSession, check_report, write_report
+from wanbench.profiling import (
+    FakeClock,
+    FakeDevice,
+    FakeHost,
+    FakeNvml,
+    ProfileSession,
+    check_report,
+    write_report,
+)
 from wanbench.wan_core.config import BATCHED_CFG, CFG_MIXED, CFG_OFF, SEQUENTIAL_CFG, DiTConfig
 
 
@@ -343,6 +352,96 @@ def test_progress_timed_steps_and_throttled_updates() -> None:
     assert record.context.steps is None  # not attributable: n/a, with the reason
     assert any("number of denoising steps is n/a" in n for n in record.notes)
     assert any("skipped values" in n for n in record.notes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Observed stages have the pack's telemetry guarantees
+# ------------------------------------------------------------------------------------------------
+class _FailingHost(FakeHost):
+    """A host probe whose reads raise once `failing` is set (an unreadable /proc)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+
+    def read(self):  # noqa: ANN201 - same contract as FakeHost.read
+        if self.failing:
+            raise OSError("/proc/self/statm: Input/output error")
+        return super().read()
+
+
+def test_observed_core_node_stages_survive_failing_probes_and_take_activity_by_overlap(tmp_path) -> None:
+    clock, gpu, host = FakeClock(), FakeNvml(), _FailingHost()
+    session = ProfileSession(case_name="native", sample_interval_s=None, clock=clock, gpu=gpu,
+                             device_probe=FakeDevice(), host=host)
+    session.open()
+    obs = PromptObservation(prompt_id="p", session=session, graph=PromptGraph(NATIVE), memory=NodeMemory())
+    obs.seed({"90": "running"})
+    gpu.fail(RuntimeError("NVML_ERROR_GPU_IS_LOST"), on="memory")  # every stage boundary of every node
+    host.failing = True
+    for node_id, seconds in (("4", 0.3), ("3", 0.4)):
+        _node(obs, clock, node_id, seconds)
+    gpu.set(activity_pct=20.0)
+    session.sample_now()  # covers the loaders, up to the encoder's start
+    obs.node_started("5")  # CLIPTextEncode: T5_Encoding, 2 s at 80 %
+    gpu.set(activity_pct=80.0)
+    clock.advance(1.0)
+    session.sample_now()
+    clock.advance(1.0)
+    obs.node_finished("5")
+    session.sample_now()  # taken as the stage ends: covers its last second
+    clock.advance(0.5)
+    _node(obs, clock, "6", 0.004)  # a latent node far shorter than the reading around it
+    session.sample_now()
+    host.failing = False
+    gpu.fail(RuntimeError("NVML_ERROR_UNKNOWN"), on="activity")  # the activity reads fail from here on
+    _node(obs, clock, "1", 0.5)
+    _node(obs, clock, "7", 0.001)
+    _sampler(obs, clock, "10", "high", SIGMAS[:3])
+    session.sample_now()
+    gpu.fail(None)
+    for node_id, seconds in (("2", 0.5), ("8", 0.001)):
+        _node(obs, clock, node_id, seconds)
+    _sampler(obs, clock, "11", "low", SIGMAS[2:])
+    _node(obs, clock, "12", 0.3)
+    _node(obs, clock, "13", 0.05)
+    record = obs.finish()
+    assert record.status == "completed"
+    stages = {s.name: s for s in record.stages}
+    assert len([s for s in record.stages if s.kind == "step-inference"]) == 4
+    encode, latent = stages["T5_Encoding"], stages["TI2V_Preprocess"]
+    assert encode.activity_mean_pct == pytest.approx(80.0) and encode.num_samples == 2
+    assert latent.activity_mean_pct is None
+    assert "too short for the activity readings" in latent.facts["activity_unmeasured"]
+    assert encode.memory.device_used_start is None and encode.memory.device_used_end is None  # unmeasured, not 0
+    assert encode.cpu_pct is None and encode.rss_max_bytes is None
+    notes = " ".join(record.notes)
+    assert "NVML memory reading failed" in notes and "NVML_ERROR_GPU_IS_LOST" in notes
+    assert "NVML activity reading failed" in notes and "NVML_ERROR_UNKNOWN" in notes
+    assert "host probe (CPU time, RSS) failed" in notes
+    written = write_report(record, tmp_path, basename="native")
+    assert check_report(written.json) == []
+
+
+def test_observed_core_node_takes_its_activity_from_the_background_sampler() -> None:
+    gpu = FakeNvml()
+    gpu.set(activity_pct=70.0)
+    session = ProfileSession(case_name="native", sample_interval_s=0.005, gpu=gpu, device_probe=FakeDevice(),
+                             host=FakeHost())
+    session.open()
+    obs = PromptObservation(prompt_id="p", session=session, graph=PromptGraph(NATIVE), memory=NodeMemory())
+    obs.seed({"90": "running"})
+    obs.node_started("12")  # VAEDecode, timed by the real clock while the thread reads activity
+    reads = gpu.num_activity_reads
+    deadline = time.monotonic() + 10.0
+    while gpu.num_activity_reads < reads + 5:
+        assert time.monotonic() < deadline, "the sampler thread did not take its readings in time"
+        time.sleep(0.005)
+    obs.node_finished("12")
+    record = obs.finish()
+    decode = next(s for s in record.stages if s.name == "VAE_Decoding")
+    assert decode.activity_mean_pct == pytest.approx(70.0) and decode.num_samples >= 3
+    assert all(s.activity_pct in (None, 70.0) for s in record.samples)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ def test_tiny_workflow_stage_sequence(tmp_path: Path) -> None:
     assert sum(s.duration_s for s in children) <= init.duration_s + 1e-9
     inference = [s for s in run.stages if s.kind == "step-inference"]
     assert all(s.expert and s.cfg_mode for s in inference)
+    assert prompt["8"]["inputs"]["placement"] == "auto"
+    assert run.context.placement == "none"  # what the memory planner chose for the tiny model, not "auto"
     assert check_report(report) == []
     doc = json.loads(Path(report).read_text(encoding="utf-8"))
     assert doc["runs"][0]["outside"] == [json.loads(json.dumps(o.__dict__)) for o in run.outside]

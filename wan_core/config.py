@@ -266,7 +266,8 @@ CFG_OFF = "off"  # what a step reports when its guidance scale is 1: the conditi
 CFG_MIXED = "mixed"  # a step observed from outside that ran some evaluations batched, some not
 # Expert names a step reports: the two A14B experts, and the single model of TI2V-5B.
 EXPERT_HIGH, EXPERT_LOW, EXPERT_SINGLE = "high", "low", "model"
-PLACEMENTS = ("none", "model", "blocks")  # where DiT weights live while sampling (placement.py)
+AUTO_PLACEMENT = "auto"  # the memory planner picks none / model / blocks (runtime/planner.py)
+PLACEMENTS = (AUTO_PLACEMENT, "none", "model", "blocks")  # where DiT weights live while sampling (placement.py)
 # Parallel runs (runtime/distributed.py): how the ranks share each denoising step. "cfg" puts the
 # conditional and unconditional passes on two ranks; "ulysses" splits the video tokens across the
 # ranks (all-to-all around self-attention); "cfg+ulysses" does both (2 x k ranks).
@@ -285,7 +286,8 @@ PARALLEL_PLAN_EVENT = "parallel_plan"  # once per sampling run: rank, world size
 COMMUNICATION_EVENT = "communication"  # once per denoising step: seconds and bytes per kind
 NO_TILING = "none"
 AUTO_TILING = "auto"
-TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling object for the rest)
+TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling object for the rest); in the
+# pipeline's decode stage `auto` is the memory planner's choice (whole frames when they fit)
 # Key layouts of LoRA files (`checkpoints/lora.py`), named after the key prefix they use:
 # kohya `lora_unet_blocks_0_self_attn_q.*`; comfy `diffusion_model.blocks.0.self_attn.q.*`;
 # diffusers `transformer.blocks.0.attn1.to_q.*`; peft `base_model.model.blocks.0.self_attn.q.*`;

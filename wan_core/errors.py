@@ -21,5 +21,10 @@ class SamplingInterrupted(WanError):
 
 
 
+class MemoryPlanError(WanError, ValueError):
+    """A job would not fit in the memory that is free: raised before anything large is allocated,
+    with the estimate, what is free, and the options that would fit."""
+
+
 class DistributedError(WanError, RuntimeError):
     """A parallel run cannot go on: a rank died, stopped answering or runs something else."""

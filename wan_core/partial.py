@@ -26,7 +26,7 @@ Shapes: raw latents (1, C, T, h, w); normalised ones (C, T, h, w).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ from torch import nn
 from .config import WanConfig
 from .latents import denormalize_latent, normalize_latent
 from .runtime.lora import ExpertLora
+from .runtime.planner import MemoryEnvironment, PlacementPlan
 from .sampler import SamplerOptions, StepCallback, make_noise, sample
 from .schedulers import SolverState
 
@@ -83,10 +84,14 @@ def sample_latent(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOp
                   add_noise: bool = True, continuation: Continuation | None = None,
                   i2v_y: torch.Tensor | None = None, ti2v_z: torch.Tensor | None = None,
                   callback: StepCallback | None = None,
-                  loras: Sequence[ExpertLora] = ()) -> SampledLatent:
+                  loras: Sequence[ExpertLora] = (), device: torch.device | str | None = None,
+                  memory: MemoryEnvironment | None = None,
+                  on_plan: Callable[[PlacementPlan], None] | None = None) -> SampledLatent:
     """Sample the window of `opts` from a raw LATENT tensor; returns the raw result (see module docstring).
 
     `continuation` is the one the input LATENT carries (None if none); it is used when it fits.
+    `device`, `memory` and `on_plan` go to `sampler.sample` (the compute device and the memory plan;
+    the starting latent, a few latent-sized CPU tensors, is made before the plan).
     Shapes: samples (1, C, T, h, w) raw; context (S, text_dim); i2v_y, ti2v_z as in `sampler.sample`.
     """
     if samples.dim() != 5 or samples.shape[0] != 1:
@@ -102,7 +107,8 @@ def sample_latent(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOp
         noise = make_noise(tuple(z.shape), opts.seed)
         start = start_latent(opts, z, noise, add_noise=add_noise)
     out = sample(list(experts), task, opts, context=context, context_null=context_null, noise=start,
-                 i2v_y=i2v_y, ti2v_z=ti2v_z, callback=callback, scheduler=scheduler, loras=loras)
+                 i2v_y=i2v_y, ti2v_z=ti2v_z, callback=callback, scheduler=scheduler, loras=loras, device=device,
+                 memory=memory, on_plan=on_plan)
     sigma_end = schedule.sigmas[opts.last_step]
     out = out.float().cpu()
     if float(sigma_end) == 0.0:

@@ -2,7 +2,8 @@
 
 Policies (`make_placement(experts, kind, device=...)`):
 
-* `none`   every expert is moved to the compute device once and stays there.
+* `none`   every expert is moved to the compute device when the first one is activated (inside
+           the first step's loading stage) and stays there.
 * `model`  only the expert in use is on the device; the other waits on the CPU and the two are
            swapped at the boundary (the official behaviour with `init_on_cpu`, spec section 7).
            On exit every expert is back on the CPU.
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import PLACEMENTS, WEIGHT_DTYPES
+from .config import AUTO_PLACEMENT, PLACEMENTS, WEIGHT_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,15 @@ class Placement:
         self.close()
 
     def open(self) -> None:
-        for model in _unique(self.experts):
-            model.to(self.device)
         self._open = True
 
     def activate(self, index: int) -> nn.Module:
         """Make expert `index` ready to run on the device and return it."""
         if not self._open:
             raise RuntimeError("placement used before open(); use it as a context manager")
+        if self.active is None and self.kind == "none":
+            for model in _unique(self.experts):  # no-op for experts already there
+                model.to(self.device)
         self.active = index
         return self.experts[index]
 
@@ -256,7 +258,9 @@ def make_placement(experts: Sequence[nn.Module], kind: str, *, device: torch.dev
         if num_resident_blocks < 0:
             raise ValueError(f"num_resident_blocks must be >= 0; got {num_resident_blocks}")
         return BlockSwap(experts, device=device, num_resident_blocks=num_resident_blocks)
-    raise ValueError(f"placement must be one of {PLACEMENTS}; got {kind!r}")
+    kinds = tuple(p for p in PLACEMENTS if p != AUTO_PLACEMENT)
+    raise ValueError(f"placement must be one of {kinds} here ({AUTO_PLACEMENT!r} is resolved by the memory "
+                     f"planner before a placement is made); got {kind!r}")
 
 
 def _unique(models: Sequence[nn.Module]) -> list[nn.Module]:

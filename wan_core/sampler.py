@@ -25,6 +25,13 @@ One call of `sample()` runs the official loop (spec section 6) over normalised l
   also carry `placement` (what took effect) and `placement_requested`. Weight placement is
   delegated to `placement.py`; `model` / `blocks` on a CPU compute device move nothing, so they
   apply as `none`, with a logged warning and a `placement_fallback` event.
+* Memory: before anything is allocated, `runtime.sampling_plan.plan_sampling` estimates the run on
+  the compute device and compares it with what is free (`memory`, an application's
+  `MemoryEnvironment`; by default the system's figures). Placement `auto` takes the fastest
+  placement that fits; an explicit one that cannot fit, or a run that fits no placement, raises
+  `MemoryPlanError` with the estimate, what is free and the options that would fit. The decision
+  is the trace event `memory_plan`; each `Step_<i>_Inference` carries the estimate
+  (`memory_estimate_bytes`) for the report to show beside the measured peak.
 
 * Schedules and windows: `SamplerOptions` may cut the solver's schedule (`denoise` < 1) or replace
   it with explicit `timesteps` / `sigmas` (`schedulers.make_schedule`), and run only the steps
@@ -49,7 +56,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -63,6 +70,7 @@ from .config import (
     NUM_TRAIN_TIMESTEPS,
     PLACEMENTS,
     SOLVERS,
+    DiTConfig,
     GuideScale,
     SamplerConfig,
     WanConfig,
@@ -71,6 +79,8 @@ from .config import (
 from .placement import OFFLOAD_DEVICE, Placement, make_placement
 from .runtime.distributed import Denoiser, active_parallel, parallel_sampling
 from .runtime.lora import ExpertLora, LoraPatches
+from .runtime.planner import MemoryEnvironment, PlacementPlan, SystemMemory, UncheckedMemory
+from .runtime.sampling_plan import SamplingShape, plan_sampling
 from .schedulers import FULL_DENOISE, FlowSchedule, FlowScheduler, make_schedule, make_scheduler
 from .trace import event, stage
 
@@ -87,8 +97,9 @@ class SamplerOptions:
     number for both experts (stored as `GuideScale.same(number)`).
 
     `boundary` is the expert switch as a fraction of the 1000 training timesteps (None for
-    single-model tasks). `placement` is "none" (all weights on the device), "model" (the expert not
-    in use waits on the CPU) or "blocks" (`num_resident_blocks` blocks stay, the rest stream).
+    single-model tasks). `placement` is "auto" (the memory planner's choice), "none" (all weights
+    on the device), "model" (the expert not in use waits on the CPU) or "blocks"
+    (`num_resident_blocks` blocks stay, the rest stream).
 
     Schedule (see `schedulers.make_schedule`): `denoise` < 1 cuts the solver's schedule (ComfyUI's
     rule); `timesteps` (one per step, before the shift) or `sigmas` (steps + 1 values) replace it.
@@ -102,7 +113,7 @@ class SamplerOptions:
     boundary: float | None = None
     seed: int = 0
     cfg_mode: str = BATCHED_CFG
-    placement: str = "none"
+    placement: str = "auto"
     num_resident_blocks: int = 0
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
     denoise: float = 1.0
@@ -164,7 +175,7 @@ class SamplerOptions:
     def from_config(cls, cfg: SamplerConfig, *, solver: str | None = None, steps: int | None = None,
                     shift: float | None = None, guide_scale: GuideScale | float | None = None,
                     boundary: float | None = None, seed: int = 0, cfg_mode: str = BATCHED_CFG,
-                    placement: str = "none", num_resident_blocks: int = 0, denoise: float = 1.0,
+                    placement: str = "auto", num_resident_blocks: int = 0, denoise: float = 1.0,
                     start_step: int = 0, end_step: int | None = None,
                     timesteps: Sequence[float] | None = None,
                     sigmas: Sequence[float] | None = None) -> SamplerOptions:
@@ -238,7 +249,8 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
            latent_shape: Sequence[int] | None = None, i2v_y: torch.Tensor | None = None,
            ti2v_z: torch.Tensor | None = None, callback: StepCallback | None = None,
            device: torch.device | str | None = None, scheduler: FlowScheduler | None = None,
-           loras: Sequence[ExpertLora] = ()) -> torch.Tensor:
+           loras: Sequence[ExpertLora] = (), memory: MemoryEnvironment | None = None,
+           on_plan: Callable[[PlacementPlan], None] | None = None) -> torch.Tensor:
     """Run the denoising loop and return the final normalised latent.
 
     `experts` is [high_noise, low_noise] for two-expert tasks and [model] for TI2V-5B; each is a
@@ -246,10 +258,12 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     `latent_shape` (then the noise is `make_noise(latent_shape, opts.seed)`) is given.
     `device` (where the forwards run) defaults to the experts' device, or to CUDA when there is
     one and the placement is "model" or "blocks" (those keep experts on the CPU between runs).
-    All arguments are checked before any compute. On exit (errors and interrupts included) the
-    placement's hooks are removed; with "model"/"blocks" every expert is back on the CPU. When the
-    compute device is the CPU (e.g. no CUDA device), "model"/"blocks" move nothing: a warning is
-    logged and the trace records placement "none" next to the requested one.
+    All arguments are checked and the memory plan is made (`memory`: how the application reports
+    and frees memory; `on_plan(plan)` hears the decision) before any compute or large allocation.
+    On exit (errors and interrupts included) the placement's hooks are removed; with
+    "model"/"blocks" every expert is back on the CPU. When the compute device is the CPU (e.g. no
+    CUDA device), "model"/"blocks" move nothing: a warning is logged and the trace records
+    placement "none" next to the requested one.
 
     Windows: with `opts.start_step` > 0, `denoise` < 1 or explicit timesteps/sigmas, `noise` is the
     latent at the window's first sigma (`partial.start_latent`). `scheduler` continues an earlier
@@ -268,6 +282,13 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     requested_device = device
     if device is None:
         device = _default_device(experts[0], opts.placement)
+    if active_parallel() is not None:  # each rank holds a share: the single-process estimate does not apply
+        memory = UncheckedMemory("a parallel run: per-rank memory is not estimated (placement auto is 'none')")
+    plan = _memory_plan(experts, task, opts, torch.device(device), memory or SystemMemory(), noise=noise,
+                        latent_shape=latent_shape, contexts=(context, context_null), image=ti2v_z, loras=loras)
+    if on_plan is not None:
+        on_plan(plan)
+    opts = replace(opts, placement=plan.placement, num_resident_blocks=plan.num_resident_blocks)
     applied, reason = _effective_placement(opts.placement, torch.device(device),
                                            defaulted=requested_device is None)
     if not opts.starts_from_noise and noise is None:
@@ -285,11 +306,12 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
         event("placement_fallback", requested=opts.placement, applied=applied, reason=reason)
     placement = make_placement(experts, opts.placement, device=run.latent.device,
                                num_resident_blocks=opts.num_resident_blocks)
-    placement_facts = {"placement": applied, "placement_requested": opts.placement}
+    placement_facts = {"placement": applied, "placement_requested": plan.requested}
     patches = LoraPatches(experts, loras, keep_on_device=applied != "blocks")
     # the parallel plan first (sharded weights before placement), LoRA hooks after placement's
     with _parallel_scope(experts, opts, loras) as denoiser, placement, patches, torch.no_grad():
-        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, denoiser)
+        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, denoiser,
+                     plan.estimate.facts())
 
 
 def _parallel_scope(experts: list[nn.Module], opts: SamplerOptions,
@@ -320,7 +342,7 @@ def _run_scheduler(scheduler: FlowScheduler | None, opts: SamplerOptions) -> Flo
 
 def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run,
           opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str],
-          denoiser: Denoiser) -> torch.Tensor:
+          denoiser: Denoiser, estimate_facts: dict[str, int | str]) -> torch.Tensor:
     if run.z is not None:
         mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
         latent = pin_first_frame(run.latent, run.z, mask)
@@ -346,7 +368,7 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         with stage(loading.name, kind=loading.kind, flops=0.0, **facts, **placement_facts):
             model = placement.activate(names.index(name))
         flops = passes * run.flops_one * denoiser.share(cfg_mode)  # this process's share of the step
-        with stage(inference.name, kind=inference.kind, flops=flops, **facts):
+        with stage(inference.name, kind=inference.kind, flops=flops, **facts, **estimate_facts):
             if run.per_token_t:
                 t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
                                           seq_len=run.seq_len)  # (1, seq_len) float32
@@ -395,9 +417,33 @@ def _expert_names(experts: list[nn.Module], task: WanConfig, opts: SamplerOption
     return ["high", "low"]
 
 
+def _memory_plan(experts: list[nn.Module], task: WanConfig, opts: SamplerOptions, device: torch.device,
+                 memory: MemoryEnvironment, *, noise: torch.Tensor | None, latent_shape: Sequence[int] | None,
+                 contexts: tuple[torch.Tensor, torch.Tensor], image: torch.Tensor | None,
+                 loras: Sequence[ExpertLora]) -> PlacementPlan:
+    """The placement this run uses, planned before anything large is allocated (`MemoryPlanError`
+    when nothing fits); traced as the event `memory_plan`."""
+    dit = _check_experts(experts, task)
+    if (noise is None) == (latent_shape is None):
+        raise ValueError("give exactly one of `noise` (the initial latent) or `latent_shape` (seeded noise)")
+    shape = tuple(int(s) for s in (noise.shape if noise is not None else latent_shape))
+    _check_latent_shape(shape, dit.out_dim, "noise" if noise is not None else "latent_shape")
+    guided = any(opts.guide_scale.for_expert(n) != 1.0 for n in (("model",) if opts.boundary is None
+                                                                  else ("high", "low")))
+    sampling = SamplingShape(latent_shape=shape, batch=2 if guided and opts.cfg_mode == BATCHED_CFG else 1,
+                             text_rows=max(int(c.shape[0]) for c in contexts),
+                             token_time="per_token" if image is not None else "uniform",
+                             temporal_stride=task.vae.temporal_stride,
+                             conditioning_channels=dit.in_dim - dit.out_dim if dit.model_type == "i2v" else 0)
+    plan = plan_sampling(experts, sampling, device=device, placement=opts.placement,
+                         num_resident_blocks=opts.num_resident_blocks, memory=memory, loras=loras)
+    event("memory_plan", **plan.facts())
+    return plan
+
+
 def _default_device(module: nn.Module, placement: str) -> torch.device:
     """The experts' device; for the offloading placements (which park experts on the CPU between
-    runs) the first CUDA device when there is one."""
+    runs, and `auto`, which may choose one) the first CUDA device when there is one."""
     if placement != "none" and torch.cuda.is_available():
         return torch.device("cuda")
     for p in module.parameters():
@@ -421,16 +467,7 @@ def _prepare(experts: list[nn.Module], task: WanConfig, opts: SamplerOptions, *,
              context_null: torch.Tensor, noise: torch.Tensor | None, latent_shape: Sequence[int] | None,
              i2v_y: torch.Tensor | None, ti2v_z: torch.Tensor | None, device: torch.device) -> _Run:
     """Check every argument against the task and the experts; build the starting latent."""
-    dit = getattr(experts[0], "config", None)
-    want = (task.dit.model_type, task.dit.in_dim, task.dit.out_dim)
-    for k, expert in enumerate(experts):
-        cfg = getattr(expert, "config", None)
-        got = None if cfg is None else (cfg.model_type, cfg.in_dim, cfg.out_dim)
-        if got != want:
-            raise ValueError(f"expert {k} does not fit task {task.name}: (model_type, in_dim, out_dim) = "
-                             f"{got}, expected {want}")
-        if cfg != dit:
-            raise ValueError(f"the experts must share one DiTConfig; expert {k} has {cfg}, expert 0 {dit}")
+    dit = _check_experts(experts, task)
     if (noise is None) == (latent_shape is None):
         raise ValueError("give exactly one of `noise` (the initial latent) or `latent_shape` (seeded noise)")
     shape = tuple(int(s) for s in (noise.shape if noise is not None else latent_shape))
@@ -464,6 +501,21 @@ def _prepare(experts: list[nn.Module], task: WanConfig, opts: SamplerOptions, *,
     return _Run(latent=noise, context=context.to(device), context_null=context_null.to(device), y=i2v_y,
                 z=ti2v_z, seq_len=num_tokens, per_token_t=dit.model_type == "ti2v",
                 flops_one=dit.flops_forward(num_tokens, per_token_time=dit.model_type == "ti2v"))
+
+
+def _check_experts(experts: list[nn.Module], task: WanConfig) -> DiTConfig:
+    """Every expert fits the task and they share one config; returns it."""
+    dit = getattr(experts[0], "config", None)
+    want = (task.dit.model_type, task.dit.in_dim, task.dit.out_dim)
+    for k, expert in enumerate(experts):
+        cfg = getattr(expert, "config", None)
+        got = None if cfg is None else (cfg.model_type, cfg.in_dim, cfg.out_dim)
+        if got != want:
+            raise ValueError(f"expert {k} does not fit task {task.name}: (model_type, in_dim, out_dim) = "
+                             f"{got}, expected {want}")
+        if cfg != dit:
+            raise ValueError(f"the experts must share one DiTConfig; expert {k} has {cfg}, expert 0 {dit}")
+    return dit
 
 
 def _check_latent_shape(shape: tuple[int, ...], channels: int, what: str) -> None:

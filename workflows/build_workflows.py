@@ -236,14 +236,14 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "guidance_low": sampler.guide_scale.low,
                 "solver": "unipc",
                 "batched_cfg": True,
-                "placement": "none" if spec.tiny or not task.is_moe else "model",
+                "placement": "auto",  # the memory planner picks none / model / blocks to fit
                 "resident_blocks": 0,
                 **FULL_RUN_WINDOW,
             },
             {"model": (2, 0), "text_embeds": (5, 0), "latent": (7, 0)},
         ),
         Node(
-            9, "WanBenchVAEDecode", {"tiling": "none"}, {"vae": (4, 0), "latent": (8, 0)}
+            9, "WanBenchVAEDecode", {"tiling": "auto"}, {"vae": (4, 0), "latent": (8, 0)}
         ),
         Node(
             10,

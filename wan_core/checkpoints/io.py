@@ -6,8 +6,9 @@ safetensors (an `*.index.json` or a folder of shards), `.pth`/`.pt` pickles thro
 only) and `.gguf` files (`gguf.py`, needs the optional `gguf` package); it strips prefixes and
 dequantises fp8 (every layout of `fp8.py`) and GGUF blocks. `read_raw_state_dict` reads the same
 files but keeps quantised tensors as `QuantizedTensor`s (what the file stores, plus its format), for
-loaders that keep weights compact. `read_shapes` gives the names and shapes of the same files
-without reading tensor data; `read_safetensors_metadata` the string metadata of one file.
+loaders that keep weights compact. `read_shapes` gives the names, shapes and stored dtypes of the
+same files without reading tensor data (meta tensors); `read_safetensors_metadata` the string
+metadata of one file.
 
 Writing: `write_safetensors` and `write_torch_file` write atomically (through `util.atomic`);
 `fp8.quantise_fp8_scaled` / `fp8.fp8_scaled_state_dict` produce ComfyUI's fp8 "scaled" layouts.
@@ -118,7 +119,8 @@ def read_raw_state_dict(path_or_paths: PathLike | Sequence[PathLike], *,
 
 def read_shapes(path_or_paths: PathLike | Sequence[PathLike], *,
                 strip_prefixes: Sequence[str] = (COMFY_DIT_PREFIX,)) -> dict[str, torch.Tensor]:
-    """Meta tensors with the names and shapes of a checkpoint's tensors, reading no tensor data.
+    """Meta tensors with the names, shapes and stored dtypes of a checkpoint's tensors, reading no
+    tensor data.
 
     safetensors headers give the shapes; `.pth` files are memory-mapped (legacy ones are read).
     Prefixes are stripped as in `read_state_dict`; the fp8 "scaled" bookkeeping entries (the
@@ -128,14 +130,30 @@ def read_shapes(path_or_paths: PathLike | Sequence[PathLike], *,
     return {k: v for k, v in _strip_prefixes(shapes, strip_prefixes).items() if not is_fp8_bookkeeping(k)}
 
 
+# safetensors header dtype names -> torch dtypes (what `read_shapes` gives the meta tensors)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
 def _read_file_shapes(file: Path) -> dict[str, torch.Tensor]:
     if is_gguf(file):
         return {k: v for k, v in read_gguf(file, shapes_only=True).tensors.items()}
     if file.suffix != ".safetensors":
-        return {k: torch.empty(v.shape, device="meta") for k, v in _read_one_file(file).items()}
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in _read_one_file(file).items()}
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
+            out = {}
+            for k in handle.keys():
+                info = handle.get_slice(k)
+                name = info.get_dtype()
+                if name not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"tensor {k!r} of {file} has dtype {name!r}, which this pack does not "
+                                          f"read; expected one of {sorted(SAFETENSORS_DTYPES)}")
+                out[k] = torch.empty(info.get_shape(), dtype=SAFETENSORS_DTYPES[name], device="meta")
+            return out
     except SafetensorError as e:
         raise _corrupt(file, e) from e
 

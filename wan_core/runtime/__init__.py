@@ -8,6 +8,9 @@ imports none of its modules.
 - parallel runs on torch.distributed: `distributed` (the plan, process groups, sampling under a
   plan), `cfg_parallel`, `ulysses` (sequence parallelism), `sharding` (FSDP2 sharded weights),
   `comm` (the timed collectives they share), `volume` (bytes per step, analytic).
+- `planner` (with `estimates`, `meta_memory`, `sampling_plan`, `stage_plans`, `loading`): the
+  memory planner, which estimates every stage before anything large is allocated, picks the
+  placement and the VAE tiling that fit, and refuses with the figures what cannot.
 
 Order of the per-block weight transforms (forward hooks on each transformer block that swap
 `param.data` for the duration of the block's forward, and put it back afterwards):
