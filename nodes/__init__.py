@@ -11,6 +11,7 @@ from .loaders import WanModelLoader, WanTextEncoderLoader, WanVAELoader
 from .lora import WanLora
 from .profiling import WanBenchmarkReport, WanProfiler
 from .sampling import WanSampler
+from .step_cache import WanStepCache
 from .text import WanTextEncode
 from .vae import WanVAEDecode
 from .video import WanSaveVideo
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "WanBenchProfiler": WanProfiler,
     "WanBenchModelLoader": WanModelLoader,
     "WanBenchLora": WanLora,
+    "WanBenchStepCache": WanStepCache,
     "WanBenchTextEncoderLoader": WanTextEncoderLoader,
     "WanBenchTextEncode": WanTextEncode,
     "WanBenchVAELoader": WanVAELoader,
@@ -35,6 +37,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "WanBenchProfiler": "Wan Profiler",
     "WanBenchModelLoader": "Wan Model Loader",
     "WanBenchLora": "Wan LoRA",
+    "WanBenchStepCache": "Wan Step Cache",
     "WanBenchTextEncoderLoader": "Wan Text Encoder Loader",
     "WanBenchTextEncode": "Wan Text Encode",
     "WanBenchVAELoader": "Wan VAE Loader",

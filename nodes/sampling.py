@@ -6,8 +6,8 @@ seeded noise and does not read the latent's values; with denoise < 1 or start_st
 from them (video-to-video, or the second half of a split run), as ComfyUI's KSampler(Advanced) do.
 The output `LATENT` holds raw latents (the VAE's space), as ComfyUI's own nodes expect, keeps the
 input's conditioning, and after an early `end_step` carries the exact state so that the next Wan
-Sampler continues the run bit for bit (docs/sampler.md). LoRAs on the model input are applied for
-the duration of this node's run only.
+Sampler continues the run bit for bit (docs/sampler.md). LoRAs and the step cache on the model input
+are applied for the duration of this node's run only.
 """
 
 from __future__ import annotations
@@ -287,6 +287,9 @@ class WanSampler:
                 cfg_mode=opts.cfg_mode,
                 attention_backend=model.attention,
                 loras=model.lora_descriptions() or None,
+                step_cache=None
+                if model.step_cache is None
+                else model.step_cache.describe(task.dit.model_type, has_image=isinstance(condition, TI2VCondition)),
             )
         first, last = opts.start_step, opts.last_step
         progress = bridge.make_progress(last - first, "Wan Sampler")
@@ -310,6 +313,7 @@ class WanSampler:
                 ti2v_z=condition.z if isinstance(condition, TI2VCondition) else None,
                 callback=on_step,
                 loras=model.loras,
+                step_cache=model.step_cache,
             )
         out: dict[str, Any] = {"samples": result.samples}  # (1, C, T, h, w) raw
         if condition is not None:

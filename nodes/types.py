@@ -11,7 +11,7 @@ nodes can be mixed in:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,16 +45,22 @@ class DiTExperts:
     Immutable: ComfyUI caches it and several branches of a graph may share it. `loras` are
     `wan_core.runtime.lora.ExpertLora` entries added by Wan LoRA nodes; they are applied to the
     shared modules only while a sampler runs, so a bundle with LoRAs and the bundle it came from
-    never affect each other.
+    never affect each other. `step_cache` (`wan_core.runtime.step_cache.StepCacheSettings`, set by
+    Wan Step Cache; None = off) is read by the sampler for its run only.
     """
 
     experts: tuple[Any, ...]
     task: WanConfig
     loras: tuple[Any, ...] = ()
+    step_cache: Any = None
 
     def with_lora(self, lora: Any) -> DiTExperts:
         """A new bundle with the same modules and one more LoRA."""
-        return DiTExperts(experts=self.experts, task=self.task, loras=(*self.loras, lora))
+        return replace(self, loras=(*self.loras, lora))
+
+    def with_step_cache(self, settings: Any) -> DiTExperts:
+        """A new bundle with the same modules and these step-cache settings (None: off)."""
+        return replace(self, step_cache=settings)
 
     def lora_descriptions(self) -> list[str]:
         """One line per LoRA (file, strength per expert, layout, matched keys) for the report."""

@@ -125,6 +125,7 @@ class RunContext:
     solver: str | None = None
     seed: int | None = None
     loras: tuple[str, ...] | None = None  # one line per LoRA: file, strength per expert, layout, matched keys
+    step_cache: str | None = None  # the step-cache settings of the sampler (None: no cache)
 
     @property
     def offload(self) -> bool | None:

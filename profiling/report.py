@@ -26,6 +26,7 @@ from .findings import RunAnalysis, analyze_run
 from .formatting import NA, activity_label, fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops, gbs, pcts, secs, with_unit
 from .gpus import lookup_gpu
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
+from .step_reuse import step_cache_lines
 
 TITLE = "# Wan2.2 Benchmark Report"
 
@@ -49,7 +50,8 @@ def legend(runs: Sequence[RunRecord]) -> str:
         "Summary columns: **Time(s)**, **Mem(GB)** (CUDA allocator peak) and **Load** cover the whole run "
         "(Total_Execution); **s/step**, the activity column and **MFU(%)** cover the denoising steps only.",
         "**Load** = seconds x activity % (%-seconds).",
-        "**s/step** = mean of Step_i_Loading + Step_i_Inference.",
+        "**s/step** = mean of Step_i_Loading + Step_i_Inference (steps that reused a prediction from the step "
+        "cache are counted apart: they did no model work).",
         "**MFU** = achieved FLOP/s / dense bf16 peak of the measured GPU (steps on the GPU only).",
         "`n/a` = not measured.",
     ]
@@ -208,6 +210,7 @@ def _group_summary(letter: str, group: str, runs: list[RunRecord]) -> list[str]:
 
 def _steps_cell(sm: RunSummary) -> str:
     cached = f" + {sm.num_steps_cached} cached" if sm.num_steps_cached else ""
+    cached += f" ({sm.num_steps_reused} reused)" if sm.num_steps_reused else ""
     if sm.num_steps_planned is None or sm.num_steps_planned == sm.num_steps_recorded + sm.num_steps_cached:
         return f"{sm.num_steps_recorded}{cached}"
     return f"{sm.num_steps_recorded}{cached} of {sm.num_steps_planned}"
@@ -240,6 +243,8 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         facts.append(f"solver {c.solver}")
     if c.loras:
         facts.append(f"LoRAs {' + '.join(c.loras)}")
+    if c.step_cache:
+        facts.append(f"step cache {c.step_cache}")
     lines += [
         f"- **Run facts**: {'; '.join(facts)}",
         f"- **Status**: {run.status}",
@@ -374,6 +379,8 @@ def _inference_stats(run: RunRecord, sm: RunSummary) -> list[str]:
     experts = "; ".join(f"{name}: steps {_ranges(steps)}" for name, steps in sm.experts.items()) or NA
     lines += [
         f"- **Steps recorded**: {_steps_cell(sm)} (experts: {experts}; CFG: {', '.join(sm.cfg_modes) or NA})",
+        *step_cache_lines(run, num_recorded=sm.num_steps_recorded, reused_total_s=sm.reused_total_s,
+                          saved_estimate_s=sm.reuse_saved_estimate_s),
         f"- **First step (warm-up)**: {secs(sm.first_step_s)}",
         f"- **Steady state** (steps after the first): mean {secs(sm.steady_mean_s)}, median "
         f"{secs(sm.steady_median_s)}, p90 {secs(sm.steady_p90_s)}, "

@@ -35,6 +35,7 @@ from torch import nn
 from .config import WanConfig
 from .latents import denormalize_latent, normalize_latent
 from .runtime.lora import ExpertLora
+from .runtime.step_cache import StepCacheSettings
 from .sampler import SamplerOptions, StepCallback, make_noise, sample
 from .schedulers import SolverState
 
@@ -82,11 +83,12 @@ def sample_latent(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOp
                   context: torch.Tensor, context_null: torch.Tensor, samples: torch.Tensor,
                   add_noise: bool = True, continuation: Continuation | None = None,
                   i2v_y: torch.Tensor | None = None, ti2v_z: torch.Tensor | None = None,
-                  callback: StepCallback | None = None,
-                  loras: Sequence[ExpertLora] = ()) -> SampledLatent:
+                  callback: StepCallback | None = None, loras: Sequence[ExpertLora] = (),
+                  step_cache: StepCacheSettings | None = None) -> SampledLatent:
     """Sample the window of `opts` from a raw LATENT tensor; returns the raw result (see module docstring).
 
     `continuation` is the one the input LATENT carries (None if none); it is used when it fits.
+    `loras` and `step_cache` go to `sampler.sample` as they are.
     Shapes: samples (1, C, T, h, w) raw; context (S, text_dim); i2v_y, ti2v_z as in `sampler.sample`.
     """
     if samples.dim() != 5 or samples.shape[0] != 1:
@@ -102,7 +104,8 @@ def sample_latent(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOp
         noise = make_noise(tuple(z.shape), opts.seed)
         start = start_latent(opts, z, noise, add_noise=add_noise)
     out = sample(list(experts), task, opts, context=context, context_null=context_null, noise=start,
-                 i2v_y=i2v_y, ti2v_z=ti2v_z, callback=callback, scheduler=scheduler, loras=loras)
+                 i2v_y=i2v_y, ti2v_z=ti2v_z, callback=callback, scheduler=scheduler, loras=loras,
+                 step_cache=step_cache)
     sigma_end = schedule.sigmas[opts.last_step]
     out = out.float().cpu()
     if float(sigma_end) == 0.0:

@@ -34,6 +34,10 @@ One call of `sample()` runs the official loop (spec section 6) over normalised l
   (`FlowScheduler.resume`), so a split run equals one run; after the call it holds the state.
 * LoRAs: `loras=` (`runtime.lora.ExpertLora`) are applied to the experts' weights for the duration
   of the run only (`runtime.lora.LoraPatches`), after placement and fp8 storage.
+* Step cache: `step_cache=` (`runtime.step_cache.StepCacheSettings`, None = off) wraps the guided
+  prediction: before each step's inference stage the cache decides whether the step reuses the
+  expert's last computed prediction. A reused step records flops 0 and the facts `step_cache`
+  ("computed"/"reused") and `step_cache_reason`, so the report never counts it as computed work.
 
 Shapes: latents (C, T, h, w) float32, C = the DiT's out_dim; contexts (S, text_dim).
 """
@@ -44,6 +48,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -64,6 +69,7 @@ from .config import (
 )
 from .placement import OFFLOAD_DEVICE, Placement, make_placement
 from .runtime.lora import ExpertLora, LoraPatches
+from .runtime.step_cache import NoStepCache, StepCache, StepCacheSettings, make_step_cache
 from .schedulers import FULL_DENOISE, FlowSchedule, FlowScheduler, make_schedule, make_scheduler
 from .trace import event, stage
 
@@ -231,7 +237,7 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
            latent_shape: Sequence[int] | None = None, i2v_y: torch.Tensor | None = None,
            ti2v_z: torch.Tensor | None = None, callback: StepCallback | None = None,
            device: torch.device | str | None = None, scheduler: FlowScheduler | None = None,
-           loras: Sequence[ExpertLora] = ()) -> torch.Tensor:
+           loras: Sequence[ExpertLora] = (), step_cache: StepCacheSettings | None = None) -> torch.Tensor:
     """Run the denoising loop and return the final normalised latent.
 
     `experts` is [high_noise, low_noise] for two-expert tasks and [model] for TI2V-5B; each is a
@@ -248,7 +254,7 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     latent at the window's first sigma (`partial.start_latent`). `scheduler` continues an earlier
     run (`opts.make_scheduler().resume(state)`; its schedule and position must be the options');
     after the call it holds the solver state at `opts.last_step`. `loras` are applied for this call
-    only (`runtime.lora.LoraPatches`).
+    only (`runtime.lora.LoraPatches`); `step_cache` (None: off) may reuse steps (module docstring).
 
     Shapes: context (S, text_dim), context_null (S', text_dim); noise (C, T, h, w); i2v_y
     (in_dim - C, T, h, w) normalised mask + image latent; ti2v_z (C, 1, h, w) normalised.
@@ -280,8 +286,10 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
                                num_resident_blocks=opts.num_resident_blocks)
     placement_facts = {"placement": applied, "placement_requested": opts.placement}
     patches = LoraPatches(experts, loras, keep_on_device=applied != "blocks")
+    cache = make_step_cache(step_cache, model_type=task.dit.model_type, num_steps=scheduler.num_steps,
+                            last_step=opts.last_step, has_image=run.z is not None)
     with placement, patches, torch.no_grad():  # LoRA hooks go on after placement's (module docstring)
-        return _loop(placement, names, scheduler, run, opts, callback, placement_facts)
+        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, cache)
 
 
 def _run_scheduler(scheduler: FlowScheduler | None, opts: SamplerOptions) -> FlowScheduler:
@@ -299,7 +307,8 @@ def _run_scheduler(scheduler: FlowScheduler | None, opts: SamplerOptions) -> Flo
 
 
 def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run,
-          opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str]) -> torch.Tensor:
+          opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str],
+          cache: StepCache | NoStepCache) -> torch.Tensor:
     if run.z is not None:
         mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
         latent = pin_first_frame(run.latent, run.z, mask)
@@ -324,13 +333,16 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         loading, inference = step_stages(i)
         with stage(loading.name, kind=loading.kind, flops=0.0, **facts, **placement_facts):
             model = placement.activate(names.index(name))
-        with stage(inference.name, kind=inference.kind, flops=passes * run.flops_one, **facts):
-            if run.per_token_t:
-                t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
-                                          seq_len=run.seq_len)  # (1, seq_len) float32
-            else:
-                t_model = t.view(1).to(latent.device)  # (1,) int64, float32 for float-timestep solvers
-            pred = _guided_prediction(model, latent, t_model, run, g, cfg_mode)
+        if run.per_token_t:
+            t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
+                                      seq_len=run.seq_len)  # (1, seq_len) float32
+        else:
+            t_model = t.view(1).to(latent.device)  # (1,) int64, float32 for float-timestep solvers
+        decision = cache.decide(i, name, model, t_model, passes=passes)
+        flops = 0.0 if decision.reuse else passes * run.flops_one  # a reused step does no model work
+        with stage(inference.name, kind=inference.kind, flops=flops, **facts, **decision.facts()):
+            denoise = partial(_guided_prediction, model, latent, t_model, run, g, cfg_mode)
+            pred = cache.predict(decision, name, denoise)
             latent = scheduler.step(pred, latent)
             if run.z is not None:
                 latent = pin_first_frame(latent, run.z, mask)
