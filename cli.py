@@ -3,7 +3,7 @@ reports and the demo.
 
     wanbench make-tiny-models DIR
     wanbench run WORKFLOW.api.json [--server URL] [--out DIR] [--models DIR] [--set Node.input=VALUE ...]
-    wanbench suite SUITE.json [--server URL] --out DIR [--models DIR]
+    wanbench suite SUITE.json [--server URL] --out DIR [--models DIR]      (case lists and ladders)
     wanbench report RUN.json ... -o report.md
     wanbench check-report RUN.json
     wanbench demo [--out DIR]
@@ -83,9 +83,9 @@ def run_one(
         bridge = Bridge.for_models_root(models if models is not None else out_dir / "models", out_dir)
         files = output_files(run_workflow(prompt, bridge))
     _say(f"{workflow.name}: done in {time.perf_counter() - started:.1f} s")
-    for kind in ("videos", "reports", "other"):
+    for kind, label in (("videos", "video"), ("reports", "report"), ("other", "file")):
         for path in files.get(kind, []):
-            _say(f"  {kind[:-1]}: {path}")
+            _say(f"  {label}: {path}")
     return files
 
 
@@ -100,13 +100,17 @@ def _prepare_models(args: argparse.Namespace) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    run_one(
+    from .util.atomic import atomic_write_text
+
+    files = run_one(
         _find_workflow(args.workflow),
         out_dir=Path(args.out),
         models=None if args.server else _prepare_models(args),
         server=args.server,
         overrides=_parse_set(args.set),
     )
+    if args.files_json:
+        atomic_write_text(Path(args.files_json), json.dumps(files, indent=1) + "\n")
     return 0
 
 
@@ -114,24 +118,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 # Suites
 # ------------------------------------------------------------------------------------------------
 def load_suite(path: Path) -> dict[str, Any]:
-    suite = json.loads(path.read_text(encoding="utf-8"))
-    cases = suite.get("cases") if isinstance(suite, dict) else None
-    if not isinstance(cases, list) or not cases:
-        raise ValueError(f"{path}: a suite is {{'name', 'cases': [{{'name', 'workflow', 'overrides'}}]}}")
-    for case in cases:
-        missing = {"name", "workflow"} - set(case)
-        if missing:
-            raise ValueError(f"{path}: case {case.get('name', '?')!r} lacks {sorted(missing)}")
-    return suite
+    """A suite file (a case list or a ladder, `suites.py`), checked."""
+    from .suites import load_suite_file
+
+    return load_suite_file(path)
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
+    from .suites import is_ladder
     from .util.atomic import atomic_write_text
 
     path = _find_workflow(args.suite)
     suite = load_suite(path)
     out_dir = Path(args.out)
     models = None if args.server else _prepare_models(args)
+    if is_ladder(suite):
+        return _run_ladder_suite(path, suite, out_dir, models, args.server)
     reports: list[str] = []
     failed: list[tuple[str, str]] = []
     for case in suite["cases"]:
@@ -160,6 +162,19 @@ def cmd_suite(args: argparse.Namespace) -> int:
     for name, why in failed:
         _say(f"FAILED {name}: {why}")
     _say(f"{len(suite['cases']) - len(failed)}/{len(suite['cases'])} cases passed")
+    return 1 if failed else 0
+
+
+def _run_ladder_suite(path: Path, suite: dict[str, Any], out_dir: Path, models: Path | None,
+                      server: str | None) -> int:
+    """A ladder suite: every row (fresh process or cleared server caches), then the comparison."""
+    from .ladders import run_ladder
+    from .suites import parse_ladder
+
+    ladder = parse_ladder(suite, path)
+    json_path, failed = run_ladder(ladder, out_dir=out_dir, models=models, server=server, say=_say)
+    _say(f"ladder: {json_path.with_suffix('.md')} (and {json_path.name})")
+    _say(f"{len(ladder.rows) - failed}/{len(ladder.rows)} rows ran or were skipped with a reason")
     return 1 if failed else 0
 
 
@@ -271,9 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NODE.INPUT=VALUE",
         help="override an input, by node type or id (repeatable)",
     )
+    p.add_argument("--files-json", help="also write the paths of the files the run wrote to this JSON file")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("suite", help="run every case of a benchmark suite, then one combined report")
+    p = sub.add_parser(
+        "suite", help="run every case of a benchmark suite (or every row of a ladder), then one combined report"
+    )
     p.add_argument("suite")
     p.add_argument("--server")
     p.add_argument("--out", default=str(DEFAULT_OUT))
@@ -311,13 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def describe_error(err: BaseException) -> str:
     """One line for the user: the node that raised (when a workflow node did), the type, the message."""
-    from .runner import NODE_NOTE_PREFIX
+    from .runner import describe_error as describe
 
-    where = [
-        n[len(NODE_NOTE_PREFIX) :] for n in getattr(err, "__notes__", []) if n.startswith(NODE_NOTE_PREFIX)
-    ]
-    prefix = f"node {where[-1]} failed: " if where else ""
-    return f"{prefix}{type(err).__name__}: {err}"
+    return describe(err)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import comfy_bridge as bridge
 from . import types as T
 from .profiler_handle import ProfilerHandle, ProfilerSettings
@@ -71,6 +73,21 @@ class WanProfiler:
         return (ProfilerHandle(settings=settings),)
 
 
+LATENT_SUFFIX = "latent.safetensors"  # the report's latent file: <prefix>_<counter>_latent.safetensors
+
+
+def _latent_samples(latent: Any) -> Any:
+    """The tensor of an optional LATENT input (None when unwired); a clear error for anything else."""
+    if latent is None:
+        return None
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError(
+            f"latent must be a LATENT ({{'samples': tensor}}) from Wan Sampler; got {type(latent).__name__}"
+        )
+    return samples
+
+
 def _graph_node_ids(graph: Any) -> list[str] | None:
     """Node ids of the prompt being executed (ComfyUI's hidden PROMPT input), or None if unknown."""
     if isinstance(graph, dict) and graph:
@@ -106,6 +123,14 @@ class WanBenchmarkReport:
                     T.STRING,
                     {"forceInput": True, "tooltip": "Wire Wan Save Video here so the report runs last."},
                 ),
+                "latent": (
+                    T.LATENT,
+                    {
+                        "tooltip": "The sampled latent (optional): saved beside the report as "
+                        "*_latent.safetensors, so that runs can be compared with it (benchmark ladders "
+                        "measure each row's deviation from the baseline's)."
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "graph": "PROMPT"},
         }
@@ -125,21 +150,27 @@ class WanBenchmarkReport:
         video_path: str | None = None,
         unique_id: str | None = None,
         graph: Any = None,
+        latent: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         from ..profiling import write_report
+        from ..wan_core.checkpoints.latent import save_latent
 
         if not isinstance(profiler, ProfilerHandle):
             raise TypeError(f"profiler must come from a Wan Profiler node; got {type(profiler).__name__}")
         problem = check_prefix("filename_prefix", filename_prefix)
         if problem:
             raise ValueError(problem)
+        samples = _latent_samples(latent)
         session = profiler.finish_run(_graph_node_ids(graph))
         folder, stem, counter, subfolder = bridge.save_path(filename_prefix, 0, 0)
         written = write_report(session, folder, basename=f"{stem}_{counter:05}_")
+        outputs = [written.markdown, written.json]
+        if samples is not None:
+            outputs.append(save_latent(samples, Path(folder) / f"{stem}_{counter:05}_{LATENT_SUFFIX}"))
         summary = Path(written.markdown).read_text(encoding="utf-8")
         files = [
             {"filename": Path(p).name, "subfolder": subfolder, "type": "output", "path": str(p)}
-            for p in (written.markdown, written.json)
+            for p in outputs
         ]
         ui: dict[str, Any] = {"text": [summary], "wanbench_report": files}
         if written.chart is not None:
