@@ -104,8 +104,10 @@ def _run_row_process(prompt_file: Path, row_dir: Path, models: Path) -> dict[str
     if done.stderr:
         sys.stderr.write(done.stderr)
     if done.returncode != 0 or not files_json.is_file():
-        tail = [line for line in done.stderr.splitlines() if line.strip()][-CHILD_ERROR_LINES:]
-        raise RowFailed(f"the row's process exited with code {done.returncode}: " + (" / ".join(tail) or "no output"))
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith(("ERROR", "Traceback", "CRITICAL"))] or lines
+        reason = " / ".join(errors[-CHILD_ERROR_LINES:]) or "no output"
+        raise RowFailed(f"the row's process exited with code {done.returncode}: {reason}")
     return json.loads(files_json.read_text(encoding="utf-8"))
 
 

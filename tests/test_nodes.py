@@ -333,6 +333,27 @@ def test_report_node_writes_files(tmp_path) -> None:
     assert check_report(json_path) == []
 
 
+def test_report_node_saves_the_latent_beside_the_report(tmp_path) -> None:
+    from wanbench.runner import RunResult, output_files
+    from wanbench.wan_core.checkpoints.latent import load_latent
+
+    handle = _handle()
+    with handle.stage_node("5", [("Model_Initialization", "init")]):
+        with trace.stage("Model_Initialization", kind="init"):
+            pass
+    samples = torch.randn(1, 16, 2, 3, 4)
+    with use_bridge(Bridge(output_dir=tmp_path)):
+        out = WanBenchmarkReport().report(handle, "reports/run", unique_id="11", graph={"5": {}, "11": {}},
+                                          latent={"samples": samples})
+    entries = out["ui"]["wanbench_report"]
+    assert [e["filename"] for e in entries] == ["run_00001_.md", "run_00001_.json", "run_00001_latent.safetensors"]
+    assert torch.equal(load_latent(entries[2]["path"]), samples)
+    files = output_files(RunResult(order=["11"], ui={"11": out["ui"]}, outputs={"11": out["result"]}))
+    assert files["reports"] == [entries[1]["path"]] and files["other"] == [entries[0]["path"], entries[2]["path"]]
+    with use_bridge(Bridge(output_dir=tmp_path)), pytest.raises(ValueError, match="latent must be a LATENT"):
+        WanBenchmarkReport().report(_handle(), "reports/run", latent={"images": samples})
+
+
 def test_profiler_discards_a_prompt_that_never_reached_the_report(monkeypatch) -> None:
     server = types.ModuleType("server")
     server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(last_prompt_id="a"))
