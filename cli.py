@@ -3,7 +3,9 @@ reports and the demo.
 
     wanbench make-tiny-models DIR
     wanbench run WORKFLOW.api.json [--server URL] [--out DIR] [--models DIR] [--set Node.input=VALUE ...]
-    wanbench suite SUITE.json [--server URL] --out DIR [--models DIR]      (case lists and ladders)
+                 [--compile MODE] [--tf32] [--weight-dtype STORAGE] [--attention BACKEND]
+    wanbench suite SUITE.json [--server URL] --out DIR [--models DIR] [the same model options]
+                                                                 (case lists and ladders)
     wanbench report RUN.json ... -o report.md
     wanbench check-report RUN.json
     wanbench demo [--out DIR]
@@ -61,13 +63,45 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # One workflow
 # ------------------------------------------------------------------------------------------------
+MODEL_LOADER = "WanBenchModelLoader"
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Wan Model Loader inputs that --compile, --tf32, --weight-dtype and --attention set."""
+    options = {"compile": args.compile, "weight_dtype": args.weight_dtype, "attention": args.attention}
+    options = {name: value for name, value in options.items() if value is not None}
+    if args.tf32:
+        options["tf32"] = True
+    return options
+
+
+def apply_model_options(prompt: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Set `options` on every Wan Model Loader of an API prompt (inputs a saved prompt may lack:
+    they are optional inputs of the node); an error when the prompt has no such loader."""
+    if not options:
+        return prompt
+    loaders = [node for node in prompt.values() if node.get("class_type") == MODEL_LOADER]
+    if not loaders:
+        raise ValueError(f"{sorted(options)} set inputs of the Wan Model Loader ({MODEL_LOADER}), which this "
+                         "workflow does not have; use --set Node.input=VALUE for other nodes")
+    for node in loaders:
+        node.setdefault("inputs", {}).update(options)
+    return prompt
+
+
 def run_one(
-    workflow: Path, *, out_dir: Path, models: Path | None, server: str | None, overrides: dict[str, Any]
+    workflow: Path,
+    *,
+    out_dir: Path,
+    models: Path | None,
+    server: str | None,
+    overrides: dict[str, Any],
+    loader_options: dict[str, Any] | None = None,
 ) -> dict[str, list[str]]:
     """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written."""
     from .runner import apply_overrides, load_api_workflow, output_files, run_workflow
 
-    prompt = apply_overrides(load_api_workflow(workflow), overrides)
+    prompt = apply_model_options(apply_overrides(load_api_workflow(workflow), overrides), loader_options or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if server:
@@ -108,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         models=None if args.server else _prepare_models(args),
         server=args.server,
         overrides=_parse_set(args.set),
+        loader_options=model_options(args),
     )
     if args.files_json:
         atomic_write_text(Path(args.files_json), json.dumps(files, indent=1) + "\n")
@@ -133,6 +168,9 @@ def cmd_suite(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     models = None if args.server else _prepare_models(args)
     if is_ladder(suite):
+        if model_options(args):
+            raise ValueError(f"{sorted(model_options(args))} would override every row of the ladder {path.name}; "
+                             "a ladder sets them per row: put them in its baseline or rows settings instead")
         return _run_ladder_suite(path, suite, out_dir, models, args.server)
     reports: list[str] = []
     failed: list[tuple[str, str]] = []
@@ -145,6 +183,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
                 models=models,
                 server=args.server,
                 overrides=dict(case.get("overrides", {})),
+                loader_options=model_options(args),
             )
             if not files["reports"]:
                 raise RuntimeError("the case wrote no report JSON (is Wan Benchmark Report in the workflow?)")
@@ -222,7 +261,7 @@ def cmd_check_report(args: argparse.Namespace) -> int:
 def cmd_make_tiny_models(args: argparse.Namespace) -> int:
     from .tiny_models import make_tiny_models
 
-    made = make_tiny_models(Path(args.dir), seed=args.seed)
+    made = make_tiny_models(Path(args.dir), seed=args.seed, gguf=args.gguf)
     for path in made.all_files():
         _say(str(path))
     return 0
@@ -253,13 +292,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    """--models and --make-tiny-models, shared by `run` and `suite` (in-process runs only)."""
+    """--models and --make-tiny-models (in-process runs), and the Wan Model Loader options, shared by
+    `run` and `suite`."""
+    from .wan_core.attention import BACKEND_CHOICES
+    from .wan_core.config import COMPILE_CHOICES, WEIGHT_STORAGES
+
     p.add_argument("--models", help="models folder for in-process runs (default OUT/models)")
     p.add_argument(
         "--make-tiny-models",
         action="store_true",
         help="first write the tiny models into the models folder (kept when present)",
     )
+    p.add_argument("--compile", choices=COMPILE_CHOICES, help="regional torch.compile of the DiT blocks (mode)")
+    p.add_argument("--tf32", action="store_true", help="TF32 tensor cores for float32 matmuls while sampling")
+    p.add_argument("--weight-dtype", choices=WEIGHT_STORAGES, help="how the DiT block matrices are kept")
+    p.add_argument("--attention", choices=BACKEND_CHOICES, help="attention backend ('auto' measures)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="models folder to fill (diffusion_models/, text_encoders/, vae/)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gguf", action="store_true",
+                   help="also write tiny GGUF files (Q8_0 TI2V DiT and UMT5, Q4_K_M DiT; needs `pip install gguf`)")
     p.set_defaults(func=cmd_make_tiny_models)
 
     p = sub.add_parser("run", help="run an API-format workflow (in-process, or on a server with --server)")

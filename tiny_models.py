@@ -9,13 +9,19 @@ ComfyUI single-file layout, the UMT5 encoder in the Hugging Face key layout with
 alpha plus `.diff`/`.diff_b`/`.diff_m`; low noise as the Lightning files: fp32 pairs with alpha)
 and one LoRA per key layout (`TINY_LAYOUT_LORAS`). Weights are seeded: the same seed gives
 byte-identical files.
+
+With `gguf=True` (needs the `gguf` package) it also writes GGUF files as ComfyUI-GGUF users have
+them: the tiny TI2V-5B DiT and the UMT5 encoder in Q8_0 (the very weights of the fp16 files,
+quantised), and a TI2V-5B DiT widened to dim 256 in Q4_K_M, so that its rows are whole K-quant
+blocks of 256 (the tiny dim of 64 is not: llama.cpp would keep such rows in F16).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +40,10 @@ DIT_FILES = {
     "wanbench_tiny_i2v_low_noise_14B_fp16.safetensors": I2V_A14B,
 }
 TEXT_ENCODER_FILE = "wanbench_tiny_umt5_xxl_fp16.safetensors"
+GGUF_DIT_FILE = "wanbench_tiny_ti2v_5B_Q8_0.gguf"  # same weights as the fp16 TI2V file
+GGUF_KQUANT_DIT_FILE = "wanbench_tiny_ti2v_5B_d256_Q4_K_M.gguf"  # dim 256: rows of whole K-quant blocks
+GGUF_TEXT_ENCODER_FILE = "wanbench_tiny_umt5_xxl_Q8_0.gguf"  # same weights as the fp16 encoder
+KQUANT_DIT_DIM = 256
 VAE_FILES = {
     "wanbench_tiny_wan2.2_vae.safetensors": WAN22_VAE,
     "wanbench_tiny_wan_2.1_vae.safetensors": WAN21_VAE,
@@ -88,9 +98,11 @@ class TinyModels:
     text_encoder: Path
     vaes: dict[str, Path]
     loras: dict[str, Path]
+    ggufs: dict[str, Path] = field(default_factory=dict)
 
     def all_files(self) -> list[Path]:
-        return [*self.dits.values(), self.text_encoder, *self.vaes.values(), *self.loras.values()]
+        return [*self.dits.values(), self.text_encoder, *self.vaes.values(), *self.loras.values(),
+                *self.ggufs.values()]
 
 
 def randomize(module: nn.Module, seed: int) -> nn.Module:
@@ -163,10 +175,11 @@ def _seed_for(name: str, seed: int) -> int:
     return seed * 1000 + sum(ord(c) for c in name)  # stable per file, independent of write order
 
 
-def make_tiny_models(root: str | Path, *, seed: int = 0, overwrite: bool = True) -> TinyModels:
+def make_tiny_models(root: str | Path, *, seed: int = 0, overwrite: bool = True, gguf: bool = False) -> TinyModels:
     """Write every tiny checkpoint under `root/{diffusion_models,text_encoders,vae}`.
 
     Existing files are kept when `overwrite` is False (they were written by the same code).
+    `gguf` adds the GGUF files (module docstring).
     """
     from .wan_core.checkpoints.dit import save_dit
     from .wan_core.checkpoints.t5 import save_text_encoder
@@ -219,4 +232,32 @@ def make_tiny_models(root: str | Path, *, seed: int = 0, overwrite: bool = True)
             write_tiny_lora(path, spec, seed=_seed_for(name, seed))
             log.info("wrote %s", path)
         loras[name] = path
-    return TinyModels(root=root, dits=dits, text_encoder=t5_path, vaes=vaes, loras=loras)
+    ggufs = _write_ggufs(folders, seed, wanted) if gguf else {}
+    return TinyModels(root=root, dits=dits, text_encoder=t5_path, vaes=vaes, loras=loras, ggufs=ggufs)
+
+
+def _write_ggufs(folders: dict[str, Path], seed: int, wanted: Callable[[Path], bool]) -> dict[str, Path]:
+    from .wan_core.checkpoints.dit import save_dit
+    from .wan_core.checkpoints.t5 import save_text_encoder
+    from .wan_core.dit import WanDiT
+    from .wan_core.t5 import UMT5Encoder
+    from .wan_core.tokenizer import train_tiny_spiece
+
+    fp16_name = next(n for n, task in DIT_FILES.items() if task is TI2V_5B)
+    dit_cfg = TI2V_5B.dit.tiny()
+    widened = replace(dit_cfg, dim=KQUANT_DIT_DIM, ffn_dim=2 * KQUANT_DIT_DIM)
+    jobs = {
+        folders[FOLDER_DIT] / GGUF_DIT_FILE: lambda path: save_dit(
+            randomize(WanDiT(dit_cfg), _seed_for(fp16_name, seed)), path, layout="gguf", gguf_type="Q8_0"),
+        folders[FOLDER_DIT] / GGUF_KQUANT_DIT_FILE: lambda path: save_dit(
+            randomize(WanDiT(widened), _seed_for(GGUF_KQUANT_DIT_FILE, seed)), path, layout="gguf",
+            gguf_type="Q4_K_M"),
+        folders[FOLDER_TEXT_ENCODERS] / GGUF_TEXT_ENCODER_FILE: lambda path: save_text_encoder(
+            randomize(UMT5Encoder(UMT5_XXL.tiny()), _seed_for(TEXT_ENCODER_FILE, seed)), path, layout="gguf",
+            gguf_type="Q8_0", spiece_bytes=train_tiny_spiece(UMT5_XXL.tiny().vocab_size)),
+    }
+    for path, write in jobs.items():
+        if wanted(path):
+            write(path)
+            log.info("wrote %s", path)
+    return {path.name: path for path in jobs}

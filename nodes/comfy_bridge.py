@@ -55,11 +55,15 @@ def inside_comfyui() -> bool:
     return _comfy_module("folder_paths") is not None
 
 
+GGUF_SUFFIX = ".gguf"
+
+
 def list_models(folder: str) -> list[str]:
-    """File names ComfyUI lists for `folder`; standalone: the files in the bridge's folder."""
+    """File names ComfyUI lists for `folder`, plus its `.gguf` files (ComfyUI's own list leaves that
+    extension out); standalone: the files in the bridge's folder."""
     fp = _comfy_module("folder_paths")
     if fp is not None:
-        return list(fp.get_filename_list(folder))
+        return sorted({*fp.get_filename_list(folder), *_gguf_files(fp.get_folder_paths(folder))})
     directory = current_bridge().model_dirs.get(folder)
     if directory is None or not directory.is_dir():
         return []
@@ -73,6 +77,16 @@ def model_folder_description(folder: str) -> str:
         return f"ComfyUI's models/{folder}/ folder"
     directory = current_bridge().model_dirs.get(folder)
     return str(directory) if directory is not None else f"no {folder!r} folder (none configured)"
+
+
+def _gguf_files(folders: list[str]) -> list[str]:
+    """`.gguf` files under ComfyUI's paths of a model folder, as names relative to their folder."""
+    names = []
+    for folder in folders:
+        root = Path(folder)
+        if root.is_dir():
+            names += [p.relative_to(root).as_posix() for p in root.rglob("*" + GGUF_SUFFIX) if p.is_file()]
+    return names
 
 
 def resolve_model(folder: str, name: str) -> str:

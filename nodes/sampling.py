@@ -231,6 +231,7 @@ class WanSampler:
     ) -> tuple[dict[str, Any]]:
         from ..wan_core.conditioning import I2VCondition, TI2VCondition
         from ..wan_core.partial import Continuation, sample_latent
+        from ..wan_core.runtime.execution import applied, check_with_loras
         from ..wan_core.sampler import SamplerOptions
 
         problem = self.VALIDATE_INPUTS(steps, shift, boundary, guidance_high, guidance_low, denoise,
@@ -239,6 +240,7 @@ class WanSampler:
             raise ValueError(problem)
         explicit_t, explicit_sigmas = parse_numbers("timesteps", timesteps), parse_numbers("sigmas", sigmas)
         check_list_length(steps, explicit_t, explicit_sigmas)
+        check_with_loras(model.execution, len(model.loras))
         task = model.task
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if not isinstance(samples, torch.Tensor) or samples.dim() != 5:
@@ -299,7 +301,9 @@ class WanSampler:
             bridge.check_interrupt()
 
         continuation = latent.get(LATENT_CONTINUATION)
-        with maybe_profile(profiler, unique_id, sampling_stages(last, first=first)):
+        with maybe_profile(profiler, unique_id, sampling_stages(last, first=first)), applied(
+            model.experts, model.execution
+        ):
             result = sample_latent(
                 model.experts,
                 task,

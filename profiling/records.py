@@ -121,6 +121,8 @@ class RunContext:
     vae_dtype: str | None = None
     attention_backend: str | None = None
     compile: bool | None = None
+    weight_dtype: str | None = None  # how the DiT's block matrices are stored (fp8, GGUF, ...)
+    tf32: bool | None = None
     cfg_mode: str | None = None
     solver: str | None = None
     seed: int | None = None

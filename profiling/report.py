@@ -236,7 +236,9 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         f"placement {c.placement or NA}",
         f"attention {c.attention_backend or NA}",
         f"dtypes DiT {c.dit_dtype or NA} / T5 {c.t5_dtype or NA} / VAE {c.vae_dtype or NA}",
-        f"compile {_yes_no(c.compile)}",
+        f"DiT weights {c.weight_dtype or NA}",
+        f"TF32 {_yes_no(c.tf32)}",
+        f"compile {_compile_cell(run)}",
         f"CFG {c.cfg_mode or ', '.join(sm.cfg_modes) or NA}",
     ]
     if c.solver:
@@ -252,6 +254,7 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         _peak_memory_line(run, sm),
         f"- **Total Compute Load**: {fmt_load(sm.load)}",
     ]
+    lines += _kernel_lines(run)
     lines += [f"- Note: {n}" for n in run.notes]
     lines += ["", "### Stage Breakdown", ""] + _stage_table(run, sm) + [""]
     lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + _analysis_lines(analysis)
@@ -263,6 +266,37 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         "---",
         "",
     ]
+    return lines
+
+
+# Event names written by wan_core (config.py): the measured `auto` attention choices, the compile summary.
+ATTENTION_CHOICE_EVENT = "attention_choice"
+COMPILE_SUMMARY_EVENT = "compile_summary"
+
+
+def _compile_cell(run: RunRecord) -> str:
+    """'yes (3 compiles, 0 recompiles, 41.2 s)' from the run's compile summary, or yes/no/n/a."""
+    summaries = [e.facts for e in run.events if e.name == COMPILE_SUMMARY_EVENT]
+    if not summaries:
+        return _yes_no(run.context.compile)
+    compiles = sum(int(f.get("num_compiles") or 0) for f in summaries)
+    recompiles = sum(int(f.get("num_recompiles") or 0) for f in summaries)
+    seconds = sum(float(f.get("compile_s") or 0.0) for f in summaries)
+    return f"yes ({compiles} compiles, {recompiles} recompiles, first forwards {fmt_s(seconds)} s)"
+
+
+def _kernel_lines(run: RunRecord) -> list[str]:
+    """One line per attention shape whose kernel `auto` chose by measurement."""
+    lines = []
+    for e in run.events:
+        if e.name != ATTENTION_CHOICE_EVENT:
+            continue
+        f = e.facts
+        tflops = f.get("tflops")
+        speed = NA if not isinstance(tflops, (int, float)) else f"{tflops:.3g} TFLOP/s"
+        when = "measured earlier in this process" if f.get("cached") else "measured"
+        lines.append(f"- **Attention kernel** ({f.get('shape', NA)}): {f.get('kernel', NA)}, {speed} "
+                     f"({when}; candidates: {f.get('candidates', NA)})")
     return lines
 
 

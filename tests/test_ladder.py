@@ -57,9 +57,16 @@ def _pack_nodes(extra: dict[str, dict[str, Any]] | None = None) -> dict[str, dic
 
 
 CPU = Machine(where="this machine", cuda=False, nodes=_pack_nodes(), installed=lambda name: False)
-# A GPU machine whose pack has the loader inputs of compact weights, TF32 and compile.
 NEWER_LOADER = {"WanBenchModelLoader": {"weight_dtype": ["default", "fp8_e4m3fn_scaled_mm"], "tf32": "BOOLEAN",
                                         "compile": ["off", "max-autotune-no-cudagraphs"]}}
+
+
+def _older_pack(machine: Machine) -> Machine:
+    """The machine with a pack whose loader predates compact weights, TF32 and compile."""
+    nodes = {k: dict(v) for k, v in machine.nodes.items()}
+    for name in NEWER_LOADER["WanBenchModelLoader"]:
+        nodes["WanBenchModelLoader"].pop(name, None)
+    return dataclasses.replace(machine, nodes=nodes)
 
 
 def _gpu(capability: tuple[int, int] = (9, 0), installed: bool = True) -> Machine:
@@ -125,12 +132,14 @@ def test_rows_that_cannot_run_are_skipped_and_later_rows_go_on_without_them() ->
             {"name": "bf16 everywhere", "unsupported": "no such mode"},
             {"name": "fp8", "settings": {"weight_dtype": "fp8_e4m3fn_scaled_mm"}},
             {"name": "batched", "settings": {"cfg_mode": "batched"}}]
-    planned = plan_rows(_parse(_suite(rows)), CPU)
+    planned = plan_rows(_parse(_suite(rows)), _older_pack(CPU))
     skips = [p.skip for p in planned]
     assert skips[0] is None
     assert skips[1] == "attention sage runs on CUDA GPUs only; this machine has none"
     assert skips[2] == "not reproducible with this pack: no such mode"
     assert "needs input 'weight_dtype' of WanBenchModelLoader" in skips[3]
+    assert plan_rows(_parse(_suite(rows)), CPU)[3].skip == "fp8 matmuls (fp8 tensor cores) needs a CUDA GPU; " \
+        "this machine has none"
     assert skips[4] is None
     assert planned[4].changes == {"cfg_mode": "batched"}
     assert planned[4].dropped == ["attention sage", "weight_dtype fp8_e4m3fn_scaled_mm"]
@@ -142,7 +151,7 @@ def test_rows_that_cannot_run_are_skipped_and_later_rows_go_on_without_them() ->
     ({"tf32": True}, _gpu(capability=(7, 5)), "needs compute capability 8.0 or newer; NVIDIA H100 80GB HBM3 is 7.5"),
     ({"weight_dtype": "fp8_e4m3fn_scaled_mm"}, _gpu(capability=(8, 0)), "needs compute capability 8.9"),
     ({"tf32": True}, CPU, "TF32 (tensor-core float32 matmuls) needs a CUDA GPU; this machine has none"),
-    ({"tf32": True}, dataclasses.replace(_gpu(), nodes=_pack_nodes()), "needs input 'tf32' of WanBenchModelLoader"),
+    ({"tf32": True}, _older_pack(_gpu()), "needs input 'tf32' of WanBenchModelLoader"),
     ({"placement": "none"}, CPU, "every placement runs as none"),
     ({"lora": [{"file": "nowhere.safetensors"}]}, CPU, "['nowhere.safetensors'] are not in models/loras"),
     ({"vae_tiling": "spiral"}, CPU, "'spiral' is not offered by WanBenchVAEDecode.tiling"),
@@ -165,14 +174,21 @@ def test_rows_that_can_run_on_a_capable_gpu_are_not_skipped() -> None:
 def test_neutral_baseline_settings_need_nothing_and_ineffective_ones_are_noted() -> None:
     suite = _parse(_suite([{"name": "batched", "settings": {"cfg_mode": "batched"}}],
                           baseline={"tf32": False, "compile": "off", "placement": "model"}))
-    planned = plan_rows(suite, CPU)  # the pack here has no tf32 or compile input: their defaults apply
+    planned = plan_rows(suite, _older_pack(CPU))  # a pack without tf32 or compile inputs: their defaults apply
     assert [p.skip for p in planned] == [None, None]
     assert ineffective(suite.baseline.own, CPU) == [
         "placement model has no effect here: placement moves weights between the CPU and a CUDA GPU; "
         "this machine has none, so every placement runs as none"]
-    prompt = row_prompt(suite, planned[0], load_api_workflow(suite.workflow), CPU)
+    base = load_api_workflow(suite.workflow)
+    for node in base.values():  # the workflow of such a pack has no tf32 or compile input either
+        for name in NEWER_LOADER["WanBenchModelLoader"]:
+            node["inputs"].pop(name, None)
+    prompt = row_prompt(suite, planned[0], base, _older_pack(CPU))
     (loader,) = [n for n in prompt.values() if n["class_type"] == "WanBenchModelLoader"]
     assert "tf32" not in loader["inputs"] and "compile" not in loader["inputs"]
+    newer = row_prompt(suite, plan_rows(suite, CPU)[0], load_api_workflow(suite.workflow), CPU)
+    (loader,) = [n for n in newer.values() if n["class_type"] == "WanBenchModelLoader"]
+    assert loader["inputs"]["tf32"] is False and loader["inputs"]["compile"] == "off"
 
 
 def test_rows_are_skipped_when_the_baseline_cannot_run() -> None:
@@ -284,6 +300,17 @@ def test_speedup_and_work_come_from_the_measured_figures() -> None:
     assert "skipped: TF32 needs a CUDA GPU" in text and "failed: node 8 failed: WorkflowError: steps 0" in text
     assert "random-weight tiny models" in text and "[mp4](00_base/v.mp4)" in text
     assert "impossible here" not in text  # no GPU peak: no floor to compare with
+
+
+def test_compile_time_is_counted_and_also_shown_without() -> None:
+    ladder = _ladder()
+    compiled = dataclasses.replace(_figures(20.0, 100.0), compile_s=15.0)  # 15 s compiling, 5 s of steps
+    ladder.rows[1] = dataclasses.replace(ladder.rows[1], figures=compiled)
+    assert speedup(ladder, ladder.rows[1]) == 0.5
+    text = render_ladder(ladder)
+    assert "| 15.00 | 0.50x (2.00x without compiling) | same work |" in text
+    assert "| n/a | 2.50x | less work" in text  # rows that did not compile: one figure
+    assert check_ladder(ladder_document(ladder), markdown=text) == []
 
 
 def test_expected_figures_below_the_flop_floor_are_marked_impossible() -> None:

@@ -31,8 +31,11 @@ def test_seed004_tiny_twin_runs_in_fresh_processes(models: Path, tmp_path: Path,
     rows = {r["id"]: r for r in doc["rows"]}
     assert list(rows) == ["00_official_baseline", "01_batched_cfg", "02_tf32", "03_torch_compile",
                           "04_no_offloading"]
-    assert [r["status"] for r in doc["rows"]] == ["measured", "measured", "skipped", "skipped", "skipped"]
+    assert [r["status"] for r in doc["rows"]] == ["measured", "measured", "skipped", "measured", "skipped"]
     assert "TF32 (tensor-core float32 matmuls) needs a CUDA GPU" in rows["02_tf32"]["reason"]
+    compiled = rows["03_torch_compile"]
+    assert compiled["dropped"] == ["tf32 true"] and compiled["figures"]["compile_s"] > 0
+    assert compiled["derived"]["speedup_without_compile"] is not None
     assert "every placement runs as none" in rows["04_no_offloading"]["reason"]
     assert doc["notes"] and "placement model has no effect here" in doc["notes"][0]
     assert "fresh Python process" in doc["execution"] and doc["random_weights"] is True

@@ -19,7 +19,8 @@ from wanbench.wan_core.checkpoints.lora import read_lora
 from wanbench.wan_core.config import T2V_A14B, TI2V_5B, GuideScale
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.errors import CheckpointError, SamplingInterrupted
-from wanbench.wan_core.placement import make_placement, store_fp8
+from wanbench.wan_core.placement import make_placement
+from wanbench.wan_core.runtime.compact import store_fp8
 from wanbench.wan_core.runtime.lora import ExpertLora, LoraPatches, load_expert_lora
 from wanbench.wan_core.sampler import SamplerOptions, sample
 
@@ -223,7 +224,7 @@ def test_fp8_storage_then_lora_adds_the_delta_to_the_dequantised_weights(tmp_pat
     dequantised = {k: v.clone() for k, v in model.state_dict().items()}
     for e in storage._entries:  # what the fp8 storage computes with: fp8 * scale
         name = next(n for n, p in model.named_parameters() if p is e.param)
-        dequantised[name] = e.dequantised().clone()
+        dequantised[name] = e.decoded().clone()
     plain = merged_model(model, dequantised)
     base = forward(model)
     assert_close(base, forward(plain), rel=1e-6)

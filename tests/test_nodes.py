@@ -198,8 +198,11 @@ def test_bridge_inside_comfyui(monkeypatch, tmp_path) -> None:
     folder_paths.get_full_path = lambda folder, name: (
         str(tmp_path / name) if name.startswith(folder) else None
     )
+    folder_paths.get_folder_paths = lambda folder: [str(tmp_path / folder)]
     folder_paths.get_output_directory = lambda: str(tmp_path)
     folder_paths.get_save_image_path = lambda prefix, out, w, h: (str(tmp_path), prefix, 7, "", prefix)
+    (tmp_path / "diffusion_models" / "sub").mkdir(parents=True)
+    (tmp_path / "diffusion_models" / "sub" / "dit_Q4_K_M.gguf").write_bytes(b"GGUF")  # ComfyUI lists no .gguf
 
     class ProgressBar:
         def __init__(self, total: int) -> None:
@@ -224,6 +227,7 @@ def test_bridge_inside_comfyui(monkeypatch, tmp_path) -> None:
     assert WanModelLoader.INPUT_TYPES()["required"]["model_low"][0] == [
         "none",
         "diffusion_models.safetensors",
+        "sub/dit_Q4_K_M.gguf",
     ]
     assert comfy_bridge.resolve_model("vae", "vae.safetensors") == str(tmp_path / "vae.safetensors")
     with pytest.raises(FileNotFoundError, match="not in ComfyUI's 'vae' folder"):

@@ -296,6 +296,26 @@ WEIGHT_DTYPE_ALIASES: Mapping[str, str] = MappingProxyType({
 })
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
+# How the transformer blocks' matrices are kept in memory (`runtime/compact.py`; the loaders'
+# `weight_dtype`). `default`: in the compute dtype (fp8 files dequantised at load; GGUF files kept).
+DEFAULT_STORAGE = "default"
+STORED_STORAGE = "as_stored"  # as the file stores them: fp8 + scale, GGUF blocks, bf16 / fp16
+FP8_STORAGE = "fp8_e4m3fn"  # cast to fp8 e4m3fn without a scale (as ComfyUI's weight_dtype fp8_e4m3fn)
+SCALED_FP8_STORAGE = "fp8_e4m3fn_scaled"  # fp8 e4m3fn with a per-tensor scale (absmax / 448)
+FP8_MATMUL_STORAGE = "fp8_e4m3fn_scaled_mm"  # scaled fp8, matmuls as fp8 x fp8 (`runtime/fp8_matmul.py`)
+FP8_STORAGES = (FP8_STORAGE, SCALED_FP8_STORAGE, FP8_MATMUL_STORAGE)
+WEIGHT_STORAGES = (DEFAULT_STORAGE, STORED_STORAGE, *FP8_STORAGES, "bfloat16", "float16")
+FP8_ACTIVATION_SCALINGS = ("row", "tensor")  # how the fp8 matmul path scales its activations
+
+# Execution options applied while sampling (`runtime/execution.py`).
+COMPILE_OFF = "off"
+COMPILE_CHOICES = (COMPILE_OFF, "default", "max-autotune-no-cudagraphs")  # regional torch.compile modes
+
+# Trace event names (the report reads them).
+ATTENTION_CHOICE_EVENT = "attention_choice"  # `auto` attention: the kernel measured fastest for a shape
+RECOMPILE_EVENT = "Recompile"  # torch.compile recompiled a region after its warm-up
+COMPILE_SUMMARY_EVENT = "compile_summary"  # a compiled run's compile time, compiles and recompiles
+
 
 def weight_dtype(name: str) -> torch.dtype:
     """A weight dtype by name: 'bfloat16' | 'float16' | 'float32', or 'bf16' | 'fp16' | 'fp32'."""

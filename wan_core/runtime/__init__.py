@@ -1,6 +1,19 @@
-"""What is applied to built models from outside, for the duration of a run (ARCHITECTURE.md section 7).
+"""Things applied to built models from outside (ARCHITECTURE.md section 7). Importing this package
+imports none of its modules.
 
-- `lora`: LoRA patches, applied per module forward and removed after the run.
+- `compact`: weights kept as stored (fp8 + scale, GGUF blocks, bf16), decoded per block forward;
+- `fp8_matmul`: fp8 x fp8 linears over compact fp8 weights;
+- `lora`: LoRA patches, applied per module forward and removed after the run;
+- `execution`: what runs only while sampling (TF32, regional compile).
 
-Importing this package imports none of its modules.
+Order of the per-block weight transforms (forward hooks on each transformer block that swap
+`param.data` for the duration of the block's forward, and put it back afterwards):
+
+1. placement (`placement.py`, `blocks`): moves the stored bytes to the device (pre-hook prepended,
+   post-hook last);
+2. storage (`compact.py`, registered at load): decodes fp8 / GGUF / bf16 storage into the compute dtype;
+3. weight patches (`lora.py`) add to the decoded weight.
+
+Post-hooks restore in the reverse order: a transform installed after the storage hooks registers
+its post-hook with `prepend=True` (`lora.py` does; `compact.add_weight_transform` does both halves right).
 """

@@ -30,12 +30,13 @@ for that expert (bit-identical to no LoRA).
 Order of the per-block weight transforms (pre-hooks in this order, post-hooks in reverse):
 1. placement (`placement.BlockSwap`, prepended pre-hook): the block's tensors are brought to the
    compute device;
-2. storage (`placement.Fp8Storage`, registered at load): fp8 weights are dequantised to the compute
-   dtype;
+2. storage (`runtime/compact.py`, registered at load): compact weights (fp8, GGUF blocks, bf16) are
+   decoded to the compute dtype;
 3. LoRA (this module, registered last, post-hook prepended): the delta is added to the
-   dequantised weight; fp8 values are never re-quantised, so the delta is applied at full precision.
-Post-hooks: LoRA restores the dequantised tensor, fp8 storage puts the fp8 data back, placement
-releases the device copy.
+   decoded weight; fp8/GGUF values are never re-quantised, so the delta is applied at full precision.
+Post-hooks: LoRA restores the decoded tensor, storage puts the stored data back, placement
+releases the device copy. Weights that run as fp8 matmuls (`runtime/fp8_matmul.py`) cannot take a
+patch: such a model is refused with the storage to use instead.
 
 Device: LoRA tensors stay on the CPU in the file's dtype. When the compute device differs, each
 expert's factors are copied there on first use and kept for the run (`keep_on_device=True`; the
@@ -53,7 +54,9 @@ import torch
 from torch import nn
 
 from ..checkpoints.io import PathLike
-from ..checkpoints.lora import LoraFile, LoraTerms, param_shapes, read_lora
+from ..checkpoints.lora import LoraFile, LoraTerms, read_lora
+from .compact import logical_shapes
+from .fp8_matmul import weight_patch_problem
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def load_expert_lora(path: PathLike, experts: Sequence[nn.Module], strengths: Se
     for s in strengths:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or s != s or abs(s) == float("inf"):
             raise ValueError(f"LoRA strengths must be finite numbers; got {list(strengths)}")
-    lora = read_lora(path, param_shapes(experts[0]))
+    lora = read_lora(path, logical_shapes(experts[0]))  # compact (fp8, GGUF) weights by their real shape
     log.info("LoRA %s", lora.summary())
     if lora.unmatched:
         log.warning("LoRA %s: %d keys match no parameter of this model and are not applied, e.g. %s",
@@ -153,6 +156,9 @@ class LoraPatches:
                 continue
             done.add(id(model))
             by_owner = self._entries_by_owner(model, index)
+            problem = weight_patch_problem(model) if by_owner else None
+            if problem is not None:
+                raise ValueError(f"LoRA cannot be applied to expert {index}: {problem}")
             for owner, entries in by_owner.values():
                 _refuse_compiled(owner)
                 self._entries.extend(entries)
