@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from wanbench.cli import main
 from wanbench.profiling import check_report, load_runs
 
@@ -88,3 +89,15 @@ def test_ladder_with_a_step_cache_row_and_a_failing_row(models: Path, tmp_path: 
     assert "less work: 60 % of the baseline's model FLOPs (2 of 5 steps reused from the step cache)" in text
     assert "failed: " in text
     assert check_report(out / "mixed_ladder.json") == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seed004_tiny_twin_on_a_gpu_runs_every_row(models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["suite", "seed004_ladder_tiny.json", "--out", str(out), "--models", str(models)]) == 0
+    doc = _ladder(out, "seed004_ladder_tiny")
+    assert [r["status"] for r in doc["rows"]] == ["measured"] * 5
+    for row in doc["rows"]:
+        assert row["figures"]["peak_allocated_bytes"] > 0  # GPU memory is measured on CUDA
+    assert check_report(out / "seed004_ladder_tiny_ladder.json") == []
