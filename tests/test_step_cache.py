@@ -282,3 +282,33 @@ def test_guidance_one_uses_the_conditional_ratios_only() -> None:
     with use_tracer(tracer):
         sample(experts, task, opts, latent_shape=LATENT, step_cache=settings, **_contexts(task))
     assert "reused" in {d for _, _, d in _decisions(tracer)}
+
+
+def test_reused_steps_leave_s_per_step_and_mfu_to_the_computed_work() -> None:
+    from wanbench.profiling import FakeDevice, FakeNvml, lookup_gpu
+    from wanbench.wan_core import trace
+
+    clock = FakeClock()
+    session = ProfileSession(case_name="gpu_cache", sample_interval_s=None, clock=clock, device_probe=FakeDevice(),
+                             gpu=FakeNvml(name="NVIDIA H100 80GB HBM3"))
+    flops = 4.0e14  # one computed step
+    plan = ["computed", "reused", "computed", "reused", "computed"]
+    with session:
+        session.set_context(steps=len(plan))
+        for i, kind in enumerate(plan):
+            with trace.stage(f"Step_{i}_Loading", kind="step-loading", step=i, expert="model", flops=0.0):
+                clock.advance(0.01)
+            facts = {"step_cache": kind} | ({"step_cache_reason": "change"} if kind == "computed" else {})
+            with trace.stage(f"Step_{i}_Inference", kind="step-inference", step=i, expert="model",
+                             flops=0.0 if kind == "reused" else flops, **facts):
+                clock.advance(2.0 if kind == "computed" else 0.05)
+    summary = summarize_run(session.record)
+    peak = lookup_gpu("NVIDIA H100 80GB HBM3").dense_bf16_tflops
+    assert summary.num_steps_recorded == 5 and summary.num_steps_reused == 2
+    assert summary.s_per_step == pytest.approx(2.01)  # the computed steps: a reused one is not a fast step
+    assert summary.reused_total_s == pytest.approx(2 * 0.06)
+    assert summary.reuse_saved_estimate_s == pytest.approx(2 * (2.01 - 0.06))
+    assert summary.flops_steps == 3 * flops
+    assert summary.mfu_pct == pytest.approx(100 * (3 * flops / 6.0 / 1e12) / peak)  # no credit for reused steps
+    text = render_markdown([session.record])
+    assert "2 of 5 steps reused the expert's last prediction" in text and "estimated saving 3.90 s" in text
