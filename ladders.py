@@ -105,7 +105,10 @@ def _run_row_process(prompt_file: Path, row_dir: Path, models: Path) -> dict[str
         sys.stderr.write(done.stderr)
     if done.returncode != 0 or not files_json.is_file():
         lines = [line for line in done.stderr.splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith(("ERROR", "Traceback", "CRITICAL"))] or lines
+        if any(line.startswith("Traceback") for line in lines):
+            errors = lines[-1:]  # an unexpected error: its last line names it (the traceback is above)
+        else:
+            errors = [line for line in lines if line.startswith(("ERROR", "CRITICAL"))] or lines
         reason = " / ".join(errors[-CHILD_ERROR_LINES:]) or "no output"
         raise RowFailed(f"the row's process exited with code {done.returncode}: {reason}")
     return json.loads(files_json.read_text(encoding="utf-8"))
@@ -137,9 +140,11 @@ def run_ladder(suite: LadderSuite, *, out_dir: Path, models: Path | None, server
     from .client import ServerError
     from .runner import NODE_ERRORS, describe_error, load_api_workflow
 
+    base = load_api_workflow(suite.workflow)
+    if server is None:
+        _check_runs_in_process(suite, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = server_machine(server) if server else local_machine(models or out_dir / "models", out_dir)
-    base = load_api_workflow(suite.workflow)
     results = []
     for planned in plan_rows(suite, machine):
         row = planned.row
@@ -161,6 +166,16 @@ def run_ladder(suite: LadderSuite, *, out_dir: Path, models: Path | None, server
     ladder = build_ladder(suite, results, out_dir, execution, notes=ineffective(suite.baseline.own, machine))
     path = write_ladder(ladder, out_dir)
     return path, sum(r.status == FAILED for r in results)
+
+
+def _check_runs_in_process(suite: LadderSuite, prompt: dict[str, Any]) -> None:
+    """A workflow with ComfyUI's own nodes (e.g. Load Image) runs on a server only: say so before any row."""
+    from .nodes import NODE_CLASS_MAPPINGS
+
+    foreign = sorted({n.get("class_type") for n in prompt.values()} - set(NODE_CLASS_MAPPINGS))
+    if foreign:
+        raise SuiteError(f"ladder {suite.name}: its workflow {suite.workflow.name} uses ComfyUI's own nodes {foreign}, "
+                         "which run only on a ComfyUI server; run the ladder with --server URL")
 
 
 def write_ladder(ladder: Ladder, out_dir: Path) -> Path:

@@ -112,10 +112,13 @@ class Setting:
     effect_only: bool = False
 
 
+_KIND_NAMES = {bool: "true or false", str: "text", (int, float): "number"}
+
+
 def _typed(name: str, kind: type | tuple[type, ...], choices: tuple[Any, ...] = ()) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-            raise SuiteError(f"setting {name!r} takes a {getattr(kind, '__name__', kind)}; got {value!r}")
+            raise SuiteError(f"setting {name!r} takes {_KIND_NAMES.get(kind, kind)}; got {value!r}")
         if choices and value not in choices:
             raise SuiteError(f"setting {name!r} must be one of {list(choices)}; got {value!r}")
         return value

@@ -91,7 +91,8 @@ def test_unknown_setting_lists_the_valid_ones() -> None:
 
 @pytest.mark.parametrize(("settings", "match"), [
     ({"cfg_mode": "parallel"}, "cfg_mode' must be one of"),
-    ({"tf32": 1}, "takes a bool"),
+    ({"tf32": 1}, "takes true or false"),
+    ({"shift": "5"}, "takes number"),
     ({"steps": -1}, "integer >= 0"),
     ({"guidance": "high"}, "'guidance' takes a number"),
     ({"lora": [{"path": "x"}]}, "a 'lora' entry is"),
@@ -368,3 +369,19 @@ def test_latent_files_round_trip_and_refuse_other_files(tmp_path: Path) -> None:
 def test_every_setting_names_a_pack_node() -> None:
     for setting in SETTINGS.values():
         assert setting.node in NODE_CLASS_MAPPINGS, setting.name
+
+
+def test_a_ladder_with_comfyui_nodes_asks_for_a_server_before_any_row(tmp_path: Path, caplog) -> None:
+    from wanbench.cli import main
+
+    assert main(["suite", "seed003_ladder.json", "--out", str(tmp_path / "out"), "--models", str(tmp_path)]) == 2
+    assert "uses ComfyUI's own nodes ['LoadImage'], which run only on a ComfyUI server; run the ladder with " \
+        "--server URL" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_model_options_are_refused_with_a_ladder(tmp_path: Path, caplog) -> None:
+    from wanbench.cli import main
+
+    assert main(["suite", "seed004_ladder_tiny.json", "--out", str(tmp_path), "--tf32"]) == 2
+    assert "['tf32'] would override every row of the ladder seed004_ladder_tiny.json" in caplog.text
