@@ -179,11 +179,14 @@ def _step_cache(value: Any) -> dict[str, Any]:
                                               "calibration")}
 
 
-def _distilled(value: Any) -> dict[str, Any]:
+def _distilled(value: Any) -> bool:
     if value is not True:
         raise SuiteError(f"setting 'distilled' takes true (the 4-step distilled schedule); got {value!r}")
-    return {"solver": DISTILL_SOLVER, "steps": DISTILL_STEPS, "shift": DISTILL_SHIFT, "guidance_high": 1.0,
-            "guidance_low": 1.0}
+    return True
+
+
+DISTILLED_INPUTS = {"solver": DISTILL_SOLVER, "steps": DISTILL_STEPS, "shift": DISTILL_SHIFT, "guidance_high": 1.0,
+                    "guidance_low": 1.0}  # the Wan Sampler inputs of `distilled`
 
 
 def _attention_needs(value: Any, settings: Mapping[str, Any], machine: Machine) -> str | None:
@@ -259,7 +262,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("guidance", "CFG scale: one number, or {high, low}", SAMPLER, _guidance,
             lambda v: {"guidance_high": v["high"], "guidance_low": v["low"]}),
     Setting("distilled", "the 4-step distilled schedule (euler_distill, 4 steps, shift 5, guidance 1)", SAMPLER,
-            _distilled, lambda v: dict(v)),
+            _distilled, lambda v: dict(DISTILLED_INPUTS)),
     Setting("lora", "LoRA files on the experts (Wan LoRA nodes after the loader)", LORA, _loras, None,
             neutral=[], needs=_lora_needs),
     Setting("step_cache", "step caching (a Wan Step Cache node before the sampler)", STEP_CACHE, _step_cache,

@@ -248,6 +248,8 @@ def _changes(row: LadderRow) -> str:
 
 
 def _value(value: Any) -> str:
+    if isinstance(value, dict) and {"file", "strength_high", "strength_low"} <= set(value):  # a LoRA entry
+        return f"{value['file']} ({value['strength_high']:g} / {value['strength_low']:g})"
     if isinstance(value, dict):
         return "(" + ", ".join(f"{k} {_value(v)}" for k, v in value.items()) + ")"
     if isinstance(value, list):
