@@ -4,6 +4,8 @@ reports and the demo.
     wanbench make-tiny-models DIR
     wanbench run WORKFLOW.api.json [--server URL] [--out DIR] [--models DIR] [--set Node.input=VALUE ...]
                  [--compile MODE] [--tf32] [--weight-dtype STORAGE] [--attention BACKEND]
+                 [--nproc N [--parallel cfg|ulysses|cfg+ulysses] [--shard-weights] [--timeout S]
+                  [--nnodes M --rdzv-endpoint HOST:PORT --rdzv-id ID [--local-addr ADDR]]]
     wanbench suite SUITE.json [--server URL] --out DIR [--models DIR] [the same model options]
                                                                  (case lists and ladders)
     wanbench report RUN.json ... -o report.md
@@ -134,8 +136,20 @@ def _prepare_models(args: argparse.Namespace) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .launch import launched_by_torchrun
     from .util.atomic import atomic_write_text
 
+    if args.nproc < 1 or args.nnodes < 1:
+        raise ValueError(f"--nproc and --nnodes must be >= 1; got {args.nproc} and {args.nnodes}")
+    if launched_by_torchrun() or args.nproc > 1 or args.nnodes > 1:
+        if args.files_json:
+            raise ValueError("--files-json lists the files of a single-process run; drop it with --nproc/torchrun")
+        return _run_parallel(args)
+    if args.parallel is not None or args.shard_weights:
+        raise ValueError(
+            "--parallel and --shard-weights split a run across processes; add --nproc N (N >= 2), "
+            "or start the command with torchrun"
+        )
     files = run_one(
         _find_workflow(args.workflow),
         out_dir=Path(args.out),
@@ -146,6 +160,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if args.files_json:
         atomic_write_text(Path(args.files_json), json.dumps(files, indent=1) + "\n")
+    return 0
+
+
+def _run_parallel(args: argparse.Namespace) -> int:
+    """`run` on several ranks: started here with the elastic launcher, or as one rank under torchrun."""
+    from .launch import DEFAULT_PARALLEL, LaunchOptions, RankJob, launch_run, launched_by_torchrun, run_rank
+    from .runner import apply_overrides, load_api_workflow
+
+    if args.server:
+        raise ValueError("--nproc runs the workflow in this machine's processes; it cannot be combined with --server")
+    if launched_by_torchrun() and args.make_tiny_models:
+        raise ValueError("--make-tiny-models under torchrun would have every rank write the same files; make "
+                         "them first with `wanbench make-tiny-models DIR` and pass --models DIR")
+    workflow = _find_workflow(args.workflow).resolve()
+    prompt = apply_model_options(apply_overrides(load_api_workflow(workflow), _parse_set(args.set)),
+                                 model_options(args))
+    job = RankJob(
+        workflow_name=workflow.name,
+        prompt=prompt,
+        out_dir=Path(args.out).resolve(),
+        models=_prepare_models(args).resolve(),
+        parallel=args.parallel or DEFAULT_PARALLEL,
+        shard_weights=args.shard_weights,
+        timeout_s=args.timeout,
+        verbose=args.verbose,
+    )
+    started = time.perf_counter()
+    if launched_by_torchrun():
+        if args.nproc > 1 or args.nnodes > 1:
+            raise ValueError("this process is already one rank started by torchrun; drop --nproc and --nnodes")
+        files = run_rank(job)
+    else:
+        options = LaunchOptions(
+            nproc=args.nproc,
+            nnodes=args.nnodes,
+            rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_id=args.rdzv_id,
+            local_addr=args.local_addr,
+        )
+        files = launch_run(job, options)
+        if files is None:
+            _say(f"{workflow.name}: this machine's ranks finished; rank 0 ran on another machine and "
+                 "wrote the outputs there")
+            return 0
+    if files["videos"] or files["reports"]:
+        _say(f"{workflow.name}: done in {time.perf_counter() - started:.1f} s ({job.parallel}"
+             f"{', sharded weights' if job.shard_weights else ''})")
+    for kind in ("videos", "reports"):
+        for path in files.get(kind, []):
+            _say(f"  {kind[:-1]}: {path}")
     return 0
 
 
@@ -309,6 +373,32 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=BACKEND_CHOICES, help="attention backend ('auto' measures)")
 
 
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    """--nproc and the options of parallel runs (docs/distributed.md)."""
+    from .wan_core.config import PARALLEL_MODES
+
+    g = p.add_argument_group("parallel runs (torch.distributed; docs/distributed.md)")
+    g.add_argument("--nproc", type=int, default=1, help="ranks on this machine (1: today's single-process run)")
+    g.add_argument(
+        "--parallel",
+        choices=PARALLEL_MODES,
+        help="how the ranks share a step: cfg (2 ranks), ulysses (token split; the default), cfg+ulysses (2k)",
+    )
+    g.add_argument(
+        "--shard-weights", action="store_true", help="split every block's weights across the ranks (FSDP2)"
+    )
+    g.add_argument("--nnodes", type=int, default=1, help="machines taking part (each runs the same command)")
+    g.add_argument("--rdzv-endpoint", help="HOST:PORT where the machines meet (c10d rendezvous); with --nnodes > 1")
+    g.add_argument("--rdzv-id", help="the same run name on every machine; with --nnodes > 1")
+    g.add_argument("--local-addr", help="this machine's address as the other machines reach it (default: host name)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds a rank waits for the others before the run fails (default 600)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanbench", description="Wan2.2 runs and benchmark reports.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every node")
@@ -336,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override an input, by node type or id (repeatable)",
     )
     p.add_argument("--files-json", help="also write the paths of the files the run wrote to this JSON file")
+    _add_parallel_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

@@ -82,7 +82,7 @@ def load_api_workflow(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _is_link(value: Any) -> bool:
+def is_link(value: Any) -> bool:
     return (
         isinstance(value, list)
         and len(value) == 2
@@ -172,7 +172,7 @@ def validate_workflow(prompt: Mapping[str, Any]) -> list[str]:
             spec = _input_spec(cls, name)
             if spec is None:
                 raise WorkflowError(f"node {node_id} ({class_type}): unknown input {name!r}")
-            if _is_link(value):
+            if is_link(value):
                 src_id, slot = value
                 if src_id not in prompt:
                     raise WorkflowError(
@@ -202,7 +202,7 @@ def _topological_order(prompt: Mapping[str, Any]) -> list[str]:
             raise WorkflowError(f"the workflow has a cycle through nodes {' -> '.join(path + (node_id,))}")
         state[node_id] = 1
         for value in prompt[node_id].get("inputs", {}).values():
-            if _is_link(value):
+            if is_link(value):
                 visit(value[0], path + (node_id,))
         state[node_id] = 2
         order.append(node_id)
@@ -212,13 +212,14 @@ def _topological_order(prompt: Mapping[str, Any]) -> list[str]:
     return order
 
 
-def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], result: RunResult) -> None:
+def run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], result: RunResult) -> None:
+    """Run one node with its linked inputs taken from `result.outputs`; store its outputs there."""
     class_type = node["class_type"]
     cls = NODE_CLASS_MAPPINGS[class_type]
     kwargs: dict[str, Any] = {}
     constants: dict[str, Any] = {}
     for name, value in node.get("inputs", {}).items():
-        if _is_link(value):
+        if is_link(value):
             kwargs[name] = result.outputs[value[0]][value[1]]
         else:
             kind, opts = _input_spec(cls, name)  # type: ignore[misc]
@@ -251,7 +252,7 @@ def run_workflow(prompt: Mapping[str, Any], bridge: Bridge) -> RunResult:
         result.order = validate_workflow(prompt)
         for node_id in result.order:
             log.info("running node %s (%s)", node_id, prompt[node_id]["class_type"])
-            _run_node(node_id, prompt[node_id], prompt, result)
+            run_node(node_id, prompt[node_id], prompt, result)
     return result
 
 

@@ -1,7 +1,9 @@
 """Wan Profiler (opens a profiling session) and Wan Benchmark Report (closes it, writes the report).
 
 The profiler's output is cached by ComfyUI like any node output, so it lives across prompts; each
-executed prompt gets its own session (see `profiler_handle.py`). The report node is never cached
+executed prompt gets its own session (see `profiler_handle.py`). In a parallel run every rank
+runs the report node: rank 0 gathers every rank's session and writes one report, the others write
+nothing. The report node is never cached
 (`IS_CHANGED` is NaN): it runs after everything wired into it, marks the stage nodes ComfyUI
 served from its cache as cached, and writes Markdown, JSON and the timeline chart.
 """
@@ -154,6 +156,7 @@ class WanBenchmarkReport:
     ) -> dict[str, Any]:
         from ..profiling import write_report
         from ..wan_core.checkpoints.latent import save_latent
+        from ..wan_core.runtime.distributed import gather_to_root
 
         if not isinstance(profiler, ProfilerHandle):
             raise TypeError(f"profiler must come from a Wan Profiler node; got {type(profiler).__name__}")
@@ -162,10 +165,13 @@ class WanBenchmarkReport:
             raise ValueError(problem)
         samples = _latent_samples(latent)
         session = profiler.finish_run(_graph_node_ids(graph))
+        runs = gather_to_root(session.record)  # a parallel run's ranks report through rank 0
+        if runs is None:
+            return {"ui": {}, "result": ("", "")}  # another rank of a parallel run: rank 0 writes
         folder, stem, counter, subfolder = bridge.save_path(filename_prefix, 0, 0)
-        written = write_report(session, folder, basename=f"{stem}_{counter:05}_")
+        written = write_report(runs, folder, basename=f"{stem}_{counter:05}_")
         outputs = [written.markdown, written.json]
-        if samples is not None:
+        if samples is not None:  # (rank 0 of a parallel run: every rank sampled the same latent)
             outputs.append(save_latent(samples, Path(folder) / f"{stem}_{counter:05}_{LATENT_SUFFIX}"))
         summary = Path(written.markdown).read_text(encoding="utf-8")
         files = [

@@ -32,6 +32,7 @@ from .figures import SUM_MARGIN_ABS_S, SUM_MARGIN_PCT, covered_s, sum_margin_s, 
 from .findings import ACTIVITY_HIGH_PCT, ACTIVITY_LOW_PCT, analyze_run
 from .formatting import NA
 from .ladder import LADDER_SCHEMA, check_ladder
+from .ranks import check_parallel
 from .records import ACTIVITY_BUSY, REPORT_SCHEMA_VERSION, RunRecord, run_from_dict
 from .report import group_runs, render_markdown
 
@@ -71,6 +72,10 @@ def check_report(source: str | os.PathLike[str] | dict[str, Any]) -> list[str]:
         return problems + ["the report holds no runs"]
     for data in runs:
         problems += _check_run(data)
+    try:
+        problems += check_parallel([run_from_dict(r) for r in runs])
+    except (ValueError, TypeError, KeyError) as err:
+        problems.append(f"parallel runs: the records do not parse: {err}")
     return problems
 
 

@@ -128,6 +128,11 @@ class RunContext:
     seed: int | None = None
     loras: tuple[str, ...] | None = None  # one line per LoRA: file, strength per expert, layout, matched keys
     step_cache: str | None = None  # the step-cache settings of the sampler (None: no cache)
+    # One rank of a parallel run (`ranks.label_ranks` fills these from the rank's plan event):
+    rank: int | None = None
+    world_size: int | None = None
+    parallel: str | None = None  # the plan, e.g. "cfg 2 x ulysses 2, sharded weights"
+    run_group: str | None = None  # the same id on every rank of one run
 
     @property
     def offload(self) -> bool | None:

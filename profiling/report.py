@@ -3,7 +3,8 @@
 Layout (the shape of the reports users already compare across GPUs, extended): title and
 legend; per hardware group (one GPU model) its system context and a summary table with one row
 per case; then per case the run facts, totals, the stage breakdown, inference statistics,
-memory telemetry, bottleneck analysis, ranked recommendations and the timeline chart.
+memory telemetry, bottleneck analysis, ranked recommendations and the timeline chart; last, per
+parallel run, its ranks side by side (`ranks.py`: critical path, communication, scaling).
 Every value that was not measured reads `n/a`.
 """
 
@@ -25,6 +26,7 @@ from .figures import (
 from .findings import RunAnalysis, analyze_run
 from .formatting import NA, activity_label, fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops, gbs, pcts, secs, with_unit
 from .gpus import lookup_gpu
+from .ranks import parallel_sections
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
 from .step_reuse import step_cache_lines
 
@@ -126,6 +128,7 @@ def render_markdown(
         for run in members:
             note = None if chart_notes is None else chart_notes.get(run.context.case_name)
             lines += _case_section(run, group, note)
+    lines += parallel_sections(runs)
     return "\n".join(lines).rstrip() + "\n"
 
 

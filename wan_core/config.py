@@ -264,6 +264,22 @@ SEQUENTIAL_CFG = "sequential"  # cond and uncond as two forwards of batch 1
 CFG_MODES = (BATCHED_CFG, SEQUENTIAL_CFG)
 CFG_OFF = "off"  # what a step reports when its guidance scale is 1: the conditional pass alone
 PLACEMENTS = ("none", "model", "blocks")  # where DiT weights live while sampling (placement.py)
+# Parallel runs (runtime/distributed.py): how the ranks share each denoising step. "cfg" puts the
+# conditional and unconditional passes on two ranks; "ulysses" splits the video tokens across the
+# ranks (all-to-all around self-attention); "cfg+ulysses" does both (2 x k ranks).
+NO_PARALLEL = "none"
+CFG_PARALLEL = "cfg"
+ULYSSES_PARALLEL = "ulysses"
+CFG_ULYSSES_PARALLEL = "cfg+ulysses"
+PARALLEL_MODES = (NO_PARALLEL, CFG_PARALLEL, ULYSSES_PARALLEL, CFG_ULYSSES_PARALLEL)
+# Collectives of a parallel step, by what they do (the communication event's facts name them).
+COMM_ALL_TO_ALL = "all_to_all"  # Ulysses: tokens <-> heads around self-attention
+COMM_GATHER = "all_gather"  # Ulysses: the rows of the head output
+COMM_CFG_COMBINE = "cfg_combine"  # CFG-parallel: cond and uncond predictions meet
+COMM_WEIGHTS = "weight_gather"  # sharded weights: FSDP gathers a block's weights before it runs
+COMM_KINDS = (COMM_ALL_TO_ALL, COMM_GATHER, COMM_CFG_COMBINE, COMM_WEIGHTS)
+PARALLEL_PLAN_EVENT = "parallel_plan"  # once per sampling run: rank, world size, plan, run group
+COMMUNICATION_EVENT = "communication"  # once per denoising step: seconds and bytes per kind
 NO_TILING = "none"
 AUTO_TILING = "auto"
 TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling object for the rest)

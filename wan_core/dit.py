@@ -24,6 +24,12 @@ Differences from the official code that do not change results:
   plus one.
 - Without autograd (`torch.no_grad()`/`torch.inference_mode()`), residual updates and the FFN
   activation run in place; with autograd enabled every op is out of place.
+
+Sequence parallelism attaches from outside through one typed seam, `WanDiT.sequence_layout`: per
+forward the layout gives a `TokenShard`, which says which token rows this process computes, how
+self-attention sees the other rows, and how the rows are gathered before unpatchifying. The
+default layout keeps every token here (identities and plain attention); `runtime/ulysses.py`
+swaps in its own for the duration of a parallel run.
 """
 
 from __future__ import annotations
@@ -180,6 +186,52 @@ def compact_text_keys(context: torch.Tensor, rows: torch.Tensor) -> tuple[torch.
     return context[:, :kept], bias
 
 
+class TokenShard:
+    """The token rows of one forward that this process computes: all of them, in this base class.
+
+    `WanDiT.forward` routes four things through it and nothing else: the rows of the block input
+    and of per-token tables (`local`), the RoPE rows (`local_rope`), self-attention
+    (`self_attention`) and the rows of the head output (`gather`). A sequence-parallel layout
+    (`runtime/ulysses.py`) subclasses it; the cross-attention and every per-token operation run
+    unchanged on whatever rows this process holds.
+    """
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """Shapes: x (B, L, ...) per-token rows, or (B, 1, ...) one row for every token -> the rows
+        this process computes (a one-row table passes unchanged)."""
+        return x
+
+    def local_rope(self, rope: RopeTables) -> RopeTables:
+        """The rotation tables of the rows this process computes."""
+        return rope
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       backend: AttentionBackend) -> torch.Tensor:
+        """Attention of the local query rows over every key of the sequence.
+
+        Shapes: q, k, v (B, L_local, N, Dh) -> (B, L_local, N, Dh).
+        """
+        return attention(q, k, v, backend=backend)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Shapes: x (B, L_local, C) -> (B, L, C), every row of the sequence in order."""
+        return x
+
+
+FULL_SEQUENCE = TokenShard()
+
+
+class SequenceLayout:
+    """How the tokens of a forward are split across processes: not at all, in this base class."""
+
+    def shard(self, num_tokens: int) -> TokenShard:
+        """The `TokenShard` of a forward over `num_tokens` tokens."""
+        return FULL_SEQUENCE
+
+
+SINGLE_PROCESS = SequenceLayout()
+
+
 class WanAttention(nn.Module):
     """q/k/v/o projections with RMS-normed q and k over the full dim (before the head split).
 
@@ -201,14 +253,15 @@ class WanAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, N, Dh)
 
     def self_attention(self, x: torch.Tensor, rope: RopeTables | tuple[torch.Tensor, torch.Tensor],
-                       backend: AttentionBackend) -> torch.Tensor:
-        """Shapes: x (B, L, D) in the compute dtype, rope tables of `RopeCache` -> (B, L, D)."""
+                       backend: AttentionBackend, *, shard: TokenShard = FULL_SEQUENCE) -> torch.Tensor:
+        """Shapes: x (B, L, D) in the compute dtype (the rows of `shard`), rope tables of `RopeCache`
+        -> (B, L, D)."""
         owned = not torch.is_grad_enabled()  # the projections' outputs are ours to overwrite
         q = self._heads(self.norm_q(self.q(x), inplace=owned))
         k = self._heads(self.norm_k(self.k(x), inplace=owned))
         v = self._heads(self.v(x))
         q, k = rotate(q, rope, inplace=owned).to(x.dtype), rotate(k, rope, inplace=owned).to(x.dtype)
-        return self.o(attention(q, k, v, backend=backend).flatten(2))
+        return self.o(shard.self_attention(q, k, v, backend).flatten(2))
 
     def cross_attention(self, x: torch.Tensor, context: torch.Tensor, backend: AttentionBackend, *,
                         key_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,9 +314,10 @@ class WanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
                 rope: RopeTables | tuple[torch.Tensor, torch.Tensor], backend: AttentionPlan | AttentionBackend, *,
-                context_bias: torch.Tensor | None = None) -> torch.Tensor:
+                context_bias: torch.Tensor | None = None, shard: TokenShard = FULL_SEQUENCE) -> torch.Tensor:
         """Shapes: x (B, L, D) float32, e0 (B, Lt, 6, D) float32 with Lt in {1, L}, context (B, S, D),
         context_bias (B, S) float32 key bias of a compacted context or None -> (B, L, D) float32.
+        Under sequence parallelism L is the rows of `shard` (`TokenShard.local`).
 
         `backend`: one per attention site (`AttentionPlan`), or one for both. x itself is never
         modified; without autograd the new residual is updated in place.
@@ -273,7 +327,8 @@ class WanBlock(nn.Module):
         self_backend, cross_backend = _sites(backend)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
         h = torch.addcmul(shift_sa, self.norm1(x), 1 + scale_sa).to(dtype)
-        x = torch.addcmul(x, self.self_attn.self_attention(h, rope, self_backend).float(), gate_sa)  # new tensor
+        x = torch.addcmul(x, self.self_attn.self_attention(h, rope, self_backend, shard=shard).float(),
+                          gate_sa)  # new tensor
         cross = self.cross_attn.cross_attention(self.norm3(x).to(dtype), context, cross_backend,
                                                 key_bias=context_bias).float()
         x = x.add_(cross) if inplace else x + cross
@@ -325,6 +380,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([WanBlock(config) for _ in range(config.num_layers)])
         self.head = WanHead(config)
         self.rope = RopeCache(config.head_dim)
+        self.sequence_layout: SequenceLayout = SINGLE_PROCESS  # replaced by runtime/ulysses.py, never in here
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
@@ -475,10 +531,12 @@ class WanDiT(nn.Module):
 
         ctx, rows = self._embed_text(context, context_lens)
         plan, ctx, ctx_bias = self._attention_plan(tokens, ctx.to(dtype), rows, dtype)
-        rope = self.rope.tables(grid, tokens.device)
+        shard = self.sequence_layout.shard(num_tokens)
+        rope = shard.local_rope(self.rope.tables(grid, tokens.device))
+        tokens, e, e0 = shard.local(tokens), shard.local(e), shard.local(e0)  # this process's rows
         for block in self.blocks:
-            tokens = block(tokens, e0, ctx, rope, plan, context_bias=ctx_bias)
-        out = self.head(tokens, e)  # (B, L, prod(patch)*out_dim)
+            tokens = block(tokens, e0, ctx, rope, plan, context_bias=ctx_bias, shard=shard)
+        out = shard.gather(self.head(tokens, e))  # (B, L, prod(patch)*out_dim)
         pt, ph, pw = self.config.patch_size
         return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
                          f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw).float()

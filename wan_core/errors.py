@@ -19,3 +19,7 @@ class SamplingInterrupted(WanError):
     """Raised by a progress callback to stop a run between steps; leaves no half state behind."""
 
 
+
+
+class DistributedError(WanError, RuntimeError):
+    """A parallel run cannot go on: a rank died, stopped answering or runs something else."""

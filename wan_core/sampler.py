@@ -34,19 +34,27 @@ One call of `sample()` runs the official loop (spec section 6) over normalised l
   (`FlowScheduler.resume`), so a split run equals one run; after the call it holds the state.
 * LoRAs: `loras=` (`runtime.lora.ExpertLora`) are applied to the experts' weights for the duration
   of the run only (`runtime.lora.LoraPatches`), after placement and fp8 storage.
+* Parallel runs: inside one rank of a parallel run (`runtime/distributed.py`) the loop is the
+  same on every rank; the plan wraps the guided prediction (CFG-parallel) and the experts
+  (Ulysses token split, sharded weights) for the duration of the run, and records each step's
+  communication as a `communication` event.
 * Step cache: `step_cache=` (`runtime.step_cache.StepCacheSettings`, None = off) wraps the guided
-  prediction: before each step's inference stage the cache decides whether the step reuses the
-  expert's last computed prediction. A reused step records flops 0 and the facts `step_cache`
-  ("computed"/"reused") and `step_cache_reason`, so the report never counts it as computed work.
+  prediction (the parallel plan's, in a parallel run): before each step's inference stage the
+  cache decides whether the step reuses the expert's last computed prediction. A reused step
+  records flops 0 and the facts `step_cache` ("computed"/"reused") and `step_cache_reason`, so the
+  report never counts it as computed work. The decisions depend on the timesteps only, so every
+  rank of a parallel run makes the same ones (a reused step has no collectives on any rank).
 
 Shapes: latents (C, T, h, w) float32, C = the DiT's out_dim; contexts (S, text_dim).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 
@@ -68,6 +76,7 @@ from .config import (
     step_stages,
 )
 from .placement import OFFLOAD_DEVICE, Placement, make_placement
+from .runtime.distributed import Denoiser, active_parallel, parallel_sampling
 from .runtime.lora import ExpertLora, LoraPatches
 from .runtime.step_cache import NoStepCache, StepCache, StepCacheSettings, make_step_cache
 from .schedulers import FULL_DENOISE, FlowSchedule, FlowScheduler, make_schedule, make_scheduler
@@ -288,8 +297,21 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     patches = LoraPatches(experts, loras, keep_on_device=applied != "blocks")
     cache = make_step_cache(step_cache, model_type=task.dit.model_type, num_steps=scheduler.num_steps,
                             last_step=opts.last_step, has_image=run.z is not None)
-    with placement, patches, torch.no_grad():  # LoRA hooks go on after placement's (module docstring)
-        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, cache)
+    # the parallel plan first (sharded weights before placement), LoRA hooks after placement's
+    with _parallel_scope(experts, opts, loras) as denoiser, placement, patches, torch.no_grad():
+        return _loop(placement, names, scheduler, run, opts, callback, placement_facts, denoiser, cache)
+
+
+def _parallel_scope(experts: list[nn.Module], opts: SamplerOptions,
+                    loras: Sequence[ExpertLora]) -> AbstractContextManager[Denoiser]:
+    """The guided prediction of this run: the sampler's own, or, inside a parallel run (a rank
+    started by `wanbench run --nproc N`), the plan's (`runtime/distributed.py`), which applies
+    itself to the experts until the run ends and says which share of each step this rank computes."""
+    runtime = active_parallel()
+    if runtime is None:
+        return contextlib.nullcontext(Denoiser(_guided_prediction))
+    return parallel_sampling(runtime, experts, placement=opts.placement, single=_guided_prediction,
+                             has_loras=bool(loras))
 
 
 def _run_scheduler(scheduler: FlowScheduler | None, opts: SamplerOptions) -> FlowScheduler:
@@ -308,7 +330,7 @@ def _run_scheduler(scheduler: FlowScheduler | None, opts: SamplerOptions) -> Flo
 
 def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run,
           opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str],
-          cache: StepCache | NoStepCache) -> torch.Tensor:
+          denoiser: Denoiser, cache: StepCache | NoStepCache) -> torch.Tensor:
     if run.z is not None:
         mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
         latent = pin_first_frame(run.latent, run.z, mask)
@@ -339,9 +361,10 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         else:
             t_model = t.view(1).to(latent.device)  # (1,) int64, float32 for float-timestep solvers
         decision = cache.decide(i, name, model, t_model, passes=passes)
-        flops = 0.0 if decision.reuse else passes * run.flops_one  # a reused step does no model work
+        # this process's share of the step; a reused step does no model work
+        flops = 0.0 if decision.reuse else passes * run.flops_one * denoiser.share(cfg_mode)
         with stage(inference.name, kind=inference.kind, flops=flops, **facts, **decision.facts()):
-            denoise = partial(_guided_prediction, model, latent, t_model, run, g, cfg_mode)
+            denoise = partial(denoiser.predict, model, latent, t_model, run, g, cfg_mode)
             pred = cache.predict(decision, name, denoise)
             latent = scheduler.step(pred, latent)
             if run.z is not None:
