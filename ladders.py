@@ -145,8 +145,11 @@ def run_ladder(suite: LadderSuite, *, out_dir: Path, models: Path | None, server
         _check_runs_in_process(suite, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = server_machine(server) if server else local_machine(models or out_dir / "models", out_dir)
+    plan = plan_rows(suite, machine)
+    # every row's workflow first: a suite that cannot be built as written stops before any row runs
+    prompts = {p.row.id: row_prompt(suite, p, base, machine) for p in plan if p.skip is None}
     results = []
-    for planned in plan_rows(suite, machine):
+    for planned in plan:
         row = planned.row
         say(f"== row {row.id}: {row.name}")
         if planned.skip is not None:
@@ -154,7 +157,7 @@ def run_ladder(suite: LadderSuite, *, out_dir: Path, models: Path | None, server
             results.append(RowResult(planned, SKIPPED, planned.skip))
             continue
         try:
-            files = _run_row(row_prompt(suite, planned, base, machine), out_dir / row.id, models, server)
+            files = _run_row(prompts[row.id], out_dir / row.id, models, server)
             results.append(RowResult(planned, MEASURED, files=files))
         except (RowFailed, ServerError, SuiteError, *NODE_ERRORS) as err:
             log.error("row %s failed: %s", row.id, describe_error(err))

@@ -385,3 +385,20 @@ def test_cli_model_options_are_refused_with_a_ladder(tmp_path: Path, caplog) -> 
 
     assert main(["suite", "seed004_ladder_tiny.json", "--out", str(tmp_path), "--tf32"]) == 2
     assert "['tf32'] would override every row of the ladder seed004_ladder_tiny.json" in caplog.text
+
+
+def test_a_ladder_whose_rows_cannot_be_built_stops_before_any_row(tmp_path: Path, caplog) -> None:
+    from wanbench.cli import main
+
+    suite = {"name": "nodecode", "workflow": str(WORKFLOWS / "tiny_t2v_A14B.api.json"),
+             "overrides": {}, "baseline": {"name": "base"}, "rows": [{"name": "tiled",
+                                                                      "settings": {"vae_tiling": "auto"}}]}
+    prompt = json.loads((WORKFLOWS / "tiny_t2v_A14B.api.json").read_text())
+    for key in [k for k, n in prompt.items() if n["class_type"] in ("WanBenchVAEDecode", "WanBenchSaveVideo")]:
+        del prompt[key]
+    (tmp_path / "wf.api.json").write_text(json.dumps(prompt))
+    suite["workflow"] = str(tmp_path / "wf.api.json")
+    (tmp_path / "s.json").write_text(json.dumps(suite))
+    assert main(["suite", str(tmp_path / "s.json"), "--out", str(tmp_path / "out"), "--models", str(tmp_path)]) == 2
+    assert "setting 'vae_tiling' sets WanBenchVAEDecode, which the ladder's workflow does not contain" in caplog.text
+    assert not list((tmp_path / "out").glob("*_ladder.json"))
