@@ -230,6 +230,12 @@ def _placement_needs(value: Any, settings: Mapping[str, Any], machine: Machine) 
 
 
 def _lora_needs(value: Any, settings: Mapping[str, Any], machine: Machine) -> str | None:
+    if settings.get("weight_dtype") == FP8_MATMUL:
+        return (f"LoRAs cannot patch weights that run as fp8 matmuls (weight_dtype {FP8_MATMUL}); give the row "
+                "weight_dtype fp8_e4m3fn_scaled (fp8 storage, LoRA on the decoded weights)")
+    if settings.get("compile", "off") != "off":
+        return "LoRAs cannot be combined with torch.compile (the compiled graph keeps the patched weights); " \
+               "give the row compile off"
     files = machine.input_kind(LORA, "lora_name")
     missing = [item["file"] for item in value if isinstance(files, list) and item["file"] not in files]
     if missing:

@@ -57,8 +57,7 @@ def _pack_nodes(extra: dict[str, dict[str, Any]] | None = None) -> dict[str, dic
 
 
 CPU = Machine(where="this machine", cuda=False, nodes=_pack_nodes(), installed=lambda name: False)
-NEWER_LOADER = {"WanBenchModelLoader": {"weight_dtype": ["default", "fp8_e4m3fn_scaled_mm"], "tf32": "BOOLEAN",
-                                        "compile": ["off", "max-autotune-no-cudagraphs"]}}
+NEWER_LOADER = {"WanBenchModelLoader": ("weight_dtype", "tf32", "compile")}  # inputs of compact weights and kernels
 
 
 def _older_pack(machine: Machine) -> Machine:
@@ -71,7 +70,7 @@ def _older_pack(machine: Machine) -> Machine:
 
 def _gpu(capability: tuple[int, int] = (9, 0), installed: bool = True) -> Machine:
     return Machine(where="gpu box", cuda=True, gpu_name="NVIDIA H100 80GB HBM3", capability=capability,
-                   nodes=_pack_nodes(NEWER_LOADER), installed=lambda name: installed)
+                   nodes=_pack_nodes(), installed=lambda name: installed)
 
 
 def _suite(rows: list[dict], *, baseline: dict | None = None, cumulative: bool = True, **extra: Any) -> dict:
@@ -156,6 +155,9 @@ def test_rows_that_cannot_run_are_skipped_and_later_rows_go_on_without_them() ->
     ({"placement": "none"}, CPU, "every placement runs as none"),
     ({"lora": [{"file": "nowhere.safetensors"}]}, CPU, "['nowhere.safetensors'] are not in models/loras"),
     ({"vae_tiling": "spiral"}, CPU, "'spiral' is not offered by WanBenchVAEDecode.tiling"),
+    ({"weight_dtype": "fp8_e4m3fn_scaled_mm", "lora": [{"file": "a"}]}, _gpu(), "LoRAs cannot patch weights that run"),
+    ({"compile": "default", "lora": [{"file": "a"}]}, _gpu(), "LoRAs cannot be combined with torch.compile"),
+    ({"lora": [{"file": "a"}]}, _gpu(), "['a'] are not in models/loras on gpu box"),
 ])
 def test_skip_reasons_name_what_is_missing(settings: dict, machine: Machine, expected: str) -> None:
     planned = plan_rows(_parse(_suite([{"name": "r", "settings": settings}],
@@ -233,7 +235,7 @@ def test_shipped_ladders_parse_and_every_runnable_row_builds_a_valid_workflow(pa
     suite = parse_ladder(data, path)
     assert suite.workflow.is_file() and suite.random_weights == path.stem.endswith("_tiny")
     machine = _gpu()
-    machine = dataclasses.replace(machine, nodes=_pack_nodes({**NEWER_LOADER, "WanBenchLora": {
+    machine = dataclasses.replace(machine, nodes=_pack_nodes({"WanBenchLora": {
         "lora_name": [e["file"] for r in suite.rows for e in r.own.get("lora", [])]}}))
     base = load_api_workflow(suite.workflow)
     for node in base.values():  # the real I2V start image comes from ComfyUI's Load Image: a pack node here
@@ -241,12 +243,7 @@ def test_shipped_ladders_parse_and_every_runnable_row_builds_a_valid_workflow(pa
             node.update(class_type="WanBenchTestImage", inputs={"width": 64, "height": 64, "pattern": "gradient"})
     for planned in plan_rows(suite, machine):
         if planned.skip is None:
-            prompt = row_prompt(suite, planned, base, machine)
-            for node in prompt.values():  # inputs this pack lacks (the fake newer loader) aside
-                if node["class_type"] == "WanBenchModelLoader":
-                    for name in NEWER_LOADER["WanBenchModelLoader"]:
-                        node["inputs"].pop(name, None)
-            validate_workflow(prompt)
+            validate_workflow(row_prompt(suite, planned, base, machine))
         else:
             assert planned.row.unsupported, planned.skip  # only rows the pack cannot reproduce are skipped
 

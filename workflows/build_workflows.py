@@ -508,7 +508,9 @@ SEED003_ROWS = (
     ("LightX2V_4: + TeaCache 0.2", {"step_cache": {"mode": "teacache", "threshold": 0.2, "warmup_steps": 5,
                                                     "max_skip": 10, "calibration": "wan2.1_i2v_14B_480p_e0"}},
      3.41, 107.19, None),
-    ("LightX2V_4-Distill: 4-step distilled LoRAs", {"distilled": True}, 3.41, 107.19, None),
+    # LoRAs patch decoded weights: fp8 stays as storage here (a LoRA cannot patch fp8-matmul weights)
+    ("LightX2V_4-Distill: 4-step distilled LoRAs", {"distilled": True, "weight_dtype": "fp8_e4m3fn_scaled"},
+     3.41, 107.19, None),
 )
 # 004's "Expected Results" table: cumulative speed-up and time against its 300 s baseline.
 SEED004_ROWS = (
