@@ -7,6 +7,7 @@ reports and the demo.
                  [--nproc N [--parallel cfg|ulysses|cfg+ulysses] [--shard-weights] [--timeout S]
                   [--nnodes M --rdzv-endpoint HOST:PORT --rdzv-id ID [--local-addr ADDR]]]
     wanbench suite SUITE.json [--server URL] --out DIR [--models DIR] [the same model options]
+                                                                 (case lists and ladders)
     wanbench report RUN.json ... -o report.md
     wanbench check-report RUN.json
     wanbench demo [--out DIR]
@@ -125,9 +126,9 @@ def run_one(
         bridge = Bridge.for_models_root(models if models is not None else out_dir / "models", out_dir)
         files = output_files(run_workflow(prompt, bridge))
     _say(f"{workflow.name}: done in {time.perf_counter() - started:.1f} s")
-    for kind in ("videos", "reports", "other"):
+    for kind, label in (("videos", "video"), ("reports", "report"), ("other", "file")):
         for path in files.get(kind, []):
-            _say(f"  {kind[:-1]}: {path}")
+            _say(f"  {label}: {path}")
     return files
 
 
@@ -143,17 +144,20 @@ def _prepare_models(args: argparse.Namespace) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .launch import launched_by_torchrun
+    from .util.atomic import atomic_write_text
 
     if args.nproc < 1 or args.nnodes < 1:
         raise ValueError(f"--nproc and --nnodes must be >= 1; got {args.nproc} and {args.nnodes}")
     if launched_by_torchrun() or args.nproc > 1 or args.nnodes > 1:
+        if args.files_json:
+            raise ValueError("--files-json lists the files of a single-process run; drop it with --nproc/torchrun")
         return _run_parallel(args)
     if args.parallel is not None or args.shard_weights:
         raise ValueError(
             "--parallel and --shard-weights split a run across processes; add --nproc N (N >= 2), "
             "or start the command with torchrun"
         )
-    run_one(
+    files = run_one(
         _find_workflow(args.workflow),
         out_dir=Path(args.out),
         models=None if args.server else _prepare_models(args),
@@ -161,6 +165,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides=_parse_set(args.set),
         loader_options=model_options(args),
     )
+    if args.files_json:
+        atomic_write_text(Path(args.files_json), json.dumps(files, indent=1) + "\n")
     return 0
 
 
@@ -218,29 +224,31 @@ def _run_parallel(args: argparse.Namespace) -> int:
 # Suites
 # ------------------------------------------------------------------------------------------------
 def load_suite(path: Path) -> dict[str, Any]:
-    """A suite: {'name', 'cases': [{'name', 'workflow', 'overrides'}], 'comparisons' (optional):
-    [{'title', 'baseline', 'candidate'}] naming two cases that run the same job}."""
+    """A suite file, checked: a case list {'name', 'cases': [{'name', 'workflow', 'overrides'}],
+    'comparisons' (optional): [{'title', 'baseline', 'candidate'}] naming two cases that run the same
+    job}, or a ladder (`suites.py`)."""
     from .compare import check_comparisons
+    from .suites import is_ladder, load_suite_file
 
-    suite = json.loads(path.read_text(encoding="utf-8"))
-    cases = suite.get("cases") if isinstance(suite, dict) else None
-    if not isinstance(cases, list) or not cases:
-        raise ValueError(f"{path}: a suite is {{'name', 'cases': [{{'name', 'workflow', 'overrides'}}]}}")
-    for case in cases:
-        missing = {"name", "workflow"} - set(case)
-        if missing:
-            raise ValueError(f"{path}: case {case.get('name', '?')!r} lacks {sorted(missing)}")
-    suite["comparisons"] = check_comparisons(suite, str(path))
+    suite = load_suite_file(path)
+    if not is_ladder(suite):
+        suite["comparisons"] = check_comparisons(suite, str(path))
     return suite
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
+    from .suites import is_ladder
     from .util.atomic import atomic_write_text
 
     path = _find_workflow(args.suite)
     suite = load_suite(path)
     out_dir = Path(args.out)
     models = None if args.server else _prepare_models(args)
+    if is_ladder(suite):
+        if model_options(args):
+            raise ValueError(f"{sorted(model_options(args))} would override every row of the ladder {path.name}; "
+                             "a ladder sets them per row: put them in its baseline or rows settings instead")
+        return _run_ladder_suite(path, suite, out_dir, models, args.server)
     reports: list[str] = []
     failed: list[tuple[str, str]] = []
     case_files: dict[str, dict[str, list[str]]] = {}
@@ -299,6 +307,19 @@ def comparison_section(specs: Sequence[dict[str, str]], case_files: dict[str, di
     if missing:
         text = text.rstrip("\n") + "\n\n" + "\n".join(f"- Not compared: {m}" for m in missing) + "\n"
     return text
+
+
+def _run_ladder_suite(path: Path, suite: dict[str, Any], out_dir: Path, models: Path | None,
+                      server: str | None) -> int:
+    """A ladder suite: every row (fresh process or cleared server caches), then the comparison."""
+    from .ladders import run_ladder
+    from .suites import parse_ladder
+
+    ladder = parse_ladder(suite, path)
+    json_path, failed = run_ladder(ladder, out_dir=out_dir, models=models, server=server, say=_say)
+    _say(f"ladder: {json_path.with_suffix('.md')} (and {json_path.name})")
+    _say(f"{len(ladder.rows) - failed}/{len(ladder.rows)} rows ran or were skipped with a reason")
+    return 1 if failed else 0
 
 
 def combined_report(reports: Sequence[str], failed: Sequence[tuple[str, str]]) -> str:
@@ -445,10 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NODE.INPUT=VALUE",
         help="override an input, by node type or id (repeatable)",
     )
+    p.add_argument("--files-json", help="also write the paths of the files the run wrote to this JSON file")
     _add_parallel_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("suite", help="run every case of a benchmark suite, then one combined report")
+    p = sub.add_parser(
+        "suite", help="run every case of a benchmark suite (or every row of a ladder), then one combined report"
+    )
     p.add_argument("suite")
     p.add_argument("--server")
     p.add_argument("--out", default=str(DEFAULT_OUT))
@@ -486,13 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def describe_error(err: BaseException) -> str:
     """One line for the user: the node that raised (when a workflow node did), the type, the message."""
-    from .runner import NODE_NOTE_PREFIX
+    from .runner import describe_error as describe
 
-    where = [
-        n[len(NODE_NOTE_PREFIX) :] for n in getattr(err, "__notes__", []) if n.startswith(NODE_NOTE_PREFIX)
-    ]
-    prefix = f"node {where[-1]} failed: " if where else ""
-    return f"{prefix}{type(err).__name__}: {err}"
+    return describe(err)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,15 @@ RUN_FIRST = ("WanBenchProfiler",)  # output nodes without needed inputs ComfyUI 
 RUN_LAST = ("WanBenchReport",)  # the report waits for every other node
 
 
+def describe_error(err: BaseException) -> str:
+    """One line for the user: the node that raised (when a workflow node did), the type, the message."""
+    where = [
+        n[len(NODE_NOTE_PREFIX) :] for n in getattr(err, "__notes__", []) if n.startswith(NODE_NOTE_PREFIX)
+    ]
+    prefix = f"node {where[-1]} failed: " if where else ""
+    return f"{prefix}{type(err).__name__}: {err}"
+
+
 @dataclass
 class RunResult:
     """Outputs of every node (by node id) and the `ui` dicts of the output nodes."""
@@ -310,12 +319,14 @@ def apply_overrides(prompt: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 
 
 def output_files(result: RunResult) -> dict[str, list[str]]:
-    """Files an in-process run wrote: {"videos": [...], "reports": [...json...]}."""
-    files: dict[str, list[str]] = {"videos": [], "reports": []}
+    """Files an in-process run wrote: {"videos": [...], "reports": [...json...], "other": [...]} (the
+    report's Markdown and latent files are "other", as `client.fetch_outputs` sorts them)."""
+    files: dict[str, list[str]] = {"videos": [], "reports": [], "other": []}
     for node_id in result.order:
         ui = result.ui.get(node_id, {})
         if "wanbench_report" in ui:
-            files["reports"] += [e["path"] for e in ui["wanbench_report"] if e["path"].endswith(".json")]
+            for entry in ui["wanbench_report"]:
+                files["reports" if entry["path"].endswith(".json") else "other"].append(entry["path"])
         elif ui.get("animated"):
             files["videos"].append(str(result.outputs[node_id][0]))
     return files

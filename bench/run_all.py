@@ -66,6 +66,8 @@ def benches(*, has_cuda: bool) -> list[Bench]:
         Bench(module="bench_lora", quick_args=("--dim", "128", "--ffn-dim", "256", "--tokens", "64", "--repeats", "3"),
               takes_results_dir=True,
               gpu_args=("--device", "cuda", "--dtype", "bfloat16", "--real-size", "--tokens", "32760")),
+        Bench(module="bench_step_cache", args=("--threads", "1"),
+              quick_args=("--dim", "64", "--layers", "1", "--steps", "6", "--repeats", "2"), takes_results_dir=True),
         Bench(module="bench_gpu", args=() if has_cuda else ("--tiny",),
               quick_args=("--max-steps", "2", "--repeats", "2") + (() if has_cuda else ("--tiny",)),
               takes_results_dir=True),

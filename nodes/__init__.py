@@ -15,6 +15,7 @@ from .model_tap import WanModelTap
 from .profiling import WanBenchmarkReport, WanProfiler
 from .prompt_rewrite import install as _install_prompt_hook
 from .sampling import WanSampler
+from .step_cache import WanStepCache
 from .text import WanTextEncode
 from .vae import WanVAEDecode
 from .video import WanSaveVideo
@@ -23,6 +24,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "WanBenchProfiler": WanProfiler,
     "WanBenchModelLoader": WanModelLoader,
     "WanBenchLora": WanLora,
+    "WanBenchStepCache": WanStepCache,
     "WanBenchTextEncoderLoader": WanTextEncoderLoader,
     "WanBenchTextEncode": WanTextEncode,
     "WanBenchVAELoader": WanVAELoader,
@@ -40,6 +42,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "WanBenchProfiler": "Wan Profiler",
     "WanBenchModelLoader": "Wan Model Loader",
     "WanBenchLora": "Wan LoRA",
+    "WanBenchStepCache": "Wan Step Cache",
     "WanBenchTextEncoderLoader": "Wan Text Encoder Loader",
     "WanBenchTextEncode": "Wan Text Encode",
     "WanBenchVAELoader": "Wan VAE Loader",

@@ -13,7 +13,9 @@ it runs: the report node gathers every rank's record to rank 0, which writes one
 ranks write nothing and return empty strings.
 
 The `profiler` output and input stay for saved workflows and explicit case naming; the report's
-`video_path` input is lazy (never waited for): it only keeps old wiring valid.
+`video_path` input is lazy (never waited for): it only keeps old wiring valid. The report's
+optional `latent` input (a real dependency: the sampler runs first) is saved beside the report as
+`<prefix>_<counter>_latent.safetensors`, so that runs can be compared by their output (ladders).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import asyncio
 import logging
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from . import comfy_bridge as bridge
 from . import observer
@@ -87,6 +91,21 @@ class WanProfiler:
         return (ProfilerHandle(settings=settings),)
 
 
+LATENT_SUFFIX = "latent.safetensors"  # the report's latent file: <prefix>_<counter>_latent.safetensors
+
+
+def _latent_samples(latent: Any) -> Any:
+    """The tensor of an optional LATENT input (None when unwired); a clear error for anything else."""
+    if latent is None:
+        return None
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError(
+            f"latent must be a LATENT ({{'samples': tensor}}) from Wan Sampler; got {type(latent).__name__}"
+        )
+    return samples
+
+
 class WanBenchmarkReport:
     """Waits for the rest of the prompt, then writes its benchmark report."""
 
@@ -120,6 +139,14 @@ class WanBenchmarkReport:
                         "tooltip": "Optional, not needed: the report waits for every node anyway.",
                     },
                 ),
+                "latent": (
+                    T.LATENT,
+                    {
+                        "tooltip": "The sampled latent (optional): saved beside the report as "
+                        "*_latent.safetensors, so that runs can be compared with it (benchmark ladders "
+                        "measure each row's deviation from the baseline's)."
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -141,6 +168,7 @@ class WanBenchmarkReport:
         profiler: ProfilerHandle | None = None,
         video_path: str | None = None,
         unique_id: str | None = None,
+        latent: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         from ..wan_core.runtime.distributed import gather_to_root  # loads the DiT: not at import time
 
@@ -149,6 +177,7 @@ class WanBenchmarkReport:
         problem = check_prefix("filename_prefix", filename_prefix)
         if problem:
             raise ValueError(problem)
+        samples = _latent_samples(latent)
         observation = observer.observe_current_prompt(None if profiler is None else profiler.settings)
         if not observation.closed:
             try:
@@ -156,7 +185,7 @@ class WanBenchmarkReport:
             except asyncio.CancelledError:  # the prompt failed or was interrupted meanwhile
                 record = observer.end_observation(observation, error=None, stopped=True)
                 if record is not None:
-                    written = _write(record, filename_prefix)
+                    written = _write(record, filename_prefix, samples)
                     log.warning("the prompt stopped; the report of what ran is %s", written[0])
                 raise
         # another report node of this prompt may have closed it first: it wrote the same record
@@ -166,7 +195,8 @@ class WanBenchmarkReport:
         runs = gather_to_root(record)  # a parallel run's ranks report through rank 0
         if runs is None:
             return {"ui": {}, "result": ("", "")}  # another rank of a parallel run: rank 0 writes
-        markdown, files, chart, subfolder = _write(runs, filename_prefix)
+        # (rank 0 of a parallel run saves the latent: every rank sampled the same one)
+        markdown, files, chart, subfolder = _write(runs, filename_prefix, samples)
         summary = Path(markdown).read_text(encoding="utf-8")
         ui: dict[str, Any] = {"text": [summary], "wanbench_report": files}
         if chart is not None:
@@ -177,13 +207,20 @@ class WanBenchmarkReport:
         return {"ui": ui, "result": (summary, json_path)}
 
 
-def _write(runs: Any, filename_prefix: str) -> tuple[str, list[dict[str, Any]], Path | None, str]:
+def _write(
+    runs: Any, filename_prefix: str, samples: torch.Tensor | None
+) -> tuple[str, list[dict[str, Any]], Path | None, str]:
+    """The report files (and the latent beside them when one was given): Markdown, JSON, latent."""
     from ..profiling import write_report
+    from ..wan_core.checkpoints.latent import save_latent
 
     folder, stem, counter, subfolder = bridge.save_path(filename_prefix, 0, 0)
     written = write_report(runs, folder, basename=f"{stem}_{counter:05}_")
+    outputs = [written.markdown, written.json]
+    if samples is not None:
+        outputs.append(save_latent(samples, Path(folder) / f"{stem}_{counter:05}_{LATENT_SUFFIX}"))
     files = [
         {"filename": Path(p).name, "subfolder": subfolder, "type": "output", "path": str(p)}
-        for p in (written.markdown, written.json)
+        for p in outputs
     ]
     return str(written.markdown), files, written.chart, subfolder

@@ -6,8 +6,8 @@ seeded noise and does not read the latent's values; with denoise < 1 or start_st
 from them (video-to-video, or the second half of a split run), as ComfyUI's KSampler(Advanced) do.
 The output `LATENT` holds raw latents (the VAE's space), as ComfyUI's own nodes expect, keeps the
 input's conditioning, and after an early `end_step` carries the exact state so that the next Wan
-Sampler continues the run bit for bit (docs/sampler.md). LoRAs on the model input are applied for
-the duration of this node's run only.
+Sampler continues the run bit for bit (docs/sampler.md). LoRAs and the step cache on the model input
+are applied for the duration of this node's run only.
 """
 
 from __future__ import annotations
@@ -293,6 +293,9 @@ class WanSampler:
             cfg_mode=opts.cfg_mode,
             attention_backend=model.attention,
             loras=model.lora_descriptions() or None,
+            step_cache=None
+            if model.step_cache is None
+            else model.step_cache.describe(task.dit.model_type, has_image=isinstance(condition, TI2VCondition)),
         )
         first, last = opts.start_step, opts.last_step
         progress = bridge.make_progress(last - first, "Wan Sampler")
@@ -324,6 +327,7 @@ class WanSampler:
                 device=model.device,
                 memory=memory.PackMemory(),
                 on_plan=on_plan,
+                step_cache=model.step_cache,
             )
         # experts left on the GPU (placement none) are listed with ComfyUI, which may move them off later
         memory.note_loaded(*(r for r in map(memory.resident_of, model.experts) if r is not None))

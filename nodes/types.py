@@ -47,11 +47,12 @@ class DiTExperts:
     Immutable: ComfyUI caches it and several branches of a graph may share it. `storage` is how
     the experts' block matrices are kept (`config.WEIGHT_STORAGES`, applied at load); `execution`
     holds what is turned on only while sampling (TF32, regional compile: `runtime/execution.py`);
-    `loras` are `wan_core.runtime.lora.ExpertLora` entries added by Wan LoRA nodes. Execution
-    options and LoRAs act on the shared modules only while a sampler runs, so a bundle with them
-    and the bundle it came from never affect each other. `device` is where the experts compute
-    ("cuda" or "cpu"; None: where their weights are); with a GPU the loader keeps the weights in
-    host memory and the sampler's memory plan moves them.
+    `loras` are `wan_core.runtime.lora.ExpertLora` entries added by Wan LoRA nodes; `step_cache`
+    (`wan_core.runtime.step_cache.StepCacheSettings`, set by Wan Step Cache; None = off) is read
+    by the sampler. Execution options, LoRAs and the step cache act on the shared modules only
+    while a sampler runs, so a bundle with them and the bundle it came from never affect each other.
+    `device` is where the experts compute ("cuda" or "cpu"; None: where their weights are); with a
+    GPU the loader keeps the weights in host memory and the sampler's memory plan moves them.
     """
 
     experts: tuple[Any, ...]
@@ -60,10 +61,16 @@ class DiTExperts:
     execution: ExecutionOptions = ExecutionOptions()
     loras: tuple[Any, ...] = ()
     device: str | None = None
+    step_cache: Any = None
 
     def with_lora(self, lora: Any) -> DiTExperts:
         """A new bundle with the same modules, options, device and LoRAs, and one more LoRA."""
         return replace(self, loras=(*self.loras, lora))
+
+    def with_step_cache(self, settings: Any) -> DiTExperts:
+        """A new bundle with the same modules, options, device and LoRAs, and these step-cache settings
+        (None: off)."""
+        return replace(self, step_cache=settings)
 
     def lora_descriptions(self) -> list[str]:
         """One line per LoRA (file, strength per expert, layout, matched keys) for the report."""

@@ -149,6 +149,7 @@ class RunContext:
     solver: str | None = None
     seed: int | None = None
     loras: tuple[str, ...] | None = None  # one line per LoRA: file, strength per expert, layout, matched keys
+    step_cache: str | None = None  # the step-cache settings of the sampler (None: no cache)
     # One rank of a parallel run (`ranks.label_ranks` fills these from the rank's plan event):
     rank: int | None = None
     world_size: int | None = None

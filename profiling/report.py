@@ -29,6 +29,7 @@ from .gpus import lookup_gpu
 from .ranks import parallel_sections
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
 from .report_sections import memory_plan_lines, unmeasured_lines
+from .step_reuse import step_cache_lines
 
 TITLE = "# Wan2.2 Benchmark Report"
 
@@ -52,7 +53,8 @@ def legend(runs: Sequence[RunRecord]) -> str:
         "Summary columns: **Time(s)**, **Mem(GB)** (CUDA allocator peak) and **Load** cover the whole run "
         "(Total_Execution); **s/step**, the activity column and **MFU(%)** cover the denoising steps only.",
         "**Load** = seconds x activity % (%-seconds).",
-        "**s/step** = mean of Step_i_Loading + Step_i_Inference.",
+        "**s/step** = mean of Step_i_Loading + Step_i_Inference (steps that reused a prediction from the step "
+        "cache are counted apart: they did no model work).",
         "**MFU** = achieved FLOP/s / dense bf16 peak of the measured GPU (steps on the GPU only).",
         "`n/a` = not measured.",
     ]
@@ -212,6 +214,7 @@ def _group_summary(letter: str, group: str, runs: list[RunRecord]) -> list[str]:
 
 def _steps_cell(sm: RunSummary) -> str:
     cached = f" + {sm.num_steps_cached} cached" if sm.num_steps_cached else ""
+    cached += f" ({sm.num_steps_reused} reused)" if sm.num_steps_reused else ""
     if sm.num_steps_planned is None or sm.num_steps_planned == sm.num_steps_recorded + sm.num_steps_cached:
         return f"{sm.num_steps_recorded}{cached}"
     return f"{sm.num_steps_recorded}{cached} of {sm.num_steps_planned}"
@@ -246,6 +249,8 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         facts.append(f"solver {c.solver}")
     if c.loras:
         facts.append(f"LoRAs {' + '.join(c.loras)}")
+    if c.step_cache:
+        facts.append(f"step cache {c.step_cache}")
     lines += [
         f"- **Run facts**: {'; '.join(facts)}",
         f"- **Status**: {run.status}",
@@ -414,6 +419,8 @@ def _inference_stats(run: RunRecord, sm: RunSummary) -> list[str]:
     experts = "; ".join(f"{name}: steps {_ranges(steps)}" for name, steps in sm.experts.items()) or NA
     lines += [
         f"- **Steps recorded**: {_steps_cell(sm)} (experts: {experts}; CFG: {', '.join(sm.cfg_modes) or NA})",
+        *step_cache_lines(run, num_recorded=sm.num_steps_recorded, reused_total_s=sm.reused_total_s,
+                          saved_estimate_s=sm.reuse_saved_estimate_s),
         f"- **First step (warm-up)**: {secs(sm.first_step_s)}",
         f"- **Steady state** (steps after the first): mean {secs(sm.steady_mean_s)}, median "
         f"{secs(sm.steady_median_s)}, p90 {secs(sm.steady_p90_s)}, "

@@ -93,6 +93,15 @@ def test_run_tiny_workflow_in_process(name: str, models: Path, tmp_path: Path, c
     assert reports[0].with_suffix(".md").is_file()
 
 
+def test_run_writes_the_list_of_its_files(models: Path, tmp_path: Path) -> None:
+    out, listing = tmp_path / "out", tmp_path / "files.json"
+    args = ["run", "tiny_t2v_A14B.api.json", "--out", str(out), "--models", str(models), "--files-json", str(listing)]
+    assert main([*args, "--set", "WanBenchSampler.steps=2"]) == 0
+    files = json.loads(listing.read_text(encoding="utf-8"))
+    assert [Path(p).suffix for p in files["videos"]] == [".mp4"] and files["reports"][0].endswith(".json")
+    assert all(Path(p).is_file() for kind in files.values() for p in kind)
+
+
 def test_run_reports_foreign_nodes_clearly(tmp_path: Path, caplog) -> None:
     workflow = tmp_path / "wf.api.json"
     workflow.write_text(json.dumps({"1": {"class_type": "KSampler", "inputs": {}}}), encoding="utf-8")

@@ -294,6 +294,40 @@ def test_profiler_outside_a_prompt_returns_its_settings() -> None:
         assert trace.current_tracer() is None
 
 
+def test_report_node_saves_the_latent_beside_the_report(tmp_path) -> None:
+    """The optional latent input (the last one) is written beside the report; the in-process
+    runner lists it with the report's Markdown as "other" files, the JSON as the report."""
+    import asyncio
+
+    from wanbench.nodes.observer import InProcessPrompt, in_process_prompt, open_prompt_ids
+    from wanbench.runner import RunResult, output_files
+    from wanbench.wan_core.checkpoints.latent import load_latent
+
+    assert list(WanBenchmarkReport.INPUT_TYPES()["optional"])[-1] == "latent"
+    samples = torch.randn(1, 16, 2, 3, 4)
+    prompt = {
+        "1": {"class_type": "WanBenchProfiler", "inputs": {"case_name": "c", "sample_interval_ms": 20}},
+        "11": {"class_type": "WanBenchReport", "inputs": {"filename_prefix": "reports/run"}},
+    }
+    observed = InProcessPrompt(prompt_id="latent", nodes=prompt, node_classes=NODE_CLASS_MAPPINGS)
+    with use_bridge(Bridge(output_dir=tmp_path)), in_process_prompt(observed):
+        WanProfiler().start("c", 20)
+        observed.node_started("11")
+        out = asyncio.run(WanBenchmarkReport().report("reports/run", unique_id="11", latent={"samples": samples}))
+        observed.node_finished("11")
+        observed.ended(None)
+    entries = out["ui"]["wanbench_report"]
+    assert [e["filename"] for e in entries] == ["run_00001_.md", "run_00001_.json", "run_00001_latent.safetensors"]
+    assert torch.equal(load_latent(entries[2]["path"]), samples)
+    assert out["result"][1] == entries[1]["path"]
+    files = output_files(RunResult(order=["11"], ui={"11": out["ui"]}, outputs={"11": out["result"]}))
+    assert files["reports"] == [entries[1]["path"]] and files["other"] == [entries[0]["path"], entries[2]["path"]]
+    # a wrong latent is refused before any observation is opened
+    with use_bridge(Bridge(output_dir=tmp_path)), pytest.raises(ValueError, match="latent must be a LATENT"):
+        asyncio.run(WanBenchmarkReport().report("reports/run", latent={"images": samples}))
+    assert open_prompt_ids() == [] and not _sampler_threads()
+
+
 def test_wired_profiler_opens_the_prompt_and_a_dropped_report_leaves_no_thread(tmp_path) -> None:
     """A workflow whose report ComfyUI dropped (invalid input): the profiler still measures the
     prompt, and its session closes when the prompt ends: no sampler thread keeps running."""

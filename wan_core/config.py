@@ -293,6 +293,20 @@ TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling obj
 # diffusers `transformer.blocks.0.attn1.to_q.*`; peft `base_model.model.blocks.0.self_attn.q.*`;
 # bare `blocks.0.self_attn.q.*` (no prefix).
 LORA_LAYOUTS = ("kohya", "comfy", "diffusers", "peft", "bare")
+# Step caching (`runtime/step_cache.py`): reuse the previous guided prediction for a step whose input
+# is judged close enough to the last computed one. "off" is no cache (the default).
+STEP_CACHE_OFF = "off"
+TEACACHE = "teacache"  # accumulated relative change of the time modulation, polynomial-rescaled
+MAGCACHE = "magcache"  # accumulated error of calibrated magnitude ratios
+STEP_CACHE_MODES = (STEP_CACHE_OFF, TEACACHE, MAGCACHE)
+STEP_CACHE_EXPERTS = ("all", "high", "low")  # which experts may reuse steps (TI2V-5B: its one model)
+CALIBRATION_AUTO = "auto"  # the published calibration for the task, or none where none exists
+# What a step-inference stage records about the cache (fact names and values; the report reads them).
+STEP_CACHE_FACT = "step_cache"  # "computed" or "reused"
+STEP_CACHE_REASON_FACT = "step_cache_reason"  # why a step was computed (STEP_CACHE_REASONS)
+STEP_COMPUTED = "computed"
+STEP_REUSED = "reused"
+STEP_CACHE_REASONS = ("warm-up", "last step", "max skip", "change", "expert excluded", "threshold 0")
 
 # Weight dtypes by torch's names (what workflows store); the short names are accepted aliases.
 WEIGHT_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({

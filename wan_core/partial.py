@@ -36,6 +36,7 @@ from .config import WanConfig
 from .latents import denormalize_latent, normalize_latent
 from .runtime.lora import ExpertLora
 from .runtime.planner import MemoryEnvironment, PlacementPlan
+from .runtime.step_cache import StepCacheSettings
 from .sampler import SamplerOptions, StepCallback, make_noise, sample
 from .schedulers import SolverState
 
@@ -86,12 +87,14 @@ def sample_latent(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOp
                   callback: StepCallback | None = None,
                   loras: Sequence[ExpertLora] = (), device: torch.device | str | None = None,
                   memory: MemoryEnvironment | None = None,
-                  on_plan: Callable[[PlacementPlan], None] | None = None) -> SampledLatent:
+                  on_plan: Callable[[PlacementPlan], None] | None = None,
+                  step_cache: StepCacheSettings | None = None) -> SampledLatent:
     """Sample the window of `opts` from a raw LATENT tensor; returns the raw result (see module docstring).
 
     `continuation` is the one the input LATENT carries (None if none); it is used when it fits.
-    `device`, `memory` and `on_plan` go to `sampler.sample` (the compute device and the memory plan;
-    the starting latent, a few latent-sized CPU tensors, is made before the plan).
+    `loras` and `step_cache` go to `sampler.sample` as they are; so do `device`, `memory` and
+    `on_plan` (the compute device and the memory plan; the starting latent, a few latent-sized CPU
+    tensors, is made before the plan).
     Shapes: samples (1, C, T, h, w) raw; context (S, text_dim); i2v_y, ti2v_z as in `sampler.sample`.
     """
     if samples.dim() != 5 or samples.shape[0] != 1:
@@ -108,7 +111,7 @@ def sample_latent(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOp
         start = start_latent(opts, z, noise, add_noise=add_noise)
     out = sample(list(experts), task, opts, context=context, context_null=context_null, noise=start,
                  i2v_y=i2v_y, ti2v_z=ti2v_z, callback=callback, scheduler=scheduler, loras=loras, device=device,
-                 memory=memory, on_plan=on_plan)
+                 memory=memory, on_plan=on_plan, step_cache=step_cache)
     sigma_end = schedule.sigmas[opts.last_step]
     out = out.float().cpu()
     if float(sigma_end) == 0.0:

@@ -45,6 +45,12 @@ One call of `sample()` runs the official loop (spec section 6) over normalised l
   same on every rank; the plan wraps the guided prediction (CFG-parallel) and the experts
   (Ulysses token split, sharded weights) for the duration of the run, and records each step's
   communication as a `communication` event.
+* Step cache: `step_cache=` (`runtime.step_cache.StepCacheSettings`, None = off) wraps the guided
+  prediction (the parallel plan's, in a parallel run): before each step's inference stage the
+  cache decides whether the step reuses the expert's last computed prediction. A reused step
+  records flops 0 and the facts `step_cache` ("computed"/"reused") and `step_cache_reason`, so the
+  report never counts it as computed work. The decisions depend on the timesteps only, so every
+  rank of a parallel run makes the same ones (a reused step has no collectives on any rank).
 
 Shapes: latents (C, T, h, w) float32, C = the DiT's out_dim; contexts (S, text_dim).
 """
@@ -57,6 +63,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -81,6 +88,7 @@ from .runtime.distributed import Denoiser, active_parallel, parallel_sampling
 from .runtime.lora import ExpertLora, LoraPatches
 from .runtime.planner import MemoryEnvironment, PlacementPlan, SystemMemory, UncheckedMemory
 from .runtime.sampling_plan import SamplingShape, plan_sampling
+from .runtime.step_cache import NoStepCache, StepCache, StepCacheSettings, make_step_cache
 from .schedulers import FULL_DENOISE, FlowSchedule, FlowScheduler, make_schedule, make_scheduler
 from .trace import event, stage
 
@@ -250,7 +258,8 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
            ti2v_z: torch.Tensor | None = None, callback: StepCallback | None = None,
            device: torch.device | str | None = None, scheduler: FlowScheduler | None = None,
            loras: Sequence[ExpertLora] = (), memory: MemoryEnvironment | None = None,
-           on_plan: Callable[[PlacementPlan], None] | None = None) -> torch.Tensor:
+           on_plan: Callable[[PlacementPlan], None] | None = None,
+           step_cache: StepCacheSettings | None = None) -> torch.Tensor:
     """Run the denoising loop and return the final normalised latent.
 
     `experts` is [high_noise, low_noise] for two-expert tasks and [model] for TI2V-5B; each is a
@@ -269,7 +278,7 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
     latent at the window's first sigma (`partial.start_latent`). `scheduler` continues an earlier
     run (`opts.make_scheduler().resume(state)`; its schedule and position must be the options');
     after the call it holds the solver state at `opts.last_step`. `loras` are applied for this call
-    only (`runtime.lora.LoraPatches`).
+    only (`runtime.lora.LoraPatches`); `step_cache` (None: off) may reuse steps (module docstring).
 
     Shapes: context (S, text_dim), context_null (S', text_dim); noise (C, T, h, w); i2v_y
     (in_dim - C, T, h, w) normalised mask + image latent; ti2v_z (C, 1, h, w) normalised.
@@ -308,10 +317,12 @@ def sample(experts: Sequence[nn.Module], task: WanConfig, opts: SamplerOptions, 
                                num_resident_blocks=opts.num_resident_blocks)
     placement_facts = {"placement": applied, "placement_requested": plan.requested}
     patches = LoraPatches(experts, loras, keep_on_device=applied != "blocks")
+    cache = make_step_cache(step_cache, model_type=task.dit.model_type, num_steps=scheduler.num_steps,
+                            last_step=opts.last_step, has_image=run.z is not None)
     # the parallel plan first (sharded weights before placement), LoRA hooks after placement's
     with _parallel_scope(experts, opts, loras) as denoiser, placement, patches, torch.no_grad():
         return _loop(placement, names, scheduler, run, opts, callback, placement_facts, denoiser,
-                     plan.estimate.facts())
+                     plan.estimate.facts(), cache)
 
 
 def _parallel_scope(experts: list[nn.Module], opts: SamplerOptions,
@@ -342,7 +353,8 @@ def _run_scheduler(scheduler: FlowScheduler | None, opts: SamplerOptions) -> Flo
 
 def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run: _Run,
           opts: SamplerOptions, callback: StepCallback | None, placement_facts: dict[str, str],
-          denoiser: Denoiser, estimate_facts: dict[str, int | str]) -> torch.Tensor:
+          denoiser: Denoiser, estimate_facts: dict[str, int | str],
+          cache: StepCache | NoStepCache) -> torch.Tensor:
     if run.z is not None:
         mask = first_frame_mask(tuple(run.latent.shape), device=run.latent.device)
         latent = pin_first_frame(run.latent, run.z, mask)
@@ -367,14 +379,18 @@ def _loop(placement: Placement, names: list[str], scheduler: FlowScheduler, run:
         loading, inference = step_stages(i)
         with stage(loading.name, kind=loading.kind, flops=0.0, **facts, **placement_facts):
             model = placement.activate(names.index(name))
-        flops = passes * run.flops_one * denoiser.share(cfg_mode)  # this process's share of the step
-        with stage(inference.name, kind=inference.kind, flops=flops, **facts, **estimate_facts):
-            if run.per_token_t:
-                t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
-                                          seq_len=run.seq_len)  # (1, seq_len) float32
-            else:
-                t_model = t.view(1).to(latent.device)  # (1,) int64, float32 for float-timestep solvers
-            pred = denoiser.predict(model, latent, t_model, run, g, cfg_mode)
+        if run.per_token_t:
+            t_model = token_timesteps(t.to(latent.device), mask, patch_size=model.config.patch_size,
+                                      seq_len=run.seq_len)  # (1, seq_len) float32
+        else:
+            t_model = t.view(1).to(latent.device)  # (1,) int64, float32 for float-timestep solvers
+        decision = cache.decide(i, name, model, t_model, passes=passes)
+        # this process's share of the step; a reused step does no model work
+        flops = 0.0 if decision.reuse else passes * run.flops_one * denoiser.share(cfg_mode)
+        step_facts = {**facts, **estimate_facts, **decision.facts()}
+        with stage(inference.name, kind=inference.kind, flops=flops, **step_facts):
+            denoise = partial(denoiser.predict, model, latent, t_model, run, g, cfg_mode)
+            pred = cache.predict(decision, name, denoise)
             latent = scheduler.step(pred, latent)
             if run.z is not None:
                 latent = pin_first_frame(latent, run.z, mask)

@@ -488,6 +488,112 @@ def _suite(tiny: bool) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------------
+# Optimisation ladders: the reference documents' configuration tables, as suites (suites.py)
+# ------------------------------------------------------------------------------------------------
+SEED003_SOURCE = (
+    "LightX2V's published benchmark (reference report 003): Wan2.1-I2V-14B-480P on an H200, 40 steps, seed 42, "
+    "CFG on. Its times are for Wan2.1 on an H200; this ladder runs Wan2.2 I2V-A14B at 832x480"
+)
+SEED004_SOURCE = (
+    "the Wan 2.2 T2V optimisation analysis (reference report 004): expected results for T2V-A14B at 1280x720, "
+    "81 frames, 40 steps on an H100"
+)
+UNIFIED_BF16 = (
+    "the pack has no all-bf16 mode: its bf16 path keeps the official float32 regions (time embedding, "
+    "modulation, norms, head), which the document's row drops"
+)
+# 003: (row, settings it adds, expected cumulative speed-up, expected inference s, unsupported reason)
+SEED003_ROWS = (
+    ("LightX2V_1: SageAttention", {"attention": "sage"}, 1.47, 249.54, None),
+    ("LightX2V_2: unified bf16", {}, 1.69, 216.16, UNIFIED_BF16),
+    ("LightX2V_3: fp8 + tiled VAE", {"weight_dtype": "fp8_e4m3fn_scaled_mm", "vae_tiling": "auto"}, 1.92, 190.73,
+     None),
+    ("LightX2V_4: + TeaCache 0.2", {"step_cache": {"mode": "teacache", "threshold": 0.2, "warmup_steps": 5,
+                                                    "max_skip": 10, "calibration": "wan2.1_i2v_14B_480p_e0"}},
+     3.41, 107.19, None),
+    # LoRAs patch decoded weights: fp8 stays as storage here (a LoRA cannot patch fp8-matmul weights)
+    ("LightX2V_4-Distill: 4-step distilled LoRAs", {"distilled": True, "weight_dtype": "fp8_e4m3fn_scaled"},
+     3.41, 107.19, None),
+)
+# 004's "Expected Results" table: cumulative speed-up and time against its 300 s baseline.
+SEED004_ROWS = (
+    ("+ Batched CFG", {"cfg_mode": "batched"}, 1.8, 165.0),
+    ("+ TF32", {"tf32": True}, 2.4, 125.0),
+    ("+ torch.compile", {"compile": "max-autotune-no-cudagraphs"}, 3.0, 100.0),
+    ("+ No offloading", {"placement": "none"}, 3.3, 90.0),
+)
+TINY_LADDER_STEPS = 4
+# The tiny models' random time embeddings change about 1 (relative) per step, the real ones far less:
+# the tiny twin's TeaCache uses the raw change with a threshold that lets it reuse a step.
+TINY_TEACACHE = {"mode": "teacache", "threshold": 1.5, "warmup_steps": 1, "max_skip": 2, "calibration": "none"}
+
+
+def _ladder_row(name: str, settings: dict[str, Any], speedup: float, time_s: float, source: str,
+                unsupported: str | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name, "settings": settings,
+                           "expected": {"speedup": speedup, "time_s": time_s, "source": source}}
+    if unsupported:
+        row["unsupported"] = unsupported
+    return row
+
+
+def _seed003(tiny: bool) -> dict[str, Any]:
+    prefix = "tiny_" if tiny else "wan22_"
+    high, low = (TINY_LORAS if tiny else FULL_LORAS)["i2v"]
+    rows = []
+    for name, settings, speedup, time_s, unsupported in SEED003_ROWS:
+        settings = dict(settings)
+        if "step_cache" in settings and tiny:
+            settings["step_cache"] = TINY_TEACACHE
+        if settings.get("distilled"):
+            settings["lora"] = [{"file": high, "strength_high": 1.0, "strength_low": 0.0},
+                                {"file": low, "strength_high": 0.0, "strength_low": 1.0}]
+        rows.append(_ladder_row(name, settings, speedup, time_s, "003 (H200, Wan2.1 I2V-14B-480P)", unsupported))
+    overrides: dict[str, Any] = {"WanBenchSampler.steps": TINY_LADDER_STEPS if tiny else 40, "WanBenchSampler.seed": 42}
+    if not tiny:
+        overrides |= {"WanBenchImageToVideo.width": 832, "WanBenchImageToVideo.height": 480,
+                      "WanBenchImageToVideo.length": 81}
+    what = "tiny random-weight twin (CPU, 4 steps)" if tiny else "I2V-A14B, 832x480, 81 frames, 40 steps"
+    return {
+        "name": "seed003_ladder" + ("_tiny" if tiny else ""),
+        "description": f"LightX2V's optimisation table (SageAttention, bf16, fp8 + tiled VAE, TeaCache, 4-step "
+        f"distill) on Wan2.2: {what}. Needs a ComfyUI server (--server) for the real start image.",
+        "source": SEED003_SOURCE,
+        "workflow": f"../{prefix}i2v_A14B.api.json",
+        "overrides": overrides,
+        "random_weights": tiny,
+        "cumulative": True,
+        "baseline": {"name": "official-style baseline", "settings": {
+            "attention": "sdpa", "dtype": "bfloat16", "cfg_mode": "sequential", "placement": "model",
+            "vae_tiling": "none"}},
+        "rows": rows,
+    }
+
+
+def _seed004(tiny: bool) -> dict[str, Any]:
+    prefix = "tiny_" if tiny else "wan22_"
+    rows = [_ladder_row(name, settings, speedup, time_s, "004 (H100, T2V-A14B 1280x720, 81 frames, 40 steps)")
+            for name, settings, speedup, time_s in SEED004_ROWS]
+    what = "tiny random-weight twin (CPU, 4 steps)" if tiny else "T2V-A14B, 1280x720, 81 frames, 40 steps"
+    return {
+        "name": "seed004_ladder" + ("_tiny" if tiny else ""),
+        "description": f"The Wan 2.2 T2V optimisation analysis' ladder (batched CFG, TF32, torch.compile, no "
+        f"offloading) with its expected speed-ups beside the measured ones: {what}. Batching CFG does not reduce "
+        "the FLOPs of a step, and TF32 changes float32 matmuls only (this ladder computes in bfloat16, as the "
+        "official code does): their rows measure what those claims are worth.",
+        "source": SEED004_SOURCE,
+        "workflow": f"../{prefix}t2v_A14B.api.json",
+        "overrides": {"WanBenchSampler.steps": TINY_LADDER_STEPS if tiny else 40, "WanBenchSampler.seed": 42},
+        "random_weights": tiny,
+        "cumulative": True,
+        "baseline": {"name": "official baseline", "settings": {
+            "attention": "sdpa", "dtype": "bfloat16", "cfg_mode": "sequential", "tf32": False, "compile": "off",
+            "placement": "model"}},
+        "rows": rows,
+    }
+
+
 def build_all() -> dict[str, Any]:
     """Relative path -> JSON content of every generated file."""
     files: dict[str, Any] = {}
@@ -500,6 +606,9 @@ def build_all() -> dict[str, Any]:
     for model_type, name in NATIVE_NAMES.items():  # ComfyUI's own nodes: API format only
         files[f"{name}.api.json"] = native_graph(model_type, PROMPT, DEFAULT_NEGATIVE_PROMPT)
     files["suites/wan22_native_vs_pack.json"] = comparison_suite()
+    for tiny in (False, True):
+        for ladder in (_seed003(tiny), _seed004(tiny)):
+            files[f"suites/{ladder['name']}.json"] = ladder
     return files
 
 
