@@ -27,6 +27,7 @@ from typing import Any
 
 from ..wan_core import trace
 from . import comfy_bridge
+from .live_view import LiveView
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class ProfilerSettings:
 
     case_name: str
     sample_interval_ms: int
+    node_id: str | None = None  # the Wan Profiler node's id: where the UI shows the live view
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ProfilerHandle:
     _prompt_id: str | None = None
     _runs_finished: int = 0
     _finalizer: Any = None  # weakref.finalize that closes an open session if the handle is dropped
+    _live: LiveView | None = None  # the live view of the open session (stops with it)
 
     # -- session lifetime ---------------------------------------------------------------------
     def _open_session(self) -> Any:
@@ -73,6 +76,7 @@ class ProfilerHandle:
                 case_name=self.settings.case_name, sample_interval_s=self.settings.sample_interval_ms / 1000.0
             )
             self._session.open()
+            self._live = LiveView.attach(self._session, self.settings.node_id)
             # The finalizer holds the session, never the handle: a dropped handle is collected and
             # its open session closed, so the session's sampler thread cannot outlive it.
             self._finalizer = weakref.finalize(self, _close_abandoned_session, self._session)
@@ -82,6 +86,9 @@ class ProfilerHandle:
 
     def _forget_session(self) -> None:
         """Drop the (closed) session of this prompt and what it ran."""
+        if self._live is not None:
+            self._live.detach()
+            self._live = None
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None

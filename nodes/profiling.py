@@ -4,6 +4,11 @@ The profiler's output is cached by ComfyUI like any node output, so it lives acr
 executed prompt gets its own session (see `profiler_handle.py`). The report node is never cached
 (`IS_CHANGED` is NaN): it runs after everything wired into it, marks the stage nodes ComfyUI
 served from its cache as cached, and writes Markdown, JSON and the timeline chart.
+
+What the report node sends to the UI (`web/wanbench.js` draws it in the node):
+`ui.wanbench_summary`, one card per run (`profiling.summary_cards`: case, total, s/step, peak
+memory, activity, MFU, the top finding; plain text, shown as text), and `ui.wanbench_report`,
+the written files with their `kind` ("markdown", "json", "chart") for ComfyUI's `/view`.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..util.atomic import release_claim
 from . import comfy_bridge as bridge
 from . import types as T
 from .profiler_handle import ProfilerHandle, ProfilerSettings
-from .validation import check_int_range, check_prefix, first_problem
+from .validation import check_label, check_node_inputs, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +58,21 @@ class WanProfiler:
                     },
                 ),
             },
+            "hidden": dict(T.HIDDEN_IDS),
         }
 
     @classmethod
-    def VALIDATE_INPUTS(
-        cls, case_name: str | None = None, sample_interval_ms: int | None = None
-    ) -> bool | str:
-        return first_problem(
-            check_prefix("case_name", case_name),
-            check_int_range("sample_interval_ms", sample_interval_ms, MIN_INTERVAL_MS, MAX_INTERVAL_MS),
-        )
+    def VALIDATE_INPUTS(cls, case_name: str | None = None) -> bool | str:
+        # Only case_name (the message lands on it); ComfyUI checks sample_interval_ms's range.
+        problem = check_label("case_name", case_name)
+        return True if problem is None else problem
 
-    def start(self, case_name: str, sample_interval_ms: int) -> tuple[ProfilerHandle]:
-        problem = check_prefix("case_name", case_name)
-        if problem:
-            raise ValueError(problem)
-        settings = ProfilerSettings(case_name=case_name, sample_interval_ms=sample_interval_ms)
+    def start(
+        self, case_name: str, sample_interval_ms: int, unique_id: str | None = None
+    ) -> tuple[ProfilerHandle]:
+        check_node_inputs(WanProfiler, case_name=case_name, sample_interval_ms=sample_interval_ms)
+        node_id = None if unique_id is None else str(unique_id)
+        settings = ProfilerSettings(case_name=case_name, sample_interval_ms=sample_interval_ms, node_id=node_id)
         return (ProfilerHandle(settings=settings),)
 
 
@@ -116,7 +121,8 @@ class WanBenchmarkReport:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
-        return first_problem(check_prefix("filename_prefix", filename_prefix))
+        problem = check_prefix("filename_prefix", filename_prefix)
+        return True if problem is None else problem
 
     def report(
         self,
@@ -126,24 +132,26 @@ class WanBenchmarkReport:
         unique_id: str | None = None,
         graph: Any = None,
     ) -> dict[str, Any]:
-        from ..profiling import write_report
+        from ..profiling import summary_cards, write_report
 
         if not isinstance(profiler, ProfilerHandle):
             raise TypeError(f"profiler must come from a Wan Profiler node; got {type(profiler).__name__}")
-        problem = check_prefix("filename_prefix", filename_prefix)
-        if problem:
-            raise ValueError(problem)
+        check_node_inputs(WanBenchmarkReport, filename_prefix=filename_prefix)
         session = profiler.finish_run(_graph_node_ids(graph))
-        folder, stem, counter, subfolder = bridge.save_path(filename_prefix, 0, 0)
-        written = write_report(session, folder, basename=f"{stem}_{counter:05}_")
-        summary = Path(written.markdown).read_text(encoding="utf-8")
+        name = bridge.claim_output(filename_prefix, ".json")  # .md and .png share its base name
+        try:
+            written = write_report(session, name.folder, basename=name.basename)
+        except BaseException:
+            release_claim(name.path)  # nothing of this report stays: no empty or lone file
+            raise
+        kinds = [("markdown", written.markdown), ("json", written.json), ("chart", written.chart)]
         files = [
-            {"filename": Path(p).name, "subfolder": subfolder, "type": "output", "path": str(p)}
-            for p in (written.markdown, written.json)
+            {"filename": Path(p).name, "subfolder": name.subfolder, "type": "output", "kind": kind}
+            for kind, p in kinds
+            if p is not None
         ]
-        ui: dict[str, Any] = {"text": [summary], "wanbench_report": files}
-        if written.chart is not None:
-            ui["images"] = [{"filename": Path(written.chart).name, "subfolder": subfolder, "type": "output"}]
+        ui: dict[str, Any] = {"wanbench_summary": summary_cards([session.record]), "wanbench_report": files}
         log.info("benchmark report: %s", written.markdown)
         bridge.send_ui_message("wanbench.report", {"node": unique_id, "files": files})
+        summary = Path(written.markdown).read_text(encoding="utf-8")
         return {"ui": ui, "result": (summary, str(written.json))}

@@ -4,6 +4,13 @@ One call of `wan_core.sampler.sample`. The `LATENT` input gives the video geomet
 are not used: sampling starts from seeded noise, i.e. denoise 1.0) and, from Wan Image To Video,
 the start-image conditioning. The output `LATENT` holds raw latents (the VAE's space), as
 ComfyUI's own nodes expect.
+
+Task defaults: the node learns the task only when it runs (from the model), so `steps`, `shift`,
+`boundary`, `guidance_high` and `guidance_low` take 0 to mean "the task's preset value" (T2V-A14B:
+40 steps, shift 12, boundary 0.875, guidance 4 / 3; I2V and TI2V their own). Any other value is used
+as given, so saved workflows with explicit numbers keep them. The values that ran are recorded in
+the report and sent to the UI (`ui.wanbench_sampler`), which shows them under the node. With
+ComfyUI's preview setting on, each step also sends a latent preview (`nodes/previews.py`).
 """
 
 from __future__ import annotations
@@ -25,19 +32,19 @@ from ..wan_core.config import (
 )
 from . import comfy_bridge as bridge
 from . import types as T
+from .previews import latent_previewer
 from .profiler_handle import maybe_profile
-from .validation import check_float_range, check_int_range, check_open_unit, first_problem
+from .validation import check_node_inputs
 
 MAX_STEPS = 1000
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_GUIDANCE = 30.0
 MAX_SHIFT = 100.0
 MAX_RESIDENT_BLOCKS = 64
-# Widget defaults: the sampler preset of TI2V-5B (the task of the default 1280x704x121 latent);
-# the expert switch, which TI2V-5B does not use, defaults to T2V-A14B's. Tooltips quote the presets.
+TASK_DEFAULT = 0  # the widget value of steps/shift/boundary/guidance that means "the task's preset"
+# Tooltips quote the presets; the solver widget defaults to the presets' solver.
 TI2V, I2V, T2V = TI2V_5B.sampler, I2V_A14B.sampler, T2V_A14B.sampler
 DEFAULTS = TI2V
-DEFAULT_BOUNDARY = T2V.boundary
 
 
 class WanSampler:
@@ -75,54 +82,57 @@ class WanSampler:
                 "steps": (
                     "INT",
                     {
-                        "default": DEFAULTS.steps,
-                        "min": 1,
+                        "default": TASK_DEFAULT,
+                        "min": 0,
                         "max": MAX_STEPS,
-                        "tooltip": f"Denoising steps: {TI2V.steps} for TI2V-5B, {T2V.steps} for A14B.",
+                        "tooltip": f"Denoising steps. 0 = the task's: {T2V.steps} for T2V-A14B, "
+                        f"{I2V.steps} for I2V-A14B, {TI2V.steps} for TI2V-5B.",
                     },
                 ),
                 "shift": (
                     "FLOAT",
                     {
-                        "default": DEFAULTS.shift,
-                        "min": 0.01,
+                        "default": float(TASK_DEFAULT),
+                        "min": 0.0,
                         "max": MAX_SHIFT,
                         "step": 0.01,
-                        "tooltip": f"Flow-matching sigma shift: {TI2V.shift} for TI2V-5B, {I2V.shift} for I2V, "
-                        f"{T2V.shift} for T2V.",
+                        "tooltip": f"Flow-matching sigma shift. 0 = the task's: {T2V.shift} for T2V, "
+                        f"{I2V.shift} for I2V, {TI2V.shift} for TI2V-5B.",
                     },
                 ),
                 "boundary": (
                     "FLOAT",
                     {
-                        "default": DEFAULT_BOUNDARY,
-                        "min": 0.001,
+                        "default": float(TASK_DEFAULT),
+                        "min": 0.0,
                         "max": 0.999,
                         "step": 0.001,
-                        "tooltip": "A14B expert switch: steps with t >= boundary x 1000 use the "
-                        f"high-noise expert ({T2V.boundary:.3f} T2V, {I2V.boundary:.3f} I2V). Unused by TI2V-5B.",
+                        "tooltip": "A14B expert switch: steps with t >= boundary x 1000 use the high-noise "
+                        f"expert. 0 = the task's: {T2V.boundary:.3f} T2V, {I2V.boundary:.3f} I2V. "
+                        "Unused by TI2V-5B.",
                     },
                 ),
                 "guidance_high": (
                     "FLOAT",
                     {
-                        "default": DEFAULTS.guide_scale.high,
+                        "default": float(TASK_DEFAULT),
                         "min": 0.0,
                         "max": MAX_GUIDANCE,
                         "step": 0.1,
-                        "tooltip": "CFG scale of the high-noise expert (TI2V-5B: its only "
-                        "scale). 1.0 runs the conditional pass only.",
+                        "tooltip": "CFG scale of the high-noise expert (TI2V-5B: its only scale). "
+                        f"0 = the task's: {T2V.guide_scale.high} T2V, {I2V.guide_scale.high} I2V, "
+                        f"{TI2V.guide_scale.high} TI2V-5B. 1.0 runs the conditional pass only.",
                     },
                 ),
                 "guidance_low": (
                     "FLOAT",
                     {
-                        "default": DEFAULTS.guide_scale.low,
+                        "default": float(TASK_DEFAULT),
                         "min": 0.0,
                         "max": MAX_GUIDANCE,
                         "step": 0.1,
-                        "tooltip": f"CFG scale of the low-noise expert ({T2V.guide_scale.low} T2V, "
-                        f"{I2V.guide_scale.low} I2V). Unused by TI2V-5B.",
+                        "tooltip": "CFG scale of the low-noise expert. 0 = the task's: "
+                        f"{T2V.guide_scale.low} T2V, {I2V.guide_scale.low} I2V. Unused by TI2V-5B.",
                     },
                 ),
                 "solver": (list(SOLVERS), {"default": DEFAULTS.solver, "tooltip": "Flow-matching solver."}),
@@ -157,23 +167,6 @@ class WanSampler:
             "hidden": dict(T.HIDDEN_IDS),
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(
-        cls,
-        steps: int | None = None,
-        shift: float | None = None,
-        boundary: float | None = None,
-        guidance_high: float | None = None,
-        guidance_low: float | None = None,
-    ) -> bool | str:
-        return first_problem(
-            check_int_range("steps", steps, 1, MAX_STEPS),
-            check_float_range("shift", shift, 0.01, MAX_SHIFT),
-            check_open_unit("boundary", boundary),
-            check_float_range("guidance_high", guidance_high, 0.0, MAX_GUIDANCE),
-            check_float_range("guidance_low", guidance_low, 0.0, MAX_GUIDANCE),
-        )
-
     def sample(
         self,
         model: T.DiTExperts,
@@ -191,14 +184,24 @@ class WanSampler:
         resident_blocks: int,
         profiler: Any = None,
         unique_id: str | None = None,
-    ) -> tuple[dict[str, Any]]:
+    ) -> dict[str, Any]:
         from ..wan_core.conditioning import I2VCondition, TI2VCondition
         from ..wan_core.latents import denormalize_latent
         from ..wan_core.sampler import SamplerOptions, sample
 
-        problem = self.VALIDATE_INPUTS(steps, shift, boundary, guidance_high, guidance_low)
-        if problem is not True:
-            raise ValueError(problem)
+        check_node_inputs(
+            WanSampler,
+            seed=seed,
+            steps=steps,
+            shift=shift,
+            boundary=boundary,
+            guidance_high=guidance_high,
+            guidance_low=guidance_low,
+            solver=solver,
+            batched_cfg=batched_cfg,
+            placement=placement,
+            resident_blocks=resident_blocks,
+        )
         task = model.task
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if not isinstance(samples, torch.Tensor) or samples.dim() != 5:
@@ -218,37 +221,46 @@ class WanSampler:
                 f"{task.name} needs a start image: feed the latent from Wan Image To Video "
                 f"with the Wan2.1 VAE"
             )
+        preset = task.sampler
+        high = preset.guide_scale.high if guidance_high == TASK_DEFAULT else guidance_high
+        low = preset.guide_scale.low if guidance_low == TASK_DEFAULT else guidance_low
         opts = SamplerOptions.from_config(
-            task.sampler,  # the task's defaults; every widget value overrides its own
+            preset,  # the task's defaults; every widget value other than 0 overrides its own
             solver=solver,
-            steps=steps,
-            shift=shift,
+            steps=None if steps == TASK_DEFAULT else steps,
+            shift=None if shift == TASK_DEFAULT else shift,
             # a single-model task (TI2V-5B) has one scale: the high-noise widget, as its tooltip says
-            guide_scale=GuideScale(high=guidance_high, low=guidance_low) if task.is_moe
-            else GuideScale.same(guidance_high),
-            boundary=boundary if task.is_moe else None,  # None keeps the preset's (None for TI2V-5B)
+            guide_scale=GuideScale(high=high, low=low) if task.is_moe else GuideScale.same(high),
+            # None keeps the preset's (None for TI2V-5B)
+            boundary=None if boundary == TASK_DEFAULT or not task.is_moe else boundary,
             seed=seed,
             cfg_mode=BATCHED_CFG if batched_cfg else SEQUENTIAL_CFG,
             placement=placement,
             num_resident_blocks=resident_blocks,
         )
+        resolved = resolved_settings(task, opts)
         if profiler is not None:
             profiler.set_context(
                 task=task.name,
-                steps=steps,
+                steps=opts.steps,
+                shift=opts.shift,
+                boundary=opts.boundary,
+                guidance_high=opts.guide_scale.high if task.is_moe else None,
+                guidance_low=opts.guide_scale.low,
                 placement=placement,
                 solver=solver,
                 seed=seed,
                 cfg_mode=opts.cfg_mode,
                 attention_backend=model.attention,
             )
-        progress = bridge.make_progress(steps, "Wan Sampler")
+        progress = bridge.make_progress(opts.steps, "Wan Sampler")
+        preview = latent_previewer(task.vae)
 
         def on_step(index: int, num_steps: int, current: torch.Tensor) -> None:
-            progress(index + 1)
+            progress(index + 1, preview(current) if preview is not None else None)
             bridge.check_interrupt()
 
-        with maybe_profile(profiler, unique_id, sampling_stages(steps)):
+        with maybe_profile(profiler, unique_id, sampling_stages(opts.steps)):
             out = sample(
                 list(model.experts),
                 task,
@@ -261,4 +273,18 @@ class WanSampler:
                 callback=on_step,
             )
         raw = denormalize_latent(out.float().cpu(), task.vae)[None]  # (1, C, T, h, w)
-        return ({"samples": raw},)
+        return {"ui": {"wanbench_sampler": [resolved]}, "result": ({"samples": raw},)}
+
+
+def resolved_settings(task: Any, opts: Any) -> dict[str, Any]:
+    """The settings a run used, for the UI: task defaults filled in, unused ones left out."""
+    settings: dict[str, Any] = {"task": task.name, "steps": opts.steps, "shift": opts.shift, "solver": opts.solver}
+    if task.is_moe:
+        settings |= {
+            "boundary": opts.boundary,
+            "guidance_high": opts.guide_scale.high,
+            "guidance_low": opts.guide_scale.low,
+        }
+    else:
+        settings["guidance"] = opts.guide_scale.low
+    return settings

@@ -124,6 +124,10 @@ class RunContext:
     cfg_mode: str | None = None
     solver: str | None = None
     seed: int | None = None
+    shift: float | None = None
+    boundary: float | None = None  # expert switch (A14B); None for single-model tasks
+    guidance_high: float | None = None  # CFG scale of the high-noise expert (None: single model)
+    guidance_low: float | None = None  # of the low-noise expert, or of the single model
 
     @property
     def offload(self) -> bool | None:

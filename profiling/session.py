@@ -21,6 +21,11 @@ sampler thread to `telemetry`, the records (joined split stages, time outside st
 
 The sampler thread holds only a weak reference to the session: a session dropped without
 `close()` is collected as usual and its thread stops.
+
+Listeners (`add_listener`) see every sample as it is taken, with the stage running at that moment:
+a live view uses them. They run on the thread that took the sample (the sampler thread between
+stage boundaries), so they must be quick; one that raises is logged and removed, never breaking
+the measurement. No sample is taken for them: with no listener nothing changes.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -59,6 +65,19 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 _INT_CONTEXT = ("width", "height", "frames", "steps", "seed")
 DEFAULT_MAX_SAMPLES = 2048  # 3.4 min at 0.1 s before the first halving; about 0.5 MB of report JSON
 MIN_MAX_SAMPLES = 4  # the first and last samples are kept as they are; at least one pair merges
+
+
+@dataclass(frozen=True)
+class LiveReading:
+    """One sample as a listener sees it: the sample, the innermost stage open at that moment (None
+    between stages) and the activity metric of the session's GPU monitor (None without NVML)."""
+
+    sample: Sample
+    stage: str | None
+    activity_metric: str | None
+
+
+LiveListener = Callable[[LiveReading], None]
 
 
 class ProfileSession:
@@ -117,6 +136,7 @@ class ProfileSession:
         self._host_start: HostReading | None = None
         self._alloc_start: AllocatorSnapshot | None = None
         self._used_start: int | None = None
+        self._listeners: list[LiveListener] = []
         self._active_since: list[float] = []  # open activate() calls (start times)
         self._activations: list[tuple[float, float]] = []  # closed ones (start, end), session time
         self.record: RunRecord | None = None
@@ -214,6 +234,36 @@ class ProfileSession:
         finally:
             if self._active_since and self.is_open:
                 self._activations.append((self._active_since.pop(), self._clock.now() - self._t0))
+
+    # ---------------------------------------------------------------- listeners
+    def add_listener(self, listener: LiveListener) -> Callable[[], None]:
+        """Call `listener(LiveReading)` for every sample taken from now on; returns its remover."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return remove
+
+    def _notify(self, sample: Sample) -> None:
+        gpu = self._telemetry.gpu
+        reading = LiveReading(
+            sample=sample,
+            stage=self._stack[-1].name if self._stack else None,
+            activity_metric=None if gpu is None else gpu.activity_metric,
+        )
+        for listener in list(self._listeners):
+            try:
+                listener(reading)
+            except Exception as err:  # noqa: BLE001 - a listener (a live view) must never break the
+                # measurement: it is logged and removed, the run goes on unchanged.
+                logger.warning(
+                    "profiling listener %r failed (%s: %s); it is removed", listener, type(err).__name__, err
+                )
+                self._listeners.remove(listener)
 
     # ---------------------------------------------------------------- facts
     def set_context(self, **facts: Any) -> None:
@@ -398,7 +448,10 @@ class ProfileSession:
     def _sample_with_host(self) -> tuple[Sample, HostReading]:
         with self._lock:
             assert self._t0 is not None
-            return self._telemetry.take(self._clock.now() - self._t0)
+            sample, host = self._telemetry.take(self._clock.now() - self._t0)
+            if self._listeners:
+                self._notify(sample)
+            return sample, host
 
     # read-only views of the telemetry, for inspection while the session runs
     @property

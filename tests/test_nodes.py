@@ -25,6 +25,7 @@ from wanbench.nodes.profiling import WanBenchmarkReport, WanProfiler
 from wanbench.nodes.sampling import WanSampler
 from wanbench.nodes.text import WanTextEncode
 from wanbench.nodes.vae import WanVAEDecode, video_to_images
+from wanbench.nodes.validation import input_problems, validated_inputs
 from wanbench.nodes.video import FORMATS, WanSaveVideo, images_to_uint8, write_mp4
 from wanbench.wan_core import trace
 from wanbench.wan_core.config import sampling_stages
@@ -100,55 +101,86 @@ def test_import_does_not_touch_comfyui() -> None:
 # Validation messages
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("cls", "kwargs", "needle"),
+    ("cls", "kwargs", "on_input", "needle"),
     [
         (
             WanEmptyLatent,
             {"width": 1280, "height": 704, "length": 80},
+            "length",
             "length must be 4k+1 (e.g. 81 or 121); got 80; use 77 or 81",
         ),
-        (
-            WanEmptyLatent,
-            {"width": 1000, "height": 704, "length": 81},
-            "width must be a multiple of 16; got 1000; use 992 or 1008",
-        ),
-        (
-            WanEmptyLatent,
-            {"width": 1280, "height": 8, "length": 81},
-            "height must be between 16 and 4096; got 8",
-        ),
+        (WanEmptyLatent, {"width": 1280, "height": 8, "length": 81}, "height", "height: 8 is below the minimum 16"),
         (
             WanImageToVideo,
             {"width": 1280, "height": 704, "length": 0},
+            "length",
             "length must be between 1 and 1025; got 0",
         ),
-        (WanSampler, {"boundary": 1.0}, "boundary must lie strictly between 0 and 1"),
-        (WanSampler, {"steps": 0}, "steps must be between 1 and 1000; got 0"),
-        (WanSampler, {"shift": float("nan")}, "shift must be a number"),
-        (WanTextEncode, {"prompt": "  ", "negative_prompt": ""}, "prompt is empty"),
+        (WanSampler, {"boundary": 1.0}, "boundary", "boundary: 1.0 is above the maximum 0.999"),
+        (WanSampler, {"steps": -1}, "steps", "steps: -1 is below the minimum 0"),
+        (WanSampler, {"shift": float("nan")}, "shift", "shift: expected a finite number"),
+        (WanTextEncode, {"prompt": "  ", "negative_prompt": ""}, "prompt", "prompt is empty"),
+        (
+            WanTextEncode,
+            {"prompt": "\u200b\u200c\ufeff \u3164", "negative_prompt": ""},
+            "prompt",
+            "only invisible characters",
+        ),
         (
             WanSaveVideo,
             {"fps": 24, "filename_prefix": "../escape", "crf": 19},
+            "filename_prefix",
             "relative path inside the output folder",
         ),
-        (WanSaveVideo, {"fps": -1, "filename_prefix": "a", "crf": 19}, "fps must be between 0 and 120; got -1"),
-        (WanProfiler, {"case_name": "", "sample_interval_ms": 100}, "case_name must be a non-empty text"),
-        (WanTestImage, {"width": 4, "height": 64}, "width must be between 8 and 4096; got 4"),
+        (
+            WanSaveVideo,
+            {"fps": 24, "filename_prefix": "wanbench/a\x00b", "crf": 19},
+            "filename_prefix",
+            "a NUL byte (\\x00) at position 10",
+        ),
+        (
+            WanSaveVideo,
+            {"fps": 24, "filename_prefix": "x" * 243, "crf": 19},
+            "filename_prefix",
+            "each part may have at most 242",
+        ),
+        (WanSaveVideo, {"fps": -1, "filename_prefix": "a", "crf": 19}, "fps", "fps: -1 is below the minimum 0"),
+        (WanProfiler, {"case_name": "", "sample_interval_ms": 100}, "case_name", "case_name must be a visible text"),
+        (WanProfiler, {"case_name": "ok", "sample_interval_ms": 1}, "sample_interval_ms", "below the minimum 10"),
+        (WanTestImage, {"width": 4, "height": 64}, "width", "width: 4 is below the minimum 8"),
     ],
 )
-def test_validate_inputs_messages(cls: type, kwargs: dict, needle: str) -> None:
-    verdict = cls.VALIDATE_INPUTS(**kwargs)
-    assert isinstance(verdict, str) and needle in verdict, verdict
+def test_each_problem_lands_on_its_input(cls: type, kwargs: dict, on_input: str, needle: str) -> None:
+    """What ComfyUI attaches where: the node's VALIDATE_INPUTS names one input, so its message lands
+    there only; every other input gets ComfyUI's own min/max checks (mimicked by input_problems)."""
+    problems = input_problems(cls, kwargs)
+    assert [name for name, _ in problems] == [on_input], problems
+    assert needle in problems[0][1], problems
+
+
+def test_validate_inputs_names_one_input_per_node() -> None:
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        assert len(validated_inputs(cls)) <= 1, f"{node_id}.VALIDATE_INPUTS takes {validated_inputs(cls)}"
 
 
 def test_validate_inputs_accepts_good_and_linked_values() -> None:
-    assert WanEmptyLatent.VALIDATE_INPUTS(width=1280, height=704, length=121) is True
-    assert WanEmptyLatent.VALIDATE_INPUTS(width=None, height=None, length=None) is True  # linked inputs
-    assert (
-        WanSampler.VALIDATE_INPUTS(steps=40, shift=12.0, boundary=0.875, guidance_high=4.0, guidance_low=3.0)
-        is True
-    )
-    assert WanTextEncode.VALIDATE_INPUTS(prompt="a fox", negative_prompt="") is True
+    assert WanEmptyLatent.VALIDATE_INPUTS(length=121) is True
+    assert WanEmptyLatent.VALIDATE_INPUTS(length=None) is True  # a linked input
+    assert input_problems(WanSampler, {"steps": 0, "shift": 0.0, "boundary": 0.0, "guidance_high": 0.0}) == []
+    assert WanTextEncode.VALIDATE_INPUTS(prompt="a fox") is True
+    for prefix in ("wanbench/a:b", "x" * 235, "wanbench/Füchse im Schnee", "a b/c-d_e.f"):
+        assert WanSaveVideo.VALIDATE_INPUTS(filename_prefix=prefix) is True, prefix
+
+
+def test_the_pixel_grid_is_checked_when_the_task_is_known() -> None:
+    from wanbench.wan_core.config import T2V_A14B
+
+    vae = types.SimpleNamespace(config=T2V_A14B.vae)  # only the config is read before the check
+    with pytest.raises(ValueError) as info:
+        WanEmptyLatent().make(vae, 1000, 710, 81)
+    message = str(info.value)
+    assert "width must be a multiple of 16; got 1000; use 992 or 1008" in message
+    assert "height must be a multiple of 16; got 710; use 704 or 720" in message
 
 
 def test_node_errors_at_run_time() -> None:
@@ -167,7 +199,7 @@ def test_node_errors_at_run_time() -> None:
         WanSaveVideo().save(torch.zeros(2, 3, 8, 8), 24, "x", "mp4 (h264)", 19)
     with pytest.raises(ValueError, match=r"decoded video must be \(1, 3, F, H, W\)"):
         video_to_images(torch.zeros(3, 5, 8, 8))
-    with pytest.raises(ValueError, match="pattern must be one of"):
+    with pytest.raises(ValueError, match="pattern: value 'noise' is not one of"):
         WanTestImage().make(16, 16, "noise")
 
 
@@ -184,10 +216,15 @@ def test_bridge_standalone(tmp_path) -> None:
         assert comfy_bridge.resolve_model("vae", "v.safetensors") == str(
             tmp_path / "models" / "vae" / "v.safetensors"
         )
-        folder, stem, counter, sub = comfy_bridge.save_path("runs/clip", 64, 64)
-        assert (folder, stem, counter, sub) == ((tmp_path / "out" / "runs").resolve(), "clip", 1, "runs")
-        (folder / "clip_00001_.mp4").write_bytes(b"")
-        assert comfy_bridge.save_path("runs/clip", 64, 64)[2] == 2
+        name = comfy_bridge.claim_output("runs/clip", ".mp4", 64, 64)
+        folder = (tmp_path / "out" / "runs").resolve()
+        assert (name.folder, name.stem, name.counter, name.subfolder) == (folder, "clip", 1, "runs")
+        assert name.path == folder / "clip_00001_.mp4" and name.path.is_file()  # claimed
+        assert name.sibling(".md") == folder / "clip_00001_.md"
+        (folder / "clip_00004_.png").write_bytes(b"")  # numbering goes on after the highest counter
+        assert comfy_bridge.claim_output("runs/clip", ".mp4").counter == 5
+        # a stem with glob characters and a colon is numbered like any other
+        assert comfy_bridge.claim_output("runs/[a]:b*", ".mp4").path.name == "[a]:b*_00001_.mp4"
         comfy_bridge.check_interrupt()  # no ComfyUI: never interrupts
 
 
@@ -205,8 +242,8 @@ def test_bridge_inside_comfyui(monkeypatch, tmp_path) -> None:
         def __init__(self, total: int) -> None:
             calls.append(("bar", total))
 
-        def update_absolute(self, value: int, total: int) -> None:
-            calls.append(("update", value, total))
+        def update_absolute(self, value: int, total: int, preview: object = None) -> None:
+            calls.append(("update", value, total, preview))
 
     class Interrupted(Exception):
         pass
@@ -228,10 +265,14 @@ def test_bridge_inside_comfyui(monkeypatch, tmp_path) -> None:
     assert comfy_bridge.resolve_model("vae", "vae.safetensors") == str(tmp_path / "vae.safetensors")
     with pytest.raises(FileNotFoundError, match="not in ComfyUI's 'vae' folder"):
         comfy_bridge.resolve_model("vae", "other.safetensors")
-    assert comfy_bridge.save_path("p", 8, 8) == (tmp_path, "p", 7, "")
+    claimed = comfy_bridge.claim_output("p", ".mp4", 8, 8)
+    assert (claimed.folder, claimed.stem, claimed.counter, claimed.subfolder) == (tmp_path, "p", 7, "")
+    (tmp_path / "p_00008_.mp4").write_bytes(b"")  # written meanwhile by another process
+    assert comfy_bridge.claim_output("p", ".mp4", 8, 8).counter == 9  # ComfyUI said 7: 7 and 8 are taken
     step = comfy_bridge.make_progress(3, "x")
     step(1)
-    assert calls == [("bar", 3), ("update", 1, 3)]
+    step(2, ("JPEG", "picture", 512))
+    assert calls == [("bar", 3), ("update", 1, 3, None), ("update", 2, 3, ("JPEG", "picture", 512))]
     with pytest.raises(Interrupted):
         comfy_bridge.check_interrupt()
 
@@ -327,9 +368,17 @@ def test_report_node_writes_files(tmp_path) -> None:
         )
     summary, json_path = out["result"]
     assert "cache_case" in summary and json_path.endswith("run_00001_.json")
-    names = [e["filename"] for e in out["ui"]["wanbench_report"]]
-    assert names == ["run_00001_.md", "run_00001_.json"]
-    assert out["ui"]["text"] == [summary]
+    files = {e["kind"]: e for e in out["ui"]["wanbench_report"]}
+    assert [files[k]["filename"] for k in ("markdown", "json", "chart")] == [
+        "run_00001_.md",
+        "run_00001_.json",
+        "run_00001_.png",
+    ]
+    assert all(e["subfolder"] == "reports" and e["type"] == "output" and "path" not in e for e in files.values())
+    (card,) = out["ui"]["wanbench_summary"]
+    assert card["case"] == "cache_case" and card["status"] == "completed"
+    assert card["activity"].startswith("n/a (") and card["mfu"] == "n/a"  # a CPU run: not measured, never 0
+    assert float(card["total_s"]) > 0 and card["top_finding"] != "n/a"
     assert check_report(json_path) == []
 
 
@@ -442,7 +491,7 @@ def tiny(tmp_path_factory):
 def _sample(tiny, model, latent, *, solver="unipc", batched_cfg=True, placement="none") -> torch.Tensor:
     (out,) = WanSampler().sample(
         model, tiny.embeds, latent, solver=solver, batched_cfg=batched_cfg, placement=placement, **SAMPLER_ARGS
-    )
+    )["result"]
     return out["samples"]
 
 
@@ -477,8 +526,8 @@ def test_sampler_cfg_modes_solvers_and_placements(tiny) -> None:
 
 
 def test_ti2v_sizes_must_be_multiples_of_32(tiny) -> None:
-    assert WanEmptyLatent.VALIDATE_INPUTS(width=48, height=32, length=5) is True  # 16-grid: fine for A14B
-    with pytest.raises(ValueError, match=r"multiples of 32; got 48x32; the nearest valid size is 64x32"):
+    assert input_problems(WanEmptyLatent, {"width": 48, "height": 32, "length": 5}) == []  # the 16-grid
+    with pytest.raises(ValueError, match=r"ti2v-5B: width must be a multiple of 32; got 48; use 32 or 64"):
         WanEmptyLatent().make(tiny.vae22, 48, 32, 5)
     (latent,) = WanEmptyLatent().make(tiny.vae21, 48, 32, 5)  # the Wan2.1 VAE (A14B) takes it
     assert latent["samples"].shape[-2:] == (4, 6)
@@ -544,7 +593,7 @@ def test_save_video_each_format(tmp_path, video_format) -> None:
         assert stream.codec_context.name == {"mp4 (h264)": "h264", "mp4 (mpeg4)": "mpeg4"}[video_format]
         assert sum(1 for _ in container.decode(stream)) == 5
     assert [p.name for p in (tmp_path / "fmt").iterdir()] == [Path(path).name]  # no temporary left
-    with use_bridge(Bridge(output_dir=tmp_path)), pytest.raises(ValueError, match="format must be one of"):
+    with use_bridge(Bridge(output_dir=tmp_path)), pytest.raises(ValueError, match="format: value 'gif' is not one"):
         WanSaveVideo().save(frames, 16, "fmt/clip", "gif", 23)
 
 
@@ -561,7 +610,7 @@ def test_save_video_fps_from_the_task(tiny, tmp_path) -> None:
     frames = torch.rand(5, 32, 32, 3)
     fps_options = _inputs(WanSaveVideo)["fps"][1]
     assert fps_options["default"] == 0 and "0 = the task's fps" in fps_options["tooltip"]
-    assert WanSaveVideo.VALIDATE_INPUTS(fps=0, filename_prefix="a", crf=19) is True
+    assert input_problems(WanSaveVideo, {"fps": 0, "filename_prefix": "a", "crf": 19}) == []
 
     def saved_fps(**kwargs) -> float:
         with use_bridge(Bridge(output_dir=tmp_path)):
@@ -584,10 +633,10 @@ def test_single_model_task_uses_the_high_noise_guidance_widget(tiny) -> None:
     args = {**SAMPLER_ARGS, "guidance_high": 5.0}
     runs = [
         WanSampler().sample(tiny.ti2v, tiny.embeds, latent, solver="unipc", batched_cfg=True, placement="none",
-                            **{**args, "guidance_low": low})[0]["samples"]
+                            **{**args, "guidance_low": low})["result"][0]["samples"]
         for low in (3.0, 7.0)
     ]
     torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
     (other,) = WanSampler().sample(tiny.ti2v, tiny.embeds, latent, solver="unipc", batched_cfg=True,
-                                   placement="none", **{**args, "guidance_high": 2.0})
+                                   placement="none", **{**args, "guidance_high": 2.0})["result"]
     assert not torch.equal(other["samples"], runs[0])

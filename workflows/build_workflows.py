@@ -3,12 +3,24 @@
 Run `python workflows/build_workflows.py` (or `python -m wanbench.workflows.build_workflows`) after
 changing a node's inputs; the tests fail when the checked-in files differ from what it writes.
 
+Where the files go (ComfyUI lists every `*.json` directly inside a pack's `example_workflows/`,
+`example(s)/` or `workflow(s)/` folder as a template, so only UI files may sit there):
+
+- `example_workflows/<title>.json` + `<title>.jpg`: the UI workflows, ComfyUI's templates. The file
+  name is what the template browser shows as title and description, the JPEG its thumbnail. Each
+  graph has a Markdown note (what it does, which files it needs) and, on the loaders of the real
+  workflows, the model download URLs (`properties.models`, as ComfyUI's own templates carry them),
+  so the missing-models dialog offers the downloads.
+- `workflows/api/<name>.api.json`: the API twins, for `POST /prompt` and `wanbench run`.
+- `workflows/suites/*.json`: the benchmark suites.
+
 - UI format (drag-and-drop, litegraph version 0.4): `widgets_values` follow the order of each
   node's widget inputs in `INPUT_TYPES` (required, then optional), with the extra
   "fixed"/"randomize" value the frontend stores after an INT input that has
   `control_after_generate`; socket inputs (and `forceInput` ones) are listed in `inputs`.
 - API format: what the frontend's `app.graphToPrompt()` produces for that graph: every widget
-  value by name, links as `[source id, output slot]`, `_meta.title`.
+  value by name, links as `[source id, output slot]`, `_meta.title` (the note is a frontend-only
+  node and has no API twin).
 """
 
 from __future__ import annotations
@@ -21,14 +33,20 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: import the installed package
     from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from wanbench.util.atomic import atomic_write_text
+    from wanbench.util.atomic import atomic_output, atomic_write_text
     from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
 else:
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from ..util.atomic import atomic_write_text
+    from ..util.atomic import atomic_output, atomic_write_text
     from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
+ROOT = WORKFLOWS_DIR.parent
+API_DIR = WORKFLOWS_DIR / "api"
+SUITES_DIR = WORKFLOWS_DIR / "suites"
+TEMPLATES_DIR = ROOT / "example_workflows"
+THUMBNAIL_SIZE = (640, 400)
+NOTE_NODE_ID = 20  # the Markdown note: a frontend-only node, no API twin
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 CORE_NODES: dict[str, dict[str, Any]] = {
     # The only core node the shipped workflows use, with its widget/socket layout (ComfyUI >= 0.3).
@@ -78,6 +96,25 @@ FULL_FILES = {
 }
 FULL_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 FULL_VAE = {"wan2.2": "wan2.2_vae.safetensors", "wan2.1": "wan_2.1_vae.safetensors"}
+# Where ComfyUI's own Wan2.2 templates download these files from (their `properties.models`).
+_REPACKAGED_22 = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
+_REPACKAGED_21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+MODEL_URLS = {
+    **{
+        name: f"{_REPACKAGED_22}/diffusion_models/{name}"
+        for pair in FULL_FILES.values()
+        for name in pair
+        if name != "none"
+    },
+    FULL_TEXT_ENCODER: f"{_REPACKAGED_21}/text_encoders/{FULL_TEXT_ENCODER}",
+    **{name: f"{_REPACKAGED_22}/vae/{name}" for name in FULL_VAE.values()},
+}
+# Model-file widgets of the pack's loaders, and the ComfyUI folder each file goes into.
+MODEL_WIDGETS = {
+    "WanBenchModelLoader": {"model_high": "diffusion_models", "model_low": "diffusion_models"},
+    "WanBenchTextEncoderLoader": {"text_encoder": "text_encoders"},
+    "WanBenchVAELoader": {"vae": "vae"},
+}
 
 
 @dataclass
@@ -96,6 +133,15 @@ class WorkflowSpec:
     model_type: str  # "ti2v" | "t2v" | "i2v"
     with_image: bool
     tiny: bool
+    title: str  # the template's file name in example_workflows/: what the template browser shows
+
+    @property
+    def api_file(self) -> str:
+        return f"{self.name}.api.json"
+
+    @property
+    def template_file(self) -> str:
+        return f"{self.title}.json"
 
 
 def _graph(spec: WorkflowSpec) -> list[Node]:
@@ -175,9 +221,10 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "seed": 42,
                 "steps": cfg.sampler.steps,
                 "shift": sampler.shift,
-                "boundary": sampler.boundary if sampler.boundary is not None else 0.875,
+                # 0 = the task's value; TI2V-5B has no expert switch and one guidance scale
+                "boundary": sampler.boundary if task.is_moe else 0.0,
                 "guidance_high": sampler.guide_scale.high,
-                "guidance_low": sampler.guide_scale.low,
+                "guidance_low": sampler.guide_scale.low if task.is_moe else 0.0,
                 "solver": "unipc",
                 "batched_cfg": True,
                 "placement": "none" if spec.tiny or not task.is_moe else "model",
@@ -263,8 +310,19 @@ def to_api(nodes: list[Node]) -> dict[str, Any]:
     return prompt
 
 
-def to_ui(nodes: list[Node]) -> dict[str, Any]:
-    """The UI (litegraph 0.4) format of a graph, laid out in columns by dependency depth."""
+def _models_property(node: Node) -> list[dict[str, str]]:
+    """`properties.models` of a loader: name, download URL and ComfyUI folder of each file it picks."""
+    entries = []
+    for widget, directory in MODEL_WIDGETS.get(node.type, {}).items():
+        name = node.widgets.get(widget)
+        if name in MODEL_URLS:
+            entries.append({"name": name, "url": MODEL_URLS[name], "directory": directory})
+    return entries
+
+
+def to_ui(nodes: list[Node], note: str | None = None) -> dict[str, Any]:
+    """The UI (litegraph 0.4) format of a graph, laid out in columns by dependency depth, with an
+    optional Markdown note (a frontend-only node) in the first column below the others."""
     by_id = {n.id: n for n in nodes}
     depth: dict[int, int] = {}
 
@@ -304,6 +362,10 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
             {"name": name, "type": kind, "slot_index": slot, "links": out_links.get((node.id, slot))}
             for slot, (name, kind) in enumerate(layout["outputs"])
         ]
+        properties: dict[str, Any] = {"Node name for S&R": node.type}
+        models = _models_property(node)
+        if models:
+            properties["models"] = models
         ui_nodes.append(
             {
                 "id": node.id,
@@ -315,13 +377,31 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
                 "mode": 0,
                 "inputs": inputs,
                 "outputs": outputs,
-                "properties": {"Node name for S&R": node.type},
+                "properties": properties,
                 "widgets_values": [_widget_value(node, name) for name in layout["widgets"]],
+            }
+        )
+    if note is not None:
+        ui_nodes.append(
+            {
+                "id": NOTE_NODE_ID,
+                "type": "MarkdownNote",
+                "pos": [40, 40 + 260 * rows.get(0, 0)],
+                "size": [340, 420],
+                "flags": {},
+                "order": len(order),
+                "mode": 0,
+                "inputs": [],
+                "outputs": [],
+                "properties": {},
+                "widgets_values": [note],
+                "color": "#432",
+                "bgcolor": "#653",
             }
         )
     ui_nodes.sort(key=lambda n: n["id"])
     return {
-        "last_node_id": max(n.id for n in nodes),
+        "last_node_id": max(n["id"] for n in ui_nodes),
         "last_link_id": len(links),
         "nodes": ui_nodes,
         "links": links,
@@ -336,15 +416,55 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
 # The shipped set
 # ------------------------------------------------------------------------------------------------
 WORKFLOWS = (
-    WorkflowSpec("wan22_ti2v_5B_t2v", "ti2v", with_image=False, tiny=False),
-    WorkflowSpec("wan22_ti2v_5B_i2v", "ti2v", with_image=True, tiny=False),
-    WorkflowSpec("wan22_t2v_A14B", "t2v", with_image=False, tiny=False),
-    WorkflowSpec("wan22_i2v_A14B", "i2v", with_image=True, tiny=False),
-    WorkflowSpec("tiny_ti2v_5B_t2v", "ti2v", with_image=False, tiny=True),
-    WorkflowSpec("tiny_ti2v_5B_i2v", "ti2v", with_image=True, tiny=True),
-    WorkflowSpec("tiny_t2v_A14B", "t2v", with_image=False, tiny=True),
-    WorkflowSpec("tiny_i2v_A14B", "i2v", with_image=True, tiny=True),
+    WorkflowSpec("wan22_ti2v_5B_t2v", "ti2v", False, False, "Wan2.2 TI2V-5B text to video, profiled"),
+    WorkflowSpec("wan22_ti2v_5B_i2v", "ti2v", True, False, "Wan2.2 TI2V-5B image to video, profiled"),
+    WorkflowSpec("wan22_t2v_A14B", "t2v", False, False, "Wan2.2 T2V-A14B text to video, profiled"),
+    WorkflowSpec("wan22_i2v_A14B", "i2v", True, False, "Wan2.2 I2V-A14B image to video, profiled"),
+    WorkflowSpec("tiny_ti2v_5B_t2v", "ti2v", False, True, "Tiny models on CPU, TI2V-5B text to video"),
+    WorkflowSpec("tiny_ti2v_5B_i2v", "ti2v", True, True, "Tiny models on CPU, TI2V-5B image to video"),
+    WorkflowSpec("tiny_t2v_A14B", "t2v", False, True, "Tiny models on CPU, T2V-A14B text to video"),
+    WorkflowSpec("tiny_i2v_A14B", "i2v", True, True, "Tiny models on CPU, I2V-A14B image to video"),
 )
+TASK_NAMES = {"ti2v": "TI2V-5B", "t2v": "T2V-A14B", "i2v": "I2V-A14B"}
+
+
+def note_text(spec: WorkflowSpec) -> str:
+    """The Markdown note of a template: what it does, what it needs, what it writes."""
+    task = {"ti2v": TI2V_5B, "t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
+    mode = "a start image and a prompt" if spec.with_image else "a prompt"
+    lines = [
+        f"## {spec.title}",
+        "",
+        f"Wan2.2 **{TASK_NAMES[spec.model_type]}** makes a video from {mode} on ComfyUI-WanBench's own "
+        "runtime, and measures every stage: time, memory, GPU activity. The **Wan Profiler** node shows "
+        "the running stage live; **Wan Benchmark Report** shows the summary when the run ends "
+        "(the full report and the chart are one click away) and writes Markdown, JSON and a chart "
+        "into `output/wanbench/`.",
+        "",
+    ]
+    if spec.tiny:
+        lines += [
+            "**Tiny models**: random weights in the real file layouts, for checking an install on the "
+            "CPU in seconds (the video is noise; the pipeline and the measurements are real). Make them "
+            "with `wanbench make-tiny-models ComfyUI/models` (or `python -m wanbench ...`).",
+        ]
+    else:
+        high, low = FULL_FILES[spec.model_type]
+        files = [
+            ("diffusion_models", high),
+            *([("diffusion_models", low)] if low != "none" else []),
+            ("text_encoders", FULL_TEXT_ENCODER),
+            ("vae", FULL_VAE[task.vae.variant]),
+        ]
+        lines += ["**Model files** (ComfyUI's missing-models dialog offers these downloads):", ""]
+        lines += [f"- `models/{folder}/` [{name}]({MODEL_URLS[name]})" for folder, name in files]
+    lines += [
+        "",
+        "Sampler values of 0 mean the task's own (steps, shift, expert switch, guidance); the values "
+        "that ran are shown under Wan Sampler after the run.",
+    ]
+    return "\n".join(lines)
+
 
 # The cases of the existing benchmark reports: (name, workflow, steps, placement, width, height).
 BENCHMARK_CASES = (
@@ -369,7 +489,9 @@ def _suite(tiny: bool) -> dict[str, Any]:
         if width is not None and not tiny:
             overrides |= {"WanBenchEmptyLatent.width": width, "WanBenchEmptyLatent.height": height}
         prefix = "tiny_" if tiny else "wan22_"
-        cases.append({"name": name, "workflow": f"../{prefix}{workflow}.api.json", "overrides": overrides})
+        cases.append(
+            {"name": name, "workflow": f"../{API_DIR.name}/{prefix}{workflow}.api.json", "overrides": overrides}
+        )
     title = "tiny twins (CPU)" if tiny else "TI2V-5B at 1280x704 and T2V-A14B at 832x480"
     return {
         "name": "wan22_benchmark" + ("_tiny" if tiny else ""),
@@ -379,14 +501,14 @@ def _suite(tiny: bool) -> dict[str, Any]:
 
 
 def build_all() -> dict[str, Any]:
-    """Relative path -> JSON content of every generated file."""
+    """Path relative to the repository root -> JSON content of every generated file."""
     files: dict[str, Any] = {}
     for spec in WORKFLOWS:
         graph = _graph(spec)
-        files[f"{spec.name}.json"] = to_ui(graph)
-        files[f"{spec.name}.api.json"] = to_api(graph)
-    files["suites/wan22_benchmark.json"] = _suite(tiny=False)
-    files["suites/wan22_benchmark_tiny.json"] = _suite(tiny=True)
+        files[f"{TEMPLATES_DIR.name}/{spec.template_file}"] = to_ui(graph, note_text(spec))
+        files[f"workflows/{API_DIR.name}/{spec.api_file}"] = to_api(graph)
+    files[f"workflows/{SUITES_DIR.name}/wan22_benchmark.json"] = _suite(tiny=False)
+    files[f"workflows/{SUITES_DIR.name}/wan22_benchmark_tiny.json"] = _suite(tiny=True)
     return files
 
 
@@ -394,12 +516,52 @@ def render(content: Any) -> str:
     return json.dumps(content, indent=2, ensure_ascii=False) + "\n"
 
 
-def write_all(target: Path = WORKFLOWS_DIR) -> list[Path]:
+# ------------------------------------------------------------------------------------------------
+# Template thumbnails
+# ------------------------------------------------------------------------------------------------
+_STAGE_COLOURS = ("#8c8c8c", "#b38bd9", "#e0a84f", "#d95f5f", "#4f8fd9", "#5fbf6a")
+
+
+def thumbnail(spec: WorkflowSpec) -> Any:
+    """The template's thumbnail (a PIL image): task, mode, size, and the profile's stage bands."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    task = {"ti2v": TI2V_5B, "t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
+    width, height, frames = TINY_GEOMETRY[spec.model_type] if spec.tiny else (*task.default_size, task.frame_num)
+    w, h = THUMBNAIL_SIZE
+    image = Image.new("RGB", THUMBNAIL_SIZE, "#15171c")
+    draw = ImageDraw.Draw(image)
+    for y in range(h):  # a quiet vertical gradient
+        shade = int(21 + 22 * y / h)
+        draw.line([(0, y), (w, y)], fill=(shade, shade + 2, shade + 10))
+    big, mid, small = (ImageFont.load_default(size=n) for n in (46, 26, 20))
+    draw.text((32, 30), "Wan2.2 " + TASK_NAMES[spec.model_type], font=big, fill="#f2f2f2")
+    mode = "image to video" if spec.with_image else "text to video"
+    draw.text((32, 92), mode + ("  ·  tiny models, CPU" if spec.tiny else ""), font=mid, fill="#9ecbff")
+    draw.text((32, 132), f"{width}x{height}  ·  {frames} frames  ·  {task.fps} fps", font=small, fill="#c8c8c8")
+    # the profile's timeline: init, preprocess, encode, the steps (loading + inference), decode
+    x, top, bottom = 32, 220, 290
+    parts = [(0, 50), (1, 14), (2, 30)] + [(3 + i % 2, 10 if i % 2 == 0 else 26) for i in range(16)] + [(5, 70)]
+    scale = (w - 64) / sum(n for _, n in parts)
+    for colour, n in parts:
+        draw.rectangle([x, top, x + n * scale - 2, bottom], fill=_STAGE_COLOURS[colour])
+        x += n * scale
+    draw.text((32, 310), "profiled: time · memory · GPU activity per stage", font=small, fill="#e6e6e6")
+    draw.text((32, 346), "ComfyUI-WanBench", font=small, fill="#7d8796")
+    return image
+
+
+def write_all(root: Path = ROOT) -> list[Path]:
     written = []
     for rel, content in build_all().items():
-        path = target / rel
+        path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, render(content))
+        written.append(path)
+    for spec in WORKFLOWS:
+        path = root / TEMPLATES_DIR.name / f"{spec.title}.jpg"
+        with atomic_output(path) as tmp:
+            thumbnail(spec).save(tmp, format="JPEG", quality=85, optimize=True)
         written.append(path)
     return written
 

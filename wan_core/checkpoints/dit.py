@@ -32,6 +32,7 @@ from .io import (
     OFFICIAL_CONFIG_NAME,
     PathLike,
     fp8_scaled_state_dict,
+    is_safetensors,
     read_safetensors_metadata,
     read_shapes,
     read_state_dict,
@@ -227,7 +228,7 @@ def _extra_config(path: Path) -> dict[str, object]:
             return {ours: raw[theirs] for theirs, ours in names.items() if raw.get(theirs) is not None}
         return {k: raw[k] for k in ("model_type", "dim", "in_dim", "out_dim", "ffn_dim", "freq_dim",
                                      "num_heads", "num_layers", "text_len", "eps") if k in raw}
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file() and is_safetensors(path):
         meta = read_safetensors_metadata(path)
         if DIT_CONFIG_METADATA_KEY in meta:
             try:

@@ -38,6 +38,8 @@ FP8_SCALE_SUFFIX = ".scale_weight"
 FP8_INPUT_SCALE_SUFFIX = ".scale_input"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# ComfyUI lists `.sft` files with the safetensors ones and reads them as safetensors.
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 OFFICIAL_CONFIG_NAME = "config.json"  # beside official and diffusers weights
 DIFFUSERS_FILE_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' single-file weights
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
@@ -90,7 +92,7 @@ def read_shapes(path_or_paths: PathLike | Sequence[PathLike], *,
 
 
 def _read_file_shapes(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix != ".safetensors":
+    if not is_safetensors(file):
         return {k: torch.empty(v.shape, device="meta") for k, v in _read_one_file(file).items()}
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
@@ -168,13 +170,18 @@ def _files_of_index(index: Path) -> list[Path]:
     return files
 
 
+def is_safetensors(path: PathLike) -> bool:
+    """True for the suffixes read as safetensors (`.safetensors`, `.sft`; any letter case)."""
+    return Path(path).suffix.lower() in SAFETENSORS_SUFFIXES
+
+
 def _read_one_file(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
+    if is_safetensors(file):
         return _read_safetensors(file)
-    if file.suffix in PICKLE_SUFFIXES:
+    if file.suffix.lower() in PICKLE_SUFFIXES:
         return _read_pickle(file)
-    raise CheckpointError(f"unsupported checkpoint file type {file.suffix!r} ({file}); expected "
-                          f".safetensors or one of {PICKLE_SUFFIXES}")
+    raise CheckpointError(f"unsupported checkpoint file type {file.suffix!r} ({file}); expected one of "
+                          f"{SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}")
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
