@@ -29,7 +29,7 @@ from wanbench.wan_core.config import (
 )
 
 from .comfy_api import (
-    WORKFLOWS_DIR,
+    API_DIR,
     geometry_node,
     history_outputs,
     load_api,
@@ -208,7 +208,7 @@ def test_invalid_frame_count_is_refused(comfy_server: ComfyServer) -> None:
 
 
 def full_size_api_workflows() -> list[str]:
-    return sorted(set(p.name for p in WORKFLOWS_DIR.glob("*.api.json")) - set(tiny_api_workflows()))
+    return sorted(set(p.name for p in API_DIR.glob("*.api.json")) - set(tiny_api_workflows()))
 
 
 @pytest.mark.parametrize("workflow", full_size_api_workflows())
@@ -249,7 +249,7 @@ def test_interrupt_during_sampling_then_next_prompt_runs(comfy_server: ComfyServ
             assert status == 200
             sent_at.append(int(value))
 
-    with pytest.raises(ServerError, match=f"interrupted at node {sampler_id}$"):
+    with pytest.raises(ServerError, match=f"interrupted at node {sampler_id} 'Wan Sampler' \\(WanBenchSampler\\)$"):
         run_on_server(
             long_prompt,
             comfy_server.url,
