@@ -640,3 +640,111 @@ def test_single_model_task_uses_the_high_noise_guidance_widget(tiny) -> None:
     (other,) = WanSampler().sample(tiny.ti2v, tiny.embeds, latent, solver="unipc", batched_cfg=True,
                                    placement="none", **{**args, "guidance_high": 2.0})["result"]
     assert not torch.equal(other["samples"], runs[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampler defaults from the task
+# ------------------------------------------------------------------------------------------------
+def test_zero_widgets_take_the_tasks_presets_and_explicit_values_stay(tiny) -> None:
+    from wanbench.wan_core.config import I2V_A14B, TI2V_5B
+
+    (latent,) = WanEmptyLatent().make(tiny.vae22, 32, 32, 5)
+    handle = _handle()
+    defaults = {**SAMPLER_ARGS, "steps": 2, "shift": 0.0, "boundary": 0.0, "guidance_high": 0.0, "guidance_low": 0.0}
+    with use_bridge(tiny.bridge):
+        out = WanSampler().sample(
+            tiny.ti2v, tiny.embeds, latent, solver="unipc", batched_cfg=True, placement="none",
+            profiler=handle, unique_id="8", **defaults,
+        )
+    ti2v = TI2V_5B.sampler
+    assert out["ui"]["wanbench_sampler"] == [
+        {"task": "ti2v-5B", "steps": 2, "shift": ti2v.shift, "solver": "unipc", "guidance": ti2v.guide_scale.high}
+    ]
+    context = handle.finish_run(["8"]).record.context
+    assert (context.steps, context.shift, context.boundary) == (2, ti2v.shift, None)
+    assert (context.guidance_high, context.guidance_low) == (None, ti2v.guide_scale.high)
+    # explicit values are used as given
+    explicit = {**defaults, "shift": 3.5, "guidance_high": 2.5}
+    out = WanSampler().sample(tiny.ti2v, tiny.embeds, latent, solver="unipc", batched_cfg=True, placement="none",
+                              **explicit)
+    assert out["ui"]["wanbench_sampler"][0]["shift"] == 3.5 and out["ui"]["wanbench_sampler"][0]["guidance"] == 2.5
+    # an A14B task: the expert switch and both scales from its preset
+    (i2v_latent,) = WanImageToVideo().make(tiny.vae21, torch.rand(1, 32, 32, 3), 32, 32, 5)
+    out = WanSampler().sample(tiny.i2v, tiny.embeds, i2v_latent, solver="unipc", batched_cfg=True,
+                              placement="none", **{**defaults, "guidance_low": 1.5})
+    i2v = I2V_A14B.sampler
+    assert out["ui"]["wanbench_sampler"][0] == {
+        "task": "i2v-A14B", "steps": 2, "shift": i2v.shift, "solver": "unipc", "boundary": i2v.boundary,
+        "guidance_high": i2v.guide_scale.high, "guidance_low": 1.5,
+    }
+
+
+def test_sampler_widgets_default_to_the_task() -> None:
+    inputs = _inputs(WanSampler)
+    for name in ("steps", "shift", "boundary", "guidance_high", "guidance_low"):
+        opts = inputs[name][1]
+        assert opts["default"] == 0 and opts["min"] == 0 and "0 = the task's" in opts["tooltip"], name
+    assert "40 for T2V-A14B" in inputs["steps"][1]["tooltip"] and "12.0 for T2V" in inputs["shift"][1]["tooltip"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Latent previews (ComfyUI's preview setting)
+# ------------------------------------------------------------------------------------------------
+def _comfy_preview_setting(monkeypatch, method: str, size: int = 512) -> list:
+    """Stand-in `comfy.cli_args` (the preview setting) and `comfy.utils` (a recording ProgressBar)."""
+    calls: list = []
+
+    class ProgressBar:
+        def __init__(self, total: int) -> None:
+            self.total = total
+
+        def update_absolute(self, value: int, total: int, preview: object = None) -> None:
+            calls.append((value, total, preview))
+
+    method_enum = types.SimpleNamespace(value=method)
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", types.SimpleNamespace(
+        args=types.SimpleNamespace(preview_method=method_enum, preview_size=size)))
+    monkeypatch.setitem(sys.modules, "comfy.utils", types.SimpleNamespace(ProgressBar=ProgressBar))
+    return calls
+
+
+@pytest.mark.parametrize("method", ["latent2rgb", "auto", "taesd"])
+def test_sampler_sends_a_latent_preview_per_step_when_previews_are_on(tiny, monkeypatch, method) -> None:
+    calls = _comfy_preview_setting(monkeypatch, method, size=256)
+    (latent,) = WanEmptyLatent().make(tiny.vae22, 64, 32, 5)
+    _sample(tiny, tiny.ti2v, latent)
+    assert [(value, total) for value, total, _ in calls] == [(1, 2), (2, 2)]
+    for _, _, preview in calls:
+        kind, image, max_size = preview
+        assert (kind, max_size) == ("JPEG", 256)
+        assert image.size == (4, 2) and image.mode == "RGB"  # the latent's width x height (1/16 for Wan2.2)
+
+
+def test_no_preview_when_previews_are_off(tiny, monkeypatch) -> None:
+    calls = _comfy_preview_setting(monkeypatch, "none")
+    (latent,) = WanEmptyLatent().make(tiny.vae22, 32, 32, 5)
+    _sample(tiny, tiny.ti2v, latent)
+    assert [preview for _, _, preview in calls] == [None, None]
+
+
+def test_the_preview_projection_uses_the_wan_latent_colours() -> None:
+    from wanbench.wan_core.config import T2V_A14B, TI2V_5B
+    from wanbench.wan_core.latents import LATENT_RGB, latent_preview_rgb
+
+    for cfg in (T2V_A14B.vae, TI2V_5B.vae):
+        factors, bias = LATENT_RGB[cfg.variant]
+        assert len(factors) == cfg.z_dim and all(len(row) == 3 for row in factors)
+        latent = torch.zeros(cfg.z_dim, 3, 2, 2)  # (C, T, h, w)
+        channel = cfg.z_dim - 1
+        latent[channel, 1, 0, 0] = 1.0  # the middle frame, one pixel, one channel
+        rgb = latent_preview_rgb(latent, cfg)
+        assert rgb.shape == (2, 2, 3) and rgb.dtype == torch.uint8
+
+        def expected(values) -> list[int]:
+            return [int(min(max(round((v + 1.0) * 127.5), 0), 255)) for v in values]
+
+        assert rgb[0, 0].tolist() == expected([f + b for f, b in zip(factors[channel], bias, strict=True)])
+        assert rgb[1, 1].tolist() == expected(bias)  # zero latent: the bias colour
+        assert latent_preview_rgb(latent, cfg, frame=0)[0, 0].tolist() == expected(bias)
+    with pytest.raises(ValueError, match="a preview needs one normalised latent"):
+        latent_preview_rgb(torch.zeros(16, 3, 2, 2), TI2V_5B.vae)
