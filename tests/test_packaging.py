@@ -101,8 +101,8 @@ def test_the_registry_package_leaves_out_tests_and_benchmarks() -> None:
 
 def test_the_readme_says_how_to_get_the_command() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "pip install -r requirements.txt" in readme
-    assert "wanbench" in readme and "python -m pip install -e" in readme
+    assert "python -m pip install -r custom_nodes/ComfyUI-WanBench/requirements.txt" in readme
+    assert "python -m pip install -e custom_nodes/ComfyUI-WanBench" in readme and "`wanbench`" in readme
 
 
 @pytest.mark.slow
