@@ -280,7 +280,7 @@ def output_files(result: RunResult, output_dir: str | Path) -> dict[str, list[st
     for node_id in result.order:
         ui = result.ui.get(node_id, {})
         for entry in ui.get("wanbench_report", []):
-            path = Path(output_dir) / entry.get("subfolder", "") / entry["filename"]
+            path = Path(output_dir).resolve() / entry.get("subfolder", "") / entry["filename"]
             files[REPORT_FILE_KINDS.get(entry.get("kind"), "other")].append(str(path))
         if ui.get("animated"):
             files["videos"].append(str(result.outputs[node_id][0]))
