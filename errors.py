@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 from .runner import WorkflowError
 from .util.atomic import DiskFullError
 from .util.deps import MissingDependencyError
-from .wan_core.errors import BackendUnavailableError, CheckpointError, SamplingInterrupted, WanError
+from .wan_core.errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    DistributedError,
+    SamplingInterrupted,
+    WanError,
+)
 
 if TYPE_CHECKING:
     from .client import ServerError
@@ -22,6 +28,7 @@ __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
     "DiskFullError",
+    "DistributedError",
     "MissingDependencyError",
     "SamplingInterrupted",
     "ServerError",

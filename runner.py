@@ -82,7 +82,7 @@ def load_api_workflow(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _is_link(value: Any) -> bool:
+def is_link(value: Any) -> bool:
     return (
         isinstance(value, list)
         and len(value) == 2
@@ -162,7 +162,7 @@ def _node_problems(
         spec = _input_spec(cls, name)
         if spec is None:
             found.append(problem(name, f"unknown input {name!r}"))
-        elif _is_link(value):
+        elif is_link(value):
             message = _link_problem(prompt, name, value, spec[0])
             if message:
                 found.append(problem(name, message))
@@ -199,7 +199,7 @@ def _topological_order(prompt: Mapping[str, Any]) -> list[str]:
             raise WorkflowError(f"the workflow has a cycle through nodes {' -> '.join(path + (node_id,))}")
         state[node_id] = 1
         for value in prompt[node_id].get("inputs", {}).values():
-            if _is_link(value):
+            if is_link(value):
                 visit(value[0], path + (node_id,))
         state[node_id] = 2
         order.append(node_id)
@@ -209,12 +209,13 @@ def _topological_order(prompt: Mapping[str, Any]) -> list[str]:
     return order
 
 
-def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], result: RunResult) -> None:
+def run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], result: RunResult) -> None:
+    """Run one node with its linked inputs taken from `result.outputs`; store its outputs there."""
     class_type = node["class_type"]
     cls = NODE_CLASS_MAPPINGS[class_type]
     kwargs: dict[str, Any] = {}
     for name, value in node.get("inputs", {}).items():
-        kwargs[name] = result.outputs[value[0]][value[1]] if _is_link(value) else value
+        kwargs[name] = result.outputs[value[0]][value[1]] if is_link(value) else value
     for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
         kwargs[name] = {"UNIQUE_ID": node_id, "PROMPT": dict(prompt)}.get(kind)
     try:
@@ -243,7 +244,7 @@ def run_workflow(prompt: Mapping[str, Any], bridge: Bridge, *, on_node: NodeCall
             if on_node is not None:
                 title = node_title(prompt, node_id, NODE_DISPLAY_NAME_MAPPINGS.get(class_type))
                 on_node(node_id, title, position, len(result.order))
-            _run_node(node_id, prompt[node_id], prompt, result)
+            run_node(node_id, prompt[node_id], prompt, result)
     return result
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .images import WanTestImage
 from .latents import WanEmptyLatent, WanImageToVideo
 from .loaders import WanModelLoader, WanTextEncoderLoader, WanVAELoader
+from .lora import WanLora
 from .profiling import WanBenchmarkReport, WanProfiler
 from .sampling import WanSampler
 from .text import WanTextEncode
@@ -17,6 +18,7 @@ from .video import WanSaveVideo
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "WanBenchProfiler": WanProfiler,
     "WanBenchModelLoader": WanModelLoader,
+    "WanBenchLora": WanLora,
     "WanBenchTextEncoderLoader": WanTextEncoderLoader,
     "WanBenchTextEncode": WanTextEncode,
     "WanBenchVAELoader": WanVAELoader,
@@ -32,6 +34,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "WanBenchProfiler": "Wan Profiler",
     "WanBenchModelLoader": "Wan Model Loader",
+    "WanBenchLora": "Wan LoRA",
     "WanBenchTextEncoderLoader": "Wan Text Encoder Loader",
     "WanBenchTextEncode": "Wan Text Encode",
     "WanBenchVAELoader": "Wan VAE Loader",

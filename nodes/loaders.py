@@ -12,14 +12,19 @@ import torch
 
 from ..wan_core.attention import BACKEND_CHOICES, check_backend_name
 from ..wan_core.config import (
+    COMPILE_CHOICES,
+    COMPILE_OFF,
+    DEFAULT_STORAGE,
     DIT_INIT_STAGE,
+    FP8_MATMUL_STORAGE,
     MODEL_INIT_STAGE,
     TASK_BY_MODEL_TYPE,
     TEXT_ENCODER_INIT_STAGE,
     VAE_INIT_STAGE,
     WEIGHT_DTYPES,
-    weight_dtype,
+    WEIGHT_STORAGES,
 )
+from ..wan_core.config import weight_dtype as _dtype  # `weight_dtype` names the storage input below
 from . import comfy_bridge as bridge
 from . import types as T
 from .profiler_handle import maybe_profile, single_stage
@@ -42,6 +47,20 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was chosen but no CUDA GPU is available; choose 'auto' or 'cpu'")
     return device
+
+
+TEXT_ENCODER_STORAGES = tuple(s for s in WEIGHT_STORAGES if s != FP8_MATMUL_STORAGE)
+STORAGE_TOOLTIP = (
+    "How the transformer blocks' matrices are kept in memory. default: in dtype (fp8 files are "
+    "dequantised at load; GGUF files stay quantised). as_stored: as the file stores them (fp8 + scale, "
+    "GGUF blocks, bf16/fp16). fp8_e4m3fn: cast to fp8 without a scale; fp8_e4m3fn_scaled: fp8 with a "
+    "per-tensor scale (more accurate). Compact weights are decoded to dtype one block at a time. "
+)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
 
 
 def _file_choices(folder: str, *, optional: bool = False) -> list[str]:
@@ -104,7 +123,33 @@ class WanModelLoader:
                     {"default": "auto", "tooltip": "Where the weights are loaded: auto = GPU if present."},
                 ),
             },
-            "optional": dict(T.PROFILER_INPUT),
+            "optional": {
+                **T.PROFILER_INPUT,
+                "weight_dtype": (
+                    list(WEIGHT_STORAGES),
+                    {
+                        "default": DEFAULT_STORAGE,
+                        "tooltip": STORAGE_TOOLTIP + "fp8_e4m3fn_scaled_mm: scaled fp8 multiplied as fp8 "
+                        "(torch._scaled_mm; GPUs with fp8 tensor cores, compute capability 8.9+; no LoRA).",
+                    },
+                ),
+                "compile": (
+                    list(COMPILE_CHOICES),
+                    {
+                        "default": COMPILE_OFF,
+                        "tooltip": "Regional torch.compile of the transformer blocks while sampling (mode). "
+                        "The first forward compiles (reported as the Compile stage); recompiles are counted.",
+                    },
+                ),
+                "tf32": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "TF32 tensor cores for float32 matmuls while sampling (CUDA, Ampere and "
+                        "newer; no effect with bf16/fp16 compute or on the CPU).",
+                    },
+                ),
+            },
             "hidden": dict(T.HIDDEN_IDS),
         }
 
@@ -117,8 +162,12 @@ class WanModelLoader:
         device: str,
         profiler: Any = None,
         unique_id: str | None = None,
+        weight_dtype: str = DEFAULT_STORAGE,
+        compile: str = COMPILE_OFF,
+        tf32: bool = False,
     ) -> tuple[T.DiTExperts]:
         from ..wan_core.checkpoints.dit import load_experts
+        from ..wan_core.runtime.execution import ExecutionOptions
 
         if model_low == model_high:
             raise ValueError(
@@ -128,6 +177,8 @@ class WanModelLoader:
         if attention not in BACKEND_CHOICES:
             raise ValueError(f"attention must be one of {BACKEND_CHOICES}; got {attention!r}")
         check_backend_name(attention)  # raises with the install hint when the package is missing
+        _check_choice("weight_dtype", weight_dtype, WEIGHT_STORAGES)
+        execution = ExecutionOptions(compile_mode=compile, tf32=bool(tf32))  # checked before loading
         high = bridge.resolve_model(bridge.FOLDER_DIT, model_high)
         low = None if model_low == NONE_FILE else bridge.resolve_model(bridge.FOLDER_DIT, model_low)
         with (
@@ -136,7 +187,12 @@ class WanModelLoader:
             single_stage(*DIT_INIT_STAGE, component="dit"),
         ):
             experts = load_experts(
-                high, low, device=resolve_device(device), dtype=weight_dtype(dtype), attention=attention
+                high,
+                low,
+                device=resolve_device(device),
+                dtype=_dtype(dtype),
+                attention=attention,
+                storage=weight_dtype,
             )
         model_type = experts[0].config.model_type
         task = TASK_BY_MODEL_TYPE[model_type]
@@ -148,8 +204,9 @@ class WanModelLoader:
         if not task.is_moe and len(experts) != 1:
             raise ValueError(f"{task.name} is a single model; set model_low to 'none' (got {model_low!r})")
         if profiler is not None:
-            profiler.set_context(task=task.name, dit_dtype=dtype, attention_backend=attention)
-        return (T.DiTExperts(experts=tuple(experts), task=task),)
+            profiler.set_context(task=task.name, dit_dtype=dtype, attention_backend=attention,
+                                 weight_dtype=weight_dtype, compile=execution.compiles, tf32=execution.tf32)
+        return (T.DiTExperts(experts=tuple(experts), task=task, storage=weight_dtype, execution=execution),)
 
 
 class WanTextEncoderLoader:
@@ -183,22 +240,37 @@ class WanTextEncoderLoader:
                     {"default": "auto", "tooltip": "Where the encoder runs; cpu keeps ~11 GB off the GPU."},
                 ),
             },
-            "optional": dict(T.PROFILER_INPUT),
+            "optional": {
+                **T.PROFILER_INPUT,
+                "weight_dtype": (
+                    list(TEXT_ENCODER_STORAGES),
+                    {"default": DEFAULT_STORAGE, "tooltip": STORAGE_TOOLTIP},
+                ),
+            },
             "hidden": dict(T.HIDDEN_IDS),
         }
 
     def load(
-        self, text_encoder: str, dtype: str, device: str, profiler: Any = None, unique_id: str | None = None
+        self,
+        text_encoder: str,
+        dtype: str,
+        device: str,
+        profiler: Any = None,
+        unique_id: str | None = None,
+        weight_dtype: str = DEFAULT_STORAGE,
     ) -> tuple[Any]:
         from ..wan_core.checkpoints.t5 import load_text_encoder
 
+        _check_choice("weight_dtype", weight_dtype, TEXT_ENCODER_STORAGES)
         path = bridge.resolve_model(bridge.FOLDER_TEXT_ENCODERS, text_encoder)
         with (
             maybe_profile(profiler, unique_id, [TEXT_ENCODER_INIT_STAGE]),
             single_stage(*MODEL_INIT_STAGE),
             single_stage(*TEXT_ENCODER_INIT_STAGE, component="t5"),
         ):
-            encoder = load_text_encoder(path, device=resolve_device(device), dtype=weight_dtype(dtype))
+            encoder = load_text_encoder(
+                path, device=resolve_device(device), dtype=_dtype(dtype), storage=weight_dtype
+            )
         if profiler is not None:
             profiler.set_context(t5_dtype=dtype)
         return (encoder,)
@@ -244,7 +316,7 @@ class WanVAELoader:
             single_stage(*MODEL_INIT_STAGE),
             single_stage(*VAE_INIT_STAGE, component="vae"),
         ):
-            model = load_vae_for_stages(path, device=resolve_device(device), dtype=weight_dtype(dtype))
+            model = load_vae_for_stages(path, device=resolve_device(device), dtype=_dtype(dtype))
         if profiler is not None:
             profiler.set_context(vae_dtype=dtype)
         return (model,)

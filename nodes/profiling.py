@@ -1,7 +1,9 @@
 """Wan Profiler (opens a profiling session) and Wan Benchmark Report (closes it, writes the report).
 
 The profiler's output is cached by ComfyUI like any node output, so it lives across prompts; each
-executed prompt gets its own session (see `profiler_handle.py`). The report node is never cached
+executed prompt gets its own session (see `profiler_handle.py`). In a parallel run every rank
+runs the report node: rank 0 gathers every rank's session and writes one report, the others write
+nothing. The report node is never cached
 (`IS_CHANGED` is NaN): it runs after everything wired into it, marks the stage nodes ComfyUI
 served from its cache as cached, and writes Markdown, JSON and the timeline chart.
 
@@ -133,24 +135,29 @@ class WanBenchmarkReport:
         graph: Any = None,
     ) -> dict[str, Any]:
         from ..profiling import summary_cards, write_report
+        from ..wan_core.runtime.distributed import gather_to_root
 
         if not isinstance(profiler, ProfilerHandle):
             raise TypeError(f"profiler must come from a Wan Profiler node; got {type(profiler).__name__}")
         check_node_inputs(WanBenchmarkReport, filename_prefix=filename_prefix)
         session = profiler.finish_run(_graph_node_ids(graph))
+        runs = gather_to_root(session.record)  # a parallel run's ranks report through rank 0
+        if runs is None:
+            return {"ui": {}, "result": ("", "")}  # another rank of a parallel run: rank 0 writes
         name = bridge.claim_output(filename_prefix, ".json")  # .md and .png share its base name
         try:
-            written = write_report(session, name.folder, basename=name.basename)
+            written = write_report(runs, name.folder, basename=name.basename)
         except BaseException:
             release_claim(name.path)  # nothing of this report stays: no empty or lone file
             raise
-        kinds = [("markdown", written.markdown), ("json", written.json), ("chart", written.chart)]
+        charts = [("chart", path) for key, path in written.items() if key.startswith("png")]
+        kinds = [("markdown", written.markdown), ("json", written.json), *charts]
         files = [
             {"filename": Path(p).name, "subfolder": name.subfolder, "type": "output", "kind": kind}
             for kind, p in kinds
             if p is not None
         ]
-        ui: dict[str, Any] = {"wanbench_summary": summary_cards([session.record]), "wanbench_report": files}
+        ui: dict[str, Any] = {"wanbench_summary": summary_cards(runs), "wanbench_report": files}
         log.info("benchmark report: %s", written.markdown)
         bridge.send_ui_message("wanbench.report", {"node": unique_id, "files": files})
         summary = Path(written.markdown).read_text(encoding="utf-8")

@@ -1,16 +1,21 @@
 """Wan Sampler: the denoising loop (stages `Step_<i>_Loading` / `Step_<i>_Inference`).
 
-One call of `wan_core.sampler.sample`. The `LATENT` input gives the video geometry (its values
-are not used: sampling starts from seeded noise, i.e. denoise 1.0) and, from Wan Image To Video,
-the start-image conditioning. The output `LATENT` holds raw latents (the VAE's space), as
-ComfyUI's own nodes expect.
+One call of `wan_core.partial.sample_latent`. The `LATENT` input gives the video geometry and, from
+Wan Image To Video, the start-image conditioning. A full run (denoise 1, start_step 0) starts from
+seeded noise and does not read the latent's values; with denoise < 1 or start_step > 0 it starts
+from them (video-to-video, or the second half of a split run), as ComfyUI's KSampler(Advanced) do.
+The output `LATENT` holds raw latents (the VAE's space), as ComfyUI's own nodes expect, keeps the
+input's conditioning, and after an early `end_step` carries the exact state so that the next Wan
+Sampler continues the run bit for bit (docs/sampler.md). LoRAs on the model input are applied for
+the duration of this node's run only.
 
 Task defaults: the node learns the task only when it runs (from the model), so `steps`, `shift`,
 `boundary`, `guidance_high` and `guidance_low` take 0 to mean "the task's preset value" (T2V-A14B:
-40 steps, shift 12, boundary 0.875, guidance 4 / 3; I2V and TI2V their own). Any other value is used
-as given, so saved workflows with explicit numbers keep them. The values that ran are recorded in
-the report and sent to the UI (`ui.wanbench_sampler`), which shows them under the node. With
-ComfyUI's preview setting on, each step also sends a latent preview (`nodes/previews.py`).
+40 steps, shift 12, boundary 0.875, guidance 4 / 3; I2V and TI2V their own); with explicit
+`timesteps`/`sigmas`, steps 0 takes the list's length. Any other value is used as given, so saved
+workflows with explicit numbers keep them. The values that ran are recorded in the report and sent
+to the UI (`ui.wanbench_sampler`), which shows them under the node. With ComfyUI's preview setting
+on, each step also sends a latent preview (`nodes/previews.py`).
 """
 
 from __future__ import annotations
@@ -34,13 +39,16 @@ from . import comfy_bridge as bridge
 from . import types as T
 from .previews import latent_previewer
 from .profiler_handle import maybe_profile
-from .validation import check_node_inputs
+from .schedule_inputs import END_OF_SCHEDULE, SCHEDULE_INPUTS, check_list_length
+from .validation import check_node_inputs, check_numbers, first_problem, parse_numbers
 
 MAX_STEPS = 1000
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_GUIDANCE = 30.0
 MAX_SHIFT = 100.0
 MAX_RESIDENT_BLOCKS = 64
+LATENT_CONDITION = "wan_condition"  # LATENT keys the pack adds (core nodes ignore them)
+LATENT_CONTINUATION = "wan_continuation"
 TASK_DEFAULT = 0  # the widget value of steps/shift/boundary/guidance that means "the task's preset"
 # Tooltips quote the presets; the solver widget defaults to the presets' solver.
 TI2V, I2V, T2V = TI2V_5B.sampler, I2V_A14B.sampler, T2V_A14B.sampler
@@ -135,7 +143,14 @@ class WanSampler:
                         f"{T2V.guide_scale.low} T2V, {I2V.guide_scale.low} I2V. Unused by TI2V-5B.",
                     },
                 ),
-                "solver": (list(SOLVERS), {"default": DEFAULTS.solver, "tooltip": "Flow-matching solver."}),
+                "solver": (
+                    list(SOLVERS),
+                    {
+                        "default": DEFAULTS.solver,
+                        "tooltip": "Flow-matching solver: unipc (official default), dpm++, euler; "
+                        "euler_distill for the 4-step distill LoRAs (steps 4, shift 5, guidance 1).",
+                    },
+                ),
                 "batched_cfg": (
                     "BOOLEAN",
                     {
@@ -163,9 +178,15 @@ class WanSampler:
                     },
                 ),
             },
-            "optional": dict(T.PROFILER_INPUT),
+            "optional": {**T.PROFILER_INPUT, **SCHEDULE_INPUTS},
             "hidden": dict(T.HIDDEN_IDS),
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, timesteps: str | None = None, sigmas: str | None = None) -> bool | str:
+        # Only the two schedule texts (a problem with one is shown on both, naming which); ComfyUI
+        # checks every other input's range itself, on that input.
+        return first_problem(check_numbers("timesteps", timesteps), check_numbers("sigmas", sigmas))
 
     def sample(
         self,
@@ -184,10 +205,17 @@ class WanSampler:
         resident_blocks: int,
         profiler: Any = None,
         unique_id: str | None = None,
+        denoise: float = 1.0,
+        start_step: int = 0,
+        end_step: int = END_OF_SCHEDULE,
+        add_noise: bool = True,
+        timesteps: str = "",
+        sigmas: str = "",
     ) -> dict[str, Any]:
         from ..wan_core.conditioning import I2VCondition, TI2VCondition
-        from ..wan_core.latents import denormalize_latent
-        from ..wan_core.sampler import SamplerOptions, sample
+        from ..wan_core.partial import Continuation, sample_latent
+        from ..wan_core.runtime.execution import applied, check_with_loras
+        from ..wan_core.sampler import SamplerOptions
 
         check_node_inputs(
             WanSampler,
@@ -201,7 +229,17 @@ class WanSampler:
             batched_cfg=batched_cfg,
             placement=placement,
             resident_blocks=resident_blocks,
+            denoise=denoise,
+            start_step=start_step,
+            end_step=end_step,
+            add_noise=add_noise,
+            timesteps=timesteps,
+            sigmas=sigmas,
         )
+        explicit_t, explicit_sigmas = parse_numbers("timesteps", timesteps), parse_numbers("sigmas", sigmas)
+        steps = _resolved_steps(steps, model.task.sampler.steps, explicit_t, explicit_sigmas)
+        check_list_length(steps, explicit_t, explicit_sigmas)
+        check_with_loras(model.execution, len(model.loras))
         task = model.task
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if not isinstance(samples, torch.Tensor) or samples.dim() != 5:
@@ -227,7 +265,7 @@ class WanSampler:
         opts = SamplerOptions.from_config(
             preset,  # the task's defaults; every widget value other than 0 overrides its own
             solver=solver,
-            steps=None if steps == TASK_DEFAULT else steps,
+            steps=steps,
             shift=None if shift == TASK_DEFAULT else shift,
             # a single-model task (TI2V-5B) has one scale: the high-noise widget, as its tooltip says
             guide_scale=GuideScale(high=high, low=low) if task.is_moe else GuideScale.same(high),
@@ -237,6 +275,11 @@ class WanSampler:
             cfg_mode=BATCHED_CFG if batched_cfg else SEQUENTIAL_CFG,
             placement=placement,
             num_resident_blocks=resident_blocks,
+            denoise=denoise,
+            start_step=start_step,
+            end_step=None if end_step >= steps else end_step,
+            timesteps=explicit_t,
+            sigmas=explicit_sigmas,
         )
         resolved = resolved_settings(task, opts)
         if profiler is not None:
@@ -252,28 +295,53 @@ class WanSampler:
                 seed=seed,
                 cfg_mode=opts.cfg_mode,
                 attention_backend=model.attention,
+                loras=model.lora_descriptions() or None,
             )
-        progress = bridge.make_progress(opts.steps, "Wan Sampler")
+        first, last = opts.start_step, opts.last_step
+        progress = bridge.make_progress(last - first, "Wan Sampler")
         preview = latent_previewer(task.vae)
 
         def on_step(index: int, num_steps: int, current: torch.Tensor) -> None:
-            progress(index + 1, preview(current) if preview is not None else None)
+            progress(index - first + 1, preview(current) if preview is not None else None)
             bridge.check_interrupt()
 
-        with maybe_profile(profiler, unique_id, sampling_stages(opts.steps)):
-            out = sample(
-                list(model.experts),
+        continuation = latent.get(LATENT_CONTINUATION)
+        with maybe_profile(profiler, unique_id, sampling_stages(last, first=first)), applied(
+            model.experts, model.execution
+        ):
+            result = sample_latent(
+                model.experts,
                 task,
                 opts,
                 context=text_embeds.context[0],
                 context_null=text_embeds.context_null[0],
-                latent_shape=tuple(samples.shape[1:]),
+                samples=samples,
+                add_noise=add_noise,
+                continuation=continuation if isinstance(continuation, Continuation) else None,
                 i2v_y=condition.y if isinstance(condition, I2VCondition) else None,
                 ti2v_z=condition.z if isinstance(condition, TI2VCondition) else None,
                 callback=on_step,
+                loras=model.loras,
             )
-        raw = denormalize_latent(out.float().cpu(), task.vae)[None]  # (1, C, T, h, w)
-        return {"ui": {"wanbench_sampler": [resolved]}, "result": ({"samples": raw},)}
+        out: dict[str, Any] = {"samples": result.samples}  # (1, C, T, h, w) raw
+        if condition is not None:
+            out[LATENT_CONDITION] = condition  # a second sampler (split run) needs it too
+        if result.continuation is not None:
+            out[LATENT_CONTINUATION] = result.continuation
+        return {"ui": {"wanbench_sampler": [resolved]}, "result": (out,)}
+
+
+def _resolved_steps(
+    steps: int, preset_steps: int, timesteps: tuple[float, ...] | None, sigmas: tuple[float, ...] | None
+) -> int:
+    """The steps widget with 0 resolved: an explicit list's length, else the task's preset."""
+    if steps != TASK_DEFAULT:
+        return steps
+    if timesteps is not None:
+        return len(timesteps)
+    if sigmas is not None:
+        return len(sigmas) - 1
+    return preset_steps
 
 
 def resolved_settings(task: Any, opts: Any) -> dict[str, Any]:

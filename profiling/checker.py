@@ -26,7 +26,8 @@ from typing import Any
 
 from .figures import SUM_MARGIN_ABS_S, SUM_MARGIN_PCT, covered_s, sum_margin_s, summarize_run
 from .findings import ACTIVITY_HIGH_PCT, ACTIVITY_LOW_PCT, analyze_run
-from .formatting import NA
+from .formatting import NA, markdown_text
+from .ranks import check_parallel
 from .records import ACTIVITY_BUSY, REPORT_SCHEMA_VERSION, RunRecord, run_from_dict
 from .report import group_runs, render_markdown
 
@@ -61,6 +62,10 @@ def check_report(source: str | os.PathLike[str] | dict[str, Any]) -> list[str]:
         return problems + ["the report holds no runs"]
     for data in runs:
         problems += _check_run(data)
+    try:
+        problems += check_parallel([run_from_dict(r) for r in runs])
+    except (ValueError, TypeError, KeyError) as err:
+        problems.append(f"parallel runs: the records do not parse: {err}")
     return problems
 
 
@@ -117,7 +122,7 @@ def _check_labels(text: str, runs: list[RunRecord]) -> list[str]:
             problems.append(f"Markdown: group {label!r} did not measure GPU busy but has a Busy(%) column")
     cases = _sections(text, "## Case: ")
     for run in runs:
-        heading = next((k for k in cases if k.startswith(f"{run.context.case_name} (")), None)
+        heading = next((k for k in cases if k.startswith(f"{markdown_text(run.context.case_name)} (")), None)
         if heading is None:
             problems.append(f"Markdown: no section for case {run.context.case_name!r}")
         elif run.system.activity_metric == ACTIVITY_BUSY and _SM_WORDS.search(cases[heading]):

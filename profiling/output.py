@@ -19,6 +19,7 @@ from .chart import draw_timeline
 from .figures import summarize_run
 from .findings import analyze_run
 from .formatting import NA, activity_label, fmt_gb, fmt_pct, fmt_s, markdown_text
+from .ranks import label_ranks
 from .records import REPORT_SCHEMA_VERSION, RunRecord, run_from_dict, run_to_dict
 from .report import render_markdown
 from .session import ProfileSession
@@ -135,24 +136,25 @@ def write_report(
     """Write `<basename>.md`, `<basename>.json` and the timeline PNG(s); returns their paths.
 
     Keys: "md", "json", and "png" (one run) or "png:<case>" (several runs) for each chart drawn.
-    The files appear together or not at all (`util.atomic.atomic_group`): a failure while writing
-    any of them (a full disk while writing the Markdown, say) leaves none, so no JSON can claim a
-    completed run whose report is missing.
+    The ranks of a parallel run are labelled with their rank (`ranks.label_ranks`). The files
+    appear together or not at all (`util.atomic.atomic_group`): a failure while writing any of them
+    (a full disk while writing the Markdown, say) leaves none, so no JSON can claim a completed run
+    whose report is missing.
     """
-    runs = _as_runs(source)
+    runs = label_ranks(_as_runs(source))
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    charts = {run.context.case_name: _chart_name(basename, run, len(runs)) for run in runs} if chart else {}
+    charts = _chart_names(basename, runs) if chart else []
     md_path, json_path = folder / f"{basename}.md", folder / f"{basename}.json"
-    targets = [json_path, md_path, *(folder / name for name in charts.values())]
+    targets = [json_path, md_path, *(folder / name for name in charts)]
     written = ReportFiles()
     with atomic_group(targets) as temps:
         notes: dict[str, str] = {}
-        for run, tmp in zip(runs if chart else [], temps[2:], strict=True):
+        for run, name, tmp in zip(runs if chart else [], charts, temps[2:], strict=True):
             case = run.context.case_name
-            notes[case] = _draw_chart(run, tmp, charts[case])
+            notes[case] = _draw_chart(run, tmp, name)
             if tmp.exists() and tmp.stat().st_size > 0:
-                written["png" if len(runs) == 1 else f"png:{case}"] = folder / charts[case]
+                written["png" if len(runs) == 1 else f"png:{case}"] = folder / name
             else:
                 tmp.unlink(missing_ok=True)
         if not chart:
@@ -164,8 +166,18 @@ def write_report(
     return written
 
 
-def _chart_name(basename: str, run: RunRecord, num_runs: int) -> str:
-    return f"{basename}.png" if num_runs == 1 else f"{basename}_{_safe(run.context.case_name)}.png"
+def _chart_names(basename: str, runs: Sequence[RunRecord]) -> list[str]:
+    """One chart file name per run: `<basename>.png`, or `<basename>_<case>.png` for several runs
+    (numbered when two runs have the same case name)."""
+    if len(runs) == 1:
+        return [f"{basename}.png"]
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for run in runs:
+        name = f"{basename}_{_safe(run.context.case_name)}"
+        seen[name] = seen.get(name, 0) + 1
+        names.append(f"{name}.png" if seen[name] == 1 else f"{name}_{seen[name]}.png")
+    return names
 
 
 def _draw_chart(run: RunRecord, tmp: Path, name: str) -> str:

@@ -121,13 +121,22 @@ class RunContext:
     vae_dtype: str | None = None
     attention_backend: str | None = None
     compile: bool | None = None
+    weight_dtype: str | None = None  # how the DiT's block matrices are stored (fp8, GGUF, ...)
+    tf32: bool | None = None
     cfg_mode: str | None = None
     solver: str | None = None
     seed: int | None = None
+    loras: tuple[str, ...] | None = None  # one line per LoRA: file, strength per expert, layout, matched keys
+    # The sampler settings as they ran (the task's presets filled in for widgets left at 0):
     shift: float | None = None
     boundary: float | None = None  # expert switch (A14B); None for single-model tasks
     guidance_high: float | None = None  # CFG scale of the high-noise expert (None: single model)
     guidance_low: float | None = None  # of the low-noise expert, or of the single model
+    # One rank of a parallel run (`ranks.label_ranks` fills these from the rank's plan event):
+    rank: int | None = None
+    world_size: int | None = None
+    parallel: str | None = None  # the plan, e.g. "cfg 2 x ulysses 2, sharded weights"
+    run_group: str | None = None  # the same id on every rank of one run
 
     @property
     def offload(self) -> bool | None:
@@ -236,7 +245,10 @@ def run_from_dict(data: dict[str, Any]) -> RunRecord:
         )
     d = {k: v for k, v in data.items() if k not in ("summary", "analysis")}
     d["system"] = _build(SystemInfo, d["system"], "system")
-    d["context"] = _build(RunContext, d["context"], "context")
+    context = dict(d["context"])
+    if context.get("loras") is not None:
+        context["loras"] = tuple(context["loras"])
+    d["context"] = _build(RunContext, context, "context")
     d["total"] = _stage_from_dict(d["total"])
     d["stages"] = tuple(_stage_from_dict(s) for s in d["stages"])
     d["samples"] = tuple(_build(Sample, s, "sample") for s in d["samples"])

@@ -3,7 +3,8 @@
 Layout (the shape of the reports users already compare across GPUs, extended): title and
 legend; per hardware group (one GPU model) its system context and a summary table with one row
 per case; then per case the run facts, totals, the stage breakdown, inference statistics,
-memory telemetry, bottleneck analysis, ranked recommendations and the timeline chart.
+memory telemetry, bottleneck analysis, ranked recommendations and the timeline chart; last, per
+parallel run, its ranks side by side (`ranks.py`: critical path, communication, scaling).
 Every value that was not measured reads `n/a`.
 """
 
@@ -38,6 +39,7 @@ from .formatting import (
     with_unit,
 )
 from .gpus import lookup_gpu
+from .ranks import parallel_sections
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
 
 TITLE = "# Wan2.2 Benchmark Report"
@@ -137,6 +139,7 @@ def render_markdown(
         for run in members:
             note = None if chart_notes is None else chart_notes.get(run.context.case_name)
             lines += _case_section(run, group, note)
+    lines += parallel_sections(runs)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -248,19 +251,24 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         f"placement {c.placement or NA}",
         f"attention {c.attention_backend or NA}",
         f"dtypes DiT {c.dit_dtype or NA} / T5 {c.t5_dtype or NA} / VAE {c.vae_dtype or NA}",
-        f"compile {_yes_no(c.compile)}",
+        f"DiT weights {c.weight_dtype or NA}",
+        f"TF32 {_yes_no(c.tf32)}",
+        f"compile {_compile_cell(run)}",
         f"CFG {c.cfg_mode or ', '.join(sm.cfg_modes) or NA}",
     ]
     if c.solver:
         facts.append(f"solver {c.solver}")
     facts += _sampler_facts(run)
+    if c.loras:
+        facts.append(f"LoRAs {' + '.join(markdown_text(lora) for lora in c.loras)}")
     lines += [
-        f"- **Run facts**: {'; '.join(facts)}",  # pack vocabularies and numbers only
+        f"- **Run facts**: {'; '.join(facts)}",  # pack vocabularies, numbers and escaped file names
         f"- **Status**: {run.status}",
         f"- **Total Duration**: {fmt_s(sm.total_s)} s",
         _peak_memory_line(run, sm),
         f"- **Total Compute Load**: {fmt_load(sm.load)}",
     ]
+    lines += _kernel_lines(run)
     lines += [f"- Note: {markdown_text(n)}" for n in run.notes]
     lines += ["", "### Stage Breakdown", ""] + _stage_table(run, sm) + [""]
     lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + _analysis_lines(analysis)
@@ -286,6 +294,37 @@ def _sampler_facts(run: RunRecord) -> list[str]:
     elif c.guidance_low is not None:
         facts.append(f"guidance {c.guidance_low:g}")
     return facts
+
+
+# Event names written by wan_core (config.py): the measured `auto` attention choices, the compile summary.
+ATTENTION_CHOICE_EVENT = "attention_choice"
+COMPILE_SUMMARY_EVENT = "compile_summary"
+
+
+def _compile_cell(run: RunRecord) -> str:
+    """'yes (3 compiles, 0 recompiles, 41.2 s)' from the run's compile summary, or yes/no/n/a."""
+    summaries = [e.facts for e in run.events if e.name == COMPILE_SUMMARY_EVENT]
+    if not summaries:
+        return _yes_no(run.context.compile)
+    compiles = sum(int(f.get("num_compiles") or 0) for f in summaries)
+    recompiles = sum(int(f.get("num_recompiles") or 0) for f in summaries)
+    seconds = sum(float(f.get("compile_s") or 0.0) for f in summaries)
+    return f"yes ({compiles} compiles, {recompiles} recompiles, first forwards {fmt_s(seconds)} s)"
+
+
+def _kernel_lines(run: RunRecord) -> list[str]:
+    """One line per attention shape whose kernel `auto` chose by measurement."""
+    lines = []
+    for e in run.events:
+        if e.name != ATTENTION_CHOICE_EVENT:
+            continue
+        f = e.facts
+        tflops = f.get("tflops")
+        speed = NA if not isinstance(tflops, (int, float)) else f"{tflops:.3g} TFLOP/s"
+        when = "measured earlier in this process" if f.get("cached") else "measured"
+        lines.append(f"- **Attention kernel** ({f.get('shape', NA)}): {f.get('kernel', NA)}, {speed} "
+                     f"({when}; candidates: {f.get('candidates', NA)})")
+    return lines
 
 
 def _peak_memory_line(run: RunRecord, sm: RunSummary) -> str:

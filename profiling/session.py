@@ -267,7 +267,7 @@ class ProfileSession:
 
     # ---------------------------------------------------------------- facts
     def set_context(self, **facts: Any) -> None:
-        """Label the run: task, width, height, frames, steps, placement, dtypes, attention, compile, ..."""
+        """Label the run: task, width, height, frames, steps, placement, dtypes, attention, compile, tf32, ..."""
         unknown = sorted(set(facts) - set(CONTEXT_FIELDS) - {"case_name"})
         if unknown:
             raise TypeError(f"unknown run facts {unknown}; expected any of {sorted(CONTEXT_FIELDS)}")
@@ -275,8 +275,14 @@ class ProfileSession:
             value = facts.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"run fact {key} must be an int; got {value!r}")
-        if "compile" in facts and facts["compile"] is not None and not isinstance(facts["compile"], bool):
-            raise TypeError(f"run fact compile must be a bool; got {facts['compile']!r}")
+        for key in ("compile", "tf32"):
+            if facts.get(key) is not None and not isinstance(facts[key], bool):
+                raise TypeError(f"run fact {key} must be a bool; got {facts[key]!r}")
+        if "loras" in facts and facts["loras"] is not None:
+            loras = facts["loras"]
+            if isinstance(loras, str) or not all(isinstance(item, str) for item in loras):
+                raise TypeError(f"run fact loras must be a list of strings (one per LoRA); got {loras!r}")
+            facts["loras"] = tuple(loras)
         if "case_name" in facts:
             self.case_name = str(facts.pop("case_name"))
         self._context.update({k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in facts.items()})

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 API_DIR = WORKFLOWS / "api"
 TEMPLATES = ROOT / "example_workflows"
-FILE_INPUTS = ("model_high", "model_low", "text_encoder", "vae")
+FILE_INPUTS = ("model_high", "model_low", "text_encoder", "vae", "lora_name")
 UI_FILES = sorted(TEMPLATES.glob("*.json"))
 API_FILES = sorted(API_DIR.glob("*.api.json"))
 # The folders ComfyUI scans for a pack's templates (app/custom_node_manager.py, 0.3.75 and 0.33).
@@ -46,6 +46,11 @@ def test_checked_in_files_match_the_generator() -> None:
     assert on_disk == set(built), "run `python workflows/build_workflows.py`"
     for rel, content in built.items():
         assert (ROOT / rel).read_text(encoding="utf-8") == GEN.render(content), f"{rel} is stale"
+
+
+def _spec(name: str):
+    (spec,) = [s for s in GEN.WORKFLOWS if s.name == name]
+    return spec
 
 
 def _twin(ui_path: Path) -> Path:
@@ -91,9 +96,10 @@ def test_real_workflows_carry_model_download_urls(path: Path) -> None:
     """As ComfyUI's own templates do: `properties.models` on each loader, one entry per file it
     picks, so the missing-models dialog offers downloads (the tiny models have none)."""
     (spec,) = [s for s in GEN.WORKFLOWS if s.template_file == path.name]
+    loaders = ("WanBenchModelLoader", "WanBenchTextEncoderLoader", "WanBenchVAELoader", "WanBenchLora")
     for node in _load(path)["nodes"]:
         models = node["properties"].get("models", [])
-        if spec.tiny or node["type"] not in GEN.MODEL_WIDGETS:
+        if spec.tiny or node["type"] not in loaders:
             assert models == [], node["type"]
             continue
         files = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
@@ -101,7 +107,7 @@ def test_real_workflows_carry_model_download_urls(path: Path) -> None:
         for entry in models:
             assert entry["url"].startswith("https://huggingface.co/Comfy-Org/") and "/resolve/main/" in entry["url"]
             assert entry["url"].endswith("/" + entry["name"])
-            assert entry["directory"] in ("diffusion_models", "text_encoders", "vae")
+            assert entry["directory"] in ("diffusion_models", "text_encoders", "vae", "loras")
 
 
 def _widget_names(node_type: str) -> list[str]:
@@ -213,7 +219,9 @@ def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
             assert validate(**{k: v for k, v in constants.items() if k in wanted}) is True
     if all(v["class_type"] in NODE_CLASS_MAPPINGS for v in prompt.values()):
         order = validate_workflow(prompt, values=False)  # model files are checked against the folders in runs
-        assert order.index("1") < order.index("8") < order.index("11")
+        of_type = {v["class_type"]: k for k, v in prompt.items()}
+        assert order.index(of_type["WanBenchProfiler"]) < order.index(of_type["WanBenchSampler"]) \
+            < order.index(of_type["WanBenchReport"])
 
 
 # The run order of the shipped graphs, by node type: every loader, then text encode, then the image
@@ -223,6 +231,7 @@ def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
 RUN_RANK = {
     "WanBenchProfiler": 0,
     "WanBenchModelLoader": 1,
+    "WanBenchLora": 1,
     "WanBenchTextEncoderLoader": 1,
     "WanBenchVAELoader": 1,
     "WanBenchTextEncode": 2,
@@ -284,6 +293,41 @@ def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
         16,
     )
     assert i2v["6"]["class_type"] == "LoadImage" and i2v["7"]["inputs"]["start_image"] == ["6", 0]
+
+
+REPACKAGED = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/"
+
+
+@pytest.mark.parametrize("task,lora_high,lora_low,boundary", [
+    ("t2v", "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+     "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors", 0.875),
+    ("i2v", "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+     "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors", 0.9),
+])
+def test_four_step_lora_workflows_follow_comfyui_templates(task: str, lora_high: str, lora_low: str,
+                                                           boundary: float) -> None:
+    """ComfyUI's 14B templates (4-step path): the lightx2v LoRA of each expert at strength 1, 4 steps,
+    cfg 1, shift 5, euler, 640x640x81 at 16 fps; the UI file names each file's download URL."""
+    api = load_api_workflow(API_DIR / f"wan22_{task}_A14B_4steps_lora.api.json")
+    loras = [n["inputs"] for n in api.values() if n["class_type"] == "WanBenchLora"]
+    assert [(x["lora_name"], x["strength_high"], x["strength_low"]) for x in loras] == [
+        (lora_high, 1.0, 0.0), (lora_low, 0.0, 1.0)]
+    (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "WanBenchSampler"]
+    assert (sampler["solver"], sampler["steps"], sampler["shift"], sampler["guidance_high"], sampler["guidance_low"],
+            sampler["boundary"]) == ("euler_distill", 4, 5.0, 1.0, 1.0, boundary)
+    assert api[sampler["model"][0]]["class_type"] == "WanBenchLora"
+    latent_types = ("WanBenchEmptyLatent", "WanBenchImageToVideo")
+    (latent,) = [n["inputs"] for n in api.values() if n["class_type"] in latent_types]
+    assert (latent["width"], latent["height"], latent["length"]) == (640, 640, 81)
+    ui = _load(TEMPLATES / _spec(f"wan22_{task}_A14B_4steps_lora").template_file)
+    urls = {m["name"]: (m["directory"], m["url"]) for n in ui["nodes"] for m in n["properties"].get("models", [])}
+    assert urls[lora_high] == ("loras", REPACKAGED + "loras/" + lora_high)
+    assert urls[lora_low] == ("loras", REPACKAGED + "loras/" + lora_low)
+    high_dit = f"wan2.2_{task}_high_noise_14B_fp8_scaled.safetensors"
+    assert urls[high_dit] == ("diffusion_models", REPACKAGED + "diffusion_models/" + high_dit)
+    assert urls["umt5_xxl_fp8_e4m3fn_scaled.safetensors"][0] == "text_encoders"
+    tiny = _load(TEMPLATES / _spec(f"tiny_{task}_A14B_4steps_lora").template_file)
+    assert not any(n["properties"].get("models") for n in tiny["nodes"]), "tiny files are made locally"
 
 
 @pytest.mark.parametrize("suite", sorted((WORKFLOWS / "suites").glob("*.json")), ids=lambda p: p.name)

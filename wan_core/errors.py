@@ -31,3 +31,9 @@ class SamplingInterrupted(WanError):
     """Raised by a progress callback to stop a run between steps; leaves no half state behind."""
 
     __module__ = PUBLIC_MODULE
+
+
+class DistributedError(WanError, RuntimeError):
+    """A parallel run cannot go on: a rank died, stopped answering or runs something else."""
+
+    __module__ = PUBLIC_MODULE

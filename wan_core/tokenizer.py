@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..util.deps import require
+from .config import SAFETENSORS_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class WanTokenizer:
             raise FileNotFoundError(f"tokenizer not found: {p} does not exist; pass a tokenizer folder "
                                     "(e.g. <checkpoints>/google/umt5-xxl), a spiece.model file or a "
                                     "text-encoder .safetensors with an embedded 'spiece_model'")
-        if p.suffix == ".safetensors":
+        if p.suffix.lower() in SAFETENSORS_SUFFIXES:
             data = read_embedded_spiece(p)
             if data is None:
                 raise FileNotFoundError(f"{p} has no embedded '{SPIECE_TENSOR_KEY}' tensor; pass the "

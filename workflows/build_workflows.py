@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: import the installed package
     from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from wanbench.util.atomic import atomic_output, atomic_write_text
-    from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
+    from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
 else:
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from ..util.atomic import atomic_output, atomic_write_text
-    from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B
+    from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
 ROOT = WORKFLOWS_DIR.parent
@@ -46,7 +46,7 @@ API_DIR = WORKFLOWS_DIR / "api"
 SUITES_DIR = WORKFLOWS_DIR / "suites"
 TEMPLATES_DIR = ROOT / "example_workflows"
 THUMBNAIL_SIZE = (640, 400)
-NOTE_NODE_ID = 20  # the Markdown note: a frontend-only node, no API twin
+NOTE_NODE_ID = 100  # the Markdown note: a frontend-only node, no API twin
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 CORE_NODES: dict[str, dict[str, Any]] = {
     # The only core node the shipped workflows use, with its widget/socket layout (ComfyUI >= 0.3).
@@ -96,25 +96,30 @@ FULL_FILES = {
 }
 FULL_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 FULL_VAE = {"wan2.2": "wan2.2_vae.safetensors", "wan2.1": "wan_2.1_vae.safetensors"}
-# Where ComfyUI's own Wan2.2 templates download these files from (their `properties.models`).
-_REPACKAGED_22 = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
-_REPACKAGED_21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
-MODEL_URLS = {
-    **{
-        name: f"{_REPACKAGED_22}/diffusion_models/{name}"
-        for pair in FULL_FILES.values()
-        for name in pair
-        if name != "none"
-    },
-    FULL_TEXT_ENCODER: f"{_REPACKAGED_21}/text_encoders/{FULL_TEXT_ENCODER}",
-    **{name: f"{_REPACKAGED_22}/vae/{name}" for name in FULL_VAE.values()},
+# The 4-step distill LoRAs of ComfyUI's Wan2.2 14B templates (high-noise file, low-noise file).
+FULL_LORAS = {
+    "t2v": ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+            "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"),
+    "i2v": ("wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+            "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors"),
 }
-# Model-file widgets of the pack's loaders, and the ComfyUI folder each file goes into.
-MODEL_WIDGETS = {
-    "WanBenchModelLoader": {"model_high": "diffusion_models", "model_low": "diffusion_models"},
-    "WanBenchTextEncoderLoader": {"text_encoder": "text_encoders"},
-    "WanBenchVAELoader": {"vae": "vae"},
+TINY_LORAS = {
+    task: tuple(f"wanbench_tiny_{task}_4steps_lora_{expert}_noise.safetensors" for expert in ("high", "low"))
+    for task in ("t2v", "i2v")
 }
+FOUR_STEP_GEOMETRY = (640, 640, 81)  # the templates' 4-step path: 640x640, 81 frames
+# Where ComfyUI's templates download each file (node `properties.models`, shown by the frontend).
+REPACKAGED_22 = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
+REPACKAGED_21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+MODEL_URL_ROOTS = {
+    "diffusion_models": REPACKAGED_22 + "/diffusion_models",
+    "text_encoders": REPACKAGED_21 + "/text_encoders",
+    "vae": REPACKAGED_22 + "/vae",
+    "loras": REPACKAGED_22 + "/loras",
+}
+# Sampler widgets added after the first release (optional inputs): the values of a plain full run.
+FULL_RUN_WINDOW = {"denoise": 1.0, "start_step": 0, "end_step": 10000, "add_noise": True, "timesteps": "",
+                   "sigmas": ""}
 
 
 @dataclass
@@ -123,17 +128,19 @@ class Node:
     type: str
     widgets: dict[str, Any]
     links: dict[str, tuple[int, int]] = field(default_factory=dict)
+    models: list[dict[str, str]] = field(default_factory=list)  # UI `properties.models` (download info)
 
 
 @dataclass(frozen=True)
 class WorkflowSpec:
-    """One shipped workflow: task, mode (text or image) and size class."""
+    """One shipped workflow: task, mode (text or image), size class, and the 4-step LoRA recipe."""
 
     name: str
     model_type: str  # "ti2v" | "t2v" | "i2v"
     with_image: bool
     tiny: bool
     title: str  # the template's file name in example_workflows/: what the template browser shows
+    four_step: bool = False  # the 4-step distill LoRAs (A14B), as in ComfyUI's 14B templates
 
     @property
     def api_file(self) -> str:
@@ -144,7 +151,16 @@ class WorkflowSpec:
         return f"{self.title}.json"
 
 
+def _models(tiny: bool, folder: str, *names: str) -> list[dict[str, str]]:
+    """The `properties.models` entries of a loader for real files (none for the tiny ones)."""
+    if tiny:
+        return []
+    return [{"name": n, "url": f"{MODEL_URL_ROOTS[folder]}/{n}", "directory": folder} for n in names if n != "none"]
+
+
 def _graph(spec: WorkflowSpec) -> list[Node]:
+    if spec.four_step:
+        return _four_step_graph(spec)
     task = {"ti2v": TI2V_5B, "t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
     cfg = task.tiny() if spec.tiny else task
     sampler = task.sampler
@@ -162,8 +178,20 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
         Node(
             2,
             "WanBenchModelLoader",
-            {"model_high": high, "model_low": low, "dtype": dtype, "attention": "sdpa", "device": "auto"},
+            {
+                "model_high": high,
+                "model_low": low,
+                "dtype": dtype,
+                "attention": "sdpa",
+                "device": "auto",
+                # the A14B files are fp8-scaled: kept in fp8 (14.3 GB per expert instead of 28.6 GB),
+                # decoded per block to the same bf16 values as a dequantised load
+                "weight_dtype": "as_stored" if task.is_moe and not spec.tiny else "default",
+                "compile": "off",
+                "tf32": False,
+            },
             {"profiler": (1, 0)},
+            _models(spec.tiny, "diffusion_models", high, low),
         ),
         Node(
             3,
@@ -172,14 +200,17 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "text_encoder": TINY_TEXT_ENCODER if spec.tiny else FULL_TEXT_ENCODER,
                 "dtype": dtype,
                 "device": "auto",
+                "weight_dtype": "default",
             },
             {"profiler": (1, 0)},
+            _models(spec.tiny, "text_encoders", FULL_TEXT_ENCODER),
         ),
         Node(
             4,
             "WanBenchVAELoader",
             {"vae": vae_file, "dtype": "float32", "device": "auto"},
             {"profiler": (1, 0)},
+            _models(spec.tiny, "vae", vae_file),
         ),
         Node(
             5,
@@ -229,6 +260,7 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "batched_cfg": True,
                 "placement": "none" if spec.tiny or not task.is_moe else "model",
                 "resident_blocks": 0,
+                **FULL_RUN_WINDOW,
             },
             {"model": (2, 0), "text_embeds": (5, 0), "latent": (7, 0), "profiler": (1, 0)},
         ),
@@ -247,6 +279,57 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
             {"filename_prefix": f"wanbench/{spec.name}_report"},
             {"profiler": (1, 0), "video_path": (10, 0)},
         ),
+    ]
+    return nodes
+
+
+def _four_step_graph(spec: WorkflowSpec) -> list[Node]:
+    """The A14B graph with the 4-step distill LoRAs: Wan LoRA (high-noise file on the high expert),
+    Wan LoRA (low-noise file on the low expert), then one Wan Sampler with the distilled recipe
+    (euler_distill, 4 steps, shift 5, guidance 1; it switches experts at the boundary itself, where
+    the templates need two KSamplerAdvanced nodes). Ids follow the run order, as in `_graph`.
+    """
+    task = {"t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
+    recipe = distilled_sampler(task)
+    base = {n.type: n for n in _graph(replace(spec, four_step=False))}
+    lora_high, lora_low = (TINY_LORAS if spec.tiny else FULL_LORAS)[spec.model_type]
+    width, height, frames = TINY_GEOMETRY[spec.model_type] if spec.tiny else FOUR_STEP_GEOMETRY
+    geometry = {"width": width, "height": height, "length": frames}
+    profiler = {"profiler": (1, 0)}
+
+    def lora(node_id: int, source: int, name: str, high: float, low: float) -> Node:
+        return Node(node_id, "WanBenchLora", {"lora_name": name, "strength_high": high, "strength_low": low},
+                    {"model": (source, 0), **profiler}, _models(spec.tiny, "loras", name))
+
+    def moved(node_type: str, node_id: int, **links: tuple[int, int]) -> Node:
+        node = base[node_type]
+        return Node(node_id, node.type, dict(node.widgets), {**node.links, **links}, node.models)
+
+    nodes = [
+        Node(1, "WanBenchProfiler", {"case_name": spec.name, "sample_interval_ms": 100}),
+        moved("WanBenchModelLoader", 2),
+        lora(3, 2, lora_high, 1.0, 0.0),
+        lora(4, 3, lora_low, 0.0, 1.0),
+        moved("WanBenchTextEncoderLoader", 5),
+        moved("WanBenchVAELoader", 6),
+        moved("WanBenchTextEncode", 7, text_encoder=(5, 0)),
+    ]
+    if spec.with_image:
+        image = moved("WanBenchTestImage" if spec.tiny else "LoadImage", 8)
+        if spec.tiny:
+            image.widgets.update(width=width + width // 4, height=height)
+        nodes += [image, Node(9, "WanBenchImageToVideo", geometry, {"vae": (6, 0), "start_image": (8, 0), **profiler})]
+    else:
+        nodes.append(Node(9, "WanBenchEmptyLatent", geometry, {"vae": (6, 0), **profiler}))
+    sampler = moved("WanBenchSampler", 10, model=(4, 0), text_embeds=(7, 0), latent=(9, 0))
+    sampler.widgets.update(steps=recipe.steps, shift=recipe.shift, boundary=recipe.boundary,
+                           guidance_high=recipe.guide_scale.high, guidance_low=recipe.guide_scale.low,
+                           solver=recipe.solver)
+    nodes += [
+        sampler,
+        moved("WanBenchVAEDecode", 11, vae=(6, 0), latent=(10, 0)),
+        moved("WanBenchSaveVideo", 12, images=(11, 0)),
+        moved("WanBenchReport", 13, video_path=(12, 0)),
     ]
     return nodes
 
@@ -310,16 +393,6 @@ def to_api(nodes: list[Node]) -> dict[str, Any]:
     return prompt
 
 
-def _models_property(node: Node) -> list[dict[str, str]]:
-    """`properties.models` of a loader: name, download URL and ComfyUI folder of each file it picks."""
-    entries = []
-    for widget, directory in MODEL_WIDGETS.get(node.type, {}).items():
-        name = node.widgets.get(widget)
-        if name in MODEL_URLS:
-            entries.append({"name": name, "url": MODEL_URLS[name], "directory": directory})
-    return entries
-
-
 def to_ui(nodes: list[Node], note: str | None = None) -> dict[str, Any]:
     """The UI (litegraph 0.4) format of a graph, laid out in columns by dependency depth, with an
     optional Markdown note (a frontend-only node) in the first column below the others."""
@@ -363,9 +436,8 @@ def to_ui(nodes: list[Node], note: str | None = None) -> dict[str, Any]:
             for slot, (name, kind) in enumerate(layout["outputs"])
         ]
         properties: dict[str, Any] = {"Node name for S&R": node.type}
-        models = _models_property(node)
-        if models:
-            properties["models"] = models
+        if node.models:
+            properties["models"] = node.models
         ui_nodes.append(
             {
                 "id": node.id,
@@ -424,13 +496,20 @@ WORKFLOWS = (
     WorkflowSpec("tiny_ti2v_5B_i2v", "ti2v", True, True, "Tiny models on CPU, TI2V-5B image to video"),
     WorkflowSpec("tiny_t2v_A14B", "t2v", False, True, "Tiny models on CPU, T2V-A14B text to video"),
     WorkflowSpec("tiny_i2v_A14B", "i2v", True, True, "Tiny models on CPU, I2V-A14B image to video"),
+    WorkflowSpec(
+        "wan22_t2v_A14B_4steps_lora", "t2v", False, False, "Wan2.2 T2V-A14B 4-step LoRA text to video, profiled", True
+    ),
+    WorkflowSpec(
+        "wan22_i2v_A14B_4steps_lora", "i2v", True, False, "Wan2.2 I2V-A14B 4-step LoRA image to video, profiled", True
+    ),
+    WorkflowSpec("tiny_t2v_A14B_4steps_lora", "t2v", False, True, "Tiny models on CPU, T2V-A14B 4-step LoRA", True),
+    WorkflowSpec("tiny_i2v_A14B_4steps_lora", "i2v", True, True, "Tiny models on CPU, I2V-A14B 4-step LoRA", True),
 )
 TASK_NAMES = {"ti2v": "TI2V-5B", "t2v": "T2V-A14B", "i2v": "I2V-A14B"}
 
 
 def note_text(spec: WorkflowSpec) -> str:
     """The Markdown note of a template: what it does, what it needs, what it writes."""
-    task = {"ti2v": TI2V_5B, "t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
     mode = "a start image and a prompt" if spec.with_image else "a prompt"
     lines = [
         f"## {spec.title}",
@@ -449,20 +528,20 @@ def note_text(spec: WorkflowSpec) -> str:
             "with `wanbench make-tiny-models ComfyUI/models` (or `python -m wanbench ...`).",
         ]
     else:
-        high, low = FULL_FILES[spec.model_type]
-        files = [
-            ("diffusion_models", high),
-            *([("diffusion_models", low)] if low != "none" else []),
-            ("text_encoders", FULL_TEXT_ENCODER),
-            ("vae", FULL_VAE[task.vae.variant]),
-        ]
+        files = [entry for node in _graph(spec) for entry in node.models]
         lines += ["**Model files** (ComfyUI's missing-models dialog offers these downloads):", ""]
-        lines += [f"- `models/{folder}/` [{name}]({MODEL_URLS[name]})" for folder, name in files]
+        lines += [f"- `models/{m['directory']}/` [{m['name']}]({m['url']})" for m in files]
     lines += [
         "",
         "Sampler values of 0 mean the task's own (steps, shift, expert switch, guidance); the values "
         "that ran are shown under Wan Sampler after the run.",
     ]
+    if spec.four_step:
+        lines += [
+            "",
+            "The two **Wan LoRA** nodes put the 4-step distill LoRAs on the high- and low-noise experts; "
+            "Wan Sampler runs their recipe (euler_distill, 4 steps, shift 5, guidance 1).",
+        ]
     return "\n".join(lines)
 
 
@@ -527,7 +606,10 @@ def thumbnail(spec: WorkflowSpec) -> Any:
     from PIL import Image, ImageDraw, ImageFont
 
     task = {"ti2v": TI2V_5B, "t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
-    width, height, frames = TINY_GEOMETRY[spec.model_type] if spec.tiny else (*task.default_size, task.frame_num)
+    if spec.tiny:
+        width, height, frames = TINY_GEOMETRY[spec.model_type]
+    else:
+        width, height, frames = FOUR_STEP_GEOMETRY if spec.four_step else (*task.default_size, task.frame_num)
     w, h = THUMBNAIL_SIZE
     image = Image.new("RGB", THUMBNAIL_SIZE, "#15171c")
     draw = ImageDraw.Draw(image)
@@ -537,6 +619,7 @@ def thumbnail(spec: WorkflowSpec) -> Any:
     big, mid, small = (ImageFont.load_default(size=n) for n in (46, 26, 20))
     draw.text((32, 30), "Wan2.2 " + TASK_NAMES[spec.model_type], font=big, fill="#f2f2f2")
     mode = "image to video" if spec.with_image else "text to video"
+    mode += "  ·  4-step LoRA" if spec.four_step else ""
     draw.text((32, 92), mode + ("  ·  tiny models, CPU" if spec.tiny else ""), font=mid, fill="#9ecbff")
     draw.text((32, 132), f"{width}x{height}  ·  {frames} frames  ·  {task.fps} fps", font=small, fill="#c8c8c8")
     # the profile's timeline: init, preprocess, encode, the steps (loading + inference), decode

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .provision import ComfyInstall, install_from_env, provision, repo_root
+from .provision import ComfyInstall, ensure_optional_packages, install_from_env, provision, repo_root
 from .server import ComfyServer
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,10 @@ PACK_LINK_NAME = "ComfyUI-WanBench"
 @pytest.fixture(scope="session")
 def comfy_install() -> ComfyInstall:
     """The ComfyUI tree and interpreter (provisioned and cached under .cache/comfyui, or COMFYUI_DIR)."""
-    install = install_from_env() or provision()
+    from_env = install_from_env()
+    install = from_env or provision()
+    if from_env is None:  # the cached install: top up gguf, which the GGUF e2e tests need in the server
+        ensure_optional_packages(install)
     if install.reused:
         logger.info("using ComfyUI %s at %s", install.version, install.comfy_dir)
     else:
@@ -41,9 +44,9 @@ def comfy_install() -> ComfyInstall:
 
 
 def make_tiny_models(models_dir: Path) -> None:
-    """Run ``wanbench make-tiny-models DIR`` with the project's interpreter."""
+    """Run ``wanbench make-tiny-models DIR --gguf`` with the project's interpreter (GGUF files too)."""
     result = subprocess.run(
-        [sys.executable, "-m", "wanbench", "make-tiny-models", str(models_dir)],
+        [sys.executable, "-m", "wanbench", "make-tiny-models", str(models_dir), "--gguf"],
         capture_output=True,
         text=True,
         check=False,
