@@ -35,10 +35,12 @@ if __package__ in (None, ""):  # run as a script: import the installed package
     from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from wanbench.util.atomic import atomic_output, atomic_write_text
     from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
+    from wanbench.workflows.thumbnails import draw_card
 else:
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from ..util.atomic import atomic_output, atomic_write_text
     from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
+    from .thumbnails import draw_card
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
 ROOT = WORKFLOWS_DIR.parent
@@ -598,40 +600,22 @@ def render(content: Any) -> str:
 # ------------------------------------------------------------------------------------------------
 # Template thumbnails
 # ------------------------------------------------------------------------------------------------
-_STAGE_COLOURS = ("#8c8c8c", "#b38bd9", "#e0a84f", "#d95f5f", "#4f8fd9", "#5fbf6a")
-
-
 def thumbnail(spec: WorkflowSpec) -> Any:
-    """The template's thumbnail (a PIL image): task, mode, size, and the profile's stage bands."""
-    from PIL import Image, ImageDraw, ImageFont
-
+    """The template's thumbnail (a PIL image, `thumbnails.draw_card`): task, mode, size, fps."""
     task = {"ti2v": TI2V_5B, "t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
     if spec.tiny:
         width, height, frames = TINY_GEOMETRY[spec.model_type]
     else:
         width, height, frames = FOUR_STEP_GEOMETRY if spec.four_step else (*task.default_size, task.frame_num)
-    w, h = THUMBNAIL_SIZE
-    image = Image.new("RGB", THUMBNAIL_SIZE, "#15171c")
-    draw = ImageDraw.Draw(image)
-    for y in range(h):  # a quiet vertical gradient
-        shade = int(21 + 22 * y / h)
-        draw.line([(0, y), (w, y)], fill=(shade, shade + 2, shade + 10))
-    big, mid, small = (ImageFont.load_default(size=n) for n in (46, 26, 20))
-    draw.text((32, 30), "Wan2.2 " + TASK_NAMES[spec.model_type], font=big, fill="#f2f2f2")
     mode = "image to video" if spec.with_image else "text to video"
     mode += "  ·  4-step LoRA" if spec.four_step else ""
-    draw.text((32, 92), mode + ("  ·  tiny models, CPU" if spec.tiny else ""), font=mid, fill="#9ecbff")
-    draw.text((32, 132), f"{width}x{height}  ·  {frames} frames  ·  {task.fps} fps", font=small, fill="#c8c8c8")
-    # the profile's timeline: init, preprocess, encode, the steps (loading + inference), decode
-    x, top, bottom = 32, 220, 290
-    parts = [(0, 50), (1, 14), (2, 30)] + [(3 + i % 2, 10 if i % 2 == 0 else 26) for i in range(16)] + [(5, 70)]
-    scale = (w - 64) / sum(n for _, n in parts)
-    for colour, n in parts:
-        draw.rectangle([x, top, x + n * scale - 2, bottom], fill=_STAGE_COLOURS[colour])
-        x += n * scale
-    draw.text((32, 310), "profiled: time · memory · GPU activity per stage", font=small, fill="#e6e6e6")
-    draw.text((32, 346), "ComfyUI-WanBench", font=small, fill="#7d8796")
-    return image
+    mode += "  ·  tiny models, CPU" if spec.tiny else ""
+    return draw_card(
+        THUMBNAIL_SIZE,
+        title="Wan2.2 " + TASK_NAMES[spec.model_type],
+        subtitle=mode,
+        facts=f"{width}x{height}  ·  {frames} frames  ·  {task.fps} fps",
+    )
 
 
 def write_all(root: Path = ROOT) -> list[Path]:
