@@ -8,10 +8,12 @@ CONSTRAINTS ?= constraints.txt
 .PHONY: demo test test-fast test-e2e comfyui bench clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
+	@echo "== setting up $(VENV) (once): the CPU build of torch, then the pack with its test extras"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c $(CONSTRAINTS) torch
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	@echo "== $(VENV) is ready"
 	touch $@
 
 demo: $(BIN)/.installed

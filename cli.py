@@ -30,6 +30,8 @@ log = logging.getLogger("wanbench")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 WORKFLOWS_DIR = PACKAGE_DIR / "workflows"
+API_WORKFLOWS_DIR = WORKFLOWS_DIR / "api"  # the API twins (ComfyUI's templates are in example_workflows/)
+SUITES_DIR = WORKFLOWS_DIR / "suites"
 DEMO_WORKFLOW = "tiny_ti2v_5B_t2v.api.json"
 DEFAULT_OUT = Path("wanbench_out")
 
@@ -40,12 +42,16 @@ def _say(text: str) -> None:
 
 
 def _find_workflow(name: str) -> Path:
-    """A workflow path as given, or a shipped workflow / suite by file name."""
-    for candidate in (Path(name), WORKFLOWS_DIR / name, WORKFLOWS_DIR / "suites" / name):
+    """A workflow path as given, or a shipped API workflow / suite by file name."""
+    for candidate in (Path(name), API_WORKFLOWS_DIR / name, SUITES_DIR / name):
         if candidate.is_file():
             return candidate
+    shipped = sorted(p.name for p in API_WORKFLOWS_DIR.glob("*.api.json")) + sorted(
+        p.name for p in SUITES_DIR.glob("*.json")
+    )
     raise FileNotFoundError(
-        f"workflow {name!r} not found (as a path or among the shipped files in {WORKFLOWS_DIR})"
+        f"workflow {name!r} not found as a path nor among the shipped ones ({', '.join(shipped)}); "
+        "give a path or one of those names"
     )
 
 
@@ -101,9 +107,11 @@ def run_one(
     frames_case: str | None = None,
     loader_options: dict[str, Any] | None = None,
 ) -> dict[str, list[str]]:
-    """Run one API workflow; returns {"videos": [...], "reports": [...json...]} of files written.
+    """Run one API workflow; returns the files written by kind (`run_results.FILE_KINDS`).
 
     `frames_case`: on a server, also save the decoded frames as PNG for a suite comparison."""
+    from .nodes import NODE_DISPLAY_NAME_MAPPINGS
+    from .run_results import FILE_KINDS, FILE_LABELS, node_title
     from .runner import apply_overrides, load_api_workflow, output_files, run_workflow
 
     prompt = apply_model_options(apply_overrides(load_api_workflow(workflow), overrides), loader_options or {})
@@ -113,22 +121,30 @@ def run_one(
         prompt = add_frame_saver(prompt, frames_case)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+
+    def title(node: Any) -> str:
+        class_type = (prompt.get(str(node)) or {}).get("class_type")
+        return node_title(prompt, str(node), NODE_DISPLAY_NAME_MAPPINGS.get(class_type, class_type))
+
     if server:
         from .client import run_on_server
 
         def progress(node: Any, value: Any, maximum: Any) -> None:
-            _say(f"  node {node}: {value}/{maximum}")
+            _say(f"  {title(node)} (node {node}): {value}/{maximum}")
 
         files = run_on_server(prompt, server, out_dir, on_progress=progress).files
     else:
         from .nodes.context import Bridge
 
+        def starting(node_id: str, name: str, position: int, count: int) -> None:
+            _say(f"  [{position}/{count}] {name} (node {node_id})")
+
         bridge = Bridge.for_models_root(models if models is not None else out_dir / "models", out_dir)
-        files = output_files(run_workflow(prompt, bridge))
+        files = output_files(run_workflow(prompt, bridge, on_node=starting), out_dir)
     _say(f"{workflow.name}: done in {time.perf_counter() - started:.1f} s")
-    for kind, label in (("videos", "video"), ("reports", "report"), ("other", "file")):
+    for kind in FILE_KINDS:
         for path in files.get(kind, []):
-            _say(f"  {label}: {path}")
+            _say(f"  {FILE_LABELS[kind]}: {path}")
     return files
 
 
@@ -214,9 +230,11 @@ def _run_parallel(args: argparse.Namespace) -> int:
     if files["videos"] or files["reports"]:
         _say(f"{workflow.name}: done in {time.perf_counter() - started:.1f} s ({job.parallel}"
              f"{', sharded weights' if job.shard_weights else ''})")
-    for kind in ("videos", "reports"):
+    from .run_results import FILE_KINDS, FILE_LABELS
+
+    for kind in FILE_KINDS:
         for path in files.get(kind, []):
-            _say(f"  {kind[:-1]}: {path}")
+            _say(f"  {FILE_LABELS[kind]}: {path}")
     return 0
 
 
@@ -325,11 +343,12 @@ def _run_ladder_suite(path: Path, suite: dict[str, Any], out_dir: Path, models: 
 def combined_report(reports: Sequence[str], failed: Sequence[tuple[str, str]]) -> str:
     """The suite's Markdown: the merged runs, then a section listing every failed case and why."""
     from .profiling import merge_reports
+    from .profiling.formatting import markdown_text
 
     text = merge_reports(reports) if reports else "# Benchmark report\n\nNo case finished.\n"
     if failed:
         lines = ["", "## Failed cases", "", "| case | status | error |", "| --- | --- | --- |"]
-        lines += [f"| {name} | FAILED | {why.replace('|', '/')} |" for name, why in failed]
+        lines += [f"| {markdown_text(name)} | FAILED | {markdown_text(why)} |" for name, why in failed]
         text = text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
     return text
 
@@ -380,19 +399,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     models = make_tiny_models(out_dir / "models", seed=0, overwrite=False)
     _say(f"tiny models in {models.root}")
     files = run_one(
-        WORKFLOWS_DIR / DEMO_WORKFLOW, out_dir=out_dir, models=models.root, server=None, overrides={}
+        API_WORKFLOWS_DIR / DEMO_WORKFLOW, out_dir=out_dir, models=models.root, server=None, overrides={}
     )
     _say(f"demo finished in {time.perf_counter() - started:.1f} s; outputs are in {out_dir.resolve()}")
-    for report in files["reports"]:
-        md, chart = Path(report).with_suffix(".md"), Path(report).with_suffix(".png")
-        _say(f"open {md} for the benchmark report")
-        if chart.is_file():
-            _say(f"chart: {chart}")
-        else:
-            _say(
-                "chart: skipped (matplotlib is not installed); "
-                "pip install matplotlib (or the pack's [chart] extra) and run the demo again"
-            )
+    for markdown in files["markdown"]:
+        _say(f"open {markdown} for the benchmark report")
+    if files["reports"] and not files["charts"]:
+        _say(
+            "chart: skipped (matplotlib is not installed); "
+            "pip install matplotlib (or the pack's [chart] extra) and run the demo again"
+        )
     return 0
 
 
@@ -509,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def describe_error(err: BaseException) -> str:
-    """One line for the user: the node that raised (when a workflow node did), the type, the message."""
+    """For the user: the node that raised (when a workflow node did), the type and the message; a
+    refused workflow lists each problem on its own line (node title, input, message)."""
     from .runner import describe_error as describe
 
     return describe(err)

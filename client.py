@@ -16,12 +16,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .run_results import FILE_KINDS, REPORT_FILE_KINDS, InputProblem, describe_problems, node_title
 from .util.atomic import atomic_output
+from .util.public import PUBLIC_MODULE
 from .wan_core.errors import WanError
 
 _INSTALL_HINT = "install it with: pip install 'websocket-client>=1.6'"
@@ -45,7 +47,16 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mov")
 
 
 class ServerError(WanError, RuntimeError):
-    """The server refused the prompt or the prompt failed there."""
+    """The server refused the prompt or the prompt failed there.
+
+    For a refused prompt, `problems` lists the server's `node_errors`, each on its node and input.
+    """
+
+    __module__ = PUBLIC_MODULE
+
+    def __init__(self, message: str, problems: Sequence[InputProblem] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
 @dataclass
@@ -147,12 +158,47 @@ def open_websocket(server: str, client_id: str, *, timeout_s: float) -> websocke
 
 
 def submit_prompt(server: str, prompt: Mapping[str, Any], client_id: str) -> str:
-    """`POST /prompt`; returns the prompt id. A refusal (HTTP error, or 200 with `node_errors`)
-    is a `ServerError` that shows the server's answer."""
+    """`POST /prompt`; returns the prompt id. A refusal (HTTP error, or 200 with `node_errors`) is a
+    `ServerError` listing every problem the server named: node (by title), input and message."""
     status, answer = http_json("POST", f"{server}/prompt", {"prompt": dict(prompt), "client_id": client_id})
-    if status != 200 or not isinstance(answer, dict) or answer.get("node_errors"):
-        raise ServerError(f"the server refused the workflow (HTTP {status}): {json.dumps(answer)[:2000]}")
-    return answer["prompt_id"]
+    if status == 200 and isinstance(answer, dict) and not answer.get("node_errors") and "prompt_id" in answer:
+        return answer["prompt_id"]
+    if not isinstance(answer, dict):
+        raise ServerError(f"the server refused the workflow (HTTP {status}): {str(answer)[:2000]}")
+    problems = problems_from_node_errors(prompt, answer.get("node_errors") or {})
+    error = answer.get("error")
+    headline = error.get("message") if isinstance(error, dict) else None
+    if isinstance(error, dict) and error.get("details"):
+        headline = f"{headline}: {error['details']}"
+    headline = f"the server refused the workflow (HTTP {status}): {headline or 'no reason given'}"
+    if not problems:
+        raise ServerError(f"{headline}; answer: {json.dumps(answer)[:2000]}")
+    raise ServerError(describe_problems(headline, problems), problems)
+
+
+def problems_from_node_errors(prompt: Mapping[str, Any], node_errors: Mapping[str, Any]) -> list[InputProblem]:
+    """ComfyUI's `node_errors` as problems: node title (from the prompt's `_meta`), input, message.
+
+    Each error is `{type, message, details, extra_info: {input_name, ...}}`; a custom validation's
+    `details` is "<input> - <the node's message>", which is shown without the repeated input name.
+    """
+    problems = []
+    for node_id, entry in node_errors.items():
+        class_type = str(entry.get("class_type") or (prompt.get(node_id) or {}).get("class_type") or "?")
+        title = node_title(prompt, str(node_id), class_type)
+        for error in entry.get("errors", []):
+            name = (error.get("extra_info") or {}).get("input_name")
+            details = str(error.get("details") or "")
+            if name and details.startswith(f"{name} - "):
+                message = details[len(name) + 3 :]
+            elif details and details != name:
+                message = f"{error.get('message', 'invalid')}: {details}"
+            else:
+                message = str(error.get("message", "invalid"))
+            problems.append(
+                InputProblem(node_id=str(node_id), class_type=class_type, title=title, input=name, message=message)
+            )
+    return problems
 
 
 def _next_text(ws: websocket.WebSocket, *, timeout_s: float) -> str:
@@ -177,13 +223,25 @@ def _next_text(ws: websocket.WebSocket, *, timeout_s: float) -> str:
 
 
 def follow_prompt(
-    ws: websocket.WebSocket, prompt_id: str, *, timeout_s: float, on_progress: ProgressCallback | None = None
+    ws: websocket.WebSocket,
+    prompt_id: str,
+    *,
+    timeout_s: float,
+    on_progress: ProgressCallback | None = None,
+    prompt: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The messages about `prompt_id` (and those naming no prompt) until it has finished.
 
     Finished means `executing` with `node: null` for the prompt: `execution_success` comes before
-    the prompt is in `/history`. `execution_error` and `execution_interrupted` are `ServerError`s.
+    the prompt is in `/history`. `execution_error` and `execution_interrupted` are `ServerError`s
+    that name the node by its title (from `prompt`'s `_meta`) and id.
     """
+    graph = prompt or {}
+
+    def node_label(node_id: Any, node_type: Any) -> str:
+        title = node_title(graph, str(node_id), None if node_type is None else str(node_type))
+        return f"node {node_id} '{title}'" + (f" ({node_type})" if node_type and node_type != title else "")
+
     messages: list[dict[str, Any]] = []
     while True:
         message = json.loads(_next_text(ws, timeout_s=timeout_s))
@@ -195,25 +253,29 @@ def follow_prompt(
         if kind == "progress" and on_progress is not None:
             on_progress(data.get("node"), data.get("value"), data.get("max"))
         elif kind == "execution_error":
+            message = str(data.get("exception_message") or "").strip()
             raise ServerError(
-                f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                f"{data.get('exception_type')}: {data.get('exception_message')}"
+                f"{node_label(data.get('node_id'), data.get('node_type'))} failed: "
+                f"{data.get('exception_type')}: {message}"
             )
         elif kind == "execution_interrupted":
-            raise ServerError(f"the prompt was interrupted at node {data.get('node_id')}")
+            raise ServerError(
+                f"the prompt was interrupted at {node_label(data.get('node_id'), data.get('node_type'))}"
+            )
         elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
             return messages
 
 
 def fetch_outputs(server: str, prompt_id: str, out_dir: Path, *, timeout_s: float) -> dict[str, list[str]]:
-    """Download what `/history/<prompt_id>` lists into `out_dir`: {"videos", "reports" (JSON), "other"}."""
+    """Download what `/history/<prompt_id>` lists into `out_dir`, by kind: "videos", "reports" (the
+    report JSON files), "markdown", "charts" and "other" (e.g. images of core nodes)."""
     _, history = http_json("GET", f"{server}/history/{prompt_id}")
     outputs = history.get(prompt_id, {}).get("outputs", {}) if isinstance(history, dict) else {}
-    files: dict[str, list[str]] = {"videos": [], "reports": [], "other": []}
+    files: dict[str, list[str]] = {kind: [] for kind in FILE_KINDS}
     for node_output in outputs.values():
         for entry in node_output.get("wanbench_report", []):
             path = download(server, entry, out_dir, timeout_s=timeout_s)
-            files["reports" if path.suffix == ".json" else "other"].append(str(path))
+            files[REPORT_FILE_KINDS.get(entry.get("kind"), "other")].append(str(path))
         for entry in node_output.get("images", []) + node_output.get("gifs", []):
             path = download(server, entry, out_dir, timeout_s=timeout_s)
             files["videos" if path.suffix in VIDEO_SUFFIXES else "other"].append(str(path))
@@ -250,7 +312,7 @@ def run_on_server(
     ws = open_websocket(server, client_id, timeout_s=timeout_s)
     try:
         prompt_id = submit_prompt(server, prompt, client_id)
-        messages = follow_prompt(ws, prompt_id, timeout_s=timeout_s, on_progress=on_progress)
+        messages = follow_prompt(ws, prompt_id, timeout_s=timeout_s, on_progress=on_progress, prompt=prompt)
     finally:
         ws.close(timeout=CLOSE_TIMEOUT_S)
     files = fetch_outputs(server, prompt_id, out_dir, timeout_s=timeout_s)

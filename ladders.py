@@ -109,10 +109,26 @@ def _run_row_process(prompt_file: Path, row_dir: Path, models: Path) -> dict[str
         if any(line.startswith("Traceback") for line in lines):
             errors = lines[-1:]  # an unexpected error: its last line names it (the traceback is above)
         else:
-            errors = [line for line in lines if line.startswith(("ERROR", "CRITICAL"))] or lines
+            errors = _logged_errors(lines) or lines
         reason = " / ".join(errors[-CHILD_ERROR_LINES:]) or "no output"
         raise RowFailed(f"the row's process exited with code {done.returncode}: {reason}")
     return json.loads(files_json.read_text(encoding="utf-8"))
+
+
+def _logged_errors(lines: list[str]) -> list[str]:
+    """The ERROR / CRITICAL log lines with their indented continuation lines (a refused workflow
+    lists each problem on its own line under its headline)."""
+    errors: list[str] = []
+    inside = False
+    for line in lines:
+        if line.startswith(("ERROR", "CRITICAL")):
+            errors.append(line)
+            inside = True
+        elif inside and line.startswith((" ", "\t")):
+            errors.append(line.strip())
+        else:
+            inside = False
+    return errors
 
 
 def _run_row(prompt: dict[str, Any], row_dir: Path, models: Path | None, server: str | None) -> dict[str, list[str]]:

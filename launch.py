@@ -83,6 +83,7 @@ def run_rank(job: RankJob) -> dict[str, list[str]]:
     """One rank of a parallel run; returns the files written (rank 0) or no files (other ranks)."""
     from .nodes.context import Bridge
     from .rank_runner import run_workflow_on_rank
+    from .run_results import FILE_KINDS
     from .runner import output_files
 
     _rank_logging(job.verbose)
@@ -95,7 +96,7 @@ def run_rank(job: RankJob) -> dict[str, list[str]]:
     runtime = init_from_environment(job.parallel, shard_weights=job.shard_weights, timeout_s=job.timeout_s)
     try:
         result = run_workflow_on_rank(job.prompt, Bridge.for_models_root(job.models, job.out_dir), runtime)
-        return output_files(result) if runtime.is_root else {"videos": [], "reports": []}
+        return output_files(result, job.out_dir) if runtime.is_root else {kind: [] for kind in FILE_KINDS}
     finally:
         shutdown(runtime)
 

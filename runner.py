@@ -20,25 +20,36 @@ import asyncio
 import inspect
 import json
 import logging
-import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .nodes import NODE_CLASS_MAPPINGS
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from .nodes.api_prompt import is_link
 from .nodes.comfy_bridge import model_folder_description
 from .nodes.context import Bridge, use_bridge
 from .nodes.observer import InProcessPrompt, in_process_prompt
+from .nodes.validation import WIDGET_TYPES, input_problems
+from .run_results import FILE_KINDS, REPORT_FILE_KINDS, InputProblem, describe_problems, node_title
+from .util.public import PUBLIC_MODULE
 from .wan_core.errors import WanError
 
 log = logging.getLogger(__name__)
 
 
 class WorkflowError(WanError, ValueError):
-    """The workflow cannot run: unknown node type, bad link, invalid input value."""
+    """The workflow cannot run: unknown node type, bad link, invalid input value.
+
+    `problems` lists every problem found (each naming its node and input), all at once.
+    """
+
+    __module__ = PUBLIC_MODULE
+
+    def __init__(self, message: str, problems: Sequence[InputProblem] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
 NODE_NOTE_PREFIX = "raised by node "  # exception note added by the runner: "raised by node 7 (Class)"
@@ -54,10 +65,9 @@ NODE_ERRORS: tuple[type[Exception], ...] = (
     ImportError,
     RuntimeError,
 )
-# Input types entered as widget values (everything else is a link from another node's output).
-WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 RUN_FIRST = ("WanBenchProfiler",)  # output nodes without needed inputs ComfyUI starts first
 RUN_LAST = ("WanBenchReport",)  # the report waits for every other node
+NodeCallback = Callable[[str, str, int, int], None]  # (node id, title, position from 1, number of nodes)
 
 
 def describe_error(err: BaseException) -> str:
@@ -108,88 +118,85 @@ def _model_folder_hint(cls: type, name: str) -> str:
         return ""
     return (
         f"; model files are looked up in {model_folder_description(folder)}: put the file there, "
-        "pass another models folder with --models, or pick one of the listed names"
+        "pass another models folder with --models (or create the tiny ones with --make-tiny-models), "
+        "or pick one of the listed names"
     )
 
 
-def _check_value(
-    node_id: str, class_type: str, name: str, kind: Any, opts: dict[str, Any], value: Any, cls: type
-) -> None:
-    where = f"node {node_id} ({class_type}) input {name!r}"
-    if isinstance(kind, list):
-        if value not in kind:
-            shown = kind if len(kind) <= 8 else kind[:8] + ["..."]
-            if not kind:
-                raise WorkflowError(
-                    f"{where}: {value!r} is not available: the list is empty (no model files found). "
-                    "Pass the models folder with --models, or create the tiny models with "
-                    "--make-tiny-models / `wanbench make-tiny-models DIR`"
-                )
-            raise WorkflowError(
-                f"{where}: value {value!r} is not one of {shown}{_model_folder_hint(cls, name)}"
-            )
-        return
-    if kind in ("INT", "FLOAT"):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (kind == "INT" and not float(value).is_integer())
-        ):
-            raise WorkflowError(f"{where}: expected {kind}; got {value!r}")
-        if isinstance(value, float) and math.isnan(value):
-            raise WorkflowError(f"{where}: expected a number; got NaN")
-        if "min" in opts and value < opts["min"] or "max" in opts and value > opts["max"]:
-            raise WorkflowError(f"{where}: {value} is outside [{opts.get('min')}, {opts.get('max')}]")
-    elif kind == "BOOLEAN" and not isinstance(value, bool):
-        raise WorkflowError(f"{where}: expected a boolean; got {value!r}")
-    elif kind == "STRING" and not isinstance(value, str):
-        raise WorkflowError(f"{where}: expected text; got {value!r}")
+def validate_workflow(prompt: Mapping[str, Any], *, values: bool = True) -> list[str]:
+    """Check the whole workflow before anything runs, as ComfyUI does; return the execution order.
 
-
-def validate_workflow(prompt: Mapping[str, Any]) -> list[str]:
-    """Check node types, links and required inputs; return the node ids in execution order."""
+    Node types, required inputs, links (source, slot, type) and, with `values`, every widget value
+    (type, min/max, choices such as the model files of the active bridge, the node's own
+    `VALIDATE_INPUTS`) are checked; all problems are reported at once in one `WorkflowError` whose
+    `problems` name each node and input. `values=False` checks the structure only.
+    """
+    problems: list[InputProblem] = []
     for node_id, node in prompt.items():
-        class_type = node.get("class_type")
-        if class_type not in NODE_CLASS_MAPPINGS:
-            raise WorkflowError(
-                f"node {node_id}: node type {class_type!r} is not a ComfyUI-WanBench node; "
-                f"the in-process runner only runs {sorted(NODE_CLASS_MAPPINGS)}. "
-                f"Run this workflow on a ComfyUI server with --server URL"
-            )
-        cls = NODE_CLASS_MAPPINGS[class_type]
-        inputs = node.get("inputs", {})
-        for name, entry in cls.INPUT_TYPES().get("required", {}).items():
-            if name not in inputs:
-                kind = entry[0]
-                fix = (
-                    f"connect a node that outputs {kind} to it"
-                    if isinstance(kind, str) and kind.isupper() and kind not in WIDGET_TYPES
-                    else "give it a value"
-                )
-                raise WorkflowError(
-                    f"node {node_id} ({class_type}): required input {name!r} is missing; {fix}"
-                )
-        for name, value in inputs.items():
-            spec = _input_spec(cls, name)
-            if spec is None:
-                raise WorkflowError(f"node {node_id} ({class_type}): unknown input {name!r}")
-            if is_link(value):
-                src_id, slot = value
-                if src_id not in prompt:
-                    raise WorkflowError(
-                        f"node {node_id} ({class_type}) input {name!r} links to missing node {src_id}"
-                    )
-                src_cls = NODE_CLASS_MAPPINGS.get(prompt[src_id]["class_type"])
-                out_types = src_cls.RETURN_TYPES if src_cls else ()
-                if slot >= len(out_types) or (
-                    out_types[slot] != spec[0] and "*" not in (out_types[slot], spec[0])
-                ):
-                    got = out_types[slot] if slot < len(out_types) else f"no output {slot}"
-                    raise WorkflowError(
-                        f"node {node_id} ({class_type}) input {name!r} expects {spec[0]}; "
-                        f"node {src_id} output {slot} is {got}"
-                    )
+        problems += _node_problems(prompt, str(node_id), node, values=values)
+    if problems:
+        raise WorkflowError(
+            describe_problems(f"the workflow has {len(problems)} problem(s); nothing was run:", problems),
+            problems,
+        )
     return _topological_order(prompt)
+
+
+def _node_problems(
+    prompt: Mapping[str, Any], node_id: str, node: Mapping[str, Any], *, values: bool
+) -> list[InputProblem]:
+    class_type = str(node.get("class_type"))
+    cls = NODE_CLASS_MAPPINGS.get(class_type)
+    title = node_title(prompt, node_id, NODE_DISPLAY_NAME_MAPPINGS.get(class_type))
+
+    def problem(name: str | None, message: str) -> InputProblem:
+        return InputProblem(node_id=node_id, class_type=class_type, title=title, input=name, message=message)
+
+    if cls is None:
+        return [
+            problem(
+                None,
+                f"node type {class_type!r} is not a ComfyUI-WanBench node; the in-process runner only runs "
+                f"{sorted(NODE_CLASS_MAPPINGS)}. Run this workflow on a ComfyUI server with --server URL",
+            )
+        ]
+    found: list[InputProblem] = []
+    inputs = node.get("inputs", {})
+    for name, entry in cls.INPUT_TYPES().get("required", {}).items():
+        if name not in inputs:
+            kind = entry[0]
+            linked = isinstance(kind, str) and kind.isupper() and kind not in WIDGET_TYPES
+            fix = f"connect a node that outputs {kind} to it" if linked else "give it a value"
+            found.append(problem(name, f"required input {name!r} is missing; {fix}"))
+    constants: dict[str, Any] = {}
+    for name, value in inputs.items():
+        spec = _input_spec(cls, name)
+        if spec is None:
+            found.append(problem(name, f"unknown input {name!r}"))
+        elif is_link(value):
+            message = _link_problem(prompt, name, value, spec[0])
+            if message:
+                found.append(problem(name, message))
+        else:
+            constants[name] = value
+    if values:
+        for name, message in input_problems(cls, constants):
+            found.append(problem(name or None, message + _model_folder_hint(cls, name)))
+    return found
+
+
+def _link_problem(prompt: Mapping[str, Any], name: str, link: list[Any], wanted: Any) -> str | None:
+    src_id, slot = link
+    if src_id not in prompt:
+        return f"input {name!r} links to missing node {src_id}"
+    src_cls = NODE_CLASS_MAPPINGS.get(prompt[src_id].get("class_type"))
+    if src_cls is None:
+        return None  # the source node's own problem is reported there
+    out_types = src_cls.RETURN_TYPES
+    if slot >= len(out_types) or (out_types[slot] != wanted and "*" not in (out_types[slot], wanted)):
+        got = out_types[slot] if slot < len(out_types) else f"no output {slot}"
+        return f"input {name!r} expects {wanted}; node {src_id} output {slot} is {got}"
+    return None
 
 
 def _topological_order(prompt: Mapping[str, Any]) -> list[str]:
@@ -220,20 +227,8 @@ def run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], r
     class_type = node["class_type"]
     cls = NODE_CLASS_MAPPINGS[class_type]
     kwargs: dict[str, Any] = {}
-    constants: dict[str, Any] = {}
     for name, value in node.get("inputs", {}).items():
-        if is_link(value):
-            kwargs[name] = result.outputs[value[0]][value[1]]
-        else:
-            kind, opts = _input_spec(cls, name)  # type: ignore[misc]
-            _check_value(node_id, class_type, name, kind, opts, value, cls)
-            kwargs[name] = constants[name] = value
-    validate = getattr(cls, "VALIDATE_INPUTS", None)
-    if validate is not None:
-        wanted = inspect.signature(validate).parameters
-        verdict = validate(**{k: v for k, v in constants.items() if k in wanted})
-        if verdict is not True:
-            raise WorkflowError(f"node {node_id} ({class_type}): {verdict}")
+        kwargs[name] = result.outputs[value[0]][value[1]] if is_link(value) else value
     for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
         kwargs[name] = {"UNIQUE_ID": node_id, "PROMPT": dict(prompt)}.get(kind)
     try:
@@ -250,15 +245,23 @@ def run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], r
     result.outputs[node_id] = tuple(out)
 
 
-def run_workflow(prompt: Mapping[str, Any], bridge: Bridge) -> RunResult:
-    """Validate and run `prompt` with `bridge`'s model folders and output folder."""
+def run_workflow(prompt: Mapping[str, Any], bridge: Bridge, *, on_node: NodeCallback | None = None) -> RunResult:
+    """Validate and run `prompt` with `bridge`'s model folders and output folder.
+
+    `on_node(node id, title, position, number of nodes)` is called before each node runs.
+    """
     result = RunResult()
     observed = InProcessPrompt(prompt_id=uuid.uuid4().hex, nodes=prompt, node_classes=NODE_CLASS_MAPPINGS)
     with use_bridge(bridge), in_process_prompt(observed):
         result.order = validate_workflow(prompt)
+        positions = {node_id: position for position, node_id in enumerate(result.order, 1)}
 
         def announce(node_id: str) -> None:
-            log.info("running node %s (%s)", node_id, prompt[node_id]["class_type"])
+            class_type = prompt[node_id]["class_type"]
+            log.info("running node %s (%s)", node_id, class_type)
+            if on_node is not None:
+                title = node_title(prompt, node_id, NODE_DISPLAY_NAME_MAPPINGS.get(class_type))
+                on_node(node_id, title, positions[node_id], len(result.order))
 
         run_observed(prompt, result.order, result, observed, before_node=announce)
     return result
@@ -318,15 +321,14 @@ def apply_overrides(prompt: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     return out
 
 
-def output_files(result: RunResult) -> dict[str, list[str]]:
-    """Files an in-process run wrote: {"videos": [...], "reports": [...json...], "other": [...]} (the
-    report's Markdown and latent files are "other", as `client.fetch_outputs` sorts them)."""
-    files: dict[str, list[str]] = {"videos": [], "reports": [], "other": []}
+def output_files(result: RunResult, output_dir: str | Path) -> dict[str, list[str]]:
+    """Files an in-process run wrote under `output_dir`, by kind (see `FILE_KINDS`)."""
+    files: dict[str, list[str]] = {kind: [] for kind in FILE_KINDS}
     for node_id in result.order:
         ui = result.ui.get(node_id, {})
-        if "wanbench_report" in ui:
-            for entry in ui["wanbench_report"]:
-                files["reports" if entry["path"].endswith(".json") else "other"].append(entry["path"])
-        elif ui.get("animated"):
+        for entry in ui.get("wanbench_report", []):
+            path = Path(output_dir).resolve() / entry.get("subfolder", "") / entry["filename"]
+            files[REPORT_FILE_KINDS.get(entry.get("kind"), "other")].append(str(path))
+        if ui.get("animated"):
             files["videos"].append(str(result.outputs[node_id][0]))
     return files

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .util.public import PUBLIC_MODULE
 from .wan_core.config import (
     BATCHED_CFG,
     CFG_MODES,
@@ -53,6 +54,8 @@ GPU_BACKENDS = ("flash_attn", "sage")
 
 class SuiteError(WanError, ValueError):
     """A suite file that cannot be run as written (the message names the field and the fix)."""
+
+    __module__ = PUBLIC_MODULE
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..util.atomic import claim_numbered
 from .context import FOLDER_DIT, FOLDER_LORAS, FOLDER_TEXT_ENCODERS, FOLDER_VAE, Bridge, current_bridge
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,9 @@ __all__ = [
     "FOLDER_TEXT_ENCODERS",
     "FOLDER_VAE",
     "Bridge",
+    "OutputName",
     "check_interrupt",
+    "claim_output",
     "current_prompt_id",
     "inside_comfyui",
     "list_models",
@@ -35,8 +39,8 @@ __all__ = [
     "model_folder_description",
     "model_management",
     "output_directory",
+    "preview_size",
     "resolve_model",
-    "save_path",
     "send_ui_message",
 ]
 
@@ -126,12 +130,43 @@ def output_directory() -> Path:
     return current_bridge().output_dir
 
 
-def save_path(prefix: str, width: int, height: int) -> tuple[Path, str, int, str]:
-    """(folder, file stem, counter, subfolder) for a new output file with the given prefix.
+@dataclass(frozen=True)
+class OutputName:
+    """A numbered output name claimed in the output folder: `<stem>_<counter:05>_<extension>`.
 
-    Inside ComfyUI this is `folder_paths.get_save_image_path`, so counters and subfolders behave
-    like the core save nodes; standalone the same numbering is applied to the bridge's folder.
+    `path` is the claimed file (an empty placeholder until the writer replaces it); files that
+    belong with it share its base name (`sibling`).
     """
+
+    folder: Path
+    stem: str
+    counter: int
+    subfolder: str
+    path: Path
+
+    @property
+    def basename(self) -> str:
+        return f"{self.stem}_{self.counter:05}_"
+
+    def sibling(self, extension: str) -> Path:
+        return self.folder / f"{self.basename}{extension}"
+
+
+def claim_output(prefix: str, extension: str, width: int = 0, height: int = 0) -> OutputName:
+    """Claim a new output file `<prefix>_<counter>_<extension>` in the output folder.
+
+    The counter starts where ComfyUI's `folder_paths.get_save_image_path` (inside a server) or the
+    same numbering over the bridge's folder (standalone) says; the name itself is then created with
+    `O_EXCL` (`util.atomic.claim_numbered`), so two processes writing into one folder (two
+    `wanbench run --out DIR`, or a server and a CLI run) never pick the same name.
+    """
+    folder, stem, first, subfolder = _save_location(prefix, width, height)
+    counter, path = claim_numbered(folder, lambda c: f"{stem}_{c:05}_{extension}", first)
+    return OutputName(folder=folder, stem=stem, counter=counter, subfolder=subfolder, path=path)
+
+
+def _save_location(prefix: str, width: int, height: int) -> tuple[Path, str, int, str]:
+    """(folder, file stem, first counter to try, subfolder) for a new output file with `prefix`."""
     fp = _comfy_module("folder_paths")
     if fp is not None:
         folder, stem, counter, subfolder, _ = fp.get_save_image_path(
@@ -144,26 +179,35 @@ def save_path(prefix: str, width: int, height: int) -> tuple[Path, str, int, str
     if root.resolve() not in (folder, *folder.parents):
         raise ValueError(f"filename_prefix {prefix!r} points outside the output folder {root}")
     folder.mkdir(parents=True, exist_ok=True)
-    used = [
-        int(p.stem.rsplit("_", 2)[-2])
-        for p in folder.glob(f"{stem}_*_.*")
-        if p.stem.rsplit("_", 2)[-2].isdigit()
-    ]
-    return folder, stem, max(used, default=0) + 1, sub
+    return folder, stem, _next_counter(folder, stem), sub
 
 
-def make_progress(total: int, label: str) -> Callable[[int], None]:
-    """A `step(done)` callback: ComfyUI's ProgressBar inside a server, the log outside."""
+def _next_counter(folder: Path, stem: str) -> int:
+    """One more than the highest counter of `<stem>_<counter>_.*` files in `folder` (1 when none)."""
+    used = []
+    for entry in folder.iterdir():
+        head, dot, _ = entry.name.rpartition(".")
+        if not dot or not head.startswith(f"{stem}_") or not head.endswith("_"):
+            continue
+        digits = head[len(stem) + 1 : -1]
+        if digits.isdigit():
+            used.append(int(digits))
+    return max(used, default=0) + 1
+
+
+def make_progress(total: int, label: str) -> Callable[..., None]:
+    """A `step(done, preview=None)` callback: ComfyUI's ProgressBar inside a server (with the
+    optional latent preview, see `previews.py`), the log outside."""
     utils = _comfy_module("comfy.utils")
     if utils is not None:
         bar = utils.ProgressBar(total)
 
-        def advance(done: int) -> None:
-            bar.update_absolute(done, total)
+        def advance(done: int, preview: Any = None) -> None:
+            bar.update_absolute(done, total, preview)
 
         return advance
 
-    def log_progress(done: int) -> None:
+    def log_progress(done: int, preview: Any = None) -> None:
         log.info("%s: %d/%d", label, done, total)
 
     return log_progress
@@ -172,6 +216,17 @@ def make_progress(total: int, label: str) -> Callable[[int], None]:
 def model_management() -> ModuleType | None:
     """ComfyUI's `comfy.model_management` inside a server (its memory manager), else None."""
     return _comfy_module("comfy.model_management")
+
+
+def preview_size() -> int | None:
+    """The largest preview picture ComfyUI sends (`--preview-size`) when its preview setting is on;
+    None when previews are off (`none`, ComfyUI's default) or outside ComfyUI."""
+    cli_args = _comfy_module("comfy.cli_args")
+    args = getattr(cli_args, "args", None)
+    method = getattr(args, "preview_method", None)
+    if method is None or str(getattr(method, "value", method)) == "none":
+        return None
+    return int(getattr(args, "preview_size", 512))
 
 
 def check_interrupt() -> None:
@@ -189,8 +244,13 @@ def current_prompt_id() -> str | None:
 
 
 def send_ui_message(event: str, data: dict[str, Any]) -> None:
-    """Send a custom websocket message through PromptServer (no-op standalone)."""
+    """Send a custom websocket message through PromptServer (no-op standalone).
+
+    It goes to the client that queued the running prompt (other browser tabs do not get it); a
+    prompt queued without a client id reaches every client. `send_sync` is thread-safe, so the
+    sampler thread may call this. The frontend registers the pack's message types (`web/wanbench.js`).
+    """
     server = _comfy_module("server")
     instance = getattr(getattr(server, "PromptServer", None), "instance", None) if server else None
     if instance is not None:
-        instance.send_sync(event, data)
+        instance.send_sync(event, data, getattr(instance, "client_id", None))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from . import types as T
-from .validation import MAX_SIZE, check_int_range, first_problem
+from .validation import MAX_SIZE, check_node_inputs
 
 PATTERNS = ("gradient", "checker")
 
@@ -53,15 +53,8 @@ class WanTestImage:
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, width: int | None = None, height: int | None = None) -> bool | str:
-        return first_problem(
-            check_int_range("width", width, 8, MAX_SIZE), check_int_range("height", height, 8, MAX_SIZE)
-        )
-
     def make(self, width: int, height: int, pattern: str) -> tuple[torch.Tensor]:
-        if pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}; got {pattern!r}")
+        check_node_inputs(WanTestImage, width=width, height=height, pattern=pattern)
         ys = torch.linspace(0.0, 1.0, height)[:, None].expand(height, width)
         xs = torch.linspace(0.0, 1.0, width)[None, :].expand(height, width)
         if pattern == "gradient":

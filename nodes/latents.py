@@ -23,7 +23,7 @@ from ..wan_core.config import I2V_A14B, PREPROCESS_STAGE, T2V_A14B, TI2V_5B
 from . import memory
 from . import types as T
 from .profiler_handle import maybe_profile, record_context, single_stage
-from .validation import FRAME_STEP, MAX_FRAMES, MAX_SIZE, SIZE_STEP, check_frames, check_size, first_problem
+from .validation import FRAME_STEP, MAX_FRAMES, MAX_SIZE, SIZE_STEP, check_frames, check_node_inputs, check_size
 
 
 def task_for_vae(vae: Any, *, with_image: bool) -> Any:
@@ -85,10 +85,29 @@ def _geometry_inputs(default_w: int, default_h: int, default_frames: int) -> dic
     }
 
 
-def _validate_geometry(width: int | None, height: int | None, length: int | None) -> bool | str:
-    return first_problem(
-        check_size("width", width), check_size("height", height), check_frames("length", length)
-    )
+def _validate_length(length: int | None) -> bool | str:
+    """What ComfyUI checks before the prompt runs: the frame count (4k+1), on the `length` input.
+
+    Width and height are checked when the node runs, against the task's grid (16 for A14B, 32 for
+    TI2V-5B, known from the VAE); ComfyUI checks their min/max before that.
+    """
+    problem = check_frames("length", length)
+    return True if problem is None else problem
+
+
+def check_geometry(cls: type, task: Any, width: int, height: int, length: int) -> None:
+    """Every problem with the geometry widgets at once, each naming its input (ValueError)."""
+    check_node_inputs(cls, width=width, height=height, length=length)
+    problems = [
+        problem
+        for problem in (
+            check_size("width", width, task.size_multiple),
+            check_size("height", height, task.size_multiple),
+        )
+        if problem
+    ]
+    if problems:
+        raise ValueError(f"{task.name}: " + "; ".join(problems))
 
 
 class WanEmptyLatent:
@@ -113,10 +132,8 @@ class WanEmptyLatent:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(
-        cls, width: int | None = None, height: int | None = None, length: int | None = None
-    ) -> bool | str:
-        return _validate_geometry(width, height, length)
+    def VALIDATE_INPUTS(cls, length: int | None = None) -> bool | str:
+        return _validate_length(length)
 
     def make(
         self,
@@ -128,6 +145,7 @@ class WanEmptyLatent:
         unique_id: str | None = None,
     ) -> tuple[dict[str, Any]]:
         task = task_for_vae(vae, with_image=False)
+        check_geometry(WanEmptyLatent, task, width, height, length)
         check_video_fits(task, width, height, length)
         with (
             maybe_profile(profiler, unique_id, [PREPROCESS_STAGE]),
@@ -169,10 +187,8 @@ class WanImageToVideo:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(
-        cls, width: int | None = None, height: int | None = None, length: int | None = None
-    ) -> bool | str:
-        return _validate_geometry(width, height, length)
+    def VALIDATE_INPUTS(cls, length: int | None = None) -> bool | str:
+        return _validate_length(length)
 
     def make(
         self,
@@ -198,6 +214,7 @@ class WanImageToVideo:
                 "connect an IMAGE output (Load Image, Wan Test Image) to it"
             )
         task = task_for_vae(vae, with_image=True)
+        check_node_inputs(WanImageToVideo, width=width, height=height, length=length)
         check_video_fits(task, width, height, length)
         memory.bring_back(vae)
         image = start_image[0]  # (H, W, 3): IMAGE -> one RGB image

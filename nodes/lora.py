@@ -14,7 +14,7 @@ from ..wan_core.config import LORA_INIT_STAGE, MODEL_INIT_STAGE
 from . import comfy_bridge as bridge
 from . import types as T
 from .profiler_handle import maybe_profile, record_context, single_stage
-from .validation import check_float_range, first_problem
+from .validation import check_node_inputs
 
 MAX_STRENGTH = 100.0  # ComfyUI's LoraLoader range
 
@@ -68,13 +68,6 @@ class WanLora:
             "hidden": dict(T.HIDDEN_IDS),
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, strength_high: float | None = None, strength_low: float | None = None) -> bool | str:
-        return first_problem(
-            check_float_range("strength_high", strength_high, -MAX_STRENGTH, MAX_STRENGTH),
-            check_float_range("strength_low", strength_low, -MAX_STRENGTH, MAX_STRENGTH),
-        )
-
     def apply(
         self,
         model: T.DiTExperts,
@@ -86,9 +79,8 @@ class WanLora:
     ) -> tuple[T.DiTExperts]:
         from ..wan_core.runtime.lora import load_expert_lora
 
-        problem = self.VALIDATE_INPUTS(strength_high, strength_low)
-        if problem is not True:
-            raise ValueError(problem)
+        # the strengths' ranges are ComfyUI's own checks (each on its input); here for direct calls
+        check_node_inputs(WanLora, strength_high=strength_high, strength_low=strength_low)
         if not isinstance(model, T.DiTExperts):
             raise TypeError(f"model must come from Wan Model Loader or Wan LoRA; got {type(model).__name__}")
         path = bridge.resolve_model(bridge.FOLDER_LORAS, lora_name)

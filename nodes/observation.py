@@ -6,6 +6,9 @@ stages, following the roles of `observed_stages`. It knows nothing of ComfyUI: `
 feeds it. It is driven from one thread (ComfyUI's prompt worker); the session's sampler thread
 only reads telemetry.
 
+The live view of the session (`live_view.py`, attached by the observer) stops when the
+observation finishes, whichever path finishes it.
+
 Nodes ComfyUI serves from its cache do not run and send no event. When the observation ends,
 every node of the prompt that a node which ran needs (its inputs, not counting lazy ones) and that
 did not run itself was served from the cache: it is recorded as cached, with the stages and times
@@ -76,6 +79,7 @@ class PromptObservation:
         self._sampled: dict[str, Any] = {}  # what the first core sampler run showed (native run facts)
         self.closed = False
         self.record: Any = None  # the run record, once finished
+        self.live_view: Any = None  # the UI's live view of the session (`live_view.LiveView`), if any
 
     # -- what happened before the observation opened -----------------------------------------
     def seed(self, states: Mapping[str, str]) -> None:
@@ -270,6 +274,12 @@ class PromptObservation:
         if self.closed:
             raise RuntimeError(f"the observation of prompt {self.prompt_id} was already finished")
         self.closed = True
+        try:
+            return self._close(error=error, stopped=stopped)
+        finally:
+            self._stop_live_view()  # on every path, errors included
+
+    def _close(self, *, error: BaseException | None, stopped: bool) -> Any:
         for node_id in self.cached_nodes():
             self._record_cached(node_id)
         unfinished = [r for r in self._nodes.values() if not r.finished and r.role.role != roles.APPARATUS]
@@ -302,6 +312,12 @@ class PromptObservation:
         self.record = record
         self._remember(record)
         return record
+
+    def _stop_live_view(self) -> None:
+        """The live view ends with the session, on every path that closes it."""
+        if self.live_view is not None:
+            self.live_view.detach()
+            self.live_view = None
 
     def _set_step_context(self) -> None:
         steps = [s for s, _ in self._steps]

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import comfy_bridge
+from .live_view import LiveView
 from .observation import PromptObservation
 from .observed_graph import NodeMemory, PromptGraph
 from .profiler_settings import DEFAULT_INTERVAL_MS, ProfilerSettings, check_profiler_settings
@@ -156,7 +157,7 @@ def settings_from_graph(nodes: Mapping[str, Mapping[str, Any]]) -> ProfilerSetti
             f"the Wan Profiler (node {found[0]}) gets its case_name or sample_interval_ms from a link; "
             "type them into the node, or wire its profiler output into the report"
         )
-    return check_profiler_settings(case_name, interval)
+    return check_profiler_settings(case_name, interval, node_id=str(found[0]))
 
 
 def observe_current_prompt(settings: ProfilerSettings | None = None) -> PromptObservation:
@@ -188,6 +189,7 @@ def observe_current_prompt(settings: ProfilerSettings | None = None) -> PromptOb
         with _LOCK:
             _ACTIVE[prompt_id] = active
         active.watcher = _start_watcher(observation)
+        observation.live_view = LiveView.attach(session, settings.node_id or _profiler_node(graph))
     except BaseException as err:  # never leave a session (and its sampler thread) behind half-opened
         with _LOCK:
             _ACTIVE.pop(prompt_id, None)
@@ -197,6 +199,12 @@ def observe_current_prompt(settings: ProfilerSettings | None = None) -> PromptOb
         raise
     log.info("profiling prompt %s as case %r", prompt_id, settings.case_name)
     return observation
+
+
+def _profiler_node(graph: PromptGraph) -> str | None:
+    """The id of the prompt's one Wan Profiler node (where the UI shows the live view), if any."""
+    found = [str(nid) for nid in graph.nodes if graph.class_type(str(nid)) == PROFILER_CLASS]
+    return found[0] if len(found) == 1 else None
 
 
 def _state(entry: Any) -> str:

@@ -6,7 +6,8 @@ otherwise. Wan Benchmark Report is an async output node that ComfyUI runs in eve
 (`IS_CHANGED` is NaN): it opens the observation if the profiler was cached, waits until every
 other node of the prompt has finished, then closes the observation and writes Markdown, JSON and
 the timeline chart. If the prompt fails or is interrupted while it waits, it writes the report of
-what ran, marked failed, and lets the prompt end.
+what ran, marked failed, and lets the prompt end. While the prompt runs, the Wan Profiler node
+shows a live view of it (`live_view.py`), which stops when the observation closes.
 
 In a parallel run (`rank_runner.py`) both nodes run on every rank and each rank observes the nodes
 it runs: the report node gathers every rank's record to rank 0, which writes one report; the other
@@ -16,6 +17,13 @@ The `profiler` output and input stay for saved workflows and explicit case namin
 `video_path` input is lazy (never waited for): it only keeps old wiring valid. The report's
 optional `latent` input (a real dependency: the sampler runs first) is saved beside the report as
 `<prefix>_<counter>_latent.safetensors`, so that runs can be compared by their output (ladders).
+The report's files (Markdown, JSON, charts, latent) are claimed under one new name (`O_EXCL`) and
+appear together or not at all.
+
+What the report node sends to the UI (`web/wanbench.js` draws it in the node):
+`ui.wanbench_summary`, one card per run (`profiling.summary_cards`: case, total, s/step, peak
+memory, activity, MFU, the top finding; plain text, shown as text), and `ui.wanbench_report`,
+the written files with their `kind` ("markdown", "json", "chart", "latent") for ComfyUI's `/view`.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..util.atomic import release_claim
 from . import comfy_bridge as bridge
 from . import observer
 from . import types as T
@@ -37,9 +46,8 @@ from .profiler_settings import (
     MAX_INTERVAL_MS,
     MIN_INTERVAL_MS,
     check_profiler_settings,
-    settings_problem,
 )
-from .validation import check_prefix, first_problem
+from .validation import check_label, check_node_inputs, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +86,21 @@ class WanProfiler:
                     },
                 ),
             },
+            "hidden": dict(T.HIDDEN_IDS),
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, case_name: str | None = None, sample_interval_ms: int | None = None) -> bool | str:
-        return settings_problem(case_name, sample_interval_ms) or True
+    def VALIDATE_INPUTS(cls, case_name: str | None = None) -> bool | str:
+        # Only case_name (the message lands on it); ComfyUI checks sample_interval_ms's range.
+        problem = check_label("case_name", case_name)
+        return True if problem is None else problem
 
-    def start(self, case_name: str, sample_interval_ms: int) -> tuple[ProfilerHandle]:
-        settings = check_profiler_settings(case_name, sample_interval_ms)
+    def start(
+        self, case_name: str, sample_interval_ms: int, unique_id: str | None = None
+    ) -> tuple[ProfilerHandle]:
+        check_node_inputs(WanProfiler, case_name=case_name, sample_interval_ms=sample_interval_ms)
+        node_id = None if unique_id is None else str(unique_id)
+        settings = check_profiler_settings(case_name, sample_interval_ms, node_id=node_id)
         if observer.current_prompt_id() is not None:
             observer.observe_current_prompt(settings)
         return (ProfilerHandle(settings=settings),)
@@ -157,7 +172,8 @@ class WanBenchmarkReport:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
-        return first_problem(check_prefix("filename_prefix", filename_prefix))
+        problem = check_prefix("filename_prefix", filename_prefix)
+        return True if problem is None else problem
 
     def check_lazy_status(self, **kwargs: Any) -> list[str]:
         return []  # video_path is never needed: waiting for the whole prompt orders the report last
@@ -170,13 +186,12 @@ class WanBenchmarkReport:
         unique_id: str | None = None,
         latent: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        from ..profiling import summary_cards
         from ..wan_core.runtime.distributed import gather_to_root  # loads the DiT: not at import time
 
         if profiler is not None and not isinstance(profiler, ProfilerHandle):
             raise TypeError(f"profiler must come from a Wan Profiler node; got {type(profiler).__name__}")
-        problem = check_prefix("filename_prefix", filename_prefix)
-        if problem:
-            raise ValueError(problem)
+        check_node_inputs(WanBenchmarkReport, filename_prefix=filename_prefix)
         samples = _latent_samples(latent)
         observation = observer.observe_current_prompt(None if profiler is None else profiler.settings)
         if not observation.closed:
@@ -185,8 +200,8 @@ class WanBenchmarkReport:
             except asyncio.CancelledError:  # the prompt failed or was interrupted meanwhile
                 record = observer.end_observation(observation, error=None, stopped=True)
                 if record is not None:
-                    written = _write(record, filename_prefix, samples)
-                    log.warning("the prompt stopped; the report of what ran is %s", written[0])
+                    written, _ = _write([record], filename_prefix, samples)
+                    log.warning("the prompt stopped; the report of what ran is %s", written.markdown)
                 raise
         # another report node of this prompt may have closed it first: it wrote the same record
         record = observer.end_observation(observation, error=None) or observation.record
@@ -196,31 +211,38 @@ class WanBenchmarkReport:
         if runs is None:
             return {"ui": {}, "result": ("", "")}  # another rank of a parallel run: rank 0 writes
         # (rank 0 of a parallel run saves the latent: every rank sampled the same one)
-        markdown, files, chart, subfolder = _write(runs, filename_prefix, samples)
-        summary = Path(markdown).read_text(encoding="utf-8")
-        ui: dict[str, Any] = {"text": [summary], "wanbench_report": files}
-        if chart is not None:
-            ui["images"] = [{"filename": Path(chart).name, "subfolder": subfolder, "type": "output"}]
-        log.info("benchmark report: %s", markdown)
+        written, files = _write(runs, filename_prefix, samples)
+        ui: dict[str, Any] = {"wanbench_summary": summary_cards(runs), "wanbench_report": files}
+        log.info("benchmark report: %s", written.markdown)
         bridge.send_ui_message("wanbench.report", {"node": unique_id, "files": files})
-        json_path = next(f["path"] for f in files if f["filename"].endswith(".json"))
-        return {"ui": ui, "result": (summary, json_path)}
+        summary = Path(written.markdown).read_text(encoding="utf-8")
+        return {"ui": ui, "result": (summary, str(written.json))}
 
 
-def _write(
-    runs: Any, filename_prefix: str, samples: torch.Tensor | None
-) -> tuple[str, list[dict[str, Any]], Path | None, str]:
-    """The report files (and the latent beside them when one was given): Markdown, JSON, latent."""
+def _write(runs: Any, filename_prefix: str, samples: torch.Tensor | None) -> tuple[Any, list[dict[str, Any]]]:
+    """Write the report (and the latent beside it when one was given) under one claimed name.
+
+    Returns the written paths (`profiling.ReportFiles`) and their entries for the UI, each with
+    its `kind`. The files appear together or not at all (`write_report`'s group), and a failure
+    also removes the claimed name, so nothing of this report stays behind."""
     from ..profiling import write_report
     from ..wan_core.checkpoints.latent import save_latent
 
-    folder, stem, counter, subfolder = bridge.save_path(filename_prefix, 0, 0)
-    written = write_report(runs, folder, basename=f"{stem}_{counter:05}_")
-    outputs = [written.markdown, written.json]
+    name = bridge.claim_output(filename_prefix, ".json")  # .md, .png and the latent share its base name
+    extra = {}
     if samples is not None:
-        outputs.append(save_latent(samples, Path(folder) / f"{stem}_{counter:05}_{LATENT_SUFFIX}"))
+        extra["latent"] = (f"{name.basename}{LATENT_SUFFIX}", lambda tmp: save_latent(samples, tmp))
+    try:
+        written = write_report(runs, name.folder, basename=name.basename, extra=extra)
+    except BaseException:
+        release_claim(name.path)
+        raise
+    charts = [("chart", path) for key, path in written.items() if key.startswith("png")]
+    kinds = [("markdown", written.markdown), ("json", written.json), *charts]
+    if "latent" in written:
+        kinds.append(("latent", written["latent"]))
     files = [
-        {"filename": Path(p).name, "subfolder": subfolder, "type": "output", "path": str(p)}
-        for p in outputs
+        {"filename": Path(p).name, "subfolder": name.subfolder, "type": "output", "kind": kind}
+        for kind, p in kinds
     ]
-    return str(written.markdown), files, written.chart, subfolder
+    return written, files

@@ -8,6 +8,14 @@ The output `LATENT` holds raw latents (the VAE's space), as ComfyUI's own nodes 
 input's conditioning, and after an early `end_step` carries the exact state so that the next Wan
 Sampler continues the run bit for bit (docs/sampler.md). LoRAs and the step cache on the model input
 are applied for the duration of this node's run only.
+
+Task defaults: the node learns the task only when it runs (from the model), so `steps`, `shift`,
+`boundary`, `guidance_high` and `guidance_low` take 0 to mean "the task's preset value" (T2V-A14B:
+40 steps, shift 12, boundary 0.875, guidance 4 / 3; I2V and TI2V their own); with explicit
+`timesteps`/`sigmas`, steps 0 takes the list's length. Any other value is used as given, so saved
+workflows with explicit numbers keep them. The values that ran are recorded in the report and sent
+to the UI (`ui.wanbench_sampler`), which shows them under the node. With ComfyUI's preview setting
+on, each step also sends a latent preview (`nodes/previews.py`).
 """
 
 from __future__ import annotations
@@ -19,41 +27,25 @@ import torch
 from ..wan_core.config import (
     AUTO_PLACEMENT,
     BATCHED_CFG,
-    I2V_A14B,
     PLACEMENTS,
     SEQUENTIAL_CFG,
     SOLVERS,
-    T2V_A14B,
     TI2V_5B,
-    GuideScale,
     sampling_stages,
 )
 from . import comfy_bridge as bridge
 from . import memory
 from . import types as T
+from .previews import latent_previewer
 from .profiler_handle import maybe_profile, record_context
 from .schedule_inputs import END_OF_SCHEDULE, SCHEDULE_INPUTS, check_list_length
-from .validation import (
-    check_float_range,
-    check_int_range,
-    check_numbers,
-    check_open_unit,
-    first_problem,
-    parse_numbers,
-)
+from .task_defaults import TASK_DEFAULT_INPUTS, resolved_settings, resolved_steps, task_settings
+from .validation import check_node_inputs, check_numbers, first_problem, parse_numbers
 
-MAX_STEPS = 1000
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-MAX_GUIDANCE = 30.0
-MAX_SHIFT = 100.0
 MAX_RESIDENT_BLOCKS = 64
 LATENT_CONDITION = "wan_condition"  # LATENT keys the pack adds (core nodes ignore them)
 LATENT_CONTINUATION = "wan_continuation"
-# Widget defaults: the sampler preset of TI2V-5B (the task of the default 1280x704x121 latent);
-# the expert switch, which TI2V-5B does not use, defaults to T2V-A14B's. Tooltips quote the presets.
-TI2V, I2V, T2V = TI2V_5B.sampler, I2V_A14B.sampler, T2V_A14B.sampler
-DEFAULTS = TI2V
-DEFAULT_BOUNDARY = T2V.boundary
 
 
 class WanSampler:
@@ -89,63 +81,11 @@ class WanSampler:
                         "tooltip": "Noise seed (CPU generator: the same noise on every device).",
                     },
                 ),
-                "steps": (
-                    "INT",
-                    {
-                        "default": DEFAULTS.steps,
-                        "min": 1,
-                        "max": MAX_STEPS,
-                        "tooltip": f"Denoising steps: {TI2V.steps} for TI2V-5B, {T2V.steps} for A14B.",
-                    },
-                ),
-                "shift": (
-                    "FLOAT",
-                    {
-                        "default": DEFAULTS.shift,
-                        "min": 0.01,
-                        "max": MAX_SHIFT,
-                        "step": 0.01,
-                        "tooltip": f"Flow-matching sigma shift: {TI2V.shift} for TI2V-5B, {I2V.shift} for I2V, "
-                        f"{T2V.shift} for T2V.",
-                    },
-                ),
-                "boundary": (
-                    "FLOAT",
-                    {
-                        "default": DEFAULT_BOUNDARY,
-                        "min": 0.001,
-                        "max": 0.999,
-                        "step": 0.001,
-                        "tooltip": "A14B expert switch: steps with t >= boundary x 1000 use the "
-                        f"high-noise expert ({T2V.boundary:.3f} T2V, {I2V.boundary:.3f} I2V). Unused by TI2V-5B.",
-                    },
-                ),
-                "guidance_high": (
-                    "FLOAT",
-                    {
-                        "default": DEFAULTS.guide_scale.high,
-                        "min": 0.0,
-                        "max": MAX_GUIDANCE,
-                        "step": 0.1,
-                        "tooltip": "CFG scale of the high-noise expert (TI2V-5B: its only "
-                        "scale). 1.0 runs the conditional pass only.",
-                    },
-                ),
-                "guidance_low": (
-                    "FLOAT",
-                    {
-                        "default": DEFAULTS.guide_scale.low,
-                        "min": 0.0,
-                        "max": MAX_GUIDANCE,
-                        "step": 0.1,
-                        "tooltip": f"CFG scale of the low-noise expert ({T2V.guide_scale.low} T2V, "
-                        f"{I2V.guide_scale.low} I2V). Unused by TI2V-5B.",
-                    },
-                ),
+                **TASK_DEFAULT_INPUTS,
                 "solver": (
                     list(SOLVERS),
                     {
-                        "default": DEFAULTS.solver,
+                        "default": TI2V_5B.sampler.solver,  # every preset's solver
                         "tooltip": "Flow-matching solver: unipc (official default), dpm++, euler; "
                         "euler_distill for the 4-step distill LoRAs (steps 4, shift 5, guidance 1).",
                     },
@@ -183,31 +123,10 @@ class WanSampler:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(
-        cls,
-        steps: int | None = None,
-        shift: float | None = None,
-        boundary: float | None = None,
-        guidance_high: float | None = None,
-        guidance_low: float | None = None,
-        denoise: float | None = None,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        timesteps: str | None = None,
-        sigmas: str | None = None,
-    ) -> bool | str:
-        return first_problem(
-            check_int_range("steps", steps, 1, MAX_STEPS),
-            check_float_range("shift", shift, 0.01, MAX_SHIFT),
-            check_open_unit("boundary", boundary),
-            check_float_range("guidance_high", guidance_high, 0.0, MAX_GUIDANCE),
-            check_float_range("guidance_low", guidance_low, 0.0, MAX_GUIDANCE),
-            check_float_range("denoise", denoise, 0.01, 1.0),
-            check_int_range("start_step", start_step, 0, END_OF_SCHEDULE),
-            check_int_range("end_step", end_step, 1, END_OF_SCHEDULE),
-            check_numbers("timesteps", timesteps),
-            check_numbers("sigmas", sigmas),
-        )
+    def VALIDATE_INPUTS(cls, timesteps: str | None = None, sigmas: str | None = None) -> bool | str:
+        # Only the two schedule texts (a problem with one is shown on both, naming which); ComfyUI
+        # checks every other input's range itself, on that input.
+        return first_problem(check_numbers("timesteps", timesteps), check_numbers("sigmas", sigmas))
 
     def sample(
         self,
@@ -232,17 +151,33 @@ class WanSampler:
         add_noise: bool = True,
         timesteps: str = "",
         sigmas: str = "",
-    ) -> tuple[dict[str, Any]]:
+    ) -> dict[str, Any]:
         from ..wan_core.conditioning import I2VCondition, TI2VCondition
         from ..wan_core.partial import Continuation, sample_latent
         from ..wan_core.runtime.execution import applied, check_with_loras
         from ..wan_core.sampler import SamplerOptions
 
-        problem = self.VALIDATE_INPUTS(steps, shift, boundary, guidance_high, guidance_low, denoise,
-                                       start_step, end_step, timesteps, sigmas)
-        if problem is not True:
-            raise ValueError(problem)
+        check_node_inputs(
+            WanSampler,
+            seed=seed,
+            steps=steps,
+            shift=shift,
+            boundary=boundary,
+            guidance_high=guidance_high,
+            guidance_low=guidance_low,
+            solver=solver,
+            batched_cfg=batched_cfg,
+            placement=placement,
+            resident_blocks=resident_blocks,
+            denoise=denoise,
+            start_step=start_step,
+            end_step=end_step,
+            add_noise=add_noise,
+            timesteps=timesteps,
+            sigmas=sigmas,
+        )
         explicit_t, explicit_sigmas = parse_numbers("timesteps", timesteps), parse_numbers("sigmas", sigmas)
+        steps = resolved_steps(steps, model.task.sampler.steps, explicit_t, explicit_sigmas)
         check_list_length(steps, explicit_t, explicit_sigmas)
         check_with_loras(model.execution, len(model.loras))
         task = model.task
@@ -265,14 +200,12 @@ class WanSampler:
                 f"with the Wan2.1 VAE"
             )
         opts = SamplerOptions.from_config(
-            task.sampler,  # the task's defaults; every widget value overrides its own
+            task.sampler,  # the task's defaults; every widget value other than 0 overrides its own
             solver=solver,
             steps=steps,
-            shift=shift,
-            # a single-model task (TI2V-5B) has one scale: the high-noise widget, as its tooltip says
-            guide_scale=GuideScale(high=guidance_high, low=guidance_low) if task.is_moe
-            else GuideScale.same(guidance_high),
-            boundary=boundary if task.is_moe else None,  # None keeps the preset's (None for TI2V-5B)
+            **task_settings(
+                task, shift=shift, boundary=boundary, guidance_high=guidance_high, guidance_low=guidance_low
+            ),
             seed=seed,
             cfg_mode=BATCHED_CFG if batched_cfg else SEQUENTIAL_CFG,
             placement=placement,
@@ -283,10 +216,15 @@ class WanSampler:
             timesteps=explicit_t,
             sigmas=explicit_sigmas,
         )
+        resolved = resolved_settings(task, opts)
         record_context(
             profiler,
             task=task.name,
-            steps=steps,
+            steps=opts.steps,
+            shift=opts.shift,
+            boundary=opts.boundary,
+            guidance_high=opts.guide_scale.high if task.is_moe else None,
+            guidance_low=opts.guide_scale.low,
             placement=placement,
             solver=solver,
             seed=seed,
@@ -299,9 +237,10 @@ class WanSampler:
         )
         first, last = opts.start_step, opts.last_step
         progress = bridge.make_progress(last - first, "Wan Sampler")
+        preview = latent_previewer(task.vae)
 
         def on_step(index: int, num_steps: int, current: torch.Tensor) -> None:
-            progress(index - first + 1)
+            progress(index - first + 1, preview(current) if preview is not None else None)
             bridge.check_interrupt()
 
         def on_plan(plan: Any) -> None:  # the placement the memory plan chose (before any allocation)
@@ -336,4 +275,5 @@ class WanSampler:
             out[LATENT_CONDITION] = condition  # a second sampler (split run) needs it too
         if result.continuation is not None:
             out[LATENT_CONTINUATION] = result.continuation
-        return (out,)
+        return {"ui": {"wanbench_sampler": [resolved]}, "result": (out,)}
+

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..wan_core.config import CALIBRATION_AUTO, MAGCACHE, STEP_CACHE_EXPERTS, STEP_CACHE_MODES, STEP_CACHE_OFF, TEACACHE
 from . import types as T
-from .validation import check_float_range, check_int_range, first_problem
+from .validation import check_node_inputs
 
 MAX_THRESHOLD = 10.0
 MAX_STEPS = 1000
@@ -101,16 +101,6 @@ class WanStepCache:
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(
-        cls, threshold: float | None = None, warmup_steps: int | None = None, max_skip: int | None = None
-    ) -> bool | str:
-        return first_problem(
-            check_float_range("threshold", threshold, 0.0, MAX_THRESHOLD),
-            check_int_range("warmup_steps", warmup_steps, 0, MAX_STEPS),
-            check_int_range("max_skip", max_skip, 0, MAX_STEPS),
-        )
-
     def apply(
         self,
         model: T.DiTExperts,
@@ -123,9 +113,16 @@ class WanStepCache:
     ) -> tuple[T.DiTExperts]:
         from ..wan_core.runtime.step_cache import StepCacheSettings
 
-        problem = self.VALIDATE_INPUTS(threshold, warmup_steps, max_skip)
-        if problem is not True:
-            raise ValueError(problem)
+        # ComfyUI checks each widget's range and choices on its own input; here for direct calls
+        check_node_inputs(
+            WanStepCache,
+            mode=mode,
+            threshold=threshold,
+            warmup_steps=warmup_steps,
+            max_skip=max_skip,
+            apply_to=apply_to,
+            calibration=calibration,
+        )
         if not isinstance(model, T.DiTExperts):
             raise TypeError(
                 f"model must come from Wan Model Loader, Wan LoRA or Wan Step Cache; got {type(model).__name__}"

@@ -13,6 +13,7 @@ from ..wan_core.config import T5_ENCODE_STAGE
 from . import memory
 from . import types as T
 from .profiler_handle import maybe_profile
+from .validation import check_prompt
 
 MAX_PROMPT_CHARS = 20000
 
@@ -55,20 +56,10 @@ class WanTextEncode:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, prompt: str | None = None, negative_prompt: str | None = None) -> bool | str:
-        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if value is None:  # linked input: checked when the node runs
-                continue
-            if not isinstance(value, str):
-                return f"{name} must be text; got {type(value).__name__}"
-            if len(value) > MAX_PROMPT_CHARS:
-                return (
-                    f"{name} is {len(value)} characters; at most {MAX_PROMPT_CHARS} "
-                    "(only 512 tokens are used)"
-                )
-        if prompt is not None and not prompt.strip():
-            return "prompt is empty; describe the video to generate"
-        return True
+    def VALIDATE_INPUTS(cls, prompt: str | None = None) -> bool | str:
+        # Only `prompt` (the message lands on it); the negative prompt is checked when the node runs.
+        problem = check_prompt("prompt", prompt, max_chars=MAX_PROMPT_CHARS)
+        return True if problem is None else problem
 
     def encode(
         self,
@@ -78,8 +69,16 @@ class WanTextEncode:
         profiler: Any = None,
         unique_id: str | None = None,
     ) -> tuple[T.TextEmbeds]:
-        if not prompt.strip():
-            raise ValueError("prompt is empty; describe the video to generate")
+        problems = [
+            problem
+            for problem in (
+                check_prompt("prompt", prompt, max_chars=MAX_PROMPT_CHARS),
+                _check_negative(negative_prompt),
+            )
+            if problem
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
         with maybe_profile(profiler, unique_id, [T5_ENCODE_STAGE]):  # encode_pair traces T5_Encoding itself
             facts = memory.prepare_text_encoder(text_encoder)
             context, context_null = text_encoder.encode_pair(prompt, negative_prompt, stage_facts=facts)
@@ -88,3 +87,15 @@ class WanTextEncode:
                 context=[context], context_null=[context_null], prompt=prompt, negative=negative_prompt
             ),
         )
+
+
+def _check_negative(value: object) -> str | None:
+    """The negative prompt may be empty (Wan's default negative prompt is used) but not too long."""
+    if not isinstance(value, str):
+        return f"negative_prompt must be text; got {type(value).__name__}"
+    if len(value) > MAX_PROMPT_CHARS:
+        return (
+            f"negative_prompt is {len(value)} characters; at most {MAX_PROMPT_CHARS} "
+            "(only 512 tokens are used); shorten it"
+        )
+    return None

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from ..util.atomic import atomic_output
+from ..util.atomic import atomic_output, release_claim
+from ..util.deps import require
 from . import comfy_bridge as bridge
 from . import types as T
-from .validation import check_int_range, check_prefix, first_problem
+from .validation import check_node_inputs, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def write_mp4(frames: torch.Tensor, path: Path, *, fps: int, codec: str = "libx2
     The file is encoded under a temporary name and renamed when complete: a failing encoder
     leaves nothing at `path`.
     """
-    import av
+    av = require("av")
 
     num_frames, height, width, _ = frames.shape
     if height % 2 or width % 2:
@@ -147,14 +148,10 @@ class WanSaveVideo:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(
-        cls, fps: int | None = None, filename_prefix: str | None = None, crf: int | None = None
-    ) -> bool | str:
-        return first_problem(
-            check_int_range("fps", fps, FPS_FROM_TASK, MAX_FPS),
-            check_prefix("filename_prefix", filename_prefix),
-            check_int_range("crf", crf, 0, MAX_CRF),
-        )
+    def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
+        # Only the prefix (the message lands on it); ComfyUI checks the ranges of fps and crf.
+        problem = check_prefix("filename_prefix", filename_prefix)
+        return True if problem is None else problem
 
     def save(
         self,
@@ -165,18 +162,15 @@ class WanSaveVideo:
         crf: int,
         model: T.DiTExperts | None = None,
     ) -> dict[str, Any]:
-        problem = self.VALIDATE_INPUTS(fps=fps, filename_prefix=filename_prefix, crf=crf)
-        if problem is not True:
-            raise ValueError(problem)
+        check_node_inputs(WanSaveVideo, fps=fps, filename_prefix=filename_prefix, format=format, crf=crf)
         fps = resolve_fps(fps, model)
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {list(FORMATS)}; got {format!r}. Pick one of those")
         ext, codec = FORMATS[format]
         frames = images_to_uint8(images)
-        folder, stem, counter, subfolder = bridge.save_path(
-            filename_prefix, int(frames.shape[2]), int(frames.shape[1])
-        )
-        name = f"{stem}_{counter:05}_.{ext}"
-        path = write_mp4(frames, folder / name, fps=fps, codec=codec, crf=crf)
-        preview = {"filename": name, "subfolder": subfolder, "type": "output"}
+        name = bridge.claim_output(filename_prefix, f".{ext}", int(frames.shape[2]), int(frames.shape[1]))
+        try:
+            path = write_mp4(frames, name.path, fps=fps, codec=codec, crf=crf)
+        except BaseException:
+            release_claim(name.path)  # the claimed (still empty) name goes back; no empty video stays
+            raise
+        preview = {"filename": path.name, "subfolder": name.subfolder, "type": "output"}
         return {"ui": {"images": [preview], "animated": (True,)}, "result": (str(path),)}

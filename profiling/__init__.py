@@ -21,7 +21,7 @@ from .gpus import KNOWN_GPUS, GpuSpec, lookup_gpu
 from .memory import CpuDevice, CudaDevice, FakeDevice, FakeHost, ProcessProbe
 from .merge import merge_reports
 from .nvml import FakeNvml, GpuMonitor, GpuReading, open_gpu_monitor
-from .output import ReportFiles, load_runs, report_document, run_document, write_report
+from .output import ReportFiles, load_runs, report_document, run_document, summary_cards, write_report
 from .records import (
     REPORT_SCHEMA_VERSION,
     SCHEMA_VERSION,
@@ -36,7 +36,7 @@ from .records import (
     run_to_dict,
 )
 from .report import render_markdown
-from .session import ProfileSession
+from .session import LiveReading, ProfileSession
 from .timers import FakeClock, MonotonicClock
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "GpuMonitor",
     "GpuReading",
     "GpuSpec",
+    "LiveReading",
     "MemoryFigures",
     "MonotonicClock",
     "ProcessProbe",
@@ -81,5 +82,6 @@ __all__ = [
     "run_from_dict",
     "run_to_dict",
     "summarize_run",
+    "summary_cards",
     "write_report",
 ]

@@ -51,6 +51,12 @@ def _values(samples: tuple[Sample, ...], attr: str, scale: float = 1.0) -> tuple
     return xs, ys
 
 
+def plain_text(value: object) -> str:
+    """Text drawn as written: matplotlib reads `$...$` as maths, so `$` is escaped; line breaks in
+    user text become spaces (the title keeps its own line break)."""
+    return " ".join(str(value).splitlines()).replace("$", r"\$")
+
+
 def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
     """Draw the run's timeline to `path` (written atomically)."""
     try:
@@ -71,11 +77,11 @@ def draw_timeline(run: RunRecord, path: Path) -> ChartResult:
             ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax_mem.set_xlabel("time since session start (s)")
         ax_mem.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
-        title = f"{run.context.case_name} on {run.system.gpu_name or 'CPU'}"
+        title = f"{plain_text(run.context.case_name)} on {plain_text(run.system.gpu_name or 'CPU')}"
         if not _values(run.samples, "activity_pct")[0]:
             reason = run.system.activity_unavailable_reason or "no NVML samples"
-            title += f"\nGPU series unavailable: {reason}"
-        fig.suptitle(title, fontsize=10)
+            title += f"\nGPU series unavailable: {plain_text(reason)}"
+        fig.suptitle(title, fontsize=10, usetex=False)
         kinds = list(dict.fromkeys(stage.kind for stage in run.top_level))
         if kinds:
             patches = [Patch(color=_BAND_COLOURS.get(k, "#eeeeee"), alpha=0.6, label=k) for k in kinds]

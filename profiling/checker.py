@@ -31,7 +31,7 @@ from typing import Any
 
 from .figures import SUM_MARGIN_ABS_S, SUM_MARGIN_PCT, covered_s, sum_margin_s, summarize_run
 from .findings import ACTIVITY_HIGH_PCT, ACTIVITY_LOW_PCT, analyze_run
-from .formatting import NA
+from .formatting import NA, markdown_text
 from .ladder import LADDER_SCHEMA, check_ladder
 from .ranks import check_parallel
 from .records import ACTIVITY_BUSY, REPORT_SCHEMA_VERSION, RunRecord, run_from_dict
@@ -158,7 +158,7 @@ def _check_labels(text: str, runs: list[RunRecord]) -> list[str]:
             problems.append(f"Markdown: group {label!r} did not measure GPU busy but has a Busy(%) column")
     cases = _sections(text, "## Case: ")
     for run in runs:
-        heading = next((k for k in cases if k.startswith(f"{run.context.case_name} (")), None)
+        heading = next((k for k in cases if k.startswith(f"{markdown_text(run.context.case_name)} (")), None)
         if heading is None:
             problems.append(f"Markdown: no section for case {run.context.case_name!r}")
         elif run.system.activity_metric == ACTIVITY_BUSY and _SM_WORDS.search(cases[heading]):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .figures import summarize_run
-from .formatting import NA, fmt_gb, fmt_s
+from .formatting import NA, fmt_gb, fmt_s, markdown_text
 from .records import RunRecord
 
 PHASES = (
@@ -135,8 +135,13 @@ def _output_line(c: Comparison) -> str:
 def _comparison_lines(c: Comparison) -> list[str]:
     a, b = c.baseline, c.candidate
     sa, sb = summarize_run(a), summarize_run(b)
-    names = (a.context.case_name, b.context.case_name)
-    lines = [f"### {c.title}", "", f"Baseline **{names[0]}** ({a.status}), candidate **{names[1]}** ({b.status}).", ""]
+    names = (markdown_text(a.context.case_name), markdown_text(b.context.case_name))  # user text: escaped
+    lines = [
+        f"### {markdown_text(c.title)}",
+        "",
+        f"Baseline **{names[0]}** ({a.status}), candidate **{names[1]}** ({b.status}).",
+        "",
+    ]
     differences = job_differences(a, b)
     if differences:
         lines += [f"- **Not the same job**: {'; '.join(differences)}: the speed-up compares different work.", ""]

@@ -13,6 +13,39 @@ from .records import ACTIVITY_BUSY
 
 NA = "n/a"
 GB = 1e9
+# Characters that make Markdown structure anywhere in a line (GitHub flavour): table cells,
+# emphasis, code, links, strike-through. `_` only counts at a word boundary, so `01_Speed_480p`
+# stays as it is; characters special only at the start of a line (`#`, `-`, `1.`) never start one
+# here, since user text is always written after a label or inside a table cell.
+_MARKDOWN_SPECIAL = frozenset("\\`*[]|~")
+_HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def markdown_text(value: object) -> str:
+    """User or system text as literal Markdown: no table cells, emphasis, links or raw HTML.
+
+    A `case_name` of `| x | <script>` renders as those characters in one cell: the characters that
+    make structure are backslash-escaped, `& < >` become entities, line breaks become spaces and
+    other control characters are written as `\\xNN`.
+    """
+    text = str(value)
+    out = []
+    for i, ch in enumerate(text):
+        if ch in _HTML_ENTITIES:
+            out.append(_HTML_ENTITIES[ch])
+        elif ch in _MARKDOWN_SPECIAL or (ch == "_" and not _inside_word(text, i)):
+            out.append("\\" + ch)
+        elif ch in "\r\n\t\v\f\u2028\u2029":
+            out.append(" ")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _inside_word(text: str, i: int) -> bool:
+    return 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
 
 
 def fmt_s(value: float | None) -> str:

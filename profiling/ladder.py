@@ -29,7 +29,7 @@ from typing import Any
 
 from ..wan_core.config import CFG_OFF, COMPILE_STAGE, MODEL_INIT_STAGE
 from .figures import summarize_run
-from .formatting import NA, fmt_gb, fmt_pct, fmt_s
+from .formatting import NA, fmt_gb, fmt_pct, fmt_s, markdown_text
 from .records import RunRecord
 
 LADDER_SCHEMA = "wanbench.ladder/1"
@@ -282,9 +282,9 @@ def _row_cells(ladder: Ladder, index: int, row: LadderRow, with_expected: bool) 
         speed += f" ({steady:.2f}x without compiling)"
     cells = [
         str(index),
-        f"{row.name} ({row.id})",
-        _changes(row),
-        status.replace("|", "/"),
+        markdown_text(f"{row.name} ({row.id})"),  # suite text: escaped
+        markdown_text(_changes(row)),
+        markdown_text(status),
         NA if f is None else fmt_s(f.load_s),
         NA if f is None else fmt_s(f.inference_s),
         NA if f is None else fmt_s(f.s_per_step),

@@ -150,6 +150,11 @@ class RunContext:
     seed: int | None = None
     loras: tuple[str, ...] | None = None  # one line per LoRA: file, strength per expert, layout, matched keys
     step_cache: str | None = None  # the step-cache settings of the sampler (None: no cache)
+    # The sampler settings as they ran (the task's presets filled in for widgets left at 0):
+    shift: float | None = None
+    boundary: float | None = None  # expert switch (A14B); None for single-model tasks
+    guidance_high: float | None = None  # CFG scale of the high-noise expert (None: single model)
+    guidance_low: float | None = None  # of the low-noise expert, or of the single model
     # One rank of a parallel run (`ranks.label_ranks` fills these from the rank's plan event):
     rank: int | None = None
     world_size: int | None = None

@@ -24,7 +24,20 @@ from .figures import (
     summarize_run,
 )
 from .findings import RunAnalysis, analyze_run
-from .formatting import NA, activity_label, fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops, gbs, pcts, secs, with_unit
+from .formatting import (
+    NA,
+    activity_label,
+    fmt_gb,
+    fmt_load,
+    fmt_pct,
+    fmt_s,
+    fmt_tflops,
+    gbs,
+    markdown_text,
+    pcts,
+    secs,
+    with_unit,
+)
 from .gpus import lookup_gpu
 from .ranks import parallel_sections
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
@@ -120,12 +133,12 @@ def render_markdown(
         raise ValueError("render_markdown needs at least one run record")
     groups = group_runs(runs)
     lines = [TITLE, "", legend(runs), ""]
-    lines += [f"- Note: {n}" for n in notes] + ([""] if notes else [])
+    lines += [f"- Note: {markdown_text(n)}" for n in notes] + ([""] if notes else [])
     for i, (group, members) in enumerate(groups.items()):
         letter = string.ascii_uppercase[i] if i < len(string.ascii_uppercase) else str(i + 1)
         lines += _group_summary(letter, group, members)
     for group, members in groups.items():
-        lines += [f"# Detailed Breakdown ({_short(group)})", ""]
+        lines += [f"# Detailed Breakdown ({markdown_text(_short(group))})", ""]
         for run in members:
             note = None if chart_notes is None else chart_notes.get(run.context.case_name)
             lines += _case_section(run, group, note)
@@ -147,13 +160,15 @@ def _versions(runs: Sequence[RunRecord], attr: str) -> str:
     for run in runs:
         seen.setdefault(getattr(run.system, attr) or NA, []).append(run.context.case_name)
     if len(seen) == 1:
-        return next(iter(seen))
-    return "differs: " + ", ".join(f"{v} ({', '.join(cases)})" for v, cases in seen.items())
+        return markdown_text(next(iter(seen)))
+    return "differs: " + ", ".join(
+        f"{markdown_text(v)} ({', '.join(markdown_text(c) for c in cases)})" for v, cases in seen.items()
+    )
 
 
 def _system_lines(runs: Sequence[RunRecord]) -> list[str]:
     s = runs[0].system
-    gpu = NA if s.gpu_name is None else f"{s.gpu_name} ({gbs(s.gpu_memory_bytes)})"
+    gpu = NA if s.gpu_name is None else f"{markdown_text(s.gpu_name)} ({gbs(s.gpu_memory_bytes)})"
     if s.activity_metric == ACTIVITY_SM:
         activity = "SM activity from NVML GPU performance metrics"
     elif s.activity_metric == ACTIVITY_BUSY:
@@ -161,7 +176,7 @@ def _system_lines(runs: Sequence[RunRecord]) -> list[str]:
             "GPU busy from NVML utilization (no performance metrics on this GPU; it does not count busy SMs)"
         )
     else:
-        activity = f"unavailable ({s.activity_unavailable_reason or 'no NVML'})"
+        activity = f"unavailable ({markdown_text(s.activity_unavailable_reason or 'no NVML')})"
     return [
         f"- **GPU**: {gpu}; driver {_versions(runs, 'driver_version')}; CUDA {_versions(runs, 'cuda_version')}; "
         f"torch {_versions(runs, 'torch_version')}",
@@ -172,7 +187,7 @@ def _system_lines(runs: Sequence[RunRecord]) -> list[str]:
 
 def _group_summary(letter: str, group: str, runs: list[RunRecord]) -> list[str]:
     metric = _group_metric(runs)
-    lines = [f"## Hardware Group {letter}: {group}", ""]
+    lines = [f"## Hardware Group {letter}: {markdown_text(group)}", ""]
     lines += _system_lines(runs) + [""]
     rows = []
     for run in runs:
@@ -180,7 +195,7 @@ def _group_summary(letter: str, group: str, runs: list[RunRecord]) -> list[str]:
         c = run.context
         rows.append(
             [
-                c.case_name,
+                markdown_text(c.case_name),
                 c.resolution or NA,
                 NA if c.frames is None else str(c.frames),
                 _steps_cell(sm),
@@ -231,7 +246,7 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
     sm = summarize_run(run)
     analysis = analyze_run(run, sm)
     c = run.context
-    lines = [f"## Case: {c.case_name} ({_short(group)})", ""]
+    lines = [f"## Case: {markdown_text(c.case_name)} ({markdown_text(_short(group))})", ""]
     facts = [
         f"task {c.task or NA}",
         f"{c.resolution or NA}",
@@ -247,19 +262,20 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
     ]
     if c.solver:
         facts.append(f"solver {c.solver}")
+    facts += _sampler_facts(run)
     if c.loras:
-        facts.append(f"LoRAs {' + '.join(c.loras)}")
+        facts.append(f"LoRAs {' + '.join(markdown_text(lora) for lora in c.loras)}")
     if c.step_cache:
         facts.append(f"step cache {c.step_cache}")
     lines += [
-        f"- **Run facts**: {'; '.join(facts)}",
+        f"- **Run facts**: {'; '.join(facts)}",  # pack vocabularies, numbers and escaped file names
         f"- **Status**: {run.status}",
         f"- **Total Duration**: {fmt_s(sm.total_s)} s",
         _peak_memory_line(run, sm),
         f"- **Total Compute Load**: {fmt_load(sm.load)}",
     ]
     lines += _kernel_lines(run)
-    lines += [f"- Note: {n}" for n in run.notes] + unmeasured_lines(run)
+    lines += [f"- Note: {markdown_text(n)}" for n in run.notes] + unmeasured_lines(run)
     lines += ["", "### Stage Breakdown", ""] + _stage_table(run, sm) + [""]
     lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + memory_plan_lines(run)
     lines += _analysis_lines(analysis)
@@ -272,6 +288,19 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         "",
     ]
     return lines
+
+
+def _sampler_facts(run: RunRecord) -> list[str]:
+    """Shift, expert switch and guidance as the sampler ran them (task defaults filled in)."""
+    c = run.context
+    facts = [] if c.shift is None else [f"shift {c.shift:g}"]
+    if c.boundary is not None:
+        facts.append(f"boundary {c.boundary:g}")
+    if c.guidance_high is not None and c.guidance_low is not None:
+        facts.append(f"guidance {c.guidance_high:g} (high) / {c.guidance_low:g} (low)")
+    elif c.guidance_low is not None:
+        facts.append(f"guidance {c.guidance_low:g}")
+    return facts
 
 
 # Event names written by wan_core (config.py): the measured `auto` attention choices, the compile summary.

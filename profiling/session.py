@@ -25,6 +25,11 @@ The sampler thread holds only a weak reference to the session: a session dropped
 Measuring never changes the run: every probe read goes through `Telemetry`, which turns a failing
 NVML, allocator or host read into an unmeasured figure and a note (the device synchronisation at
 stage boundaries is the run's own work and is not guarded).
+
+Listeners (`add_listener`) see every sample as it is taken, with the stage running at that moment:
+a live view uses them. They run on the thread that took the sample (the sampler thread, or the
+run's thread at stage boundaries), so they must be quick; one that raises is logged and removed,
+never breaking the measurement. No sample is taken for them: with no listener nothing changes.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -64,6 +70,22 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 _INT_CONTEXT = ("width", "height", "frames", "steps", "seed")
 DEFAULT_MAX_SAMPLES = 2048  # 3.4 min at 0.1 s before the first halving; about 0.5 MB of report JSON
 MIN_MAX_SAMPLES = 4  # the first and last samples are kept as they are; at least one pair merges
+
+
+@dataclass(frozen=True)
+class LiveReading:
+    """One sample as a listener sees it: the sample, the innermost stage open at that moment (None
+    between stages), the activity metric of the session's GPU monitor (None without NVML), and
+    whether it is a periodic reading (the sampler thread's or `sample_now()`, activity included)
+    rather than a stage-boundary one (memory and host only)."""
+
+    sample: Sample
+    stage: str | None
+    activity_metric: str | None
+    periodic: bool = True
+
+
+LiveListener = Callable[[LiveReading], None]
 
 
 class ProfileSession:
@@ -128,6 +150,7 @@ class ProfileSession:
         self._host_start: HostReading | None = None
         self._alloc_start: AllocatorSnapshot | None = None
         self._used_start: int | None = None
+        self._listeners: list[LiveListener] = []
         self._active_since: list[float] = []  # open activate() calls (start times)
         self._activations: list[tuple[float, float]] = []  # closed ones (start, end), session time
         self.record: RunRecord | None = None
@@ -230,6 +253,37 @@ class ProfileSession:
         finally:
             if self._active_since and self.is_open:
                 self._activations.append((self._active_since.pop(), self._clock.now() - self._t0))
+
+    # ---------------------------------------------------------------- listeners
+    def add_listener(self, listener: LiveListener) -> Callable[[], None]:
+        """Call `listener(LiveReading)` for every sample taken from now on; returns its remover."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return remove
+
+    def _notify(self, sample: Sample, *, periodic: bool) -> None:
+        gpu = self._telemetry.gpu
+        reading = LiveReading(
+            sample=sample,
+            stage=self._stack[-1].name if self._stack else None,
+            activity_metric=None if gpu is None else gpu.activity_metric,
+            periodic=periodic,
+        )
+        for listener in list(self._listeners):
+            try:
+                listener(reading)
+            except Exception as err:  # noqa: BLE001 - a listener (a live view) must never break the
+                # measurement: it is logged and removed, the run goes on unchanged.
+                logger.warning(
+                    "profiling listener %r failed (%s: %s); it is removed", listener, type(err).__name__, err
+                )
+                self._listeners.remove(listener)
 
     # ---------------------------------------------------------------- facts
     def set_context(self, **facts: Any) -> None:
@@ -368,7 +422,7 @@ class ProfileSession:
         self._require_open()
         with self._lock:
             assert self._t0 is not None
-            return self._telemetry.take(self._clock.now() - self._t0, activity=True)[0]
+            return self._take(self._clock.now() - self._t0, activity=True)[0]
 
     # ---------------------------------------------------------------- stages
     def _require_open(self) -> None:
@@ -521,19 +575,26 @@ class ProfileSession:
         last = readings[-1] if readings else 0.0  # the session's opening sample starts the first one
         if interval is not None and t - last >= 0.5 * interval:
             with self._lock:
-                self._telemetry.take(t, activity=True)
+                self._take(t, activity=True)
 
     def _take_thread_sample(self) -> None:
         """The sampler thread's reading: activity included, its timing checked for gaps."""
         with self._lock:
             assert self._t0 is not None
-            self._telemetry.take(self._clock.now() - self._t0, activity=True, from_thread=True)
+            self._take(self._clock.now() - self._t0, activity=True, from_thread=True)
 
     def _sample_with_host(self) -> tuple[Sample, HostReading]:
         """A boundary reading (memory and host; no activity: GPM samples must stay far apart)."""
         with self._lock:
             assert self._t0 is not None
-            return self._telemetry.take(self._clock.now() - self._t0, activity=False)
+            return self._take(self._clock.now() - self._t0, activity=False)
+
+    def _take(self, t: float, *, activity: bool, from_thread: bool = False) -> tuple[Sample, HostReading]:
+        """One telemetry reading (the caller holds the lock), shown to the listeners."""
+        sample, host = self._telemetry.take(t, activity=activity, from_thread=from_thread)
+        if self._listeners:
+            self._notify(sample, periodic=activity)
+        return sample, host
 
     # read-only views of the telemetry, for inspection while the session runs
     @property

@@ -142,6 +142,8 @@ def run_ti2v_h100() -> RunRecord:
             cfg_mode="batched",
             solver="unipc",
             seed=42,
+            shift=5.0,
+            guidance_low=5.0,
         )
         trace.event(  # what `auto` attention reports after measuring (attention_choice.py)
             "attention_choice",
@@ -222,6 +224,10 @@ def run_t2v_l40s() -> RunRecord:
             weight_dtype="fp8_e4m3fn_scaled",
             tf32=False,
             cfg_mode="batched",
+            shift=12.0,
+            boundary=0.875,
+            guidance_high=4.0,
+            guidance_low=3.0,
         )
         with trace.stage("Model_Initialization", kind="init"):
             rig.work(61.0, activity=(0.0,), cpu_pct=97.0, allocated=expert_bytes, used=30 * GB, rss=60 * GB)

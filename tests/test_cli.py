@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import pytest
 import torch
-from wanbench.cli import WORKFLOWS_DIR, main
+from wanbench.cli import API_WORKFLOWS_DIR, main
 from wanbench.profiling import check_report
 from wanbench.tiny_models import DIT_FILES, TEXT_ENCODER_FILE, VAE_FILES, randomize
 
@@ -61,6 +61,12 @@ def test_run_tiny_workflow_in_process(name: str, models: Path, tmp_path: Path, c
     assert len(videos) == 1 and len(reports) == 1
     stdout = capsys.readouterr().out
     assert str(videos[0]) in stdout and str(reports[0]) in stdout
+    # progress names the nodes; each file is labelled by what it is
+    assert "  [1/" in stdout and "Wan Profiler (node 1)" in stdout and "Wan Sampler (node 8)" in stdout
+    assert f"  video: {videos[0]}" in stdout and f"  report data (JSON): {reports[0]}" in stdout
+    assert f"  report: {reports[0].with_suffix('.md')}" in stdout
+    assert f"  chart: {reports[0].with_suffix('.png')}" in stdout
+    assert "othe:" not in stdout
     doc = json.loads(reports[0].read_text(encoding="utf-8"))
     run = doc["runs"][0]
     context = run["context"]
@@ -74,7 +80,7 @@ def test_run_tiny_workflow_in_process(name: str, models: Path, tmp_path: Path, c
     if name == "tiny_i2v_A14B":  # the 120x64 test image keeps its aspect within 64x48 pixels of area
         assert (width, height) == (64, 32)
     names = [s["name"] for s in run["stages"] if s["parent"] is None]
-    steps = json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())["8"]["inputs"]["steps"]
+    steps = json.loads((API_WORKFLOWS_DIR / f"{name}.api.json").read_text())["8"]["inputs"]["steps"]
     for expected in (
         "Model_Initialization",
         "T5_Encoding",
@@ -115,12 +121,12 @@ def test_suite_runs_every_case_and_reports_failures(models: Path, tmp_path: Path
         "cases": [
             {
                 "name": "good_case",
-                "workflow": str(WORKFLOWS_DIR / "tiny_t2v_A14B.api.json"),
+                "workflow": str(API_WORKFLOWS_DIR / "tiny_t2v_A14B.api.json"),
                 "overrides": {"WanBenchProfiler.case_name": "good_case", "WanBenchSampler.steps": 2},
             },
             {
                 "name": "bad_case",
-                "workflow": str(WORKFLOWS_DIR / "tiny_t2v_A14B.api.json"),
+                "workflow": str(API_WORKFLOWS_DIR / "tiny_t2v_A14B.api.json"),
                 "overrides": {"WanBenchEmptyLatent.length": 18},
             },
         ],
@@ -165,7 +171,12 @@ def test_missing_models_say_how_to_get_them(tmp_path: Path, caplog) -> None:
         main(["run", "tiny_ti2v_5B_t2v.api.json", "--out", str(tmp_path), "--models", str(tmp_path / "none")])
         == 2
     )
-    assert "the list is empty (no model files found)" in caplog.text and "--make-tiny-models" in caplog.text
+    assert "the list is empty" in caplog.text and "--make-tiny-models" in caplog.text
+    # every loader's problem at once, each on its node and input, before anything ran
+    for where in ("node 2 'Wan Model Loader' (WanBenchModelLoader), input 'model_high'",
+                  "node 3 'Wan Text Encoder Loader' (WanBenchTextEncoderLoader), input 'text_encoder'",
+                  "node 4 'Wan VAE Loader' (WanBenchVAELoader), input 'vae'"):
+        assert where in caplog.text, caplog.text
 
 
 @pytest.mark.gpu

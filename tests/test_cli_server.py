@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from wanbench.cli import WORKFLOWS_DIR, main
+from wanbench.cli import API_WORKFLOWS_DIR, main
 from wanbench.client import ServerError, download_target, run_on_server
 
 PROMPT_ID = "p-123"
@@ -25,6 +25,42 @@ FILES = {
     "v_00001_.mp4": b"\x00\x00\x00\x18ftypmp42",
     "r_00001_.json": b'{"schema": "x"}',
     "r_00001_.md": b"# r",
+}
+
+
+REFUSAL = {
+    "error": {
+        "type": "prompt_outputs_failed_validation",
+        "message": "Prompt outputs failed validation",
+        "details": "",
+        "extra_info": {},
+    },
+    "node_errors": {
+        "7": {
+            "errors": [
+                {
+                    "type": "custom_validation_failed",
+                    "message": "Custom validation failed for node",
+                    "details": "length - length must be 4k+1 (e.g. 81 or 121); got 80; use 77 or 81",
+                    "extra_info": {"input_name": "length"},
+                }
+            ],
+            "dependent_outputs": ["10", "11"],
+            "class_type": "WanBenchEmptyLatent",
+        },
+        "8": {
+            "errors": [
+                {
+                    "type": "value_smaller_than_min",
+                    "message": "Value -1 smaller than min of 0",
+                    "details": "steps",
+                    "extra_info": {"input_name": "steps", "received_value": -1},
+                }
+            ],
+            "dependent_outputs": ["10", "11"],
+            "class_type": "WanBenchSampler",
+        },
+    },
 }
 
 
@@ -62,13 +98,7 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Handler.received.append(body)
         if Handler.mode == "refuse" or (Handler.mode == "suite" and "bad" in json.dumps(body)):
-            self._json(
-                400,
-                {
-                    "error": {"type": "prompt_outputs_failed_validation"},
-                    "node_errors": {"7": {"errors": [{"type": "custom_validation_failed"}]}},
-                },
-            )
+            self._json(400, REFUSAL)  # what ComfyUI 0.3.75 answers (execution.validate_inputs)
         else:
             self._json(200, {"prompt_id": PROMPT_ID, "number": 1, "node_errors": {}})
 
@@ -85,8 +115,8 @@ class Handler(BaseHTTPRequestHandler):
                 "11": {
                     "text": ["summary"],
                     "wanbench_report": [
-                        {"filename": "r_00001_.md", "subfolder": "wanbench", "type": "output"},
-                        {"filename": "r_00001_.json", "subfolder": "wanbench", "type": "output"},
+                        {"filename": "r_00001_.md", "subfolder": "wanbench", "type": "output", "kind": "markdown"},
+                        {"filename": "r_00001_.json", "subfolder": "wanbench", "type": "output", "kind": "json"},
                     ],
                 },
             }
@@ -206,12 +236,22 @@ def test_download_refuses_a_path_outside_out(server: str, tmp_path: Path) -> Non
 
 
 def test_refused_prompt_and_failed_node_are_errors(server: str, tmp_path: Path) -> None:
+    prompt = json.loads((API_WORKFLOWS_DIR / "tiny_ti2v_5B_t2v.api.json").read_text(encoding="utf-8"))
     Handler.mode = "refuse"
-    with pytest.raises(ServerError, match="refused the workflow \\(HTTP 400\\).*custom_validation_failed"):
-        run_on_server({}, server, tmp_path, timeout_s=20)
+    with pytest.raises(ServerError) as info:
+        run_on_server(prompt, server, tmp_path, timeout_s=20)
+    assert str(info.value).splitlines() == [
+        "the server refused the workflow (HTTP 400): Prompt outputs failed validation",
+        "  - node 7 'Wan Empty Latent' (WanBenchEmptyLatent), input 'length': "
+        "length must be 4k+1 (e.g. 81 or 121); got 80; use 77 or 81",
+        "  - node 8 'Wan Sampler' (WanBenchSampler), input 'steps': Value -1 smaller than min of 0",
+    ]
+    assert [(p.node_id, p.input) for p in info.value.problems] == [("7", "length"), ("8", "steps")]
     Handler.mode = "error"
-    with pytest.raises(ServerError, match="node 8 \\(WanBenchSampler\\) failed: ValueError: boom"):
-        run_on_server({}, server, tmp_path, timeout_s=20)
+    with pytest.raises(ServerError, match="node 8 'Wan Sampler' \\(WanBenchSampler\\) failed: ValueError: boom$"):
+        run_on_server(prompt, server, tmp_path, timeout_s=20)
+    with pytest.raises(ServerError, match="node 8 'WanBenchSampler' failed: ValueError: boom$"):
+        run_on_server({}, server, tmp_path, timeout_s=20)  # no titles in the prompt: the class type
 
 
 @pytest.mark.parametrize(
@@ -268,7 +308,20 @@ def test_cli_run_with_server(server: str, tmp_path: Path, capsys) -> None:
     )
     assert Handler.received[0]["prompt"]["8"]["inputs"]["steps"] == 2
     out = capsys.readouterr().out
-    assert "node 8: 1/2" in out and "video: " in out and "report: " in out
+    assert "  Wan Sampler (node 8): 1/2" in out and "  Wan Sampler (node 8): 2/2" in out
+    assert f"  video: {tmp_path / 'wanbench' / 'v_00001_.mp4'}" in out
+    assert f"  report: {tmp_path / 'wanbench' / 'r_00001_.md'}" in out
+    assert f"  report data (JSON): {tmp_path / 'wanbench' / 'r_00001_.json'}" in out
+    assert "othe:" not in out and "node 8: " not in out
+
+
+def test_cli_prints_a_refused_workflow_problem_by_problem(server: str, tmp_path: Path, caplog) -> None:
+    Handler.mode = "refuse"
+    argv = ["run", "tiny_ti2v_5B_t2v.api.json", "--server", server, "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "ServerError: the server refused the workflow (HTTP 400): Prompt outputs failed validation" in caplog.text
+    assert "  - node 7 'Wan Empty Latent' (WanBenchEmptyLatent), input 'length': length must be 4k+1" in caplog.text
+    assert "node_errors" not in caplog.text and '{"' not in caplog.text  # not the raw server JSON
 
 
 def _real_report_json(tmp_path: Path) -> bytes:
@@ -307,7 +360,7 @@ def test_cli_suite_with_server_reports_a_failed_case(server: str, tmp_path: Path
     suites.mkdir()
     (suites / "served.json").write_text(json.dumps(suite), encoding="utf-8")
     for name in ("tiny_ti2v_5B_t2v.api.json", "tiny_t2v_A14B.api.json"):
-        (tmp_path / name).write_text((WORKFLOWS_DIR / name).read_text(encoding="utf-8"), encoding="utf-8")
+        (tmp_path / name).write_text((API_WORKFLOWS_DIR / name).read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "out"
     assert main(["suite", str(suites / "served.json"), "--server", server, "--out", str(out)]) == 1
 

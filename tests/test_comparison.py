@@ -150,11 +150,11 @@ def test_compare_cases_reads_reports_and_videos(tmp_path: Path) -> None:
 
 
 def test_suite_with_a_comparison_runs_in_process(tmp_path: Path) -> None:
-    from wanbench.cli import WORKFLOWS_DIR
+    from wanbench.cli import API_WORKFLOWS_DIR
     from wanbench.tiny_models import make_tiny_models
 
     models = make_tiny_models(tmp_path / "models", seed=0, overwrite=False).root
-    workflow = str(WORKFLOWS_DIR / "tiny_t2v_A14B.api.json")
+    workflow = str(API_WORKFLOWS_DIR / "tiny_t2v_A14B.api.json")
     suite = {
         "name": "pair",
         "cases": [

@@ -146,7 +146,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def _sample(tiny: Any, model: Any) -> torch.Tensor:
     (latent,) = WanEmptyLatent().make(tiny.vae, 32, 32, 5)
     with use_bridge(tiny.bridge):
-        (out,) = WanSampler().sample(model, tiny.embeds, latent, **SAMPLER_ARGS)
+        (out,) = WanSampler().sample(model, tiny.embeds, latent, **SAMPLER_ARGS)["result"]
     return out["samples"]
 
 

@@ -63,12 +63,12 @@ def test_ladder_with_a_step_cache_row_and_a_failing_row(models: Path, tmp_path: 
     workflows = Path(__file__).resolve().parents[1] / "workflows"
     suite = {
         "name": "mixed", "description": "a cached row and a row that fails", "workflow":
-        str(workflows / "tiny_ti2v_5B_t2v.api.json"), "overrides": {"WanBenchSampler.steps": 5},
+        str(workflows / "api" / "tiny_ti2v_5B_t2v.api.json"), "overrides": {"WanBenchSampler.steps": 5},
         "baseline": {"name": "plain", "settings": {"cfg_mode": "batched"}},
         "rows": [
             {"name": "cached", "settings": {"step_cache": {"mode": "magcache", "threshold": 9.0,
                                                            "warmup_steps": 1, "max_skip": 1}}},
-            {"name": "broken", "settings": {"steps": 0}},
+            {"name": "broken", "settings": {"steps": 1001}},  # above the maximum (0 means the task's steps)
         ],
     }
     path = tmp_path / "mixed.json"

@@ -15,6 +15,7 @@ from wanbench.nodes.loaders import WanModelLoader, WanTextEncoderLoader, WanVAEL
 from wanbench.nodes.lora import WanLora
 from wanbench.nodes.sampling import LATENT_CONTINUATION, WanSampler
 from wanbench.nodes.text import WanTextEncode
+from wanbench.nodes.validation import input_problems
 from wanbench.wan_core.errors import CheckpointError
 
 T2V_HIGH = "wanbench_tiny_t2v_high_noise_14B_fp16.safetensors"
@@ -58,7 +59,7 @@ def _lora(tiny, model, name, high, low):
 
 def _sample(tiny, model, latent, **kw):
     args = {**RECIPE, **kw}
-    return WanSampler().sample(model, tiny.embeds, latent, **args)[0]
+    return WanSampler().sample(model, tiny.embeds, latent, **args)["result"][0]
 
 
 def test_lora_node_returns_a_new_bundle_and_leaves_the_input_unchanged(tiny) -> None:
@@ -118,7 +119,7 @@ def test_sampler_schedule_input_errors_name_the_fix(tiny) -> None:
         _sample(tiny, tiny.model, tiny.latent, start_step=4)
     with pytest.raises(ValueError, match="end_step must be an integer in \\(start_step, steps\\] = \\(2, 4\\]"):
         _sample(tiny, tiny.model, tiny.latent, start_step=2, end_step=2)
-    assert WanSampler.VALIDATE_INPUTS(denoise=0.0).startswith("denoise must be between")
+    assert input_problems(WanSampler, {"denoise": 0.0}) == [("denoise", "denoise: 0.0 is below the minimum 0.01")]
     assert WanSampler.VALIDATE_INPUTS(timesteps="1, x").startswith("timesteps must be numbers")
 
 
@@ -128,7 +129,7 @@ def test_lora_node_errors(tiny) -> None:
     with use_bridge(tiny.bridge):
         with pytest.raises(FileNotFoundError, match="not found"):
             WanLora().apply(tiny.model, "missing.safetensors", 1.0, 1.0)
-        with pytest.raises(ValueError, match="strength_high must be between"):
+        with pytest.raises(ValueError, match="strength_high: 1000.0 is above the maximum 100.0"):
             WanLora().apply(tiny.model, LORA_HIGH, 1000.0, 1.0)
         (ti2v,) = WanModelLoader().load(TI2V_DIT, "none", "float32", "sdpa", "cpu")
         lora_ti2v = WanLora().apply(ti2v, LORA_LOW, 0.5, 7.0)[0]  # blocks only: the tiny widths agree

@@ -208,3 +208,24 @@ def test_two_report_nodes_write_the_same_run(comfy, tmp_path) -> None:
     first, second = _reports(tmp_path)
     runs = [json.loads(p.read_text(encoding="utf-8"))["runs"][0] for p in (first, second)]
     assert runs[0]["run_id"] == runs[1]["run_id"] and check_report(second) == []
+
+
+@pytest.mark.parametrize("ending", ["report", "report dropped", "prompt failed"])
+def test_the_live_view_stops_with_the_prompt_however_it_ends(comfy, monkeypatch, ending) -> None:
+    """The Wan Profiler's live view ends with the observation on each of the observer's ways of
+    closing it: the report, the watcher at the end of a prompt whose report was dropped, and a
+    failed prompt (the report writes what ran). A "done" message comes last, nothing after it."""
+    from wanbench.nodes import comfy_bridge
+
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(comfy_bridge, "inside_comfyui", lambda: True)
+    monkeypatch.setattr(comfy_bridge, "send_ui_message", lambda event, data: sent.append((event, data)))
+    prompt = {k: v for k, v in PROMPT.items() if not (ending == "report dropped" and k == "9")}
+    order = [n for n in ["9", "8", "1", "2", "3", "4"] if n in prompt]
+    comfy.run("p1", prompt, order, fail_at="3" if ending == "prompt failed" else None)
+    live = [data for event, data in sent if event == "wanbench.live"]
+    assert live and {data["node"] for data in live} == {"8"}  # the Wan Profiler node of the graph
+    assert live[-1]["state"] == "done" and [d["state"] for d in live].count("done") == 1
+    count = len(sent)
+    time.sleep(0.1)
+    assert len(sent) == count

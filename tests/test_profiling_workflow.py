@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wanbench.cli import DEMO_WORKFLOW, WORKFLOWS_DIR
+from wanbench.cli import API_WORKFLOWS_DIR, DEMO_WORKFLOW
 from wanbench.nodes.comfy_bridge import Bridge
 from wanbench.profiling import check_report, load_runs
 from wanbench.runner import load_api_workflow, output_files, run_workflow
@@ -14,9 +14,9 @@ from wanbench.tiny_models import make_tiny_models
 
 def test_tiny_workflow_stage_sequence(tmp_path: Path) -> None:
     models = make_tiny_models(tmp_path / "models", seed=0, overwrite=False)
-    prompt = load_api_workflow(WORKFLOWS_DIR / DEMO_WORKFLOW)  # as shipped: loaders have the first ids
+    prompt = load_api_workflow(API_WORKFLOWS_DIR / DEMO_WORKFLOW)  # as shipped: loaders have the first ids
     bridge = Bridge.for_models_root(models.root, tmp_path / "out")
-    files = output_files(run_workflow(prompt, bridge))
+    files = output_files(run_workflow(prompt, bridge), bridge.output_dir)
     (report,) = files["reports"]
     (run,) = load_runs(report)
     steps = prompt["8"]["inputs"]["steps"]
@@ -51,8 +51,8 @@ def test_tiny_four_step_lora_workflows_run_and_report_their_loras(tmp_path: Path
     models = make_tiny_models(tmp_path / "models", seed=0, overwrite=False)
     bridge = Bridge.for_models_root(models.root, tmp_path / "out")
     for name in ("tiny_t2v_A14B_4steps_lora.api.json", "tiny_i2v_A14B_4steps_lora.api.json"):
-        prompt = load_api_workflow(WORKFLOWS_DIR / name)
-        files = output_files(run_workflow(prompt, bridge))
+        prompt = load_api_workflow(API_WORKFLOWS_DIR / name)
+        files = output_files(run_workflow(prompt, bridge), bridge.output_dir)
         (report,) = files["reports"]
         (run,) = load_runs(report)
         assert [s.name for s in run.top_level][:1] == ["Model_Initialization"]

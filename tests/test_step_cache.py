@@ -266,7 +266,7 @@ def test_node_returns_a_new_bundle_and_leaves_the_input_alone() -> None:
 
 @pytest.mark.parametrize(("args", "match"), [
     (("teacache", 0.2, 1, 2, "high", "auto"), "one model"),
-    (("teacache", 11.0, 1, 2, "all", "auto"), "threshold must be between"),
+    (("teacache", 11.0, 1, 2, "all", "auto"), "threshold: 11.0 is above the maximum 10.0"),
     (("magcache", 0.2, 1, 2, "all", "wan2.2_ti2v_5B"), "magcache calibration must be one of"),
 ])
 def test_node_rejects_bad_settings(args: tuple, match: str) -> None:

@@ -1,4 +1,5 @@
 """Shipped workflows: in sync with their generator, valid against the node definitions, UI == API twin,
+templates where ComfyUI looks for them (UI files only, each with a thumbnail, a note and model URLs),
 suites that point at real workflows, and the in-process runner's checks.
 """
 
@@ -13,9 +14,15 @@ import pytest
 from wanbench.nodes import NODE_CLASS_MAPPINGS
 from wanbench.runner import WorkflowError, apply_overrides, load_api_workflow, validate_workflow
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+API_DIR = WORKFLOWS / "api"
+TEMPLATES = ROOT / "example_workflows"
 FILE_INPUTS = ("model_high", "model_low", "text_encoder", "vae", "lora_name")
-UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
+UI_FILES = sorted(TEMPLATES.glob("*.json"))
+API_FILES = sorted(API_DIR.glob("*.api.json"))
+# The folders ComfyUI scans for a pack's templates (app/custom_node_manager.py, 0.3.75 and 0.33).
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
 
 
 def _generator():
@@ -35,17 +42,72 @@ def _load(path: Path) -> dict:
 
 def test_checked_in_files_match_the_generator() -> None:
     built = GEN.build_all()
-    on_disk = {str(p.relative_to(WORKFLOWS)) for p in WORKFLOWS.rglob("*.json")}
+    on_disk = {str(p.relative_to(ROOT)) for folder in (WORKFLOWS, TEMPLATES) for p in folder.rglob("*.json")}
     assert on_disk == set(built), "run `python workflows/build_workflows.py`"
     for rel, content in built.items():
-        assert (WORKFLOWS / rel).read_text(encoding="utf-8") == GEN.render(content), f"{rel} is stale"
+        assert (ROOT / rel).read_text(encoding="utf-8") == GEN.render(content), f"{rel} is stale"
+
+
+def _spec(name: str):
+    (spec,) = [s for s in GEN.WORKFLOWS if s.name == name]
+    return spec
+
+
+def _twin(ui_path: Path) -> Path:
+    (spec,) = [s for s in GEN.WORKFLOWS if s.template_file == ui_path.name]
+    return API_DIR / spec.api_file
 
 
 def test_every_task_has_ui_api_and_tiny_twins() -> None:
     names = {p.name for p in UI_FILES}
     for task in ("ti2v_5B_t2v", "ti2v_5B_i2v", "t2v_A14B", "i2v_A14B"):
         for prefix in ("wan22_", "tiny_"):
-            assert f"{prefix}{task}.json" in names and (WORKFLOWS / f"{prefix}{task}.api.json").is_file()
+            (spec,) = [s for s in GEN.WORKFLOWS if s.name == f"{prefix}{task}"]
+            assert spec.template_file in names and (API_DIR / spec.api_file).is_file()
+
+
+def test_comfyui_template_folders_hold_only_ui_workflows() -> None:
+    """ComfyUI lists every *.json directly in these folders under Templates; an API file there
+    cannot be opened ("Couldn't open the template")."""
+    listed = [p for name in TEMPLATE_FOLDERS for p in (ROOT / name).glob("*.json")]
+    assert listed and all(p.parent == TEMPLATES for p in listed), listed
+    for path in listed:
+        data = _load(path)
+        assert isinstance(data, dict) and "nodes" in data and "links" in data, f"{path.name} is not a UI workflow"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_every_template_has_a_thumbnail_and_a_description(path: Path) -> None:
+    from PIL import Image
+
+    thumbnail = path.with_suffix(".jpg")  # the only thumbnail name the frontend asks for
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and image.size == GEN.THUMBNAIL_SIZE
+        assert sum(1 for n in image.convert("L").histogram() if n) > 8  # a picture, not a blank
+    (note,) = [n for n in _load(path)["nodes"] if n["type"] == "MarkdownNote"]
+    text = note["widgets_values"][0]
+    (spec,) = [s for s in GEN.WORKFLOWS if s.template_file == path.name]
+    assert text.startswith(f"## {spec.title}") and "Wan Benchmark Report" in text
+    assert ("make-tiny-models" in text) == spec.tiny
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_real_workflows_carry_model_download_urls(path: Path) -> None:
+    """As ComfyUI's own templates do: `properties.models` on each loader, one entry per file it
+    picks, so the missing-models dialog offers downloads (the tiny models have none)."""
+    (spec,) = [s for s in GEN.WORKFLOWS if s.template_file == path.name]
+    loaders = ("WanBenchModelLoader", "WanBenchTextEncoderLoader", "WanBenchVAELoader", "WanBenchLora")
+    for node in _load(path)["nodes"]:
+        models = node["properties"].get("models", [])
+        if spec.tiny or node["type"] not in loaders:
+            assert models == [], node["type"]
+            continue
+        files = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+        assert [m["name"] for m in models] == files and files
+        for entry in models:
+            assert entry["url"].startswith("https://huggingface.co/Comfy-Org/") and "/resolve/main/" in entry["url"]
+            assert entry["url"].endswith("/" + entry["name"])
+            assert entry["directory"] in ("diffusion_models", "text_encoders", "vae", "loras")
 
 
 def _widget_names(node_type: str) -> list[str]:
@@ -68,6 +130,8 @@ def ui_to_api(ui: dict) -> dict:
     links = {link[0]: link for link in ui["links"]}
     prompt = {}
     for node in ui["nodes"]:
+        if node["type"] == "MarkdownNote":  # a frontend-only node: not in the API graph
+            continue
         names = _widget_names(node["type"])
         assert len(names) == len(node["widgets_values"]), f"node {node['id']} widgets_values length"
         inputs = {}
@@ -93,6 +157,9 @@ def test_ui_file_is_a_litegraph_04_graph(path: Path) -> None:
     assert ui["last_node_id"] == max(n["id"] for n in ui["nodes"]) and ui["last_link_id"] == len(ui["links"])
     nodes = {n["id"]: n for n in ui["nodes"]}
     for node in ui["nodes"]:
+        if node["type"] == "MarkdownNote":
+            assert node["id"] == GEN.NOTE_NODE_ID and node["inputs"] == node["outputs"] == []
+            continue
         assert node["type"] in NODE_CLASS_MAPPINGS or node["type"] in GEN.CORE_NODES
         assert {
             "id",
@@ -117,7 +184,7 @@ def test_ui_file_is_a_litegraph_04_graph(path: Path) -> None:
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
 def test_ui_and_api_twin_describe_the_same_graph(path: Path) -> None:
-    api = _load(path.with_name(path.name[: -len(".json")] + ".api.json"))
+    api = _load(_twin(path))
     converted = ui_to_api(_load(path))
     assert set(converted) == set(api)
     for node_id, node in converted.items():
@@ -126,7 +193,7 @@ def test_ui_and_api_twin_describe_the_same_graph(path: Path) -> None:
         assert api[node_id]["_meta"]["title"]
 
 
-@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.api.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
 def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
     prompt = load_api_workflow(path)
     pack_only = {k: v for k, v in prompt.items() if v["class_type"] in NODE_CLASS_MAPPINGS}
@@ -151,7 +218,7 @@ def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
             wanted = inspect.signature(validate).parameters
             assert validate(**{k: v for k, v in constants.items() if k in wanted}) is True
     if all(v["class_type"] in NODE_CLASS_MAPPINGS for v in prompt.values()):
-        order = validate_workflow(prompt)
+        order = validate_workflow(prompt, values=False)  # model files are checked against the folders in runs
         of_type = {v["class_type"]: k for k, v in prompt.items()}
         assert order.index(of_type["WanBenchProfiler"]) < order.index(of_type["WanBenchSampler"]) \
             < order.index(of_type["WanBenchReport"])
@@ -179,8 +246,8 @@ RUN_RANK = {
 }
 
 
-PACK_API_FILES = sorted(p for p in WORKFLOWS.glob("*.api.json") if not p.name.startswith("native_"))
-NATIVE_API_FILES = sorted(WORKFLOWS.glob("native_*.api.json"))
+PACK_API_FILES = sorted(p for p in API_FILES if not p.name.startswith("native_"))
+NATIVE_API_FILES = sorted(API_DIR.glob("native_*.api.json"))
 
 
 @pytest.mark.parametrize("path", PACK_API_FILES, ids=lambda p: p.name)
@@ -194,11 +261,11 @@ def test_node_ids_follow_the_run_order(path: Path) -> None:
             if isinstance(value, list):
                 assert int(value[0]) < int(node_id), f"{path.name}: node {node_id} reads later node {value[0]}"
     if all(v["class_type"] in NODE_CLASS_MAPPINGS for v in prompt.values()):
-        assert validate_workflow(prompt) == by_id
+        assert validate_workflow(prompt, values=False) == by_id
 
 
 def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
-    ti2v = load_api_workflow(WORKFLOWS / "wan22_ti2v_5B_t2v.api.json")
+    ti2v = load_api_workflow(API_DIR / "wan22_ti2v_5B_t2v.api.json")
     assert ti2v["2"]["inputs"]["model_high"] == "wan2.2_ti2v_5B_fp16.safetensors"
     assert ti2v["4"]["inputs"]["vae"] == "wan2.2_vae.safetensors"
     assert ti2v["3"]["inputs"]["text_encoder"] == "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
@@ -212,7 +279,7 @@ def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
         5.0,
         24,
     )
-    t2v = load_api_workflow(WORKFLOWS / "wan22_t2v_A14B.api.json")
+    t2v = load_api_workflow(API_DIR / "wan22_t2v_A14B.api.json")
     assert t2v["2"]["inputs"]["model_low"] == "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
     assert t2v["4"]["inputs"]["vae"] == "wan_2.1_vae.safetensors"
     s = t2v["8"]["inputs"]
@@ -223,7 +290,7 @@ def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
         4.0,
         3.0,
     )
-    i2v = load_api_workflow(WORKFLOWS / "wan22_i2v_A14B.api.json")
+    i2v = load_api_workflow(API_DIR / "wan22_i2v_A14B.api.json")
     assert (i2v["8"]["inputs"]["boundary"], i2v["8"]["inputs"]["shift"], i2v["10"]["inputs"]["fps"]) == (
         0.9,
         5.0,
@@ -245,7 +312,7 @@ def test_four_step_lora_workflows_follow_comfyui_templates(task: str, lora_high:
                                                            boundary: float) -> None:
     """ComfyUI's 14B templates (4-step path): the lightx2v LoRA of each expert at strength 1, 4 steps,
     cfg 1, shift 5, euler, 640x640x81 at 16 fps; the UI file names each file's download URL."""
-    api = load_api_workflow(WORKFLOWS / f"wan22_{task}_A14B_4steps_lora.api.json")
+    api = load_api_workflow(API_DIR / f"wan22_{task}_A14B_4steps_lora.api.json")
     loras = [n["inputs"] for n in api.values() if n["class_type"] == "WanBenchLora"]
     assert [(x["lora_name"], x["strength_high"], x["strength_low"]) for x in loras] == [
         (lora_high, 1.0, 0.0), (lora_low, 0.0, 1.0)]
@@ -256,14 +323,14 @@ def test_four_step_lora_workflows_follow_comfyui_templates(task: str, lora_high:
     latent_types = ("WanBenchEmptyLatent", "WanBenchImageToVideo")
     (latent,) = [n["inputs"] for n in api.values() if n["class_type"] in latent_types]
     assert (latent["width"], latent["height"], latent["length"]) == (640, 640, 81)
-    ui = _load(WORKFLOWS / f"wan22_{task}_A14B_4steps_lora.json")
+    ui = _load(TEMPLATES / _spec(f"wan22_{task}_A14B_4steps_lora").template_file)
     urls = {m["name"]: (m["directory"], m["url"]) for n in ui["nodes"] for m in n["properties"].get("models", [])}
     assert urls[lora_high] == ("loras", REPACKAGED + "loras/" + lora_high)
     assert urls[lora_low] == ("loras", REPACKAGED + "loras/" + lora_low)
     high_dit = f"wan2.2_{task}_high_noise_14B_fp8_scaled.safetensors"
     assert urls[high_dit] == ("diffusion_models", REPACKAGED + "diffusion_models/" + high_dit)
     assert urls["umt5_xxl_fp8_e4m3fn_scaled.safetensors"][0] == "text_encoders"
-    tiny = _load(WORKFLOWS / f"tiny_{task}_A14B_4steps_lora.json")
+    tiny = _load(TEMPLATES / _spec(f"tiny_{task}_A14B_4steps_lora").template_file)
     assert not any(n["properties"].get("models") for n in tiny["nodes"]), "tiny files are made locally"
 
 
@@ -322,7 +389,7 @@ def test_suites_point_at_workflows_and_overrides_apply(suite: Path) -> None:
 # Runner checks
 # ------------------------------------------------------------------------------------------------
 def _tiny() -> dict:
-    return load_api_workflow(WORKFLOWS / "tiny_ti2v_5B_t2v.api.json")
+    return load_api_workflow(API_DIR / "tiny_ti2v_5B_t2v.api.json")
 
 
 def test_runner_rejects_foreign_nodes_bad_links_and_missing_inputs() -> None:
@@ -342,7 +409,7 @@ def test_runner_rejects_foreign_nodes_bad_links_and_missing_inputs() -> None:
     with pytest.raises(WorkflowError, match="expects LATENT; node 9 output 0 is IMAGE"):
         validate_workflow(bad)
     with pytest.raises(WorkflowError, match="UI-format workflow"):
-        load_api_workflow(WORKFLOWS / "tiny_ti2v_5B_t2v.json")
+        load_api_workflow(TEMPLATES / GEN.WORKFLOWS[4].template_file)
 
 
 def test_overrides_must_match() -> None:
@@ -454,3 +521,23 @@ def test_suite_comparisons_must_name_cases(tmp_path: Path) -> None:
     path.write_text(json.dumps(bad), encoding="utf-8")
     with pytest.raises(ValueError, match=r"names no case \['b'\]"):
         load_suite(path)
+def test_runner_reports_every_problem_at_once_each_on_its_input() -> None:
+    bad = _tiny()
+    bad["7"]["inputs"]["length"] = 80  # not 4k+1 (the node's own check)
+    bad["8"]["inputs"]["steps"] = -1  # below the minimum (the built-in check)
+    bad["5"]["inputs"]["prompt"] = "\u200b\u200b \u2060"  # invisible characters only
+    bad["10"]["inputs"]["filename_prefix"] = "wanbench/a\x00b"
+    bad["10"]["inputs"]["crf"] = 99
+    with pytest.raises(WorkflowError) as info:
+        validate_workflow(bad)
+    found = {(p.node_id, p.input): p.message for p in info.value.problems}
+    assert "4k+1" in found[("7", "length")] and "got 80" in found[("7", "length")]
+    assert "below the minimum 0" in found[("8", "steps")]
+    assert "invisible" in found[("5", "prompt")]
+    assert "NUL byte" in found[("10", "filename_prefix")]
+    assert "above the maximum 51" in found[("10", "crf")]
+    # each message on its own input only: no width/height/fps problem borrowed from another input
+    assert not {("7", "width"), ("7", "height"), ("10", "fps")} & set(found)
+    titles = {p.node_id: p.title for p in info.value.problems}
+    assert titles["8"] == "Wan Sampler" and titles["10"] == "Wan Save Video"
+    assert "nothing was run" in str(info.value) and "node 7 'Wan Empty Latent'" in str(info.value)

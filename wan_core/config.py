@@ -307,6 +307,9 @@ STEP_CACHE_REASON_FACT = "step_cache_reason"  # why a step was computed (STEP_CA
 STEP_COMPUTED = "computed"
 STEP_REUSED = "reused"
 STEP_CACHE_REASONS = ("warm-up", "last step", "max skip", "change", "expert excluded", "threshold 0")
+# File suffixes read as safetensors: ComfyUI lists `.sft` files next to `.safetensors` ones in its
+# model dropdowns and reads them the same way (compared in lower case).
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 # Weight dtypes by torch's names (what workflows store); the short names are accepted aliases.
 WEIGHT_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({

@@ -1,30 +1,46 @@
-"""Errors raised by wan_core. Messages say what was found, what was expected and how to fix it."""
+"""Errors raised by wan_core. Messages say what was found, what was expected and how to fix it.
+
+Each class is shown under the stable name `wanbench.errors.<Name>` (see `util/public.py`), in
+ComfyUI's error messages as anywhere else.
+"""
 
 from __future__ import annotations
+
+from ..util.public import PUBLIC_MODULE
 
 
 class WanError(Exception):
     """Base class of the pack's own errors."""
 
+    __module__ = PUBLIC_MODULE
+
 
 class CheckpointError(WanError, ValueError):
     """A model file is missing, corrupt, truncated, of the wrong kind or has wrong shapes."""
+
+    __module__ = PUBLIC_MODULE
 
 
 class BackendUnavailableError(WanError, ImportError):
     """An optional fast path (attention backend, compile, NVML, ...) was asked for but is not usable."""
 
+    __module__ = PUBLIC_MODULE
+
 
 class SamplingInterrupted(WanError):
     """Raised by a progress callback to stop a run between steps; leaves no half state behind."""
 
-
+    __module__ = PUBLIC_MODULE
 
 
 class MemoryPlanError(WanError, ValueError):
     """A job would not fit in the memory that is free: raised before anything large is allocated,
     with the estimate, what is free, and the options that would fit."""
 
+    __module__ = PUBLIC_MODULE
+
 
 class DistributedError(WanError, RuntimeError):
     """A parallel run cannot go on: a rank died, stopped answering or runs something else."""
+
+    __module__ = PUBLIC_MODULE

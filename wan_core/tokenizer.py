@@ -28,9 +28,10 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import ftfy
-import sentencepiece as spm
 import torch
+
+from ..util.deps import require
+from .config import SAFETENSORS_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def clean_text(text: str) -> str:
     """
     if not isinstance(text, str):
         raise TypeError(f"clean_text expects a str; got {type(text).__name__}")
-    text = ftfy.fix_text(text)
+    text = require("ftfy").fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE.sub(" ", text).strip()
 
@@ -88,7 +89,7 @@ class WanTokenizer:
             raise ValueError(f"text_len must be >= 2 (at least one piece plus EOS); got {text_len}")
         if not spiece_bytes:
             raise ValueError(f"empty SentencePiece model from {source}; expected the bytes of a spiece.model")
-        processor = spm.SentencePieceProcessor()
+        processor = require("sentencepiece").SentencePieceProcessor()
         try:
             processor.LoadFromSerializedProto(bytes(spiece_bytes))
         except RuntimeError as e:
@@ -132,7 +133,7 @@ class WanTokenizer:
             raise FileNotFoundError(f"tokenizer not found: {p} does not exist; pass a tokenizer folder "
                                     "(e.g. <checkpoints>/google/umt5-xxl), a spiece.model file or a "
                                     "text-encoder .safetensors with an embedded 'spiece_model'")
-        if p.suffix == ".safetensors":
+        if p.suffix.lower() in SAFETENSORS_SUFFIXES:
             data = read_embedded_spiece(p)
             if data is None:
                 raise FileNotFoundError(f"{p} has no embedded '{SPIECE_TENSOR_KEY}' tensor; pass the "
@@ -313,7 +314,7 @@ def train_tiny_spiece(vocab_size: int = 1024) -> bytes:
     """
     writer = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
+        require("sentencepiece").SentencePieceTrainer.train(
             sentence_iterator=_tiny_corpus(),
             model_writer=writer,
             vocab_size=vocab_size,

@@ -6,34 +6,54 @@ them beside this pack's workflows (`native_workflows.py`).
 Run `python workflows/build_workflows.py` (or `python -m wanbench.workflows.build_workflows`) after
 changing a node's inputs; the tests fail when the checked-in files differ from what it writes.
 
+Where the files go (ComfyUI lists every `*.json` directly inside a pack's `example_workflows/`,
+`example(s)/` or `workflow(s)/` folder as a template, so only UI files may sit there):
+
+- `example_workflows/<title>.json` + `<title>.jpg`: the UI workflows, ComfyUI's templates. The file
+  name is what the template browser shows as title and description, the JPEG its thumbnail. Each
+  graph has a Markdown note (what it does, which files it needs) and, on the loaders of the real
+  workflows, the model download URLs (`properties.models`, as ComfyUI's own templates carry them),
+  so the missing-models dialog offers the downloads.
+- `workflows/api/<name>.api.json`: the API twins, for `POST /prompt` and `wanbench run`.
+- `workflows/suites/*.json`: the benchmark suites.
+
 - UI format (drag-and-drop, litegraph version 0.4): `widgets_values` follow the order of each
   node's widget inputs in `INPUT_TYPES` (required, then optional), with the extra
   "fixed"/"randomize" value the frontend stores after an INT input that has
   `control_after_generate`; socket inputs (and `forceInput` ones) are listed in `inputs`.
 - API format: what the frontend's `app.graphToPrompt()` produces for that graph: every widget
-  value by name, links as `[source id, output slot]`, `_meta.title`.
+  value by name, links as `[source id, output slot]`, `_meta.title` (the note is a frontend-only
+  node and has no API twin).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: import the installed package
     from wanbench.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from wanbench.util.atomic import atomic_write_text
+    from wanbench.util.atomic import atomic_output, atomic_write_text
     from wanbench.wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
     from wanbench.workflows.native_workflows import NATIVE_NAMES, comparison_suite, native_graph
+    from wanbench.workflows.thumbnails import draw_card
 else:
     from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from ..util.atomic import atomic_write_text
+    from ..util.atomic import atomic_output, atomic_write_text
     from ..wan_core.config import DEFAULT_NEGATIVE_PROMPT, I2V_A14B, T2V_A14B, TI2V_5B, distilled_sampler
     from .native_workflows import NATIVE_NAMES, comparison_suite, native_graph
+    from .thumbnails import draw_card
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent
+ROOT = WORKFLOWS_DIR.parent
+API_DIR = WORKFLOWS_DIR / "api"
+SUITES_DIR = WORKFLOWS_DIR / "suites"
+TEMPLATES_DIR = ROOT / "example_workflows"
+THUMBNAIL_SIZE = (640, 400)
+NOTE_NODE_ID = 100  # the Markdown note: a frontend-only node, no API twin
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 CORE_NODES: dict[str, dict[str, Any]] = {
     # The only core node the shipped workflows use, with its widget/socket layout (ComfyUI >= 0.3).
@@ -126,7 +146,16 @@ class WorkflowSpec:
     model_type: str  # "ti2v" | "t2v" | "i2v"
     with_image: bool
     tiny: bool
+    title: str  # the template's file name in example_workflows/: what the template browser shows
     four_step: bool = False  # the 4-step distill LoRAs (A14B), as in ComfyUI's 14B templates
+
+    @property
+    def api_file(self) -> str:
+        return f"{self.name}.api.json"
+
+    @property
+    def template_file(self) -> str:
+        return f"{self.title}.json"
 
 
 def _models(tiny: bool, folder: str, *names: str) -> list[dict[str, str]]:
@@ -231,9 +260,10 @@ def _graph(spec: WorkflowSpec) -> list[Node]:
                 "seed": 42,
                 "steps": cfg.sampler.steps,
                 "shift": sampler.shift,
-                "boundary": sampler.boundary if sampler.boundary is not None else 0.875,
+                # 0 = the task's value; TI2V-5B has no expert switch and one guidance scale
+                "boundary": sampler.boundary if task.is_moe else 0.0,
                 "guidance_high": sampler.guide_scale.high,
-                "guidance_low": sampler.guide_scale.low,
+                "guidance_low": sampler.guide_scale.low if task.is_moe else 0.0,
                 "solver": "unipc",
                 "batched_cfg": True,
                 "placement": "auto",  # the memory planner picks none / model / blocks to fit
@@ -268,7 +298,7 @@ def _four_step_graph(spec: WorkflowSpec) -> list[Node]:
     """
     task = {"t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
     recipe = distilled_sampler(task)
-    base = {n.type: n for n in _graph(WorkflowSpec(spec.name, spec.model_type, spec.with_image, spec.tiny))}
+    base = {n.type: n for n in _graph(replace(spec, four_step=False))}
     lora_high, lora_low = (TINY_LORAS if spec.tiny else FULL_LORAS)[spec.model_type]
     width, height, frames = TINY_GEOMETRY[spec.model_type] if spec.tiny else FOUR_STEP_GEOMETRY
     geometry = {"width": width, "height": height, "length": frames}
@@ -369,8 +399,9 @@ def to_api(nodes: list[Node]) -> dict[str, Any]:
     return prompt
 
 
-def to_ui(nodes: list[Node]) -> dict[str, Any]:
-    """The UI (litegraph 0.4) format of a graph, laid out in columns by dependency depth."""
+def to_ui(nodes: list[Node], note: str | None = None) -> dict[str, Any]:
+    """The UI (litegraph 0.4) format of a graph, laid out in columns by dependency depth, with an
+    optional Markdown note (a frontend-only node) in the first column below the others."""
     by_id = {n.id: n for n in nodes}
     depth: dict[int, int] = {}
 
@@ -410,6 +441,9 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
             {"name": name, "type": kind, "slot_index": slot, "links": out_links.get((node.id, slot))}
             for slot, (name, kind) in enumerate(layout["outputs"])
         ]
+        properties: dict[str, Any] = {"Node name for S&R": node.type}
+        if node.models:
+            properties["models"] = node.models
         ui_nodes.append(
             {
                 "id": node.id,
@@ -421,13 +455,31 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
                 "mode": 0,
                 "inputs": inputs,
                 "outputs": outputs,
-                "properties": {"Node name for S&R": node.type, **({"models": node.models} if node.models else {})},
+                "properties": properties,
                 "widgets_values": [_widget_value(node, name) for name in layout["widgets"]],
+            }
+        )
+    if note is not None:
+        ui_nodes.append(
+            {
+                "id": NOTE_NODE_ID,
+                "type": "MarkdownNote",
+                "pos": [40, 40 + 260 * rows.get(0, 0)],
+                "size": [340, 420],
+                "flags": {},
+                "order": len(order),
+                "mode": 0,
+                "inputs": [],
+                "outputs": [],
+                "properties": {},
+                "widgets_values": [note],
+                "color": "#432",
+                "bgcolor": "#653",
             }
         )
     ui_nodes.sort(key=lambda n: n["id"])
     return {
-        "last_node_id": max(n.id for n in nodes),
+        "last_node_id": max(n["id"] for n in ui_nodes),
         "last_link_id": len(links),
         "nodes": ui_nodes,
         "links": links,
@@ -442,19 +494,64 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
 # The shipped set
 # ------------------------------------------------------------------------------------------------
 WORKFLOWS = (
-    WorkflowSpec("wan22_ti2v_5B_t2v", "ti2v", with_image=False, tiny=False),
-    WorkflowSpec("wan22_ti2v_5B_i2v", "ti2v", with_image=True, tiny=False),
-    WorkflowSpec("wan22_t2v_A14B", "t2v", with_image=False, tiny=False),
-    WorkflowSpec("wan22_i2v_A14B", "i2v", with_image=True, tiny=False),
-    WorkflowSpec("tiny_ti2v_5B_t2v", "ti2v", with_image=False, tiny=True),
-    WorkflowSpec("tiny_ti2v_5B_i2v", "ti2v", with_image=True, tiny=True),
-    WorkflowSpec("tiny_t2v_A14B", "t2v", with_image=False, tiny=True),
-    WorkflowSpec("tiny_i2v_A14B", "i2v", with_image=True, tiny=True),
-    WorkflowSpec("wan22_t2v_A14B_4steps_lora", "t2v", with_image=False, tiny=False, four_step=True),
-    WorkflowSpec("wan22_i2v_A14B_4steps_lora", "i2v", with_image=True, tiny=False, four_step=True),
-    WorkflowSpec("tiny_t2v_A14B_4steps_lora", "t2v", with_image=False, tiny=True, four_step=True),
-    WorkflowSpec("tiny_i2v_A14B_4steps_lora", "i2v", with_image=True, tiny=True, four_step=True),
+    WorkflowSpec("wan22_ti2v_5B_t2v", "ti2v", False, False, "Wan2.2 TI2V-5B text to video, profiled"),
+    WorkflowSpec("wan22_ti2v_5B_i2v", "ti2v", True, False, "Wan2.2 TI2V-5B image to video, profiled"),
+    WorkflowSpec("wan22_t2v_A14B", "t2v", False, False, "Wan2.2 T2V-A14B text to video, profiled"),
+    WorkflowSpec("wan22_i2v_A14B", "i2v", True, False, "Wan2.2 I2V-A14B image to video, profiled"),
+    WorkflowSpec("tiny_ti2v_5B_t2v", "ti2v", False, True, "Tiny models on CPU, TI2V-5B text to video"),
+    WorkflowSpec("tiny_ti2v_5B_i2v", "ti2v", True, True, "Tiny models on CPU, TI2V-5B image to video"),
+    WorkflowSpec("tiny_t2v_A14B", "t2v", False, True, "Tiny models on CPU, T2V-A14B text to video"),
+    WorkflowSpec("tiny_i2v_A14B", "i2v", True, True, "Tiny models on CPU, I2V-A14B image to video"),
+    WorkflowSpec(
+        "wan22_t2v_A14B_4steps_lora", "t2v", False, False, "Wan2.2 T2V-A14B 4-step LoRA text to video, profiled", True
+    ),
+    WorkflowSpec(
+        "wan22_i2v_A14B_4steps_lora", "i2v", True, False, "Wan2.2 I2V-A14B 4-step LoRA image to video, profiled", True
+    ),
+    WorkflowSpec("tiny_t2v_A14B_4steps_lora", "t2v", False, True, "Tiny models on CPU, T2V-A14B 4-step LoRA", True),
+    WorkflowSpec("tiny_i2v_A14B_4steps_lora", "i2v", True, True, "Tiny models on CPU, I2V-A14B 4-step LoRA", True),
 )
+TASK_NAMES = {"ti2v": "TI2V-5B", "t2v": "T2V-A14B", "i2v": "I2V-A14B"}
+
+
+def note_text(spec: WorkflowSpec) -> str:
+    """The Markdown note of a template: what it does, what it needs, what it writes."""
+    mode = "a start image and a prompt" if spec.with_image else "a prompt"
+    lines = [
+        f"## {spec.title}",
+        "",
+        f"Wan2.2 **{TASK_NAMES[spec.model_type]}** makes a video from {mode} on ComfyUI-WanBench's own "
+        "runtime, and measures every stage: time, memory, GPU activity. The **Wan Profiler** node shows "
+        "the running stage live; **Wan Benchmark Report** shows the summary when the run ends "
+        "(the full report and the chart are one click away) and writes Markdown, JSON and a chart "
+        "into `output/wanbench/`. Neither needs wires: the two nodes measure the whole workflow, "
+        "and can be dropped into any other workflow too.",
+        "",
+    ]
+    if spec.tiny:
+        lines += [
+            "**Tiny models**: random weights in the real file layouts, for checking an install on the "
+            "CPU in seconds (the video is noise; the pipeline and the measurements are real). Make them "
+            "with `wanbench make-tiny-models ComfyUI/models` (or `python -m wanbench ...`).",
+        ]
+    else:
+        files = [entry for node in _graph(spec) for entry in node.models]
+        lines += ["**Model files** (ComfyUI's missing-models dialog offers these downloads):", ""]
+        lines += [f"- `models/{m['directory']}/` [{m['name']}]({m['url']})" for m in files]
+    lines += [
+        "",
+        "Sampler values of 0 mean the task's own (steps, shift, expert switch, guidance); the values "
+        "that ran are shown under Wan Sampler after the run. Placement and decode tiling `auto`: the "
+        "memory planner picks what fits in free GPU memory before anything is allocated.",
+    ]
+    if spec.four_step:
+        lines += [
+            "",
+            "The two **Wan LoRA** nodes put the 4-step distill LoRAs on the high- and low-noise experts; "
+            "Wan Sampler runs their recipe (euler_distill, 4 steps, shift 5, guidance 1).",
+        ]
+    return "\n".join(lines)
+
 
 # The cases of the existing benchmark reports: (name, workflow, steps, placement, width, height).
 BENCHMARK_CASES = (
@@ -479,7 +576,9 @@ def _suite(tiny: bool) -> dict[str, Any]:
         if width is not None and not tiny:
             overrides |= {"WanBenchEmptyLatent.width": width, "WanBenchEmptyLatent.height": height}
         prefix = "tiny_" if tiny else "wan22_"
-        cases.append({"name": name, "workflow": f"../{prefix}{workflow}.api.json", "overrides": overrides})
+        cases.append(
+            {"name": name, "workflow": f"../{API_DIR.name}/{prefix}{workflow}.api.json", "overrides": overrides}
+        )
     title = "tiny twins (CPU)" if tiny else "TI2V-5B at 1280x704 and T2V-A14B at 832x480"
     return {
         "name": "wan22_benchmark" + ("_tiny" if tiny else ""),
@@ -560,7 +659,7 @@ def _seed003(tiny: bool) -> dict[str, Any]:
         "description": f"LightX2V's optimisation table (SageAttention, bf16, fp8 + tiled VAE, TeaCache, 4-step "
         f"distill) on Wan2.2: {what}. Needs a ComfyUI server (--server) for the real start image.",
         "source": SEED003_SOURCE,
-        "workflow": f"../{prefix}i2v_A14B.api.json",
+        "workflow": f"../{API_DIR.name}/{prefix}i2v_A14B.api.json",
         "overrides": overrides,
         "random_weights": tiny,
         "cumulative": True,
@@ -583,7 +682,7 @@ def _seed004(tiny: bool) -> dict[str, Any]:
         "the FLOPs of a step, and TF32 changes float32 matmuls only (this ladder computes in bfloat16, as the "
         "official code does): their rows measure what those claims are worth.",
         "source": SEED004_SOURCE,
-        "workflow": f"../{prefix}t2v_A14B.api.json",
+        "workflow": f"../{API_DIR.name}/{prefix}t2v_A14B.api.json",
         "overrides": {"WanBenchSampler.steps": TINY_LADDER_STEPS if tiny else 40, "WanBenchSampler.seed": 42},
         "random_weights": tiny,
         "cumulative": True,
@@ -595,20 +694,20 @@ def _seed004(tiny: bool) -> dict[str, Any]:
 
 
 def build_all() -> dict[str, Any]:
-    """Relative path -> JSON content of every generated file."""
+    """Path relative to the repository root -> JSON content of every generated file."""
     files: dict[str, Any] = {}
     for spec in WORKFLOWS:
         graph = _graph(spec)
-        files[f"{spec.name}.json"] = to_ui(graph)
-        files[f"{spec.name}.api.json"] = to_api(graph)
-    files["suites/wan22_benchmark.json"] = _suite(tiny=False)
-    files["suites/wan22_benchmark_tiny.json"] = _suite(tiny=True)
+        files[f"{TEMPLATES_DIR.name}/{spec.template_file}"] = to_ui(graph, note_text(spec))
+        files[f"workflows/{API_DIR.name}/{spec.api_file}"] = to_api(graph)
+    files[f"workflows/{SUITES_DIR.name}/wan22_benchmark.json"] = _suite(tiny=False)
+    files[f"workflows/{SUITES_DIR.name}/wan22_benchmark_tiny.json"] = _suite(tiny=True)
     for model_type, name in NATIVE_NAMES.items():  # ComfyUI's own nodes: API format only
-        files[f"{name}.api.json"] = native_graph(model_type, PROMPT, DEFAULT_NEGATIVE_PROMPT)
-    files["suites/wan22_native_vs_pack.json"] = comparison_suite()
+        files[f"workflows/{API_DIR.name}/{name}.api.json"] = native_graph(model_type, PROMPT, DEFAULT_NEGATIVE_PROMPT)
+    files[f"workflows/{SUITES_DIR.name}/wan22_native_vs_pack.json"] = comparison_suite()
     for tiny in (False, True):
         for ladder in (_seed003(tiny), _seed004(tiny)):
-            files[f"suites/{ladder['name']}.json"] = ladder
+            files[f"workflows/{SUITES_DIR.name}/{ladder['name']}.json"] = ladder
     return files
 
 
@@ -616,12 +715,38 @@ def render(content: Any) -> str:
     return json.dumps(content, indent=2, ensure_ascii=False) + "\n"
 
 
-def write_all(target: Path = WORKFLOWS_DIR) -> list[Path]:
+# ------------------------------------------------------------------------------------------------
+# Template thumbnails
+# ------------------------------------------------------------------------------------------------
+def thumbnail(spec: WorkflowSpec) -> Any:
+    """The template's thumbnail (a PIL image, `thumbnails.draw_card`): task, mode, size, fps."""
+    task = {"ti2v": TI2V_5B, "t2v": T2V_A14B, "i2v": I2V_A14B}[spec.model_type]
+    if spec.tiny:
+        width, height, frames = TINY_GEOMETRY[spec.model_type]
+    else:
+        width, height, frames = FOUR_STEP_GEOMETRY if spec.four_step else (*task.default_size, task.frame_num)
+    mode = "image to video" if spec.with_image else "text to video"
+    mode += "  ·  4-step LoRA" if spec.four_step else ""
+    mode += "  ·  tiny models, CPU" if spec.tiny else ""
+    return draw_card(
+        THUMBNAIL_SIZE,
+        title="Wan2.2 " + TASK_NAMES[spec.model_type],
+        subtitle=mode,
+        facts=f"{width}x{height}  ·  {frames} frames  ·  {task.fps} fps",
+    )
+
+
+def write_all(root: Path = ROOT) -> list[Path]:
     written = []
     for rel, content in build_all().items():
-        path = target / rel
+        path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, render(content))
+        written.append(path)
+    for spec in WORKFLOWS:
+        path = root / TEMPLATES_DIR.name / f"{spec.title}.jpg"
+        with atomic_output(path) as tmp:
+            thumbnail(spec).save(tmp, format="JPEG", quality=85, optimize=True)
         written.append(path)
     return written
 

@@ -37,6 +37,7 @@ NATIVE_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 NATIVE_VAE = {"ti2v": "wan2.2_vae.safetensors", "t2v": "wan_2.1_vae.safetensors"}
 NATIVE_NAMES = {"ti2v": "native_wan22_ti2v_5B", "t2v": "native_wan22_t2v_A14B"}
 PACK_TWINS = {"ti2v": "wan22_ti2v_5B_t2v", "t2v": "wan22_t2v_A14B"}
+API_FOLDER = "api"  # workflows/api/: the API workflows (suites in workflows/suites/ refer to ../api/)
 TASKS: dict[str, WanConfig] = {"ti2v": TI2V_5B, "t2v": T2V_A14B}
 
 
@@ -159,14 +160,14 @@ def comparison_suite() -> dict[str, Any]:
         cases.append(
             {
                 "name": native,
-                "workflow": f"../{NATIVE_NAMES[model_type]}.api.json",
+                "workflow": f"../{API_FOLDER}/{NATIVE_NAMES[model_type]}.api.json",
                 "overrides": {"WanBenchProfiler.case_name": native},
             }
         )
         cases.append(
             {
                 "name": pack,
-                "workflow": f"../{PACK_TWINS[model_type]}.api.json",
+                "workflow": f"../{API_FOLDER}/{PACK_TWINS[model_type]}.api.json",
                 "overrides": pack_overrides(model_type, pack),
             }
         )

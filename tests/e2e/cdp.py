@@ -2,7 +2,10 @@
 
 Chromium starts with a fresh ``--user-data-dir`` and ``--remote-debugging-port=0``; the port it
 picked is read from ``DevToolsActivePort``. A page target is opened over HTTP (``/json/new``) and
-driven over its websocket with ``Runtime.evaluate`` (``awaitPromise``, ``returnByValue``).
+driven over its websocket with ``Runtime.evaluate`` (``awaitPromise``, ``returnByValue``). Events
+the page sends meanwhile are kept: ``console_messages()`` lists what the page logged (console
+calls, browser log entries, uncaught exceptions) since ``Runtime``/``Log`` were enabled, which
+``open`` does before it navigates, so messages of the page's start-up are included.
 Chromium is stopped by PID (SIGTERM, then SIGKILL), and whatever is left of the process group it
 was started in is killed by that group's id.
 """
@@ -55,11 +58,12 @@ class JavaScriptError(RuntimeError):
 
 
 class CdpPage:
-    """One page target: evaluate JavaScript, wait for conditions."""
+    """One page target: evaluate JavaScript, wait for conditions, read what the page logged."""
 
     def __init__(self, ws_url: str, *, timeout_s: float = 120.0) -> None:
         self._ws = websocket.create_connection(ws_url, timeout=timeout_s, suppress_origin=True)
         self._ids = itertools.count(1)
+        self.events: list[dict[str, Any]] = []
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         message_id = next(self._ids)
@@ -70,6 +74,44 @@ class CdpPage:
                 if "error" in message:
                     raise RuntimeError(f"DevTools {method} failed: {message['error']}")
                 return message["result"]
+            if "method" in message:
+                self.events.append(message)
+
+    def open(self, url: str) -> None:
+        """Start recording console messages, then load `url`."""
+        self.call("Runtime.enable")
+        self.call("Log.enable")
+        self.call("Page.enable")
+        self.call("Page.navigate", url=url)
+
+    def mark(self) -> int:
+        """A position in the page's events: `console_messages(since=mark)` lists what came after."""
+        self.evaluate("0")  # collect the events that arrived since the last call
+        return len(self.events)
+
+    def console_messages(self, *, since: int = 0, until: int | None = None) -> list[tuple[str, str]]:
+        """(level, text) of what the page logged between two marks (default: everything): console
+        calls ("log", "warning", "error", ...; the text ends with `@ <script URLs of the call stack>`),
+        browser log entries, uncaught exceptions ("exception")."""
+        self.evaluate("0")  # collect the events that arrived since the last call
+        found = []
+        for event in self.events[since:until]:
+            params = event.get("params", {})
+            if event["method"] == "Runtime.consoleAPICalled":
+                text = " ".join(
+                    str(arg.get("value", arg.get("description", ""))) for arg in params.get("args", [])
+                )
+                # where it was logged from: the script URLs of the call stack
+                urls = dict.fromkeys(f.get("url", "") for f in params.get("stackTrace", {}).get("callFrames", []))
+                found.append((params.get("type", "log"), f"{text} @ {' '.join(u for u in urls if u)}"))
+            elif event["method"] == "Log.entryAdded":
+                entry = params.get("entry", {})
+                found.append((entry.get("level", "info"), f"{entry.get('text', '')} {entry.get('url', '')}".strip()))
+            elif event["method"] == "Runtime.exceptionThrown":
+                details = params.get("exceptionDetails", {})
+                text = details.get("exception", {}).get("description") or details.get("text", "")
+                found.append(("exception", text))
+        return found
 
     def evaluate(self, expression: str) -> Any:
         """Value of ``expression`` (awaited when it is a promise), returned as JSON."""
@@ -138,12 +180,15 @@ class Chromium:
         )
 
     def open_page(self, url: str) -> CdpPage:
+        """A new tab showing `url`, recording its console from before the page starts loading."""
         if self.port is None:
             raise RuntimeError("chromium is not started")
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?{url}", method="PUT")
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT")
         with urllib.request.urlopen(request, timeout=30) as response:
             target = json.load(response)
-        return CdpPage(target["webSocketDebuggerUrl"])
+        page = CdpPage(target["webSocketDebuggerUrl"])
+        page.open(url)
+        return page
 
     def stop(self, *, timeout_s: float = 10.0) -> None:
         process, self._process = self._process, None

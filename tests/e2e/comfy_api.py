@@ -14,7 +14,9 @@ from typing import Any
 
 from wanbench.client import http_json
 
-WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
+ROOT = Path(__file__).resolve().parents[2]
+API_DIR = ROOT / "workflows" / "api"  # the API twins
+TEMPLATES_DIR = ROOT / "example_workflows"  # the UI workflows (ComfyUI's templates of the pack)
 
 
 def history_outputs(server: str, prompt_id: str) -> dict[str, Any]:
@@ -29,24 +31,24 @@ def history_outputs(server: str, prompt_id: str) -> dict[str, Any]:
 
 def load_api(name: str) -> dict[str, Any]:
     """A shipped API-format workflow, ``_meta`` included."""
-    return json.loads((WORKFLOWS_DIR / name).read_text(encoding="utf-8"))
+    return json.loads((API_DIR / name).read_text(encoding="utf-8"))
+
+
+def load_template(name: str) -> dict[str, Any]:
+    """A shipped UI-format workflow (a template) by file name."""
+    return json.loads((TEMPLATES_DIR / name).read_text(encoding="utf-8"))
 
 
 def tiny_api_workflows() -> list[str]:
     """File names of the shipped tiny API workflows (the ones that run on CPU in seconds)."""
-    return sorted(p.name for p in WORKFLOWS_DIR.glob("tiny_*.api.json"))
+    return sorted(p.name for p in API_DIR.glob("tiny_*.api.json"))
 
 
 def ui_workflows_with_twins() -> list[tuple[str, str]]:
-    """(UI workflow, API twin) file names of every shipped UI-format workflow."""
-    pairs = []
-    for path in sorted(WORKFLOWS_DIR.glob("*.json")):
-        if path.name.endswith(".api.json"):
-            continue
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and "nodes" in data and "links" in data:
-            pairs.append((path.name, path.name[: -len(".json")] + ".api.json"))
-    return pairs
+    """(UI workflow, API twin) file names of every shipped UI-format workflow, from the generator."""
+    from wanbench.workflows.build_workflows import WORKFLOWS
+
+    return [(spec.template_file, spec.api_file) for spec in WORKFLOWS]
 
 
 def nodes_of_type(prompt: Mapping[str, Any], class_type: str) -> list[str]:

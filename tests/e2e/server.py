@@ -2,7 +2,8 @@
 
 Each server gets its own base directory (models, custom_nodes, input, output, temp, user and its
 own SQLite database), listens on a free loopback port with ``--cpu``, and is stopped by PID:
-SIGTERM, then SIGKILL after a timeout.
+SIGTERM, then SIGKILL after a timeout. ``WANBENCH_FRONTEND_ROOT`` serves another frontend build
+(the ``static`` folder of a ``comfyui-frontend-package`` wheel) through ``--front-end-root``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from .processes import stop_process
@@ -24,6 +26,16 @@ logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 RUN_SUBDIRS = ("custom_nodes", "models", "input", "output", "temp", "user")
+
+
+def frontend_args() -> list[str]:
+    """``--front-end-root DIR`` when WANBENCH_FRONTEND_ROOT names a frontend build, else nothing."""
+    root = os.environ.get("WANBENCH_FRONTEND_ROOT")
+    if not root:
+        return []
+    if not (Path(root) / "index.html").is_file():
+        raise FileNotFoundError(f"WANBENCH_FRONTEND_ROOT={root} holds no index.html (pass a frontend's static/ folder)")
+    return ["--front-end-root", str(Path(root).resolve())]
 
 
 def free_port() -> int:
@@ -36,8 +48,11 @@ def free_port() -> int:
 class ComfyServer:
     """One ComfyUI process with a private base directory ``run_dir``."""
 
-    def __init__(self, install: ComfyInstall, run_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, install: ComfyInstall, run_dir: Path, *, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
         self.install = install
+        self.extra_args = list(extra_args)
         self.run_dir = run_dir.resolve()
         self.port = port if port is not None else free_port()
         self.url = f"http://{HOST}:{self.port}"
@@ -74,6 +89,8 @@ class ComfyServer:
             str(self.run_dir),
             "--database-url",
             database,
+            *frontend_args(),
+            *self.extra_args,
         ]
 
     def start(self, *, timeout_s: float = 180.0) -> None:

@@ -59,7 +59,7 @@ def test_largest_accepted_size_is_refused_and_the_server_stays_up(comfy_server: 
     with pytest.raises(ServerError) as err:
         run_on_server(huge, comfy_server.url, tmp_path / "huge", timeout_s=600)
     message = str(err.value)
-    assert f"node {latent_id} (WanBenchEmptyLatent) failed: " in message
+    assert f"node {latent_id} 'Wan Empty Latent' (WanBenchEmptyLatent) failed: " in message
     assert f"MemoryPlanError: the video of a {MAX_SIZE}x{MAX_SIZE}, {MAX_FRAMES}-frame latent needs" in message
     assert "decoded video 206.3" in message and "GB free on cpu" in message and "Nothing was allocated" in message
 

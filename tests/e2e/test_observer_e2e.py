@@ -175,7 +175,7 @@ def test_native_vs_pack_suite_runs_headless(comfy_server: ComfyServer, tmp_path:
     workflows = tmp_path / "workflows"
     workflows.mkdir()
     (workflows / "native.api.json").write_text(json.dumps(native), encoding="utf-8")
-    pack_workflow = repo_root() / "workflows" / "tiny_t2v_A14B.api.json"
+    pack_workflow = repo_root() / "workflows" / "api" / "tiny_t2v_A14B.api.json"
     suite = {
         "name": "native_vs_pack_tiny",
         "cases": [

@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from wanbench.wan_core.config import (
 )
 
 from .comfy_api import (
-    WORKFLOWS_DIR,
+    API_DIR,
     geometry_node,
     history_outputs,
     load_api,
@@ -223,7 +225,7 @@ def test_invalid_frame_count_is_refused(comfy_server: ComfyServer) -> None:
 
 
 def full_size_api_workflows() -> list[str]:
-    return sorted(set(p.name for p in WORKFLOWS_DIR.glob("*.api.json")) - set(tiny_api_workflows()))
+    return sorted(set(p.name for p in API_DIR.glob("*.api.json")) - set(tiny_api_workflows()))
 
 
 @pytest.mark.parametrize("workflow", full_size_api_workflows())
@@ -267,7 +269,7 @@ def test_interrupt_during_sampling_then_next_prompt_runs(comfy_server: ComfyServ
             assert status == 200
             sent_at.append(int(value))
 
-    with pytest.raises(ServerError, match=f"interrupted at node {sampler_id}$"):
+    with pytest.raises(ServerError, match=f"interrupted at node {sampler_id} 'Wan Sampler' \\(WanBenchSampler\\)$"):
         run_on_server(
             long_prompt,
             comfy_server.url,
@@ -494,3 +496,122 @@ def test_cli_run_against_server(comfy_server: ComfyServer, tmp_path: Path) -> No
     reports = sorted(p for p in tmp_path.rglob("*.json"))
     assert len(videos) == 1 and len(reports) == 1, (videos, reports)
     assert check_report(reports[0]) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Templates, validation per input, error names, .sft files, latent previews
+# ------------------------------------------------------------------------------------------------
+def test_templates_are_the_ui_workflows_with_thumbnails(comfy_server: ComfyServer) -> None:
+    """ComfyUI lists what the pack keeps where it looks for templates: the UI workflows only, each
+    loadable and with its .jpg thumbnail (the API twins are elsewhere)."""
+    from urllib.parse import quote
+
+    from wanbench.workflows.build_workflows import WORKFLOWS
+
+    from .conftest import PACK_LINK_NAME
+
+    status, listed = http_json("GET", comfy_server.url + "/api/workflow_templates")
+    assert status == 200
+    assert sorted(listed[PACK_LINK_NAME]) == sorted(spec.title for spec in WORKFLOWS)
+    for spec in WORKFLOWS:
+        base = f"{comfy_server.url}/api/workflow_templates/{quote(PACK_LINK_NAME)}/{quote(spec.title)}"
+        status, workflow = http_json("GET", base + ".json")
+        assert status == 200 and "nodes" in workflow and "links" in workflow, spec.title
+        with urllib.request.urlopen(base + ".jpg", timeout=30) as response:
+            assert response.headers["Content-Type"] == "image/jpeg"
+            assert Image.open(io.BytesIO(response.read())).format == "JPEG"
+
+
+def test_every_problem_is_reported_on_its_own_input(comfy_server: ComfyServer) -> None:
+    """The server's answer: each node's message sits on the input it concerns, all at once. ComfyUI
+    keeps the valid outputs (Wan Profiler and Wan Benchmark Report need no input) and runs them
+    alone: their report says the workflow's outputs did not run, never that it completed."""
+    prompt = load_api("tiny_ti2v_5B_t2v.api.json")
+    prompt[only_node_of_type(prompt, "WanBenchReport")]["inputs"]["filename_prefix"] = "e2e/own_input"
+    prompt["7"]["inputs"]["length"] = 80  # the node's own check (4k+1)
+    prompt["8"]["inputs"]["steps"] = -1  # ComfyUI's min check
+    prompt["5"]["inputs"]["prompt"] = "\u200b\u200b"  # invisible only
+    prompt["10"]["inputs"]["filename_prefix"] = "wanbench/a\x00b"
+    prompt["10"]["inputs"]["crf"] = 99
+    status, answer = http_json("POST", comfy_server.url + "/prompt", {"prompt": prompt, "client_id": "e2e-inputs"})
+    assert status == 200 and answer["node_errors"], answer
+    errors = {
+        node_id: {e["extra_info"]["input_name"]: e["details"] for e in entry["errors"]}
+        for node_id, entry in answer["node_errors"].items()
+    }
+    assert set(errors["7"]) == {"length"} and "4k+1" in errors["7"]["length"]
+    assert set(errors["8"]) == {"steps"}
+    assert set(errors["5"]) == {"prompt"} and "invisible" in errors["5"]["prompt"]
+    assert set(errors["10"]) == {"filename_prefix", "crf"} and "NUL byte" in errors["10"]["filename_prefix"]
+    run = _failed_report(comfy_server, "own_input")
+    assert run["status"] == "failed: OutputsNotRun" and run["stages"] == []
+
+
+def test_error_types_have_a_stable_name_and_sft_files_run(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    models = comfy_server.run_dir / "models" / "diffusion_models"
+    (models / "e2e_broken.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copy(models / "wanbench_tiny_ti2v_5B_fp16.safetensors", models / "e2e_tiny_ti2v.sft")
+    prompt = load_api("tiny_ti2v_5B_t2v.api.json")
+    loader = only_node_of_type(prompt, "WanBenchModelLoader")
+    prompt[only_node_of_type(prompt, "WanBenchSampler")]["inputs"]["seed"] = 8001
+    prompt[loader]["inputs"]["model_high"] = "e2e_broken.safetensors"
+    with pytest.raises(ServerError, match=r"failed: wanbench\.errors\.CheckpointError: file is truncated or corrupt"):
+        run_on_server(prompt, comfy_server.url, tmp_path / "broken", timeout_s=600)
+    prompt[loader]["inputs"]["model_high"] = "e2e_tiny_ti2v.sft"  # ComfyUI lists .sft files: they load
+    run = run_on_server(prompt, comfy_server.url, tmp_path / "sft", timeout_s=600)
+    assert len(run.files["videos"]) == 1 and len(run.files["reports"]) == 1
+
+
+def _preview_frames(server: str, prompt: dict[str, Any]) -> list[Image.Image]:
+    """Run `prompt` and return the preview pictures the server sent on the websocket."""
+    import websocket
+
+    client_id = f"e2e-previews-{time.monotonic_ns()}"
+    ws = websocket.create_connection(server.replace("http://", "ws://") + f"/ws?clientId={client_id}", timeout=600)
+    try:
+        status, answer = http_json("POST", server + "/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200, answer
+        pictures = []
+        while True:
+            opcode, payload = ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_BINARY:
+                event = int.from_bytes(payload[:4], "big")
+                if event == 1:  # PREVIEW_IMAGE: 4 bytes image type, then the JPEG
+                    pictures.append(Image.open(io.BytesIO(payload[8:])))
+                continue
+            message = json.loads(payload)
+            data = message.get("data", {})
+            if message.get("type") == "execution_error":
+                raise AssertionError(f"the prompt failed: {data}")
+            finished = data.get("node") is None and data.get("prompt_id") == answer["prompt_id"]
+            if message.get("type") == "executing" and finished:
+                return pictures
+    finally:
+        ws.close()
+
+
+def test_latent_previews_follow_comfyuis_preview_setting(
+    comfy_install: Any, comfy_server: ComfyServer, tmp_path: Path
+) -> None:
+    """Off by default (no preview sent); with `--preview-method latent2rgb` one per sampling step: the
+    latent's picture (1/16 of the video for TI2V-5B), which the server scales to its preview size."""
+    from .conftest import PACK_LINK_NAME
+    from .provision import repo_root
+
+    prompt = load_api("tiny_ti2v_5B_t2v.api.json")
+    sampler_id = only_node_of_type(prompt, "WanBenchSampler")
+    prompt[sampler_id]["inputs"]["seed"] = 9001
+    steps = prompt[sampler_id]["inputs"]["steps"]
+    width, height = (prompt[geometry_node(prompt)]["inputs"][k] for k in ("width", "height"))
+    assert _preview_frames(comfy_server.url, prompt) == []
+
+    server = ComfyServer(comfy_install, tmp_path / "previews", extra_args=["--preview-method", "latent2rgb"])
+    server.link_custom_node(repo_root(), PACK_LINK_NAME)
+    (server.run_dir / "models").rmdir()
+    (server.run_dir / "models").symlink_to(comfy_server.run_dir / "models", target_is_directory=True)
+    with server:
+        pictures = _preview_frames(server.url, prompt)
+    assert len(pictures) == steps
+    for picture in pictures:
+        assert max(picture.size) == 512  # --preview-size (ComfyUI's default): the server fits the picture to it
+        assert abs(picture.size[0] / picture.size[1] - (width // 16) / (height // 16)) < 0.01

@@ -43,6 +43,7 @@ from .io import (
     DIFFUSERS_FILE_NAME,
     OFFICIAL_CONFIG_NAME,
     PathLike,
+    is_safetensors,
     read_raw_state_dict,
     read_safetensors_metadata,
     read_shapes,
@@ -252,7 +253,7 @@ def _extra_config(path: Path) -> dict[str, object]:
             return {ours: raw[theirs] for theirs, ours in names.items() if raw.get(theirs) is not None}
         return {k: raw[k] for k in ("model_type", "dim", "in_dim", "out_dim", "ffn_dim", "freq_dim",
                                      "num_heads", "num_layers", "text_len", "eps") if k in raw}
-    if path.is_file() and (path.suffix == ".safetensors" or is_gguf(path)):
+    if path.is_file() and (is_safetensors(path) or is_gguf(path)):
         meta = read_gguf_fields(path, with_arrays=False) if is_gguf(path) else read_safetensors_metadata(path)
         if DIT_CONFIG_METADATA_KEY in meta:
             try:

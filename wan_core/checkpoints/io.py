@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ...util.atomic import atomic_output
+from ..config import SAFETENSORS_SUFFIXES
 from ..errors import CheckpointError
 from .fp8 import (  # noqa: F401 - the fp8 names are re-exported for callers of io
     FP8_DTYPES,
@@ -98,7 +99,7 @@ def read_raw_state_dict(path_or_paths: PathLike | Sequence[PathLike], *,
     raw: dict[str, torch.Tensor | QuantizedTensor] = {}
     metadata: dict[str, str] = {}
     for file in files:
-        if file.suffix == ".safetensors":
+        if is_safetensors(file):
             metadata.update(read_safetensors_metadata(file))
         for key, tensor in _read_one_file(file).items():
             if key in raw:
@@ -141,7 +142,7 @@ SAFETENSORS_DTYPES = {
 def _read_file_shapes(file: Path) -> dict[str, torch.Tensor]:
     if is_gguf(file):
         return {k: v for k, v in read_gguf(file, shapes_only=True).tensors.items()}
-    if file.suffix != ".safetensors":
+    if not is_safetensors(file):
         return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in _read_one_file(file).items()}
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
@@ -227,15 +228,20 @@ def _files_of_index(index: Path) -> list[Path]:
     return files
 
 
+def is_safetensors(path: PathLike) -> bool:
+    """True for the suffixes read as safetensors (`.safetensors`, `.sft`; any letter case)."""
+    return Path(path).suffix.lower() in SAFETENSORS_SUFFIXES
+
+
 def _read_one_file(file: Path) -> dict[str, torch.Tensor | QuantizedTensor]:
-    if file.suffix == ".safetensors":
+    if is_safetensors(file):
         return _read_safetensors(file)
     if is_gguf(file):
         return read_gguf(file).tensors
-    if file.suffix in PICKLE_SUFFIXES:
+    if file.suffix.lower() in PICKLE_SUFFIXES:
         return _read_pickle(file)
-    raise CheckpointError(f"unsupported checkpoint file type {file.suffix!r} ({file}); expected "
-                          f".safetensors, .gguf or one of {PICKLE_SUFFIXES}")
+    raise CheckpointError(f"unsupported checkpoint file type {file.suffix!r} ({file}); expected one of "
+                          f"{SAFETENSORS_SUFFIXES + ('.gguf',) + PICKLE_SUFFIXES}")
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:

@@ -53,7 +53,7 @@ from torch import nn
 from ..config import LORA_LAYOUTS
 from ..errors import CheckpointError
 from .dit import dit_key_from_diffusers, dit_key_to_diffusers
-from .io import PathLike, read_safetensors_metadata, read_state_dict, write_safetensors
+from .io import PathLike, is_safetensors, read_safetensors_metadata, read_state_dict, write_safetensors
 
 MIN_MATCHED_FRACTION = 0.9
 NUM_LISTED_KEYS = 5
@@ -259,7 +259,7 @@ class _NameMap:
 
 def _peft_scale(file: Path) -> dict[str, float]:
     """`{"alpha": lora_alpha, "rslora": 0 or 1}` from diffusers' PEFT metadata, or {} (no metadata)."""
-    if file.suffix != ".safetensors":
+    if not is_safetensors(file):
         return {}
     raw = read_safetensors_metadata(file).get(PEFT_METADATA_KEY)
     if raw is None:
