@@ -12,7 +12,9 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c $(CONSTRAINTS) torch
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	@# setuptools explains every editable install of a remapped package (`.` -> `wanbench`) in a
+	@# boxed notice; it is information, not a problem, so it is left out of the progress output.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	@echo "== $(VENV) is ready"
 	touch $@
 
