@@ -60,7 +60,11 @@ def fmt_s(value: float | None) -> str:
 
 
 def fmt_gb(value: int | float | None) -> str:
-    return NA if value is None else f"{value / GB:.2f}"
+    """GB with two decimals; a size under 0.005 GB keeps two significant digits (never a bare 0.00)."""
+    if value is None:
+        return NA
+    gb = value / GB
+    return f"{gb:.2g}" if 0 < abs(gb) < 0.005 else f"{gb:.2f}"
 
 
 def fmt_pct(value: float | None) -> str:

@@ -233,3 +233,13 @@ def test_chart_axes_bands_and_expert_switch(tmp_path: Path) -> None:
     assert result.band_labels == ("Model_Initialization", "TI2V_Preprocess", "T5_Encoding", "VAE_Decoding")
     switch = next(e for e in run.events if e.name == "expert_switch")
     assert result.markers == (switch.t_s,)
+
+
+def test_small_sizes_keep_their_digits() -> None:
+    """A tiny model's few megabytes read as such, never as a bare 0.00 GB (which reads as nothing)."""
+    from wanbench.profiling.formatting import fmt_gb
+
+    assert fmt_gb(4_200_000) == "0.0042"
+    assert fmt_gb(0) == "0.00"
+    assert fmt_gb(25_280_000_000) == "25.28"
+    assert fmt_gb(None) == "n/a"
