@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -102,7 +103,8 @@ class Resident:
 
 class ComfyModelAdapter:
     """What `comfy.model_management.LoadedModel` uses of a ModelPatcher, for one `Resident`
-    (checked against ComfyUI 0.3.75's `load_models_gpu`, `free_memory` and `unload_all_models`).
+    (checked against `load_models_gpu`, `free_memory`, `unload_all_models` and the pinned-memory
+    and clone bookkeeping of ComfyUI 0.3.75 and 0.33: `MODEL_PATCHER_MEMBERS` lists what they use).
 
     ComfyUI keeps weak references to it; the resident (kept by the list while its model lives)
     holds it. `detach` (ComfyUI unloading the model) moves the model to the CPU; a partial unload
@@ -116,6 +118,7 @@ class ComfyModelAdapter:
         self.resident = resident
         self.load_device = resident.device
         self.offload_device = OFFLOAD_DEVICE
+        self.clone_base_uuid = uuid.uuid4()  # 0.33: a model and its clones share one; ours has none
 
     @property
     def model(self) -> Any:
@@ -141,6 +144,18 @@ class ComfyModelAdapter:
     def model_patches_models(self) -> list[Any]:
         return []
 
+    def get_nested_additional_models(self) -> list[Any]:
+        return []
+
+    def is_dynamic(self) -> bool:
+        """0.33: a "dynamic" ModelPatcher streams its weights on demand with pinned host memory;
+        the pack's models move whole (or block by block under its own placement), so they are not."""
+        return False
+
+    def loaded_ram_size(self) -> int:
+        """Bytes of the model in host memory (0.33 asks dynamic models only)."""
+        return self.resident.bytes_on(OFFLOAD_DEVICE)
+
     def is_clone(self, other: object) -> bool:
         """Same model (ComfyUI re-lists a loaded model through this: it pops the old entry first)."""
         return getattr(other, "model", None) is self.model
@@ -164,6 +179,14 @@ class ComfyModelAdapter:
         freed = self.resident.release()
         log.info("ComfyUI unloaded %s (%.2f GB moved off %s)", self.resident.name, freed / 1e9, self.load_device)
 
+
+MODEL_PATCHER_MEMBERS = (
+    # what comfy.model_management (0.3.75 and 0.33) reads or calls on a ModelPatcher it manages
+    "load_device", "offload_device", "parent", "model", "model_size", "loaded_size",
+    "current_loaded_device", "model_dtype", "model_patches_to", "model_patches_models", "is_clone",
+    "lowvram_patch_counter", "partially_load", "partially_unload", "detach",
+    "is_dynamic", "loaded_ram_size", "clone_base_uuid", "get_nested_additional_models",  # 0.33
+)
 
 _RESIDENTS: weakref.WeakKeyDictionary[object, Resident] = weakref.WeakKeyDictionary()
 # A process-wide list, like ComfyUI's own list of loaded models, which it mirrors: keyed weakly by

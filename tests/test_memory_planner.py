@@ -273,6 +273,26 @@ def test_standalone_make_room_moves_the_least_recently_used_models_off(monkeypat
     assert all(d == "cpu" for _, d in moves)
 
 
+def test_the_comfyui_adapter_answers_what_the_memory_manager_asks() -> None:
+    """ComfyUI's memory manager treats the adapter as a ModelPatcher: every member that 0.3.75 and
+    0.33 use is there and answers for the model it stands for (0.33 asks `is_dynamic()` of every
+    model it loads; a missing member failed every prompt there)."""
+    owner = torch.nn.Linear(8, 4)  # 36 float32 values on the CPU
+    resident = pack_memory.track_module(owner, name="adapter test", device="cpu")
+    adapter = resident.adapter
+    missing = [name for name in pack_memory.MODEL_PATCHER_MEMBERS if not hasattr(adapter, name)]
+    assert missing == []
+    assert adapter.model is owner and adapter.parent is None
+    assert adapter.model_size() == 36 * 4 and adapter.loaded_size() == 36 * 4
+    assert adapter.loaded_ram_size() == 36 * 4 and adapter.is_dynamic() is False
+    assert adapter.model_dtype() == torch.float32 and adapter.current_loaded_device() == torch.device("cpu")
+    assert adapter.model_patches_models() == [] and adapter.get_nested_additional_models() == []
+    assert adapter.is_clone(pack_memory.track_module(owner, name="again", device="cpu").adapter)
+    other = pack_memory.track_module(torch.nn.Linear(2, 2), name="other", device="cpu").adapter
+    assert not adapter.is_clone(other) and adapter.clone_base_uuid != other.clone_base_uuid
+    assert adapter.lowvram_patch_counter() == 0 and adapter.partially_unload(torch.device("cpu"), 1) == 0
+
+
 def test_compact_weights_count_at_their_stored_size_with_a_decoded_block() -> None:
     from wanbench.wan_core.runtime.compact import store_fp8
 
