@@ -217,6 +217,8 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.variant not in ("wan2.1", "wan2.2"):
             raise ValueError(f"VAE variant must be 'wan2.1' or 'wan2.2'; got {self.variant!r}")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1 (Wan VAEs use 2); got {self.num_res_blocks}")
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"latents_mean/std need {self.z_dim} values each")
 
