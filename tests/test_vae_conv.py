@@ -140,6 +140,17 @@ def test_phase_kernels_are_kept_for_a_stream_and_follow_the_weight() -> None:
     assert kernels._kernels is None
 
 
+def test_phase_kernels_of_inference_weights() -> None:
+    with torch.inference_mode():  # ComfyUI runs nodes (and may load models) in inference mode
+        conv = nn.Conv2d(3, 3, 3, padding=1)
+        x = torch.randn(1, 3, 2, 4, 4)
+        kernels = PhaseKernels()
+        kernels.start()
+        first = upsample2x_conv(x, conv, kernels)
+        assert kernels.get(conv.weight) is kernels.get(conv.weight)
+        torch.testing.assert_close(first, _official_upsample(x, conv), rtol=1e-5, atol=1e-5)
+
+
 def test_decode_frees_the_phase_kernels() -> None:
     torch.manual_seed(6)
     model = WanVAE(WAN21_VAE.tiny())

@@ -181,13 +181,15 @@ class PhaseKernels:
 
     Building them reads the 3x3 weight and writes 16/9 of it; a stream (one decode) builds them
     once, not once per chunk. Outside a stream they are built per call and not kept. The kept
-    kernels are tied to the weight tensor they came from (its storage and version), so a weight
-    that is replaced or changed in place is never served stale kernels.
+    kernels are tied to the weight tensor they came from (its storage and version counter), so a
+    weight that is replaced, or changed in place during the stream, is never served stale kernels
+    (an inference tensor, made under `torch.inference_mode`, has no version counter and cannot be
+    changed in place outside it: it is tied to its storage only).
     """
 
     def __init__(self) -> None:
         self.active = False
-        self._key: tuple[int, int, torch.device, torch.dtype] | None = None
+        self._key: tuple[int, int | None, torch.device, torch.dtype] | None = None
         self._kernels: torch.Tensor | None = None
 
     def start(self) -> None:
@@ -198,7 +200,8 @@ class PhaseKernels:
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         """(4, Co, Ci, 1, 2, 2) kernels for phases (0, 0), (0, 1), (1, 0), (1, 1) of `weight`."""
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        version = None if weight.is_inference() else weight._version
+        key = (weight.data_ptr(), version, weight.device, weight.dtype)
         if self._kernels is not None and self._key == key:
             return self._kernels
         kernels = phase_kernels(weight)
