@@ -85,7 +85,8 @@ def test_run_case_reports_consistent_figures():
         assert result["gflops_executed_thread_cpu"][impl] == pytest.approx(
             result["executed_flops"][impl] / median / 1e9)
     vs = result["vs"]["diffusers"]["thread_cpu_s"]
-    ratio = result["stats"]["diffusers"]["thread_cpu_s"]["median_s"] / result["stats"]["ours"]["thread_cpu_s"]["median_s"]
+    stats = result["stats"]
+    ratio = stats["diffusers"]["thread_cpu_s"]["median_s"] / stats["ours"]["thread_cpu_s"]["median_s"]
     assert vs["speedup"] == pytest.approx(ratio)
     assert vs["verdict"] in ("faster", "on par", "slower")
     assert result["best_peer"] == "diffusers"
