@@ -182,3 +182,21 @@ def test_decode_executes_less_than_the_reference_count(config) -> None:
         model.decode(latent)
     executed, reference = counter.get_total_flops(), vae_flops(config, "decode", tuple(latent.shape))
     assert 0.5 * reference < executed < 0.95 * reference
+
+
+@pytest.mark.parametrize(("channels", "channels_last"), [(8, True), (160, False)])
+def test_cpu_layout_choice_by_input_channels(channels: int, channels_last: bool) -> None:
+    from wanbench.wan_core.vae_conv import conv3d
+
+    torch.manual_seed(8)
+    x = torch.randn(1, channels, 3, 16, 16)  # 1 x 16 x 16 = 256 output positions: im2col
+    weight = torch.randn(4, channels, 3, 3, 3) * 0.1
+    big = torch.randn(1, channels, 4, 16, 16)  # 2 x 16 x 16 = 512 positions: oneDNN
+    with torch.no_grad():
+        for inp in (x, big):
+            got = conv3d(inp, weight, None, padding=(0, 1, 1))
+            torch.testing.assert_close(got, F.conv3d(inp, weight, None, padding=(0, 1, 1)), rtol=1e-4, atol=1e-4)
+        small_out = conv3d(x, weight, None, padding=(0, 1, 1))
+        big_out = conv3d(big, weight, None, padding=(0, 1, 1))
+    assert small_out.is_contiguous()
+    assert big_out.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
