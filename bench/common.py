@@ -11,9 +11,11 @@ adds the other threads of this process (torch's pool, a profiler's sampler threa
 device work shows in wall time only (the CPU clocks then measure the host side).
 
 Comparisons (`compare`): implementations are called in rounds, one call each per round, so that
-load drifts hit all alike. The speed-up of A over B on a clock is the ratio of the medians; its
-spread is the middle half (lower to upper quartile; min to max below 4 rounds) of the per-round
-ratios. A speed-up whose spread contains 1 is reported as "on par", never as a win or a loss.
+load drifts hit all alike. The speed-up of A over B on a clock is the median of the per-round
+ratios (B's time / A's time in the same round: paired, so a slow round slows both); its spread is
+the middle half of those ratios (lower to upper quartile; min to max below 4 rounds). A speed-up
+whose spread contains 1 is reported as "on par", never as a win or a loss. The ratio of the two
+medians is kept next to it.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def ratio_spread(ratios: Sequence[float]) -> tuple[float, float]:
 
 
 def compare(ours: dict[str, list[float]], theirs: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
-    """Speed-up of `ours` over `theirs` per clock: median ratio, per-round ratios, spread, verdict.
+    """Speed-up of `ours` over `theirs` per clock: per-round ratios, their median, spread, verdict.
 
     Both are {clock: [one value per round]} from the same `interleaved_clocks` run. speedup > 1
     means ours took less time; the verdict is "on par" when the spread contains 1.
@@ -145,14 +147,15 @@ def compare(ours: dict[str, list[float]], theirs: dict[str, list[float]]) -> dic
         if len(a) != len(b) or not a:
             raise ValueError(f"compare needs the same number of rounds on both sides; got {len(a)} and {len(b)}")
         if min(a) <= 0 or min(b) <= 0:
-            result[clock] = {"speedup": None, "round_ratios": None, "spread": None,
+            result[clock] = {"speedup": None, "ratio_of_medians": None, "round_ratios": None, "spread": None,
                              "verdict": "n/a (a clock read 0: the call was shorter than its resolution)"}
             continue
         rounds = [y / x for x, y in zip(a, b, strict=True)]
         low, high = ratio_spread(rounds)
         verdict = ON_PAR if low <= 1.0 <= high else (FASTER if low > 1.0 else SLOWER)
-        result[clock] = {"speedup": statistics.median(b) / statistics.median(a), "round_ratios": rounds,
-                         "spread": [low, high], "verdict": verdict}
+        result[clock] = {"speedup": statistics.median(rounds),
+                         "ratio_of_medians": statistics.median(b) / statistics.median(a),
+                         "round_ratios": rounds, "spread": [low, high], "verdict": verdict}
     return result
 
 

@@ -36,7 +36,8 @@ def test_ratio_spread_is_the_middle_half_or_the_range():
 def test_compare_calls_a_win_only_when_the_spread_excludes_one():
     ours = _clocks([1.0, 1.0, 1.0, 1.0, 1.0])
     faster = compare(ours, _clocks([1.2, 1.25, 1.3, 1.2, 1.22]))["thread_cpu_s"]
-    assert faster["verdict"] == "faster" and faster["speedup"] == pytest.approx(1.22)
+    assert faster["verdict"] == "faster" and faster["speedup"] == pytest.approx(1.22)  # median of the rounds
+    assert faster["ratio_of_medians"] == pytest.approx(1.22)
     assert faster["round_ratios"] == pytest.approx([1.2, 1.25, 1.3, 1.2, 1.22])
     noisy = compare(ours, _clocks([0.8, 1.4, 0.9, 1.3, 1.05]))["wall_s"]
     assert noisy["verdict"] == "on par" and noisy["spread"][0] < 1.0 < noisy["spread"][1]

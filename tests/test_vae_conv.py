@@ -200,3 +200,16 @@ def test_cpu_layout_choice_by_input_channels(channels: int, channels_last: bool)
         big_out = conv3d(big, weight, None, padding=(0, 1, 1))
     assert small_out.is_contiguous()
     assert big_out.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+
+
+def test_kept_frames_hold_no_more_than_twice_their_size() -> None:
+    # a view of the concatenated input is kept only when it pins at most twice the kept frames
+    conv = CausalConv3d(2, 2, 3, padding=1)
+    x = torch.randn(1, 2, 6, 4, 4)
+    frame_bytes = 2 * 4 * 4 * x.element_size()
+    with torch.no_grad(), streaming(conv):
+        conv(x[:, :, :1])
+        conv(x[:, :, 1:2])  # history 2 + 1 frame: the kept view pins 3 frames
+        assert conv.cache.history.untyped_storage().nbytes() == 3 * frame_bytes
+        conv(x[:, :, 2:6])  # history 2 + 4 frames: the 2 kept frames are copied out of the 6
+        assert conv.cache.history.untyped_storage().nbytes() == 2 * frame_bytes

@@ -15,7 +15,8 @@ skipping work whose result is known:
   multiply-adds per output instead of 9 (less work), and the 4x larger upsampled image is never
   built (`upsample2x_conv`).
 - **No needless copies.** The kept frames of a causal cache are a view of the conv's own padded or
-  concatenated input (no clone) whenever that input is a tensor the conv made itself.
+  concatenated input (no clone) when that input is a tensor the conv made itself and the view
+  keeps at most twice the kept frames alive.
 
 On the CPU in float32 the convolution kernel is chosen per call (`conv3d`): see its docstring.
 
@@ -158,14 +159,17 @@ class CausalConv3d(nn.Conv3d):
     def _run(self, x: torch.Tensor, weight: torch.Tensor, *, owned: bool) -> torch.Tensor:
         """Convolve the full input (history or padding included) and keep its unconsumed tail.
 
-        `owned`: `x` was made here (padding or concatenation), so the tail can be a view of it;
-        otherwise it is the caller's tensor and the tail is copied (the caller may change it).
+        `owned`: `x` was made here (padding or concatenation), so the tail may be a view of it
+        when that keeps at most twice the tail's frames alive (a 3-frame input keeping 2); a
+        smaller tail of a longer input is copied, so that memory stays bounded by the kept frames
+        (2 frames at full resolution, not the 6 of a 4-frame chunk). The caller's own tensor is
+        always copied (the caller may change it).
         """
         kt, st = self.kernel_size[0], self.stride[0]
         num_out = (x.shape[2] - kt) // st + 1 if x.shape[2] >= kt else 0
         if self.cache.active:
             tail = x[:, :, st * num_out :]
-            self.cache.history = tail if owned else tail.clone()
+            self.cache.history = tail if owned and 2 * tail.shape[2] >= x.shape[2] else tail.clone()
         if num_out == 0:
             return self._empty_output(x)
         return conv3d(x, weight, self.bias, stride=self.stride, padding=self.padding)
