@@ -220,6 +220,19 @@ def fetch_outputs(server: str, prompt_id: str, out_dir: Path, *, timeout_s: floa
     return files
 
 
+def free_server_memory(server: str) -> None:
+    """Ask the server to unload models and drop its execution cache (`POST /free`).
+
+    ComfyUI's prompt worker does it when it next wakes (right away when it is idle); there is no
+    answer that says it is done, so a caller that needs it done before the next prompt waits a
+    moment (`ladders.FREE_SETTLE_S`).
+    """
+    server = check_server_url(server)
+    status, answer = http_json("POST", f"{server}/free", {"unload_models": True, "free_memory": True})
+    if status != 200:
+        raise ServerError(f"the server refused to free its memory (POST /free, HTTP {status}): {answer!r:.300}")
+
+
 def run_on_server(
     prompt: Mapping[str, Any],
     server: str,

@@ -3,7 +3,11 @@
 What ComfyUI's executor does, for a graph made only of this pack's nodes: check every node type
 exists, validate inputs against `INPUT_TYPES` (types of links, combo choices, min/max) and
 `VALIDATE_INPUTS`, order nodes by their links, fill the hidden inputs (UNIQUE_ID, PROMPT), call
-each node's FUNCTION once and collect the `ui` outputs. There is no cache: every node runs.
+each node's FUNCTION once (an async one to completion) and collect the `ui` outputs. There is no
+cache: every node runs. Wan Profiler nodes run first and Wan Benchmark Report nodes last, as in
+ComfyUI; the workflow observer is told when each node starts and finishes (`run_observed`,
+`observer.InProcessPrompt`), so a profiler needs no wires here either. The ranks of a parallel
+run go through the same loop (`rank_runner.py`).
 Also here: loading API workflow files and applying `--set` overrides. Runs on a ComfyUI server
 (`--server`) go through `client.py` instead.
 
@@ -12,18 +16,22 @@ Shapes: none (graph plumbing only).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
 import math
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .nodes import NODE_CLASS_MAPPINGS
+from .nodes.api_prompt import is_link
 from .nodes.comfy_bridge import model_folder_description
 from .nodes.context import Bridge, use_bridge
+from .nodes.observer import InProcessPrompt, in_process_prompt
 from .wan_core.errors import WanError
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,17 @@ NODE_ERRORS: tuple[type[Exception], ...] = (
 )
 # Input types entered as widget values (everything else is a link from another node's output).
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+RUN_FIRST = ("WanBenchProfiler",)  # output nodes without needed inputs ComfyUI starts first
+RUN_LAST = ("WanBenchReport",)  # the report waits for every other node
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for the user: the node that raised (when a workflow node did), the type, the message."""
+    where = [
+        n[len(NODE_NOTE_PREFIX) :] for n in getattr(err, "__notes__", []) if n.startswith(NODE_NOTE_PREFIX)
+    ]
+    prefix = f"node {where[-1]} failed: " if where else ""
+    return f"{prefix}{type(err).__name__}: {err}"
 
 
 @dataclass
@@ -71,15 +90,6 @@ def load_api_workflow(path: str | Path) -> dict[str, Any]:
     ):
         raise WorkflowError(f"{path} is not an API-format workflow: expected {{id: {{class_type, inputs}}}}")
     return data
-
-
-def _is_link(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 2
-        and isinstance(value[0], str)
-        and isinstance(value[1], int)
-    )
 
 
 def _input_spec(cls: type, name: str) -> tuple[Any, dict[str, Any]] | None:
@@ -163,7 +173,7 @@ def validate_workflow(prompt: Mapping[str, Any]) -> list[str]:
             spec = _input_spec(cls, name)
             if spec is None:
                 raise WorkflowError(f"node {node_id} ({class_type}): unknown input {name!r}")
-            if _is_link(value):
+            if is_link(value):
                 src_id, slot = value
                 if src_id not in prompt:
                     raise WorkflowError(
@@ -193,23 +203,26 @@ def _topological_order(prompt: Mapping[str, Any]) -> list[str]:
             raise WorkflowError(f"the workflow has a cycle through nodes {' -> '.join(path + (node_id,))}")
         state[node_id] = 1
         for value in prompt[node_id].get("inputs", {}).values():
-            if _is_link(value):
+            if is_link(value):
                 visit(value[0], path + (node_id,))
         state[node_id] = 2
         order.append(node_id)
 
     for node_id in sorted(prompt, key=lambda k: (len(k), k)):
         visit(node_id, ())
-    return order
+    first = [n for n in order if prompt[n]["class_type"] in RUN_FIRST]
+    last = [n for n in order if prompt[n]["class_type"] in RUN_LAST]
+    return first + [n for n in order if n not in first and n not in last] + last
 
 
-def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], result: RunResult) -> None:
+def run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], result: RunResult) -> None:
+    """Run one node with its linked inputs taken from `result.outputs`; store its outputs there."""
     class_type = node["class_type"]
     cls = NODE_CLASS_MAPPINGS[class_type]
     kwargs: dict[str, Any] = {}
     constants: dict[str, Any] = {}
     for name, value in node.get("inputs", {}).items():
-        if _is_link(value):
+        if is_link(value):
             kwargs[name] = result.outputs[value[0]][value[1]]
         else:
             kind, opts = _input_spec(cls, name)  # type: ignore[misc]
@@ -225,6 +238,8 @@ def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], 
         kwargs[name] = {"UNIQUE_ID": node_id, "PROMPT": dict(prompt)}.get(kind)
     try:
         out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        if inspect.iscoroutine(out):
+            out = asyncio.run(out)
     except NODE_ERRORS as err:
         # Same exception (callers and tests keep its type); the note names the node that raised.
         err.add_note(f"{NODE_NOTE_PREFIX}{node_id} ({class_type})")
@@ -238,12 +253,42 @@ def _run_node(node_id: str, node: Mapping[str, Any], prompt: Mapping[str, Any], 
 def run_workflow(prompt: Mapping[str, Any], bridge: Bridge) -> RunResult:
     """Validate and run `prompt` with `bridge`'s model folders and output folder."""
     result = RunResult()
-    with use_bridge(bridge):
+    observed = InProcessPrompt(prompt_id=uuid.uuid4().hex, nodes=prompt, node_classes=NODE_CLASS_MAPPINGS)
+    with use_bridge(bridge), in_process_prompt(observed):
         result.order = validate_workflow(prompt)
-        for node_id in result.order:
+
+        def announce(node_id: str) -> None:
             log.info("running node %s (%s)", node_id, prompt[node_id]["class_type"])
-            _run_node(node_id, prompt[node_id], prompt, result)
+
+        run_observed(prompt, result.order, result, observed, before_node=announce)
     return result
+
+
+def run_observed(
+    prompt: Mapping[str, Any],
+    node_ids: Sequence[str],
+    result: RunResult,
+    observed: InProcessPrompt,
+    *,
+    before_node: Callable[[str], None] | None = None,
+) -> None:
+    """Run `node_ids` in order (`run_node`), telling the workflow observer when each starts and
+    finishes; the prompt's observation ends with the loop, errors included. `before_node` runs
+    before each node starts, outside its time: the log line, and in a parallel run the values
+    rank 0 sends to the other ranks."""
+    error: BaseException | None = None
+    try:
+        for node_id in node_ids:
+            if before_node is not None:
+                before_node(node_id)
+            observed.node_started(node_id)
+            run_node(node_id, prompt[node_id], prompt, result)
+            observed.node_finished(node_id)
+    except BaseException as err:
+        error = err
+        raise
+    finally:
+        observed.ended(error)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,12 +319,14 @@ def apply_overrides(prompt: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 
 
 def output_files(result: RunResult) -> dict[str, list[str]]:
-    """Files an in-process run wrote: {"videos": [...], "reports": [...json...]}."""
-    files: dict[str, list[str]] = {"videos": [], "reports": []}
+    """Files an in-process run wrote: {"videos": [...], "reports": [...json...], "other": [...]} (the
+    report's Markdown and latent files are "other", as `client.fetch_outputs` sorts them)."""
+    files: dict[str, list[str]] = {"videos": [], "reports": [], "other": []}
     for node_id in result.order:
         ui = result.ui.get(node_id, {})
         if "wanbench_report" in ui:
-            files["reports"] += [e["path"] for e in ui["wanbench_report"] if e["path"].endswith(".json")]
+            for entry in ui["wanbench_report"]:
+                files["reports" if entry["path"].endswith(".json") else "other"].append(entry["path"])
         elif ui.get("animated"):
             files["videos"].append(str(result.outputs[node_id][0]))
     return files

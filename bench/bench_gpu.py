@@ -64,6 +64,7 @@ class GpuCase:
     frames: int
     steps: int
     placement: str = "none"
+    boundary: float | None = None  # None: the task preset's expert switch
 
 
 EXTRA_CASES = (
@@ -178,7 +179,8 @@ def run_case(case: GpuCase, *, device: str, dtype: torch.dtype, tiny: bool, max_
     use_compile = compile_config is not None
     steps = min(case.steps, max_steps)
     placement = "none" if use_compile else case.placement
-    opts = SamplerOptions.from_config(task.sampler, steps=steps, placement=placement, cfg_mode="batched")
+    opts = SamplerOptions.from_config(task.sampler, steps=steps, placement=placement, cfg_mode="batched",
+                                      boundary=case.boundary)
     latent_shape = task.latent_shape(case.width, case.height, case.frames)
     label = tiny_label(case.name) if tiny else case.name
     session = ProfileSession(case_name=label, device=device)
@@ -200,8 +202,14 @@ def run_case(case: GpuCase, *, device: str, dtype: torch.dtype, tiny: bool, max_
             for expert, handle in zip(experts, handles, strict=True):
                 with torch.inference_mode():
                     handle.warm_up(lambda e=expert: e(x, t, [ctx, ctx_null]))
+        plans = []
+
+        def on_plan(plan: Any) -> None:  # placement "auto": record what the memory planner chose
+            plans.append(plan)
+            session.set_context(placement=plan.placement)
+
         sample(experts, task, opts, context=ctx, context_null=ctx_null, latent_shape=latent_shape,
-               device=device)
+               device=device, on_plan=on_plan)
         if use_compile:
             compile_stats = [h.stats().to_dict() for h in handles]
     record = session.record
@@ -209,6 +217,8 @@ def run_case(case: GpuCase, *, device: str, dtype: torch.dtype, tiny: bool, max_
     problems = check_report(files["json"])
     summary = summarize_run(record)
     step_times = [s.duration_s for s in record.stages if s.kind == "step-inference"]
+    del experts[1:]  # the forward comparison uses the first expert; an offloading placement left it
+    experts[0].to(device)  # on the CPU, and the other one would hold the device memory it needs
     forward = forward_comparison(experts[0], task, case, ctx, ctx_null, repeats=repeats,
                                  with_diffusers=with_diffusers)
     if use_compile:
@@ -219,7 +229,10 @@ def run_case(case: GpuCase, *, device: str, dtype: torch.dtype, tiny: bool, max_
         torch.cuda.empty_cache()
     return {
         "case": asdict(case), "report_case": label, "task": task.name, "steps_run": steps, "steps_in_suite": case.steps,
-        "placement": placement, "step_inference_s": step_times,
+        "placement": placement, "placement_chosen": plans[0].label if plans else None,
+        "memory_estimate_bytes": plans[0].estimate.total if plans else None,
+        "experts_run": sorted({s.expert for s in record.stages if s.kind == "step-inference" and s.expert}),
+        "step_inference_s": step_times,
         "s_per_step": summary.s_per_step, "steady_median_s": summary.steady_median_s,
         "steps_tflops": summary.steps_tflops, "mfu_pct": summary.mfu_pct,
         "step_activity_pct": summary.step_activity_pct, "activity_metric": summary.activity_metric,

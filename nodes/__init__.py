@@ -1,6 +1,8 @@
 """ComfyUI node classes of the pack. Importing this never imports ComfyUI.
 
-Node ids (the keys below) are stored in workflows and never change.
+Node ids (the keys below) are stored in workflows and never change. Inside a running ComfyUI
+server, importing this also registers the profiler's on-prompt hook (`prompt_rewrite.install`),
+which inserts Wan Model Tap nodes into prompts that hold a Wan Profiler or Wan Benchmark Report.
 """
 
 from __future__ import annotations
@@ -8,8 +10,12 @@ from __future__ import annotations
 from .images import WanTestImage
 from .latents import WanEmptyLatent, WanImageToVideo
 from .loaders import WanModelLoader, WanTextEncoderLoader, WanVAELoader
+from .lora import WanLora
+from .model_tap import WanModelTap
 from .profiling import WanBenchmarkReport, WanProfiler
+from .prompt_rewrite import install as _install_prompt_hook
 from .sampling import WanSampler
+from .step_cache import WanStepCache
 from .text import WanTextEncode
 from .vae import WanVAEDecode
 from .video import WanSaveVideo
@@ -17,6 +23,8 @@ from .video import WanSaveVideo
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "WanBenchProfiler": WanProfiler,
     "WanBenchModelLoader": WanModelLoader,
+    "WanBenchLora": WanLora,
+    "WanBenchStepCache": WanStepCache,
     "WanBenchTextEncoderLoader": WanTextEncoderLoader,
     "WanBenchTextEncode": WanTextEncode,
     "WanBenchVAELoader": WanVAELoader,
@@ -27,11 +35,14 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "WanBenchVAEDecode": WanVAEDecode,
     "WanBenchSaveVideo": WanSaveVideo,
     "WanBenchReport": WanBenchmarkReport,
+    "WanBenchModelTap": WanModelTap,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "WanBenchProfiler": "Wan Profiler",
     "WanBenchModelLoader": "Wan Model Loader",
+    "WanBenchLora": "Wan LoRA",
+    "WanBenchStepCache": "Wan Step Cache",
     "WanBenchTextEncoderLoader": "Wan Text Encoder Loader",
     "WanBenchTextEncode": "Wan Text Encode",
     "WanBenchVAELoader": "Wan VAE Loader",
@@ -42,6 +53,9 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "WanBenchVAEDecode": "Wan VAE Decode",
     "WanBenchSaveVideo": "Wan Save Video",
     "WanBenchReport": "Wan Benchmark Report",
+    "WanBenchModelTap": "Wan Model Tap (internal)",
 }
+
+_install_prompt_hook()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .context import FOLDER_DIT, FOLDER_TEXT_ENCODERS, FOLDER_VAE, Bridge, current_bridge
+from .context import FOLDER_DIT, FOLDER_LORAS, FOLDER_TEXT_ENCODERS, FOLDER_VAE, Bridge, current_bridge
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # named here too because the nodes reach all of ComfyUI's side through this module.
 __all__ = [
     "FOLDER_DIT",
+    "FOLDER_LORAS",
     "FOLDER_TEXT_ENCODERS",
     "FOLDER_VAE",
     "Bridge",
@@ -32,6 +33,7 @@ __all__ = [
     "list_models",
     "make_progress",
     "model_folder_description",
+    "model_management",
     "output_directory",
     "resolve_model",
     "save_path",
@@ -54,11 +56,15 @@ def inside_comfyui() -> bool:
     return _comfy_module("folder_paths") is not None
 
 
+GGUF_SUFFIX = ".gguf"
+
+
 def list_models(folder: str) -> list[str]:
-    """File names ComfyUI lists for `folder`; standalone: the files in the bridge's folder."""
+    """File names ComfyUI lists for `folder`, plus its `.gguf` files (ComfyUI's own list leaves that
+    extension out); standalone: the files in the bridge's folder."""
     fp = _comfy_module("folder_paths")
     if fp is not None:
-        return list(fp.get_filename_list(folder))
+        return sorted({*fp.get_filename_list(folder), *_gguf_files(fp.get_folder_paths(folder))})
     directory = current_bridge().model_dirs.get(folder)
     if directory is None or not directory.is_dir():
         return []
@@ -72,6 +78,16 @@ def model_folder_description(folder: str) -> str:
         return f"ComfyUI's models/{folder}/ folder"
     directory = current_bridge().model_dirs.get(folder)
     return str(directory) if directory is not None else f"no {folder!r} folder (none configured)"
+
+
+def _gguf_files(folders: list[str]) -> list[str]:
+    """`.gguf` files under ComfyUI's paths of a model folder, as names relative to their folder."""
+    names = []
+    for folder in folders:
+        root = Path(folder)
+        if root.is_dir():
+            names += [p.relative_to(root).as_posix() for p in root.rglob("*" + GGUF_SUFFIX) if p.is_file()]
+    return names
 
 
 def resolve_model(folder: str, name: str) -> str:
@@ -151,6 +167,11 @@ def make_progress(total: int, label: str) -> Callable[[int], None]:
         log.info("%s: %d/%d", label, done, total)
 
     return log_progress
+
+
+def model_management() -> ModuleType | None:
+    """ComfyUI's `comfy.model_management` inside a server (its memory manager), else None."""
+    return _comfy_module("comfy.model_management")
 
 
 def check_interrupt() -> None:

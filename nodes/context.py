@@ -19,14 +19,16 @@ from pathlib import Path
 FOLDER_DIT = "diffusion_models"
 FOLDER_TEXT_ENCODERS = "text_encoders"
 FOLDER_VAE = "vae"
+FOLDER_LORAS = "loras"
+MODEL_FOLDERS = (FOLDER_DIT, FOLDER_TEXT_ENCODERS, FOLDER_VAE, FOLDER_LORAS)
 
 
 @dataclass
 class Bridge:
     """Where standalone runs look for models and write outputs.
 
-    `model_dirs` maps a ComfyUI folder name ("diffusion_models", "text_encoders", "vae") to a
-    directory; `output_dir` receives saved files. Inside ComfyUI both are ignored.
+    `model_dirs` maps a ComfyUI folder name ("diffusion_models", "text_encoders", "vae", "loras")
+    to a directory; `output_dir` receives saved files. Inside ComfyUI both are ignored.
     """
 
     output_dir: Path = field(default_factory=lambda: Path.cwd() / "wanbench_out")
@@ -40,7 +42,7 @@ class Bridge:
         root = Path(models_root)
         return cls(
             output_dir=Path(output_dir),
-            model_dirs={name: root / name for name in (FOLDER_DIT, FOLDER_TEXT_ENCODERS, FOLDER_VAE)},
+            model_dirs={name: root / name for name in MODEL_FOLDERS},
         )
 
 

@@ -5,6 +5,10 @@ To Video adds
 `"wan_condition"`: the wan_core conditioning object (`TI2VCondition` or `I2VCondition`) that Wan
 Sampler passes on. The task follows from the VAE: the Wan2.2 VAE means TI2V-5B, the Wan2.1 VAE
 means the A14B tasks.
+
+The size is checked against host memory before anything is made: a latent whose decoded video (and
+the IMAGE frames made of it) could never be held is refused with the figures
+(`runtime.stage_plans.check_video_output`), instead of a server killed by the OOM killer later.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Any
 import torch
 
 from ..wan_core.config import I2V_A14B, PREPROCESS_STAGE, T2V_A14B, TI2V_5B
+from . import memory
 from . import types as T
-from .profiler_handle import maybe_profile, single_stage
+from .profiler_handle import maybe_profile, record_context, single_stage
 from .validation import FRAME_STEP, MAX_FRAMES, MAX_SIZE, SIZE_STEP, check_frames, check_size, first_problem
 
 
@@ -31,6 +36,16 @@ def task_for_vae(vae: Any, *, with_image: bool) -> Any:
     else:
         raise ValueError(f"unknown VAE variant {variant!r}; expected 'wan2.1' or 'wan2.2'")
     return replace(base, vae=vae.config)
+
+
+def check_video_fits(task: Any, width: int, height: int, length: int) -> None:
+    """Refuse a size whose decoded frames could not be held in host memory (before any allocation)."""
+    from ..wan_core.runtime.stage_plans import check_video_output
+
+    _, t, h, w = task.latent_shape(width, height, length)  # raises on bad geometry
+    budget = memory.PackMemory().budget(torch.device("cpu"))
+    check_video_output(task.vae, (1, task.vae.z_dim, t, h, w), budget=budget,
+                       size=f"{width}x{height}, {length}-frame")
 
 
 def _geometry_inputs(default_w: int, default_h: int, default_frames: int) -> dict[str, Any]:
@@ -83,6 +98,7 @@ class WanEmptyLatent:
     RETURN_TYPES = (T.LATENT,)
     RETURN_NAMES = ("latent",)
     FUNCTION = "make"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Empty video latent for text-to-video; its shape follows the VAE (Wan2.1 or Wan2.2)."
 
     @classmethod
@@ -112,14 +128,14 @@ class WanEmptyLatent:
         unique_id: str | None = None,
     ) -> tuple[dict[str, Any]]:
         task = task_for_vae(vae, with_image=False)
+        check_video_fits(task, width, height, length)
         with (
             maybe_profile(profiler, unique_id, [PREPROCESS_STAGE]),
             single_stage(*PREPROCESS_STAGE, mode="t2v"),
         ):
             shape = task.latent_shape(width, height, length)  # (z, T, h, w); raises on bad geometry
             samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)
-        if profiler is not None:
-            profiler.set_context(width=width, height=height, frames=length)
+        record_context(profiler, width=width, height=height, frames=length)
         return ({"samples": samples},)
 
 
@@ -130,6 +146,7 @@ class WanImageToVideo:
     RETURN_TYPES = (T.LATENT,)
     RETURN_NAMES = ("latent",)
     FUNCTION = "make"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = (
         "Encodes a start image. With the Wan2.2 VAE (TI2V-5B) the output size is the 32-grid "
         "size of width x height pixels closest to the image's aspect; with the Wan2.1 VAE "
@@ -181,6 +198,8 @@ class WanImageToVideo:
                 "connect an IMAGE output (Load Image, Wan Test Image) to it"
             )
         task = task_for_vae(vae, with_image=True)
+        check_video_fits(task, width, height, length)
+        memory.bring_back(vae)
         image = start_image[0]  # (H, W, 3): IMAGE -> one RGB image
         build = conditioning.ti2v_condition if task.dit.model_type == "ti2v" else conditioning.i2v_condition
         with (
@@ -193,6 +212,5 @@ class WanImageToVideo:
         shape = condition.latent_shape  # (C, T, h, w) of the noise
         samples = torch.zeros((1, task.vae.z_dim, *shape[1:]), dtype=torch.float32)
         out_w, out_h = condition.pixel_size
-        if profiler is not None:
-            profiler.set_context(width=out_w, height=out_h, frames=length)
+        record_context(profiler, width=out_w, height=out_h, frames=length)
         return ({"samples": samples, "wan_condition": condition},)

@@ -1,9 +1,13 @@
 """Wan Sampler: the denoising loop (stages `Step_<i>_Loading` / `Step_<i>_Inference`).
 
-One call of `wan_core.sampler.sample`. The `LATENT` input gives the video geometry (its values
-are not used: sampling starts from seeded noise, i.e. denoise 1.0) and, from Wan Image To Video,
-the start-image conditioning. The output `LATENT` holds raw latents (the VAE's space), as
-ComfyUI's own nodes expect.
+One call of `wan_core.partial.sample_latent`. The `LATENT` input gives the video geometry and, from
+Wan Image To Video, the start-image conditioning. A full run (denoise 1, start_step 0) starts from
+seeded noise and does not read the latent's values; with denoise < 1 or start_step > 0 it starts
+from them (video-to-video, or the second half of a split run), as ComfyUI's KSampler(Advanced) do.
+The output `LATENT` holds raw latents (the VAE's space), as ComfyUI's own nodes expect, keeps the
+input's conditioning, and after an early `end_step` carries the exact state so that the next Wan
+Sampler continues the run bit for bit (docs/sampler.md). LoRAs and the step cache on the model input
+are applied for the duration of this node's run only.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 import torch
 
 from ..wan_core.config import (
+    AUTO_PLACEMENT,
     BATCHED_CFG,
     I2V_A14B,
     PLACEMENTS,
@@ -24,15 +29,26 @@ from ..wan_core.config import (
     sampling_stages,
 )
 from . import comfy_bridge as bridge
+from . import memory
 from . import types as T
-from .profiler_handle import maybe_profile
-from .validation import check_float_range, check_int_range, check_open_unit, first_problem
+from .profiler_handle import maybe_profile, record_context
+from .schedule_inputs import END_OF_SCHEDULE, SCHEDULE_INPUTS, check_list_length
+from .validation import (
+    check_float_range,
+    check_int_range,
+    check_numbers,
+    check_open_unit,
+    first_problem,
+    parse_numbers,
+)
 
 MAX_STEPS = 1000
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_GUIDANCE = 30.0
 MAX_SHIFT = 100.0
 MAX_RESIDENT_BLOCKS = 64
+LATENT_CONDITION = "wan_condition"  # LATENT keys the pack adds (core nodes ignore them)
+LATENT_CONTINUATION = "wan_continuation"
 # Widget defaults: the sampler preset of TI2V-5B (the task of the default 1280x704x121 latent);
 # the expert switch, which TI2V-5B does not use, defaults to T2V-A14B's. Tooltips quote the presets.
 TI2V, I2V, T2V = TI2V_5B.sampler, I2V_A14B.sampler, T2V_A14B.sampler
@@ -47,6 +63,7 @@ class WanSampler:
     RETURN_TYPES = (T.LATENT,)
     RETURN_NAMES = ("latent",)
     FUNCTION = "sample"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Denoises from seeded noise with the Wan2.2 flow-matching solvers (UniPC by default)."
 
     @classmethod
@@ -125,7 +142,14 @@ class WanSampler:
                         f"{I2V.guide_scale.low} I2V). Unused by TI2V-5B.",
                     },
                 ),
-                "solver": (list(SOLVERS), {"default": DEFAULTS.solver, "tooltip": "Flow-matching solver."}),
+                "solver": (
+                    list(SOLVERS),
+                    {
+                        "default": DEFAULTS.solver,
+                        "tooltip": "Flow-matching solver: unipc (official default), dpm++, euler; "
+                        "euler_distill for the 4-step distill LoRAs (steps 4, shift 5, guidance 1).",
+                    },
+                ),
                 "batched_cfg": (
                     "BOOLEAN",
                     {
@@ -137,10 +161,11 @@ class WanSampler:
                 "placement": (
                     list(PLACEMENTS),
                     {
-                        "default": PLACEMENTS[0],
-                        "tooltip": "Weights placement: none = all on the GPU; "
-                        "model = the expert not in use waits "
-                        "on the CPU; blocks = stream transformer blocks from pinned CPU memory.",
+                        "default": AUTO_PLACEMENT,
+                        "tooltip": "Weights placement: auto = the fastest that fits in free GPU memory "
+                        "(planned before anything is allocated); none = all on the GPU; model = the expert "
+                        "not in use waits on the CPU; blocks = stream transformer blocks from pinned CPU "
+                        "memory. A choice that cannot fit is refused with the estimate and what would fit.",
                     },
                 ),
                 "resident_blocks": (
@@ -153,7 +178,7 @@ class WanSampler:
                     },
                 ),
             },
-            "optional": dict(T.PROFILER_INPUT),
+            "optional": {**T.PROFILER_INPUT, **SCHEDULE_INPUTS},
             "hidden": dict(T.HIDDEN_IDS),
         }
 
@@ -165,6 +190,11 @@ class WanSampler:
         boundary: float | None = None,
         guidance_high: float | None = None,
         guidance_low: float | None = None,
+        denoise: float | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        timesteps: str | None = None,
+        sigmas: str | None = None,
     ) -> bool | str:
         return first_problem(
             check_int_range("steps", steps, 1, MAX_STEPS),
@@ -172,6 +202,11 @@ class WanSampler:
             check_open_unit("boundary", boundary),
             check_float_range("guidance_high", guidance_high, 0.0, MAX_GUIDANCE),
             check_float_range("guidance_low", guidance_low, 0.0, MAX_GUIDANCE),
+            check_float_range("denoise", denoise, 0.01, 1.0),
+            check_int_range("start_step", start_step, 0, END_OF_SCHEDULE),
+            check_int_range("end_step", end_step, 1, END_OF_SCHEDULE),
+            check_numbers("timesteps", timesteps),
+            check_numbers("sigmas", sigmas),
         )
 
     def sample(
@@ -191,14 +226,25 @@ class WanSampler:
         resident_blocks: int,
         profiler: Any = None,
         unique_id: str | None = None,
+        denoise: float = 1.0,
+        start_step: int = 0,
+        end_step: int = END_OF_SCHEDULE,
+        add_noise: bool = True,
+        timesteps: str = "",
+        sigmas: str = "",
     ) -> tuple[dict[str, Any]]:
         from ..wan_core.conditioning import I2VCondition, TI2VCondition
-        from ..wan_core.latents import denormalize_latent
-        from ..wan_core.sampler import SamplerOptions, sample
+        from ..wan_core.partial import Continuation, sample_latent
+        from ..wan_core.runtime.execution import applied, check_with_loras
+        from ..wan_core.sampler import SamplerOptions
 
-        problem = self.VALIDATE_INPUTS(steps, shift, boundary, guidance_high, guidance_low)
+        problem = self.VALIDATE_INPUTS(steps, shift, boundary, guidance_high, guidance_low, denoise,
+                                       start_step, end_step, timesteps, sigmas)
         if problem is not True:
             raise ValueError(problem)
+        explicit_t, explicit_sigmas = parse_numbers("timesteps", timesteps), parse_numbers("sigmas", sigmas)
+        check_list_length(steps, explicit_t, explicit_sigmas)
+        check_with_loras(model.execution, len(model.loras))
         task = model.task
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if not isinstance(samples, torch.Tensor) or samples.dim() != 5:
@@ -231,34 +277,63 @@ class WanSampler:
             cfg_mode=BATCHED_CFG if batched_cfg else SEQUENTIAL_CFG,
             placement=placement,
             num_resident_blocks=resident_blocks,
+            denoise=denoise,
+            start_step=start_step,
+            end_step=None if end_step >= steps else end_step,
+            timesteps=explicit_t,
+            sigmas=explicit_sigmas,
         )
-        if profiler is not None:
-            profiler.set_context(
-                task=task.name,
-                steps=steps,
-                placement=placement,
-                solver=solver,
-                seed=seed,
-                cfg_mode=opts.cfg_mode,
-                attention_backend=model.attention,
-            )
-        progress = bridge.make_progress(steps, "Wan Sampler")
+        record_context(
+            profiler,
+            task=task.name,
+            steps=steps,
+            placement=placement,
+            solver=solver,
+            seed=seed,
+            cfg_mode=opts.cfg_mode,
+            attention_backend=model.attention,
+            loras=model.lora_descriptions() or None,
+            step_cache=None
+            if model.step_cache is None
+            else model.step_cache.describe(task.dit.model_type, has_image=isinstance(condition, TI2VCondition)),
+        )
+        first, last = opts.start_step, opts.last_step
+        progress = bridge.make_progress(last - first, "Wan Sampler")
 
         def on_step(index: int, num_steps: int, current: torch.Tensor) -> None:
-            progress(index + 1)
+            progress(index - first + 1)
             bridge.check_interrupt()
 
-        with maybe_profile(profiler, unique_id, sampling_stages(steps)):
-            out = sample(
-                list(model.experts),
+        def on_plan(plan: Any) -> None:  # the placement the memory plan chose (before any allocation)
+            record_context(profiler, placement=plan.placement)
+
+        continuation = latent.get(LATENT_CONTINUATION)
+        with maybe_profile(profiler, unique_id, sampling_stages(last, first=first)), applied(
+            model.experts, model.execution
+        ):
+            result = sample_latent(
+                model.experts,
                 task,
                 opts,
                 context=text_embeds.context[0],
                 context_null=text_embeds.context_null[0],
-                latent_shape=tuple(samples.shape[1:]),
+                samples=samples,
+                add_noise=add_noise,
+                continuation=continuation if isinstance(continuation, Continuation) else None,
                 i2v_y=condition.y if isinstance(condition, I2VCondition) else None,
                 ti2v_z=condition.z if isinstance(condition, TI2VCondition) else None,
                 callback=on_step,
+                loras=model.loras,
+                device=model.device,
+                memory=memory.PackMemory(),
+                on_plan=on_plan,
+                step_cache=model.step_cache,
             )
-        raw = denormalize_latent(out.float().cpu(), task.vae)[None]  # (1, C, T, h, w)
-        return ({"samples": raw},)
+        # experts left on the GPU (placement none) are listed with ComfyUI, which may move them off later
+        memory.note_loaded(*(r for r in map(memory.resident_of, model.experts) if r is not None))
+        out: dict[str, Any] = {"samples": result.samples}  # (1, C, T, h, w) raw
+        if condition is not None:
+            out[LATENT_CONDITION] = condition  # a second sampler (split run) needs it too
+        if result.continuation is not None:
+            out[LATENT_CONTINUATION] = result.continuation
+        return (out,)

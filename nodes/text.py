@@ -1,10 +1,16 @@
-"""Wan Text Encode: prompt + negative prompt -> UMT5 embeddings (stage `T5_Encoding`)."""
+"""Wan Text Encode: prompt + negative prompt -> UMT5 embeddings (stage `T5_Encoding`).
+
+Before encoding, the encoder is put where it runs with a memory check (`memory.prepare_text_encoder`:
+its GPU when it fits after other models moved off, else the CPU for device "auto"); it stays there
+afterwards, listed with ComfyUI's memory manager, which moves it off when the DiT needs the room.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..wan_core.config import T5_ENCODE_STAGE
+from . import memory
 from . import types as T
 from .profiler_handle import maybe_profile
 
@@ -18,6 +24,7 @@ class WanTextEncode:
     RETURN_TYPES = (T.TEXT_EMBEDS,)
     RETURN_NAMES = ("text_embeds",)
     FUNCTION = "encode"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "UMT5 embeddings of the prompt and the negative prompt, for Wan Sampler."
 
     @classmethod
@@ -74,7 +81,8 @@ class WanTextEncode:
         if not prompt.strip():
             raise ValueError("prompt is empty; describe the video to generate")
         with maybe_profile(profiler, unique_id, [T5_ENCODE_STAGE]):  # encode_pair traces T5_Encoding itself
-            context, context_null = text_encoder.encode_pair(prompt, negative_prompt)
+            facts = memory.prepare_text_encoder(text_encoder)
+            context, context_null = text_encoder.encode_pair(prompt, negative_prompt, stage_facts=facts)
         return (
             T.TextEmbeds(
                 context=[context], context_null=[context_null], prompt=prompt, negative=negative_prompt

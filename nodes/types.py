@@ -11,12 +11,14 @@ nodes can be mixed in:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ..wan_core.config import WanConfig
+from ..wan_core.config import DEFAULT_STORAGE, WanConfig
+from ..wan_core.runtime.compact import resident_bytes
+from ..wan_core.runtime.execution import ExecutionOptions
 
 PROFILER = "WANBENCH_PROFILER"
 DIT_EXPERTS = "WAN22_DIT"
@@ -42,10 +44,42 @@ class DiTExperts:
     """The DiT expert(s) of one task as loaded by Wan Model Loader (socket `WAN22_DIT`).
 
     `experts` is `(high_noise, low_noise)` for A14B tasks and `(model,)` for TI2V-5B.
+    Immutable: ComfyUI caches it and several branches of a graph may share it. `storage` is how
+    the experts' block matrices are kept (`config.WEIGHT_STORAGES`, applied at load); `execution`
+    holds what is turned on only while sampling (TF32, regional compile: `runtime/execution.py`);
+    `loras` are `wan_core.runtime.lora.ExpertLora` entries added by Wan LoRA nodes; `step_cache`
+    (`wan_core.runtime.step_cache.StepCacheSettings`, set by Wan Step Cache; None = off) is read
+    by the sampler. Execution options, LoRAs and the step cache act on the shared modules only
+    while a sampler runs, so a bundle with them and the bundle it came from never affect each other.
+    `device` is where the experts compute ("cuda" or "cpu"; None: where their weights are); with a
+    GPU the loader keeps the weights in host memory and the sampler's memory plan moves them.
     """
 
     experts: tuple[Any, ...]
     task: WanConfig
+    storage: str = DEFAULT_STORAGE
+    execution: ExecutionOptions = ExecutionOptions()
+    loras: tuple[Any, ...] = ()
+    device: str | None = None
+    step_cache: Any = None
+
+    def with_lora(self, lora: Any) -> DiTExperts:
+        """A new bundle with the same modules, options, device and LoRAs, and one more LoRA."""
+        return replace(self, loras=(*self.loras, lora))
+
+    def with_step_cache(self, settings: Any) -> DiTExperts:
+        """A new bundle with the same modules, options, device and LoRAs, and these step-cache settings
+        (None: off)."""
+        return replace(self, step_cache=settings)
+
+    def lora_descriptions(self) -> list[str]:
+        """One line per LoRA (file, strength per expert, layout, matched keys) for the report."""
+        names = ("high", "low") if self.task.is_moe else ("model",)
+        return [lora.describe(names) for lora in self.loras]
+
+    def resident_bytes(self) -> list[int]:
+        """Bytes each expert holds now, compact weights at their stored size (for memory plans)."""
+        return [resident_bytes(expert) for expert in self.experts]
 
     @property
     def attention(self) -> str:

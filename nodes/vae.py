@@ -1,4 +1,8 @@
-"""Wan VAE Decode: raw `LATENT` -> `IMAGE` frames (stage `VAE_Decoding`)."""
+"""Wan VAE Decode: raw `LATENT` -> `IMAGE` frames (stage `VAE_Decoding`).
+
+The decode plans its memory first (tiling "auto": whole frames when they fit, else the largest
+tiles that fit; an explicit choice that cannot fit is refused with the figures).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,9 @@ from typing import Any
 
 import torch
 
-from ..wan_core.config import NO_TILING, TILINGS, VAE_DECODE_STAGE
+from ..wan_core.config import AUTO_TILING, TILINGS, VAE_DECODE_STAGE
 from . import comfy_bridge as bridge
+from . import memory
 from . import types as T
 from .profiler_handle import maybe_profile
 
@@ -42,6 +47,7 @@ class WanVAEDecode:
     RETURN_TYPES = (T.IMAGE,)
     RETURN_NAMES = ("images",)
     FUNCTION = "decode"
+    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
     DESCRIPTION = "Decodes raw video latents into frames (IMAGE), so core image/video nodes can follow."
 
     @classmethod
@@ -53,9 +59,10 @@ class WanVAEDecode:
                 "tiling": (
                     list(TILINGS),
                     {
-                        "default": NO_TILING,
-                        "tooltip": "Spatial tiling of the decode: none = whole frames "
-                        "(exact); auto = overlapping tiles that bound memory.",
+                        "default": AUTO_TILING,
+                        "tooltip": "Spatial tiling of the decode: auto = whole frames (exact) when they fit "
+                        "in free memory, else the largest overlapping tiles that fit; none = whole frames "
+                        "(refused with the figures when they cannot fit).",
                     },
                 ),
             },
@@ -84,9 +91,11 @@ class WanVAEDecode:
         from ..wan_core.vae_stages import decode_video
 
         frames = []
+        memory.bring_back(vae)
         for item in samples:  # one video at a time
-            # decode_video traces the VAE_Decoding stage.
+            # decode_video plans its memory and traces the VAE_Decoding stage.
             with maybe_profile(profiler, unique_id, [VAE_DECODE_STAGE]):
-                video = decode_video(vae, item[None], tiling=tiling, callback=_ChunkProgress())
+                video = decode_video(vae, item[None], tiling=tiling, callback=_ChunkProgress(),
+                                     memory=memory.PackMemory())
             frames.append(video_to_images(video))
         return (torch.cat(frames, dim=0),)

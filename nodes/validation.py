@@ -99,6 +99,40 @@ def check_prefix(name: str, value: str | None) -> str | None:
     return None
 
 
+def parse_numbers(name: str, text: str | None) -> tuple[float, ...] | None:
+    """A comma- or space-separated list of numbers ("1000, 750, 500, 250"); None for an empty text.
+
+    Raises ValueError naming the input and the part that is not a number.
+    """
+    if text is None or not text.strip():
+        return None
+    parts = [p for p in text.replace(",", " ").split() if p]
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"{name} must be numbers separated by commas (e.g. '1000, 750, 500, 250'); "
+                             f"{part!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite numbers; got {part!r}")
+        values.append(value)
+    return tuple(values)
+
+
+def check_numbers(name: str, text: str | None) -> str | None:
+    """`parse_numbers` as a validation check (None when fine or linked)."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return f"{name} must be a text of numbers; got {text!r}"
+    try:
+        parse_numbers(name, text)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def first_problem(*problems: str | None) -> bool | str:
     """`True` when every check passed, else the first message."""
     for problem in problems:

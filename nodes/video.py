@@ -61,6 +61,22 @@ def write_mp4(frames: torch.Tensor, path: Path, *, fps: int, codec: str = "libx2
     return path
 
 
+def read_mp4(path: Path) -> torch.Tensor:
+    """The frames of a video file as uint8 RGB (what `write_mp4` encoded, after its lossy codec).
+
+    Shapes: -> (F, H, W, 3) uint8.
+    """
+    import av
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    with av.open(str(path)) as container:
+        frames = [torch.from_numpy(frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path} holds no video frames")
+    return torch.stack(frames)
+
+
 def resolve_fps(fps: int, model: T.DiTExperts | None) -> int:
     """The fps to encode with: `fps` itself, or the task's sample fps when `fps` is 0."""
     if fps != FPS_FROM_TASK:
@@ -82,7 +98,8 @@ class WanSaveVideo:
     FUNCTION = "save"
     OUTPUT_NODE = True
     DESCRIPTION = (
-        "Writes an mp4 (PyAV) into ComfyUI's output folder; wire video_path into Wan Benchmark Report."
+        "Writes an mp4 (PyAV) into ComfyUI's output folder and outputs its path; Wan Benchmark Report "
+        "needs no wire from it."
     )
 
     @classmethod

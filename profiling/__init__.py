@@ -9,7 +9,8 @@ comfy or the nodes. One job per module:
 - records: `records` (frozen records, JSON), `timers`, `stats`, `gpus`;
 - reporting: `figures` (RunSummary, per-stage figures), `findings` (statements, recommendations),
   `formatting`, `report` (Markdown), `chart` (PNG), `output` (JSON document, `write_report`),
-  `merge` (several report files), `checker` (a report against its records).
+  `merge` (several report files), `ranks` (the ranks of a parallel run side by side), `checker` (a
+  report against its records).
 """
 
 from .chart import ChartResult, draw_timeline

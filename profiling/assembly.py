@@ -16,7 +16,13 @@ them, as pure functions:
   it and whether profiled code was running (`ProfileSession.activate()`), so the report shows it
   instead of hiding it in a sum.
 - `outermost_flops`: the run's FLOPs, counting no stage inside one that already states its FLOPs.
+- `attribute_activity`: a stage's activity from every reading of the run that overlaps it (the
+  reading after a stage's end covers its tail), with the reason when the stage is too short.
 - `assemble_run`: the `RunRecord` of a closed session.
+
+Unmeasured figures keep their reason in the stage's facts: `activity_unmeasured` (a stage too short
+for the activity readings around it) and `cpu_unmeasured` (an interval too short for CPU time, or
+a reading above the cores' maximum).
 """
 
 from __future__ import annotations
@@ -39,14 +45,18 @@ from .records import (
     RunContext,
     RunRecord,
     Sample,
+    SamplerGap,
     StageRecord,
     SystemInfo,
 )
 from .stats import max_known, stage_activity, time_weighted_mean
-from .telemetry import cpu_pct
+from .telemetry import cpu_figure
 from .timers import utc_now_iso
 
 _STEP_RE = re.compile(r"^Step_(\d+)_")
+ACTIVITY_REASON_FACT = "activity_unmeasured"
+CPU_REASON_FACT = "cpu_unmeasured"
+JOINED_CPU_COVERAGE = 0.9  # share of a joined stage's pieces that must have a CPU figure
 
 
 @dataclass
@@ -80,12 +90,17 @@ def stage_record(
     facts: dict[str, FactValue],
     window: Sequence[Sample],
     session_device: str,
+    max_cpu_pct: float | None = None,
 ) -> StageRecord:
     """The record of a finished stage. `window`: the samples from the stage's opening one onwards;
-    `facts` loses the entries that become fields (device, flops, expert, cfg_mode, step)."""
+    `facts` loses the entries that become fields (device, flops, expert, cfg_mode, step).
+    `max_cpu_pct`: 100 x the logical cores (a CPU figure above it is refused), None if unknown."""
     device = stage_device(facts.pop("device", None), session_device)
     on_session_device = device == session_device
     activity = stage_activity(window if on_session_device else (), frame.start, end)
+    cpu, cpu_reason = cpu_figure(frame.host_start, host, end - frame.start, max_pct=max_cpu_pct)
+    if cpu_reason is not None:
+        facts[CPU_REASON_FACT] = cpu_reason
     rss = [s.rss_bytes for s in window if s.rss_bytes is not None]
     flops = facts.pop("flops", None)
     if flops is not None and (isinstance(flops, bool) or not isinstance(flops, (int, float)) or flops < 0):
@@ -111,7 +126,7 @@ def stage_record(
         activity_max_pct=activity.max_pct,
         occupancy_mean_pct=activity.occupancy_mean_pct,
         num_samples=activity.num_samples,
-        cpu_pct=cpu_pct(frame.host_start, host, end - frame.start),
+        cpu_pct=cpu,
         rss_end_bytes=host.rss_bytes,
         rss_max_bytes=max(rss) if rss else host.rss_bytes,
     )
@@ -151,6 +166,29 @@ def cached_record(
         device=stage_device(facts.pop("device", None), session_device),
         step=step_of(name, facts),
         facts=clean_facts(facts),
+    )
+
+
+def attribute_activity(stage: StageRecord, samples: Sequence[Sample], session_device: str) -> StageRecord:
+    """`stage` with its activity figures from all of the run's readings that overlap it.
+
+    A stage on another device than the session's, or served from a cache, has none. When the
+    readings describe mostly other time the figures are None and the fact `activity_unmeasured`
+    says why.
+    """
+    facts = {k: v for k, v in stage.facts.items() if k != ACTIVITY_REASON_FACT}
+    if stage.cached or stage.device != session_device:
+        return dataclasses.replace(stage, facts=facts)
+    activity = stage_activity(samples, stage.start_s, stage.end_s)
+    if activity.unmeasured_reason is not None:
+        facts[ACTIVITY_REASON_FACT] = activity.unmeasured_reason
+    return dataclasses.replace(
+        stage,
+        facts=facts,
+        activity_mean_pct=activity.mean_pct,
+        activity_max_pct=activity.max_pct,
+        occupancy_mean_pct=activity.occupancy_mean_pct,
+        num_samples=activity.num_samples,
     )
 
 
@@ -206,9 +244,14 @@ def assemble_run(
     sample_interval_effective_s: float | None,
     notes: Sequence[str],
     activations: Sequence[tuple[float, float]],
+    sampler_gaps: Sequence[SamplerGap] = (),
 ) -> RunRecord:
-    """The record of a closed session: stages in order with split ones joined, the time outside them."""
-    joined = join_split_stages(sorted(stages, key=lambda st: st.index), list(samples), system.device)
+    """The record of a closed session: stages in order with split ones joined, the time outside
+    them, and every stage's activity from all of the run's readings."""
+    samples = list(samples)
+    joined = join_split_stages(sorted(stages, key=lambda st: st.index), samples, system.device)
+    joined = [attribute_activity(s, samples, system.device) for s in joined]
+    total = attribute_activity(total, samples, system.device)
     return RunRecord(
         run_id=uuid.uuid4().hex,
         created_utc=utc_now_iso(),
@@ -223,6 +266,7 @@ def assemble_run(
         sample_interval_s=sample_interval_s,
         sample_interval_effective_s=sample_interval_effective_s,
         notes=tuple(notes),
+        sampler_gaps=tuple(sampler_gaps),
     )
 
 
@@ -274,18 +318,21 @@ def join_split_stages(
 def _joined(pieces: list[StageRecord], samples: list[Sample]) -> StageRecord:
     first, last = pieces[0], pieces[-1]
     activity = stage_activity(samples, first.start_s, last.end_s)  # no samples: another device
-    busy = [p for p in pieces if p.duration_s > 0]
-    cpu = (
-        time_weighted_mean((p.cpu_pct, p.duration_s) for p in busy)
-        if busy and all(p.cpu_pct is not None for p in busy)
-        else None
-    )
+    # CPU %: the pieces' time-weighted mean when the measured pieces cover nearly all of their time
+    # (a piece too short to measure CPU time leaves a little out); else unmeasured
+    piece_s = sum(p.duration_s for p in pieces)
+    measured_s = sum(p.duration_s for p in pieces if p.cpu_pct is not None)
+    cpu = None
+    if piece_s > 0 and measured_s >= JOINED_CPU_COVERAGE * piece_s:
+        cpu = time_weighted_mean((p.cpu_pct, p.duration_s) for p in pieces)
     flops = [p.flops for p in pieces if p.flops is not None]
     m = [p.memory for p in pieces]
     facts: dict[str, FactValue] = {}
     for p in pieces:
         facts.update(p.facts)
     facts.pop("component", None)  # each piece's component is named by its child stage
+    if cpu is not None:
+        facts.pop(CPU_REASON_FACT, None)
     facts["pieces"] = len(pieces)
     return dataclasses.replace(
         first,

@@ -6,12 +6,17 @@ as a number, a statement about utilization the figures do not support, stage tim
 account for the total (time outside every top-level stage above the margin of max(`SUM_MARGIN_PCT`
 % of the total, `SUM_MARGIN_ABS_S`) that the session did not record as outside time, overlapping
 top-level stages), a memory verdict about another GPU (or a peak above the GPU's capacity), a step
-count that differs from the steps recorded, unnamed stages, and mis-encoded text (mojibake).
+count that differs from the steps recorded, a CPU % above 100 x the logical cores the system facts
+record, unnamed stages, and mis-encoded text (mojibake).
 
 The Markdown beside a JSON file is checked against the records too: it must be exactly what
 `render_markdown` makes of them (chart lines aside), so a number edited in, an `n/a` turned into
 a figure or a mislabelled activity column fails; and each hardware group's and case's activity
 labels must fit the metric its own runs used.
+
+A ladder document (`ladder.py`) is checked against its Markdown and against each row's run report
+(`check_ladder_file`): speed-ups and work ratios must follow from the measured figures, and the
+figures from the reports.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 from .figures import SUM_MARGIN_ABS_S, SUM_MARGIN_PCT, covered_s, sum_margin_s, summarize_run
 from .findings import ACTIVITY_HIGH_PCT, ACTIVITY_LOW_PCT, analyze_run
 from .formatting import NA
+from .ladder import LADDER_SCHEMA, check_ladder
+from .ranks import check_parallel
 from .records import ACTIVITY_BUSY, REPORT_SCHEMA_VERSION, RunRecord, run_from_dict
 from .report import group_runs, render_markdown
 
@@ -38,11 +45,14 @@ _LOW_UTIL = re.compile(r"\blow\b[^.]*\b(utili[sz]ation|activity|busy)", re.IGNOR
 def check_report(source: str | os.PathLike[str] | dict[str, Any]) -> list[str]:
     """Problems found in a report JSON (a path or the parsed dict); [] when it is consistent.
 
-    With a path, the Markdown file of the same name beside it (if any) is checked too.
+    With a path, the Markdown file of the same name beside it (if any) is checked too. A ladder
+    document (`ladder.LADDER_SCHEMA`) is checked by `check_ladder_file`.
     """
     problems: list[str] = []
     if isinstance(source, dict):
         doc = source
+        if doc.get("schema") == LADDER_SCHEMA:
+            return check_ladder(doc)
     else:
         path = Path(source)
         raw = path.read_bytes()
@@ -51,6 +61,8 @@ def check_report(source: str | os.PathLike[str] | dict[str, Any]) -> list[str]:
         except UnicodeDecodeError as err:
             return [f"{path}: not UTF-8 ({err})"]
         doc = json.loads(text)
+        if doc.get("schema") == LADDER_SCHEMA:
+            return check_ladder_file(path, doc)
         md = path.with_suffix(".md")
         if md.is_file():
             problems += check_markdown(md.read_text(encoding="utf-8"), doc)
@@ -61,7 +73,36 @@ def check_report(source: str | os.PathLike[str] | dict[str, Any]) -> list[str]:
         return problems + ["the report holds no runs"]
     for data in runs:
         problems += _check_run(data)
+    try:
+        problems += check_parallel([run_from_dict(r) for r in runs])
+    except (ValueError, TypeError, KeyError) as err:
+        problems.append(f"parallel runs: the records do not parse: {err}")
     return problems
+
+
+def check_ladder_file(path: Path, doc: dict[str, Any]) -> list[str]:
+    """A ladder JSON: its derived figures, its Markdown beside it, and every row's figures against
+    the row's own run report (paths relative to the ladder file; each report checked as well)."""
+    runs: dict[str, RunRecord] = {}
+    problems: list[str] = []
+    for row in doc.get("rows", []):
+        report = row.get("report") if isinstance(row, dict) else None
+        if not report:
+            continue
+        report_path = path.parent / report
+        if not report_path.is_file():
+            problems.append(f"row {row.get('id')}: its run report {report} is missing")
+            continue
+        report_doc = json.loads(report_path.read_text(encoding="utf-8"))
+        problems += [f"row {row.get('id')}: {p}" for p in check_report(report_path)]
+        parsed = [run_from_dict(r) for r in report_doc.get("runs", [])]
+        if len(parsed) != 1:
+            problems.append(f"row {row.get('id')}: its report holds {len(parsed)} runs; a ladder row has one")
+            continue
+        runs[row["id"]] = parsed[0]
+    md = path.with_suffix(".md")
+    markdown = md.read_text(encoding="utf-8") if md.is_file() else None
+    return problems + check_ladder(doc, markdown=markdown, runs=runs)
 
 
 def check_markdown(text: str, doc: dict[str, Any] | None = None) -> list[str]:
@@ -214,6 +255,7 @@ def _check_records(run: RunRecord, where: str) -> list[str]:
             problems.append(f"{label}: CUDA memory {s.memory.allocated_peak} shown for a CPU run")
         if s.cached and (s.duration_s != 0 or s.activity_mean_pct is not None):
             problems.append(f"{label}: marked cached but carries measurements")
+    problems += _check_cpu(run, where)
     capacity = run.system.gpu_memory_bytes
     for figure in (run.total.memory.reserved_peak, run.total.memory.device_used_max):
         if capacity is not None and figure is not None and figure > capacity:
@@ -223,6 +265,24 @@ def _check_records(run: RunRecord, where: str) -> list[str]:
             )
     if run.system.gpu_name is None and capacity is not None:
         problems.append(f"{where}: GPU capacity given without a GPU")
+    return problems
+
+
+def _check_cpu(run: RunRecord, where: str) -> list[str]:
+    """Process CPU % can never exceed 100 x the logical cores (nor be negative)."""
+    cores = run.system.cpu_logical_cores
+    top = None if cores is None else 100.0 * cores
+    problems = []
+    figures = [(f"stage {s.name!r}", s.cpu_pct) for s in (*run.stages, run.total)]
+    figures += [(f"sample at {x.t_s:.3f} s", x.cpu_pct) for x in run.samples]
+    for label, value in figures:
+        if value is None:
+            continue
+        if value < -1e-9:
+            problems.append(f"{where}: {label}: CPU {value:.1f} % is negative")
+        elif top is not None and value > top + 1e-6:
+            problems.append(f"{where}: {label}: CPU {value:.1f} % exceeds the {top:.0f} % that "
+                            f"{cores} logical cores allow")
     return problems
 
 

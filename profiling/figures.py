@@ -7,7 +7,9 @@ the ones the report's stage table prints. `findings` states what these figures s
 
 Definitions (also in docs/report_schema.md):
 - Load = seconds x activity % (SM-%-seconds), per stage; the case Load is the Total_Execution one.
-- s/step = mean over recorded steps of (Step_i_Loading + Step_i_Inference).
+- s/step = mean over recorded steps of (Step_i_Loading + Step_i_Inference). Steps that reused a
+  prediction from the step cache (`step_reuse.py`) did no model work: the step statistics,
+  throughput and MFU cover the computed steps only, and reused steps are counted apart.
 - MFU = FLOPs / seconds / dense bf16 peak of the measured GPU; floor = FLOPs / peak. Stages on
   the CPU (a stage's `device`) have no MFU.
 - Outside stages = the part of Total_Execution that no top-level stage covers (the union of their
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from .gpus import lookup_gpu
 from .records import RunRecord, StageRecord
 from .stats import max_known, mean, percentile, time_weighted_mean
+from .step_reuse import ExpertReuse, expert_reuse, is_reused
 
 # Top-level stages account for the run when the time they leave uncovered is at most
 # max(SUM_MARGIN_PCT % of the total, SUM_MARGIN_ABS_S); above that it is reported as its own figure.
@@ -46,9 +49,12 @@ class RunSummary:
     outside_recorded_s: float  # the same time as the session recorded it (`RunRecord.outside`)
     sum_margin_s: float  # max(SUM_MARGIN_PCT % of total, SUM_MARGIN_ABS_S)
     outside_within_margin: bool  # outside_s <= sum_margin_s: the stages account for the total
-    num_steps_recorded: int  # steps measured in this run
+    num_steps_recorded: int  # steps measured in this run (computed and reused)
     num_steps_cached: int  # steps whose stages were served from a cache (not run now)
     num_steps_planned: int | None
+    num_steps_reused: int  # steps that reused a prediction from the step cache (no model work)
+    reused_total_s: float  # loading + inference time of those steps
+    reuse_saved_estimate_s: float | None  # estimated time they saved (step_reuse.expert_reuse)
     s_per_step: float | None
     first_step_s: float | None  # inference time of the first step
     steady_mean_s: float | None
@@ -151,12 +157,16 @@ def summarize_run(run: RunRecord) -> RunSummary:
     top = [s for s in run.top_level if not s.cached]
     outside = total.duration_s - covered_s(top, total.duration_s)
     margin = sum_margin_s(total.duration_s)
-    inference = _steps(run, "step-inference")  # the steps run now, by step
+    recorded = _steps(run, "step-inference")  # the steps run now, by step
+    inference = {i: s for i, s in recorded.items() if not is_reused(s)}  # the ones that ran the model
     loading = {i: s.duration_s for i, s in _steps(run, "step-loading").items()}
+    reused = sorted(set(recorded) - set(inference))
+    reuse = expert_reuse(run) if reused else []
     order = sorted(inference)
     steps = [inference[i] for i in order]
     inf_times = [s.duration_s for s in steps]
-    loading_total, inference_total = sum(loading.values()), sum(inf_times)
+    loading_total = sum(v for i, v in loading.items() if i not in reused)  # reused steps counted apart
+    inference_total = sum(inf_times)
     per_step = [inference[i].duration_s + loading.get(i, 0.0) for i in order]
     steady = inf_times[1:]
     steady_iqr = percentile(steady, 75) - percentile(steady, 25) if len(steady) >= 3 else None
@@ -178,9 +188,12 @@ def summarize_run(run: RunRecord) -> RunSummary:
         outside_recorded_s=sum(o.duration_s for o in run.outside),
         sum_margin_s=margin,
         outside_within_margin=outside <= margin,
-        num_steps_recorded=len(steps),
+        num_steps_recorded=len(recorded),
         num_steps_cached=len({s.step for s in run.stages if s.kind == "step-inference" and s.cached}),
         num_steps_planned=run.context.steps,
+        num_steps_reused=len(reused),
+        reused_total_s=sum(recorded[i].duration_s + loading.get(i, 0.0) for i in reused),
+        reuse_saved_estimate_s=_saved(reuse) if reused else 0.0,
         s_per_step=mean(per_step) if per_step else None,
         first_step_s=inf_times[0] if inf_times else None,
         steady_mean_s=mean(steady) if steady else None,
@@ -219,7 +232,7 @@ def summarize_run(run: RunRecord) -> RunSummary:
         mfu_pct=100.0 * achieved / peak if achieved is not None and peak is not None and gpu_steps else None,
         steps_floor_s=_floor_s(flops_steps, peak),
         total_floor_s=_floor_s(total.flops, peak),
-        experts=_experts(steps),
+        experts=_experts([recorded[i] for i in sorted(recorded)]),
         cfg_modes=sorted({s.cfg_mode for s in steps if s.cfg_mode is not None}),
     )
 
@@ -230,6 +243,12 @@ def _steps(run: RunRecord, kind: str) -> dict[int, StageRecord]:
         if s.kind == kind and s.step is not None and not s.cached:
             out[s.step] = s
     return out
+
+
+def _saved(reuse: list[ExpertReuse]) -> float | None:
+    """Estimated seconds the reused steps saved, summed over experts (None if any is unknown)."""
+    figures = [r.saved_estimate_s for r in reuse]
+    return None if None in figures else sum(f for f in figures if f is not None)
 
 
 def _steps_flops(steps: list[StageRecord]) -> float | None:

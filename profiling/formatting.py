@@ -7,6 +7,8 @@ table cell (the unit is in the header); `secs`, `gbs` and `pcts` give a figure i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .records import ACTIVITY_BUSY
 
 NA = "n/a"
@@ -67,3 +69,10 @@ def pcts(value: float | None) -> str:
 def activity_label(metric: str | None) -> str:
     """How the activity figure is named: never "SM activity" unless it is GPM SM activity."""
     return "GPU busy" if metric == ACTIVITY_BUSY else "SM activity"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table (left-aligned columns)."""
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(":---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines

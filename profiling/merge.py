@@ -3,6 +3,9 @@
 `merge_reports(paths)` reads every file's runs (`output.load_runs`), reports a run given more than
 once only once, with a note (`dedupe_runs`: same `run_id`, or identical records without one), and
 renders them together, grouped by GPU (and activity metric) as `report.render_markdown` does.
+The ranks of a parallel run (one file written by its rank 0) stay together as one "Parallel run"
+section (`ranks.py`); merged with a single-GPU run of the same workload, that section states the
+scaling efficiency.
 """
 
 from __future__ import annotations

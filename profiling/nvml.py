@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class GpuReading:
-    """One NVML reading; activity covers the time since the previous reading."""
+    """One NVML reading; activity covers the time since the previous activity reading (None in a
+    memory-only reading)."""
 
     activity_pct: float | None
     occupancy_pct: float | None
@@ -37,7 +38,10 @@ class GpuMonitor(Protocol):
     cuda_driver_version: str | None
     activity_metric: str  # ACTIVITY_SM or ACTIVITY_BUSY
 
-    def read(self) -> GpuReading: ...
+    def read(self, *, activity: bool = True) -> GpuReading:
+        """Device memory used, and with `activity` the activity since the previous activity read
+        (a memory-only read leaves the activity interval running: GPM samples stay far apart)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -75,7 +79,20 @@ class FakeNvml:
         self.occupancy_pct: float | None = 0.0 if activity_metric == ACTIVITY_SM else None
         self.used_bytes: int = 0
         self.num_reads = 0
+        self.num_activity_reads = 0
         self.closed = False
+        self._error: Exception | None = None
+        self._error_on = "any"
+
+    def fail(self, error: Exception | None, *, on: str = "any") -> None:
+        """Make later reads raise `error` (None: read normally again), as a failing driver would.
+
+        `on`: "any" read, only "activity" reads (the sampler thread's) or only "memory" reads
+        (the stage boundaries').
+        """
+        if on not in ("any", "activity", "memory"):
+            raise ValueError(f"on must be 'any', 'activity' or 'memory'; got {on!r}")
+        self._error, self._error_on = error, on
 
     def set(
         self,
@@ -93,8 +110,13 @@ class FakeNvml:
         if used_bytes is not None:
             self.used_bytes = used_bytes
 
-    def read(self) -> GpuReading:
+    def read(self, *, activity: bool = True) -> GpuReading:
         self.num_reads += 1
+        if self._error is not None and self._error_on in ("any", "activity" if activity else "memory"):
+            raise self._error
+        if not activity:
+            return GpuReading(activity_pct=None, occupancy_pct=None, used_bytes=self.used_bytes)
+        self.num_activity_reads += 1
         return GpuReading(
             activity_pct=self.activity_pct, occupancy_pct=self.occupancy_pct, used_bytes=self.used_bytes
         )
@@ -142,9 +164,11 @@ class PynvmlMonitor:
             values.append(float(metric.value) if ok else None)
         return values[0], values[1]
 
-    def read(self) -> GpuReading:
+    def read(self, *, activity: bool = True) -> GpuReading:
         with self._lock:
             used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            if not activity:
+                return GpuReading(activity_pct=None, occupancy_pct=None, used_bytes=used)
             if self._gpm_samples:
                 activity, occupancy = self._read_gpm()
                 return GpuReading(activity_pct=activity, occupancy_pct=occupancy, used_bytes=used)

@@ -17,6 +17,7 @@ from ..util.atomic import atomic_write_text
 from .chart import draw_timeline
 from .figures import summarize_run
 from .findings import analyze_run
+from .ranks import label_ranks
 from .records import REPORT_SCHEMA_VERSION, RunRecord, run_from_dict, run_to_dict
 from .report import render_markdown
 from .session import ProfileSession
@@ -90,8 +91,9 @@ def write_report(
     """Write `<basename>.md`, `<basename>.json` and the timeline PNG(s); returns their paths.
 
     Keys: "md", "json", and "png" (one run) or "png:<case>" (several runs) for each chart drawn.
+    The ranks of a parallel run are labelled with their rank (`ranks.label_ranks`).
     """
-    runs = _as_runs(source)
+    runs = label_ranks(_as_runs(source))
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written = ReportFiles()

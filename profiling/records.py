@@ -29,13 +29,34 @@ class Sample:
     """One telemetry sample. Activity covers the interval since the previous sample."""
 
     t_s: float  # seconds since the session opened
-    activity_pct: float | None = None
+    activity_pct: float | None = None  # covers (activity_since_s, t_s]
     occupancy_pct: float | None = None
     device_used_bytes: int | None = None  # NVML: memory used on the whole device
     cuda_allocated_bytes: int | None = None
     cuda_reserved_bytes: int | None = None
     cpu_pct: float | None = None  # process CPU time / wall time since the previous sample (100 = 1 core)
     rss_bytes: int | None = None
+    # Start of the interval the activity reading covers: the previous activity reading (taken by
+    # the sampler thread), not the previous sample of any kind. None in files written before it
+    # was recorded (then the previous sample's time is used).
+    activity_since_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerGap:
+    """Time the sampler thread did not sample although it should have (starved under load).
+
+    `expected_s` is the interval it was set to; the activity reading that ended the gap covers all
+    of it, so stages inside a gap get that average (or `n/a` when they are too short for it).
+    """
+
+    start_s: float
+    end_s: float
+    expected_s: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +124,7 @@ class SystemInfo:
     activity_unavailable_reason: str | None = None
     cpu_name: str | None = None
     host_memory_bytes: int | None = None
+    cpu_logical_cores: int | None = None  # CPU % can reach at most 100 x this
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,9 +143,18 @@ class RunContext:
     vae_dtype: str | None = None
     attention_backend: str | None = None
     compile: bool | None = None
+    weight_dtype: str | None = None  # how the DiT's block matrices are stored (fp8, GGUF, ...)
+    tf32: bool | None = None
     cfg_mode: str | None = None
     solver: str | None = None
     seed: int | None = None
+    loras: tuple[str, ...] | None = None  # one line per LoRA: file, strength per expert, layout, matched keys
+    step_cache: str | None = None  # the step-cache settings of the sampler (None: no cache)
+    # One rank of a parallel run (`ranks.label_ranks` fills these from the rank's plan event):
+    rank: int | None = None
+    world_size: int | None = None
+    parallel: str | None = None  # the plan, e.g. "cfg 2 x ulysses 2, sharded weights"
+    run_group: str | None = None  # the same id on every rank of one run
 
     @property
     def offload(self) -> bool | None:
@@ -152,7 +183,7 @@ class OutsideInterval:
     `after` / `before` name the top-level stages around it (None at the run's start or end);
     `in_node` is True when the session was activated (a profiled node or the profiled block was
     running its own code outside any stage), False when no profiled code ran (ComfyUI moving
-    between nodes, nodes without a profiler input such as video saving).
+    between nodes, or the report confirming that the prompt is done).
     """
 
     start_s: float
@@ -184,6 +215,7 @@ class RunRecord:
     notes: tuple[str, ...] = ()
     outside: tuple[OutsideInterval, ...] = ()  # the time no top-level stage covers, as recorded
     run_id: str | None = None  # unique per session; merging the same run twice keeps it once
+    sampler_gaps: tuple[SamplerGap, ...] = ()  # the sampler thread's late readings, in time order
 
     @property
     def top_level(self) -> tuple[StageRecord, ...]:
@@ -201,6 +233,7 @@ def run_to_dict(run: RunRecord) -> dict[str, Any]:
     data["events"] = list(data["events"])
     data["notes"] = list(data["notes"])
     data["outside"] = list(data["outside"])
+    data["sampler_gaps"] = list(data["sampler_gaps"])
     return data
 
 
@@ -232,11 +265,15 @@ def run_from_dict(data: dict[str, Any]) -> RunRecord:
         )
     d = {k: v for k, v in data.items() if k not in ("summary", "analysis")}
     d["system"] = _build(SystemInfo, d["system"], "system")
-    d["context"] = _build(RunContext, d["context"], "context")
+    context = dict(d["context"])
+    if context.get("loras") is not None:
+        context["loras"] = tuple(context["loras"])
+    d["context"] = _build(RunContext, context, "context")
     d["total"] = _stage_from_dict(d["total"])
     d["stages"] = tuple(_stage_from_dict(s) for s in d["stages"])
     d["samples"] = tuple(_build(Sample, s, "sample") for s in d["samples"])
     d["events"] = tuple(_build(EventRecord, e, "event") for e in d.get("events", ()))
     d["notes"] = tuple(d.get("notes", ()))
     d["outside"] = tuple(_build(OutsideInterval, o, "outside interval") for o in d.get("outside", ()))
+    d["sampler_gaps"] = tuple(_build(SamplerGap, g, "sampler gap") for g in d.get("sampler_gaps", ()))
     return _build(RunRecord, d, "run")

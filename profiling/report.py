@@ -3,7 +3,8 @@
 Layout (the shape of the reports users already compare across GPUs, extended): title and
 legend; per hardware group (one GPU model) its system context and a summary table with one row
 per case; then per case the run facts, totals, the stage breakdown, inference statistics,
-memory telemetry, bottleneck analysis, ranked recommendations and the timeline chart.
+memory telemetry, bottleneck analysis, ranked recommendations and the timeline chart; last, per
+parallel run, its ranks side by side (`ranks.py`: critical path, communication, scaling).
 Every value that was not measured reads `n/a`.
 """
 
@@ -25,7 +26,10 @@ from .figures import (
 from .findings import RunAnalysis, analyze_run
 from .formatting import NA, activity_label, fmt_gb, fmt_load, fmt_pct, fmt_s, fmt_tflops, gbs, pcts, secs, with_unit
 from .gpus import lookup_gpu
+from .ranks import parallel_sections
 from .records import ACTIVITY_BUSY, ACTIVITY_SM, OutsideInterval, RunRecord, StageRecord
+from .report_sections import memory_plan_lines, unmeasured_lines
+from .step_reuse import step_cache_lines
 
 TITLE = "# Wan2.2 Benchmark Report"
 
@@ -49,7 +53,8 @@ def legend(runs: Sequence[RunRecord]) -> str:
         "Summary columns: **Time(s)**, **Mem(GB)** (CUDA allocator peak) and **Load** cover the whole run "
         "(Total_Execution); **s/step**, the activity column and **MFU(%)** cover the denoising steps only.",
         "**Load** = seconds x activity % (%-seconds).",
-        "**s/step** = mean of Step_i_Loading + Step_i_Inference.",
+        "**s/step** = mean of Step_i_Loading + Step_i_Inference (steps that reused a prediction from the step "
+        "cache are counted apart: they did no model work).",
         "**MFU** = achieved FLOP/s / dense bf16 peak of the measured GPU (steps on the GPU only).",
         "`n/a` = not measured.",
     ]
@@ -124,6 +129,7 @@ def render_markdown(
         for run in members:
             note = None if chart_notes is None else chart_notes.get(run.context.case_name)
             lines += _case_section(run, group, note)
+    lines += parallel_sections(runs)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -208,6 +214,7 @@ def _group_summary(letter: str, group: str, runs: list[RunRecord]) -> list[str]:
 
 def _steps_cell(sm: RunSummary) -> str:
     cached = f" + {sm.num_steps_cached} cached" if sm.num_steps_cached else ""
+    cached += f" ({sm.num_steps_reused} reused)" if sm.num_steps_reused else ""
     if sm.num_steps_planned is None or sm.num_steps_planned == sm.num_steps_recorded + sm.num_steps_cached:
         return f"{sm.num_steps_recorded}{cached}"
     return f"{sm.num_steps_recorded}{cached} of {sm.num_steps_planned}"
@@ -233,11 +240,17 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         f"placement {c.placement or NA}",
         f"attention {c.attention_backend or NA}",
         f"dtypes DiT {c.dit_dtype or NA} / T5 {c.t5_dtype or NA} / VAE {c.vae_dtype or NA}",
-        f"compile {_yes_no(c.compile)}",
+        f"DiT weights {c.weight_dtype or NA}",
+        f"TF32 {_yes_no(c.tf32)}",
+        f"compile {_compile_cell(run)}",
         f"CFG {c.cfg_mode or ', '.join(sm.cfg_modes) or NA}",
     ]
     if c.solver:
         facts.append(f"solver {c.solver}")
+    if c.loras:
+        facts.append(f"LoRAs {' + '.join(c.loras)}")
+    if c.step_cache:
+        facts.append(f"step cache {c.step_cache}")
     lines += [
         f"- **Run facts**: {'; '.join(facts)}",
         f"- **Status**: {run.status}",
@@ -245,9 +258,11 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         _peak_memory_line(run, sm),
         f"- **Total Compute Load**: {fmt_load(sm.load)}",
     ]
-    lines += [f"- Note: {n}" for n in run.notes]
+    lines += _kernel_lines(run)
+    lines += [f"- Note: {n}" for n in run.notes] + unmeasured_lines(run)
     lines += ["", "### Stage Breakdown", ""] + _stage_table(run, sm) + [""]
-    lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + _analysis_lines(analysis)
+    lines += _inference_stats(run, sm) + _memory_telemetry(run, sm) + memory_plan_lines(run)
+    lines += _analysis_lines(analysis)
     lines += [
         "### Timeline",
         "",
@@ -256,6 +271,37 @@ def _case_section(run: RunRecord, group: str, chart_note: str | None) -> list[st
         "---",
         "",
     ]
+    return lines
+
+
+# Event names written by wan_core (config.py): the measured `auto` attention choices, the compile summary.
+ATTENTION_CHOICE_EVENT = "attention_choice"
+COMPILE_SUMMARY_EVENT = "compile_summary"
+
+
+def _compile_cell(run: RunRecord) -> str:
+    """'yes (3 compiles, 0 recompiles, 41.2 s)' from the run's compile summary, or yes/no/n/a."""
+    summaries = [e.facts for e in run.events if e.name == COMPILE_SUMMARY_EVENT]
+    if not summaries:
+        return _yes_no(run.context.compile)
+    compiles = sum(int(f.get("num_compiles") or 0) for f in summaries)
+    recompiles = sum(int(f.get("num_recompiles") or 0) for f in summaries)
+    seconds = sum(float(f.get("compile_s") or 0.0) for f in summaries)
+    return f"yes ({compiles} compiles, {recompiles} recompiles, first forwards {fmt_s(seconds)} s)"
+
+
+def _kernel_lines(run: RunRecord) -> list[str]:
+    """One line per attention shape whose kernel `auto` chose by measurement."""
+    lines = []
+    for e in run.events:
+        if e.name != ATTENTION_CHOICE_EVENT:
+            continue
+        f = e.facts
+        tflops = f.get("tflops")
+        speed = NA if not isinstance(tflops, (int, float)) else f"{tflops:.3g} TFLOP/s"
+        when = "measured earlier in this process" if f.get("cached") else "measured"
+        lines.append(f"- **Attention kernel** ({f.get('shape', NA)}): {f.get('kernel', NA)}, {speed} "
+                     f"({when}; candidates: {f.get('candidates', NA)})")
     return lines
 
 
@@ -351,7 +397,8 @@ def _outside_lines(outside: Sequence[OutsideInterval], margin: float) -> list[st
         where = (
             "profiled code outside any stage"
             if o.in_node
-            else "no profiled code (graph execution between nodes, nodes without a profiler input)"
+            else "no node was being measured (ComfyUI between nodes; at the end, the report confirming "
+            "the prompt is done)"
         )
         lines.append(
             f"- {fmt_s(o.duration_s)} s at {fmt_s(o.start_s)}-{fmt_s(o.end_s)} s, "
@@ -372,6 +419,8 @@ def _inference_stats(run: RunRecord, sm: RunSummary) -> list[str]:
     experts = "; ".join(f"{name}: steps {_ranges(steps)}" for name, steps in sm.experts.items()) or NA
     lines += [
         f"- **Steps recorded**: {_steps_cell(sm)} (experts: {experts}; CFG: {', '.join(sm.cfg_modes) or NA})",
+        *step_cache_lines(run, num_recorded=sm.num_steps_recorded, reused_total_s=sm.reused_total_s,
+                          saved_estimate_s=sm.reuse_saved_estimate_s),
         f"- **First step (warm-up)**: {secs(sm.first_step_s)}",
         f"- **Steady state** (steps after the first): mean {secs(sm.steady_mean_s)}, median "
         f"{secs(sm.steady_median_s)}, p90 {secs(sm.steady_p90_s)}, "

@@ -3,7 +3,7 @@
 Everything here is read when a session opens or closes, never at import: the device probe for a
 requested device, the NVML monitor for a CUDA device (matched by UUID), and the `SystemInfo` of
 the run (GPU name and memory, driver, CUDA and torch versions, the activity metric or why there
-is none, CPU model, host memory).
+is none, CPU model, logical core count, host memory).
 """
 
 from __future__ import annotations
@@ -60,8 +60,11 @@ def nvml_target(device: CudaDevice) -> dict[str, Any]:
     return {"uuid": text if text.startswith("GPU-") else f"GPU-{text}"}
 
 
-def system_info(device: DeviceProbe, gpu: GpuMonitor | None, gpu_reason: str | None) -> SystemInfo:
-    """What the run ran on: NVML's figures first, torch's device properties where NVML has none."""
+def system_info(device: DeviceProbe, gpu: GpuMonitor | None, gpu_reason: str | None, *,
+                cores: int | None = None) -> SystemInfo:
+    """What the run ran on: NVML's figures first, torch's device properties where NVML has none.
+
+    `cores`: the logical core count the session judged CPU % against (default: this machine's)."""
     name = gpu.name if gpu is not None else None
     total = gpu.memory_total_bytes if gpu is not None else None
     if isinstance(device, CudaDevice):
@@ -81,6 +84,7 @@ def system_info(device: DeviceProbe, gpu: GpuMonitor | None, gpu_reason: str | N
         activity_unavailable_reason=gpu_reason if gpu is None else None,
         cpu_name=cpu_name(),
         host_memory_bytes=host_memory_bytes(),
+        cpu_logical_cores=cores if cores is not None else logical_cores(),
     )
 
 
@@ -94,6 +98,11 @@ def cpu_name() -> str | None:
     except OSError:
         return None
     return None
+
+
+def logical_cores() -> int | None:
+    """The machine's logical CPU count (`os.cpu_count()`): process CPU % is at most 100 x this."""
+    return os.cpu_count()
 
 
 def host_memory_bytes() -> int | None:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
+import re
 from typing import Any
 
 import pytest
 import torch
 from wanbench.wan_core import attention as attn_mod
 from wanbench.wan_core import dit as dit_mod
-from wanbench.wan_core.attention import BACKENDS, attention, available_backends, resolve_backend
+from wanbench.wan_core.attention import BACKENDS, attention, available_backends
 from wanbench.wan_core.config import preset
 from wanbench.wan_core.dit import WanDiT
 from wanbench.wan_core.errors import BackendUnavailableError
@@ -60,39 +60,48 @@ def test_unknown_backend_is_named() -> None:
         attention(q, k, v, backend="magic")
 
 
-@pytest.mark.parametrize("name", ["flash_attn", "sage"])
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn3", "sage", "sage3"])
 def test_unavailable_backend_gives_install_hint(name: str) -> None:
     backend = BACKENDS[name]
     if backend.is_installed():
         pytest.skip(f"{backend.module} is installed here")
     q, k, v = qkv()
-    with pytest.raises(BackendUnavailableError, match=f"'{name}' is not available.*{backend.install_hint}"):
+    with pytest.raises(BackendUnavailableError, match=f"'{name}' is not available.*{re.escape(backend.install_hint)}"):
         attention(q, k, v, backend=name)
     assert name not in available_backends()
 
 
 def test_supports_gives_reasons_on_cpu() -> None:
     q, k, v = qkv()
-    assert "CUDA" in BACKENDS["flash_attn"].supports(q, k, v, None)
-    assert "CUDA" in BACKENDS["sage"].supports(q, k, v, None)
-    assert BACKENDS["sdpa"].supports(q, k, v, None) is None
-    assert {"sdpa", "auto"} <= set(available_backends())
+    for name in ("flash_attn", "flash_attn3", "sage", "sage3", "sdpa_efficient", "sdpa_cudnn"):
+        assert "CUDA" in BACKENDS[name].supports(q, k, v, None), name
+    for name in ("sdpa", "sdpa_flash", "sdpa_math"):
+        assert BACKENDS[name].supports(q, k, v, None) is None, name
+    assert {"sdpa", "sdpa_flash", "sdpa_math", "auto"} <= set(available_backends())
 
 
-def test_auto_picks_sdpa_on_cpu_and_logs_once(caplog: pytest.LogCaptureFixture,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Repeated `auto` resolutions, directly and through `attention`, log the pick exactly once."""
+def test_sage_hint_names_version_2_and_the_source_build() -> None:
+    """The registry's `sageattention` is SageAttention 1: the hint must not send users there."""
+    hint = BACKENDS["sage"].install_hint
+    assert "SageAttention 2" in hint and "git+https://github.com/thu-ml/SageAttention" in hint
+    assert "pip install sageattention" not in hint
+
+
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_math"])
+def test_pinned_sdpa_kernels_match_the_reference_on_cpu(name: str) -> None:
     q, k, v = qkv()
-    monkeypatch.setattr(attn_mod, "_AUTO_LOG", attn_mod._AutoPickLog())  # as in a fresh process
-    with caplog.at_level(logging.INFO, logger=attn_mod.__name__):
-        for _ in range(3):
-            assert resolve_backend("auto", q, k, v).name == "sdpa"
-            auto = attention(q, k, v, backend="auto")
-        resolve_backend("auto", q[:1], k[:1], v[:1], k_lens=torch.tensor([2]))
-    picks = [r for r in caplog.records if r.name == attn_mod.__name__ and "'auto' picked" in r.getMessage()]
-    assert len(picks) == 1, [r.getMessage() for r in picks]
-    assert "picked 'sdpa'" in picks[0].getMessage() and picks[0].levelno == logging.INFO
-    torch.testing.assert_close(auto, attention(q, k, v))
+    k_lens = torch.tensor([12, 5])
+    torch.testing.assert_close(attention(q, k, v, backend=name, k_lens=k_lens).double(),
+                               reference_attention(q, k, v, k_lens), rtol=1e-5, atol=1e-6)
+    bias = torch.randn(q.shape[0], k.shape[1])
+    torch.testing.assert_close(attention(q, k, v, backend=name, key_bias=bias),
+                               attention(q, k, v, backend="sdpa", key_bias=bias), rtol=1e-5, atol=1e-6)
+
+
+def test_pinned_kernel_that_cannot_run_fails_loudly_on_cpu() -> None:
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="sdpa_cudnn.*needs CUDA"):
+        attention(q, k, v, backend="sdpa_cudnn")
 
 
 def test_bad_shapes_are_rejected() -> None:
@@ -152,6 +161,7 @@ def test_model_resolves_once_per_forward_and_runs_every_attention_through_it(
 
     monkeypatch.setattr(dit_mod, "resolve_backend_for", resolve)
     monkeypatch.setattr(attn_mod, "resolve_backend", None)  # nothing may look a backend up again
+    monkeypatch.setattr(attn_mod, "get_backend", None)
     out = model(x, t, ctx)
     layers = model.config.num_layers
     assert calls == {"resolve": 1, "fn": layers if key_bias else 2 * layers,
@@ -163,7 +173,7 @@ def test_key_bias_needs_a_backend_that_has_one() -> None:
     q, k, v = qkv()
     bias = torch.zeros(q.shape[0], k.shape[1])
     no_bias = dataclasses.replace(BACKENDS["sdpa"], name="plain", key_bias_fn=None)
-    with pytest.raises(ValueError, match="key_bias is supported by the 'sdpa' backend only.*got backend 'plain'"):
+    with pytest.raises(ValueError, match="key_bias is supported by the sdpa backends only.*got backend 'plain'"):
         attention(q, k, v, backend=no_bias, key_bias=bias)
     torch.testing.assert_close(attention(q, k, v, backend=BACKENDS["sdpa"], key_bias=bias), attention(q, k, v))
 
@@ -172,14 +182,15 @@ def test_unknown_or_missing_backend_fails_at_construction() -> None:
     cfg = preset("ti2v", tiny=True).dit
     with pytest.raises(ValueError, match="unknown attention backend 'magic'"):
         WanDiT(cfg, attention="magic")
-    for name in ("flash_attn", "sage"):
+    for name in ("flash_attn", "flash_attn3", "sage", "sage3"):
         if not BACKENDS[name].is_installed():
-            with pytest.raises(BackendUnavailableError, match=BACKENDS[name].install_hint):
+            with pytest.raises(BackendUnavailableError, match=re.escape(BACKENDS[name].install_hint)):
                 WanDiT(cfg, attention=name)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["flash_attn", "sage"])
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn3", "sage", "sage3", "sdpa_flash", "sdpa_efficient",
+                                  "sdpa_cudnn"])
 def test_fast_backend_error_within_twice_sdpa_bf16(name: str) -> None:
     """Each fast backend in bf16 stays within 2x the reference's own bf16 error (vs float64)."""
     if not torch.cuda.is_available():
@@ -187,7 +198,10 @@ def test_fast_backend_error_within_twice_sdpa_bf16(name: str) -> None:
     if not BACKENDS[name].is_installed():
         pytest.skip(f"{BACKENDS[name].module} not installed")
     q, k, v = qkv(batch=2, lq=512, lk=512, heads=4, dh=128, dtype=torch.bfloat16, device="cuda")
-    k_lens = None if name == "sage" else torch.tensor([512, 300], device="cuda")
+    if BACKENDS[name].supports(q, k, v, None) is not None:
+        pytest.skip(BACKENDS[name].supports(q, k, v, None))
+    masked = name not in ("sage", "sage3", "sdpa_flash")
+    k_lens = torch.tensor([512, 300], device="cuda") if masked else None
     exact = reference_attention(q.cpu(), k.cpu(), v.cpu(), None if k_lens is None else k_lens.cpu())
     sdpa_err = (attention(q, k, v, k_lens=k_lens).double().cpu() - exact).abs().max().item()
     fast_err = (attention(q, k, v, backend=name, k_lens=k_lens).double().cpu() - exact).abs().max().item()

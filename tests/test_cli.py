@@ -84,11 +84,22 @@ def test_run_tiny_workflow_in_process(name: str, models: Path, tmp_path: Path, c
     ):
         assert expected in names, f"{expected} missing from {names}"
     # the shipped graphs run every loader first: one Model_Initialization, then text, then latent
-    assert names[:3] == ["Model_Initialization", "T5_Encoding", "TI2V_Preprocess"], names
-    assert names[-1] == "VAE_Decoding", names
+    # (the synthetic start image of the image variants is a row under its class name before it)
+    staged = [n for n in names if n != "WanBenchTestImage"]
+    assert staged[:3] == ["Model_Initialization", "T5_Encoding", "TI2V_Preprocess"], names
+    assert names[-2:] == ["VAE_Decoding", "WanBenchSaveVideo"], names  # Save Video: a row under its class name
     assert not any(s["cached"] for s in run["stages"])
     assert check_report(reports[0]) == []
     assert reports[0].with_suffix(".md").is_file()
+
+
+def test_run_writes_the_list_of_its_files(models: Path, tmp_path: Path) -> None:
+    out, listing = tmp_path / "out", tmp_path / "files.json"
+    args = ["run", "tiny_t2v_A14B.api.json", "--out", str(out), "--models", str(models), "--files-json", str(listing)]
+    assert main([*args, "--set", "WanBenchSampler.steps=2"]) == 0
+    files = json.loads(listing.read_text(encoding="utf-8"))
+    assert [Path(p).suffix for p in files["videos"]] == [".mp4"] and files["reports"][0].endswith(".json")
+    assert all(Path(p).is_file() for kind in files.values() for p in kind)
 
 
 def test_run_reports_foreign_nodes_clearly(tmp_path: Path, caplog) -> None:

@@ -99,7 +99,7 @@ def test_compacted_keys_with_count_bias_equal_attention_over_all_duplicates() ->
 def test_key_bias_is_refused_where_it_is_not_supported() -> None:
     q = torch.randn(1, 4, 2, 8)
     bias = torch.zeros(1, 4)
-    with pytest.raises(ValueError, match="key_bias is supported by the 'sdpa' backend only"):
+    with pytest.raises(ValueError, match="key_bias is supported by the sdpa backends only"):
         attention(q, q, q, backend="flash_attn", key_bias=bias)
     with pytest.raises(ValueError, match="cannot be combined"):
         attention(q, q, q, key_bias=bias, k_lens=torch.tensor([2]))

@@ -186,4 +186,4 @@ def test_shape_mismatch(tmp_path: Path, tiny_model: WanDiT) -> None:
 
 def test_unknown_layout(tmp_path: Path, tiny_model: WanDiT) -> None:
     with pytest.raises(ValueError, match="unknown DiT layout"):
-        save_dit(tiny_model, tmp_path / "x.safetensors", layout="gguf")
+        save_dit(tiny_model, tmp_path / "x.safetensors", layout="onnx")

@@ -1,4 +1,4 @@
-"""Node schemas, validation messages, ComfyUI bridge, Save Video, Test Image and the profiler handle.
+"""Node schemas, validation messages, ComfyUI bridge, Save Video, Test Image and the profiler nodes.
 
 Nodes are called directly, without ComfyUI (the bridge is exercised with stand-in ComfyUI modules).
 """
@@ -44,7 +44,7 @@ def _inputs(cls: type) -> dict[str, tuple]:
 def test_schema_is_complete(node_id: str) -> None:
     cls = NODE_CLASS_MAPPINGS[node_id]
     assert node_id.startswith("WanBench") and NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("Wan ")
-    assert cls.CATEGORY == "WanBench" and hasattr(cls, cls.FUNCTION)
+    assert cls.CATEGORY in ("WanBench", "WanBench/internal") and hasattr(cls, cls.FUNCTION)
     assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
     for name, entry in _inputs(cls).items():
         opts = entry[1]
@@ -80,9 +80,12 @@ def test_widgets_encode_the_rules() -> None:
     assert geometry["width"][1]["step"] == 16 and geometry["width"][1]["min"] == 16
     seed = _inputs(WanSampler)["seed"][1]
     assert seed["control_after_generate"] is True and seed["max"] == 2**64 - 1
-    assert _inputs(WanBenchmarkReport)["video_path"][1]["forceInput"] is True
+    video_path = _inputs(WanBenchmarkReport)["video_path"][1]
+    assert video_path["forceInput"] is True and video_path["lazy"] is True  # never waited for
+    assert "profiler" in WanBenchmarkReport.INPUT_TYPES()["optional"]  # no wire needed
+    assert WanBenchmarkReport().check_lazy_status(video_path=None) == []
     assert math.isnan(WanBenchmarkReport.IS_CHANGED(profiler=None))
-    assert WanSaveVideo.OUTPUT_NODE and WanBenchmarkReport.OUTPUT_NODE
+    assert WanSaveVideo.OUTPUT_NODE and WanBenchmarkReport.OUTPUT_NODE and WanProfiler.OUTPUT_NODE
 
 
 def test_import_does_not_touch_comfyui() -> None:
@@ -198,8 +201,11 @@ def test_bridge_inside_comfyui(monkeypatch, tmp_path) -> None:
     folder_paths.get_full_path = lambda folder, name: (
         str(tmp_path / name) if name.startswith(folder) else None
     )
+    folder_paths.get_folder_paths = lambda folder: [str(tmp_path / folder)]
     folder_paths.get_output_directory = lambda: str(tmp_path)
     folder_paths.get_save_image_path = lambda prefix, out, w, h: (str(tmp_path), prefix, 7, "", prefix)
+    (tmp_path / "diffusion_models" / "sub").mkdir(parents=True)
+    (tmp_path / "diffusion_models" / "sub" / "dit_Q4_K_M.gguf").write_bytes(b"GGUF")  # ComfyUI lists no .gguf
 
     class ProgressBar:
         def __init__(self, total: int) -> None:
@@ -224,6 +230,7 @@ def test_bridge_inside_comfyui(monkeypatch, tmp_path) -> None:
     assert WanModelLoader.INPUT_TYPES()["required"]["model_low"][0] == [
         "none",
         "diffusion_models.safetensors",
+        "sub/dit_Q4_K_M.gguf",
     ]
     assert comfy_bridge.resolve_model("vae", "vae.safetensors") == str(tmp_path / "vae.safetensors")
     with pytest.raises(FileNotFoundError, match="not in ComfyUI's 'vae' folder"):
@@ -267,44 +274,8 @@ def test_gradient_image_and_video_conversion() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Profiler: per-prompt sessions, cached stages reported as cached
+# Profiler nodes (the observer behind them: test_observer.py, test_observer_glue.py)
 # ------------------------------------------------------------------------------------------------
-def _handle() -> ProfilerHandle:
-    (handle,) = WanProfiler().start("cache_case", 50)
-    return handle
-
-
-def test_profiler_marks_skipped_nodes_cached() -> None:
-    handle = _handle()
-    with handle.stage_node("2", [("Model_Initialization", "init")]):
-        with trace.stage("Model_Initialization", kind="init"):
-            torch.ones(64, 64).sum()
-    with handle.stage_node("4", [("T5_Encoding", "encode")]):
-        with trace.stage("T5_Encoding", kind="encode"):
-            pass
-    first = handle.finish_run(["1", "2", "4"]).record
-    assert [(s.name, s.cached) for s in first.stages] == [
-        ("Model_Initialization", False),
-        ("T5_Encoding", False),
-    ]
-    measured = first.stages[0].duration_s
-
-    # Second prompt: ComfyUI served node 2 from its cache, node 4 ran again.
-    with handle.stage_node("4", [("T5_Encoding", "encode")]):
-        with trace.stage("T5_Encoding", kind="encode"):
-            pass
-    second = handle.finish_run(["1", "2", "4"]).record
-    by_name = {s.name: s for s in second.stages}
-    assert by_name["T5_Encoding"].cached is False
-    cached = by_name["Model_Initialization"]
-    assert cached.cached is True and cached.duration_s == 0.0 and cached.facts["measured_s"] == measured
-    assert handle.runs_finished == 2
-
-    # Third prompt: node 2 was removed from the graph; it is not reported at all.
-    third = handle.finish_run(["1", "4"]).record
-    assert "Model_Initialization" not in {s.name for s in third.stages}
-
-
 def test_sampler_stage_names() -> None:
     assert sampling_stages(2) == [
         ("Step_0_Loading", "step-loading"),
@@ -314,80 +285,63 @@ def test_sampler_stage_names() -> None:
     ]
 
 
-def test_report_node_writes_files(tmp_path) -> None:
-    from wanbench.profiling import check_report
-
-    handle = _handle()
-    with handle.stage_node("5", [("Model_Initialization", "init")]):
-        with trace.stage("Model_Initialization", kind="init"):
-            pass
-    with use_bridge(Bridge(output_dir=tmp_path)):
-        out = WanBenchmarkReport().report(
-            handle, "reports/run", video_path=None, unique_id="11", graph={"1": {}, "5": {}, "11": {}}
-        )
-    summary, json_path = out["result"]
-    assert "cache_case" in summary and json_path.endswith("run_00001_.json")
-    names = [e["filename"] for e in out["ui"]["wanbench_report"]]
-    assert names == ["run_00001_.md", "run_00001_.json"]
-    assert out["ui"]["text"] == [summary]
-    assert check_report(json_path) == []
+def test_profiler_outside_a_prompt_returns_its_settings() -> None:
+    (handle,) = WanProfiler().start("cache_case", 50)
+    assert isinstance(handle, ProfilerHandle) and handle.settings.case_name == "cache_case"
+    with pytest.raises(ValueError, match="case_name must be a non-empty text"):
+        WanProfiler().start(" ", 50)
+    with maybe_profile(None, "2", [("Model_Initialization", "init")]):  # no prompt observed: nothing recorded
+        assert trace.current_tracer() is None
 
 
-def test_profiler_discards_a_prompt_that_never_reached_the_report(monkeypatch) -> None:
-    server = types.ModuleType("server")
-    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(last_prompt_id="a"))
-    monkeypatch.setitem(sys.modules, "server", server)
-    handle = _handle()
-    with handle.stage_node("4", [("T5_Encoding", "encode")]):
-        with trace.stage("T5_Encoding", kind="encode"):
-            pass
-    # Prompt "a" failed before its report; prompt "b" starts with a fresh session.
-    server.PromptServer.instance.last_prompt_id = "b"
-    with handle.stage_node("2", [("Model_Initialization", "init")]):
-        with trace.stage("Model_Initialization", kind="init"):
-            pass
-    record = handle.finish_run(["2", "4"]).record
-    # Node 4 ran in prompt "a" only: ComfyUI serves it from its cache in "b", so it is cached here,
-    # without a measured time (the failed prompt's session was discarded).
-    assert [(s.name, s.cached) for s in record.stages] == [
-        ("Model_Initialization", False),
-        ("T5_Encoding", True),
-    ]
-    assert "measured_s" not in record.stages[1].facts
+def test_report_node_saves_the_latent_beside_the_report(tmp_path) -> None:
+    """The optional latent input (the last one) is written beside the report; the in-process
+    runner lists it with the report's Markdown as "other" files, the JSON as the report."""
+    import asyncio
+
+    from wanbench.nodes.observer import InProcessPrompt, in_process_prompt, open_prompt_ids
+    from wanbench.runner import RunResult, output_files
+    from wanbench.wan_core.checkpoints.latent import load_latent
+
+    assert list(WanBenchmarkReport.INPUT_TYPES()["optional"])[-1] == "latent"
+    samples = torch.randn(1, 16, 2, 3, 4)
+    prompt = {
+        "1": {"class_type": "WanBenchProfiler", "inputs": {"case_name": "c", "sample_interval_ms": 20}},
+        "11": {"class_type": "WanBenchReport", "inputs": {"filename_prefix": "reports/run"}},
+    }
+    observed = InProcessPrompt(prompt_id="latent", nodes=prompt, node_classes=NODE_CLASS_MAPPINGS)
+    with use_bridge(Bridge(output_dir=tmp_path)), in_process_prompt(observed):
+        WanProfiler().start("c", 20)
+        observed.node_started("11")
+        out = asyncio.run(WanBenchmarkReport().report("reports/run", unique_id="11", latent={"samples": samples}))
+        observed.node_finished("11")
+        observed.ended(None)
+    entries = out["ui"]["wanbench_report"]
+    assert [e["filename"] for e in entries] == ["run_00001_.md", "run_00001_.json", "run_00001_latent.safetensors"]
+    assert torch.equal(load_latent(entries[2]["path"]), samples)
+    assert out["result"][1] == entries[1]["path"]
+    files = output_files(RunResult(order=["11"], ui={"11": out["ui"]}, outputs={"11": out["result"]}))
+    assert files["reports"] == [entries[1]["path"]] and files["other"] == [entries[0]["path"], entries[2]["path"]]
+    # a wrong latent is refused before any observation is opened
+    with use_bridge(Bridge(output_dir=tmp_path)), pytest.raises(ValueError, match="latent must be a LATENT"):
+        asyncio.run(WanBenchmarkReport().report("reports/run", latent={"images": samples}))
+    assert open_prompt_ids() == [] and not _sampler_threads()
 
 
-def test_node_raising_in_a_stage_closes_the_session_and_the_next_run_works(monkeypatch) -> None:
-    """An error (ComfyUI's interrupt included) inside a stage node closes the session: no sampler
-    thread keeps running, and the next prompt opens a fresh session and reports normally."""
+def test_wired_profiler_opens_the_prompt_and_a_dropped_report_leaves_no_thread(tmp_path) -> None:
+    """A workflow whose report ComfyUI dropped (invalid input): the profiler still measures the
+    prompt, and its session closes when the prompt ends: no sampler thread keeps running."""
+    from wanbench.nodes.observer import InProcessPrompt, in_process_prompt, open_prompt_ids
 
-    class InterruptProcessingException(Exception):  # what ComfyUI raises on Cancel
-        pass
-
-    handle = _handle()
-    with pytest.raises(InterruptProcessingException):
-        with handle.stage_node("8", sampling_stages(1)):
-            with trace.stage("Step_0_Inference", kind="step-inference"):
-                raise InterruptProcessingException()
-    assert not handle.session_open
-    assert not _sampler_threads()
-    with handle.stage_node("2", [("Model_Initialization", "init")]):
-        with trace.stage("Model_Initialization", kind="init"):
-            pass
-    record = handle.finish_run(["2"]).record
-    assert record.status == "completed" and [s.name for s in record.stages] == ["Model_Initialization"]
-    assert not _sampler_threads()
-
-
-def test_dropped_handle_does_not_keep_a_sampler_thread_alive() -> None:
-    import gc
-
-    handle = _handle()
-    with handle.stage_node("2", [("Model_Initialization", "init")]):
-        pass
-    assert handle.session_open and _sampler_threads()
-    del handle  # ComfyUI evicted the profiler's cached output before a report ran
-    gc.collect()
-    assert not _sampler_threads()
+    prompt = {"1": {"class_type": "WanBenchProfiler", "inputs": {"case_name": "c", "sample_interval_ms": 20}}}
+    observed = InProcessPrompt(prompt_id="drop", nodes=prompt, node_classes=NODE_CLASS_MAPPINGS)
+    with in_process_prompt(observed):
+        (handle,) = WanProfiler().start("c", 20)
+        with maybe_profile(handle, "2", [("T5_Encoding", "encode")]):
+            with trace.stage("T5_Encoding", kind="encode"):
+                assert _sampler_threads()
+        observed.ended(None)
+    assert open_prompt_ids() == [] and not _sampler_threads()
 
 
 def _sampler_threads() -> list:

@@ -14,14 +14,8 @@ from wanbench.wan_core.checkpoints.dit import load_dit, save_dit
 from wanbench.wan_core.checkpoints.io import COMFY_DIT_PREFIX
 from wanbench.wan_core.config import preset, weight_dtype
 from wanbench.wan_core.dit import WanDiT
-from wanbench.wan_core.placement import (
-    BlockSwap,
-    cast_weights,
-    fp8_scaled_weights,
-    make_placement,
-    store_fp8,
-    store_fp8_from_state_dict,
-)
+from wanbench.wan_core.placement import BlockSwap, cast_weights, make_placement
+from wanbench.wan_core.runtime.compact import fp8_scaled_weights, store_fp8, store_fp8_from_state_dict
 from wanbench.wan_core.sampler import sample
 
 gpu = pytest.mark.gpu

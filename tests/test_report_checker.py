@@ -188,7 +188,7 @@ def test_recorded_outside_time_is_shown_and_never_called_within_margin() -> None
     assert check_report(doc) == []
     md = render_markdown([run])
     assert "**50.00 s (94.3 %) lies outside every stage**" in md
-    assert "50.00 s at 1.00-51.00 s, after T5_Encoding, before VAE_Decoding: no profiled code" in md
+    assert "50.00 s at 1.00-51.00 s, after T5_Encoding, before VAE_Decoding: no node was being measured" in md
     assert "is within the" not in md and "checked to within" not in md
     assert check_markdown(md, doc) == []
     lie = md.replace("**50.00 s (94.3 %) lies outside every stage**", "all time is inside the stages")

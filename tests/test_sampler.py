@@ -218,12 +218,14 @@ def test_trace_stages_names_kinds_and_facts() -> None:
     flops = task.dit.flops_forward(task.dit.num_tokens((1, 4, 4)), batch=2)
     common = {"step", "expert", "cfg_mode", "flops", "timestep"}
     for _, kind, facts in tracer.stages:
-        assert set(facts) == (common if kind == "step-inference" else common | {"placement", "placement_requested"})
+        estimate = {"memory_estimate_bytes", "memory_estimate_device"}
+        assert set(facts) == (common | estimate if kind == "step-inference"
+                              else common | {"placement", "placement_requested"})
         assert facts["flops"] == (flops if kind == "step-inference" else 0.0)
-        if kind == "step-loading":
-            assert facts["placement"] == facts["placement_requested"] == "none"
+        if kind == "step-loading":  # the default placement is the planner's: on the CPU that is "none"
+            assert (facts["placement"], facts["placement_requested"]) == ("none", "auto")
     assert [f["expert"] for _, k, f in tracer.stages if k == "step-inference"] == ["high", "high", "low"]
-    assert [name for name, _ in tracer.events] == ["expert_switch"]
+    assert [name for name, _ in tracer.events] == ["memory_plan", "expert_switch"]
 
 
 def test_single_step_and_seeded_noise() -> None:
@@ -319,7 +321,10 @@ def test_offload_placement_without_cuda_warns_and_is_recorded(
                         "CPU, where the model runs (pass a CUDA device to offload)"]
     loading = [facts for _, k, facts in tracer.stages if k == "step-loading"]
     assert [(f["placement_requested"], f["placement"]) for f in loading] == [(kind, "none")] * 2
-    assert tracer.events[0] == ("placement_fallback", {"requested": kind, "applied": "none", "reason": reason})
+    fallback = [e for e in tracer.events if e[0] == "placement_fallback"]
+    assert fallback == [("placement_fallback", {"requested": kind, "applied": "none", "reason": reason})]
+    (plan,) = [facts for name, facts in tracer.events if name == "memory_plan"]
+    assert (plan["placement_requested"], plan["placement"], plan["device"]) == (kind, kind, "cpu")
 
 
 def test_placement_none_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:

@@ -176,13 +176,16 @@ def test_loading_under_a_profiler_counts_flops_inside_the_load(tmp_path: Any) ->
 class _Recorder:
     def __init__(self) -> None:
         self.stages: list[tuple[str, str, dict[str, Any]]] = []
+        self.plans: list[dict[str, Any]] = []
 
     def stage(self, name: str, kind: str, facts: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
         self.stages.append((name, kind, facts))
         return contextlib.nullcontext()
 
     def event(self, name: str, facts: dict[str, Any]) -> None:
-        raise AssertionError(f"unexpected event {name}")
+        if name != "memory_plan":  # the decode's memory plan; nothing else is expected
+            raise AssertionError(f"unexpected event {name}")
+        self.plans.append(facts)
 
 
 def test_trace_stages_with_flops() -> None:
@@ -202,6 +205,9 @@ def test_trace_stages_with_flops() -> None:
     assert enc["flops"] == vae_flops(model.config, "encode", (1, 3, 5, 8, 16)) > 0
     assert dec["flops"] == vae_flops(model.config, "decode", tuple(raw.shape)) > 0
     assert dec["output_shape"] == (1, 3, 5, 8, 16) and dec["tiling"] == "none"
+    assert dec["memory_estimate_bytes"] > 0 and dec["memory_estimate_device"] == "cpu"
+    (plan,) = recorder.plans
+    assert (plan["what"], plan["tiling_requested"], plan["tiling"]) == ("VAE decode", "none", "none")
 
 
 @pytest.mark.parametrize(

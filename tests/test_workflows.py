@@ -14,7 +14,7 @@ from wanbench.nodes import NODE_CLASS_MAPPINGS
 from wanbench.runner import WorkflowError, apply_overrides, load_api_workflow, validate_workflow
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-FILE_INPUTS = ("model_high", "model_low", "text_encoder", "vae")
+FILE_INPUTS = ("model_high", "model_low", "text_encoder", "vae", "lora_name")
 UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
 
 
@@ -152,7 +152,9 @@ def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
             assert validate(**{k: v for k, v in constants.items() if k in wanted}) is True
     if all(v["class_type"] in NODE_CLASS_MAPPINGS for v in prompt.values()):
         order = validate_workflow(prompt)
-        assert order.index("1") < order.index("8") < order.index("11")
+        of_type = {v["class_type"]: k for k, v in prompt.items()}
+        assert order.index(of_type["WanBenchProfiler"]) < order.index(of_type["WanBenchSampler"]) \
+            < order.index(of_type["WanBenchReport"])
 
 
 # The run order of the shipped graphs, by node type: every loader, then text encode, then the image
@@ -162,6 +164,7 @@ def test_api_values_are_valid_for_the_node_definitions(path: Path) -> None:
 RUN_RANK = {
     "WanBenchProfiler": 0,
     "WanBenchModelLoader": 1,
+    "WanBenchLora": 1,
     "WanBenchTextEncoderLoader": 1,
     "WanBenchVAELoader": 1,
     "WanBenchTextEncode": 2,
@@ -176,7 +179,11 @@ RUN_RANK = {
 }
 
 
-@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.api.json")), ids=lambda p: p.name)
+PACK_API_FILES = sorted(p for p in WORKFLOWS.glob("*.api.json") if not p.name.startswith("native_"))
+NATIVE_API_FILES = sorted(WORKFLOWS.glob("native_*.api.json"))
+
+
+@pytest.mark.parametrize("path", PACK_API_FILES, ids=lambda p: p.name)
 def test_node_ids_follow_the_run_order(path: Path) -> None:
     prompt = load_api_workflow(path)
     by_id = sorted(prompt, key=int)
@@ -225,7 +232,42 @@ def test_real_workflows_use_comfyui_file_names_and_spec_defaults() -> None:
     assert i2v["6"]["class_type"] == "LoadImage" and i2v["7"]["inputs"]["start_image"] == ["6", 0]
 
 
-@pytest.mark.parametrize("suite", sorted((WORKFLOWS / "suites").glob("*.json")), ids=lambda p: p.name)
+REPACKAGED = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/"
+
+
+@pytest.mark.parametrize("task,lora_high,lora_low,boundary", [
+    ("t2v", "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+     "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors", 0.875),
+    ("i2v", "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+     "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors", 0.9),
+])
+def test_four_step_lora_workflows_follow_comfyui_templates(task: str, lora_high: str, lora_low: str,
+                                                           boundary: float) -> None:
+    """ComfyUI's 14B templates (4-step path): the lightx2v LoRA of each expert at strength 1, 4 steps,
+    cfg 1, shift 5, euler, 640x640x81 at 16 fps; the UI file names each file's download URL."""
+    api = load_api_workflow(WORKFLOWS / f"wan22_{task}_A14B_4steps_lora.api.json")
+    loras = [n["inputs"] for n in api.values() if n["class_type"] == "WanBenchLora"]
+    assert [(x["lora_name"], x["strength_high"], x["strength_low"]) for x in loras] == [
+        (lora_high, 1.0, 0.0), (lora_low, 0.0, 1.0)]
+    (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "WanBenchSampler"]
+    assert (sampler["solver"], sampler["steps"], sampler["shift"], sampler["guidance_high"], sampler["guidance_low"],
+            sampler["boundary"]) == ("euler_distill", 4, 5.0, 1.0, 1.0, boundary)
+    assert api[sampler["model"][0]]["class_type"] == "WanBenchLora"
+    latent_types = ("WanBenchEmptyLatent", "WanBenchImageToVideo")
+    (latent,) = [n["inputs"] for n in api.values() if n["class_type"] in latent_types]
+    assert (latent["width"], latent["height"], latent["length"]) == (640, 640, 81)
+    ui = _load(WORKFLOWS / f"wan22_{task}_A14B_4steps_lora.json")
+    urls = {m["name"]: (m["directory"], m["url"]) for n in ui["nodes"] for m in n["properties"].get("models", [])}
+    assert urls[lora_high] == ("loras", REPACKAGED + "loras/" + lora_high)
+    assert urls[lora_low] == ("loras", REPACKAGED + "loras/" + lora_low)
+    high_dit = f"wan2.2_{task}_high_noise_14B_fp8_scaled.safetensors"
+    assert urls[high_dit] == ("diffusion_models", REPACKAGED + "diffusion_models/" + high_dit)
+    assert urls["umt5_xxl_fp8_e4m3fn_scaled.safetensors"][0] == "text_encoders"
+    tiny = _load(WORKFLOWS / f"tiny_{task}_A14B_4steps_lora.json")
+    assert not any(n["properties"].get("models") for n in tiny["nodes"]), "tiny files are made locally"
+
+
+@pytest.mark.parametrize("suite", sorted((WORKFLOWS / "suites").glob("wan22_benchmark*.json")), ids=lambda p: p.name)
 def test_suites_point_at_workflows_and_overrides_apply(suite: Path) -> None:
     data = _load(suite)
     names = [c["name"] for c in data["cases"]]
@@ -309,3 +351,106 @@ def test_overrides_must_match() -> None:
     with pytest.raises(WorkflowError, match="has no input 'stepz'"):
         apply_overrides(_tiny(), {"WanBenchSampler.stepz": 3})
     assert apply_overrides(_tiny(), {"8.steps": 3})["8"]["inputs"]["steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI's own Wan graphs with the profiler dropped in, and the native-vs-pack suite
+# ------------------------------------------------------------------------------------------------
+NATIVE_CORE_TYPES = {
+    "UNETLoader",
+    "CLIPLoader",
+    "VAELoader",
+    "ModelSamplingSD3",
+    "CLIPTextEncode",
+    "Wan22ImageToVideoLatent",
+    "EmptyHunyuanLatentVideo",
+    "KSampler",
+    "KSamplerAdvanced",
+    "VAEDecode",
+    "CreateVideo",
+    "SaveVideo",
+}
+
+
+@pytest.mark.parametrize("path", NATIVE_API_FILES, ids=lambda p: p.name)
+def test_native_workflows_are_core_nodes_with_an_unwired_profiler(path: Path) -> None:
+    prompt = load_api_workflow(path)
+    types = {n["class_type"] for n in prompt.values()}
+    assert types - NATIVE_CORE_TYPES == {"WanBenchProfiler", "WanBenchReport"}
+    apparatus = {k for k, n in prompt.items() if n["class_type"] in ("WanBenchProfiler", "WanBenchReport")}
+    for node_id, node in prompt.items():
+        links = [v for v in node["inputs"].values() if isinstance(v, list)]
+        assert all(v[0] in prompt for v in links), f"{path.name} node {node_id} links to a missing node"
+        assert not any(v[0] in apparatus for v in links), "nothing is wired to the profiler or the report"
+        if node_id in apparatus:
+            assert not links
+
+
+def _job_of_native(prompt: dict) -> dict:
+    latents = ("Wan22ImageToVideoLatent", "EmptyHunyuanLatentVideo")
+    (latent,) = [n["inputs"] for n in prompt.values() if n["class_type"] in latents]
+    samplers = [n["inputs"] for n in prompt.values() if n["class_type"] in ("KSampler", "KSamplerAdvanced")]
+    shifts = {n["inputs"]["shift"] for n in prompt.values() if n["class_type"] == "ModelSamplingSD3"}
+    first = samplers[0]
+    return {
+        "size": (latent["width"], latent["height"], latent["length"]),
+        "steps": first["steps"],
+        "seed": first.get("noise_seed", first.get("seed")),
+        "solver": {(s["sampler_name"], s["scheduler"]) for s in samplers},
+        "shift": shifts,
+        "cfg": [s["cfg"] for s in samplers],
+        "split": first.get("end_at_step"),
+    }
+
+
+def _job_of_pack(prompt: dict) -> dict:
+    (latent,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "WanBenchEmptyLatent"]
+    (sampler,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "WanBenchSampler"]
+    return {"size": (latent["width"], latent["height"], latent["length"]), **sampler}
+
+
+def test_native_vs_pack_suite_runs_the_same_job_twice() -> None:
+    from wanbench.cli import load_suite
+    from wanbench.wan_core.config import preset
+    from wanbench.wan_core.sampler import select_expert
+    from wanbench.wan_core.schedulers import make_schedule
+
+    suite_path = WORKFLOWS / "suites" / "wan22_native_vs_pack.json"
+    suite = load_suite(suite_path)
+    cases = {c["name"]: c for c in suite["cases"]}
+    assert len(suite["comparisons"]) == 2
+    for comparison in suite["comparisons"]:
+        native_case, pack_case = cases[comparison["baseline"]], cases[comparison["candidate"]]
+        native_file = suite_path.parent / native_case["workflow"]
+        native = apply_overrides(load_api_workflow(native_file), native_case["overrides"])
+        pack = apply_overrides(load_api_workflow(suite_path.parent / pack_case["workflow"]), pack_case["overrides"])
+        a, b = _job_of_native(native), _job_of_pack(pack)
+        assert a["size"] == b["size"] and a["steps"] == b["steps"] and a["seed"] == b["seed"]
+        assert a["solver"] == {("euler", "simple")} and b["solver"] == "euler"
+        assert a["shift"] == {b["shift"]}
+        task = preset(pack_case["name"].removeprefix("pack_"))
+        if task.is_moe:  # the high-noise expert runs the same steps in both
+            schedule = make_schedule("euler", b["steps"], b["shift"])
+            high = sum(select_expert(int(t), b["boundary"]) == "high" for t in schedule.timesteps)
+            assert a["split"] == high and a["cfg"] == [b["guidance_high"], b["guidance_low"]]
+        else:
+            assert a["cfg"] == [b["guidance_high"]]
+        texts = [n["inputs"]["text"] for n in native.values() if n["class_type"] == "CLIPTextEncode"]
+        (encode,) = [n["inputs"] for n in pack.values() if n["class_type"] == "WanBenchTextEncode"]
+        assert texts == [encode["prompt"], encode["negative_prompt"]]  # positive first, as in the templates
+        assert native["1"]["inputs"]["case_name"] == native_case["name"]
+        assert pack["1"]["inputs"]["case_name"] == pack_case["name"]
+
+
+def test_suite_comparisons_must_name_cases(tmp_path: Path) -> None:
+    from wanbench.cli import load_suite
+
+    bad = {
+        "name": "x",
+        "cases": [{"name": "a", "workflow": "w.json"}],
+        "comparisons": [{"baseline": "a", "candidate": "b"}],
+    }
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps(bad), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"names no case \['b'\]"):
+        load_suite(path)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .config import COMPILE_STAGE
+from .config import COMPILE_STAGE, RECOMPILE_EVENT
 from .trace import event, stage
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class CompiledRegions:
         if after_warmup and _is_recompile(compile_id):
             log.warning("torch.compile recompiled a region after warm-up (compile id %s); "
                         "timed steps include this compile", compile_id)
-            event("Recompile", compile_id=compile_id)
+            event(RECOMPILE_EVENT, compile_id=compile_id)
 
     @property
     def num_regions(self) -> int:

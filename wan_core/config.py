@@ -5,7 +5,8 @@ Every value comes from the reference spec (`spec/WAN22_DIT_T5_SAMPLER.md` sectio
 (channel counts that other components depend on are kept) and sizes that run in seconds on a CPU.
 
 The vocabularies that nodes, workflows, the CLI and the profiling report share are spelled here
-once: solvers, CFG modes, placements, tilings, weight dtypes and stage names (with their kinds).
+once: solvers (and which get float timesteps), CFG modes, placements, tilings, weight dtypes, LoRA
+key layouts and stage names (with their kinds); also the 4-step distilled recipe.
 Attention backend names belong to the registry in `attention.py`.
 
 Shapes: F pixel frames, T latent frames (F = 4(T-1)+1), H/W pixel size, h/w latent size.
@@ -259,15 +260,59 @@ WAN22_VAE = VAEConfig(variant="wan2.2", dim=160, dec_dim=256, z_dim=48, patch_si
 # --------------------------------------------------------------------------------------------
 # Vocabularies (the values nodes, workflows and the CLI store: never renamed without an alias)
 # --------------------------------------------------------------------------------------------
-SOLVERS = ("unipc", "dpm++", "euler")
+DISTILL_SOLVER = "euler_distill"  # Euler over the step-distilled schedule (docs/sampler.md)
+SOLVERS = ("unipc", "dpm++", "euler", DISTILL_SOLVER)
+# Solvers whose model timesteps are the float sigma * 1000 (the others truncate to integers, as the
+# official code does). The distilled recipes feed t = 937.5, 833.33..., the values they were trained on.
+FLOAT_TIMESTEP_SOLVERS = (DISTILL_SOLVER,)
 BATCHED_CFG = "batched"  # cond and uncond as one forward of batch 2
 SEQUENTIAL_CFG = "sequential"  # cond and uncond as two forwards of batch 1
 CFG_MODES = (BATCHED_CFG, SEQUENTIAL_CFG)
 CFG_OFF = "off"  # what a step reports when its guidance scale is 1: the conditional pass alone
-PLACEMENTS = ("none", "model", "blocks")  # where DiT weights live while sampling (placement.py)
+CFG_MIXED = "mixed"  # a step observed from outside that ran some evaluations batched, some not
+# Expert names a step reports: the two A14B experts, and the single model of TI2V-5B.
+EXPERT_HIGH, EXPERT_LOW, EXPERT_SINGLE = "high", "low", "model"
+AUTO_PLACEMENT = "auto"  # the memory planner picks none / model / blocks (runtime/planner.py)
+PLACEMENTS = (AUTO_PLACEMENT, "none", "model", "blocks")  # where DiT weights live while sampling (placement.py)
+# Parallel runs (runtime/distributed.py): how the ranks share each denoising step. "cfg" puts the
+# conditional and unconditional passes on two ranks; "ulysses" splits the video tokens across the
+# ranks (all-to-all around self-attention); "cfg+ulysses" does both (2 x k ranks).
+NO_PARALLEL = "none"
+CFG_PARALLEL = "cfg"
+ULYSSES_PARALLEL = "ulysses"
+CFG_ULYSSES_PARALLEL = "cfg+ulysses"
+PARALLEL_MODES = (NO_PARALLEL, CFG_PARALLEL, ULYSSES_PARALLEL, CFG_ULYSSES_PARALLEL)
+# Collectives of a parallel step, by what they do (the communication event's facts name them).
+COMM_ALL_TO_ALL = "all_to_all"  # Ulysses: tokens <-> heads around self-attention
+COMM_GATHER = "all_gather"  # Ulysses: the rows of the head output
+COMM_CFG_COMBINE = "cfg_combine"  # CFG-parallel: cond and uncond predictions meet
+COMM_WEIGHTS = "weight_gather"  # sharded weights: FSDP gathers a block's weights before it runs
+COMM_KINDS = (COMM_ALL_TO_ALL, COMM_GATHER, COMM_CFG_COMBINE, COMM_WEIGHTS)
+PARALLEL_PLAN_EVENT = "parallel_plan"  # once per sampling run: rank, world size, plan, run group
+COMMUNICATION_EVENT = "communication"  # once per denoising step: seconds and bytes per kind
 NO_TILING = "none"
 AUTO_TILING = "auto"
-TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling object for the rest)
+TILINGS = (NO_TILING, AUTO_TILING)  # VAE decode tiling by name (a VAETiling object for the rest); in the
+# pipeline's decode stage `auto` is the memory planner's choice (whole frames when they fit)
+# Key layouts of LoRA files (`checkpoints/lora.py`), named after the key prefix they use:
+# kohya `lora_unet_blocks_0_self_attn_q.*`; comfy `diffusion_model.blocks.0.self_attn.q.*`;
+# diffusers `transformer.blocks.0.attn1.to_q.*`; peft `base_model.model.blocks.0.self_attn.q.*`;
+# bare `blocks.0.self_attn.q.*` (no prefix).
+LORA_LAYOUTS = ("kohya", "comfy", "diffusers", "peft", "bare")
+# Step caching (`runtime/step_cache.py`): reuse the previous guided prediction for a step whose input
+# is judged close enough to the last computed one. "off" is no cache (the default).
+STEP_CACHE_OFF = "off"
+TEACACHE = "teacache"  # accumulated relative change of the time modulation, polynomial-rescaled
+MAGCACHE = "magcache"  # accumulated error of calibrated magnitude ratios
+STEP_CACHE_MODES = (STEP_CACHE_OFF, TEACACHE, MAGCACHE)
+STEP_CACHE_EXPERTS = ("all", "high", "low")  # which experts may reuse steps (TI2V-5B: its one model)
+CALIBRATION_AUTO = "auto"  # the published calibration for the task, or none where none exists
+# What a step-inference stage records about the cache (fact names and values; the report reads them).
+STEP_CACHE_FACT = "step_cache"  # "computed" or "reused"
+STEP_CACHE_REASON_FACT = "step_cache_reason"  # why a step was computed (STEP_CACHE_REASONS)
+STEP_COMPUTED = "computed"
+STEP_REUSED = "reused"
+STEP_CACHE_REASONS = ("warm-up", "last step", "max skip", "change", "expert excluded", "threshold 0")
 
 # Weight dtypes by torch's names (what workflows store); the short names are accepted aliases.
 WEIGHT_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
@@ -277,6 +322,26 @@ WEIGHT_DTYPE_ALIASES: Mapping[str, str] = MappingProxyType({
     "bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
 })
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# How the transformer blocks' matrices are kept in memory (`runtime/compact.py`; the loaders'
+# `weight_dtype`). `default`: in the compute dtype (fp8 files dequantised at load; GGUF files kept).
+DEFAULT_STORAGE = "default"
+STORED_STORAGE = "as_stored"  # as the file stores them: fp8 + scale, GGUF blocks, bf16 / fp16
+FP8_STORAGE = "fp8_e4m3fn"  # cast to fp8 e4m3fn without a scale (as ComfyUI's weight_dtype fp8_e4m3fn)
+SCALED_FP8_STORAGE = "fp8_e4m3fn_scaled"  # fp8 e4m3fn with a per-tensor scale (absmax / 448)
+FP8_MATMUL_STORAGE = "fp8_e4m3fn_scaled_mm"  # scaled fp8, matmuls as fp8 x fp8 (`runtime/fp8_matmul.py`)
+FP8_STORAGES = (FP8_STORAGE, SCALED_FP8_STORAGE, FP8_MATMUL_STORAGE)
+WEIGHT_STORAGES = (DEFAULT_STORAGE, STORED_STORAGE, *FP8_STORAGES, "bfloat16", "float16")
+FP8_ACTIVATION_SCALINGS = ("row", "tensor")  # how the fp8 matmul path scales its activations
+
+# Execution options applied while sampling (`runtime/execution.py`).
+COMPILE_OFF = "off"
+COMPILE_CHOICES = (COMPILE_OFF, "default", "max-autotune-no-cudagraphs")  # regional torch.compile modes
+
+# Trace event names (the report reads them).
+ATTENTION_CHOICE_EVENT = "attention_choice"  # `auto` attention: the kernel measured fastest for a shape
+RECOMPILE_EVENT = "Recompile"  # torch.compile recompiled a region after its warm-up
+COMPILE_SUMMARY_EVENT = "compile_summary"  # a compiled run's compile time, compiles and recompiles
 
 
 def weight_dtype(name: str) -> torch.dtype:
@@ -299,6 +364,8 @@ MODEL_INIT_STAGE = Stage("Model_Initialization", "init")  # joins the loaders' p
 DIT_INIT_STAGE = Stage("DiT_Initialization", "init")
 TEXT_ENCODER_INIT_STAGE = Stage("Text_Encoder_Initialization", "init")
 VAE_INIT_STAGE = Stage("VAE_Initialization", "init")
+LORA_INIT_STAGE = Stage("LoRA_Initialization", "init")  # reading a LoRA file (Wan LoRA node, core LoRA loaders)
+CLIP_VISION_INIT_STAGE = Stage("CLIP_Vision_Initialization", "init")
 COMPILE_STAGE = Stage("Compile", "init")
 PREPROCESS_STAGE = Stage("TI2V_Preprocess", "preprocess")
 VAE_ENCODE_STAGE = Stage("VAE_Encoding", "preprocess")
@@ -311,9 +378,9 @@ def step_stages(index: int) -> tuple[Stage, Stage]:
     return Stage(f"Step_{index}_Loading", "step-loading"), Stage(f"Step_{index}_Inference", "step-inference")
 
 
-def sampling_stages(num_steps: int) -> list[Stage]:
-    """Every stage one sampling run records, in order."""
-    return [stage for i in range(num_steps) for stage in step_stages(i)]
+def sampling_stages(num_steps: int, *, first: int = 0) -> list[Stage]:
+    """Every stage one sampling run of steps `first` .. `num_steps - 1` records, in order."""
+    return [stage for i in range(first, num_steps) for stage in step_stages(i)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,6 +570,19 @@ TI2V_5B = WanConfig(
     default_size=(1280, 704),
     expert_names=("model",),
 )
+
+# The few-step recipe of the Wan2.2-Lightning / LightX2V 4-step distill LoRAs (docs/sampler.md):
+# 4 steps at shift 5 (sigmas 1, 0.9375, 0.8333, 0.625, 0), Euler, guidance 1 (no uncond pass) for both
+# experts, the expert switch at the task's boundary (both split the 4 steps 2 + 2).
+DISTILL_STEPS = 4
+DISTILL_SHIFT = 5.0
+
+
+def distilled_sampler(task: WanConfig) -> SamplerConfig:
+    """The task's sampler settings for the 4-step distilled recipe (boundary kept from the task)."""
+    return replace(task.sampler, solver=DISTILL_SOLVER, steps=DISTILL_STEPS, shift=DISTILL_SHIFT,
+                   guide_scale=GuideScale.same(1.0))
+
 
 PRESETS: dict[str, WanConfig] = {c.name: c for c in (T2V_A14B, I2V_A14B, TI2V_5B)}
 TASK_BY_MODEL_TYPE: dict[str, WanConfig] = {c.dit.model_type: c for c in (T2V_A14B, I2V_A14B, TI2V_5B)}

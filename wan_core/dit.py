@@ -24,18 +24,32 @@ Differences from the official code that do not change results:
   plus one.
 - Without autograd (`torch.no_grad()`/`torch.inference_mode()`), residual updates and the FFN
   activation run in place; with autograd enabled every op is out of place.
+
+Sequence parallelism attaches from outside through one typed seam, `WanDiT.sequence_layout`: per
+forward the layout gives a `TokenShard`, which says which token rows this process computes, how
+self-attention sees the other rows, and how the rows are gathered before unpatchifying. The
+default layout keeps every token here (identities and plain attention); `runtime/ulysses.py`
+swaps in its own for the duration of a parallel run.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import REFERENCE_BACKEND, AttentionBackend, attention, check_backend_name, resolve_backend_for
+from .attention import (
+    AUTO_BACKEND,
+    REFERENCE_BACKEND,
+    AttentionBackend,
+    attention,
+    check_backend_name,
+    resolve_backend_for,
+)
 from .config import DiTConfig
 from .rope import RopeCache, RopeTables, rotate
 
@@ -172,6 +186,52 @@ def compact_text_keys(context: torch.Tensor, rows: torch.Tensor) -> tuple[torch.
     return context[:, :kept], bias
 
 
+class TokenShard:
+    """The token rows of one forward that this process computes: all of them, in this base class.
+
+    `WanDiT.forward` routes four things through it and nothing else: the rows of the block input
+    and of per-token tables (`local`), the RoPE rows (`local_rope`), self-attention
+    (`self_attention`) and the rows of the head output (`gather`). A sequence-parallel layout
+    (`runtime/ulysses.py`) subclasses it; the cross-attention and every per-token operation run
+    unchanged on whatever rows this process holds.
+    """
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """Shapes: x (B, L, ...) per-token rows, or (B, 1, ...) one row for every token -> the rows
+        this process computes (a one-row table passes unchanged)."""
+        return x
+
+    def local_rope(self, rope: RopeTables) -> RopeTables:
+        """The rotation tables of the rows this process computes."""
+        return rope
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       backend: AttentionBackend) -> torch.Tensor:
+        """Attention of the local query rows over every key of the sequence.
+
+        Shapes: q, k, v (B, L_local, N, Dh) -> (B, L_local, N, Dh).
+        """
+        return attention(q, k, v, backend=backend)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Shapes: x (B, L_local, C) -> (B, L, C), every row of the sequence in order."""
+        return x
+
+
+FULL_SEQUENCE = TokenShard()
+
+
+class SequenceLayout:
+    """How the tokens of a forward are split across processes: not at all, in this base class."""
+
+    def shard(self, num_tokens: int) -> TokenShard:
+        """The `TokenShard` of a forward over `num_tokens` tokens."""
+        return FULL_SEQUENCE
+
+
+SINGLE_PROCESS = SequenceLayout()
+
+
 class WanAttention(nn.Module):
     """q/k/v/o projections with RMS-normed q and k over the full dim (before the head split).
 
@@ -193,14 +253,15 @@ class WanAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1))  # (B, L, N, Dh)
 
     def self_attention(self, x: torch.Tensor, rope: RopeTables | tuple[torch.Tensor, torch.Tensor],
-                       backend: AttentionBackend) -> torch.Tensor:
-        """Shapes: x (B, L, D) in the compute dtype, rope tables of `RopeCache` -> (B, L, D)."""
+                       backend: AttentionBackend, *, shard: TokenShard = FULL_SEQUENCE) -> torch.Tensor:
+        """Shapes: x (B, L, D) in the compute dtype (the rows of `shard`), rope tables of `RopeCache`
+        -> (B, L, D)."""
         owned = not torch.is_grad_enabled()  # the projections' outputs are ours to overwrite
         q = self._heads(self.norm_q(self.q(x), inplace=owned))
         k = self._heads(self.norm_k(self.k(x), inplace=owned))
         v = self._heads(self.v(x))
         q, k = rotate(q, rope, inplace=owned).to(x.dtype), rotate(k, rope, inplace=owned).to(x.dtype)
-        return self.o(attention(q, k, v, backend=backend).flatten(2))
+        return self.o(shard.self_attention(q, k, v, backend).flatten(2))
 
     def cross_attention(self, x: torch.Tensor, context: torch.Tensor, backend: AttentionBackend, *,
                         key_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,6 +286,17 @@ def _modulation_parameter(rows: int, dim: int) -> nn.Parameter:
     return param
 
 
+class AttentionPlan(NamedTuple):
+    """The resolved backend of each attention site of a forward (they differ under `auto`)."""
+
+    self_attn: AttentionBackend
+    cross_attn: AttentionBackend
+
+
+def _sites(backend: AttentionPlan | AttentionBackend | str) -> tuple[AttentionBackend | str, AttentionBackend | str]:
+    return (backend.self_attn, backend.cross_attn) if isinstance(backend, AttentionPlan) else (backend, backend)
+
+
 class WanBlock(nn.Module):
     """One transformer block (`WanAttentionBlock`, spec section 3.7)."""
 
@@ -241,19 +313,23 @@ class WanBlock(nn.Module):
         self.modulation = _modulation_parameter(6, d)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
-                rope: RopeTables | tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend, *,
-                context_bias: torch.Tensor | None = None) -> torch.Tensor:
+                rope: RopeTables | tuple[torch.Tensor, torch.Tensor], backend: AttentionPlan | AttentionBackend, *,
+                context_bias: torch.Tensor | None = None, shard: TokenShard = FULL_SEQUENCE) -> torch.Tensor:
         """Shapes: x (B, L, D) float32, e0 (B, Lt, 6, D) float32 with Lt in {1, L}, context (B, S, D),
         context_bias (B, S) float32 key bias of a compacted context or None -> (B, L, D) float32.
+        Under sequence parallelism L is the rows of `shard` (`TokenShard.local`).
 
-        x itself is never modified; without autograd the new residual is updated in place.
+        `backend`: one per attention site (`AttentionPlan`), or one for both. x itself is never
+        modified; without autograd the new residual is updated in place.
         """
-        dtype = self.ffn[0].weight.dtype
+        dtype = self.ffn[0].bias.dtype  # the compute dtype (a weight may be held in a compact form)
         inplace = not torch.is_grad_enabled()
+        self_backend, cross_backend = _sites(backend)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).unbind(2)
         h = torch.addcmul(shift_sa, self.norm1(x), 1 + scale_sa).to(dtype)
-        x = torch.addcmul(x, self.self_attn.self_attention(h, rope, backend).float(), gate_sa)  # new tensor
-        cross = self.cross_attn.cross_attention(self.norm3(x).to(dtype), context, backend,
+        x = torch.addcmul(x, self.self_attn.self_attention(h, rope, self_backend, shard=shard).float(),
+                          gate_sa)  # new tensor
+        cross = self.cross_attn.cross_attention(self.norm3(x).to(dtype), context, cross_backend,
                                                 key_bias=context_bias).float()
         x = x.add_(cross) if inplace else x + cross
         h = torch.addcmul(shift_ff, self.norm2(x), 1 + scale_ff).to(dtype)
@@ -283,7 +359,8 @@ class WanDiT(nn.Module):
     """Wan2.2 DiT for t2v, i2v and ti2v.
 
     `attention` names the attention backend (`attention.BACKEND_CHOICES`; `sdpa`, the reference,
-    by default). It is chosen here, resolved once per forward and handed to every block.
+    by default). It is chosen here, resolved once per forward (per attention site: `auto` measures
+    self- and cross-attention shapes separately) and handed to every block.
 
     Shapes: x (B, C, T, h, w) latent; y (B, C_y, T, h, w) for i2v (C + C_y = in_dim); t (B,) or
     (B, seq_len) timesteps in [0, 1000]; context a list of B (S_i, text_dim) tensors or a padded
@@ -303,6 +380,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([WanBlock(config) for _ in range(config.num_layers)])
         self.head = WanHead(config)
         self.rope = RopeCache(config.head_dim)
+        self.sequence_layout: SequenceLayout = SINGLE_PROCESS  # replaced by runtime/ulysses.py, never in here
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
@@ -402,6 +480,29 @@ class WanDiT(nn.Module):
         raise ValueError(f"t must be (B,) or (B, seq_len >= {num_tokens}) with B={x.shape[0]}; "
                          f"got shape {tuple(t.shape)}")
 
+    def _attention_plan(self, tokens: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype
+                        ) -> tuple[AttentionPlan, torch.Tensor, torch.Tensor | None]:
+        """The backends of this forward (resolved once per forward), and the context they attend to.
+
+        In float32 the padding rows of the context are compacted with a key bias when the backend can
+        add one (`auto` can: the sdpa kernels are among its candidates).
+        Shapes: tokens (B, L, D), ctx (B, text_len, D), rows (B,) -> plan, ctx (B, S', D), bias (B, S') or None.
+        """
+        cfg, name = self.config, self._attention_backend
+        spec = dict(device=tokens.device, dtype=dtype, num_heads=cfg.num_heads, head_dim=cfg.head_dim)
+        if name != AUTO_BACKEND:
+            backend = resolve_backend_for(name, **spec)
+            ctx_bias = None
+            if dtype == torch.float32 and backend.key_bias_fn is not None:
+                ctx, ctx_bias = compact_text_keys(ctx, rows)  # (B, S' <= text_len, D)
+            return AttentionPlan(backend, backend), ctx, ctx_bias
+        ctx, ctx_bias = compact_text_keys(ctx, rows) if dtype == torch.float32 else (ctx, None)
+        batch, num_tokens = tokens.shape[:2]
+        self_attn = resolve_backend_for(name, **spec, batch=batch, num_queries=num_tokens, num_keys=num_tokens)
+        cross_attn = resolve_backend_for(name, **spec, batch=batch, num_queries=num_tokens, num_keys=ctx.shape[1],
+                                         key_bias=ctx_bias is not None)
+        return AttentionPlan(self_attn, cross_attn), ctx, ctx_bias
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: list[torch.Tensor] | torch.Tensor, *,
                 seq_len: int | None = None, y: torch.Tensor | None = None,
                 context_lens: torch.Tensor | None = None) -> torch.Tensor:
@@ -428,17 +529,14 @@ class WanDiT(nn.Module):
                 t = t[:, :1]  # every token of a sample shares its timestep: compute once, broadcast
         e, e0 = self.embed_time(t)  # (B, Lt, D), (B, Lt, 6, D)
 
-        cfg = self.config
-        backend = resolve_backend_for(self._attention_backend, device=tokens.device, dtype=dtype,
-                                      num_heads=cfg.num_heads, head_dim=cfg.head_dim)  # once per forward
         ctx, rows = self._embed_text(context, context_lens)
-        ctx, ctx_bias = ctx.to(dtype), None  # (B, text_len, D)
-        if dtype == torch.float32 and backend.key_bias_fn is not None:
-            ctx, ctx_bias = compact_text_keys(ctx, rows)  # (B, S' <= text_len, D)
-        rope = self.rope.tables(grid, tokens.device)
+        plan, ctx, ctx_bias = self._attention_plan(tokens, ctx.to(dtype), rows, dtype)
+        shard = self.sequence_layout.shard(num_tokens)
+        rope = shard.local_rope(self.rope.tables(grid, tokens.device))
+        tokens, e, e0 = shard.local(tokens), shard.local(e), shard.local(e0)  # this process's rows
         for block in self.blocks:
-            tokens = block(tokens, e0, ctx, rope, backend, context_bias=ctx_bias)
-        out = self.head(tokens, e)  # (B, L, prod(patch)*out_dim)
-        pt, ph, pw = cfg.patch_size
+            tokens = block(tokens, e0, ctx, rope, plan, context_bias=ctx_bias, shard=shard)
+        out = shard.gather(self.head(tokens, e))  # (B, L, prod(patch)*out_dim)
+        pt, ph, pw = self.config.patch_size
         return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
                          f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw).float()

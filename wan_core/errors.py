@@ -19,3 +19,12 @@ class SamplingInterrupted(WanError):
     """Raised by a progress callback to stop a run between steps; leaves no half state behind."""
 
 
+
+
+class MemoryPlanError(WanError, ValueError):
+    """A job would not fit in the memory that is free: raised before anything large is allocated,
+    with the estimate, what is free, and the options that would fit."""
+
+
+class DistributedError(WanError, RuntimeError):
+    """A parallel run cannot go on: a rank died, stopped answering or runs something else."""

@@ -2,7 +2,8 @@
 
 Policies (`make_placement(experts, kind, device=...)`):
 
-* `none`   every expert is moved to the compute device once and stays there.
+* `none`   every expert is moved to the compute device when the first one is activated (inside
+           the first step's loading stage) and stays there.
 * `model`  only the expert in use is on the device; the other waits on the CPU and the two are
            swapped at the boundary (the official behaviour with `init_on_cpu`, spec section 7).
            On exit every expert is back on the CPU.
@@ -20,31 +21,25 @@ model code knows about placement; everything here is `.to()`, `.data` swaps and 
 `close()` (also on errors and interrupts, through the context manager) removes every hook.
 
 Weight dtypes (`config.WEIGHT_DTYPES`: float32 / bfloat16 / float16) are chosen when loading
-(`checkpoints.dit.load_dit(..., dtype=)`) or with `cast_weights`. `store_fp8(model)` keeps the
-matrices of every transformer block in float8_e4m3fn with a per-tensor scale (as fp8-scaled
-checkpoints store them; re-quantising weights read from such a file gives back the same fp8
-values) and dequantises one block at a time, right before it runs; it composes with every
-placement (`blocks` then streams fp8 bytes). `store_fp8_from_state_dict(model, raw)` does the
-same with the fp8 tensors and scales of an fp8-scaled checkpoint (its raw state dict, before the
-loader dequantises it), so the weights that the file stores in fp8 stay exactly those fp8 values.
+(`checkpoints.dit.load_dit(..., dtype=)`) or with `cast_weights`. Compact storage (fp8, GGUF,
+bf16 decoded per block: `runtime/compact.py`) composes with every placement: between forwards the
+parameters hold the stored tensors, so `blocks` streams the compact bytes, and its pre-hook is
+prepended so that the bytes are on the device before the storage hook decodes them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .checkpoints.io import COMFY_DIT_PREFIX, FP8_DTYPES, FP8_SCALE_SUFFIX, quantise_fp8_scaled
-from .config import PLACEMENTS, WEIGHT_DTYPES
+from .config import AUTO_PLACEMENT, PLACEMENTS, WEIGHT_DTYPES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Placement", "make_placement", "cast_weights",
-           "Fp8Storage", "store_fp8", "fp8_scaled_weights", "store_fp8_from_state_dict"]
+__all__ = ["Placement", "make_placement", "cast_weights"]
 
 OFFLOAD_DEVICE = torch.device("cpu")
 
@@ -75,14 +70,15 @@ class Placement:
         self.close()
 
     def open(self) -> None:
-        for model in _unique(self.experts):
-            model.to(self.device)
         self._open = True
 
     def activate(self, index: int) -> nn.Module:
         """Make expert `index` ready to run on the device and return it."""
         if not self._open:
             raise RuntimeError("placement used before open(); use it as a context manager")
+        if self.active is None and self.kind == "none":
+            for model in _unique(self.experts):  # no-op for experts already there
+                model.to(self.device)
         self.active = index
         return self.experts[index]
 
@@ -162,7 +158,7 @@ class BlockSwap(Placement):
             self._streamed[id(model)] = chain
             for pos, entry in enumerate(chain):
                 nxt = chain[(pos + 1) % len(chain)]
-                # prepended: the weights must be on the device before any other pre-hook (fp8) sees them
+                # prepended: the weights must be on the device before any other pre-hook (storage) sees them
                 pre_hook = self._pre_hook(entry, nxt)
                 self._hooks.append(entry.block.register_forward_pre_hook(pre_hook, prepend=True))
                 self._hooks.append(entry.block.register_forward_hook(self._post_hook(entry), always_call=True))
@@ -251,158 +247,6 @@ class BlockSwap(Placement):
         return hook
 
 
-@dataclass(eq=False)
-class _Fp8Weight:
-    """One block matrix kept in fp8: the parameter, its scale and the dtype it computes in.
-
-    `source` is the fp8 tensor while its block runs (None between forwards, when `param.data` itself
-    holds the fp8 tensor).
-    """
-
-    param: nn.Parameter
-    scale: torch.Tensor
-    dtype: torch.dtype
-    source: torch.Tensor | None = None
-
-    def fp8_data(self) -> torch.Tensor:
-        """The fp8 values, wherever the current state keeps them (on the parameter's device)."""
-        data = self.param.data
-        if data.dtype in FP8_DTYPES:
-            return data
-        assert self.source is not None, "fp8 weight lost both its fp8 data and its source"
-        return self.source.to(data.device)
-
-    def dequantised(self) -> torch.Tensor:
-        return (self.fp8_data().float() * self.scale).to(self.dtype)
-
-
-class Fp8Storage:
-    """Block matrices stored as fp8 + per-tensor scale, dequantised per block forward.
-
-    Between forwards each managed 2-D weight of `model.blocks` holds fp8 data; a forward pre-hook
-    replaces it by `fp8 * scale` in the compute dtype and a post-hook (`always_call`, so it also
-    runs when the forward raises) puts the fp8 data back. The dequantised tensor is always computed
-    from the fp8 data (the parameter's own, or the kept source if a forward left it dequantised), so
-    no exception can make a later forward scale a weight twice. `remove()` restores dequantised
-    weights and removes the hooks.
-
-    `quantised` maps parameter names (`blocks.0.self_attn.q.weight`) to (fp8 tensor, scale) taken
-    from an fp8-scaled checkpoint: only those weights are stored in fp8, with the file's own
-    values. Without it every 2-D floating weight of the blocks is quantised here (absmax / 448).
-    """
-
-    def __init__(self, model: nn.Module, *, compute_dtype: torch.dtype | None = None,
-                 quantised: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
-            raise TypeError(f"fp8 storage needs a model with a `blocks` ModuleList (WanDiT); got "
-                            f"{type(model).__name__}")
-        if quantised is not None:
-            _check_quantised(model, quantised)
-        self.model = model
-        self._entries: list[_Fp8Weight] = []
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        for index, block in enumerate(model.blocks):
-            entries = []
-            for name, p in block.named_parameters():
-                full_name = f"blocks.{index}.{name}"
-                if quantised is not None:
-                    if full_name not in quantised:
-                        continue
-                    q, scale = quantised[full_name]
-                elif p.dim() == 2 and p.is_floating_point():
-                    q, scale = quantise_fp8_scaled(p.data)
-                else:
-                    continue
-                entries.append(_Fp8Weight(p, scale.detach().float().reshape(()).cpu(), compute_dtype or p.dtype))
-                p.data = q.detach().to(p.device)
-            self._entries.extend(entries)
-            pre, post = self._block_hooks(entries)
-            self._hooks.append(block.register_forward_pre_hook(pre))
-            self._hooks.append(block.register_forward_hook(post, always_call=True))
-
-    @property
-    def bytes_fp8(self) -> int:
-        return sum(e.param.numel() for e in self._entries)
-
-    @staticmethod
-    def _block_hooks(entries: list[_Fp8Weight]):
-        def dequantise(module: nn.Module, args: object) -> None:
-            sources = [e.fp8_data() for e in entries]
-            values = [e.dequantised() for e in entries]  # all computed before any is swapped in
-            for e, q, value in zip(entries, sources, values, strict=True):
-                e.source = q
-                e.param.data = value
-
-        def requantise(module: nn.Module, args: object, output: object) -> None:
-            for e in entries:
-                if e.source is not None:
-                    e.param.data = e.source
-                    e.source = None
-
-        return dequantise, requantise
-
-    def remove(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        for e in self._entries:
-            e.param.data = e.dequantised()
-            e.source = None
-        self._entries.clear()
-
-
-def _check_quantised(model: nn.Module, quantised: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    params = dict(model.named_parameters())
-    for name, (q, scale) in quantised.items():
-        p = params.get(name)
-        if p is None or not name.startswith("blocks."):
-            raise ValueError(f"fp8 weight {name!r} is not a parameter of the model's blocks")
-        if q.dtype not in FP8_DTYPES or tuple(q.shape) != tuple(p.shape) or scale.numel() != 1:
-            raise ValueError(f"fp8 weight {name!r}: expected an fp8 tensor of shape {tuple(p.shape)} and "
-                             f"a one-value scale; got {q.dtype} {tuple(q.shape)} and a scale of "
-                             f"{scale.numel()} values")
-
-
-def store_fp8(model: nn.Module, *, compute_dtype: torch.dtype | None = None) -> Fp8Storage:
-    """Keep the block matrices of `model` in fp8 (see `Fp8Storage`); returns the handle to undo it."""
-    return Fp8Storage(model, compute_dtype=compute_dtype)
-
-
-def fp8_scaled_weights(raw: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The fp8 block weights of a raw (not dequantised) ComfyUI fp8-scaled DiT state dict.
-
-    Returns `{"blocks.i.<layer>.weight": (fp8 tensor, scale)}` for every 2-D fp8 tensor under
-    `blocks.`; the scale is `<layer>.scale_weight` (1 when the file has none). An optional
-    `model.diffusion_model.` prefix is stripped. Other fp8 tensors are left out (the loader's
-    dequantised values serve them).
-    """
-    prefix = COMFY_DIT_PREFIX if any(k.startswith(COMFY_DIT_PREFIX) for k in raw) else ""
-    sd = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, tensor in sd.items():
-        if key.startswith("blocks.") and key.endswith(".weight") and tensor.dtype in FP8_DTYPES \
-                and tensor.dim() == 2:
-            scale = sd.get(key[: -len(".weight")] + FP8_SCALE_SUFFIX)
-            out[key] = (tensor, torch.ones(()) if scale is None else scale.float().reshape(()))
-    return out
-
-
-def store_fp8_from_state_dict(model: nn.Module, raw: Mapping[str, torch.Tensor], *,
-                              compute_dtype: torch.dtype | None = None) -> Fp8Storage:
-    """Keep the block weights that an fp8-scaled checkpoint stores in fp8 in fp8, with its own values.
-
-    `model` is the DiT loaded from that file (its weights dequantised by the loader); `raw` is the
-    file's state dict as read, before dequantisation (fp8 tensors plus `.scale_weight` entries).
-    Forwards then give the same numbers as the dequantised model, with a quarter of the fp32 block
-    weight memory. Raises `ValueError` when the file holds no fp8 block weights or they do not fit.
-    """
-    quantised = fp8_scaled_weights(raw)
-    if not quantised:
-        raise ValueError("the state dict holds no fp8 block weights (expected `blocks.*.weight` in "
-                         "float8 with `.scale_weight` entries, as ComfyUI's fp8_scaled files store them)")
-    return Fp8Storage(model, compute_dtype=compute_dtype, quantised=quantised)
-
-
 def make_placement(experts: Sequence[nn.Module], kind: str, *, device: torch.device | str,
                    num_resident_blocks: int = 0) -> Placement:
     """The placement policy `kind` ('none' | 'model' | 'blocks') for these experts."""
@@ -414,7 +258,9 @@ def make_placement(experts: Sequence[nn.Module], kind: str, *, device: torch.dev
         if num_resident_blocks < 0:
             raise ValueError(f"num_resident_blocks must be >= 0; got {num_resident_blocks}")
         return BlockSwap(experts, device=device, num_resident_blocks=num_resident_blocks)
-    raise ValueError(f"placement must be one of {PLACEMENTS}; got {kind!r}")
+    kinds = tuple(p for p in PLACEMENTS if p != AUTO_PLACEMENT)
+    raise ValueError(f"placement must be one of {kinds} here ({AUTO_PLACEMENT!r} is resolved by the memory "
+                     f"planner before a placement is made); got {kind!r}")
 
 
 def _unique(models: Sequence[nn.Module]) -> list[nn.Module]:

@@ -23,7 +23,7 @@ Shapes: B batch, S text positions (text_len, 512), D model dim, N heads, Dh head
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -310,18 +310,19 @@ class TextEncoder:
         target = self.device if output_device is None else torch.device(output_device)
         return [out[b, :n].to(target) for b, n in enumerate(lens)]
 
-    def encode_pair(self, prompt: str, negative: str = "", *, output_device: torch.device | str | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_pair(self, prompt: str, negative: str = "", *, output_device: torch.device | str | None = None,
+                    stage_facts: Mapping[str, object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(context, context_null) for one prompt; an empty negative becomes `DEFAULT_NEGATIVE_PROMPT`.
 
-        Each is encoded on its own (batch 1), as the official pipelines do. Traced as `T5_Encoding`.
+        Each is encoded on its own (batch 1), as the official pipelines do. Traced as `T5_Encoding`
+        (with `stage_facts` added, e.g. the memory planner's estimate).
         Shapes: returns (L_prompt, D), (L_negative, D).
         """
         check_prompts([prompt, negative], what="prompt and negative prompt")
         negative = DEFAULT_NEGATIVE_PROMPT if negative == "" else negative
         flops = self.config.flops_forward(self.tokenizer.text_len, batch=2)
         with stage(T5_ENCODE_STAGE.name, kind=T5_ENCODE_STAGE.kind, flops=flops, device=str(self.device),
-                   dtype=str(self.encoder.token_embedding.weight.dtype)):
+                   dtype=str(self.encoder.token_embedding.weight.dtype), **dict(stage_facts or {})):
             context = self.encode([prompt], output_device=output_device)[0]
             context_null = self.encode([negative], output_device=output_device)[0]
         return context, context_null

@@ -5,7 +5,8 @@ flops=...):`. A profiler (see `profiling/session.py`) installs itself with `use_
 for the duration of a call; outside that, `stage()` returns a shared no-op context manager and
 costs one context-variable read.
 
-Stage kinds: "init", "preprocess", "encode", "step-loading", "step-inference", "decode", "total".
+Stage kinds: "init", "preprocess", "encode", "step-loading", "step-inference", "decode", "total",
+and "other" for work the profiler knows only by its name (a graph node of another pack).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any, ContextManager, Protocol
 
-STAGE_KINDS = ("init", "preprocess", "encode", "step-loading", "step-inference", "decode", "total")
+STAGE_KINDS = ("init", "preprocess", "encode", "step-loading", "step-inference", "decode", "total", "other")
 
 
 class Tracer(Protocol):

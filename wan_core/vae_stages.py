@@ -9,6 +9,11 @@ Outside a profiler the stages are no-ops and no FLOPs are counted.
 (cached per config), inside the caller's loading stage, so that a profiled encode or decode later
 spends microseconds outside its own stage.
 
+`decode_video` plans its memory first (`runtime.stage_plans.plan_decode`): tiling "auto" is whole
+frames when they fit in what is free on the VAE's device, else the largest tiles that fit; an
+explicit tiling that cannot fit is refused (`MemoryPlanError`) before anything is allocated. (The
+module's own `WanVAE.decode(tiling="auto")` means the default tiles; the planner is the pipeline's.)
+
 Shapes: video (B, 3, F, H, W) in [-1, 1]; raw latent (B, z, T, h, w).
 """
 
@@ -20,10 +25,12 @@ from .checkpoints.io import PathLike
 from .checkpoints.vae import load_vae
 from .config import NO_TILING, VAE_DECODE_STAGE, VAE_ENCODE_STAGE
 from .flops import count_vae_flops_ahead, vae_decode_flops, vae_flops
-from .trace import current_tracer, stage
+from .runtime.planner import MemoryEnvironment, SystemMemory
+from .runtime.stage_plans import plan_decode
+from .trace import current_tracer, event, stage
 from .vae import ChunkCallback, WanVAE
 from .vae_blocks import PIXEL_CHANNELS
-from .vae_tiling import VAETiling, resolve_tiling
+from .vae_tiling import VAETiling
 
 
 def load_vae_for_stages(path: PathLike, *, device: torch.device | str = "cpu",
@@ -54,13 +61,20 @@ def encode_video(vae: WanVAE, video: torch.Tensor, *, chunk_frames: int | None =
 
 def decode_video(vae: WanVAE, raw: torch.Tensor, *, tiling: VAETiling | str | None = None,
                  callback: ChunkCallback | None = None, chunk_frames: int | None = 1,
-                 clamp: bool = True) -> torch.Tensor:
-    """`vae.decode` as the stage `VAE_Decoding` (kind "decode"); arguments as `WanVAE.decode`.
+                 clamp: bool = True, memory: MemoryEnvironment | None = None) -> torch.Tensor:
+    """`vae.decode` as the stage `VAE_Decoding` (kind "decode"), after its memory plan.
+
+    `tiling`: "auto" (the planner's choice), "none"/None (whole frames) or a `VAETiling`; other
+    arguments as `WanVAE.decode`; `memory`: how the application reports and frees memory (default:
+    the system's figures). The decision is the trace event `memory_plan`.
 
     Shapes: raw (B, z, T, h, w) -> video (B, 3, 1 + 4(T-1), h*s, w*s), float32.
     """
     raw = vae.check_latent(raw)
-    plan = resolve_tiling(tiling)
+    memory_plan = plan_decode(vae, tuple(raw.shape), tiling=tiling, memory=memory or SystemMemory(),
+                              chunk_frames=chunk_frames)
+    event("memory_plan", **memory_plan.facts())
+    plan = memory_plan.tiling
     cfg = vae.config
     b, _, t, h, w = raw.shape
     s = cfg.spatial_stride
@@ -68,5 +82,5 @@ def decode_video(vae: WanVAE, raw: torch.Tensor, *, tiling: VAETiling | str | No
     flops = vae_decode_flops(cfg, tuple(raw.shape), plan) if current_tracer() is not None else None
     with stage(VAE_DECODE_STAGE.name, kind=VAE_DECODE_STAGE.kind, flops=flops, vae=cfg.variant,
                latent_shape=tuple(raw.shape), output_shape=out_shape,
-               tiling=NO_TILING if plan is None else plan.describe()):
+               tiling=NO_TILING if plan is None else plan.describe(), **memory_plan.estimate.facts()):
         return vae.decode(raw, tiling=plan, callback=callback, chunk_frames=chunk_frames, clamp=clamp)

@@ -21,18 +21,23 @@ from pathlib import Path
 
 import pytest
 
-from .provision import ComfyInstall, install_from_env, provision, repo_root
+from .native_models import make_core_tiny_models
+from .provision import ComfyInstall, ensure_optional_packages, install_from_env, provision, repo_root
 from .server import ComfyServer
 
 logger = logging.getLogger(__name__)
 
 PACK_LINK_NAME = "ComfyUI-WanBench"
+TEST_PACK_LINK_NAME = "wanbench_test_pack"  # test-only nodes (tests/e2e/native_pack), never shipped
 
 
 @pytest.fixture(scope="session")
 def comfy_install() -> ComfyInstall:
     """The ComfyUI tree and interpreter (provisioned and cached under .cache/comfyui, or COMFYUI_DIR)."""
-    install = install_from_env() or provision()
+    from_env = install_from_env()
+    install = from_env or provision()
+    if from_env is None:  # the cached install: top up gguf, which the GGUF e2e tests need in the server
+        ensure_optional_packages(install)
     if install.reused:
         logger.info("using ComfyUI %s at %s", install.version, install.comfy_dir)
     else:
@@ -41,9 +46,9 @@ def comfy_install() -> ComfyInstall:
 
 
 def make_tiny_models(models_dir: Path) -> None:
-    """Run ``wanbench make-tiny-models DIR`` with the project's interpreter."""
+    """Run ``wanbench make-tiny-models DIR --gguf`` with the project's interpreter (GGUF files too)."""
     result = subprocess.run(
-        [sys.executable, "-m", "wanbench", "make-tiny-models", str(models_dir)],
+        [sys.executable, "-m", "wanbench", "make-tiny-models", str(models_dir), "--gguf"],
         capture_output=True,
         text=True,
         check=False,
@@ -64,10 +69,12 @@ def comfy_server(
     run_dir = tmp_path_factory.mktemp("comfyui_run")
     server = ComfyServer(comfy_install, run_dir)
     server.link_custom_node(repo_root(), PACK_LINK_NAME)
+    server.link_custom_node(Path(__file__).resolve().parent / "native_pack", TEST_PACK_LINK_NAME)
     for sample in sorted((comfy_install.comfy_dir / "input").glob("*.png")):
         shutil.copy2(sample, run_dir / "input" / sample.name)  # example.png, which LoadImage defaults to
     started = time.monotonic()
     make_tiny_models(run_dir / "models")
+    make_core_tiny_models(run_dir / "models")  # what ComfyUI's own loaders accept, for its native graphs
     logger.info("tiny models written in %.1f s", time.monotonic() - started)
     server.start()
     try:

@@ -43,6 +43,9 @@ TORCHAUDIO_REQUIREMENT = "torchaudio==2.11.0"
 EXCLUDED_REQUIREMENTS = frozenset({"torch", "torchvision", "torchaudio"})
 EXTRA_REQUIREMENTS = ("requests",)
 PACK_RUNTIME_REQUIREMENTS = ("einops", "safetensors", "sentencepiece", "ftfy", "av", "nvidia-ml-py")
+# Optional pack dependencies the e2e tests use, topped up into a finished install when missing (an
+# import check, then pip), so adding one does not change the recipe key and rebuild a cached install.
+PACK_OPTIONAL_REQUIREMENTS = {"gguf": "gguf>=0.10"}  # import name -> requirement
 MARKER_NAME = "installed.json"
 RECIPE_VERSION = 1
 NMS_DECORATORS = (
@@ -134,6 +137,24 @@ def recipe_key(constraints: Path) -> str:
         f"{sys.version_info[:2]}",
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def ensure_optional_packages(install: ComfyInstall, *, cache_dir: Path | None = None) -> list[str]:
+    """Install the optional pack dependencies (`PACK_OPTIONAL_REQUIREMENTS`) that the install's
+    interpreter cannot import; returns what was installed. Serialised with `provision` by its lock."""
+    cache_dir = (cache_dir or default_cache_dir()).resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    missing = []
+    with open(cache_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for module, requirement in PACK_OPTIONAL_REQUIREMENTS.items():
+            probe = subprocess.run([str(install.python), "-c", f"import {module}"], capture_output=True, check=False)
+            if probe.returncode != 0:
+                missing.append(requirement)
+        if missing:
+            _run([str(install.python), "-m", "pip", "install", "-q", *missing], cache_dir / "provision.log")
+            logger.info("installed %s into %s", missing, install.python)
+    return missing
 
 
 def provision(cache_dir: Path | None = None, *, constraints: Path | None = None) -> ComfyInstall:

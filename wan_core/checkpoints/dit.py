@@ -23,15 +23,27 @@ from torch import nn
 
 from ...util.atomic import atomic_write_text
 from ..attention import REFERENCE_BACKEND, check_backend_name
-from ..config import TASK_BY_MODEL_TYPE, DiTConfig
+from ..config import (
+    DEFAULT_STORAGE,
+    FP8_MATMUL_STORAGE,
+    STORED_STORAGE,
+    TASK_BY_MODEL_TYPE,
+    WEIGHT_STORAGES,
+    DiTConfig,
+)
 from ..dit import WanDiT
 from ..errors import CheckpointError
+from ..runtime.compact import block_matrix_names, compact_weights, split_for_storage
+from ..runtime.fp8_matmul import apply_fp8_matmul
+from .fp8 import QuantizedTensor, fp8_scaled_state_dict
+from .gguf import WAN_ARCH, is_gguf, quantised_state_dict, read_gguf_fields, write_gguf
+from .gguf_quants import GGUFQuant
 from .io import (
     COMFY_DIT_PREFIX,
     DIFFUSERS_FILE_NAME,
     OFFICIAL_CONFIG_NAME,
     PathLike,
-    fp8_scaled_state_dict,
+    read_raw_state_dict,
     read_safetensors_metadata,
     read_shapes,
     read_state_dict,
@@ -46,7 +58,7 @@ logger = logging.getLogger(__name__)
 DIT_REQUIRED_KEYS = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
                      "blocks.0.self_attn.q.weight", "blocks.0.ffn.0.weight", "head.head.weight")
 DIFFUSERS_MARKER = "condition_embedder."
-DIT_LAYOUTS = ("official", "comfy", "comfy_prefixed", "diffusers")
+DIT_LAYOUTS = ("official", "comfy", "comfy_prefixed", "diffusers", "gguf")
 DIT_CONFIG_METADATA_KEY = "wanbench.dit_config"
 NUM_HEADS_METADATA_KEY = "wanbench.num_heads"
 OFFICIAL_SHARD_NAME = "diffusion_pytorch_model-{:05d}-of-{:05d}.safetensors"
@@ -90,9 +102,22 @@ def _rename(key: str, table: Iterable[tuple[str, str]], reverse: bool) -> str:
 
 def _convert_key(key: str, reverse: bool) -> str:
     if key.startswith("blocks."):
-        _, index, rest = key.split(".", 2)
+        parts = key.split(".", 2)
+        if len(parts) < 3:  # "blocks." itself: no block index, nothing to rename
+            return key
+        _, index, rest = parts
         return f"blocks.{index}." + _rename(rest, _BLOCK_TO_DIFFUSERS, reverse)
     return _rename(key, _TOP_LEVEL_TO_DIFFUSERS, reverse)
+
+
+def dit_key_to_diffusers(key: str) -> str:
+    """One official DiT name (parameter or module path followed by '.') -> its diffusers name."""
+    return _convert_key(key, reverse=False)
+
+
+def dit_key_from_diffusers(key: str) -> str:
+    """One diffusers `WanTransformer3DModel` name -> the official name (unknown names unchanged)."""
+    return _convert_key(key, reverse=True)
 
 
 def dit_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -227,8 +252,8 @@ def _extra_config(path: Path) -> dict[str, object]:
             return {ours: raw[theirs] for theirs, ours in names.items() if raw.get(theirs) is not None}
         return {k: raw[k] for k in ("model_type", "dim", "in_dim", "out_dim", "ffn_dim", "freq_dim",
                                      "num_heads", "num_layers", "text_len", "eps") if k in raw}
-    if path.is_file() and path.suffix == ".safetensors":
-        meta = read_safetensors_metadata(path)
+    if path.is_file() and (path.suffix == ".safetensors" or is_gguf(path)):
+        meta = read_gguf_fields(path, with_arrays=False) if is_gguf(path) else read_safetensors_metadata(path)
         if DIT_CONFIG_METADATA_KEY in meta:
             try:
                 return dict(json.loads(meta[DIT_CONFIG_METADATA_KEY]))
@@ -306,21 +331,46 @@ def load_dit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> Non
 
 def load_dit(path: PathLike | Sequence[PathLike], *, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32, num_heads: int | None = None,
-             attention: str = REFERENCE_BACKEND) -> WanDiT:
+             attention: str = REFERENCE_BACKEND, storage: str = DEFAULT_STORAGE) -> WanDiT:
     """Build a `WanDiT` (with attention backend `attention`) from a file, a shard index or a folder
-    in any supported layout."""
+    in any supported layout (safetensors, fp8-scaled, GGUF, official, diffusers).
+
+    `dtype` is the compute dtype; `storage` (`config.WEIGHT_STORAGES`) how the block matrices are
+    kept in memory (`runtime/compact.py`): `default` casts everything to `dtype` (an fp8 file is
+    dequantised; a GGUF file stays quantised), the others keep them compact and decode them per
+    block; `fp8_e4m3fn_scaled_mm` also runs them as fp8 matmuls (`runtime/fp8_matmul.py`).
+    """
     check_backend_name(attention)  # before reading any tensor
-    sd, cfg = read_dit_state_dict(path, dtype=dtype, num_heads=num_heads)
+    if storage not in WEIGHT_STORAGES:
+        raise ValueError(f"weight storage must be one of {WEIGHT_STORAGES}; got {storage!r}")
+    raw = _official_names(read_raw_state_dict(path, strip_prefixes=(COMFY_DIT_PREFIX,)))
+    cfg = _detect({k: _meta(v) for k, v in raw.items()}, path, num_heads)
+    is_gguf_file = any(isinstance(v, QuantizedTensor) and isinstance(v.format, GGUFQuant) for v in raw.values())
+    if storage == DEFAULT_STORAGE and is_gguf_file:
+        storage = STORED_STORAGE  # decoding a GGUF file at load would undo what it is for
     with torch.device("meta"):
         model = WanDiT(cfg, attention=attention)
-    load_dit_state_dict(model, sd)
-    logger.info("loaded %s DiT (%d layers, dim %d) from %s", cfg.model_type, cfg.num_layers, cfg.dim, path)
-    return model.to(device=device).eval().requires_grad_(False)
+    plain, compact = split_for_storage(raw, block_matrix_names(model), storage, compute_dtype=dtype)
+    raw.clear()
+    load_dit_state_dict(model, {**plain, **{k: _meta(v) for k, v in compact.items()}})
+    if compact:
+        compact_weights(model, compact, compute_dtype=dtype)
+    model = model.to(device=device).eval().requires_grad_(False)
+    if storage == FP8_MATMUL_STORAGE:
+        apply_fp8_matmul(model)
+    logger.info("loaded %s DiT (%d layers, dim %d) from %s; block matrices %s", cfg.model_type, cfg.num_layers,
+                cfg.dim, path, f"kept as {storage}" if compact else f"in {dtype}")
+    return model
+
+
+def _meta(value: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+    """A meta tensor with the logical shape of a stored value (for detection and key checks)."""
+    return torch.empty(value.shape, device="meta")
 
 
 def load_experts(high: PathLike, low: PathLike | None = None, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, num_heads: int | None = None,
-                 attention: str = REFERENCE_BACKEND) -> list[WanDiT]:
+                 attention: str = REFERENCE_BACKEND, storage: str = DEFAULT_STORAGE) -> list[WanDiT]:
     """One model (ti2v) or the high- and low-noise experts (A14B), checked to be of one task and size.
 
     The check reads only key names and shapes (`read_dit_config`), so two mismatched 14B files fail
@@ -335,12 +385,13 @@ def load_experts(high: PathLike, low: PathLike | None = None, *, device: torch.d
                 if getattr(a, f.name) != getattr(b, f.name)}
         raise CheckpointError(f"the two experts differ (high vs low): {diff}; expected the high- and "
                               f"low-noise models of one task (high is {a.model_type}, low is {b.model_type})")
-    return [load_dit(p, device=device, dtype=dtype, num_heads=num_heads, attention=attention) for p in paths]
+    return [load_dit(p, device=device, dtype=dtype, num_heads=num_heads, attention=attention, storage=storage)
+            for p in paths]
 
 
 def save_dit(state_dict_or_model: nn.Module | Mapping[str, torch.Tensor], path: PathLike, *,
              layout: str = "comfy", dtype: torch.dtype = torch.float16, fp8_scaled: bool = False,
-             config: DiTConfig | None = None) -> Path:
+             config: DiTConfig | None = None, gguf_type: str = "Q8_0") -> Path:
     """Write a DiT in one of `DIT_LAYOUTS`; returns the file or folder written.
 
     - official: folder with 2 shards, `diffusion_pytorch_model.safetensors.index.json`, config.json.
@@ -349,10 +400,14 @@ def save_dit(state_dict_or_model: nn.Module | Mapping[str, torch.Tensor], path: 
       the `scaled_fp8` marker; everything else in `dtype`.
     - diffusers: one file with diffusers names when `path` ends in .safetensors, else a folder with
       `diffusion_pytorch_model.safetensors` and a diffusers config.json.
+    - gguf: a `.gguf` file of type `gguf_type` (`gguf.GGUF_RECIPES`, e.g. Q8_0, Q4_K_M), official
+      names, as the ComfyUI-GGUF tools write them (block matrices quantised, the rest F32/F16).
     Single files carry the full config in their metadata (`wanbench.dit_config`).
     """
     if layout not in DIT_LAYOUTS:
         raise ValueError(f"unknown DiT layout {layout!r}; expected one of {DIT_LAYOUTS}")
+    if layout == "gguf" and Path(path).suffix != ".gguf":
+        raise ValueError(f"the gguf layout is a .gguf file; got {Path(path).name}")
     if fp8_scaled and layout not in ("comfy", "comfy_prefixed"):
         raise ValueError(f"fp8_scaled is a ComfyUI layout; use layout 'comfy' or 'comfy_prefixed', "
                          f"not {layout!r}")
@@ -365,6 +420,8 @@ def save_dit(state_dict_or_model: nn.Module | Mapping[str, torch.Tensor], path: 
     metadata = {DIT_CONFIG_METADATA_KEY: json.dumps(_config_json(config)),
                 NUM_HEADS_METADATA_KEY: str(config.num_heads)}
     target = Path(path)
+    if layout == "gguf":
+        return write_gguf(target, quantised_state_dict(sd, gguf_type), arch=WAN_ARCH, fields=metadata)
     if layout == "official":
         return _save_official(tensors, target, config)
     if layout == "diffusers":

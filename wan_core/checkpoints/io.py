@@ -1,14 +1,17 @@
 """Generic checkpoint reading and writing, shared by every model family of this package.
 
 Reading: `read_state_dict` reads `.safetensors` (memory-mapped, one tensor at a time), sharded
-safetensors (an `*.index.json` or a folder of shards), and `.pth`/`.pt` pickles through
+safetensors (an `*.index.json` or a folder of shards), `.pth`/`.pt` pickles through
 `torch.load(weights_only=True, mmap=True)` (legacy non-zip files with `mmap=False`, still tensors
-only); it strips prefixes and dequantises ComfyUI's fp8 "scaled" files. `read_shapes` gives the
-names and shapes of the same files without reading tensor data; `read_safetensors_metadata` the
-string metadata of one file.
+only) and `.gguf` files (`gguf.py`, needs the optional `gguf` package); it strips prefixes and
+dequantises fp8 (every layout of `fp8.py`) and GGUF blocks. `read_raw_state_dict` reads the same
+files but keeps quantised tensors as `QuantizedTensor`s (what the file stores, plus its format), for
+loaders that keep weights compact. `read_shapes` gives the names, shapes and stored dtypes of the
+same files without reading tensor data (meta tensors); `read_safetensors_metadata` the string
+metadata of one file.
 
 Writing: `write_safetensors` and `write_torch_file` write atomically (through `util.atomic`);
-`quantise_fp8_scaled` / `fp8_scaled_state_dict` produce ComfyUI's fp8 "scaled" layout.
+`fp8.quantise_fp8_scaled` / `fp8.fp8_scaled_state_dict` produce ComfyUI's fp8 "scaled" layouts.
 
 The model families (`dit.py`, `t5.py`, `vae.py`) hold their own key maps, detection and layouts.
 """
@@ -19,7 +22,7 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,15 +31,23 @@ from safetensors.torch import save_file
 
 from ...util.atomic import atomic_output
 from ..errors import CheckpointError
+from .fp8 import (  # noqa: F401 - the fp8 names are re-exported for callers of io
+    FP8_DTYPES,
+    FP8_INPUT_SCALE_SUFFIX,
+    FP8_MARKER,
+    FP8_SCALE_SUFFIX,
+    QuantizedTensor,
+    fp8_scaled_state_dict,
+    is_fp8_bookkeeping,
+    quantise_fp8_scaled,
+    split_fp8,
+)
+from .gguf import is_gguf, read_gguf
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 COMFY_DIT_PREFIX = "model.diffusion_model."
-FP8_MARKER = "scaled_fp8"
-FP8_SCALE_SUFFIX = ".scale_weight"
-FP8_INPUT_SCALE_SUFFIX = ".scale_input"
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 OFFICIAL_CONFIG_NAME = "config.json"  # beside official and diffusers weights
 DIFFUSERS_FILE_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' single-file weights
@@ -56,45 +67,93 @@ def read_state_dict(
     """Read a checkpoint (one file, several files, an index or a folder) into a flat state dict.
 
     - `dtype`: floating tensors are cast to it one by one while reading (integer tensors are kept).
-      fp8 tensors are always dequantised: to `dtype`, or to float32 when `dtype` is None.
-    - fp8 "scaled" files (ComfyUI): `<name>.weight` in fp8 times `<name>.scale_weight`; the
-      `scaled_fp8` marker and the `.scale_weight` / `.scale_input` entries are dropped.
+      Quantised tensors are always dequantised: to `dtype`, or to float32 when `dtype` is None.
+    - fp8 "scaled" files (ComfyUI, every layout of `fp8.py`): `<name>.weight` in fp8 times its
+      scale; the marker, scale and format entries are dropped. GGUF files: blocks decoded.
     - `strip_prefixes`: for each prefix in order, when some keys start with it, only those keys are
       kept, without the prefix (a ComfyUI all-in-one file keeps its diffusion model part).
 
     Raises `CheckpointError` for a missing, truncated or corrupt file, a pickle holding other
     objects than tensors, and a key present in two shards.
     """
+    raw = read_raw_state_dict(path_or_paths, strip_prefixes=strip_prefixes)
+    out: dict[str, torch.Tensor] = {}
+    for key in list(raw):
+        value = raw.pop(key)  # one tensor at a time: the raw copy is released as we go
+        if isinstance(value, QuantizedTensor):
+            value = value.dequantise(dtype or torch.float32)
+        elif dtype is not None and value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def read_raw_state_dict(path_or_paths: PathLike | Sequence[PathLike], *,
+                        strip_prefixes: Sequence[str] = (COMFY_DIT_PREFIX,)
+                        ) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """The tensors as the files store them: plain tensors, and `QuantizedTensor`s for fp8 (with
+    their scales) and GGUF blocks. Prefixes are stripped as in `read_state_dict`; fp8 bookkeeping
+    entries are dropped. Formats this package cannot decode raise `CheckpointError`."""
     files = _resolve_files(path_or_paths)
-    raw: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor | QuantizedTensor] = {}
+    metadata: dict[str, str] = {}
     for file in files:
+        if file.suffix == ".safetensors":
+            metadata.update(read_safetensors_metadata(file))
         for key, tensor in _read_one_file(file).items():
             if key in raw:
                 raise CheckpointError(f"tensor {key!r} appears in more than one file ({file}); "
                                       "pass the shards of one checkpoint only")
             raw[key] = tensor
-    sd = _strip_prefixes(raw, strip_prefixes)
-    return _dequantise_and_cast(sd, dtype)
+    raw = _strip_prefixes(raw, strip_prefixes)
+    tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    plain, fp8 = split_fp8(tensors, metadata)  # drops the fp8 bookkeeping entries
+    out: dict[str, torch.Tensor | QuantizedTensor] = {}
+    for key, value in raw.items():  # in file order
+        if isinstance(value, QuantizedTensor):
+            out[key] = value
+        elif key in fp8 or key in plain:
+            out[key] = fp8[key] if key in fp8 else plain[key]
+    return out
 
 
 def read_shapes(path_or_paths: PathLike | Sequence[PathLike], *,
                 strip_prefixes: Sequence[str] = (COMFY_DIT_PREFIX,)) -> dict[str, torch.Tensor]:
-    """Meta tensors with the names and shapes of a checkpoint's tensors, reading no tensor data.
+    """Meta tensors with the names, shapes and stored dtypes of a checkpoint's tensors, reading no
+    tensor data.
 
     safetensors headers give the shapes; `.pth` files are memory-mapped (legacy ones are read).
     Prefixes are stripped as in `read_state_dict`; the fp8 "scaled" bookkeeping entries (the
     marker, `.scale_weight`, `.scale_input`) are left out.
     """
     shapes = {k: v for file in _resolve_files(path_or_paths) for k, v in _read_file_shapes(file).items()}
-    return {k: v for k, v in _strip_prefixes(shapes, strip_prefixes).items() if not _is_fp8_bookkeeping(k)}
+    return {k: v for k, v in _strip_prefixes(shapes, strip_prefixes).items() if not is_fp8_bookkeeping(k)}
+
+
+# safetensors header dtype names -> torch dtypes (what `read_shapes` gives the meta tensors)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 def _read_file_shapes(file: Path) -> dict[str, torch.Tensor]:
+    if is_gguf(file):
+        return {k: v for k, v in read_gguf(file, shapes_only=True).tensors.items()}
     if file.suffix != ".safetensors":
-        return {k: torch.empty(v.shape, device="meta") for k, v in _read_one_file(file).items()}
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in _read_one_file(file).items()}
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
+            out = {}
+            for k in handle.keys():
+                info = handle.get_slice(k)
+                name = info.get_dtype()
+                if name not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"tensor {k!r} of {file} has dtype {name!r}, which this pack does not "
+                                          f"read; expected one of {sorted(SAFETENSORS_DTYPES)}")
+                out[k] = torch.empty(info.get_shape(), dtype=SAFETENSORS_DTYPES[name], device="meta")
+            return out
     except SafetensorError as e:
         raise _corrupt(file, e) from e
 
@@ -113,7 +172,7 @@ def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
 def _check_exists(file: Path) -> None:
     if not file.exists():
         raise CheckpointError(f"checkpoint not found: {file}; check the path (expected a .safetensors, "
-                              ".pth or .pt file, an *.index.json or a folder of shards)")
+                              ".gguf, .pth or .pt file, an *.index.json or a folder of shards)")
 
 
 def _corrupt(file: Path, error: BaseException) -> CheckpointError:
@@ -168,13 +227,15 @@ def _files_of_index(index: Path) -> list[Path]:
     return files
 
 
-def _read_one_file(file: Path) -> dict[str, torch.Tensor]:
+def _read_one_file(file: Path) -> dict[str, torch.Tensor | QuantizedTensor]:
     if file.suffix == ".safetensors":
         return _read_safetensors(file)
+    if is_gguf(file):
+        return read_gguf(file).tensors
     if file.suffix in PICKLE_SUFFIXES:
         return _read_pickle(file)
     raise CheckpointError(f"unsupported checkpoint file type {file.suffix!r} ({file}); expected "
-                          f".safetensors or one of {PICKLE_SUFFIXES}")
+                          f".safetensors, .gguf or one of {PICKLE_SUFFIXES}")
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -233,29 +294,6 @@ def _strip_prefixes(sd: dict[str, torch.Tensor], prefixes: Sequence[str]) -> dic
     return sd
 
 
-def _is_fp8_bookkeeping(key: str) -> bool:
-    """The `scaled_fp8` marker and the per-layer scales of ComfyUI's fp8 "scaled" files."""
-    return key == FP8_MARKER or key.endswith((FP8_SCALE_SUFFIX, FP8_INPUT_SCALE_SUFFIX))
-
-
-def _dequantise_and_cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in sd.items():
-        if _is_fp8_bookkeeping(key):
-            continue
-        if tensor.dtype in FP8_DTYPES:
-            owner = key.rsplit(".", 1)[0] if "." in key else key
-            scale = sd.get(owner + FP8_SCALE_SUFFIX)
-            value = tensor.float()
-            if scale is not None:
-                value = value * scale.float()
-            tensor = value.to(dtype or torch.float32)
-        elif dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        out[key] = tensor
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Generic writing
 # --------------------------------------------------------------------------------------------
@@ -266,31 +304,6 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, *,
     with atomic_output(path) as tmp:
         save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
     return Path(path)
-
-
-def quantise_fp8_scaled(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor fp8 e4m3fn quantisation: (weight / scale in fp8, scale) with scale = absmax / 448."""
-    w = weight.detach().float()
-    absmax = w.abs().max()
-    scale = (absmax / torch.finfo(torch.float8_e4m3fn).max).clamp_min(torch.finfo(torch.float32).tiny)
-    return (w / scale).to(torch.float8_e4m3fn), scale.reshape(())
-
-
-
-
-def fp8_scaled_state_dict(sd: Mapping[str, torch.Tensor], *, is_quantised: Callable[[str, torch.Tensor], bool],
-                          dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8 "scaled" layout: the tensors `is_quantised(key, tensor)` picks in fp8 e4m3fn with
-    `<layer>.scale_weight` (`quantise_fp8_scaled`) and the `scaled_fp8` marker; floating tensors
-    otherwise cast to `dtype`, the rest kept."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if is_quantised(key, value):
-            out[key], out[key[: -len(".weight")] + FP8_SCALE_SUFFIX] = quantise_fp8_scaled(value)
-        else:
-            out[key] = value.detach().to(dtype) if value.is_floating_point() else value
-    out[FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    return out
 
 
 def write_torch_file(tensors: Mapping[str, torch.Tensor], path: PathLike) -> Path:

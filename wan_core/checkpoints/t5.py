@@ -3,8 +3,10 @@
 The official checkpoint (`models_t5_umt5-xxl-enc-bf16.pth`) uses the module names of
 `wan_core.t5.UMT5Encoder`. The Hugging Face / ComfyUI layout (`shared.weight`,
 `encoder.block.N.layer.0.SelfAttention.q.weight`, ...) is mapped to them by `hf_to_official`
-(spec 4.1); the layout is detected from the keys. ComfyUI's fp8 "scaled" files are dequantised
-while reading (`io.read_state_dict`), and its files embed the tokenizer as a `spiece_model` tensor.
+(spec 4.1), and llama.cpp's GGUF layout (`token_embd.weight`, `enc.blk.N.attn_q.weight`, ...) by
+`gguf_to_official`; the layout is detected from the keys. ComfyUI's fp8 "scaled" files are
+dequantised while reading (or kept compact: `storage`), and its files embed the tokenizer as a
+`spiece_model` tensor; a GGUF file carries it as `tokenizer.ggml.*` metadata (`gguf_tokenizer.py`).
 """
 
 from __future__ import annotations
@@ -12,21 +14,30 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ...util.atomic import atomic_output, atomic_write_text
-from ..config import UMT5Config
+from ..config import DEFAULT_STORAGE, FP8_MATMUL_STORAGE, STORED_STORAGE, WEIGHT_STORAGES, UMT5Config
 from ..errors import CheckpointError
+from ..runtime.compact import block_matrix_names, compact_weights, split_for_storage
 from ..t5 import TextEncoder, UMT5Encoder
 from ..tokenizer import DEFAULT_TEXT_LEN, SPIECE_TENSOR_KEY, WanTokenizer, find_spiece_model, searched_places
-from .io import PathLike, fp8_scaled_state_dict, read_state_dict, write_safetensors, write_torch_file
+from .fp8 import QuantizedTensor, fp8_scaled_state_dict
+from .gguf import is_gguf, quantised_state_dict, read_gguf, write_gguf
+from .gguf_quants import GGUFQuant
+from .gguf_tokenizer import fields_from_spiece, spiece_from_fields
+from .io import PathLike, read_raw_state_dict, write_safetensors, write_torch_file
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("comfy", "official")
+TensorLike = torch.Tensor | QuantizedTensor
+
+LAYOUTS = ("comfy", "official", "gguf")
+GGUF_T5_ARCH = "t5encoder"  # llama.cpp's architecture name for an encoder-only T5
 TOKENIZER_SUBFOLDER = "google/umt5-xxl"
 
 
@@ -51,12 +62,43 @@ _GLOBAL_KEY_PAIRS = (
     ("token_embedding.weight", "shared.weight"),
     ("norm.weight", "encoder.final_layer_norm.weight"),
 )
+# (official name, llama.cpp GGUF name)
+_GGUF_BLOCK_KEY_PAIRS = (
+    ("blocks.{i}.norm1.weight", "enc.blk.{i}.attn_norm.weight"),
+    ("blocks.{i}.attn.q.weight", "enc.blk.{i}.attn_q.weight"),
+    ("blocks.{i}.attn.k.weight", "enc.blk.{i}.attn_k.weight"),
+    ("blocks.{i}.attn.v.weight", "enc.blk.{i}.attn_v.weight"),
+    ("blocks.{i}.attn.o.weight", "enc.blk.{i}.attn_o.weight"),
+    ("blocks.{i}.pos_embedding.embedding.weight", "enc.blk.{i}.attn_rel_b.weight"),
+    ("blocks.{i}.norm2.weight", "enc.blk.{i}.ffn_norm.weight"),
+    ("blocks.{i}.ffn.gate.0.weight", "enc.blk.{i}.ffn_gate.weight"),
+    ("blocks.{i}.ffn.fc1.weight", "enc.blk.{i}.ffn_up.weight"),
+    ("blocks.{i}.ffn.fc2.weight", "enc.blk.{i}.ffn_down.weight"),
+)
+_GGUF_GLOBAL_KEY_PAIRS = (("token_embedding.weight", "token_embd.weight"), ("norm.weight", "enc.output_norm.weight"))
 _HF_EMBED_ALIAS = "encoder.embed_tokens.weight"
 _HF_IGNORED_PREFIXES = ("decoder.", "lm_head.")
 # Keys whose presence identifies a layout, and that locate a prefix in front of the encoder.
 _OFFICIAL_ANCHOR = "blocks.0.attn.q.weight"
 _HF_ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"
+_GGUF_ANCHOR = "enc.blk.0.attn_q.weight"
 _FP8_LINEAR = re.compile(r"\.(q|k|v|o|wi_0|wi_1|wo|fc1|fc2|gate\.0)\.weight$")
+
+
+def _is_gguf_quantised(key: str, tensor: torch.Tensor) -> bool:
+    """What llama.cpp quantises in a T5 encoder: the linears and the token embedding."""
+    return key == "token_embd.weight" or key.endswith(("_q.weight", "_k.weight", "_v.weight", "_o.weight",
+                                                       "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"))
+
+
+def _save_gguf(sd: dict[str, torch.Tensor], target: Path, spiece_bytes: bytes | None, gguf_type: str) -> Path:
+    if target.suffix != ".gguf":
+        raise ValueError(f"the gguf layout is a .gguf file; got {target.name}")
+    tensors = quantised_state_dict(official_to_gguf(sd), gguf_type, is_quantised=_is_gguf_quantised)
+    fields = fields_from_spiece(spiece_bytes) if spiece_bytes is not None else {}
+    write_gguf(target, tensors, arch=GGUF_T5_ARCH, fields=fields)
+    logger.info("saved UMT5 encoder to %s (gguf %s)", target, gguf_type)
+    return target
 
 
 def _is_fp8_linear(key: str, tensor: torch.Tensor) -> bool:
@@ -70,6 +112,8 @@ def _pattern(template: str) -> re.Pattern[str]:
 
 _OFFICIAL_TO_HF = [(_pattern(o), h) for o, h in _BLOCK_KEY_PAIRS]
 _HF_TO_OFFICIAL = [(_pattern(h), o) for o, h in _BLOCK_KEY_PAIRS]
+_OFFICIAL_TO_GGUF = [(_pattern(o), g) for o, g in _GGUF_BLOCK_KEY_PAIRS]
+_GGUF_TO_OFFICIAL = [(_pattern(g), o) for o, g in _GGUF_BLOCK_KEY_PAIRS]
 
 
 def _rename(key: str, table: list[tuple[re.Pattern[str], str]], globals_: dict[str, str]) -> str | None:
@@ -126,9 +170,36 @@ def official_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _select_encoder(sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], str]:
+def gguf_to_official(sd: Mapping[str, TensorLike]) -> dict[str, TensorLike]:
+    """llama.cpp GGUF UMT5 encoder keys -> official keys; unknown keys raise."""
+    out, unknown = {}, []
+    gguf_globals = {g: o for o, g in _GGUF_GLOBAL_KEY_PAIRS}
+    for key, tensor in sd.items():
+        name = _rename(key, _GGUF_TO_OFFICIAL, gguf_globals)
+        if name is None:
+            unknown.append(key)
+        else:
+            out[name] = tensor
+    if unknown:
+        raise CheckpointError(f"unexpected tensors in a GGUF UMT5 encoder file: {unknown[:6]}; expected "
+                              "token_embd.weight, enc.blk.N.* and enc.output_norm.weight")
+    return out
+
+
+def official_to_gguf(sd: Mapping[str, TensorLike]) -> dict[str, TensorLike]:
+    """Official UMT5 encoder keys -> llama.cpp GGUF keys (the inverse of `gguf_to_official`)."""
+    out = {}
+    for key, tensor in sd.items():
+        name = _rename(key, _OFFICIAL_TO_GGUF, dict(_GGUF_GLOBAL_KEY_PAIRS))
+        if name is None:
+            raise CheckpointError(f"{key!r} is not an official UMT5 encoder key")
+        out[name] = tensor
+    return out
+
+
+def _select_encoder(sd: dict[str, TensorLike], source: str) -> tuple[dict[str, TensorLike], str]:
     """Find the layout by its anchor key, strip any prefix in front of it. Returns (sd, layout)."""
-    for anchor, layout in ((_OFFICIAL_ANCHOR, "official"), (_HF_ANCHOR, "hf")):
+    for anchor, layout in ((_OFFICIAL_ANCHOR, "official"), (_HF_ANCHOR, "hf"), (_GGUF_ANCHOR, "gguf")):
         hits = [k for k in sd if k == anchor or k.endswith("." + anchor)]
         if hits:
             prefix = min(hits, key=len)[: -len(anchor)]
@@ -178,56 +249,92 @@ def read_t5_state_dict(path: PathLike, *, dtype: torch.dtype | None = None
     """Read a UMT5 encoder file in any supported layout -> (official-key state dict, embedded spiece bytes).
 
     Files: `.pth`/`.pt` (official, memory-mapped pickle), `.safetensors` (ComfyUI, fp16/bf16/fp8
-    scaled), sharded folders/indexes. Tensors are cast to `dtype` one by one while reading.
+    scaled), `.gguf` (llama.cpp layout, decoded here), sharded folders/indexes. Tensors are cast
+    to `dtype` one by one while reading (quantised ones decoded to it, or to float32).
     """
-    raw = read_state_dict(path, dtype=dtype, strip_prefixes=())
-    spiece_keys = [k for k in raw if k == SPIECE_TENSOR_KEY or k.endswith("." + SPIECE_TENSOR_KEY)]
-    spiece = raw.pop(spiece_keys[0]).numpy().tobytes() if spiece_keys else None
+    raw, spiece = read_t5_raw_state_dict(path)
+    sd = {}
+    for key in list(raw):
+        value = raw.pop(key)
+        if isinstance(value, QuantizedTensor):
+            value = value.dequantise(dtype or torch.float32)
+        elif dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        sd[key] = value
+    return sd, spiece
+
+
+def read_t5_raw_state_dict(path: PathLike) -> tuple[dict[str, TensorLike], bytes | None]:
+    """(official-key tensors as stored: fp8 and GGUF values as `QuantizedTensor`s, spiece bytes)."""
+    if is_gguf(path):  # one pass over the file: the gguf reader parses all metadata on opening (slow for a vocabulary)
+        found = read_gguf(path)
+        raw, spiece = dict(found.tensors), spiece_from_fields(found.fields)
+    else:
+        raw = read_raw_state_dict(path, strip_prefixes=())
+        spiece_keys = [k for k in raw if k == SPIECE_TENSOR_KEY or k.endswith("." + SPIECE_TENSOR_KEY)]
+        spiece = raw.pop(spiece_keys[0]).numpy().tobytes() if spiece_keys else None
     sd, layout = _select_encoder(raw, str(path))
     if layout == "hf":
         sd = hf_to_official(sd)
+    elif layout == "gguf":
+        sd = gguf_to_official(sd)
     logger.info("read UMT5 encoder %s (%s layout, %d tensors%s)", path, layout, len(sd),
                 ", embedded tokenizer" if spiece else "")
     return sd, spiece
 
 
 def load_umt5_encoder(path: PathLike, *, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.bfloat16) -> UMT5Encoder:
+                      dtype: torch.dtype = torch.bfloat16, storage: str = DEFAULT_STORAGE) -> UMT5Encoder:
     """Build a `UMT5Encoder` from a checkpoint without a random init or a float32 staging copy."""
-    sd, _ = read_t5_state_dict(path, dtype=dtype)
-    return _encoder_from_state_dict(sd, device=device, dtype=dtype, source=str(path))
+    sd, _ = read_t5_raw_state_dict(path)
+    return _encoder_from_state_dict(sd, device=device, dtype=dtype, storage=storage, source=str(path))
 
 
-def _encoder_from_state_dict(sd: dict[str, torch.Tensor], *, device: torch.device | str, dtype: torch.dtype,
-                             source: str) -> UMT5Encoder:
-    config = detect_t5_config(sd)
+def _encoder_from_state_dict(sd: dict[str, TensorLike], *, device: torch.device | str, dtype: torch.dtype,
+                             storage: str, source: str) -> UMT5Encoder:
+    """Build the encoder from official-key tensors as stored; `storage` as for the DiT
+    (`runtime/compact.py`): a GGUF file stays quantised under `default`; fp8 matmul is DiT-only."""
+    if storage not in WEIGHT_STORAGES or storage == FP8_MATMUL_STORAGE:
+        allowed = [s for s in WEIGHT_STORAGES if s != FP8_MATMUL_STORAGE]
+        raise ValueError(f"text encoder weight storage must be one of {allowed}; got {storage!r} "
+                         "(fp8 matmul is a DiT option)")
+    config = detect_t5_config({k: torch.empty(v.shape, device="meta") for k, v in sd.items()})
+    if storage == DEFAULT_STORAGE and any(isinstance(v, QuantizedTensor) and isinstance(v.format, GGUFQuant)
+                                          for v in sd.values()):
+        storage = STORED_STORAGE
     with torch.device("meta"):
         encoder = UMT5Encoder(config)
-    for key in list(sd):
-        sd[key] = sd[key].to(device=device, dtype=dtype)  # one tensor at a time
+    plain, compact = split_for_storage(sd, block_matrix_names(encoder), storage, compute_dtype=dtype)
+    sd.clear()
+    for key in list(plain):
+        plain[key] = plain[key].to(device=device)  # one tensor at a time
+    placeholders = {k: torch.empty(v.shape, device="meta") for k, v in compact.items()}
     try:
-        encoder.load_state_dict(sd, strict=True, assign=True)
+        encoder.load_state_dict({**plain, **placeholders}, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{source} does not match a UMT5 encoder of detected config {config}: "
                               f"{str(e).splitlines()[0]}") from e
+    if compact:
+        compact_weights(encoder, compact, compute_dtype=dtype)
+        encoder.to(device)
     return encoder.eval().requires_grad_(False)
 
 
 def load_text_encoder(path: PathLike, *, tokenizer_path: PathLike | None = None,
                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                      text_len: int = DEFAULT_TEXT_LEN) -> TextEncoder:
+                      text_len: int = DEFAULT_TEXT_LEN, storage: str = DEFAULT_STORAGE) -> TextEncoder:
     """Load encoder weights and find the tokenizer (padding prompts to `text_len`, 512 as in Wan).
 
     Tokenizer, first found: `tokenizer_path`; the `spiece_model` tensor embedded in the file
     (ComfyUI); next to the file (`google/umt5-xxl/spiece.model` etc., the official release).
     Raises FileNotFoundError naming every place it looked.
     """
-    sd, spiece = read_t5_state_dict(path, dtype=dtype)
+    sd, spiece = read_t5_raw_state_dict(path)
     if tokenizer_path is not None:
         tokenizer = WanTokenizer.from_path(tokenizer_path, text_len=text_len)
     elif spiece is not None:
-        tokenizer = WanTokenizer.from_spiece_bytes(spiece, text_len=text_len,
-                                                   source=f"{path}:{SPIECE_TENSOR_KEY}")
+        where = "tokenizer.ggml metadata" if is_gguf(path) else SPIECE_TENSOR_KEY
+        tokenizer = WanTokenizer.from_spiece_bytes(spiece, text_len=text_len, source=f"{path}:{where}")
     else:
         folder = Path(path) if Path(path).is_dir() else Path(path).parent
         found = find_spiece_model(folder)
@@ -237,9 +344,9 @@ def load_text_encoder(path: PathLike, *, tokenizer_path: PathLike | None = None,
                                     f"tokenizer_path (the {TOKENIZER_SUBFOLDER} folder of the official "
                                     "release or its spiece.model)")
         tokenizer = WanTokenizer.from_path(found, text_len=text_len)
-    encoder = _encoder_from_state_dict(sd, device=device, dtype=dtype, source=str(path))
-    logger.info("loaded UMT5 encoder %s (%d layers, dim %d, %s) on %s; tokenizer %s", path,
-                encoder.config.num_layers, encoder.config.dim, dtype, device, tokenizer.source)
+    encoder = _encoder_from_state_dict(sd, device=device, dtype=dtype, storage=storage, source=str(path))
+    logger.info("loaded UMT5 encoder %s (%d layers, dim %d, %s, storage %s) on %s; tokenizer %s", path,
+                encoder.config.num_layers, encoder.config.dim, dtype, storage, device, tokenizer.source)
     return TextEncoder(encoder, tokenizer, device=device)
 
 
@@ -248,12 +355,16 @@ def load_text_encoder(path: PathLike, *, tokenizer_path: PathLike | None = None,
 # ------------------------------------------------------------------------------------------------
 def save_text_encoder(encoder_or_sd: UMT5Encoder | dict[str, torch.Tensor], path: PathLike, *,
                       spiece_bytes: bytes | None = None, layout: str = "comfy",
-                      dtype: torch.dtype = torch.bfloat16, fp8_scaled: bool = False) -> Path:
-    """Write a UMT5 encoder (a model, or a state dict in either layout) in ComfyUI's or the official layout.
+                      dtype: torch.dtype = torch.bfloat16, fp8_scaled: bool = False,
+                      gguf_type: str = "Q8_0") -> Path:
+    """Write a UMT5 encoder (a model, or a state dict in either layout) in ComfyUI's, the official or
+    llama.cpp's GGUF layout.
 
     - "comfy": Hugging Face keys in a `.safetensors`; `spiece_bytes` go in as the uint8 `spiece_model` tensor.
     - "official": official keys, `.pth` (torch.save) or `.safetensors` by suffix; `spiece_bytes` are
       written to `<folder>/google/umt5-xxl/spiece.model` as in the official release.
+    - "gguf": a `.gguf` file of type `gguf_type` (`gguf.GGUF_RECIPES`: the linears and the token
+      embedding quantised), the tokenizer as `tokenizer.ggml.*` metadata.
     - `fp8_scaled`: linear weights in float8 e4m3fn with `<name>.scale_weight` and a `scaled_fp8`
       marker, as ComfyUI's fp8-scaled files; embeddings and norms stay in `dtype`.
     """
@@ -264,6 +375,8 @@ def save_text_encoder(encoder_or_sd: UMT5Encoder | dict[str, torch.Tensor], path
     if _HF_ANCHOR in sd:
         sd = hf_to_official(sd)
     detect_t5_config(sd)  # refuses anything that is not a complete official-layout UMT5 encoder
+    if layout == "gguf":
+        return _save_gguf(sd, target, spiece_bytes, gguf_type)
     if layout == "comfy" and target.suffix != ".safetensors":
         raise ValueError(f"the comfy layout is a .safetensors file; got {target.name}")
     if target.suffix not in (".safetensors", ".pth", ".pt"):

@@ -1,0 +1,407 @@
+"""One profiled prompt: its profiling session and what each node of the prompt did.
+
+`PromptObservation` turns node events (start, progress, finish: from ComfyUI's progress handler or
+the in-process runner) and sampler events (from the model tap's wrappers) into the session's
+stages, following the roles of `observed_stages`. It knows nothing of ComfyUI: `observer.py`
+feeds it. It is driven from one thread (ComfyUI's prompt worker); the session's sampler thread
+only reads telemetry.
+
+Nodes ComfyUI serves from its cache do not run and send no event. When the observation ends,
+every node of the prompt that a node which ran needs (its inputs, not counting lazy ones) and that
+did not run itself was served from the cache: it is recorded as cached, with the stages and times
+it had the last time it ran under observation (`NodeMemory`), never as a measured zero.
+
+Shapes: none (no tensors).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..wan_core.config import MODEL_INIT_STAGE, PREPROCESS_STAGE, PRESETS, WAN21_VAE, WAN22_VAE, DiTConfig, Stage
+from . import observed_stages as roles
+from .observed_graph import NodeMemory, PromptGraph, Remembered, RememberedStage
+from .observed_sampling import ProgressRun, RunSpan, StepNumbering, WrappedRun
+
+log = logging.getLogger(__name__)
+
+
+class PromptStopped(RuntimeError):
+    """The prompt ended before every node that started had finished (an error or an interrupt)."""
+
+
+class OutputsNotRun(RuntimeError):
+    """Output nodes of the workflow did not run: ComfyUI dropped them (an invalid input upstream)
+    or they were not among the nodes queued; the profile covers only part of the workflow."""
+
+
+def _same_dims(a: DiTConfig, b: DiTConfig) -> bool:
+    keys = ("in_dim", "out_dim", "dim", "ffn_dim", "num_layers", "num_heads")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+@dataclass
+class _NodeRun:
+    node_id: str
+    class_type: str
+    role: roles.NodeRole
+    started_s: float
+    frames: list[Any] = field(default_factory=list)
+    progress: ProgressRun | None = None
+    runs: list[RunSpan] = field(default_factory=list)
+    finished: bool = False
+
+
+class PromptObservation:
+    """The profiling session of one prompt and the bookkeeping of its nodes."""
+
+    def __init__(self, *, prompt_id: str, session: Any, graph: PromptGraph, memory: NodeMemory) -> None:
+        self.prompt_id, self.session, self.graph, self.memory = prompt_id, session, graph, memory
+        self.numbering = StepNumbering()
+        self.notes: list[str] = []
+        self.failure: str | None = None
+        self.report_pending = False
+        self.sampler_run: WrappedRun | None = None  # the core sampler run in progress (model tap)
+        self.event_count = 0
+        self._nodes: dict[str, _NodeRun] = {}
+        self._cached_finished: set[str] = set()
+        self._before: dict[str, str] = {}  # node id -> state, for nodes seen before the observation
+        self._own_stages: dict[str, list[Stage]] = {}
+        self._steps: list[tuple[int | None, bool]] = []
+        self._cached_steps: set[int] = set()
+        self._context_keys: set[str] = set()  # run facts a node of this pack stated itself
+        self._sampled: dict[str, Any] = {}  # what the first core sampler run showed (native run facts)
+        self.closed = False
+        self.record: Any = None  # the run record, once finished
+
+    # -- what happened before the observation opened -----------------------------------------
+    def seed(self, states: Mapping[str, str]) -> None:
+        """Nodes ComfyUI had already started or finished when the profiler opened this prompt."""
+        for node_id, state in states.items():
+            if roles.role_of(self.graph.class_type(node_id)).role == roles.APPARATUS:
+                continue
+            self._before[node_id] = state
+        if self._before:
+            listed = ", ".join(f"{n} ({self.graph.class_type(n)})" for n in sorted(self._before))
+            self.note(f"nodes that ComfyUI ran before the profiler started are not timed: {listed}")
+
+    # -- node events ----------------------------------------------------------------------------
+    def node_started(self, node_id: str) -> None:
+        self.event_count += 1
+        previous = self._nodes.get(node_id)
+        if previous is not None and not previous.finished:  # started again (lazy inputs): time from now
+            for frame in reversed(previous.frames):
+                self.session.discard_stage(frame)
+            if previous.progress is not None:
+                previous.progress.cancel()
+        class_type = self.graph.class_type(node_id)
+        role = roles.role_of(class_type, self.graph.node_class(class_type))
+        run = _NodeRun(node_id, class_type, role, self.session.elapsed_s())
+        self._nodes[node_id] = run
+        facts = {"node_id": node_id, "class_type": class_type, "title": self.graph.title(node_id)}
+        if role.role == roles.LOADER:
+            model_file = roles.model_file_of(dict(self.graph.node(node_id).get("inputs", {})))
+            piece = self.session.open_stage(*MODEL_INIT_STAGE)
+            run.frames = [piece]
+            child_facts = dict(facts, model_file=model_file, expert=roles.expert_from_file(model_file))
+            run.frames.append(self.session.open_stage(*role.stage, parent=piece, **child_facts))
+        elif role.role in (roles.STAGE, roles.OTHER):
+            assert role.stage is not None
+            run.frames = [self.session.open_stage(*role.stage, **facts)]
+        elif role.role in (roles.SAMPLER, roles.PROGRESS_SAMPLER):
+            why = (
+                "a sampler of another pack: steps are known from its progress updates"
+                if role.role == roles.PROGRESS_SAMPLER
+                else "no model tap in this prompt (it did not come through POST /prompt): loading, "
+                "expert, CFG mode and FLOPs of its steps are not known"
+            )
+            run.progress = ProgressRun(self, node_id, offset=self.numbering.next_free(), why=why)
+
+    def node_progress(self, node_id: str, value: float, maximum: float) -> None:
+        self.event_count += 1
+        run = self._nodes.get(node_id)
+        if run is not None and run.progress is not None and not run.finished:
+            run.progress.update(int(value), int(maximum))
+
+    def node_finished(self, node_id: str) -> None:
+        self.event_count += 1
+        run = self._nodes.get(node_id)
+        if run is None or run.finished:
+            self._cached_finished.add(node_id)  # finish without start: served from the cache
+            return
+        run.finished = True
+        for frame in reversed(run.frames):
+            self.session.close_stage(frame)
+        if run.progress is not None:
+            span = run.progress.end()
+            if span.num_steps:
+                self.numbering.add(span)
+                run.runs.append(span)
+            run.progress = None
+        if run.role.role != roles.APPARATUS:
+            self.session.add_activation(run.started_s, self.session.elapsed_s())
+
+    def node_records_own_stages(self, node_id: str, stages: Iterable[Stage]) -> None:
+        """A node of this pack records `stages` itself (`maybe_profile`)."""
+        self._own_stages[str(node_id)] = list(stages)
+
+    def running_nodes(self) -> set[str]:
+        """Nodes started and not finished (plus those running before the observation opened),
+        the profiler's own nodes left out (two report nodes never wait for each other)."""
+        running = {n for n, r in self._nodes.items() if not r.finished and r.role.role != roles.APPARATUS}
+        running |= {n for n, state in self._before.items() if state == "running" and n not in self._nodes}
+        return running
+
+    def set_context(self, **facts: Any) -> None:
+        """Run facts a node states (this pack's nodes); the observer does not override them."""
+        self._context_keys |= set(facts)
+        self.session.set_context(**facts)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    # -- sampler runs (model tap wrappers) ----------------------------------------------------
+    def begin_sampler_run(
+        self,
+        node_id: str,
+        label: Any,
+        sigmas: list[float],
+        *,
+        cfg: float | None,
+        sigma_max: float | None,
+        latent_shape: tuple[int, ...] | None = None,
+        dtype: str | None = None,
+    ) -> WrappedRun:
+        run = self._nodes.get(node_id)
+        if run is not None and run.progress is not None:
+            run.progress.cancel()  # the wrappers time this sampler's steps
+            run.progress = None
+        if not self._sampled:
+            self._sampled = {"node_id": node_id, "latent_shape": latent_shape, "dtype": dtype}
+        starts = sigma_max is not None and bool(sigmas) and sigmas[0] >= sigma_max * (1 - 1e-6)
+        offset, note = self.numbering.place(
+            node_id, sigmas[0] if sigmas else None, starts_schedule=starts, earlier=self._cached_runs(node_id)
+        )
+        if note:
+            self.note(note)
+        return WrappedRun(self, node_id, label, sigmas, offset=offset, cfg=cfg)
+
+    def end_sampler_run(self, wrapped: WrappedRun, error: BaseException | None) -> None:
+        span = wrapped.end(error)
+        if error is not None and self.failure is None:
+            self.failure = type(error).__name__
+        if span.num_steps:
+            self.numbering.add(span)
+        run = self._nodes.get(wrapped.node_id)
+        if run is not None:
+            run.runs.append(span)
+
+    def saw_model(self, config: DiTConfig) -> None:
+        """The dims of a DiT a core sampler ran (read off the loaded weights): names the task."""
+        self._sampled.setdefault("configs", set()).add(config)
+
+    def step_recorded(self, step: int | None, *, attributable: bool) -> None:
+        self._steps.append((step, attributable))
+
+    def _cached_runs(self, node_id: str) -> list[RunSpan]:
+        """Runs remembered for the nodes `node_id` needs that did not run in this prompt: ComfyUI
+        served them from its cache (e.g. the high-noise sampler before this low-noise one)."""
+        found = []
+        for source in self._ancestors(node_id):
+            if source in self._nodes:
+                continue
+            item = self.memory.recall(source, self.graph.class_type(source), self.graph.signature(source))
+            if item is not None and item.run is not None:
+                found.append(item.run)
+        return found
+
+    def _ancestors(self, node_id: str) -> list[str]:
+        seen: list[str] = []
+        stack = [node_id]
+        while stack:
+            for source in self.graph.needed_inputs(stack.pop()):
+                if source not in seen:
+                    seen.append(source)
+                    stack.append(source)
+        return seen
+
+    # -- the end ------------------------------------------------------------------------------
+    def cached_nodes(self) -> list[str]:
+        """Nodes a node that ran needs (non-lazy inputs) that did not run: ComfyUI's cache served them."""
+        ran = set(self._nodes) | set(self._before) | self._cached_finished
+        seen: set[str] = set()
+        stack = [n for n in ran if n in self.graph.nodes or n in self._nodes]
+        cached: list[str] = []
+        while stack:
+            node_id = stack.pop()
+            for source in self.graph.needed_inputs(node_id):
+                if source in seen:
+                    continue
+                seen.add(source)
+                if source not in self._nodes and source not in self._before:
+                    cached.append(source)
+                stack.append(source)
+        cached += [n for n in self._cached_finished if n not in self._nodes]
+        return sorted(set(cached), key=lambda n: (len(n), n))
+
+    def outputs_not_run(self) -> list[str]:
+        """Output nodes of the prompt that sent no event at all (ComfyUI runs, or finishes from its
+        cache, every output node it keeps)."""
+        seen = set(self._nodes) | self._cached_finished | set(self._before)
+        missing = []
+        for node_id in self.graph.nodes:
+            class_type = self.graph.class_type(node_id)
+            node_class = self.graph.node_class(class_type)
+            if node_id in seen or getattr(node_class, "OUTPUT_NODE", False) is not True:
+                continue
+            if roles.role_of(class_type).role != roles.APPARATUS:
+                missing.append(node_id)
+        return missing
+
+    def finish(self, *, error: BaseException | None = None, stopped: bool = False) -> Any:
+        """Close the session: cached nodes recorded, unfinished nodes noted, memory updated.
+
+        `stopped`: ComfyUI ended the prompt early (an error or an interrupt); the run is failed even
+        when every node that started had finished."""
+        if self.closed:
+            raise RuntimeError(f"the observation of prompt {self.prompt_id} was already finished")
+        self.closed = True
+        for node_id in self.cached_nodes():
+            self._record_cached(node_id)
+        unfinished = [r for r in self._nodes.values() if not r.finished and r.role.role != roles.APPARATUS]
+        if unfinished and error is None:
+            names = ", ".join(f"{r.node_id} ({r.class_type})" for r in unfinished)
+            error = PromptStopped(f"the prompt stopped before node(s) {names} finished (an error or an interrupt)")
+            self.note(str(error))
+        elif stopped and error is None:
+            error = PromptStopped("ComfyUI ended the prompt early (an error or an interrupt)")
+            self.note(str(error))
+        dropped = self.outputs_not_run()
+        if dropped:
+            names = ", ".join(f"{n} ({self.graph.class_type(n)})" for n in dropped)
+            self.note(
+                f"output node(s) {names} did not run: ComfyUI dropped them (an invalid input upstream) or "
+                "they were not queued; this profile covers only part of the workflow"
+            )
+            error = error or OutputsNotRun(names)
+        for r in unfinished:
+            if r.progress is not None:
+                r.progress.end()
+        if self.failure is not None:
+            self.note(f"the run stopped with {self.failure} during sampling")
+        self._set_step_context()
+        if self._sampled:
+            self._set_native_context()
+        for text in self.notes:
+            self.session.add_note(text)
+        record = self.session.close(error=error)
+        self.record = record
+        self._remember(record)
+        return record
+
+    def _set_step_context(self) -> None:
+        steps = [s for s, _ in self._steps]
+        if not self._steps:
+            return
+        if all(ok for _, ok in self._steps) and None not in steps:
+            self.session.set_context(steps=len(set(steps) | self._cached_steps))
+        else:
+            self.note("the number of denoising steps is n/a: some stages could not be attributed to one step")
+
+    def _set_native_context(self) -> None:
+        """Run facts of a graph of core nodes, from the graph and what its first sampler run showed."""
+        facts: dict[str, Any] = {}
+        geometry = self._preprocess_geometry() or self._latent_geometry()
+        if geometry is not None:
+            facts.update(zip(("width", "height", "frames"), geometry, strict=True))
+        inputs = dict(self.graph.node(self._sampled["node_id"]).get("inputs", {}))
+        solver, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
+        if isinstance(solver, str):
+            facts["solver"] = f"{solver}/{scheduler}" if isinstance(scheduler, str) else solver
+        seed = inputs.get("noise_seed", inputs.get("seed"))
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            facts["seed"] = seed
+        if self._sampled.get("dtype"):
+            facts["dit_dtype"] = self._sampled["dtype"]
+        configs = self._sampled.get("configs", set())
+        tasks = {p.name for p in PRESETS.values() for c in configs if _same_dims(p.dit, c)}
+        if len(tasks) == 1:
+            facts["task"] = tasks.pop()
+        self.session.set_context(**{k: v for k, v in facts.items() if k not in self._context_keys})
+
+    def _preprocess_geometry(self) -> tuple[int, int, int] | None:
+        for node_id in self.graph.nodes:
+            if roles.role_of(self.graph.class_type(node_id)).stage != PREPROCESS_STAGE:
+                continue
+            inputs = self.graph.node(node_id).get("inputs", {})
+            values = [inputs.get(k) for k in ("width", "height", "length")]
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                return values[0], values[1], values[2]
+        return None
+
+    def _latent_geometry(self) -> tuple[int, int, int] | None:
+        """(width, height, frames) from the latent the first sampler ran on (Wan VAE strides)."""
+        shape = self._sampled.get("latent_shape")
+        if not shape or len(shape) != 5:
+            return None
+        vae = next((v for v in (WAN21_VAE, WAN22_VAE) if v.z_dim == shape[1]), None)
+        if vae is None:
+            return None
+        t, h, w = shape[2:]
+        return w * vae.spatial_stride, h * vae.spatial_stride, vae.pixel_frames(t)
+
+    def _record_cached(self, node_id: str) -> None:
+        class_type = self.graph.class_type(node_id)
+        role = roles.role_of(class_type, self.graph.node_class(class_type))
+        if role.role == roles.APPARATUS:
+            return
+        item = self.memory.recall(node_id, class_type, self.graph.signature(node_id))
+        facts = {"node_id": node_id, "class_type": class_type}
+        if item is not None:
+            for stage in item.stages:
+                record = self.session.record_cached(stage.name, stage.kind, **stage.facts, measured_s=stage.seconds)
+                if record.kind == "step-inference" and record.step is not None:
+                    self._cached_steps.add(record.step)
+            return
+        if role.role == roles.LOADER and role.stage is not None:
+            self.session.record_cached(*role.stage, **facts)
+        elif role.role in (roles.STAGE, roles.OTHER) and role.stage is not None:
+            self.session.record_cached(*role.stage, **facts)
+        elif role.role == roles.SELF:
+            for name, kind in self._own_stages.get(node_id, []):
+                self.session.record_cached(name, kind, **facts)
+        elif role.role in (roles.SAMPLER, roles.PROGRESS_SAMPLER):
+            self.note(
+                f"sampler node {node_id} ({class_type}) was served from ComfyUI's cache and did not run while "
+                "the profiler watched it; its steps are not in this run"
+            )
+
+    def _remember(self, record: Any) -> None:
+        """Remember per node what it recorded now, for the prompts that find it cached."""
+        by_node: dict[str, list[RememberedStage]] = {}
+        for stage in record.stages:
+            node_id = stage.facts.get("node_id") or stage.facts.get("sampler_node")
+            if stage.cached or node_id is None or stage.name == MODEL_INIT_STAGE.name:
+                continue
+            keep = {k: v for k, v in stage.facts.items() if k not in ("unfinished", "measured_s", "error")}
+            for key in ("expert", "cfg_mode"):
+                if getattr(stage, key) is not None:
+                    keep[key] = getattr(stage, key)
+            by_node.setdefault(str(node_id), []).append(RememberedStage(stage.name, stage.kind, stage.duration_s, keep))
+        for node_id, run in self._nodes.items():
+            if not run.finished or run.role.role == roles.APPARATUS:
+                continue
+            stages = tuple(by_node.get(node_id, []))
+            if run.role.role == roles.SELF:
+                own = {name for name, _ in self._own_stages.get(node_id, [])}
+                stages = tuple(
+                    RememberedStage(s.name, s.kind, s.duration_s, {"node_id": node_id})
+                    for s in record.stages
+                    if s.name in own and not s.cached
+                )
+            span = run.runs[-1] if run.runs else None
+            self.memory.remember(node_id, run.class_type, Remembered(self.graph.signature(node_id), stages, span))
