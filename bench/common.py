@@ -2,6 +2,20 @@
 
 Every benchmark prints one table and writes `bench/results/<name>.json` holding the machine, the
 library versions, the settings and every raw figure (all repeats, not only the median).
+
+Timing: every call is measured on three clocks (`CLOCKS`): wall time, the calling thread's CPU
+time and the process's CPU time (all threads). On a CPU shared with other jobs, wall time
+includes the time this process waited for a core; thread CPU time does not, and it is the
+steadier basis for comparing two implementations run with one torch thread. Process CPU time
+adds the other threads of this process (torch's pool, a profiler's sampler thread). On a GPU the
+device work shows in wall time only (the CPU clocks then measure the host side).
+
+Comparisons (`compare`): implementations are called in rounds, one call each per round, so that
+load drifts hit all alike. The speed-up of A over B on a clock is the median of the per-round
+ratios (B's time / A's time in the same round: paired, so a slow round slows both); its spread is
+the middle half of those ratios (lower to upper quartile; min to max below 4 rounds). A speed-up
+whose spread contains 1 is reported as "on par", never as a win or a loss. The ratio of the two
+medians is kept next to it.
 """
 
 from __future__ import annotations
@@ -80,6 +94,84 @@ def time_it(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> list
     return times
 
 
+CLOCKS = ("wall_s", "thread_cpu_s", "process_cpu_s")
+ON_PAR, FASTER, SLOWER = "on par", "faster", "slower"
+
+
+def time_call(fn: Callable[[], Any]) -> dict[str, float]:
+    """One call of `fn` on the three `CLOCKS` (after a gc and a device sync; synced after)."""
+    gc.collect()
+    synchronize()
+    w0, t0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+    fn()
+    synchronize()
+    return {"wall_s": time.perf_counter() - w0, "thread_cpu_s": time.thread_time() - t0,
+            "process_cpu_s": time.process_time() - p0}
+
+
+def interleaved_clocks(fns: dict[str, Callable[[], Any]], *, repeats: int = 5,
+                       warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Time several variants in rounds (one call of each per round) on all three clocks.
+
+    Returns {variant: {clock: [one value per round]}}; round i of every variant ran back to back.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, dict[str, list[float]]] = {name: {clock: [] for clock in CLOCKS} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            for clock, value in time_call(fn).items():
+                out[name][clock].append(value)
+    return out
+
+
+def ratio_spread(ratios: Sequence[float]) -> tuple[float, float]:
+    """The middle half of per-round ratios (quartiles); min and max when there are fewer than 4."""
+    ordered = sorted(ratios)
+    if len(ordered) < 4:
+        return ordered[0], ordered[-1]
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    return q1, q3
+
+
+def compare(ours: dict[str, list[float]], theirs: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """Speed-up of `ours` over `theirs` per clock: per-round ratios, their median, spread, verdict.
+
+    Both are {clock: [one value per round]} from the same `interleaved_clocks` run. speedup > 1
+    means ours took less time; the verdict is "on par" when the spread contains 1.
+    """
+    result: dict[str, dict[str, Any]] = {}
+    for clock in CLOCKS:
+        a, b = ours[clock], theirs[clock]
+        if len(a) != len(b) or not a:
+            raise ValueError(f"compare needs the same number of rounds on both sides; got {len(a)} and {len(b)}")
+        if min(a) <= 0 or min(b) <= 0:
+            result[clock] = {"speedup": None, "ratio_of_medians": None, "round_ratios": None, "spread": None,
+                             "verdict": "n/a (a clock read 0: the call was shorter than its resolution)"}
+            continue
+        rounds = [y / x for x, y in zip(a, b, strict=True)]
+        low, high = ratio_spread(rounds)
+        verdict = ON_PAR if low <= 1.0 <= high else (FASTER if low > 1.0 else SLOWER)
+        result[clock] = {"speedup": statistics.median(rounds),
+                         "ratio_of_medians": statistics.median(b) / statistics.median(a),
+                         "round_ratios": rounds, "spread": [low, high], "verdict": verdict}
+    return result
+
+
+def describe_speedup(entry: dict[str, Any]) -> str:
+    """'1.12x [1.05-1.20] faster' for a table cell; 'n/a ...' when it could not be measured."""
+    if entry["speedup"] is None:
+        return entry["verdict"]
+    low, high = entry["spread"]
+    return f"{entry['speedup']:.2f}x [{low:.2f}-{high:.2f}] {entry['verdict']}"
+
+
+def summarize_clocks(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """`summarize` for every clock of one variant."""
+    return {clock: summarize(values) for clock, values in times.items()}
+
+
 def summarize(times: Sequence[float]) -> dict[str, float]:
     ordered = sorted(times)
     return {
@@ -92,15 +184,9 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
-    """Time several variants side by side, alternating them so drifts hit all equally."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            out[name].extend(time_it(fn, repeats=1, warmup=0))
-    return out
+    """Wall times of several variants side by side, alternating them so drifts hit all equally."""
+    clocks = interleaved_clocks(fns, repeats=repeats, warmup=warmup)
+    return {name: times["wall_s"] for name, times in clocks.items()}
 
 
 def write_result(name: str, payload: dict[str, Any], *, results_dir: Path | None = None) -> Path:

@@ -27,7 +27,7 @@ def test_missing_and_failing_benchmarks_are_reported_not_dropped(tmp_path):
 
 def test_every_benchmark_of_the_issue_is_scheduled():
     modules = {b.module for b in benches(has_cuda=False)}
-    assert {"bench_matmul", "bench_dit", "bench_t5", "bench_vae", "bench_sampler", "bench_profiling",
-            "bench_compile", "bench_gpu"} <= modules
+    assert {"bench_matmul", "bench_dit", "bench_dit_block", "bench_t5", "bench_vae", "bench_sampler",
+            "bench_profiling", "bench_compile", "bench_gpu"} <= modules
     gpu = next(b for b in benches(has_cuda=False) if b.module == "bench_gpu")
     assert "--tiny" in gpu.args and "--tiny" in gpu.quick_args

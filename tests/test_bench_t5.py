@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bench.bench_t5 import TINY_CASES, build_encoder, main, make_inputs, transformers_twin  # noqa: E402
+from bench.bench_t5 import CPU_CASES, TINY_CASES, build_encoder, main, make_inputs, transformers_twin  # noqa: E402
 
 CASE = TINY_CASES["tiny"]
 
@@ -30,13 +30,24 @@ def test_transformers_twin_shares_tensors_and_matches_on_real_tokens():
 
 def test_main_writes_consistent_results(tmp_path):
     main(["--cases", "tiny", "--repeats", "2", "--warmup", "0", "--name", "t5",
-          "--results-dir", str(tmp_path)])
+          "--results-dir", str(tmp_path), "--comfyui", "none"])
     data = json.loads((tmp_path / "t5.json").read_text())
     (result,) = data["results"]
-    assert result["output_diff"]["max_abs"] < 1e-4
+    assert result["output_diff"]["transformers"]["max_abs"] < 1e-4
     for impl in ("ours", "transformers"):
-        assert len(result["times_s"][impl]) == 2
-        median = result["stats"][impl]["median_s"]
-        assert result["gflops"][impl] == pytest.approx(result["flops"] / median / 1e9)
-    assert result["speedup_vs_transformers"] == pytest.approx(
-        result["stats"]["transformers"]["median_s"] / result["stats"]["ours"]["median_s"])
+        assert len(result["clocks"][impl]["thread_cpu_s"]) == 2
+        median = result["stats"][impl]["thread_cpu_s"]["median_s"]
+        assert result["gflops_executed_thread_cpu"][impl] == pytest.approx(
+            result["executed_flops"][impl] / median / 1e9)
+    assert result["vs"]["transformers"]["thread_cpu_s"]["ratio_of_medians"] == pytest.approx(
+        result["stats"]["transformers"]["thread_cpu_s"]["median_s"]
+        / result["stats"]["ours"]["thread_cpu_s"]["median_s"])
+    # ours skips the padding positions: it computes 9 of 32 positions, the peer all of them
+    assert result["executed_flops"]["ours"] < result["executed_flops"]["transformers"] == result["reference_flops"]
+
+
+def test_full_cases_have_no_padding_to_skip():
+    for name in ("small_full", "mid_full", "large_full"):
+        case = CPU_CASES[name]
+        assert case.num_real_tokens == case.num_positions
+        assert case.executed_flops == case.flops

@@ -118,8 +118,29 @@ def single_run(models: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single_video(single_run: Path) -> bytes:
-    return next(single_run.rglob("*.mp4")).read_bytes()
+def single_video(single_run: Path) -> Path:
+    return next(single_run.rglob("*.mp4"))
+
+
+def assert_same_video(got: Path, expected: Path) -> None:
+    """The same frames as the single-process run, up to what float rounding does to an h264 file.
+
+    A parallel run's latent equals the single-process one to float rounding (about 1e-5: the
+    reductions run in another order), so the decoded frames agree to ~1e-5 and the 8-bit frames
+    almost everywhere; h264 may still encode a pixel that rounded the other way differently, so
+    the files are compared frame by frame, not byte by byte.
+    """
+    import av
+    import numpy as np
+
+    def frames(path: Path) -> np.ndarray:
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.int16)
+
+    a, b = frames(got), frames(expected)
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    assert diff.mean() < 0.05 and diff.max() <= 8, (diff.mean(), diff.max())
 
 
 def _wanbench(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -133,7 +154,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_cfg_parallel_run_writes_one_report_from_rank_0(models: Path, single_run: Path, single_video: bytes,
+def test_cli_cfg_parallel_run_writes_one_report_from_rank_0(models: Path, single_run: Path, single_video: Path,
                                                             tmp_path: Path) -> None:
     done = _wanbench("run", WORKFLOW, "--out", str(tmp_path), "--models", str(models), *STEPS,
                      "--nproc", "2", "--parallel", "cfg")
@@ -141,7 +162,7 @@ def test_cli_cfg_parallel_run_writes_one_report_from_rank_0(models: Path, single
     assert "(cfg)" in done.stdout
     videos, reports = list(tmp_path.rglob("*.mp4")), list(tmp_path.rglob("*.json"))
     assert len(videos) == 1 and len(reports) == 1  # rank 1 wrote nothing
-    assert videos[0].read_bytes() == single_video  # the same latent gives the same encoded video
+    assert_same_video(videos[0], single_video)  # the same latent (to rounding) gives the same video
     assert check_report(reports[0]) == []
     runs = load_runs(reports[0])
     assert [(r.context.rank, r.context.world_size, r.context.parallel) for r in runs] == [
@@ -162,7 +183,7 @@ def test_cli_cfg_parallel_run_writes_one_report_from_rank_0(models: Path, single
 
 
 def test_torchrun_runs_the_same_command_and_the_report_merges_for_scaling(
-        models: Path, single_run: Path, single_video: bytes, tmp_path: Path) -> None:
+        models: Path, single_run: Path, single_video: Path, tmp_path: Path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([*torchrun, "-m", "wanbench", "run", WORKFLOW, "--out", str(tmp_path / "parallel"),
                            "--models", str(models), *STEPS, "--parallel", "ulysses", "--shard-weights"],
@@ -170,7 +191,8 @@ def test_torchrun_runs_the_same_command_and_the_report_merges_for_scaling(
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     videos = list(tmp_path.rglob("*.mp4"))
-    assert len(videos) == 1 and videos[0].read_bytes() == single_video
+    assert len(videos) == 1
+    assert_same_video(videos[0], single_video)
     report = next(tmp_path.rglob("*.json"))
     assert [r.context.parallel for r in load_runs(report)] == ["ulysses 2, sharded weights"] * 2
     merged = tmp_path / "merged.md"
@@ -195,12 +217,13 @@ def _two_nodes(models: Path, tmp_path: Path, steps: tuple[str, str]) -> list[sub
     return out
 
 
-def test_two_nodes_with_a_c10d_rendezvous_give_the_same_video(models: Path, single_video: bytes,
+def test_two_nodes_with_a_c10d_rendezvous_give_the_same_video(models: Path, single_video: Path,
                                                               tmp_path: Path) -> None:
     done = _two_nodes(models, tmp_path, ("2", "2"))
     assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
     videos = list(tmp_path.rglob("*.mp4"))
-    assert len(videos) == 1 and videos[0].read_bytes() == single_video  # written by rank 0's machine only
+    assert len(videos) == 1  # written by rank 0's machine only
+    assert_same_video(videos[0], single_video)
     assert sum("ran on another machine" in d.stdout for d in done) == 1
 
 

@@ -135,13 +135,17 @@ class DiTConfig:
         count += 2 * d + d * self.out_dim * p + self.out_dim * p  # head
         return count
 
-    def flops_forward(self, num_tokens: int, *, batch: int = 1, per_token_time: bool = False) -> float:
+    def flops_forward(self, num_tokens: int, *, batch: int = 1, per_token_time: bool = False,
+                      num_text_rows: int | None = None) -> float:
         """Analytic FLOPs (multiply-add = 2) of one forward with `num_tokens` video tokens per sample.
 
         Spec section 8: the text side always has `text_len` rows (no text masking). With
         `per_token_time` the time MLP is counted per token, as the official code runs it.
+        `num_text_rows` counts fewer text rows (text MLP, k/v projections, cross-attention): the
+        work actually done when the zero padding rows are compacted (`dit.compact_text_keys`).
         """
-        L, D, Fd, S = num_tokens, self.dim, self.ffn_dim, self.text_len
+        L, D, Fd = num_tokens, self.dim, self.ffn_dim
+        S = self.text_len if num_text_rows is None else num_text_rows
         block = 12 * L * D * D + 4 * S * D * D + 4 * L * L * D + 4 * L * S * D + 4 * L * D * Fd
         p = math.prod(self.patch_size)
         patch = 2 * L * (p * self.in_dim) * D
@@ -218,6 +222,8 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.variant not in ("wan2.1", "wan2.2"):
             raise ValueError(f"VAE variant must be 'wan2.1' or 'wan2.2'; got {self.variant!r}")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1 (Wan VAEs use 2); got {self.num_res_blocks}")
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"latents_mean/std need {self.z_dim} values each")
 

@@ -6,6 +6,11 @@ convolutions and attention of one encode or decode from meta-device runs of `Wan
 compute), cached per config; `vae_decode_flops` adds up the tiles of a tiled decode.
 `count_vae_flops_ahead` runs those meta runs once, so that later counts cost microseconds.
 
+The VAE counts are those of the official computation (every conv with its full kernel over the
+zero-padded input, the upsampling conv on the upsampled image), the usual basis of achieved
+FLOP/s and MFU. `WanVAE` itself does fewer multiply-adds (vae_conv.py: the first-chunk kernel
+slice, the upsampling conv as 2x2 phase convs); `bench/bench_vae.py` reports both.
+
 Shapes: video (B, 3, F, H, W); latent (B, z, T, h, w).
 """
 
@@ -19,7 +24,7 @@ from torch import nn
 
 from .config import VAEConfig
 from .vae import WanVAE
-from .vae_blocks import PIXEL_CHANNELS, AttentionBlock
+from .vae_blocks import PIXEL_CHANNELS, AttentionBlock, Resample
 from .vae_tiling import VAETiling
 
 VAE_MODES = ("encode", "decode")
@@ -79,6 +84,18 @@ def _meta_flops(config: VAEConfig, mode: str, shape: tuple[int, ...]) -> tuple[f
         per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
         counts["conv"] += 2.0 * output.numel() * per_output
 
+    def on_resample(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        # The official per-frame conv (a 3x3 conv after a 2x nearest upsampling, or a stride-2 3x3
+        # conv), counted as such: `Resample` computes it without calling the module (vae_conv.py).
+        conv = module.resample[1]
+        if module.mode.startswith("up"):
+            positions = output.numel() // output.shape[1]  # the resample conv's output is the block's
+        else:
+            b, _, t, h, w = inputs[0].shape  # every input frame, padded right and bottom by 1
+            positions = b * t * ((h + 1 - conv.kernel_size[0]) // conv.stride[0] + 1) * (
+                (w + 1 - conv.kernel_size[1]) // conv.stride[1] + 1)
+        counts["conv"] += 2.0 * positions * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size)
+
     def on_attention(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
         b, c, t, h, w = inputs[0].shape
         counts["attn"] += 4.0 * b * t * (h * w) ** 2 * c  # q k^T and attn v
@@ -89,6 +106,8 @@ def _meta_flops(config: VAEConfig, mode: str, shape: tuple[int, ...]) -> tuple[f
             handles.append(module.register_forward_hook(on_conv))
         elif isinstance(module, AttentionBlock):
             handles.append(module.register_forward_hook(on_attention))
+        elif isinstance(module, Resample):
+            handles.append(module.register_forward_hook(on_resample))
     x = torch.empty(shape, device="meta")
     try:
         with torch.no_grad():

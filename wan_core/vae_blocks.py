@@ -6,7 +6,9 @@ therefore be processed in one piece or in temporal chunks with identical results
 only need to know whether a chunk is the first of its stream (`first_chunk`), because frame 0 is
 special (it passes the temporal resampling unchanged, spec section 11.2).
 
-Module and parameter names follow the official checkpoints so state dicts load unchanged.
+Module and parameter names follow the official checkpoints so state dicts load unchanged. The
+convolutions that skip known-zero work (the first-chunk kernel slice, the upsampling conv as four
+2x2 phase convs) live in `vae_conv.py`.
 `streaming`, `chunk_ranges` and `pixel_range` are the temporal-chunking helpers that the VAE and
 its tiled decode share.
 
@@ -26,117 +28,9 @@ from einops import rearrange
 from torch import nn
 
 from .config import VAEConfig
+from .vae_conv import CausalCache, CausalConv3d, PhaseKernels, downsample2x_conv, upsample2x_conv
 
 PIXEL_CHANNELS = 3
-# CPU kernel choice of `CausalConv3d`: oneDNN from this many output positions per sample on.
-ONEDNN_MIN_OUTPUT_POSITIONS = 512
-
-
-class CausalCache:
-    """The not-yet-consumed input frames of one `CausalConv3d` between chunks of a stream.
-
-    Outside a stream (`active` False) every call is a whole sequence: the conv pads zeros in front
-    and keeps nothing. Inside a stream the first call pads zeros, and each call keeps the tail of
-    its (padded) input that later output frames still need; the next call prepends it.
-    """
-
-    def __init__(self) -> None:
-        self.active = False
-        self.history: torch.Tensor | None = None
-
-    def start(self) -> None:
-        """Begin a new stream: forget any history and keep tails from now on."""
-        self.active = True
-        self.history = None
-
-    def stop(self) -> None:
-        """End the stream and free the kept frames."""
-        self.active = False
-        self.history = None
-
-    @property
-    def num_frames(self) -> int:
-        return 0 if self.history is None else self.history.shape[2]
-
-
-class CausalConv3d(nn.Conv3d):
-    """A 3-D convolution that pads time only in front (2 * pt zero frames), never behind.
-
-    Spatial zero padding (ph, pw) is symmetric and done by the convolution itself. In a stream the
-    front padding is replaced by the kept frames of the previous chunk (see `CausalCache`), so
-    chunked and whole-sequence calls give the same frames.
-
-    Shapes: x (B, Ci, T, H, W) -> (B, Co, T_out, H, W); T_out = number of complete kernel windows
-    over (history or zero padding) + x. T may be 0 (nothing comes out, the padding is remembered).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int, int],
-        *,
-        stride: int | tuple[int, int, int] = 1,
-        padding: int | tuple[int, int, int] = 0,
-    ) -> None:
-        kt, kh, kw = _triple(kernel_size)
-        pt, ph, pw = _triple(padding)
-        super().__init__(in_channels, out_channels, (kt, kh, kw), stride=_triple(stride), padding=(0, ph, pw))
-        self.front_padding = 2 * pt
-        self.cache = CausalCache()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see class docstring
-        cache = self.cache
-        if cache.history is None:
-            if self.front_padding:
-                x = F.pad(x, (0, 0, 0, 0, self.front_padding, 0))
-        elif cache.history.shape[2]:
-            x = torch.cat([cache.history, x], dim=2)
-        kt, st = self.kernel_size[0], self.stride[0]
-        length = x.shape[2]
-        num_out = (length - kt) // st + 1 if length >= kt else 0
-        if cache.active:
-            cache.history = x[:, :, st * num_out :].clone()
-        if num_out == 0:
-            b, _, _, h, w = x.shape
-            h_out = (h + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
-            w_out = (w + 2 * self.padding[2] - self.kernel_size[2]) // self.stride[2] + 1
-            return x.new_zeros(b, self.out_channels, 0, h_out, w_out)
-        return self._convolve(x)
-
-    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution itself (spatial padding included).
-
-        On the CPU in float32 without autograd the kernel is chosen here, because PyTorch's own
-        choice (by input size) is several times off for the VAE's per-chunk shapes: oneDNN
-        re-lays out the whole weight on every call (about 3.5 ns per weight, 100 ms for a
-        1024-channel 3x3x3 conv), which only pays off when there are enough output positions,
-        while the reference im2col kernel is slow when there are many (measured: 3.5x slower
-        than oneDNN on a (1, 96, 6, 32, 32) chunk, 2.5x faster on (1, 1024, 3, 8, 8)). So oneDNN
-        runs from `ONEDNN_MIN_OUTPUT_POSITIONS` output positions (frames x height x width) on,
-        im2col below. Same weights, same sums: results agree to float32 rounding (tested).
-        """
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or torch.is_grad_enabled() or self.groups != 1 or self.dilation != (1, 1, 1)):
-            return super().forward(x)
-        kt, kh, kw = self.kernel_size
-        st, sh, sw = self.stride
-        _, _, t, h, w = x.shape
-        positions = ((t - kt) // st + 1) * ((h + 2 * self.padding[1] - kh) // sh + 1) * (
-            (w + 2 * self.padding[2] - kw) // sw + 1)
-        if positions >= ONEDNN_MIN_OUTPUT_POSITIONS and torch.backends.mkldnn.is_available():
-            return torch.ops.aten.mkldnn_convolution(x.contiguous(), self.weight, self.bias, self.padding,
-                                                     self.stride, self.dilation, self.groups)
-        return torch.ops.aten.slow_conv3d(x.contiguous(), self.weight, self.kernel_size, self.bias,
-                                          self.stride, self.padding)
-
-
-def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        return value, value, value
-    if len(value) != 3:
-        raise ValueError(f"expected an int or 3 values (t, h, w); got {value!r}")
-    return int(value[0]), int(value[1]), int(value[2])
 
 
 class RMSNorm(nn.Module):
@@ -152,8 +46,11 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        y = F.normalize(x.float(), dim=1, eps=1e-12) * (self.scale * self.gamma.float())
-        return y.to(x.dtype)
+        # F.normalize(x) * gamma, in two passes over x instead of three (no normalised temporary).
+        xf = x.float()
+        norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min_(1e-12)  # (B, 1, ...)
+        y = xf * (self.scale * self.gamma.float())
+        return y.div_(norm).to(x.dtype)
 
 
 class ChunkBlock(nn.Module):
@@ -183,7 +80,8 @@ class ResidualBlock(ChunkBlock):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
-        return self.residual(x) + self.shortcut(x)
+        out = self.residual(x)  # a fresh tensor (a conv output): the shortcut is added in place
+        return out.add_(self.shortcut(x))
 
 
 class AttentionBlock(ChunkBlock):
@@ -225,6 +123,9 @@ class Resample(ChunkBlock):
             raise ValueError(f"Resample mode must be one of {self.MODES}; got {mode!r}")
         self.mode = mode
         self.dim = dim
+        # `resample` keeps the official modules (and state-dict names); `forward` computes what
+        # they compute without the per-frame reshapes (vae_conv.upsample2x_conv / downsample2x_conv).
+        self.kernels = PhaseKernels() if mode.startswith("up") else None
         if mode.startswith("up"):
             self.resample = nn.Sequential(
                 nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(dim, out_dim or dim, 3, padding=1)
@@ -239,21 +140,31 @@ class Resample(ChunkBlock):
             )
 
     def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:  # noqa: D102
-        if self.mode == "upsample3d":
-            x = self._time_upsample(x, first_chunk)
-        b = x.shape[0]
-        frames = self.resample(rearrange(x, "b c t h w -> (b t) c h w"))
-        x = rearrange(frames, "(b t) c h w -> b c t h w", b=b)
+        if self.kernels is not None:  # upsampling
+            if self.mode == "upsample3d":
+                x = self._time_upsample(x, first_chunk)
+            return upsample2x_conv(x, self.resample[1], self.kernels)
+        x = downsample2x_conv(x, self.resample[1])
         if self.mode == "downsample3d":
             x = self._time_downsample(x, first_chunk)
         return x
 
     def _time_upsample(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
-        """Frame 0 passes; every later frame becomes two through the causal `time_conv`."""
+        """Frame 0 passes; every later frame becomes two through the causal `time_conv`.
+
+        Shapes: (B, C, T, H, W) -> (B, C, 2T - 1 (first chunk) or 2T, H, W); the frames are
+        interleaved straight into the output (one copy, no concatenation).
+        """
         assert self.time_conv is not None
-        head, rest = (x[:, :, :1], x[:, :, 1:]) if first_chunk else (None, x)
-        doubled = rearrange(self.time_conv(rest), "b (two c) t h w -> b c (t two) h w", two=2)
-        return doubled if head is None else torch.cat([head, doubled], dim=2)
+        num_head = 1 if first_chunk else 0
+        y = self.time_conv(x[:, :, num_head:])  # (B, 2C, T - num_head, H, W): the two frames of each
+        b, c, t, h, w = x.shape
+        t_rest = y.shape[2]
+        out = x.new_empty(b, c, num_head + 2 * t_rest, h, w)
+        out[:, :, :num_head] = x[:, :, :num_head]
+        out[:, :, num_head:].view(b, c, t_rest, 2, h, w).copy_(y.view(b, 2, c, t_rest, h, w).transpose(1, 3)
+                                                               .transpose(1, 2))
+        return out
 
     def _time_downsample(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
         """Frame 0 passes; output k >= 1 is the stride-2 conv over frames (2k-2, 2k-1, 2k)."""
@@ -333,7 +244,7 @@ class DownResidualBlock(ChunkBlock):
         shortcut = self.avg_shortcut(x)
         for block in self.downsamples:
             x = block(x, first_chunk)
-        return x + shortcut
+        return x.add_(shortcut)  # x is the last block's fresh output
 
 
 class UpResidualBlock(ChunkBlock):
@@ -360,7 +271,7 @@ class UpResidualBlock(ChunkBlock):
         shortcut = None if self.avg_shortcut is None else self.avg_shortcut(x, first_chunk)
         for block in self.upsamples:
             x = block(x, first_chunk)
-        return x if shortcut is None else x + shortcut
+        return x if shortcut is None else x.add_(shortcut)  # x is the last block's fresh output
 
 
 def is_residual_variant(config: VAEConfig) -> bool:
@@ -506,8 +417,13 @@ def unpatchify(video: torch.Tensor, patch: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ streaming
 @contextlib.contextmanager
 def streaming(module: nn.Module) -> Iterator[None]:
-    """Treat the calls inside the block as consecutive chunks of one stream (fresh caches)."""
-    caches = [m.cache for m in module.modules() if isinstance(m, CausalConv3d)]
+    """Treat the calls inside the block as consecutive chunks of one stream (fresh caches).
+
+    The causal caches keep frames from chunk to chunk; the upsampling convs keep their phase
+    kernels for the stream (built once per decode, not per chunk). All are freed on exit.
+    """
+    caches: list[CausalCache | PhaseKernels] = [m.cache for m in module.modules() if isinstance(m, CausalConv3d)]
+    caches += [m.kernels for m in module.modules() if isinstance(m, Resample) and m.kernels is not None]
     for cache in caches:
         cache.start()
     try:
