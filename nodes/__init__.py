@@ -7,9 +7,10 @@ which inserts Wan Model Tap nodes into prompts that hold a Wan Profiler or Wan B
 
 from __future__ import annotations
 
+from .encoder_loaders import WanTextEncoderLoader, WanVAELoader
 from .images import WanTestImage
 from .latents import WanEmptyLatent, WanImageToVideo
-from .loaders import WanModelLoader, WanTextEncoderLoader, WanVAELoader
+from .loaders import WanModelLoader
 from .lora import WanLora
 from .model_tap import WanModelTap
 from .profiling import WanBenchmarkReport, WanProfiler

@@ -1,21 +1,21 @@
-"""Loader nodes: Wan Model Loader (DiT experts), Wan Text Encoder Loader, Wan VAE Loader.
+"""Wan Model Loader: the DiT experts of a Wan2.2 task (one file per expert).
 
 Each makes one wan_core load call, which first checks from the file headers that the weights fit
 where they go (`runtime.loading`: refused with the figures otherwise, before anything is read);
 files come from ComfyUI's model folders (plain paths outside ComfyUI). With a profiler wired, the
-load is recorded as an `init` stage.
+load is recorded as an `init` stage: one piece of `Model_Initialization` with the load as its
+child stage (the profiling session joins consecutive pieces into one Model_Initialization and keeps
+the per-loader children; a loader served from ComfyUI's cache is reported by its child stage name).
+Every loaded model is listed with ComfyUI's memory manager (`memory.py`), which moves it off the
+GPU when memory is needed, or on `POST /free`. Shared options: `loader_options.py`.
 
-Device "auto" with a GPU: the DiT and the text encoder are read into host memory and move to the
-GPU when their stage runs (the sampler's memory plan decides how, for the DiT); the VAE is loaded
-onto the GPU. Every loaded model is listed with ComfyUI's memory manager (`memory.py`), which
-moves it off the GPU when memory is needed, or on `POST /free`.
+Device "auto" with a GPU: the experts are read into host memory and move to the GPU when sampling
+runs (the sampler's memory plan decides how).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
-
-import torch
 
 from ..wan_core.attention import BACKEND_CHOICES, check_backend_name
 from ..wan_core.config import (
@@ -23,11 +23,8 @@ from ..wan_core.config import (
     COMPILE_OFF,
     DEFAULT_STORAGE,
     DIT_INIT_STAGE,
-    FP8_MATMUL_STORAGE,
     MODEL_INIT_STAGE,
     TASK_BY_MODEL_TYPE,
-    TEXT_ENCODER_INIT_STAGE,
-    VAE_INIT_STAGE,
     WEIGHT_DTYPES,
     WEIGHT_STORAGES,
 )
@@ -35,51 +32,16 @@ from ..wan_core.config import weight_dtype as _dtype  # `weight_dtype` names the
 from . import comfy_bridge as bridge
 from . import memory
 from . import types as T
-from .profiler_handle import maybe_profile, record_context, single_stage
-
-NONE_FILE = "none"
-DEVICES = ("auto", "cuda", "cpu")
-
-# Each loader records one piece of `Model_Initialization` with its own load as the child stage;
-# the profiling session joins consecutive pieces into one Model_Initialization (the total init
-# time) and keeps the per-loader children. A loader served from ComfyUI's cache is reported by
-# its child stage name.
-
-
-def load_device(device: str) -> str:
-    """Where a loader puts weights that compute on `resolve_device(device)`: host memory for "auto"
-    (they move when their stage runs), else that device."""
-    return "cpu" if device == "auto" else resolve_device(device)
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; 'cuda' without a GPU is an error."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was chosen but no CUDA GPU is available; choose 'auto' or 'cpu'")
-    return device
-
-
-TEXT_ENCODER_STORAGES = tuple(s for s in WEIGHT_STORAGES if s != FP8_MATMUL_STORAGE)
-STORAGE_TOOLTIP = (
-    "How the transformer blocks' matrices are kept in memory. default: in dtype (fp8 files are "
-    "dequantised at load; GGUF files stay quantised). as_stored: as the file stores them (fp8 + scale, "
-    "GGUF blocks, bf16/fp16). fp8_e4m3fn: cast to fp8 without a scale; fp8_e4m3fn_scaled: fp8 with a "
-    "per-tensor scale (more accurate). Compact weights are decoded to dtype one block at a time. "
+from .loader_options import (
+    DEVICES,
+    NONE_FILE,
+    STORAGE_TOOLTIP,
+    check_choice,
+    file_choices,
+    load_device,
+    resolve_device,
 )
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
-
-
-def _file_choices(folder: str, *, optional: bool = False) -> list[str]:
-    names = bridge.list_models(folder)
-    return [NONE_FILE, *names] if optional else names
+from .profiler_handle import maybe_profile, record_context, single_stage
 
 
 class WanModelLoader:
@@ -102,14 +64,14 @@ class WanModelLoader:
         return {
             "required": {
                 "model_high": (
-                    _file_choices(bridge.FOLDER_DIT),
+                    file_choices(bridge.FOLDER_DIT),
                     {
                         "tooltip": "DiT file from models/diffusion_models: the high-noise expert for A14B "
                         "tasks, or the single TI2V-5B model."
                     },
                 ),
                 "model_low": (
-                    _file_choices(bridge.FOLDER_DIT, optional=True),
+                    file_choices(bridge.FOLDER_DIT, optional=True),
                     {
                         "default": NONE_FILE,
                         "tooltip": "Low-noise expert for A14B tasks (same task as model_high); "
@@ -197,7 +159,7 @@ class WanModelLoader:
         if attention not in BACKEND_CHOICES:
             raise ValueError(f"attention must be one of {BACKEND_CHOICES}; got {attention!r}")
         check_backend_name(attention)  # raises with the install hint when the package is missing
-        _check_choice("weight_dtype", weight_dtype, WEIGHT_STORAGES)
+        check_choice("weight_dtype", weight_dtype, WEIGHT_STORAGES)
         execution = ExecutionOptions(compile_mode=compile, tf32=bool(tf32))  # checked before loading
         high = bridge.resolve_model(bridge.FOLDER_DIT, model_high)
         low = None if model_low == NONE_FILE else bridge.resolve_model(bridge.FOLDER_DIT, model_low)
@@ -238,134 +200,3 @@ class WanModelLoader:
                              for name, expert in zip(task.expert_names, experts, strict=False)))
         return (T.DiTExperts(experts=tuple(experts), task=task, storage=weight_dtype, execution=execution,
                              device=compute),)
-
-
-class WanTextEncoderLoader:
-    """Loads the UMT5-XXL encoder and its SentencePiece tokenizer (embedded in ComfyUI's files)."""
-
-    CATEGORY = T.CATEGORY
-    RETURN_TYPES = (T.TEXT_ENCODER,)
-    RETURN_NAMES = ("text_encoder",)
-    # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
-    MODEL_FOLDERS: ClassVar[dict[str, str]] = {"text_encoder": bridge.FOLDER_TEXT_ENCODERS}
-    FUNCTION = "load"
-    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
-    DESCRIPTION = "Loads the UMT5-XXL text encoder (the tokenizer comes from the file's spiece_model)."
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {
-                "text_encoder": (
-                    _file_choices(bridge.FOLDER_TEXT_ENCODERS),
-                    {"tooltip": "UMT5-XXL file from models/text_encoders (e.g. umt5_xxl_fp8_e4m3fn_scaled)."},
-                ),
-                "dtype": (
-                    list(WEIGHT_DTYPES),
-                    {
-                        "default": "bfloat16",
-                        "tooltip": "Compute dtype of the encoder (the official run uses bf16).",
-                    },
-                ),
-                "device": (
-                    list(DEVICES),
-                    {
-                        "default": "auto",
-                        "tooltip": "Where the encoder runs: auto = the GPU when it fits there (else the CPU), "
-                        "moved off it when other models need the memory; cpu keeps ~11 GB off the GPU.",
-                    },
-                ),
-            },
-            "optional": {
-                **T.PROFILER_INPUT,
-                "weight_dtype": (
-                    list(TEXT_ENCODER_STORAGES),
-                    {"default": DEFAULT_STORAGE, "tooltip": STORAGE_TOOLTIP},
-                ),
-            },
-            "hidden": dict(T.HIDDEN_IDS),
-        }
-
-    def load(
-        self,
-        text_encoder: str,
-        dtype: str,
-        device: str,
-        profiler: Any = None,
-        unique_id: str | None = None,
-        weight_dtype: str = DEFAULT_STORAGE,
-    ) -> tuple[Any]:
-        from ..wan_core.runtime.loading import load_text_encoder_checked
-
-        _check_choice("weight_dtype", weight_dtype, TEXT_ENCODER_STORAGES)
-        path = bridge.resolve_model(bridge.FOLDER_TEXT_ENCODERS, text_encoder)
-        with (
-            maybe_profile(profiler, unique_id, [TEXT_ENCODER_INIT_STAGE]),
-            single_stage(*MODEL_INIT_STAGE),
-            single_stage(*TEXT_ENCODER_INIT_STAGE, component="t5"),
-        ):
-            encoder = load_text_encoder_checked(
-                path, device=load_device(device), dtype=_dtype(dtype), storage=weight_dtype,
-                memory=memory.PackMemory(),
-            )
-        record_context(profiler, t5_dtype=dtype)
-        memory.note_loaded(memory.track(encoder, name=f"Wan text encoder {text_encoder}",
-                                        device=resolve_device(device), modules=_encoder_modules,
-                                        move=_move_encoder, may_run_on_cpu=device == "auto"))
-        return (encoder,)
-
-
-class WanVAELoader:
-    """Loads the Wan2.1 (A14B) or Wan2.2 (TI2V-5B) video VAE; the variant is read from the file."""
-
-    CATEGORY = T.CATEGORY
-    RETURN_TYPES = (T.VAE,)
-    RETURN_NAMES = ("vae",)
-    # Inputs that name a model file, and the ComfyUI model folder each is looked up in.
-    MODEL_FOLDERS: ClassVar[dict[str, str]] = {"vae": bridge.FOLDER_VAE}
-    FUNCTION = "load"
-    RECORDS_STAGES = True  # the workflow observer leaves its stages to the node (maybe_profile)
-    DESCRIPTION = "Loads a Wan video VAE (wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B)."
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {
-                "vae": (
-                    _file_choices(bridge.FOLDER_VAE),
-                    {"tooltip": "VAE file from models/vae: wan_2.1_vae for A14B, wan2.2_vae for TI2V-5B."},
-                ),
-                "dtype": (
-                    list(WEIGHT_DTYPES),
-                    {"default": "float32", "tooltip": "VAE dtype; the official pipelines run it in float32."},
-                ),
-                "device": (list(DEVICES), {"default": "auto", "tooltip": "Where the VAE runs."}),
-            },
-            "optional": dict(T.PROFILER_INPUT),
-            "hidden": dict(T.HIDDEN_IDS),
-        }
-
-    def load(
-        self, vae: str, dtype: str, device: str, profiler: Any = None, unique_id: str | None = None
-    ) -> tuple[Any]:
-        from ..wan_core.runtime.loading import load_vae_checked
-
-        path = bridge.resolve_model(bridge.FOLDER_VAE, vae)
-        with (
-            maybe_profile(profiler, unique_id, [VAE_INIT_STAGE]),
-            single_stage(*MODEL_INIT_STAGE),
-            single_stage(*VAE_INIT_STAGE, component="vae"),
-        ):
-            compute = resolve_device(device)
-            model = load_vae_checked(path, device=compute, dtype=_dtype(dtype), memory=memory.PackMemory())
-        record_context(profiler, vae_dtype=dtype)
-        memory.note_loaded(memory.track_module(model, name=f"Wan VAE {vae}", device=compute))
-        return (model,)
-
-
-def _encoder_modules(encoder: Any) -> list[Any]:
-    return [encoder.encoder]
-
-
-def _move_encoder(encoder: Any, device: torch.device) -> None:
-    encoder.to(device)

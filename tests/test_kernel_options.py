@@ -14,8 +14,9 @@ import torch
 from wanbench import cli
 from wanbench.nodes.comfy_bridge import Bridge
 from wanbench.nodes.context import use_bridge
+from wanbench.nodes.encoder_loaders import WanTextEncoderLoader, WanVAELoader
 from wanbench.nodes.latents import WanEmptyLatent
-from wanbench.nodes.loaders import WanModelLoader, WanTextEncoderLoader, WanVAELoader
+from wanbench.nodes.loaders import WanModelLoader
 from wanbench.nodes.sampling import WanSampler
 from wanbench.nodes.text import WanTextEncode
 from wanbench.profiling import check_report

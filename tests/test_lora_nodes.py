@@ -10,8 +10,9 @@ import types
 import pytest
 import torch
 from wanbench.nodes.context import Bridge, use_bridge
+from wanbench.nodes.encoder_loaders import WanTextEncoderLoader, WanVAELoader
 from wanbench.nodes.latents import WanEmptyLatent
-from wanbench.nodes.loaders import WanModelLoader, WanTextEncoderLoader, WanVAELoader
+from wanbench.nodes.loaders import WanModelLoader
 from wanbench.nodes.lora import WanLora
 from wanbench.nodes.sampling import LATENT_CONTINUATION, WanSampler
 from wanbench.nodes.text import WanTextEncode

@@ -13,8 +13,8 @@ import pytest
 import torch
 from wanbench.nodes import memory as pack_memory
 from wanbench.nodes.context import Bridge, use_bridge
+from wanbench.nodes.encoder_loaders import WanVAELoader
 from wanbench.nodes.latents import WanEmptyLatent
-from wanbench.nodes.loaders import WanVAELoader
 from wanbench.wan_core import sampler as sampler_module
 from wanbench.wan_core.checkpoints import io as checkpoint_io
 from wanbench.wan_core.checkpoints.dit import save_dit

@@ -20,7 +20,8 @@ from wanbench.nodes.comfy_bridge import Bridge
 from wanbench.nodes.context import use_bridge
 from wanbench.nodes.images import WanTestImage
 from wanbench.nodes.latents import WanEmptyLatent, WanImageToVideo
-from wanbench.nodes.loaders import WanModelLoader, resolve_device
+from wanbench.nodes.loader_options import resolve_device
+from wanbench.nodes.loaders import WanModelLoader
 from wanbench.nodes.profiler_handle import ProfilerHandle, maybe_profile
 from wanbench.nodes.profiling import WanBenchmarkReport, WanProfiler
 from wanbench.nodes.sampling import WanSampler
@@ -498,7 +499,7 @@ SAMPLER_ARGS = {
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny models (make_tiny_models) and a bridge onto them: loaded once for this module."""
-    from wanbench.nodes.loaders import WanTextEncoderLoader, WanVAELoader
+    from wanbench.nodes.encoder_loaders import WanTextEncoderLoader, WanVAELoader
     from wanbench.tiny_models import make_tiny_models
 
     root = tmp_path_factory.mktemp("tiny_models")

@@ -227,7 +227,8 @@ def test_visible_text_with_zero_width_characters_is_a_prompt() -> None:
 
 def test_sft_files_load_like_safetensors(tmp_path: Path) -> None:
     """ComfyUI lists `.sft` files in the model dropdowns and reads them as safetensors."""
-    from wanbench.nodes.loaders import WanModelLoader, WanVAELoader
+    from wanbench.nodes.encoder_loaders import WanVAELoader
+    from wanbench.nodes.loaders import WanModelLoader
     from wanbench.tiny_models import make_tiny_models
 
     root = make_tiny_models(tmp_path / "models", seed=0).root
