@@ -76,7 +76,7 @@ class PromptObservation:
         self._steps: list[tuple[int | None, bool]] = []
         self._cached_steps: set[int] = set()
         self._context_keys: set[str] = set()  # run facts a node of this pack stated itself
-        self._sampled: dict[str, Any] = {}  # what the first core sampler run showed (native run facts)
+        self._sampled: dict[str, Any] = {}  # the first sampler and what its run showed (run facts)
         self.closed = False
         self.record: Any = None  # the run record, once finished
         self.live_view: Any = None  # the UI's live view of the session (`live_view.LiveView`), if any
@@ -123,6 +123,8 @@ class PromptObservation:
                 "expert, CFG mode and FLOPs of its steps are not known"
             )
             run.progress = ProgressRun(self, node_id, offset=self.numbering.next_free(), why=why)
+            if role.role == roles.PROGRESS_SAMPLER and not self._sampled:
+                self._sampled = {"node_id": node_id}  # run facts from its inputs (no model tap sees it)
 
     def node_progress(self, node_id: str, value: float, maximum: float) -> None:
         self.event_count += 1
@@ -329,7 +331,8 @@ class PromptObservation:
             self.note("the number of denoising steps is n/a: some stages could not be attributed to one step")
 
     def _set_native_context(self) -> None:
-        """Run facts of a graph of core nodes, from the graph and what its first sampler run showed."""
+        """Run facts of a graph of core nodes (or another pack's sampler), from the graph and what its
+        first sampler run showed."""
         facts: dict[str, Any] = {}
         geometry = self._preprocess_geometry() or self._latent_geometry()
         if geometry is not None:
@@ -338,6 +341,8 @@ class PromptObservation:
         solver, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
         if isinstance(solver, str):
             facts["solver"] = f"{solver}/{scheduler}" if isinstance(scheduler, str) else solver
+        elif isinstance(scheduler, str):  # kijai's WanVideoSampler: `scheduler` names the solver (unipc, euler...)
+            facts["solver"] = scheduler
         seed = inputs.get("noise_seed", inputs.get("seed"))
         if isinstance(seed, int) and not isinstance(seed, bool):
             facts["seed"] = seed
@@ -354,9 +359,10 @@ class PromptObservation:
             if roles.role_of(self.graph.class_type(node_id)).stage != PREPROCESS_STAGE:
                 continue
             inputs = self.graph.node(node_id).get("inputs", {})
-            values = [inputs.get(k) for k in ("width", "height", "length")]
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                return values[0], values[1], values[2]
+            for keys in roles.GEOMETRY_INPUTS:
+                values = [inputs.get(k) for k in keys]
+                if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                    return values[0], values[1], values[2]
         return None
 
     def _latent_geometry(self) -> tuple[int, int, int] | None:

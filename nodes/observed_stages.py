@@ -80,6 +80,7 @@ _STAGES: dict[str, Stage] = {
     "WanFunInpaintToVideo": PREPROCESS_STAGE,
     "EmptyHunyuanLatentVideo": PREPROCESS_STAGE,
     "WanVideoImageToVideoEncode": PREPROCESS_STAGE,
+    "WanVideoImageClipEncode": PREPROCESS_STAGE,  # the wrapper's I2V start-image encode before its split
     "WanVideoEmptyEmbeds": PREPROCESS_STAGE,
     "WanVideoEncode": PREPROCESS_STAGE,
     "VAEDecode": VAE_DECODE_STAGE,
@@ -88,6 +89,13 @@ _STAGES: dict[str, Stage] = {
 }
 CORE_SAMPLERS = frozenset({"KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"})
 _PROGRESS_SAMPLERS = frozenset({"WanVideoSampler", "WanVideoSamplerv2", "WanVideoSamplerFromSettings"})
+# (width, height, frames) inputs of preprocess nodes (first complete set found is used): core's Wan
+# latent nodes, kijai's WanVideoEmptyEmbeds, its WanVideoImageClipEncode.
+GEOMETRY_INPUTS = (
+    ("width", "height", "length"),
+    ("width", "height", "num_frames"),
+    ("generation_width", "generation_height", "num_frames"),
+)
 # Inputs that name the model file a model source node loads (first one found is used).
 MODEL_FILE_INPUTS = ("unet_name", "ckpt_name", "model", "model_name")
 _HIGH = re.compile(r"high[\s_.-]*noise", re.IGNORECASE)

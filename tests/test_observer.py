@@ -48,6 +48,10 @@ from wanbench.wan_core.config import BATCHED_CFG, CFG_MIXED, CFG_OFF, SEQUENTIAL
         ("VAEDecode", roles.STAGE, "VAE_Decoding"),
         ("VAEDecodeTiled", roles.STAGE, "VAE_Decoding"),
         ("WanVideoDecode", roles.STAGE, "VAE_Decoding"),
+        ("WanVideoEmptyEmbeds", roles.STAGE, "TI2V_Preprocess"),
+        ("WanVideoImageClipEncode", roles.STAGE, "TI2V_Preprocess"),
+        ("LoadWanVideoT5TextEncoder", roles.LOADER, "Text_Encoder_Initialization"),
+        ("WanVideoVAELoader", roles.LOADER, "VAE_Initialization"),
         ("KSampler", roles.SAMPLER, None),
         ("KSamplerAdvanced", roles.SAMPLER, None),
         ("SamplerCustomAdvanced", roles.SAMPLER, None),
@@ -352,6 +356,84 @@ def test_progress_timed_steps_and_throttled_updates() -> None:
     assert record.context.steps is None  # not attributable: n/a, with the reason
     assert any("number of denoising steps is n/a" in n for n in record.notes)
     assert any("skipped values" in n for n in record.notes)
+
+
+# kijai's ComfyUI-WanVideoWrapper (commit 721cd65) as ComfyUI 0.3.75 ran it: the class names and widget
+# values of its nodes, in the order ComfyUI executed them, and its sampler's progress (one update per
+# step from `latent_preview.prepare_callback`, values 1..steps). Its model type WANVIDEOMODEL gets no tap.
+KIJAI = {
+    "1": {"class_type": "WanBenchProfiler", "inputs": {"case_name": "kijai", "sample_interval_ms": 100}},
+    "2": {
+        "class_type": "WanVideoModelLoader",
+        "inputs": {"model": "wan2.1_t2v_1.3B_fp16.safetensors", "base_precision": "fp32", "quantization": "disabled",
+                   "load_device": "main_device", "attention_mode": "sdpa"},
+    },
+    "3": {
+        "class_type": "LoadWanVideoT5TextEncoder",
+        "inputs": {"model_name": "umt5-xxl-enc-bf16.safetensors", "precision": "bf16", "load_device": "offload_device"},
+    },
+    "4": {
+        "class_type": "WanVideoVAELoader",
+        "inputs": {"model_name": "Wan2_1_VAE_bf16.safetensors", "precision": "bf16"},
+    },
+    "5": {
+        "class_type": "WanVideoTextEncode",
+        "inputs": {"t5": ["3", 0], "positive_prompt": "a cat", "negative_prompt": ""},
+    },
+    "6": {"class_type": "WanVideoEmptyEmbeds", "inputs": {"width": 64, "height": 48, "num_frames": 5}},
+    "7": {
+        "class_type": "WanVideoSampler",
+        "inputs": {"model": ["2", 0], "text_embeds": ["5", 0], "image_embeds": ["6", 0], "steps": 4, "cfg": 6.0,
+                   "shift": 5.0, "seed": 7, "force_offload": True, "scheduler": "unipc", "riflex_freq_index": 0},
+    },
+    "8": {"class_type": "WanVideoDecode", "inputs": {"vae": ["4", 0], "samples": ["7", 0], "enable_vae_tiling": False}},
+    "9": {"class_type": "CreateVideo", "inputs": {"images": ["8", 0], "fps": 16.0}},
+    "10": {"class_type": "SaveVideo", "inputs": {"video": ["9", 0], "filename_prefix": "kijai/x"}},
+    "11": {"class_type": "WanBenchReport", "inputs": {"filename_prefix": "kijai/x_report"}},
+}
+
+
+def test_kijai_wrapper_nodes_give_stages_progress_steps_and_run_facts() -> None:
+    assert insert_model_taps(KIJAI, NODE_CLASS_MAPPINGS.get) == KIJAI  # no core MODEL output: nothing tapped
+    obs, clock = _observation(NodeMemory(), KIJAI)
+    obs.seed({"11": "running"})
+    for node_id, seconds in (("6", 0.001), ("3", 5.5), ("5", 100.0), ("2", 0.4)):
+        _node(obs, clock, node_id, seconds)
+    obs.node_started("7")
+    for value in (1, 2, 3, 4):
+        clock.advance(0.5 if value == 1 else 0.12)
+        obs.node_progress("7", value, 4)
+    clock.advance(0.01)  # the sampler offloads the model after its last step
+    obs.node_finished("7")
+    for node_id, seconds in (("4", 0.9), ("8", 1.1), ("9", 0.001), ("10", 0.02)):
+        _node(obs, clock, node_id, seconds)
+    record = obs.finish()
+    assert [s.name for s in record.top_level] == [
+        "TI2V_Preprocess",
+        "Model_Initialization",
+        "T5_Encoding",
+        "Model_Initialization",
+        "Step_0_Inference",
+        "Step_1_Inference",
+        "Step_2_Inference",
+        "Step_3_Inference",
+        "Model_Initialization",
+        "VAE_Decoding",
+        "CreateVideo",
+        "SaveVideo",
+    ]
+    children = {s.name: s.facts for s in record.stages if s.parent is not None}
+    assert children["DiT_Initialization"]["model_file"] == "wan2.1_t2v_1.3B_fp16.safetensors"
+    assert children["Text_Encoder_Initialization"]["class_type"] == "LoadWanVideoT5TextEncoder"
+    assert children["VAE_Initialization"]["model_file"] == "Wan2_1_VAE_bf16.safetensors"
+    steps = [s for s in record.stages if s.kind == "step-inference"]
+    assert [s.step for s in steps] == [0, 1, 2, 3]
+    assert steps[0].facts["includes_loading"] is True and steps[0].duration_s == pytest.approx(0.5)
+    assert all(s.facts["timed_from"] == "progress updates" and s.facts["sampler_node"] == "7" for s in steps)
+    context = record.context
+    assert (context.steps, context.width, context.height, context.frames) == (4, 64, 48, 5)
+    assert (context.solver, context.seed, context.task) == ("unipc", 7, None)
+    assert record.status == "completed"
 
 
 # ------------------------------------------------------------------------------------------------
