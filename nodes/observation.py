@@ -24,8 +24,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..wan_core.config import MODEL_INIT_STAGE, PREPROCESS_STAGE, PRESETS, WAN21_VAE, WAN22_VAE, DiTConfig, Stage
+from ..wan_core.config import MODEL_INIT_STAGE, DiTConfig, Stage
 from . import observed_stages as roles
+from .observed_facts import native_run_facts
 from .observed_graph import NodeMemory, PromptGraph, Remembered, RememberedStage
 from .observed_sampling import ProgressRun, RunSpan, StepNumbering, WrappedRun
 
@@ -39,11 +40,6 @@ class PromptStopped(RuntimeError):
 class OutputsNotRun(RuntimeError):
     """Output nodes of the workflow did not run: ComfyUI dropped them (an invalid input upstream)
     or they were not among the nodes queued; the profile covers only part of the workflow."""
-
-
-def _same_dims(a: DiTConfig, b: DiTConfig) -> bool:
-    keys = ("in_dim", "out_dim", "dim", "ffn_dim", "num_layers", "num_heads")
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
 @dataclass
@@ -331,50 +327,9 @@ class PromptObservation:
             self.note("the number of denoising steps is n/a: some stages could not be attributed to one step")
 
     def _set_native_context(self) -> None:
-        """Run facts of a graph of core nodes (or another pack's sampler), from the graph and what its
-        first sampler run showed."""
-        facts: dict[str, Any] = {}
-        geometry = self._preprocess_geometry() or self._latent_geometry()
-        if geometry is not None:
-            facts.update(zip(("width", "height", "frames"), geometry, strict=True))
-        inputs = dict(self.graph.node(self._sampled["node_id"]).get("inputs", {}))
-        solver, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
-        if isinstance(solver, str):
-            facts["solver"] = f"{solver}/{scheduler}" if isinstance(scheduler, str) else solver
-        elif isinstance(scheduler, str):  # kijai's WanVideoSampler: `scheduler` names the solver (unipc, euler...)
-            facts["solver"] = scheduler
-        seed = inputs.get("noise_seed", inputs.get("seed"))
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            facts["seed"] = seed
-        if self._sampled.get("dtype"):
-            facts["dit_dtype"] = self._sampled["dtype"]
-        configs = self._sampled.get("configs", set())
-        tasks = {p.name for p in PRESETS.values() for c in configs if _same_dims(p.dit, c)}
-        if len(tasks) == 1:
-            facts["task"] = tasks.pop()
+        """Run facts of a graph of core nodes (or another pack's sampler): `observed_facts`."""
+        facts = native_run_facts(self.graph, self._sampled)
         self.session.set_context(**{k: v for k, v in facts.items() if k not in self._context_keys})
-
-    def _preprocess_geometry(self) -> tuple[int, int, int] | None:
-        for node_id in self.graph.nodes:
-            if roles.role_of(self.graph.class_type(node_id)).stage != PREPROCESS_STAGE:
-                continue
-            inputs = self.graph.node(node_id).get("inputs", {})
-            for keys in roles.GEOMETRY_INPUTS:
-                values = [inputs.get(k) for k in keys]
-                if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                    return values[0], values[1], values[2]
-        return None
-
-    def _latent_geometry(self) -> tuple[int, int, int] | None:
-        """(width, height, frames) from the latent the first sampler ran on (Wan VAE strides)."""
-        shape = self._sampled.get("latent_shape")
-        if not shape or len(shape) != 5:
-            return None
-        vae = next((v for v in (WAN21_VAE, WAN22_VAE) if v.z_dim == shape[1]), None)
-        if vae is None:
-            return None
-        t, h, w = shape[2:]
-        return w * vae.spatial_stride, h * vae.spatial_stride, vae.pixel_frames(t)
 
     def _record_cached(self, node_id: str) -> None:
         class_type = self.graph.class_type(node_id)

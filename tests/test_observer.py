@@ -626,3 +626,13 @@ def test_one_model_source_is_the_single_model_and_unprofiled_prompts_pass_unchan
     assert on_prompt(untouched) == {"prompt": prompt}
     profiled = {"prompt": {**json.loads(json.dumps(prompt)), "9": {"class_type": "WanBenchReport", "inputs": {}}}}
     assert any(v["class_type"] == TAP_CLASS for v in on_prompt(profiled)["prompt"].values())
+
+
+def test_latent_geometry_reads_the_video_behind_a_wan_latent() -> None:
+    """Run facts of a native graph fall back on the sampled latent: Wan2.1 (16 channels, 8x) and
+    Wan2.2 (48 channels, 16x) strides, 4x in time; any other latent gives no geometry (n/a)."""
+    from wanbench.nodes.observed_facts import latent_geometry
+
+    assert latent_geometry((1, 16, 2, 8, 8)) == (64, 64, 5)
+    assert latent_geometry((1, 48, 3, 4, 6)) == (96, 64, 9)
+    assert latent_geometry((1, 4, 2, 8, 8)) is None and latent_geometry((1, 16, 8, 8)) is None
