@@ -24,10 +24,7 @@ Prints one table and writes `bench/results/bench_lora.json` (or `--name`).
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +38,7 @@ from wanbench.wan_core.dit import WanBlock
 from wanbench.wan_core.rope import RopeCache
 from wanbench.wan_core.runtime.lora import ExpertLora, LoraPatches
 
-from bench.common import format_table, load_average, synchronize, write_result
+from bench.common import format_table, load_average, summarize, wall_and_cpu, write_result
 
 log = logging.getLogger(__name__)
 
@@ -89,23 +86,6 @@ def block_flops(cfg: DiTConfig, tokens: int) -> float:
     """The block's share of `DiTConfig.flops_forward` (spec section 8) at `tokens` video tokens."""
     L, D, Fd, S = tokens, cfg.dim, cfg.ffn_dim, TEXT_ROWS
     return float(12 * L * D * D + 4 * S * D * D + 4 * L * L * D + 4 * L * S * D + 4 * L * D * Fd)
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall s, process CPU s) of one call, bracketed by a device sync."""
-    gc.collect()
-    synchronize()
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    synchronize()
-    return time.perf_counter() - w0, time.process_time() - c0
-
-
-def _spread(values: Sequence[float]) -> dict[str, float | None]:
-    ordered = sorted(values)
-    n = len(ordered)
-    return {"median_s": statistics.median(ordered), "min_s": ordered[0], "max_s": ordered[-1],
-            "iqr_s": ordered[(3 * n) // 4] - ordered[n // 4] if n >= 4 else None}
 
 
 def _peak_extra_bytes(model: _OneBlock, lora: ExpertLora, run: Callable[[], Any], device: torch.device) -> int | None:
@@ -170,7 +150,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, dict[str, list[float]]] = {k: {"wall_s": [], "cpu_s": []} for k in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():
-            wall, cpu = _timed(fn)
+            wall, cpu = wall_and_cpu(fn)
             raw[name]["wall_s"].append(wall)
             raw[name]["cpu_s"].append(cpu)
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
@@ -189,10 +169,10 @@ def summarize_result(result: dict[str, Any]) -> dict[str, Any]:
     """Medians, spreads and the overhead of the patch (lora over base) for wall and CPU time."""
     out: dict[str, Any] = {}
     for clock in ("wall_s", "cpu_s"):
-        base, lora = _spread(result["raw"]["base"][clock]), _spread(result["raw"]["lora"][clock])
+        base, lora = summarize(result["raw"]["base"][clock]), summarize(result["raw"]["lora"][clock])
         out[clock] = {"base": base, "lora": lora,
                       "overhead_pct": 100.0 * (lora["median_s"] - base["median_s"]) / base["median_s"]}
-        one = {k: _spread(result["raw"][k][clock])["median_s"] for k in ("base_1_token", "lora_1_token")}
+        one = {k: summarize(result["raw"][k][clock])["median_s"] for k in ("base_1_token", "lora_1_token")}
         out[clock]["patch_s"] = one["lora_1_token"] - one["base_1_token"]  # per forward of the block
     out["flops_ratio_pct"] = 100.0 * result["flops_lora"] / result["flops_block"]
     return out

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import logging
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +35,7 @@ from wanbench.wan_core.runtime.step_cache import StepCacheSettings, relative_cha
 from wanbench.wan_core.sampler import SamplerOptions, sample
 from wanbench.wan_core.trace import use_tracer
 
-from bench.common import format_table, load_average, synchronize, write_result
+from bench.common import format_table, load_average, summarize, wall_and_cpu, write_result
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +64,6 @@ class _TimeMlp(nn.Module):
         return self.dit.embed_time(t)
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    gc.collect()
-    synchronize()
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    synchronize()
-    return time.perf_counter() - w0, time.process_time() - c0
-
-
-def _spread(values: Sequence[float]) -> dict[str, float | None]:
-    ordered = sorted(values)
-    n = len(ordered)
-    return {"median_s": statistics.median(ordered), "min_s": ordered[0], "max_s": ordered[-1],
-            "iqr_s": ordered[(3 * n) // 4] - ordered[n // 4] if n >= 4 else None}
-
-
 def decision_cost(task_name: str, repeats: int) -> dict[str, Any]:
     """TeaCache's decision at a real expert's width: one time signal and one relative change."""
     task = preset(task_name)
@@ -106,7 +87,7 @@ def decision_cost(task_name: str, repeats: int) -> dict[str, Any]:
 
     for _ in range(2):
         decide()
-    times = [_timed(decide) for _ in range(repeats)]
+    times = [wall_and_cpu(decide) for _ in range(repeats)]
     flops_step = task.dit.flops_forward(tokens, batch=2, per_token_time=task.dit.model_type == "ti2v")
     return {"task": task_name, "tokens": tokens, "wall_s": [t[0] for t in times], "cpu_s": [t[1] for t in times],
             "flops_real_step": flops_step,
@@ -145,7 +126,7 @@ def cached_runs(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, dict[str, list[float]]] = {k: {"wall_s": [], "cpu_s": []} for k in VARIANTS}
     for _ in range(args.repeats):
         for name in VARIANTS:
-            wall, cpu = _timed(run(name))
+            wall, cpu = wall_and_cpu(run(name))
             raw[name]["wall_s"].append(wall)
             raw[name]["cpu_s"].append(cpu)
     reference = outputs["off"].double()
@@ -187,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         decision = decision_cost(args.task, args.repeats)
         runs = cached_runs(args)
-    summary = {"decision": {clock: _spread(decision[clock]) for clock in ("wall_s", "cpu_s")},
-               "runs": {name: {clock: _spread(runs["raw"][name][clock]) for clock in ("wall_s", "cpu_s")}
+    summary = {"decision": {clock: summarize(decision[clock]) for clock in ("wall_s", "cpu_s")},
+               "runs": {name: {clock: summarize(runs["raw"][name][clock]) for clock in ("wall_s", "cpu_s")}
                         for name in VARIANTS}}
     off = summary["runs"]["off"]["wall_s"]["median_s"]
     rows = [[name, s["wall_s"]["median_s"], s["wall_s"]["iqr_s"], s["cpu_s"]["median_s"],

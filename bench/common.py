@@ -109,6 +109,12 @@ def time_call(fn: Callable[[], Any]) -> dict[str, float]:
             "process_cpu_s": time.process_time() - p0}
 
 
+def wall_and_cpu(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall s, process CPU s) of one `time_call` of `fn`."""
+    times = time_call(fn)
+    return times["wall_s"], times["process_cpu_s"]
+
+
 def interleaved_clocks(fns: dict[str, Callable[[], Any]], *, repeats: int = 5,
                        warmup: int = 1) -> dict[str, dict[str, list[float]]]:
     """Time several variants in rounds (one call of each per round) on all three clocks.
