@@ -522,6 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NODE_ERRORS as err:
         log.error("%s", describe_error(err), exc_info=args.verbose)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a short message and the shell convention 128 + SIGINT, no traceback
+        log.error("interrupted: the run stopped before its end (its files are written whole or not at all)",
+                  exc_info=args.verbose)
+        return 130
 
 
 def describe_error(err: BaseException) -> str:

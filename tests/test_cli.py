@@ -193,3 +193,15 @@ def test_tiny_workflow_on_cuda(name: str, models: Path, tmp_path: Path) -> None:
     run = json.loads(report.read_text(encoding="utf-8"))["runs"][0]
     assert run["system"]["device"].startswith("cuda")
     assert check_report(report) == []
+
+
+def test_ctrl_c_ends_with_a_message_not_a_traceback(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from wanbench import cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_demo", interrupted)
+    with caplog.at_level("ERROR"):
+        assert cli.main(["demo"]) == 130
+    assert "interrupted: the run stopped before its end" in caplog.text and "Traceback" not in caplog.text
