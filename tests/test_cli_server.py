@@ -76,8 +76,16 @@ def _text(message: dict) -> bytes:
     return _frame(0x1, json.dumps(message).encode())
 
 
+def _case_name(body: dict) -> str:
+    """The profiler's case name in a posted prompt ("" when it has none)."""
+    for node in body.get("prompt", {}).values():
+        if isinstance(node, dict) and "case_name" in node.get("inputs", {}):
+            return str(node["inputs"]["case_name"])
+    return ""
+
+
 class Handler(BaseHTTPRequestHandler):
-    # "ok" | "refuse" | "error" | "escape" | "suite" (refuse prompts mentioning "bad") |
+    # "ok" | "refuse" | "error" | "escape" | "suite" (refuse prompts whose case name mentions "bad") |
     # "no_ws" (no websocket route) | "close" (closes the websocket early) | "silent" (sends nothing)
     mode = "ok"
     received: list = []
@@ -97,7 +105,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Handler.received.append(body)
-        if Handler.mode == "refuse" or (Handler.mode == "suite" and "bad" in json.dumps(body)):
+        # Only the case name decides: the random client_id (hex) may itself contain "bad".
+        if Handler.mode == "refuse" or (Handler.mode == "suite" and "bad" in _case_name(body)):
             self._json(400, REFUSAL)  # what ComfyUI 0.3.75 answers (execution.validate_inputs)
         else:
             self._json(200, {"prompt_id": PROMPT_ID, "number": 1, "node_errors": {}})
