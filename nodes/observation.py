@@ -10,9 +10,8 @@ The live view of the session (`live_view.py`, attached by the observer) stops wh
 observation finishes, whichever path finishes it.
 
 Nodes ComfyUI serves from its cache do not run and send no event. When the observation ends,
-every node of the prompt that a node which ran needs (its inputs, not counting lazy ones) and that
-did not run itself was served from the cache: it is recorded as cached, with the stages and times
-it had the last time it ran under observation (`NodeMemory`), never as a measured zero.
+they are recorded as cached, with the stages and times they had the last time they ran under
+observation, never as a measured zero (`observed_cache.py`).
 
 Shapes: none (no tensors).
 """
@@ -25,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..wan_core.config import MODEL_INIT_STAGE, DiTConfig, Stage
+from . import observed_cache
 from . import observed_stages as roles
 from .observed_facts import native_run_facts
-from .observed_graph import NodeMemory, PromptGraph, Remembered, RememberedStage
+from .observed_graph import NodeMemory, PromptGraph
 from .observed_sampling import ProgressRun, RunSpan, StepNumbering, WrappedRun
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,9 @@ class PromptObservation:
         if not self._sampled:
             self._sampled = {"node_id": node_id, "latent_shape": latent_shape, "dtype": dtype}
         starts = sigma_max is not None and bool(sigmas) and sigmas[0] >= sigma_max * (1 - 1e-6)
+        earlier = observed_cache.cached_runs(self.graph, self.memory, node_id, self._nodes)
         offset, note = self.numbering.place(
-            node_id, sigmas[0] if sigmas else None, starts_schedule=starts, earlier=self._cached_runs(node_id)
+            node_id, sigmas[0] if sigmas else None, starts_schedule=starts, earlier=earlier
         )
         if note:
             self.note(note)
@@ -209,46 +210,10 @@ class PromptObservation:
     def step_recorded(self, step: int | None, *, attributable: bool) -> None:
         self._steps.append((step, attributable))
 
-    def _cached_runs(self, node_id: str) -> list[RunSpan]:
-        """Runs remembered for the nodes `node_id` needs that did not run in this prompt: ComfyUI
-        served them from its cache (e.g. the high-noise sampler before this low-noise one)."""
-        found = []
-        for source in self._ancestors(node_id):
-            if source in self._nodes:
-                continue
-            item = self.memory.recall(source, self.graph.class_type(source), self.graph.signature(source))
-            if item is not None and item.run is not None:
-                found.append(item.run)
-        return found
-
-    def _ancestors(self, node_id: str) -> list[str]:
-        seen: list[str] = []
-        stack = [node_id]
-        while stack:
-            for source in self.graph.needed_inputs(stack.pop()):
-                if source not in seen:
-                    seen.append(source)
-                    stack.append(source)
-        return seen
-
     # -- the end ------------------------------------------------------------------------------
     def cached_nodes(self) -> list[str]:
         """Nodes a node that ran needs (non-lazy inputs) that did not run: ComfyUI's cache served them."""
-        ran = set(self._nodes) | set(self._before) | self._cached_finished
-        seen: set[str] = set()
-        stack = [n for n in ran if n in self.graph.nodes or n in self._nodes]
-        cached: list[str] = []
-        while stack:
-            node_id = stack.pop()
-            for source in self.graph.needed_inputs(node_id):
-                if source in seen:
-                    continue
-                seen.add(source)
-                if source not in self._nodes and source not in self._before:
-                    cached.append(source)
-                stack.append(source)
-        cached += [n for n in self._cached_finished if n not in self._nodes]
-        return sorted(set(cached), key=lambda n: (len(n), n))
+        return observed_cache.cached_nodes(self.graph, self._nodes, self._before, self._cached_finished)
 
     def outputs_not_run(self) -> list[str]:
         """Output nodes of the prompt that sent no event at all (ComfyUI runs, or finishes from its
@@ -332,53 +297,16 @@ class PromptObservation:
         self.session.set_context(**{k: v for k, v in facts.items() if k not in self._context_keys})
 
     def _record_cached(self, node_id: str) -> None:
-        class_type = self.graph.class_type(node_id)
-        role = roles.role_of(class_type, self.graph.node_class(class_type))
-        if role.role == roles.APPARATUS:
-            return
-        item = self.memory.recall(node_id, class_type, self.graph.signature(node_id))
-        facts = {"node_id": node_id, "class_type": class_type}
-        if item is not None:
-            for stage in item.stages:
-                record = self.session.record_cached(stage.name, stage.kind, **stage.facts, measured_s=stage.seconds)
-                if record.kind == "step-inference" and record.step is not None:
-                    self._cached_steps.add(record.step)
-            return
-        if role.role == roles.LOADER and role.stage is not None:
-            self.session.record_cached(*role.stage, **facts)
-        elif role.role in (roles.STAGE, roles.OTHER) and role.stage is not None:
-            self.session.record_cached(*role.stage, **facts)
-        elif role.role == roles.SELF:
-            for name, kind in self._own_stages.get(node_id, []):
-                self.session.record_cached(name, kind, **facts)
-        elif role.role in (roles.SAMPLER, roles.PROGRESS_SAMPLER):
-            self.note(
-                f"sampler node {node_id} ({class_type}) was served from ComfyUI's cache and did not run while "
-                "the profiler watched it; its steps are not in this run"
-            )
+        steps, note = observed_cache.record_cached(self.session, self.memory, self.graph, node_id, self._own_stages)
+        self._cached_steps |= steps
+        if note:
+            self.note(note)
 
     def _remember(self, record: Any) -> None:
         """Remember per node what it recorded now, for the prompts that find it cached."""
-        by_node: dict[str, list[RememberedStage]] = {}
-        for stage in record.stages:
-            node_id = stage.facts.get("node_id") or stage.facts.get("sampler_node")
-            if stage.cached or node_id is None or stage.name == MODEL_INIT_STAGE.name:
-                continue
-            keep = {k: v for k, v in stage.facts.items() if k not in ("unfinished", "measured_s", "error")}
-            for key in ("expert", "cfg_mode"):
-                if getattr(stage, key) is not None:
-                    keep[key] = getattr(stage, key)
-            by_node.setdefault(str(node_id), []).append(RememberedStage(stage.name, stage.kind, stage.duration_s, keep))
-        for node_id, run in self._nodes.items():
-            if not run.finished or run.role.role == roles.APPARATUS:
-                continue
-            stages = tuple(by_node.get(node_id, []))
-            if run.role.role == roles.SELF:
-                own = {name for name, _ in self._own_stages.get(node_id, [])}
-                stages = tuple(
-                    RememberedStage(s.name, s.kind, s.duration_s, {"node_id": node_id})
-                    for s in record.stages
-                    if s.name in own and not s.cached
-                )
-            span = run.runs[-1] if run.runs else None
-            self.memory.remember(node_id, run.class_type, Remembered(self.graph.signature(node_id), stages, span))
+        finished = [
+            observed_cache.FinishedNode(r.node_id, r.class_type, r.role.role, r.runs[-1] if r.runs else None)
+            for r in self._nodes.values()
+            if r.finished
+        ]
+        observed_cache.remember(self.memory, self.graph, record, finished, self._own_stages)

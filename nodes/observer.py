@@ -7,7 +7,7 @@ samplers), or a node of this pack whose `profiler` input is wired. The observati
 the prompt id ComfyUI executes (`comfy_execution.utils.get_executing_context`), and it is fed
 through ComfyUI's own extension points, nothing patched:
 
-- a `ProgressHandler` added to the prompt's progress registry (`add_progress_handler`): node
+- a `ProgressHandler` added to the prompt's progress registry (`progress_hook.py`): node
   start / progress / finish. ComfyUI replaces the registry for every prompt, so the handler never
   sees another prompt;
 - model wrappers on a clone of each loaded model (`model_tap.py`, inserted by `prompt_rewrite.py`):
@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import importlib
 import logging
 import sys
 import threading
@@ -38,7 +37,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import comfy_bridge
+from . import comfy_bridge, progress_hook
 from .live_view import LiveView
 from .observation import PromptObservation
 from .observed_graph import NodeMemory, PromptGraph
@@ -46,7 +45,6 @@ from .profiler_settings import DEFAULT_INTERVAL_MS, ProfilerSettings, check_prof
 
 log = logging.getLogger(__name__)
 
-HANDLER_NAME = "wanbench.observer"
 PROFILER_CLASS = "WanBenchProfiler"
 QUIET_POLL_S = 0.02  # how often the report checks that nothing else runs
 QUIET_POLLS = 2  # consecutive quiet polls with no new event before the report is written
@@ -168,13 +166,13 @@ def observe_current_prompt(settings: ProfilerSettings | None = None) -> PromptOb
             "the Wan Profiler can only measure a prompt that ComfyUI (or `wanbench run`) executes; no prompt is running"
         )
     in_process = _IN_PROCESS.get()
-    registry = None if in_process is not None else _progress_registry()
+    registry = None if in_process is not None else progress_hook.progress_registry()
     with _LOCK:
         active = _ACTIVE.get(prompt_id)
     if active is not None and (registry is None or active.registry is registry):
         return active.observation  # possibly closed already (another report node wrote it)
     _end_stale(prompt_id, registry)
-    graph = in_process.graph() if in_process is not None else _graph_of(registry)
+    graph = in_process.graph() if in_process is not None else progress_hook.graph_of(registry)
     settings = settings or settings_from_graph(graph.nodes)
     from ..profiling import ProfileSession
 
@@ -184,7 +182,7 @@ def observe_current_prompt(settings: ProfilerSettings | None = None) -> PromptOb
     active = _Active(observation)
     try:
         if registry is not None:
-            observation.seed({str(k): _state(v) for k, v in getattr(registry, "nodes", {}).items()})
+            observation.seed(progress_hook.node_states(registry))
             _add_handler(active, registry)
         with _LOCK:
             _ACTIVE[prompt_id] = active
@@ -207,72 +205,19 @@ def _profiler_node(graph: PromptGraph) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def _state(entry: Any) -> str:
-    state = entry.get("state") if isinstance(entry, dict) else None
-    return str(getattr(state, "value", state))
-
-
-def _progress_registry() -> Any:
-    progress = importlib.import_module("comfy_execution.progress")
-    return progress.get_progress_state()
-
-
-def _graph_of(registry: Any) -> PromptGraph:
-    dynprompt = getattr(registry, "dynprompt", None)
-    if dynprompt is None:
-        raise RuntimeError("ComfyUI's progress registry holds no prompt; the profiler cannot see the graph")
-    nodes_module = sys.modules.get("nodes")
-    mappings = getattr(nodes_module, "NODE_CLASS_MAPPINGS", {}) if nodes_module is not None else {}
-
-    def lookup(node_id: str) -> Mapping[str, Any] | None:
-        return dynprompt.get_node(node_id) if dynprompt.has_node(node_id) else None
-
-    return PromptGraph(dict(dynprompt.get_original_prompt()), node_class=mappings.get, lookup=lookup)
-
-
 def _add_handler(active: _Active, registry: Any) -> None:
-    progress = importlib.import_module("comfy_execution.progress")
-    handler = _handler_class(progress.ProgressHandler)(active.observation)
-    progress.add_progress_handler(handler)
+    observation = active.observation
+
+    def on_reset() -> None:  # ComfyUI started another prompt (or unregistered the handler)
+        if not observation.closed:
+            guarded(
+                observation,
+                "the end of the prompt",
+                lambda: end_observation(observation, error=None, reason="the next prompt started before its end"),
+            )
+
+    progress_hook.add_handler(_feed, on_reset)
     active.registry = registry
-
-
-_HANDLER_CLASSES: dict[type, type] = {}
-
-
-def _handler_class(base: type) -> type:
-    """A `ProgressHandler` subclass (ComfyUI's base class, found at run time) feeding an observation."""
-    if base in _HANDLER_CLASSES:
-        return _HANDLER_CLASSES[base]
-
-    class ObserverHandler(base):  # type: ignore[misc, valid-type]
-        def __init__(self, observation: PromptObservation) -> None:
-            super().__init__(HANDLER_NAME)
-            self.observation = observation
-
-        def start_handler(self, node_id: str, state: Any, prompt_id: str) -> None:
-            _feed(prompt_id, "node_started", node_id)
-
-        def update_handler(
-            self, node_id: str, value: float, max_value: float, state: Any, prompt_id: str, image: Any = None
-        ) -> None:
-            _feed(prompt_id, "node_progress", node_id, value, max_value)
-
-        def finish_handler(self, node_id: str, state: Any, prompt_id: str) -> None:
-            _feed(prompt_id, "node_finished", node_id)
-
-        def reset(self) -> None:  # ComfyUI started another prompt (or unregistered us)
-            if not self.observation.closed:
-                guarded(
-                    self.observation,
-                    "the end of the prompt",
-                    lambda: end_observation(
-                        self.observation, error=None, reason="the next prompt started before its end"
-                    ),
-                )
-
-    _HANDLER_CLASSES[base] = ObserverHandler
-    return ObserverHandler
 
 
 def _feed(prompt_id: str, event: str, *args: Any) -> None:
@@ -364,12 +309,8 @@ def end_observation(
 
 
 def _remove_handler(active: _Active) -> None:
-    registry = active.registry
-    if registry is None:
-        return
-    handlers = getattr(registry, "handlers", {})
-    if getattr(registry, "prompt_id", None) == active.observation.prompt_id and HANDLER_NAME in handlers:
-        registry.unregister_handler(HANDLER_NAME)
+    if active.registry is not None:
+        progress_hook.remove_handler(active.registry, active.observation.prompt_id)
 
 
 def _end_stale(prompt_id: str, registry: Any) -> None:

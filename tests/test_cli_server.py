@@ -264,17 +264,20 @@ def test_refused_prompt_and_failed_node_are_errors(server: str, tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    ("mode", "needle"),
+    ("mode", "timeout_s", "needle"),
     [
-        ("no_ws", r"websocket upgrade refused by ws://127\.0\.0\.1:\d+/ws\?clientId=\w+: HTTP 404"),
-        ("close", "the server closed the websocket before the prompt finished"),
-        ("silent", "no message from the server for 0.5 s while the prompt ran"),
+        ("no_ws", 20, r"websocket upgrade refused by ws://127\.0\.0\.1:\d+/ws\?clientId=\w+: HTTP 404"),
+        # a generous timeout: the close must be seen as a close however slowly the fake server answers
+        ("close", 20, "the server closed the websocket before the prompt finished"),
+        ("silent", 0.5, "no message from the server for 0.5 s while the prompt ran"),
     ],
 )
-def test_websocket_failures_are_server_errors(server: str, tmp_path: Path, mode: str, needle: str) -> None:
+def test_websocket_failures_are_server_errors(
+    server: str, tmp_path: Path, mode: str, timeout_s: float, needle: str
+) -> None:
     Handler.mode = mode
     with pytest.raises(ServerError, match=needle):
-        run_on_server({"1": {"class_type": "X", "inputs": {}}}, server, tmp_path, timeout_s=0.5)
+        run_on_server({"1": {"class_type": "X", "inputs": {}}}, server, tmp_path, timeout_s=timeout_s)
     assert not list(tmp_path.iterdir())  # nothing fetched
 
 
