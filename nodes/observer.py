@@ -169,7 +169,7 @@ def observe_current_prompt(settings: ProfilerSettings | None = None) -> PromptOb
     registry = None if in_process is not None else progress_hook.progress_registry()
     with _LOCK:
         active = _ACTIVE.get(prompt_id)
-    if active is not None and (registry is None or active.registry is registry):
+    if active is not None and active.registry is registry:
         return active.observation  # possibly closed already (another report node wrote it)
     _end_stale(prompt_id, registry)
     graph = in_process.graph() if in_process is not None else progress_hook.graph_of(registry)
@@ -314,13 +314,19 @@ def _remove_handler(active: _Active) -> None:
 
 
 def _end_stale(prompt_id: str, registry: Any) -> None:
-    """Forget earlier prompts' observations (and one of an earlier run that reused this prompt id),
-    closing any still open (backstop: a lost end signal). ComfyUI runs one prompt at a time; the
-    in-process runner ends and forgets its own observation."""
-    if _IN_PROCESS.get() is not None:
-        return
+    """Forget observations no longer current, closing any still open (backstop: a lost end signal).
+
+    ComfyUI runs one prompt at a time: when it opens one, every other prompt's observation is stale,
+    and so is one of an earlier run that reused this prompt id (another registry). The in-process
+    runner ends and forgets its own observations; for it, only an observation of this prompt id
+    opened elsewhere (by ComfyUI in the same process) is stale."""
+    in_process = _IN_PROCESS.get() is not None
     with _LOCK:
-        stale = [a.observation for pid, a in _ACTIVE.items() if pid != prompt_id or a.registry is not registry]
+        stale = [
+            a.observation
+            for pid, a in _ACTIVE.items()
+            if (pid == prompt_id and a.registry is not registry) or (pid != prompt_id and not in_process)
+        ]
     for observation in stale:
         end_observation(observation, error=None, reason="a later prompt started before its end")
         with _LOCK:

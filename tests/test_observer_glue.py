@@ -229,3 +229,20 @@ def test_the_live_view_stops_with_the_prompt_however_it_ends(comfy, monkeypatch,
     count = len(sent)
     time.sleep(0.1)
     assert len(sent) == count
+
+
+def test_an_in_process_prompt_does_not_reuse_a_servers_observation_of_the_same_id(comfy) -> None:
+    """A prompt ComfyUI ran stays known (closed) until the next one opens; an in-process prompt
+    that happens to carry the same id in the same process gets an observation of its own."""
+    from wanbench.nodes.observer import InProcessPrompt, in_process_prompt, observe_current_prompt
+
+    comfy.run("p1", PROMPT, ["9", "8", "1", "2", "3", "4"])
+    served = observer.observation_for("p1")
+    assert served is None  # closed by its report
+    prompt = {"8": {"class_type": "WanBenchProfiler", "inputs": {"case_name": "in_process", "sample_interval_ms": 20}}}
+    observed = InProcessPrompt(prompt_id="p1", nodes=prompt, node_classes={})
+    with in_process_prompt(observed):
+        observation = observe_current_prompt()
+        assert not observation.closed and observation.session.case_name == "in_process"
+        observed.ended(None)
+    assert observation.closed and observer.open_prompt_ids() == []
