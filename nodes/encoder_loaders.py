@@ -1,13 +1,7 @@
 """Wan Text Encoder Loader (UMT5-XXL with its tokenizer) and Wan VAE Loader (Wan2.1 / Wan2.2).
 
-Each makes one wan_core load call, which first checks from the file headers that the weights fit
-where they go (`runtime.loading`: refused with the figures otherwise, before anything is read);
-files come from ComfyUI's model folders (plain paths outside ComfyUI). With a profiler wired, the
-load is recorded as an `init` stage: one piece of `Model_Initialization` with the load as its
-child stage (the profiling session joins consecutive pieces into one Model_Initialization and keeps
-the per-loader children; a loader served from ComfyUI's cache is reported by its child stage name).
-Every loaded model is listed with ComfyUI's memory manager (`memory.py`), which moves it off the
-GPU when memory is needed, or on `POST /free`. Shared options: `loader_options.py`.
+How every loader loads, profiles and hands its model to ComfyUI's memory manager:
+`loader_options.py`.
 
 Device "auto" with a GPU: the text encoder is read into host memory and moves to the GPU when it
 encodes (or stays on the CPU when the GPU is short); the VAE is loaded onto the GPU.

@@ -23,7 +23,17 @@ from ..wan_core.config import I2V_A14B, PREPROCESS_STAGE, T2V_A14B, TI2V_5B
 from . import memory
 from . import types as T
 from .profiler_handle import maybe_profile, record_context, single_stage
-from .validation import FRAME_STEP, MAX_FRAMES, MAX_SIZE, SIZE_STEP, check_frames, check_node_inputs, check_size
+from .validation import (
+    FRAME_STEP,
+    MAX_FRAMES,
+    MAX_SIZE,
+    SIZE_STEP,
+    check_frames,
+    check_node_inputs,
+    check_size,
+    first_problem,
+    raise_problems,
+)
 
 
 def task_for_vae(vae: Any, *, with_image: bool) -> Any:
@@ -91,23 +101,17 @@ def _validate_length(length: int | None) -> bool | str:
     Width and height are checked when the node runs, against the task's grid (16 for A14B, 32 for
     TI2V-5B, known from the VAE); ComfyUI checks their min/max before that.
     """
-    problem = check_frames("length", length)
-    return True if problem is None else problem
+    return first_problem(check_frames("length", length))
 
 
 def check_geometry(cls: type, task: Any, width: int, height: int, length: int) -> None:
     """Every problem with the geometry widgets at once, each naming its input (ValueError)."""
     check_node_inputs(cls, width=width, height=height, length=length)
-    problems = [
-        problem
-        for problem in (
-            check_size("width", width, task.size_multiple),
-            check_size("height", height, task.size_multiple),
-        )
-        if problem
-    ]
-    if problems:
-        raise ValueError(f"{task.name}: " + "; ".join(problems))
+    raise_problems(
+        check_size("width", width, task.size_multiple),
+        check_size("height", height, task.size_multiple),
+        headline=f"{task.name}: ",
+    )
 
 
 class WanEmptyLatent:

@@ -1,5 +1,15 @@
 """What the loader nodes share: the device choice, the weight-storage choices and model-file lists.
 
+How every loader node works (`loaders.py`, `encoder_loaders.py`): it makes one wan_core load call,
+which first checks from the file headers that the weights fit where they go (`runtime.loading`:
+refused with the figures otherwise, before anything is read); files come from ComfyUI's model
+folders (plain paths outside ComfyUI). With a profiler wired, the load is recorded as an `init`
+stage: one piece of `Model_Initialization` with the load as its child stage (the profiling session
+joins consecutive pieces into one Model_Initialization and keeps the per-loader children; a loader
+served from ComfyUI's cache is reported by its child stage name). Every loaded model is listed with
+ComfyUI's memory manager (`memory.py`), which moves it off the GPU when memory is needed, or on
+`POST /free`.
+
 Shapes: none (no tensors).
 """
 

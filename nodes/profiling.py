@@ -47,7 +47,7 @@ from .profiler_settings import (
     MIN_INTERVAL_MS,
     check_profiler_settings,
 )
-from .validation import check_label, check_node_inputs, check_prefix
+from .validation import check_label, check_node_inputs, check_prefix, first_problem
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ class WanProfiler:
     @classmethod
     def VALIDATE_INPUTS(cls, case_name: str | None = None) -> bool | str:
         # Only case_name (the message lands on it); ComfyUI checks sample_interval_ms's range.
-        problem = check_label("case_name", case_name)
-        return True if problem is None else problem
+        return first_problem(check_label("case_name", case_name))
 
     def start(
         self, case_name: str, sample_interval_ms: int, unique_id: str | None = None
@@ -172,8 +171,7 @@ class WanBenchmarkReport:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
-        problem = check_prefix("filename_prefix", filename_prefix)
-        return True if problem is None else problem
+        return first_problem(check_prefix("filename_prefix", filename_prefix))
 
     def check_lazy_status(self, **kwargs: Any) -> list[str]:
         return []  # video_path is never needed: waiting for the whole prompt orders the report last

@@ -13,7 +13,7 @@ from ..wan_core.config import T5_ENCODE_STAGE
 from . import memory
 from . import types as T
 from .profiler_handle import maybe_profile
-from .validation import check_prompt
+from .validation import check_prompt, first_problem, raise_problems
 
 MAX_PROMPT_CHARS = 20000
 
@@ -58,8 +58,7 @@ class WanTextEncode:
     @classmethod
     def VALIDATE_INPUTS(cls, prompt: str | None = None) -> bool | str:
         # Only `prompt` (the message lands on it); the negative prompt is checked when the node runs.
-        problem = check_prompt("prompt", prompt, max_chars=MAX_PROMPT_CHARS)
-        return True if problem is None else problem
+        return first_problem(check_prompt("prompt", prompt, max_chars=MAX_PROMPT_CHARS))
 
     def encode(
         self,
@@ -69,16 +68,7 @@ class WanTextEncode:
         profiler: Any = None,
         unique_id: str | None = None,
     ) -> tuple[T.TextEmbeds]:
-        problems = [
-            problem
-            for problem in (
-                check_prompt("prompt", prompt, max_chars=MAX_PROMPT_CHARS),
-                _check_negative(negative_prompt),
-            )
-            if problem
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
+        raise_problems(check_prompt("prompt", prompt, max_chars=MAX_PROMPT_CHARS), _check_negative(negative_prompt))
         with maybe_profile(profiler, unique_id, [T5_ENCODE_STAGE]):  # encode_pair traces T5_Encoding itself
             facts = memory.prepare_text_encoder(text_encoder)
             context, context_null = text_encoder.encode_pair(prompt, negative_prompt, stage_facts=facts)

@@ -215,11 +215,18 @@ def check_numbers(name: str, text: str | None) -> str | None:
 
 
 def first_problem(*problems: str | None) -> bool | str:
-    """`True` when every check passed, else the first message."""
+    """`True` when every check passed, else the first message (what `VALIDATE_INPUTS` returns)."""
     for problem in problems:
         if problem:
             return problem
     return True
+
+
+def raise_problems(*problems: str | None, headline: str = "") -> None:
+    """Raise one ValueError listing every message given (None: that check passed); nothing when all passed."""
+    found = [problem for problem in problems if problem]
+    if found:
+        raise ValueError(headline + "; ".join(found))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,5 +306,4 @@ def input_problems(cls: type, values: Mapping[str, Any]) -> list[tuple[str, str]
 def check_node_inputs(cls: type, **values: Any) -> None:
     """Raise ValueError naming every problem with a node's widget values (for nodes called directly)."""
     problems = input_problems(cls, {k: v for k, v in values.items() if v is not None})
-    if problems:
-        raise ValueError("; ".join(message for _, message in problems))
+    raise_problems(*(message for _, message in problems))

@@ -13,7 +13,7 @@ from ..util.atomic import atomic_output, release_claim
 from ..util.deps import require
 from . import comfy_bridge as bridge
 from . import types as T
-from .validation import check_node_inputs, check_prefix
+from .validation import check_node_inputs, check_prefix, first_problem
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,7 @@ class WanSaveVideo:
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
         # Only the prefix (the message lands on it); ComfyUI checks the ranges of fps and crf.
-        problem = check_prefix("filename_prefix", filename_prefix)
-        return True if problem is None else problem
+        return first_problem(check_prefix("filename_prefix", filename_prefix))
 
     def save(
         self,
